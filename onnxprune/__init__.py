@@ -1,0 +1,16 @@
+"""onnxprune: prune ONNX models for deployment and measure what it buys, honestly.
+
+The Python API mirrors the CLI; every function returns plain data (the ``--json`` shapes).
+"""
+from __future__ import annotations
+
+from .errors import OnnxPruneError, UnavailableError
+from .inspection import inspect_model
+from .model_io import load_model, save_model
+from .normalize import normalize
+from .prepare import prepare
+
+__version__ = "0.1.0"
+
+__all__ = ["OnnxPruneError", "UnavailableError", "inspect_model", "load_model", "save_model", "normalize", "prepare",
+           "__version__"]

@@ -1,0 +1,100 @@
+"""The ``onnxprune`` command line.
+
+Commands live in ``onnxprune/commands/`` (one module each) and are imported only when invoked, so
+``inspect``/``prune``/``profile`` start fast and run on an edge device without torch installed.
+Exit codes: 0 ok, 1 bad input or failed check, 2 usage error, 3 optional backend unavailable,
+70 internal error (a bug: rerun with ``--debug`` for the traceback).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+
+import click
+
+from .errors import OnnxPruneError
+
+#: command name -> "module:attribute" (relative to onnxprune.commands)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("inspect_cmd:inspect_cmd", "Params, MACs, shapes and sparsity of a model."),
+    "analyze": ("analyze_cmd:analyze_cmd", "Channel-coupling groups and why any are unprunable."),
+    "prune": ("prune_cmd:prune_cmd", "Structured, unstructured or N:M pruning of a model."),
+    "bridge-check": ("bridge_cmd:bridge_check_cmd", "Check the ONNX->torch bridge against ONNX Runtime."),
+    "finetune": ("finetune_cmd:finetune_cmd", "Retrain a (pruned) model in PyTorch and write it back."),
+    "eval": ("eval_cmd:eval_cmd", "Accuracy of a model with ONNX Runtime on a dataset."),
+    "profile": ("profile_cmd:profile_cmd", "Measure latency, memory and size on hardware profiles."),
+    "compare": ("profile_cmd:compare_cmd", "Interleaved latency comparison of two models."),
+    "run": ("run_cmd:run_cmd", "Run a recipe end to end and write the report."),
+    "report": ("run_cmd:report_cmd", "Re-render the report of a run directory."),
+    "compare-runs": ("run_cmd:compare_runs_cmd", "Put two run directories side by side."),
+    "demo": ("demo_cmd:demo_cmd", "Train a small CNN on digits, prune, retrain, profile and report."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a command's module only when that command runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(COMMANDS) | set(self.commands))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.commands:
+            return self.commands[name]
+        if name not in COMMANDS:
+            return None
+        target, help_text = COMMANDS[name]
+        module, attr = target.split(":")
+        try:
+            mod = importlib.import_module(f"onnxprune.commands.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("onnxprune"):
+                return _unavailable(name, help_text, "is not implemented in this version")
+            return _unavailable(name, help_text, f"needs the Python package {exc.name!r} (pip install 'onnxprune[train]')")
+        return getattr(mod, attr)
+
+
+def _unavailable(name: str, help_text: str, why: str) -> click.Command:
+    def run() -> None:
+        raise OnnxPruneError(f"onnxprune {name} {why}")
+    return click.Command(name, callback=run, help=f"{help_text} (unavailable: {why})",
+                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(package_name="onnxprune")
+def cli(debug: bool) -> None:
+    """onnxprune: make ONNX models smaller and faster for deployment, and measure it honestly."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one clear error line and a non-zero exit instead of tracebacks."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        rv = cli.main(args=args, prog_name="onnxprune", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except OnnxPruneError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - last line of defence: never a bare traceback
+        if debug:
+            traceback.print_exc()
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        click.echo(f"internal error: {type(exc).__name__}: {msg} (a bug in onnxprune; rerun with --debug)", err=True)
+        sys.exit(70)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

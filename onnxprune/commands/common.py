@@ -1,0 +1,58 @@
+"""Options and output helpers shared by the CLI commands."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from ..errors import OnnxPruneError
+from ..shapes import parse_input_shapes
+
+
+def _shapes_callback(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    try:
+        return parse_input_shapes(value)
+    except OnnxPruneError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def input_shape_option(f: Callable) -> Callable:
+    """``--input-shape NAME=1x3x224x224`` (repeatable) -> ``input_shapes: dict``."""
+    return click.option("--input-shape", "input_shapes", multiple=True, callback=_shapes_callback, metavar="NAME=DIMS",
+                        help="Fix an input's shape, e.g. input=1x3x224x224 (repeatable).")(f)
+
+
+def json_option(f: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")(f)
+
+
+model_argument = click.argument("model", type=click.Path(dir_okay=True, path_type=str))
+
+
+def emit_json(obj: Any) -> None:
+    """Print ``obj`` as JSON on stdout (stable key order as built; numpy scalars converted)."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if hasattr(o, "__fspath__"):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def human(n: float | int | None, unit: str = "") -> str:
+    """1234567 -> '1.23 M' (None -> 'n/a')."""
+    if n is None:
+        return "n/a"
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {suffix}{unit}"
+    return f"{n:g} {unit}".strip()

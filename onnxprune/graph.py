@@ -1,0 +1,101 @@
+"""A read-only index over an ONNX graph: who produces and consumes each tensor, constants as numpy.
+
+Every analysis walks edges and looks up constant weights; this builds those maps once. It holds no
+behaviour beyond lookups, so passes stay pure functions of (model -> result).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .shapes import Shape, infer_shapes, value_dtypes, value_shapes
+
+
+@dataclass
+class GraphView:
+    """Lookup tables over ``model.graph`` (build with :func:`build_view`)."""
+
+    model: onnx.ModelProto
+    producer: dict[str, onnx.NodeProto]
+    consumers: dict[str, list[onnx.NodeProto]]
+    initializers: dict[str, onnx.TensorProto]
+    shapes: dict[str, Shape]
+    dtypes: dict[str, int]
+    _arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def nodes(self) -> list[onnx.NodeProto]:
+        return list(self.model.graph.node)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.model.graph.input if i.name not in self.initializers]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.model.graph.output]
+
+    def is_const(self, name: str) -> bool:
+        return name in self.initializers
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The initializer ``name`` as a numpy array (cached), or None when it is not a constant."""
+        if name not in self.initializers:
+            return None
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self.initializers[name])
+        return self._arrays[name]
+
+    def shape(self, name: str) -> Shape | None:
+        return self.shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        s = self.shapes.get(name)
+        return None if s is None else len(s)
+
+
+def build_view(model: onnx.ModelProto, *, infer: bool = True) -> GraphView:
+    """Index ``model``; with ``infer`` the shapes come from a fresh ONNX shape inference."""
+    m = infer_shapes(model) if infer else model
+    producer: dict[str, onnx.NodeProto] = {}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in m.graph.node:
+        for o in node.output:
+            if o:
+                producer[o] = node
+        for i in node.input:
+            if i:
+                consumers.setdefault(i, []).append(node)
+    inits = {i.name: i for i in m.graph.initializer}
+    return GraphView(model=m, producer=producer, consumers=consumers, initializers=inits,
+                     shapes=value_shapes(m), dtypes=value_dtypes(m))
+
+
+def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """Attribute value of ``node`` (python value), or ``default`` when absent."""
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
+    """The model's opset version for ``domain`` (default domain: "" or "ai.onnx")."""
+    for o in model.opset_import:
+        if o.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return int(o.version)
+    return 1
+
+
+def int_list_input_or_attr(view: GraphView, node: onnx.NodeProto, input_index: int, attr_name: str) -> list[int] | None:
+    """Read an int list that newer opsets pass as an input and older ones as an attribute
+    (Split ``split``, Squeeze/Unsqueeze/Reduce ``axes``, Slice ``starts``...). None when absent or not constant."""
+    if len(node.input) > input_index and node.input[input_index]:
+        arr = view.const(node.input[input_index])
+        return None if arr is None else [int(v) for v in np.asarray(arr).reshape(-1)]
+    val = attr(node, attr_name)
+    return None if val is None else [int(v) for v in val]

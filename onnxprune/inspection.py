@@ -1,0 +1,93 @@
+"""``onnxprune inspect``: what is in a model, in numbers (params, MACs, sparsity, shapes).
+
+Returns plain data (the ``--json`` shape) so pipelines can call it without the CLI.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+
+from .graph import opset_of
+from .macs import MAC_RULES, node_macs
+from .model_io import file_bytes
+from .params import count_params, parameter_names
+from .prepare import Prepared, prepare
+from .shapes import format_shape
+
+#: Ops whose main weight (input 1) is what pruning acts on.
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+MACS_CONVENTION = ("1 multiply-add = 1 MAC; counted for Conv, ConvTranspose, Gemm and MatMul only; "
+                   "elementwise, normalization and pooling ops are not counted")
+
+
+def _dtype_name(elem_type: int) -> str:
+    return onnx.TensorProto.DataType.Name(elem_type).lower() if elem_type else "unknown"
+
+
+def _io(vis) -> list[dict[str, Any]]:
+    """Inputs/outputs as declared in the file (symbolic dims stay symbolic)."""
+    return [{"name": v.name, "dtype": _dtype_name(v.type.tensor_type.elem_type),
+             "shape": format_shape(_declared_shape(v))} for v in vis]
+
+
+def _declared_shape(v: onnx.ValueInfoProto):
+    tt = v.type.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+
+
+def inspect_prepared(p: Prepared) -> dict[str, Any]:
+    """Inspection figures of an already prepared model."""
+    view = p.view
+    params, nonzero = count_params(view)
+    param_set = set(parameter_names(view))
+    nodes, total_macs, macs_complete = [], 0, True
+    for node in view.nodes:
+        m = node_macs(node, view)
+        if m is None:
+            macs_complete = False
+        else:
+            total_macs += m
+        node_params = sum(int(view.const(i).size) for i in dict.fromkeys(node.input) if i in param_set)
+        entry: dict[str, Any] = {
+            "name": node.name, "op_type": node.op_type, "macs": m, "params": node_params,
+            "output_shape": format_shape(view.shape(node.output[0])) if node.output else None,
+        }
+        if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in param_set:
+            w = view.const(node.input[1])
+            entry["weight"] = node.input[1]
+            entry["sparsity"] = float(1.0 - np.count_nonzero(w) / max(w.size, 1))
+        nodes.append(entry)
+    original_inputs = [i for i in p.model.graph.input if i.name not in view.initializers]
+    return {
+        "model": str(p.path) if p.path else None,
+        "file_bytes": file_bytes(p.path) if p.path else p.original.ByteSize(),
+        "opset": opset_of(p.original),
+        "ir_version": int(p.original.ir_version),
+        "producer": f"{p.original.producer_name} {p.original.producer_version}".strip(),
+        "params": params,
+        "nonzero_params": nonzero,
+        "sparsity": float(1 - nonzero / params) if params else 0.0,
+        "macs": total_macs if macs_complete else None,
+        "macs_convention": MACS_CONVENTION,
+        "inputs": _io(original_inputs),
+        "outputs": _io(p.model.graph.output),
+        "op_histogram": dict(sorted(Counter(n.op_type for n in view.nodes).items())),
+        "nodes": nodes,
+        "notes": list(p.notes),
+    }
+
+
+def inspect_model(source: str | os.PathLike | onnx.ModelProto,
+                  input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    """Params, MACs, sizes, I/O and per-node figures of an ONNX model (the ``inspect --json`` object)."""
+    return inspect_prepared(prepare(source, input_shapes))
+
+
+__all__ = ["inspect_model", "inspect_prepared", "MAC_RULES", "WEIGHT_OPS"]

@@ -1,0 +1,161 @@
+"""Loading ONNX files defensively and writing them atomically.
+
+Users hand us arbitrary files, so every way a file can be wrong is turned into one clear
+:class:`OnnxPruneError` naming the file. Writes go to a temporary file in the destination folder
+and are renamed into place, so a crash never leaves a half-written model behind and the input is
+never touched.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import OnnxPruneError
+
+#: protobuf's hard limit; larger models must keep their weights in external data files.
+PROTOBUF_LIMIT = 2**31 - 1
+#: Operator domains ONNX Runtime implements; anything else is a custom op we cannot run or reason about.
+KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
+
+
+def load_model(path: str | os.PathLike, *, check: bool = True, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load and validate an ONNX file, raising :class:`OnnxPruneError` for every kind of bad input."""
+    p = Path(path)
+    if not p.exists():
+        raise OnnxPruneError(f"{p}: no such file")
+    if p.is_dir():
+        raise OnnxPruneError(f"{p}: is a directory, expected an .onnx file")
+    size = p.stat().st_size
+    if size == 0:
+        raise OnnxPruneError(f"{p}: file is empty")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, TypeError) as exc:
+        raise OnnxPruneError(f"{p}: not a valid ONNX protobuf ({_first_line(exc)})") from exc
+    except OSError as exc:
+        raise OnnxPruneError(f"{p}: cannot read ({exc.strerror or exc})") from exc
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise OnnxPruneError(f"{p}: not an ONNX model (no graph found; is this really an .onnx file?)")
+    if model.ir_version == 0 or not model.opset_import:
+        raise OnnxPruneError(f"{p}: not an ONNX model (missing ir_version or opset_import)")
+    _check_domains(model, p)
+    if load_external_data and _uses_external_data(model):
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+        except (OSError, ValueError) as exc:
+            raise OnnxPruneError(f"{p}: cannot load external weight data ({_first_line(exc)})") from exc
+    if check:
+        check_model(model, p)
+    return model
+
+
+def check_model(model: onnx.ModelProto, label: str | os.PathLike = "model") -> None:
+    """Run the ONNX checker; large models are checked through a temporary file as onnx requires."""
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "m.onnx"
+                _save(model, path)
+                onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        raise OnnxPruneError(f"{label}: fails the ONNX checker: {_first_line(exc)}") from exc
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, overwrite_ok: bool = True) -> Path:
+    """Write ``model`` to ``path`` atomically (temp file + rename); weights go external over 2 GB."""
+    dest = Path(path)
+    if dest.is_dir():
+        raise OnnxPruneError(f"{dest}: is a directory, expected an output file path")
+    if dest.exists() and not overwrite_ok:
+        raise OnnxPruneError(f"{dest}: already exists")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        _save(model, tmp, external_name=dest.name + ".data")
+        data_tmp = tmp.parent / (dest.name + ".data")
+        if data_tmp.exists() and tmp.parent != dest.parent:
+            os.replace(data_tmp, dest.parent / data_tmp.name)
+    return dest
+
+
+def refuse_overwrite_input(inp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """The input file is never modified: refuse an output path that is the input itself."""
+    if Path(out).exists() and Path(out).resolve() == Path(inp).resolve():
+        raise OnnxPruneError(f"{out}: output would overwrite the input model; choose another path")
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``dest``; rename it onto ``dest`` only if the block succeeds."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp = tmpdir / dest.name
+    try:
+        yield tmp
+        if tmp.is_dir():
+            if dest.exists():
+                shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """Size on disk of a model including its external data files."""
+    p = Path(path)
+    total = p.stat().st_size
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception:  # noqa: BLE001 - size of an unreadable file is still its size
+        return total
+    seen = set()
+    for t in onnx.external_data_helper._get_all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if loc and loc not in seen:
+                seen.add(loc)
+                f = p.parent / loc
+                if f.exists():
+                    total += f.stat().st_size
+    return total
+
+
+def _save(model: onnx.ModelProto, path: Path, external_name: str | None = None) -> None:
+    if model.ByteSize() > PROTOBUF_LIMIT or _uses_external_data(model):
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external_name or (path.name + ".data"), size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.external_data_helper._get_all_tensors(model))
+
+
+def _check_domains(model: onnx.ModelProto, p: Path) -> None:
+    local_functions = {f.domain for f in model.functions}
+    unknown = sorted({n.domain for n in model.graph.node} - KNOWN_DOMAINS - local_functions)
+    if unknown:
+        ops = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain in unknown})
+        raise OnnxPruneError(f"{p}: uses operators from unsupported domain(s) {', '.join(unknown)} ({', '.join(ops[:5])})")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

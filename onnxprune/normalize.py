@@ -1,0 +1,222 @@
+"""Turn a real-world ONNX file into one canonical graph for the analyses that follow.
+
+Exporters disagree on how weights are stored (initializers, ``Constant`` nodes, constant
+subgraphs such as ``ConstantOfShape``/``Cast``/``Reshape`` of constants, weights listed as graph
+inputs in old IR versions) and sprinkle no-op nodes (``Identity``, inference ``Dropout``). The
+pruner needs weights as initializers and edges without no-ops. Every step here preserves the
+model's outputs exactly; the tests check that with ONNX Runtime on every test model.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .graph import attr, build_view
+from .shapes import infer_shapes, is_static, value_shapes
+
+#: Ops never folded even when all inputs are constant: non-deterministic, control flow, or
+#: quantization structure that later tools expect to see.
+NO_FOLD = {
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+    "If", "Loop", "Scan", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+}
+#: Folding must not blow a small constant up into a huge one (e.g. ``Expand`` to a big tensor).
+MAX_FOLDED_ELEMENTS = 1 << 26
+
+
+def normalize(model: onnx.ModelProto, *, fold_bn: bool = False) -> onnx.ModelProto:
+    """Return a normalized copy of ``model``: weights as initializers, no-ops removed, shapes inferred.
+
+    ``fold_bn`` folds a BatchNormalization into the Conv feeding it (off by default: batch-norm
+    scales are an importance criterion and a channel-coupled op the pruner uses).
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    _name_nodes(m)
+    _drop_initializer_inputs(m)
+    for _ in range(8):  # each pass may expose new constants (Shape of a now-static tensor ...)
+        changed = _constants_to_initializers(m)
+        changed |= _fold_constants(m)
+        if not changed:
+            break
+    _remove_noops(m)
+    if fold_bn:
+        fold_batchnorm(m)
+    _remove_dead(m)
+    del m.graph.value_info[:]
+    return infer_shapes(m)
+
+
+def _name_nodes(m: onnx.ModelProto) -> None:
+    """Give every node a unique name: reports, ``--ignore`` globs and diffs all key on node names."""
+    seen: set[str] = set()
+    for i, node in enumerate(m.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+
+
+def _drop_initializer_inputs(m: onnx.ModelProto) -> None:
+    """IR<4 exporters (Caffe2, old PyTorch) list every weight as a graph input; they are constants."""
+    inits = {i.name for i in m.graph.initializer}
+    keep = [i for i in m.graph.input if i.name not in inits]
+    if len(keep) != len(m.graph.input):
+        del m.graph.input[:]
+        m.graph.input.extend(keep)
+
+
+def _eval_node(node: onnx.NodeProto, inputs: list[np.ndarray | None], opsets) -> list[np.ndarray] | None:
+    """Evaluate one node on constant inputs with ONNX's reference implementation; None if it can't."""
+    from onnx.reference import ReferenceEvaluator
+
+    names = [n if n else "" for n in node.input]
+    feeds = {n: v for n, v in zip(names, inputs) if n}
+    graph = helper.make_graph(
+        [node], "fold",
+        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for n, v in feeds.items()],
+        [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o],
+    )
+    model = helper.make_model(graph, opset_imports=list(opsets))
+    model.ir_version = onnx.IR_VERSION
+    try:
+        outs = ReferenceEvaluator(model).run(None, feeds)
+    except Exception:  # noqa: BLE001 - an op the reference cannot run simply stays unfolded
+        return None
+    return [np.asarray(o) for o in outs]
+
+
+def _constants_to_initializers(m: onnx.ModelProto) -> bool:
+    keep, changed = [], False
+    for node in m.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            outs = _eval_node(node, [], m.opset_import)
+            if outs is not None:
+                m.graph.initializer.append(numpy_helper.from_array(outs[0], node.output[0]))
+                changed = True
+                continue
+        keep.append(node)
+    if changed:
+        del m.graph.node[:]
+        m.graph.node.extend(keep)
+    return changed
+
+
+def _fold_constants(m: onnx.ModelProto) -> bool:
+    """Replace nodes whose inputs are all constant (or whose input shape is static, for Shape/Size)."""
+    shapes = value_shapes(infer_shapes(m))
+    inits = {i.name: i for i in m.graph.initializer}
+    graph_outputs = {o.name for o in m.graph.output}
+    keep, changed = [], False
+    for node in m.graph.node:
+        outs = None
+        if node.domain in ("", "ai.onnx") and node.op_type not in NO_FOLD and not any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            if node.op_type in ("Shape", "Size") and is_static(shapes.get(node.input[0])):
+                shape = shapes[node.input[0]]
+                if int(np.prod(shape)) <= MAX_FOLDED_ELEMENTS:  # only the shape matters; values are dummies
+                    outs = _eval_node(node, [np.zeros(shape, dtype=np.float32)], m.opset_import)
+            elif node.input and all((not i) or i in inits for i in node.input):
+                ins = [numpy_helper.to_array(inits[i]) if i else None for i in node.input]
+                outs = _eval_node(node, ins, m.opset_import)
+        if outs is not None and all(o.size <= MAX_FOLDED_ELEMENTS for o in outs) and not (set(node.output) & graph_outputs):
+            for name, val in zip(node.output, outs):
+                if name:
+                    t = numpy_helper.from_array(val, name)
+                    m.graph.initializer.append(t)
+                    inits[name] = t
+            changed = True
+            continue
+        keep.append(node)
+    if changed:
+        del m.graph.node[:]
+        m.graph.node.extend(keep)
+    return changed
+
+
+def _is_noop(node: onnx.NodeProto) -> bool:
+    if node.op_type == "Identity":
+        return True
+    if node.op_type == "Dropout":
+        # inference Dropout: no mask consumer and not forced into training mode
+        training = len(node.input) > 2 and node.input[2]
+        return not training and (len(node.output) < 2 or not node.output[1]) and not attr(node, "is_test", 1) == 0
+    return False
+
+
+def _remove_noops(m: onnx.ModelProto) -> None:
+    """Bypass Identity and inference Dropout (unless they feed a graph output, whose name must stay)."""
+    graph_outputs = {o.name for o in m.graph.output}
+    rename: dict[str, str] = {}
+    keep = []
+    for node in m.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+        if _is_noop(node) and node.output[0] not in graph_outputs:
+            rename[node.output[0]] = node.input[0]
+            continue
+        keep.append(node)
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+
+
+def _remove_dead(m: onnx.ModelProto) -> None:
+    """Drop nodes and initializers nothing reaches the outputs through."""
+    needed = {o.name for o in m.graph.output}
+    keep = []
+    for node in reversed(list(m.graph.node)):
+        if any(o in needed for o in node.output if o):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+            for a in node.attribute:  # names used inside subgraphs
+                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    needed.update(i for n in g.node for i in n.input if i)
+    keep.reverse()
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    inits = [i for i in m.graph.initializer if i.name in needed]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(inits)
+
+
+def fold_batchnorm(m: onnx.ModelProto) -> int:
+    """Fold inference BatchNormalization into the Conv before it (in place). Returns how many were folded."""
+    view = build_view(m, infer=False)
+    graph_outputs = {o.name for o in m.graph.output}
+    removed, folded = set(), 0
+    for bn in m.graph.node:
+        if bn.op_type != "BatchNormalization" or len([o for o in bn.output if o]) != 1:
+            continue
+        conv = view.producer.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or len(view.consumers.get(conv.output[0], [])) != 1:
+            continue
+        if conv.output[0] in graph_outputs or not all(view.is_const(n) for n in list(bn.input[1:]) + [conv.input[1]]):
+            continue
+        if len(conv.input) > 2 and conv.input[2] and not view.is_const(conv.input[2]):
+            continue
+        gamma, beta, mean, var = (view.const(n).astype(np.float64) for n in bn.input[1:5])
+        eps = attr(bn, "epsilon", 1e-5)
+        w = view.const(conv.input[1])
+        b = view.const(conv.input[2]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0])
+        scale = gamma / np.sqrt(var + eps)
+        w_new = (w * scale.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype)
+        b_new = ((b - mean) * scale + beta).astype(w.dtype)
+        w_name, b_name = conv.input[1] + "_bnfold", f"{conv.name}_bias_bnfold"
+        m.graph.initializer.extend([numpy_helper.from_array(w_new, w_name), numpy_helper.from_array(b_new, b_name)])
+        conv.input[1] = w_name
+        if len(conv.input) > 2:
+            conv.input[2] = b_name
+        else:
+            conv.input.append(b_name)
+        conv.output[0] = bn.output[0]
+        removed.add(bn.name)
+        folded += 1
+    if removed:
+        keep = [n for n in m.graph.node if n.name not in removed]
+        del m.graph.node[:]
+        m.graph.node.extend(keep)
+        _remove_dead(m)
+    return folded

@@ -1,0 +1,74 @@
+"""One entry point from a file path to an analysable graph: load -> normalize -> fix shapes -> index.
+
+Every command starts here, so they all see the same canonical graph and make the same
+assumptions about symbolic dimensions (stated in ``notes``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import onnx
+
+from .graph import GraphView, build_view
+from .model_io import load_model
+from .normalize import normalize
+from .shapes import fix_input_shapes, graph_inputs
+
+
+@dataclass
+class Prepared:
+    """A normalized model, its index with concrete shapes where possible, and what was assumed."""
+
+    path: Path | None
+    original: onnx.ModelProto
+    model: onnx.ModelProto  # normalized, input shapes as in the file (dynamic dims kept)
+    view: GraphView  # over a copy with input shapes fixed (for MACs and rewrites)
+    concrete_shapes: dict[str, tuple[int, ...]]
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple[int, ...]] | None) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """Concrete shapes for every input: overrides first; a symbolic leading (batch) dim becomes 1;
+    other symbolic dims stay unresolved and are reported in the notes."""
+    overrides = dict(overrides or {})
+    shapes, notes = {}, []
+    for inp in graph_inputs(model):
+        if inp.name in overrides:
+            shapes[inp.name] = tuple(overrides[inp.name])
+            continue
+        tt = inp.type.tensor_type
+        if not tt.HasField("shape"):
+            notes.append(f"input {inp.name!r} has no declared shape; pass --input-shape {inp.name}=DIMS for MACs")
+            continue
+        dims, unresolved = [], []
+        for i, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif i == 0:
+                dims.append(1)
+                notes.append(f"input {inp.name!r}: symbolic batch dimension {d.dim_param or '?'!r} taken as 1")
+            else:
+                unresolved.append(d.dim_param or f"dim{i}")
+        if unresolved:
+            notes.append(f"input {inp.name!r} has symbolic dims {unresolved}; pass --input-shape {inp.name}=DIMS for exact MACs")
+        else:
+            shapes[inp.name] = tuple(dims)
+    return shapes, notes
+
+
+def prepare(source: str | os.PathLike | onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+            *, fold_bn: bool = False) -> Prepared:
+    """Load (when given a path), normalize and index a model."""
+    path = None
+    if isinstance(source, onnx.ModelProto):
+        original = source
+    else:
+        path = Path(source)
+        original = load_model(path)
+    model = normalize(original, fold_bn=fold_bn)
+    shapes, notes = resolve_input_shapes(model, input_shapes)
+    view = build_view(fix_input_shapes(model, shapes) if shapes else model)
+    return Prepared(path=path, original=original, model=model, view=view, concrete_shapes=shapes, notes=notes)

@@ -1,0 +1,131 @@
+"""Input-shape overrides and shape inference.
+
+Analyses need channel counts (usually static even in dynamic models); MACs and rewrites need
+concrete spatial sizes. ``--input-shape NAME=1x3x224x224`` fixes symbolic dimensions where a figure
+needs them, without otherwise touching the model.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import onnx
+
+from .errors import OnnxPruneError
+from .model_io import PROTOBUF_LIMIT
+
+Dim = int | str | None
+Shape = tuple[Dim, ...]
+
+_SHAPE_RE = re.compile(r"^(?P<name>[^=]+)=(?P<dims>\d+(?:[x,]\d+)*)$")
+
+
+def parse_input_shape(spec: str) -> tuple[str, tuple[int, ...]]:
+    """Parse ``NAME=1x3x224x224`` (``x`` or ``,`` separated) into ``(name, dims)``."""
+    m = _SHAPE_RE.match(spec.strip())
+    if not m:
+        raise OnnxPruneError(f"bad --input-shape {spec!r}: expected NAME=DIMS such as input=1x3x224x224")
+    dims = tuple(int(d) for d in re.split(r"[x,]", m.group("dims")))
+    if any(d <= 0 for d in dims):
+        raise OnnxPruneError(f"bad --input-shape {spec!r}: dimensions must be positive")
+    return m.group("name"), dims
+
+
+def parse_input_shapes(specs: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Parse several ``--input-shape`` values into a dict."""
+    return dict(parse_input_shape(s) for s in specs)
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Real inputs: graph inputs that are not initializers (old exporters list weights as inputs)."""
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """Return a copy of ``model`` whose named inputs have the given concrete shapes.
+
+    Names that are not inputs and ranks that disagree with the model are errors, not silently ignored.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inputs = {i.name: i for i in graph_inputs(out)}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise OnnxPruneError(f"--input-shape names {name!r}, but the model's inputs are {sorted(inputs)}")
+        tt = inputs[name].type.tensor_type
+        if tt.HasField("shape") and len(tt.shape.dim) not in (0, len(dims)):
+            raise OnnxPruneError(f"--input-shape {name}: model input has rank {len(tt.shape.dim)}, got {len(dims)} dims")
+        old = list(tt.shape.dim) if tt.HasField("shape") else []
+        for i, (d_old, d_new) in enumerate(zip(old, dims)):
+            if d_old.HasField("dim_value") and d_old.dim_value != d_new:
+                raise OnnxPruneError(f"--input-shape {name}: dimension {i} is fixed to {d_old.dim_value} in the model, got {d_new}")
+        tt.shape.Clear()
+        for d in dims:
+            tt.shape.dim.add().dim_value = d
+    return out
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference with data propagation (resolves Shape->Reshape chains); >2 GB via a file."""
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            with tempfile.TemporaryDirectory() as tmp:
+                src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+                onnx.save_model(model, str(src), save_as_external_data=True, location="in.data")
+                onnx.shape_inference.infer_shapes_path(str(src), str(dst), data_prop=True)
+                return onnx.load(str(dst))
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
+        raise OnnxPruneError(f"shape inference failed: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def _shape_of(vi: onnx.ValueInfoProto) -> Shape | None:
+    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+        return None
+    dims: list[Dim] = []
+    for d in vi.type.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+def value_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
+    """Map every tensor name with a known shape to it (ints, symbolic names, or None per dim).
+
+    Expects a model that already went through :func:`infer_shapes`.
+    """
+    g = model.graph
+    shapes: dict[str, Shape] = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        s = _shape_of(vi)
+        if s is not None:
+            shapes[vi.name] = s
+    for init in g.initializer:
+        shapes[init.name] = tuple(int(d) for d in init.dims)
+    return shapes
+
+
+def value_dtypes(model: onnx.ModelProto) -> dict[str, int]:
+    """Map tensor names to ONNX element types (``onnx.TensorProto.FLOAT`` ...)."""
+    g = model.graph
+    out = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.value_info) + list(g.output)
+           if vi.type.HasField("tensor_type")}
+    out.update({i.name: i.data_type for i in g.initializer})
+    return out
+
+
+def is_static(shape: Shape | None) -> bool:
+    """True when every dimension is a known integer."""
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+def format_shape(shape: Shape | None) -> list[Dim] | None:
+    """JSON-friendly shape (symbolic dims stay strings, unknown ones become null)."""
+    return None if shape is None else list(shape)
