@@ -1,0 +1,1 @@
+"""Channel-dependency analysis: which channels of which tensors must be removed together."""
