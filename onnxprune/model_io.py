@@ -138,10 +138,17 @@ def file_bytes(path: str | os.PathLike) -> int:
 
 def _save(model: onnx.ModelProto, path: Path, external_name: str | None = None) -> None:
     if model.ByteSize() > PROTOBUF_LIMIT or _uses_external_data(model):
+        model = _copy(model)  # onnx's external-data save rewrites the proto in place
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=external_name or (path.name + ".data"), size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:

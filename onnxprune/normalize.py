@@ -66,6 +66,7 @@ def _drop_initializer_inputs(m: onnx.ModelProto) -> None:
     if len(keep) != len(m.graph.input):
         del m.graph.input[:]
         m.graph.input.extend(keep)
+        m.ir_version = max(m.ir_version, 4)  # IR 4 is the first that allows initializers outside inputs
 
 
 def _eval_node(node: onnx.NodeProto, inputs: list[np.ndarray | None], opsets) -> list[np.ndarray] | None:

@@ -12,6 +12,7 @@ from typing import Mapping
 
 import onnx
 
+from .errors import OnnxPruneError
 from .graph import GraphView, build_view
 from .model_io import load_model
 from .normalize import normalize
@@ -34,8 +35,13 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple[i
     """Concrete shapes for every input: overrides first; a symbolic leading (batch) dim becomes 1;
     other symbolic dims stay unresolved and are reported in the notes."""
     overrides = dict(overrides or {})
+    inputs = graph_inputs(model)
+    unknown = sorted(set(overrides) - {i.name for i in inputs})
+    if unknown:
+        raise OnnxPruneError(f"--input-shape names {', '.join(map(repr, unknown))}, but the model's inputs are "
+                             f"{[i.name for i in inputs]}")
     shapes, notes = {}, []
-    for inp in graph_inputs(model):
+    for inp in inputs:
         if inp.name in overrides:
             shapes[inp.name] = tuple(overrides[inp.name])
             continue

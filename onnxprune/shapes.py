@@ -74,7 +74,9 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         if model.ByteSize() > PROTOBUF_LIMIT:
             with tempfile.TemporaryDirectory() as tmp:
                 src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-                onnx.save_model(model, str(src), save_as_external_data=True, location="in.data")
+                copy = onnx.ModelProto()
+                copy.CopyFrom(model)  # saving as external data rewrites the proto in place
+                onnx.save_model(copy, str(src), save_as_external_data=True, location="in.data")
                 onnx.shape_inference.infer_shapes_path(str(src), str(dst), data_prop=True)
                 return onnx.load(str(dst))
         return onnx.shape_inference.infer_shapes(model, data_prop=True)

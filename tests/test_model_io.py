@@ -1,0 +1,102 @@
+"""Every kind of bad input gives one clear line naming the file, a non-zero exit and no traceback."""
+from __future__ import annotations
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import onnx_graphs
+import zoo
+from cli_util import run_cli
+from onnxprune.errors import OnnxPruneError
+from onnxprune.model_io import atomic_path, load_model, refuse_overwrite_input, save_model
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    return zoo.export("conv_chain", tmp_path_factory.mktemp("io"))
+
+
+def _bad_files(tmp_path, good):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "trunc.onnx"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n" * 20)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    bad_check = tmp_path / "badcheck.onnx"
+    m = onnx_graphs.constant_node_weights()
+    m.graph.node[2].input[1] = "does_not_exist"
+    onnx.save(m, str(bad_check))
+    custom = tmp_path / "custom.onnx"
+    g = helper.make_graph([helper.make_node("Frobnicate", ["x"], ["y"], domain="com.acme")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.acme", 1)]), str(custom))
+    return {
+        "missing": (tmp_path / "nope.onnx", "no such file"),
+        "directory": (tmp_path, "is a directory"),
+        "empty": (empty, "empty"),
+        "truncated": (truncated, "not a valid ONNX"),
+        "text": (text, "not"),
+        "garbage": (garbage, "not"),
+        "checker": (bad_check, "fails the ONNX checker"),
+        "custom_domain": (custom, "unsupported domain"),
+    }
+
+
+CASES = ["missing", "directory", "empty", "truncated", "text", "garbage", "checker", "custom_domain"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_load_model_errors(case, tmp_path, good):
+    path, words = _bad_files(tmp_path, good)[case]
+    with pytest.raises(OnnxPruneError) as exc:
+        load_model(path)
+    assert str(path) in str(exc.value) and words in str(exc.value)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cli_bad_input_one_line(case, tmp_path, good):
+    path, words = _bad_files(tmp_path, good)[case]
+    code, out, err = run_cli("inspect", path)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0]
+    assert "Traceback" not in err + out
+
+
+def test_cli_bad_input_shape_flag(good):
+    code, _, err = run_cli("inspect", good, "--input-shape", "input=1xAx3")
+    assert code == 2 and "input-shape" in err and "Traceback" not in err
+    code, _, err = run_cli("inspect", good, "--input-shape", "nosuch=1x3x16x16")
+    assert code == 1 and "nosuch" in err
+
+
+def test_debug_flag_shows_traceback(tmp_path):
+    code, _, err = run_cli("--debug", "inspect", tmp_path / "nope.onnx")
+    assert code == 1 and "Traceback" in err
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    dest = tmp_path / "out.onnx"
+    with pytest.raises(RuntimeError):
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_model_does_not_touch_caller_model(tmp_path):
+    m = onnx_graphs.constant_subgraph_weights()
+    before = m.SerializeToString()
+    save_model(m, tmp_path / "a.onnx")
+    assert m.SerializeToString() == before
+    assert load_model(tmp_path / "a.onnx").SerializeToString() == before
+
+
+def test_refuse_overwrite_input(good):
+    with pytest.raises(OnnxPruneError, match="overwrite the input"):
+        refuse_overwrite_input(good, good)

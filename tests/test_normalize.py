@@ -1,0 +1,116 @@
+"""Normalization turns exporter quirks into one canonical graph without changing outputs."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx_graphs
+import zoo
+from conftest import random_feeds, run_ort
+from onnxprune.model_io import load_model, save_model
+from onnxprune.normalize import fold_batchnorm, normalize
+
+HELPER_MODELS = {
+    "constant_node_weights": onnx_graphs.constant_node_weights,
+    "constant_subgraph_weights": onnx_graphs.constant_subgraph_weights,
+    "opset9_legacy": onnx_graphs.opset9_legacy,
+    "dynamic_dims": onnx_graphs.dynamic_dims,
+}
+
+
+def assert_same_outputs(a, b, feeds, rtol=1e-5, atol=1e-6):
+    for x, y in zip(run_ort(a, feeds), run_ort(b, feeds)):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name", sorted(HELPER_MODELS))
+def test_helper_graphs_outputs_unchanged(name):
+    model = HELPER_MODELS[name]()
+    norm = normalize(model)
+    onnx.checker.check_model(norm, full_check=True)
+    feeds = random_feeds(model, {"x": [2, 3, 8, 8]} if name == "dynamic_dims" else None)
+    assert_same_outputs(model, norm, feeds)
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_torch_exports_outputs_unchanged(name, tmp_path):
+    path = zoo.export(name, tmp_path)
+    model = load_model(path)
+    norm = normalize(model)
+    assert_same_outputs(model, norm, random_feeds(model))
+
+
+def test_constant_nodes_become_initializers():
+    norm = normalize(onnx_graphs.constant_node_weights())
+    assert [n.op_type for n in norm.graph.node] == ["Conv", "Mul"]
+    assert {"w", "b", "alpha"} <= {i.name for i in norm.graph.initializer}
+
+
+def test_constant_subgraphs_fold_and_identity_goes():
+    norm = normalize(onnx_graphs.constant_subgraph_weights())
+    assert [n.op_type for n in norm.graph.node] == ["Conv", "Relu"]
+    conv = norm.graph.node[0]
+    inits = {i.name: i for i in norm.graph.initializer}
+    assert conv.input[1] in inits and conv.input[2] in inits
+    assert list(inits[conv.input[1]].dims) == [4, 3, 3, 3]
+    assert inits[conv.input[1]].data_type == onnx.TensorProto.FLOAT
+    # dead constant branches (g1, g2) are dropped
+    assert "gamma" not in inits
+
+
+def test_legacy_opset9_weights_inputs_dropout():
+    model = onnx_graphs.opset9_legacy()
+    norm = normalize(model)
+    assert [i.name for i in norm.graph.input] == ["data"]
+    assert "Dropout" not in [n.op_type for n in norm.graph.node]
+    assert {"Sum", "LRN"} <= {n.op_type for n in norm.graph.node}
+    assert norm.opset_import[0].version == 9  # opset kept, not converted
+
+
+def test_dynamic_dims_kept_and_shape_chain_preserved():
+    norm = normalize(onnx_graphs.dynamic_dims())
+    dims = norm.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, "H", "W"]
+    # the batch-dependent Shape chain cannot be folded while the batch is symbolic
+    assert "Shape" in [n.op_type for n in norm.graph.node]
+
+
+def test_every_node_gets_a_unique_name():
+    model = onnx_graphs.constant_subgraph_weights()
+    for n in model.graph.node:
+        n.name = ""
+    names = [n.name for n in normalize(model).graph.node]
+    assert all(names) and len(set(names)) == len(names)
+
+
+def test_input_model_not_mutated():
+    model = onnx_graphs.constant_node_weights()
+    before = model.SerializeToString()
+    normalize(model)
+    assert model.SerializeToString() == before
+
+
+def test_fold_batchnorm_preserves_outputs(tmp_path):
+    model = load_model(zoo.export("conv_chain", tmp_path))
+    norm = normalize(model)
+    folded = normalize(model, fold_bn=True)
+    assert "BatchNormalization" in [n.op_type for n in norm.graph.node]
+    assert "BatchNormalization" not in [n.op_type for n in folded.graph.node]
+    assert_same_outputs(model, folded, random_feeds(model), rtol=1e-4, atol=1e-5)
+
+
+def test_fold_batchnorm_counts():
+    m = normalize(onnx_graphs.constant_node_weights())
+    assert fold_batchnorm(m) == 0
+
+
+def test_external_data_round_trip(tmp_path):
+    model = onnx_graphs.constant_subgraph_weights()
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(onnx_graphs.constant_subgraph_weights(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.bin", size_threshold=0)
+    assert (tmp_path / "ext.bin").exists()
+    loaded = load_model(path)
+    out = save_model(normalize(loaded), tmp_path / "out" / "norm.onnx")
+    assert_same_outputs(model, out, random_feeds(model))
