@@ -7,14 +7,11 @@ needs them, without otherwise touching the model.
 from __future__ import annotations
 
 import re
-import tempfile
-from pathlib import Path
 from typing import Iterable, Mapping
 
 import onnx
 
 from .errors import OnnxPruneError
-from .model_io import PROTOBUF_LIMIT
 
 Dim = int | str | None
 Shape = tuple[Dim, ...]
@@ -68,20 +65,56 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...
     return out
 
 
+#: Initializers larger than this are replaced by typed inputs during shape inference: inference
+#: needs their shapes, not their values, and serializing 100 MB of weights dominates its cost.
+_SKELETON_MIN_ELEMENTS = 256
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without large weight data (shapes kept as typed graph inputs)."""
+    g = model.graph
+    light = onnx.ModelProto()
+    for fld in ("ir_version", "opset_import", "producer_name", "producer_version", "domain", "model_version", "functions"):
+        if fld in ("opset_import", "functions"):
+            getattr(light, fld).extend(getattr(model, fld))
+        else:
+            setattr(light, fld, getattr(model, fld))
+    lg = light.graph
+    lg.name = g.name
+    lg.node.extend(g.node)
+    lg.input.extend(g.input)
+    lg.output.extend(g.output)
+    lg.value_info.extend(g.value_info)
+    declared = {i.name for i in g.input}
+    for init in g.initializer:
+        n = 1
+        for d in init.dims:
+            n *= d
+        if n < _SKELETON_MIN_ELEMENTS or init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            lg.initializer.append(init)
+        elif init.name not in declared:
+            lg.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    light.ir_version = max(light.ir_version, 4)
+    return light
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference with data propagation (resolves Shape->Reshape chains); >2 GB via a file."""
+    """ONNX shape inference with data propagation (resolves Shape->Reshape chains).
+
+    Runs on a weight-free skeleton (fast, and never hits protobuf's 2 GB limit), then copies the
+    inferred value_info onto a copy of the full model.
+    """
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            with tempfile.TemporaryDirectory() as tmp:
-                src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-                copy = onnx.ModelProto()
-                copy.CopyFrom(model)  # saving as external data rewrites the proto in place
-                onnx.save_model(copy, str(src), save_as_external_data=True, location="in.data")
-                onnx.shape_inference.infer_shapes_path(str(src), str(dst), data_prop=True)
-                return onnx.load(str(dst))
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), data_prop=True)
     except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
         raise OnnxPruneError(f"shape inference failed: {str(exc).splitlines()[0][:300]}") from exc
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(inferred.graph.value_info)
+    del out.graph.output[:]
+    out.graph.output.extend(inferred.graph.output)
+    return out
 
 
 def _shape_of(vi: onnx.ValueInfoProto) -> Shape | None:
