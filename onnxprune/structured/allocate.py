@@ -1,0 +1,159 @@
+"""Turn channel scores into a :data:`~onnxprune.channels.types.KeepPlan` (group id -> kept indices).
+
+Two steps, each a small function: *how many* channels each group keeps (:func:`local_counts`,
+:func:`global_counts`, both finished by :func:`final_count`, which enforces the limits), then
+*which* ones (:func:`select`, the most important, balanced per block).
+
+Limits, enforced for every group whatever the ratio, so no layer can collapse:
+- ``max_ratio``: never remove more than this fraction of a group's channels;
+- ``min_keep``: keep at least this many channels (all of them when the group is smaller);
+- at least one channel per block is always kept (a group never drops to 0);
+- ``round_to``: kept counts are multiples of N where a multiple fits within the limits;
+- ``blocks``: a grouped conv / GroupNorm group keeps the same count in each contiguous block.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..channels.types import Group, KeepPlan
+from ..errors import OnnxPruneError
+
+_EPS = 1e-9  # absorbs float noise in C * (1 - r) (10 * (1 - 0.7) = 2.9999999999999996)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-group limits (see the module docstring)."""
+
+    max_ratio: float = 0.9
+    min_keep: int = 1
+    round_to: int = 1
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_ratio < 1.0:
+            raise OnnxPruneError(f"max ratio must be in [0, 1), got {self.max_ratio}")
+        if int(self.min_keep) != self.min_keep or self.min_keep < 1:
+            raise OnnxPruneError(f"--min-keep must be a positive integer, got {self.min_keep}")
+        if int(self.round_to) != self.round_to or self.round_to < 1:
+            raise OnnxPruneError(f"--round-to must be a positive integer, got {self.round_to}")
+
+
+def lower_bound(size: int, blocks: int, limits: Limits) -> int:
+    """Fewest channels a group may keep: max_ratio, min_keep and one per block, as a multiple of blocks."""
+    lo = max(1, int(limits.min_keep), math.ceil(size * (1.0 - limits.max_ratio) - _EPS))
+    lo = min(lo, size)
+    return min(size, math.ceil(lo / blocks) * blocks)
+
+
+def final_count(size: int, desired: int, blocks: int, limits: Limits) -> int:
+    """The kept count nearest to ``desired`` that respects the limits.
+
+    Within [lower_bound, size]: a multiple of lcm(blocks, round_to) when one fits (nearest; a tie
+    goes to keeping more), otherwise a multiple of blocks."""
+    if size % blocks:
+        raise ValueError(f"group of {size} channels is not divisible into {blocks} blocks")
+    lo = lower_bound(size, blocks, limits)
+    want = min(max(int(desired), lo), size)
+    for unit in dict.fromkeys((math.lcm(blocks, int(limits.round_to)), blocks)):
+        first = math.ceil(lo / unit) * unit
+        if first > size:
+            continue  # no multiple of this unit fits; relax to the next
+        down = max(first, (want // unit) * unit)
+        up = min(size // unit * unit, down + unit if down < want else down)
+        return up if (up - want) <= (want - down) else down
+    return want  # unreachable: blocks always divides size
+
+
+def select(scores: np.ndarray, keep: int, blocks: int = 1) -> np.ndarray:
+    """Sorted indices of the ``keep`` most important channels, ``keep / blocks`` per contiguous block
+    (ties keep the lower index)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    size = scores.size
+    if keep >= size:
+        return np.arange(size)
+    per_block, width = keep // blocks, size // blocks
+    kept = []
+    for b in range(blocks):
+        blk = scores[b * width:(b + 1) * width]
+        top = np.argsort(-blk, kind="stable")[:per_block]
+        kept.append(np.sort(top) + b * width)
+    return np.concatenate(kept).astype(np.int64)
+
+
+def ignored_groups(groups: Iterable[Group], patterns: Sequence[str]) -> dict[int, str]:
+    """Groups touching a node whose name matches one of the fnmatch ``patterns`` -> why."""
+    out: dict[int, str] = {}
+    if not patterns:
+        return out
+    for g in groups:
+        names = list(dict.fromkeys(list(g.nodes) + [m.node for m in g.members]))
+        for name in names:
+            pat = next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+            if pat is not None:
+                out[g.id] = f"--ignore {pat!r} matches node {name!r}"
+                break
+    return out
+
+
+def local_counts(groups: Iterable[Group], ratio: float, limits: Limits) -> dict[int, int]:
+    """Same ratio everywhere: each block keeps floor(width * (1 - ratio)) channels (torch-pruning's
+    ``int(C * (1 - r))``), then the limits apply."""
+    out = {}
+    for g in groups:
+        width = g.size // g.blocks
+        desired = g.blocks * math.floor(width * (1.0 - ratio) + _EPS)
+        out[g.id] = final_count(g.size, desired, g.blocks, limits)
+    return out
+
+
+def global_scores(scores: np.ndarray, self_normalized: bool) -> np.ndarray:
+    """Scores made comparable across groups: divided by the group mean (unless the criterion is
+    already normalized per layer, as LAMP is). An all-zero group stays zero (its channels are dead)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if self_normalized:
+        return s
+    mean = float(s.mean()) if s.size else 0.0
+    return s / mean if mean > 0 else s
+
+
+def global_counts(groups: Sequence[Group], scores: Mapping[int, np.ndarray], ratio: float, limits: Limits,
+                  *, self_normalized: bool = False) -> dict[int, int]:
+    """One ranking over all channels of all groups: the ``ratio`` least important (after per-group
+    normalization) go, skipping groups that reached their limit; then the limits round each count."""
+    groups = list(groups)
+    if not groups:
+        return {}
+    total = sum(g.size for g in groups)
+    n_remove = total - math.floor(total * (1.0 - ratio) + _EPS)
+    caps = {g.id: g.size - lower_bound(g.size, g.blocks, limits) for g in groups}
+    all_scores = np.concatenate([global_scores(scores[g.id], self_normalized) for g in groups])
+    owner = np.concatenate([np.full(g.size, g.id) for g in groups])
+    removed = {g.id: 0 for g in groups}
+    left = n_remove
+    for i in np.argsort(all_scores, kind="stable"):
+        if left <= 0:
+            break
+        gid = int(owner[i])
+        if removed[gid] < caps[gid]:
+            removed[gid] += 1
+            left -= 1
+    return {g.id: final_count(g.size, g.size - removed[g.id], g.blocks, limits) for g in groups}
+
+
+def allocate(groups: Sequence[Group], scores: Mapping[int, np.ndarray], ratio: float, *, scope: str = "local",
+             limits: Limits = Limits(), self_normalized: bool = False) -> KeepPlan:
+    """Kept channels of every group in ``groups`` (all must have scores) at ``ratio`` removed."""
+    if not 0.0 <= ratio < 1.0:
+        raise OnnxPruneError(f"--ratio must be in [0, 1), got {ratio}")
+    if scope == "local":
+        counts = local_counts(groups, ratio, limits)
+    elif scope == "global":
+        counts = global_counts(groups, scores, ratio, limits, self_normalized=self_normalized)
+    else:
+        raise OnnxPruneError(f"--scope must be local or global, got {scope!r}")
+    return {g.id: select(scores[g.id], counts[g.id], g.blocks) for g in groups}

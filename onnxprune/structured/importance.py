@@ -1,0 +1,250 @@
+"""Channel importance criteria: one small pure function per criterion.
+
+Every criterion scores the ``group.size`` channels of one :class:`~onnxprune.channels.types.Group`
+from *all* its members (a residual group scores a channel by every conv that writes or reads it),
+then :func:`aggregate` combines members. Each member's scores are first divided by their mean, so a
+member with big tensors (a 3x3 conv reading 512 channels) does not drown a small one (a BN scale).
+
+Higher score = more important = kept. Criteria read weights through :class:`ScoreInputs`, which a
+caller builds from a :class:`~onnxprune.graph.GraphView` (:meth:`ScoreInputs.from_view`) or, in
+tests, from plain dicts.
+
+A criterion that cannot score a group (``bn`` on a group without BatchNormalization, ``taylor``
+without gradients for any member) raises :class:`CriterionUnavailable`; the pruner leaves such
+a group whole and says so in its notes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..channels.types import Group, Member
+from ..errors import OnnxPruneError
+
+#: Normalization ops whose input 1 is a per-channel scale (gamma): the "param" members that carry
+#: a channel's magnitude. Biases, running statistics and other per-channel params are not scored
+#: (as in torch-pruning's MagnitudeImportance with bias=False).
+SCALE_OPS = ("BatchNormalization", "InstanceNormalization", "GroupNormalization", "LayerNormalization")
+
+
+class CriterionUnavailable(OnnxPruneError):
+    """This criterion cannot score this group (no BN, no gradients ...)."""
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What criteria may read: constant tensors, node op types and inputs, optional gradients."""
+
+    const: Callable[[str], "np.ndarray | None"]  # initializer name -> array (None: not a constant)
+    ops: Mapping[str, str] = field(default_factory=dict)  # node name -> op_type
+    node_inputs: Mapping[str, Sequence[str]] = field(default_factory=dict)  # node name -> input names
+    gradients: Mapping[str, np.ndarray] | None = None  # initializer name -> dLoss/dW (taylor)
+    seed: int = 0
+
+    @classmethod
+    def from_view(cls, view, *, gradients: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> "ScoreInputs":
+        nodes = view.nodes
+        return cls(const=view.const, ops={n.name: n.op_type for n in nodes},
+                   node_inputs={n.name: list(n.input) for n in nodes}, gradients=gradients, seed=seed)
+
+    def is_scale(self, m: Member) -> bool:
+        """True when ``m`` is the gamma of a normalization op."""
+        ins = self.node_inputs.get(m.node, ())
+        return m.role == "param" and self.ops.get(m.node) in SCALE_OPS and len(ins) > 1 and ins[1] == m.tensor
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+def channel_rows(arr: np.ndarray, m: Member) -> np.ndarray:
+    """``arr`` with the member axis first and everything else flattened: shape [axis_len, rest]."""
+    a = np.moveaxis(np.asarray(arr), m.axis, 0)
+    return a.reshape(a.shape[0], -1)
+
+
+def _owner_index(m: Member) -> tuple[np.ndarray, np.ndarray]:
+    """(flat positions, owning group channel) over all ``m.positions``."""
+    lens = np.fromiter((len(p) for p in m.positions), dtype=np.int64, count=len(m.positions))
+    flat = np.fromiter((i for p in m.positions for i in p), dtype=np.int64, count=int(lens.sum()))
+    return flat, np.repeat(np.arange(len(m.positions)), lens)
+
+
+def per_channel_sum(row_values: np.ndarray, m: Member) -> np.ndarray:
+    """Sum per-position values into per-group-channel values using ``m.positions``."""
+    flat, owner = _owner_index(m)
+    return np.bincount(owner, weights=np.asarray(row_values, dtype=np.float64)[flat], minlength=len(m.positions))
+
+
+def channel_vectors(arr: np.ndarray, m: Member) -> np.ndarray:
+    """One flat vector per group channel (its rows concatenated); needs equal row counts per channel."""
+    rows = channel_rows(arr, m).astype(np.float64)
+    if len({len(p) for p in m.positions}) > 1:
+        raise CriterionUnavailable(f"channels of {m.tensor!r} span unequal numbers of rows")
+    pos = np.asarray(m.positions, dtype=np.int64).reshape(len(m.positions), -1)  # [size, k]
+    return rows[pos].reshape(len(m.positions), -1)
+
+
+def normalized(scores: np.ndarray) -> np.ndarray | None:
+    """``scores / mean(scores)``; None for an all-zero (uninformative) member."""
+    mean = float(np.mean(scores)) if scores.size else 0.0
+    if not np.isfinite(mean) or mean <= 0:
+        return None
+    return scores / mean
+
+
+def aggregate(per_member: Iterable[np.ndarray], size: int) -> np.ndarray:
+    """Mean over members of mean-normalized scores; members that are all zero are skipped."""
+    parts = [p for p in (normalized(np.asarray(s, dtype=np.float64)) for s in per_member) if p is not None]
+    if not parts:
+        return np.zeros(size)
+    return np.mean(parts, axis=0)
+
+
+def weight_members(group: Group, inp: ScoreInputs, roles: Sequence[str] = ("out", "in")) -> list[tuple[Member, np.ndarray]]:
+    """Members that are constant weights of the given roles, plus normalization gammas, with their arrays."""
+    out = []
+    for m in group.members:
+        if m.role in roles or inp.is_scale(m):
+            arr = inp.const(m.tensor)
+            if arr is not None and np.asarray(arr).ndim > m.axis:
+                out.append((m, np.asarray(arr)))
+    return out
+
+
+def _norm_scores(group: Group, inp: ScoreInputs, p: int) -> np.ndarray:
+    members = weight_members(group, inp)
+    if not members:
+        raise CriterionUnavailable(f"group {group.id} has no constant weights to score")
+    per_member = []
+    for m, arr in members:
+        rows = channel_rows(arr, m).astype(np.float64)
+        row_vals = np.abs(rows).sum(1) if p == 1 else np.square(rows).sum(1)
+        s = per_channel_sum(row_vals, m)
+        per_member.append(s if p == 1 else np.sqrt(s))
+    return aggregate(per_member, group.size)
+
+
+# --------------------------------------------------------------------------------------------
+# criteria
+# --------------------------------------------------------------------------------------------
+
+def l1(group: Group, inp: ScoreInputs) -> np.ndarray:
+    """L1 norm of each channel's slices: rows of "out" weights, columns of "in" weights, and
+    normalization gammas; per member divided by its mean, then averaged over members."""
+    return _norm_scores(group, inp, 1)
+
+
+def l2(group: Group, inp: ScoreInputs) -> np.ndarray:
+    """As :func:`l1` with the L2 norm (sqrt of the sum of squares over the channel's slices)."""
+    return _norm_scores(group, inp, 2)
+
+
+def bn(group: Group, inp: ScoreInputs) -> np.ndarray:
+    """|gamma| of the group's BatchNormalization scales (Network Slimming); averaged over BNs."""
+    per_member = []
+    for m in group.members:
+        if inp.is_scale(m) and inp.ops.get(m.node) == "BatchNormalization":
+            arr = inp.const(m.tensor)
+            if arr is not None:
+                per_member.append(per_channel_sum(np.abs(np.asarray(arr, dtype=np.float64).reshape(-1)), m))
+    if not per_member:
+        raise CriterionUnavailable(f"criterion bn: group {group.id} has no BatchNormalization")
+    return aggregate(per_member, group.size)
+
+
+def fpgm(group: Group, inp: ScoreInputs) -> np.ndarray:
+    """Filter Pruning via Geometric Median (He et al. 2019): a filter's score is its summed L2
+    distance to the other filters of its layer; filters near the geometric median are redundant.
+
+    Uses the "out" weights (the filters); a group without any falls back to its "in" weights."""
+    members = [(m, a) for m, a in weight_members(group, inp, roles=("out",)) if m.role == "out"]
+    if not members:
+        members = [(m, a) for m, a in weight_members(group, inp, roles=("in",)) if m.role == "in"]
+    if not members:
+        raise CriterionUnavailable(f"criterion fpgm: group {group.id} has no weights")
+    per_member = []
+    for m, arr in members:
+        f = channel_vectors(arr, m)
+        sq = np.einsum("ij,ij->i", f, f)
+        d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (f @ f.T), 0.0)
+        per_member.append(np.sqrt(d2).sum(1))
+    return aggregate(per_member, group.size)
+
+
+def lamp_transform(s: np.ndarray) -> np.ndarray:
+    """LAMP score (Lee et al. 2021) of magnitudes ``s`` (squared norms): s_u / sum_{v >= u} s_v
+    over the ascending order; the largest scores 1. Self-normalizing per layer."""
+    s = np.asarray(s, dtype=np.float64)
+    order = np.argsort(s, kind="stable")
+    srt = s[order]
+    tail = np.cumsum(srt[::-1])[::-1]  # sum of srt[i:]
+    out = np.empty_like(s)
+    out[order] = np.divide(srt, tail, out=np.zeros_like(srt), where=tail > 0)
+    return out
+
+
+def lamp(group: Group, inp: ScoreInputs) -> np.ndarray:
+    """LAMP at channel level: the squared-L2 magnitude of each channel (aggregated over members as
+    in :func:`l2`, squared) turned into LAMP scores within the group."""
+    return lamp_transform(np.square(_norm_scores(group, inp, 2)))
+
+
+def random(group: Group, inp: ScoreInputs) -> np.ndarray:
+    """Uniform random scores, reproducible from ``(seed, group id)`` whatever the group order."""
+    return np.random.default_rng([inp.seed, group.id]).random(group.size)
+
+
+def taylor(group: Group, inp: ScoreInputs) -> np.ndarray:
+    """First-order Taylor (Molchanov et al. 2019): |sum over a channel's slices of w * dL/dw| per
+    weight member with a gradient, normalized per member and averaged."""
+    if inp.gradients is None:
+        raise OnnxPruneError("criterion taylor needs --data")
+    per_member = []
+    for m, arr in weight_members(group, inp, roles=("out", "in", "param")):
+        g = inp.gradients.get(m.tensor)
+        if g is None:
+            continue
+        if np.shape(g) != arr.shape:
+            raise OnnxPruneError(f"gradient of {m.tensor!r} has shape {np.shape(g)}, weight has {arr.shape}")
+        prod = channel_rows(arr.astype(np.float64) * np.asarray(g, dtype=np.float64), m).sum(1)
+        per_member.append(np.abs(per_channel_sum(prod, m)))
+    if not per_member:
+        raise CriterionUnavailable(f"criterion taylor: no gradients for the weights of group {group.id}")
+    return aggregate(per_member, group.size)
+
+
+Criterion = Callable[[Group, ScoreInputs], np.ndarray]
+
+IMPORTANCE: dict[str, Criterion] = {
+    "l1": l1,
+    "l2": l2,
+    "bn": bn,
+    "fpgm": fpgm,
+    "lamp": lamp,
+    "random": random,
+    "taylor": taylor,
+}
+
+#: Criteria whose scores are already comparable across groups (global ranking uses them as they are).
+SELF_NORMALIZED = frozenset({"lamp", "random"})
+
+
+def score_groups(groups: Iterable[Group], criterion: str, inp: ScoreInputs) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Scores of every group, and for groups the criterion cannot score, why."""
+    if criterion not in IMPORTANCE:
+        raise OnnxPruneError(f"unknown criterion {criterion!r}; choose from {', '.join(IMPORTANCE)}")
+    fn = IMPORTANCE[criterion]
+    scores, unavailable = {}, {}
+    for g in groups:
+        try:
+            s = np.asarray(fn(g, inp), dtype=np.float64)
+        except CriterionUnavailable as exc:
+            unavailable[g.id] = str(exc)
+            continue
+        if s.shape != (g.size,):
+            raise AssertionError(f"criterion {criterion} returned shape {s.shape} for group {g.id} of size {g.size}")
+        scores[g.id] = s
+    return scores, unavailable
