@@ -63,6 +63,7 @@ def inspect_prepared(p: Prepared) -> dict[str, Any]:
             w = view.const(node.input[1])
             entry["weight"] = node.input[1]
             entry["sparsity"] = float(1.0 - np.count_nonzero(w) / max(w.size, 1))
+            entry["nm"] = _nm_status(node, w)
         nodes.append(entry)
     original_inputs = [i for i in p.model.graph.input if i.name not in view.initializers]
     return {
@@ -82,6 +83,18 @@ def inspect_prepared(p: Prepared) -> dict[str, Any]:
         "nodes": nodes,
         "notes": list(p.notes),
     }
+
+
+def _nm_status(node: onnx.NodeProto, w: np.ndarray) -> dict[str, bool]:
+    """``{"2:4": pattern holds, "eligible": reduction dim divisible by 4}`` for a weight node."""
+    from .graph import attr
+    from .sparsity.nm import nm_status
+    from .sparsity.select import reduction_axis
+
+    if w.ndim == 0:
+        return {"2:4": False, "eligible": False}
+    group = int(attr(node, "group", 1)) if node.op_type.startswith("Conv") else 1
+    return nm_status(node.op_type, w, reduction_axis(node, 1, tuple(w.shape)), group)
 
 
 def inspect_model(source: str | os.PathLike | onnx.ModelProto,

@@ -1,0 +1,320 @@
+"""``onnxprune prune MODEL -o OUT (--structured | --unstructured | --nm N:M)``.
+
+Flags are parsed here (not by click's type system) so that every bad value is one clear line and
+a non-zero exit. The input is never overwritten; the output is written atomically, and nothing is
+written when anything fails.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import click
+
+from ..errors import OnnxPruneError
+from .common import emit_json, human, json_option, model_argument
+
+STRUCTURED_CRITERIA = ("l1", "l2", "bn", "fpgm", "lamp", "random", "taylor")
+STRUCTURED_SCOPES = ("local", "global")
+UNSTRUCTURED_CRITERIA = ("magnitude", "random", "lamp", "magnitude_x_gradient")
+UNSTRUCTURED_SCOPES = ("global", "layer")
+GRADIENT_CRITERIA = ("taylor", "magnitude_x_gradient")
+BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "torch-cpu", "torch-cuda")
+
+# flag -> modes that accept it (click parameter name, shown name)
+_ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ratio": ("--ratio", ("structured",)),
+    "target_macs": ("--target-macs", ("structured",)),
+    "target_params": ("--target-params", ("structured",)),
+    "round_to": ("--round-to", ("structured",)),
+    "min_keep": ("--min-keep", ("structured",)),
+    "max_ratio": ("--max-ratio", ("structured",)),
+    "input_shape": ("--input-shape", ("structured",)),
+    "sparsity": ("--sparsity", ("unstructured",)),
+    "min_threshold": ("--min-threshold", ("unstructured",)),
+    "scope": ("--scope", ("structured", "unstructured")),
+    "criterion": ("--criterion", ("structured", "unstructured")),
+    "seed": ("--seed", ("structured", "unstructured")),
+    "data": ("--data", ("structured", "unstructured")),
+    "exclude_first": ("--exclude-first", ("unstructured", "nm")),
+    "exclude_last": ("--exclude-last", ("unstructured", "nm")),
+    "sparse_storage": ("--sparse-storage", ("unstructured", "nm")),
+}
+
+
+@click.command("prune")
+@model_argument
+@click.option("-o", "--output", default=None, metavar="OUT", help="Where to write the pruned model (never the input).")
+@click.option("--structured", is_flag=True, help="Remove whole channels (smaller and faster on every runtime).")
+@click.option("--unstructured", is_flag=True, help="Zero individual weights (smaller when compressed; not faster).")
+@click.option("--nm", default=None, metavar="N:M", help="Keep N of every M weights along the input channels, e.g. 2:4.")
+@click.option("--ratio", default=None, metavar="R", help="[structured] fraction of channels removed.")
+@click.option("--target-macs", default=None, metavar="F", help="[structured] fraction of MACs kept.")
+@click.option("--target-params", default=None, metavar="F", help="[structured] fraction of params kept.")
+@click.option("--round-to", default=None, metavar="N", help="[structured] kept channel counts are multiples of N.")
+@click.option("--min-keep", default=None, metavar="K", help="[structured] keep at least K channels per group.")
+@click.option("--max-ratio", default=None, metavar="F", help="[structured] remove at most this fraction of any group.")
+@click.option("--input-shape", multiple=True, metavar="NAME=DIMS", help="[structured] fix an input's shape (repeatable).")
+@click.option("--sparsity", default=None, metavar="S", help="[unstructured] fraction of prunable weights zeroed, in [0, 1).")
+@click.option("--min-threshold", default=None, metavar="F",
+              help="[unstructured, global] every layer keeps at least this fraction of its weights.")
+@click.option("--scope", default=None, help="structured: local|global; unstructured: global|layer.")
+@click.option("--criterion", default=None,
+              help="structured: l1|l2|bn|fpgm|lamp|random|taylor; unstructured: magnitude|random|lamp|magnitude_x_gradient.")
+@click.option("--exclude-first", is_flag=True, help="[unstructured, N:M] leave the first layer(s) dense.")
+@click.option("--exclude-last", is_flag=True, help="[unstructured, N:M] leave the last layer(s) (classifier) dense.")
+@click.option("--ignore", multiple=True, metavar="PATTERN", help="Leave layers whose node name matches this glob (repeatable).")
+@click.option("--sparse-storage", is_flag=True, help="[unstructured, N:M] store weights as sparse initializers where smaller.")
+@click.option("--seed", default=None, metavar="S", help="Seed of the random criterion (default 0).")
+@click.option("--hw", default=None, metavar="PROFILE", help="Hardware profile or backend the speed note is about (default ort-cpu).")
+@click.option("--data", default=None, metavar="SPEC", help="Dataset for gradient criteria (taylor, magnitude_x_gradient).")
+@json_option
+def prune_cmd(model: str, output: str | None, structured: bool, unstructured: bool, nm: str | None, as_json: bool,
+              **opts: Any) -> None:
+    """Prune MODEL and write the result to OUT, with a summary and what it will (not) buy in speed."""
+    modes = [name for name, on in (("structured", structured), ("unstructured", unstructured), ("nm", nm is not None)) if on]
+    if len(modes) != 1:
+        raise OnnxPruneError("choose exactly one of --structured, --unstructured, --nm N:M"
+                             + (f" (got {', '.join('--' + m if m != 'nm' else '--nm' for m in modes)})" if modes else ""))
+    mode = modes[0]
+    if not output:
+        raise OnnxPruneError("missing -o/--output OUT: where to write the pruned model")
+    _reject_foreign(mode, opts)
+    backend, cc, precision, sparse_weights = _backend(opts["hw"])
+    from ..model_io import refuse_overwrite_input
+
+    refuse_overwrite_input(model, output)
+
+    if mode == "structured":
+        result = _structured(model, opts)
+        from ..guidance import speedup_guidance
+
+        result.summary.setdefault("guidance", speedup_guidance("structured", backend, cc))
+    elif mode == "unstructured":
+        result = _unstructured(model, opts, backend, cc, precision, sparse_weights)
+    else:
+        result = _nm(model, nm or "", opts, backend, cc, precision, sparse_weights)
+
+    from ..model_io import file_bytes, save_model
+    from ..sparsity.storage import gzip_file_bytes
+
+    save_model(result.model, output)
+    summary = dict(result.summary)
+    summary.update(output=str(output), file_bytes=file_bytes(output), gzip_bytes=gzip_file_bytes(output),
+                   input_file_bytes=file_bytes(model), input_gzip_bytes=gzip_file_bytes(model))
+    if as_json:
+        emit_json({"input": str(model), **summary})
+    else:
+        _print_human(model, summary)
+
+
+# ------------------------------------------------------------------------------------------ modes
+
+def _structured(model: str, opts: dict[str, Any]):
+    targets = {k: opts[k] for k in ("ratio", "target_macs", "target_params") if opts[k] is not None}
+    if len(targets) != 1:
+        raise OnnxPruneError("--structured needs exactly one of --ratio R, --target-macs F, --target-params F")
+    (kind, raw), = targets.items()
+    flag = _ONLY[kind][0]
+    value = _number(raw, flag)
+    if kind == "ratio" and not 0 <= value < 1:
+        raise OnnxPruneError(f"{flag} must be in [0, 1) (fraction of channels removed), not {raw}")
+    if kind != "ratio" and not 0 < value <= 1:
+        raise OnnxPruneError(f"{flag} must be in (0, 1] (fraction kept), not {raw}")
+    criterion = _choice(opts["criterion"], STRUCTURED_CRITERIA, "l1", "--criterion", "--structured")
+    scope = _choice(opts["scope"], STRUCTURED_SCOPES, "local", "--scope", "--structured")
+    kwargs: dict[str, Any] = {kind: value, "criterion": criterion, "scope": scope,
+                              "ignore": tuple(opts["ignore"]), "seed": _int(opts["seed"], "--seed", 0)}
+    if opts["round_to"] is not None:
+        kwargs["round_to"] = _int(opts["round_to"], "--round-to", 1, minimum=1)
+    if opts["min_keep"] is not None:
+        kwargs["min_keep"] = _int(opts["min_keep"], "--min-keep", 1, minimum=1)
+    if opts["max_ratio"] is not None:
+        mr = _number(opts["max_ratio"], "--max-ratio")
+        if not 0 < mr <= 1:
+            raise OnnxPruneError(f"--max-ratio must be in (0, 1], not {opts['max_ratio']}")
+        kwargs["max_ratio"] = mr
+    if opts["input_shape"]:
+        from ..shapes import parse_input_shapes
+
+        kwargs["input_shapes"] = parse_input_shapes(opts["input_shape"])
+    kwargs["gradients"] = _gradients(model, opts["data"], criterion)
+    try:
+        from ..structured.prune import prune_structured
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("onnxprune"):
+            raise OnnxPruneError("structured pruning is not implemented in this version") from exc
+        raise
+    return prune_structured(model, **kwargs)
+
+
+def _unstructured(model: str, opts: dict[str, Any], backend: str, cc, precision, sparse_weights):
+    if opts["sparsity"] is None:
+        raise OnnxPruneError("--unstructured needs --sparsity S (fraction of prunable weights zeroed, in [0, 1))")
+    sparsity = _number(opts["sparsity"], "--sparsity")
+    if not 0 <= sparsity < 1:
+        raise OnnxPruneError(f"--sparsity must be in [0, 1), not {opts['sparsity']}")
+    min_threshold = 0.0
+    if opts["min_threshold"] is not None:
+        min_threshold = _number(opts["min_threshold"], "--min-threshold")
+        if not 0 <= min_threshold <= 1:
+            raise OnnxPruneError(f"--min-threshold must be in [0, 1] (fraction of each layer kept), not {opts['min_threshold']}")
+    criterion = _choice(opts["criterion"], UNSTRUCTURED_CRITERIA, "magnitude", "--criterion", "--unstructured")
+    scope = _choice(opts["scope"], UNSTRUCTURED_SCOPES, "global", "--scope", "--unstructured")
+    seed = _int(opts["seed"], "--seed", 0)
+    gradients = _gradients(model, opts["data"], criterion)
+    from ..sparsity.prune import prune_unstructured
+
+    result = prune_unstructured(model, sparsity=sparsity, scope=scope, min_threshold=min_threshold, criterion=criterion,
+                                exclude_first=opts["exclude_first"], exclude_last=opts["exclude_last"],
+                                ignore=tuple(opts["ignore"]), seed=seed, gradients=gradients,
+                                sparse_storage=opts["sparse_storage"], backend=backend, gpu_compute_capability=cc)
+    _refine_guidance(result.summary, "unstructured", backend, cc, precision, sparse_weights)
+    return result
+
+
+def _nm(model: str, spec: str, opts: dict[str, Any], backend: str, cc, precision, sparse_weights):
+    from ..sparsity.prune import parse_nm, prune_nm
+
+    n, m = parse_nm(spec)
+    result = prune_nm(model, n=n, m=m, exclude_first=opts["exclude_first"], exclude_last=opts["exclude_last"],
+                      ignore=tuple(opts["ignore"]), sparse_storage=opts["sparse_storage"], backend=backend,
+                      gpu_compute_capability=cc)
+    _refine_guidance(result.summary, "nm", backend, cc, precision, sparse_weights, nm=(n, m))
+    return result
+
+
+def _refine_guidance(summary: dict[str, Any], method: str, backend: str, cc, precision, sparse_weights, nm=None) -> None:
+    from ..guidance import speedup_guidance
+
+    summary["guidance"] = speedup_guidance(method, backend, cc, nm=nm, precision=precision, sparse_weights=sparse_weights)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+def _reject_foreign(mode: str, opts: dict[str, Any]) -> None:
+    """A flag of another mode is an error, not silently ignored."""
+    shown = {"structured": "--structured", "unstructured": "--unstructured", "nm": "--nm"}
+    for key, (flag, modes) in _ONLY.items():
+        val = opts.get(key)
+        given = bool(val) if isinstance(val, (bool, tuple)) else val is not None
+        if given and mode not in modes:
+            raise OnnxPruneError(f"{flag} does not apply to {shown[mode]} (it is for {' and '.join(shown[m] for m in modes)})")
+
+
+def _choice(value: str | None, choices: tuple[str, ...], default: str, flag: str, mode: str) -> str:
+    if value is None:
+        return default
+    if value not in choices:
+        raise OnnxPruneError(f"{flag} {value!r} is not valid with {mode}; choose one of {', '.join(choices)}")
+    return value
+
+
+def _number(raw: str, flag: str) -> float:
+    try:
+        v = float(raw)
+    except (TypeError, ValueError):
+        raise OnnxPruneError(f"{flag} expects a number, not {raw!r}") from None
+    if not math.isfinite(v):
+        raise OnnxPruneError(f"{flag} expects a finite number, not {raw!r}")
+    return v
+
+
+def _int(raw: str | None, flag: str, default: int, *, minimum: int | None = None) -> int:
+    if raw is None:
+        return default
+    try:
+        v = int(str(raw).strip())
+    except ValueError:
+        raise OnnxPruneError(f"{flag} expects an integer, not {raw!r}") from None
+    if minimum is not None and v < minimum:
+        raise OnnxPruneError(f"{flag} must be at least {minimum}, not {raw}")
+    return v
+
+
+def _backend(hw: str | None) -> tuple[str, str | None, str | None, bool | None]:
+    """(backend, GPU compute capability, precision, sparse_weights) from ``--hw`` (a backend name or a profile)."""
+    if hw is None:
+        return "ort-cpu", None, None, None
+    if hw in BACKENDS:
+        return hw, None, None, None
+    try:
+        from ..profiling.hw_profile import load_hw_profile
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("onnxprune"):
+            raise OnnxPruneError(f"--hw {hw!r}: not a backend ({', '.join(BACKENDS)}) and hardware profiles are not "
+                                 "available in this version") from exc
+        raise
+    prof = load_hw_profile(hw)
+    gpu = getattr(prof, "gpu", None)
+    return (prof.backend, getattr(gpu, "compute_capability", None) if gpu else None,
+            getattr(prof, "precision", None), getattr(prof, "sparse_weights", None))
+
+
+def _gradients(model: str, data: str | None, criterion: str):
+    """Gradients of the weights on ``data`` when ``criterion`` needs them."""
+    if criterion not in GRADIENT_CRITERIA:
+        if data is not None:
+            raise OnnxPruneError(f"--data is used only by the gradient criteria ({', '.join(GRADIENT_CRITERIA)}), "
+                                 f"not by {criterion}")
+        return None
+    if data is None:
+        raise OnnxPruneError(f"criterion {criterion} needs gradients: pass --data SPEC (e.g. --data digits)")
+    try:
+        from ..datasets import load_dataset
+        from ..training import weight_gradients
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("onnxprune"):
+            raise OnnxPruneError(f"criterion {criterion} needs retraining support, not implemented in this version") from exc
+        raise OnnxPruneError(f"criterion {criterion} needs the Python package {exc.name!r} "
+                             "(pip install 'onnxprune[train]')") from exc
+    except ImportError as exc:
+        raise OnnxPruneError(f"criterion {criterion} needs retraining support ({exc})") from exc
+    return weight_gradients(model, load_dataset(data))
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _print_human(model: str, s: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    con = Console()
+    method = s.get("method")
+    what = {"unstructured": f"unstructured, {s.get('criterion')}, {s.get('scope')} scope",
+            "nm": f"N:M {s.get('pattern')}", "structured": f"structured, {s.get('criterion')}, {s.get('scope')} scope"}
+    con.print(f"[bold]{escape(str(model))}[/bold] -> [bold]{escape(s['output'])}[/bold] ({what.get(method, method)})")
+    if method in ("unstructured", "nm"):
+        ratio = s.get("compression_ratio")
+        con.print(f"sparsity: target {_pct(s['target_sparsity'])}, achieved {_pct(s['achieved_sparsity'])} of "
+                  f"{human(s['prunable_params'])} prunable weights; {_pct(s['sparsity_all_params'])} of all "
+                  f"{human(s['params'])} params (nonzero {human(s['nonzero_params'])}, compression ratio "
+                  + (f"{ratio:.2f}x)" if ratio else "n/a)"))
+        table = Table(title="layers")
+        for col in ("node", "op", "weights", "sparsity") + (("pattern",) if method == "nm" else ()):
+            table.add_column(col, justify="left" if col in ("node", "op") else "right")
+        for layer in s["layers"]:
+            row = [escape(layer["node"]), layer["op_type"], human(layer["size"]), _pct(layer["sparsity"])]
+            if method == "nm":
+                row.append("ok" if layer.get("nm_ok") else "dense")
+            table.add_row(*row)
+        con.print(table)
+        for sk in s.get("skipped", []):
+            con.print(f"  skipped {escape(sk['node'])}: {escape(sk['reason'])}")
+        for ex in s.get("excluded", []):
+            con.print(f"  excluded {escape(ex['node'])}: {escape(ex['reason'])}")
+    elif method == "structured":
+        con.print(f"params {human(s.get('params_before'))} -> {human(s.get('params_after'))}  "
+                  f"MACs {human(s.get('macs_before'))} -> {human(s.get('macs_after'))}  "
+                  f"channels {s.get('channels_before')} -> {s.get('channels_after')}")
+        for g in s.get("unprunable", [])[:10]:
+            con.print(f"  unprunable: {escape(str(g))}")
+    con.print(f"size: {human(s['file_bytes'], 'B')} (gzip {human(s['gzip_bytes'], 'B')}); input "
+              f"{human(s['input_file_bytes'], 'B')} (gzip {human(s['input_gzip_bytes'], 'B')})")
+    for note in s.get("notes", []):
+        con.print(f"[dim]{escape(note)}[/dim]")
+    for line in s.get("guidance", []):
+        con.print(f"[yellow]note:[/yellow] {escape(line)}")

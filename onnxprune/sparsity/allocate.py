@@ -1,0 +1,76 @@
+"""How many weights each layer loses, and which: one ranking across layers or one per layer.
+
+- ``global``: prune the ``round(sparsity * total)`` lowest scores over all prunable weights
+  (Global Magnitude Pruning with ``|w|``). Achieved sparsity is the target within one weight.
+- ``layer``: prune ``round(sparsity * n_l)`` in every layer: the target within one weight per layer.
+- ``global`` with ``min_threshold`` (MT, Gupta et al., "Is Complexity Required for Neural Network
+  Pruning? A Case Study on Global Magnitude Pruning"): every layer keeps at least
+  ``ceil(min_threshold * n_l)`` weights. Layers that would fall below the floor stop at it and the
+  global ranking continues into the other layers, so their sparsities rise until the global target
+  is met exactly and no layer collapses.
+
+Ties are broken deterministically: by layer order, then by flat index (stable sorts throughout).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import OnnxPruneError
+
+
+def floors(sizes: Sequence[int], min_threshold: float) -> list[int]:
+    """Minimum kept weights per layer for the MT floor ``min_threshold`` (fraction kept)."""
+    return [min(n, math.ceil(min_threshold * n - 1e-9)) if min_threshold > 0 else 0 for n in sizes]
+
+
+def global_masks(scores: Sequence[np.ndarray], sparsity: float, min_threshold: float = 0.0) -> list[np.ndarray]:
+    """Keep-masks (True = kept) from one ranking across all layers, honouring the MT floor."""
+    sizes = [int(s.size) for s in scores]
+    total = sum(sizes)
+    k = int(round(sparsity * total))
+    caps = [n - f for n, f in zip(sizes, floors(sizes, min_threshold))]  # most each layer may lose
+    if k > sum(caps):
+        raise OnnxPruneError(
+            f"sparsity {sparsity:g} cannot be reached while every layer keeps at least {min_threshold:g} of its "
+            f"weights (at most {sum(caps) / max(total, 1):.4f}); lower --sparsity or --min-threshold")
+    flat = np.concatenate([s.reshape(-1) for s in scores]) if scores else np.zeros(0)
+    allowed = np.ones(flat.size, dtype=bool)
+    offset = 0
+    for s, cap in zip(scores, caps):
+        n = s.size
+        if cap < n:  # only the layer's `cap` lowest may go
+            rank = np.empty(n, dtype=np.int64)
+            rank[np.argsort(s.reshape(-1), kind="stable")] = np.arange(n)
+            allowed[offset:offset + n] = rank < cap
+        offset += n
+    candidates = np.flatnonzero(allowed)
+    order = candidates[np.argsort(flat[candidates], kind="stable")]
+    keep = np.ones(flat.size, dtype=bool)
+    keep[order[:k]] = False
+    return _split(keep, scores)
+
+
+def layer_masks(scores: Sequence[np.ndarray], sparsity: float, min_threshold: float = 0.0) -> list[np.ndarray]:
+    """Keep-masks pruning ``round(sparsity * n_l)`` lowest in every layer."""
+    if min_threshold > 0 and sparsity > 1 - min_threshold + 1e-12:
+        raise OnnxPruneError(f"sparsity {sparsity:g} per layer contradicts --min-threshold {min_threshold:g} "
+                             f"(every layer would keep only {1 - sparsity:g} of its weights)")
+    masks = []
+    for s, floor in zip(scores, floors([int(s.size) for s in scores], min_threshold)):
+        n = s.size
+        k = min(int(round(sparsity * n)), n - floor)
+        keep = np.ones(n, dtype=bool)
+        keep[np.argsort(s.reshape(-1), kind="stable")[:k]] = False
+        masks.append(keep.reshape(s.shape))
+    return masks
+
+
+def _split(flat_keep: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray]:
+    out, offset = [], 0
+    for s in like:
+        out.append(flat_keep[offset:offset + s.size].reshape(s.shape))
+        offset += s.size
+    return out

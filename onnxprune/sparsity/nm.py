@@ -1,0 +1,62 @@
+"""N:M sparsity: in every group of M consecutive weights along the reduction (input-channel) axis,
+at most N are nonzero.
+
+This is the layout NVIDIA sparse tensor cores (TensorRT, cuSPARSELt) expect for 2:4: a Conv
+weight ``[Cout, Cin/g, kh, kw]`` is grouped along ``Cin`` for each ``(cout, kh, kw)``; a Gemm/MatMul
+weight along ``K``. A layer whose reduction length is not a multiple of M cannot take the pattern
+and is left dense. (ConvTranspose ``[Cin, Cout/g, k...]`` is grouped along ``Cin``; with
+``group > 1`` the per-group length ``Cin/g`` must be a multiple of M, so runs never straddle groups.)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .select import Prunable
+
+
+def _grouped(w: np.ndarray, m: int, axis: int) -> np.ndarray:
+    """View ``w`` with ``axis`` moved last and split into runs of ``m``: shape ``[..., C/m, m]``."""
+    moved = np.moveaxis(w, axis, -1)
+    return moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+
+
+def satisfies_nm(w: np.ndarray, n: int, m: int, axis: int) -> bool:
+    """True when every run of ``m`` consecutive entries of ``w`` along ``axis`` has at most ``n`` nonzeros
+    (False when that axis is not a multiple of ``m``)."""
+    w = np.asarray(w)
+    if w.ndim == 0:
+        return False
+    axis = axis % w.ndim
+    if w.shape[axis] == 0 or w.shape[axis] % m:
+        return False
+    return bool((np.count_nonzero(_grouped(w, m, axis), axis=-1) <= n).all())
+
+
+def nm_keep_mask(w: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
+    """Keep-mask with the ``n`` largest ``|w|`` of every run of ``m`` along ``axis`` (ties: the first)."""
+    axis = axis % w.ndim
+    g = _grouped(np.abs(w.astype(np.float64)), m, axis)
+    order = np.argsort(-g, axis=-1, kind="stable")  # descending, earlier index first on ties
+    keep_g = np.zeros(g.shape, dtype=bool)
+    np.put_along_axis(keep_g, order[..., :n], True, axis=-1)
+    moved_shape = np.moveaxis(w, axis, -1).shape
+    return np.moveaxis(keep_g.reshape(moved_shape), -1, axis)
+
+
+def nm_ineligible_reason(p: Prunable, m: int) -> str | None:
+    """Why layer ``p`` cannot take an N:M pattern with this ``m``, or None when it can."""
+    length = p.reduction_size
+    if length % m:
+        what = "input channels per group" if p.op_type.startswith("Conv") else "reduction dim (K)"
+        return f"{what} {length} not divisible by {m}"
+    return None
+
+
+def nm_status(node_op: str, w: np.ndarray, axis: int, group: int = 1, n: int = 2, m: int = 4) -> dict[str, bool]:
+    """``{"2:4": satisfies, "eligible": reduction length divisible by m}`` (the ``inspect`` per-node field)."""
+    length = w.shape[axis] // group if node_op == "ConvTranspose" else w.shape[axis]
+    eligible = length > 0 and length % m == 0
+    if not eligible:
+        return {f"{n}:{m}": False, "eligible": False}
+    # ConvTranspose groups are contiguous blocks of the input-channel axis, so runs never straddle them
+    return {f"{n}:{m}": satisfies_nm(w, n, m, axis), "eligible": True}

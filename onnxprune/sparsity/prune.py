@@ -1,0 +1,222 @@
+"""Public API of weight-level pruning: :func:`prune_unstructured` and :func:`prune_nm`.
+
+Both take a path or a ``ModelProto``, never modify it, and return a :class:`PruneResult` whose
+model has the selected weights zeroed (nothing else changes: when every pruned weight is an
+initializer of the input model, the input graph is kept as is; otherwise the normalized graph is
+returned) and whose summary is the ``onnxprune prune --json`` object.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import OnnxPruneError
+from ..guidance import speedup_guidance
+from ..model_io import load_model
+from ..params import count_params
+from ..prepare import Prepared, prepare
+from ..pruning_result import PruneResult
+from .allocate import floors, global_masks, layer_masks
+from .nm import nm_ineligible_reason, nm_keep_mask, satisfies_nm
+from .scores import CRITERIA, score_weights
+from .select import Prunable, select_weights
+from .storage import densify, serialized_sizes, to_sparse_storage
+
+SCOPES = ("global", "layer")
+
+Source = str | os.PathLike | onnx.ModelProto
+
+
+def prune_unstructured(source: Source, *, sparsity: float, scope: str = "global", min_threshold: float = 0.0,
+                       criterion: str = "magnitude", exclude_first: bool = False, exclude_last: bool = False,
+                       ignore: Iterable[str] = (), seed: int = 0, gradients: Mapping[str, np.ndarray] | None = None,
+                       sparse_storage: bool = False, backend: str = "ort-cpu",
+                       gpu_compute_capability: float | str | None = None) -> PruneResult:
+    """Zero the fraction ``sparsity`` of the prunable weights with the lowest ``criterion`` scores.
+
+    ``scope="global"`` ranks all prunable weights together (``min_threshold``: every layer keeps at
+    least that fraction of its weights, the others absorb the rest of the target); ``"layer"`` prunes
+    the same fraction of every layer. ``sparsity`` is over the prunable weights; the summary also
+    states it over all parameters.
+    """
+    sparsity = _fraction(sparsity, "sparsity", upper_open=True)
+    min_threshold = _fraction(min_threshold, "min_threshold")
+    if scope not in SCOPES:
+        raise OnnxPruneError(f"unstructured scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    if criterion not in CRITERIA:
+        raise OnnxPruneError(f"unknown unstructured criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if criterion == "magnitude_x_gradient" and gradients is None:
+        raise OnnxPruneError("criterion magnitude_x_gradient needs gradients: pass --data SPEC")
+    original, p = _prepare(source)
+    prunable, excluded = select_weights(p.view, exclude_first=exclude_first, exclude_last=exclude_last, ignore=ignore)
+    _require(prunable, excluded)
+    weights = [p.view.const(w.weight) for w in prunable]
+    scores = score_weights(criterion, prunable, weights, seed=int(seed), gradients=gradients)
+    if scope == "global":
+        keeps = global_masks(scores, sparsity, min_threshold)
+    else:
+        keeps = layer_masks(scores, sparsity, min_threshold)
+    new = [np.where(k, w, np.zeros((), dtype=w.dtype)) for k, w in zip(keeps, weights)]
+    model = _write_weights(original, p, {pw.weight: a for pw, a in zip(prunable, new)})
+    summary: dict[str, Any] = {
+        "method": "unstructured", "criterion": criterion, "scope": scope, "min_threshold": min_threshold,
+        "seed": int(seed), "target_sparsity": sparsity,
+    }
+    notes: list[str] = []
+    if scope == "global" and min_threshold == 0:
+        collapsed = [pw.node for pw, a in zip(prunable, new) if not np.count_nonzero(a)]
+        if collapsed:
+            notes.append(f"{len(collapsed)} layer(s) lost every weight ({', '.join(collapsed[:5])}); the model's output "
+                         "no longer depends on them: use --min-threshold to keep a floor per layer")
+    floor_by_weight = dict(zip((pw.weight for pw in prunable), floors([pw.size for pw in prunable], min_threshold)))
+    layers = [dict(_layer_entry(pw, a), **({"min_kept": floor_by_weight[pw.weight]} if min_threshold > 0 else {}))
+              for pw, a in zip(prunable, new)]
+    return _finish(model, p, prunable, weights, new, summary, layers, excluded, [], notes, sparse_storage,
+                   speedup_guidance("unstructured", backend, gpu_compute_capability))
+
+
+def prune_nm(source: Source, *, n: int, m: int, exclude_first: bool = False, exclude_last: bool = False,
+             ignore: Iterable[str] = (), sparse_storage: bool = False, backend: str = "ort-cpu",
+             gpu_compute_capability: float | str | None = None) -> PruneResult:
+    """Keep the ``n`` largest-magnitude weights in every run of ``m`` along each weight's reduction axis.
+
+    Layers whose reduction length is not a multiple of ``m`` stay dense and are listed in ``skipped``.
+    """
+    n, m = _nm_values(n, m)
+    original, p = _prepare(source)
+    prunable, excluded = select_weights(p.view, exclude_first=exclude_first, exclude_last=exclude_last, ignore=ignore)
+    _require(prunable, excluded)
+    weights = [p.view.const(w.weight) for w in prunable]
+    new, skipped, layers = [], [], []
+    for pw, w in zip(prunable, weights):
+        why = nm_ineligible_reason(pw, m)
+        if why is None:
+            a = np.where(nm_keep_mask(w, n, m, pw.reduction_axis), w, np.zeros((), dtype=w.dtype))
+        else:
+            a = w
+            skipped.append({"node": pw.node, "weight": pw.weight, "reason": why})
+        new.append(a)
+        layers.append(dict(_layer_entry(pw, a), nm_ok=why is None and satisfies_nm(a, n, m, pw.reduction_axis)))
+    model = _write_weights(original, p, {pw.weight: a for pw, a, s in zip(prunable, new, layers) if s["nm_ok"]})
+    eligible = [pw for pw, s in zip(prunable, layers) if s["nm_ok"]]
+    eligible_size = sum(pw.size for pw in eligible)
+    eligible_zeros = sum(int(a.size - np.count_nonzero(a)) for a, s in zip(new, layers) if s["nm_ok"])
+    summary: dict[str, Any] = {
+        "method": "nm", "criterion": "magnitude", "scope": "group", "pattern": f"{n}:{m}", "n": n, "m": m,
+        "target_sparsity": 1 - n / m,
+        "achieved_sparsity_eligible": eligible_zeros / eligible_size if eligible_size else 0.0,
+        "_target_weights": (1 - n / m) * eligible_size,
+    }
+    notes = []
+    if skipped:
+        notes.append(f"{len(skipped)} layer(s) cannot take the {n}:{m} pattern and stay dense (see skipped)")
+    return _finish(model, p, prunable, weights, new, summary, layers, excluded, skipped, notes, sparse_storage,
+                   speedup_guidance("nm", backend, gpu_compute_capability, nm=(n, m)))
+
+
+def parse_nm(spec: str) -> tuple[int, int]:
+    """``"2:4"`` -> ``(2, 4)``; anything else (or N >= M) raises :class:`OnnxPruneError`."""
+    parts = str(spec).strip().split(":")
+    if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
+        raise OnnxPruneError(f"--nm expects N:M with integers, e.g. 2:4, not {spec!r}")
+    return _nm_values(int(parts[0]), int(parts[1]))
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def _nm_values(n: int, m: int) -> tuple[int, int]:
+    if isinstance(n, bool) or isinstance(m, bool) or int(n) != n or int(m) != m:
+        raise OnnxPruneError(f"N:M needs integers, not {n!r}:{m!r}")
+    n, m = int(n), int(m)
+    if not (1 <= n < m):
+        raise OnnxPruneError(f"N:M needs 1 <= N < M (keep N of every M), not {n}:{m}")
+    return n, m
+
+
+def _fraction(value: Any, name: str, *, upper_open: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise OnnxPruneError(f"{name} must be a number, not {value!r}") from exc
+    ok = 0.0 <= v < 1.0 if upper_open else 0.0 <= v <= 1.0
+    if not ok or math.isnan(v):
+        raise OnnxPruneError(f"{name} must be in [0, 1{')' if upper_open else ']'}, not {value!r}")
+    return v
+
+
+def _prepare(source: Source) -> tuple[onnx.ModelProto, Prepared]:
+    """The input model (sparse initializers densified) and its prepared view."""
+    original = source if isinstance(source, onnx.ModelProto) else load_model(source)
+    original = densify(original)
+    return original, prepare(original)
+
+
+def _require(prunable: list[Prunable], excluded: list[dict[str, str]]) -> None:
+    if not prunable:
+        extra = f" ({len(excluded)} excluded by --exclude-first/--exclude-last/--ignore)" if excluded else ""
+        raise OnnxPruneError("no prunable weights: the model has no Conv/ConvTranspose/Gemm/MatMul with a constant "
+                             f"floating-point weight{extra}")
+
+
+def _write_weights(original: onnx.ModelProto, p: Prepared, new: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of the input graph with the weights ``new`` replaced, or of the normalized graph when some
+    weight is not an initializer of the input (a Constant node or a folded subgraph)."""
+    orig_inits = {t.name: t for t in original.graph.initializer}
+    use_original = all(name in orig_inits and tuple(orig_inits[name].dims) == arr.shape
+                       and orig_inits[name].data_type == p.view.initializers[name].data_type
+                       for name, arr in new.items())
+    base = original if use_original else p.model
+    out = onnx.ModelProto()
+    out.CopyFrom(base)
+    for t in out.graph.initializer:
+        if t.name in new:
+            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new[t.name]), t.name))
+    return out
+
+
+def _layer_entry(pw: Prunable, a: np.ndarray) -> dict[str, Any]:
+    nnz = int(np.count_nonzero(a))
+    return {"node": pw.node, "weight": pw.weight, "op_type": pw.op_type, "shape": list(pw.shape), "size": pw.size,
+            "nonzero": nnz, "sparsity": 1 - nnz / pw.size if pw.size else 0.0}
+
+
+def _finish(model: onnx.ModelProto, p: Prepared, prunable: list[Prunable], before: list[np.ndarray],
+            after: list[np.ndarray], summary: dict[str, Any], layers: list[dict[str, Any]],
+            excluded: list[dict[str, str]], skipped: list[dict[str, str]], notes: list[str], sparse_storage: bool,
+            guidance: list[str]) -> PruneResult:
+    params, nonzero_before = count_params(p.view)
+    removed = sum(int(np.count_nonzero(b)) - int(np.count_nonzero(a)) for b, a in zip(before, after))
+    nonzero = nonzero_before - removed
+    prunable_size = sum(pw.size for pw in prunable)
+    prunable_zeros = sum(int(a.size - np.count_nonzero(a)) for a in after)
+    storage, moved = "dense", []
+    if sparse_storage:
+        model, moved, storage_notes = to_sparse_storage(model, [pw.weight for pw in prunable])
+        notes.extend(storage_notes)
+        storage = "sparse" if moved else "dense"
+    fbytes, gz = serialized_sizes(model)
+    summary.update({
+        "achieved_sparsity": prunable_zeros / prunable_size if prunable_size else 0.0,
+        "prunable_params": prunable_size,
+        "target_sparsity_all_params": summary.pop("_target_weights", summary["target_sparsity"] * prunable_size)
+        / params if params else 0.0,
+        "sparsity_all_params": 1 - nonzero / params if params else 0.0,
+        "compression_ratio": params / nonzero if nonzero else None,
+        "params": params,
+        "nonzero_params": nonzero,
+        "layers": layers,
+        "excluded": excluded,
+        "skipped": skipped,
+        "storage": storage,
+        "sparse_initializers": moved,
+        "file_bytes": fbytes,
+        "gzip_bytes": gz,
+        "notes": notes,
+        "guidance": guidance,
+    })
+    return PruneResult(model=model, summary=summary)

@@ -1,0 +1,85 @@
+"""Importance criteria for weight-level pruning: higher score = more important (kept longer).
+
+Every criterion maps the list of prunable weights to one float64 score array per weight, same
+shape. Weights that are already exactly zero score ``-inf`` under every criterion: they are pruned
+first, so pruning an already sparse model never spends its budget elsewhere.
+
+- ``magnitude``: ``|w|`` (Han et al.; the Global MP baseline).
+- ``random``: uniform scores from ``numpy.random.default_rng(seed)``, drawn layer by layer in graph
+  order (the control baseline of ShrinkBench); reproducible by seed.
+- ``lamp``: Layer-Adaptive Magnitude-based Pruning (Lee et al., ICLR 2021): with a layer's weights
+  sorted by ascending magnitude, ``score(u) = w_u^2 / sum_{v >= u} w_v^2``. Meant for the global
+  scope (within one layer it orders weights exactly as magnitude does).
+- ``magnitude_x_gradient``: ``|w * dL/dw|``, the first-order Taylor estimate of the loss change
+  (needs gradients from data: ``onnxprune.training.weight_gradients``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import OnnxPruneError
+from .select import Prunable
+
+ScoreFn = Callable[..., list[np.ndarray]]
+
+
+def magnitude(weights: Sequence[np.ndarray], **_: object) -> list[np.ndarray]:
+    return [np.abs(w.astype(np.float64)) for w in weights]
+
+
+def random(weights: Sequence[np.ndarray], *, seed: int = 0, **_: object) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.random(w.shape) for w in weights]
+
+
+def lamp(weights: Sequence[np.ndarray], **_: object) -> list[np.ndarray]:
+    out = []
+    for w in weights:
+        sq = np.square(w.astype(np.float64)).reshape(-1)
+        order = np.argsort(sq, kind="stable")
+        sorted_sq = sq[order]
+        suffix = np.cumsum(sorted_sq[::-1])[::-1]  # sum_{v >= u} in sorted order
+        with np.errstate(invalid="ignore", divide="ignore"):
+            s_sorted = np.where(suffix > 0, sorted_sq / np.where(suffix > 0, suffix, 1.0), 0.0)
+        score = np.empty_like(sq)
+        score[order] = s_sorted
+        out.append(score.reshape(w.shape))
+    return out
+
+
+def magnitude_x_gradient(weights: Sequence[np.ndarray], *, prunable: Sequence[Prunable] = (),
+                         gradients: Mapping[str, np.ndarray] | None = None, **_: object) -> list[np.ndarray]:
+    if gradients is None:
+        raise OnnxPruneError("criterion magnitude_x_gradient needs gradients: pass --data SPEC (or gradients=...)")
+    out = []
+    for p, w in zip(prunable, weights):
+        if p.weight not in gradients:
+            raise OnnxPruneError(f"criterion magnitude_x_gradient: no gradient for weight {p.weight!r}")
+        g = np.asarray(gradients[p.weight], dtype=np.float64)
+        if g.shape != w.shape:
+            raise OnnxPruneError(f"criterion magnitude_x_gradient: gradient of {p.weight!r} has shape "
+                                 f"{list(g.shape)}, weight has {list(w.shape)}")
+        out.append(np.abs(w.astype(np.float64) * g))
+    return out
+
+
+#: criterion name -> score function
+CRITERIA: dict[str, ScoreFn] = {
+    "magnitude": magnitude,
+    "random": random,
+    "lamp": lamp,
+    "magnitude_x_gradient": magnitude_x_gradient,
+}
+
+
+def score_weights(criterion: str, prunable: Sequence[Prunable], weights: Sequence[np.ndarray], *, seed: int = 0,
+                  gradients: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """Scores of ``weights`` under ``criterion``; exact zeros get ``-inf``."""
+    if criterion not in CRITERIA:
+        raise OnnxPruneError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    scores = CRITERIA[criterion](weights, seed=seed, prunable=prunable, gradients=gradients)
+    for s, w in zip(scores, weights):
+        s[w == 0] = -np.inf
+    return scores

@@ -1,0 +1,163 @@
+"""How pruned weights are stored, and what that costs on disk.
+
+Runtimes load dense initializers, so the pruned model keeps dense storage by default: its zeros
+cost as much space as any other value, and the gain is the *compressed* size (zip/gzip of the
+file), which this module always measures. ``sparse_storage`` moves a weight into
+``graph.sparse_initializer`` (values + int64 linear indices; int64 is what ONNX Runtime accepts)
+when that is smaller, which pays off below about 1/3 density for float32 weights. ONNX Runtime
+densifies sparse initializers when it loads the model; every sparse file is loaded once in ONNX
+Runtime before it is returned, and kept dense if that fails.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..model_io import PROTOBUF_LIMIT
+
+#: gzip level used for the reported compressed size (gzip's own default).
+GZIP_LEVEL = 6
+#: bytes of one sparse index (int64 linear index).
+INDEX_BYTES = 8
+
+
+def densify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of ``model`` with every ``sparse_initializer`` turned into a dense initializer."""
+    if not model.graph.sparse_initializer:
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for sp in m.graph.sparse_initializer:
+        m.graph.initializer.append(numpy_helper.from_array(sparse_to_dense(sp), sp.values.name))
+    del m.graph.sparse_initializer[:]
+    return m
+
+
+def sparse_to_dense(sp: onnx.SparseTensorProto) -> np.ndarray:
+    """The dense array of a sparse tensor (linear ``[NNZ]`` or coordinate ``[NNZ, rank]`` indices)."""
+    values = numpy_helper.to_array(sp.values)
+    dims = tuple(int(d) for d in sp.dims)
+    idx = numpy_helper.to_array(sp.indices).astype(np.int64)
+    dense = np.zeros(int(np.prod(dims)) if dims else 1, dtype=values.dtype)
+    if idx.ndim == 2:
+        idx = np.ravel_multi_index(tuple(idx.T), dims) if idx.size else idx.reshape(-1)
+    dense[idx.reshape(-1)] = values.reshape(-1)
+    return dense.reshape(dims)
+
+
+def sparse_is_smaller(arr: np.ndarray) -> bool:
+    """Whether values + int64 indices take fewer bytes than the dense array."""
+    nnz = int(np.count_nonzero(arr))
+    return nnz * (arr.dtype.itemsize + INDEX_BYTES) + 16 < arr.size * arr.dtype.itemsize
+
+
+def to_sparse_storage(model: onnx.ModelProto, names: Iterable[str]) -> tuple[onnx.ModelProto, list[str], list[str]]:
+    """Move the initializers ``names`` to sparse storage where that is smaller.
+
+    Returns ``(model, moved, notes)``; the input model is not modified. The result is loaded once in
+    ONNX Runtime; if that fails (or the model is over the protobuf limit), the dense model is
+    returned with a note saying why.
+    """
+    wanted = set(names)
+    graph_inputs = {i.name for i in model.graph.input}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    keep, moved = [], []
+    for t in m.graph.initializer:
+        arr = numpy_helper.to_array(t) if t.name in wanted and t.name not in graph_inputs else None
+        if arr is None or arr.size == 0 or not sparse_is_smaller(arr):
+            keep.append(t)
+            continue
+        flat = arr.reshape(-1)
+        nz = np.flatnonzero(flat)
+        values = numpy_helper.from_array(flat[nz], t.name)
+        indices = numpy_helper.from_array(nz.astype(np.int64), f"{t.name}.indices")
+        m.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, list(arr.shape)))
+        moved.append(t.name)
+    if not moved:
+        return model, [], ["sparse storage: no weight is sparse enough for sparse storage to be smaller "
+                           "(needs roughly < 1/3 nonzero for float32); kept dense"]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    if m.ByteSize() > PROTOBUF_LIMIT:
+        return model, [], ["sparse storage: model over 2 GB, kept dense storage with external data"]
+    try:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - any load failure means: keep dense
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+        return model, [], [f"sparse storage: ONNX Runtime cannot load this model with sparse initializers ({first}); "
+                           "kept dense storage"]
+    return m, moved, [f"sparse storage: {len(moved)} weight(s) stored as sparse initializers "
+                      "(ONNX Runtime densifies them at load; other tools may not read them)"]
+
+
+def serialized_sizes(model: onnx.ModelProto) -> tuple[int, int]:
+    """``(bytes, gzip bytes)`` of the serialized model (in memory, gzip level 6)."""
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        return int(model.ByteSize()), _gzip_size_stream(_tensor_chunks(model))
+    data = model.SerializeToString()
+    return len(data), len(gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0))
+
+
+def gzip_file_bytes(path: str | os.PathLike) -> int:
+    """gzip-compressed size of a saved model, external data files included (streamed, level 6)."""
+    p = Path(path)
+    files = [p]
+    try:
+        meta = onnx.load(str(p), load_external_data=False)
+        for t in onnx.external_data_helper._get_all_tensors(meta):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                loc = next((e.value for e in t.external_data if e.key == "location"), None)
+                if loc and (p.parent / loc) not in files and (p.parent / loc).exists():
+                    files.append(p.parent / loc)
+    except Exception:  # noqa: BLE001 - an unreadable file is still bytes to compress
+        pass
+
+    def chunks():
+        for f in files:
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    yield chunk
+    return _gzip_size_stream(chunks())
+
+
+class _Counter(io.RawIOBase):
+    def __init__(self) -> None:
+        self.n = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        self.n += len(b)
+        return len(b)
+
+
+def _gzip_size_stream(chunks: Iterable[bytes]) -> int:
+    sink = _Counter()
+    with gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=GZIP_LEVEL, mtime=0) as gz:
+        for c in chunks:
+            gz.write(c)
+    return sink.n
+
+
+def _tensor_chunks(model: onnx.ModelProto) -> Iterable[bytes]:
+    """An approximation of a huge model's bytes: its graph without weights, then each weight's raw data."""
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    del skeleton.graph.initializer[:]
+    yield skeleton.SerializeToString()
+    del skeleton
+    for t in model.graph.initializer:
+        yield t.SerializeToString()
