@@ -116,3 +116,13 @@ def test_all_zero_member_is_skipped_and_unscorable_group_reported():
     assert list(scores) == [7] and 1 in unavailable
     with pytest.raises(OnnxPruneError, match="unknown criterion"):
         score_groups([], "nope", _group()[1])
+
+
+def test_grouped_conv_input_member_reads_each_block_of_filters():
+    """Grouped Conv weight [O=4, C/g=2, 1, 1] with g=2 read on axis 1: channel p of block j is
+    column p - 2j of the filters of block j only."""
+    w = np.arange(8, dtype=float).reshape(4, 2, 1, 1) + 1  # filters 0,1 read channels 0,1; filters 2,3 read 2,3
+    m = Member("w", 1, ((0,), (1,), (2,), (3,)), "in", "gconv", groups=2)
+    g = Group(id=0, size=4, members=[m], blocks=2)
+    s = np.array([1 + 3, 2 + 4, 5 + 7, 6 + 8], dtype=float)  # L1 over the filters of the channel's block
+    np.testing.assert_allclose(IMPORTANCE["l1"](g, ScoreInputs({"w": w}.get)), s / s.mean())

@@ -4,14 +4,6 @@ from __future__ import annotations
 
 from .allocate import Limits, allocate
 from .importance import IMPORTANCE, ScoreInputs
-
-
-def prune_structured(*args, **kwargs):
-    """See :func:`onnxprune.structured.prune.prune_structured` (imported lazily: it needs the
-    channel analysis and rewrite modules)."""
-    from .prune import prune_structured as _impl
-
-    return _impl(*args, **kwargs)
-
+from .prune import prune_structured
 
 __all__ = ["IMPORTANCE", "Limits", "ScoreInputs", "allocate", "prune_structured"]

@@ -60,14 +60,29 @@ class ScoreInputs:
 # --------------------------------------------------------------------------------------------
 
 def channel_rows(arr: np.ndarray, m: Member) -> np.ndarray:
-    """``arr`` with the member axis first and everything else flattened: shape [axis_len, rest]."""
-    a = np.moveaxis(np.asarray(arr), m.axis, 0)
+    """One row per position of ``m`` (the slice of ``arr`` that position owns), flattened: [positions, rest].
+
+    Plain members: ``arr`` with the member axis first. Grouped members (``m.groups`` g > 1, the
+    weight of a grouped Conv read on axis 1): position ``p`` of block ``j`` owns
+    ``arr[rows of block j on axis 0, p - j * A1]``, so rows are gathered block by block."""
+    a = np.asarray(arr)
+    g = m.groups
+    if g > 1:
+        if m.axis != 1:
+            raise ValueError(f"grouped member {m.tensor!r} on axis {m.axis}: expected axis 1")
+        a0, a1 = a.shape[0], a.shape[1]
+        blocks = a.reshape(g, a0 // g, a1, -1).transpose(0, 2, 1, 3)  # [g, A1, A0/g, rest]
+        return blocks.reshape(g * a1, -1)
+    a = np.moveaxis(a, m.axis, 0)
     return a.reshape(a.shape[0], -1)
 
 
 def _owner_index(m: Member) -> tuple[np.ndarray, np.ndarray]:
     """(flat positions, owning group channel) over all ``m.positions``."""
-    lens = np.fromiter((len(p) for p in m.positions), dtype=np.int64, count=len(m.positions))
+    n = len(m.positions)
+    if n and len(m.positions[0]) == 1 and all(len(p) == 1 for p in m.positions):  # the common case, fast
+        return np.array(m.positions, dtype=np.int64).reshape(n), np.arange(n)
+    lens = np.fromiter((len(p) for p in m.positions), dtype=np.int64, count=n)
     flat = np.fromiter((i for p in m.positions for i in p), dtype=np.int64, count=int(lens.sum()))
     return flat, np.repeat(np.arange(len(m.positions)), lens)
 
@@ -120,11 +135,20 @@ def _norm_scores(group: Group, inp: ScoreInputs, p: int) -> np.ndarray:
         raise CriterionUnavailable(f"group {group.id} has no constant weights to score")
     per_member = []
     for m, arr in members:
-        rows = channel_rows(arr, m).astype(np.float64)
-        row_vals = np.abs(rows).sum(1) if p == 1 else np.square(rows).sum(1)
-        s = per_channel_sum(row_vals, m)
+        s = per_channel_sum(position_power_sums(arr, m, p), m)
         per_member.append(s if p == 1 else np.sqrt(s))
     return aggregate(per_member, group.size)
+
+
+def position_power_sums(arr: np.ndarray, m: Member, p: int) -> np.ndarray:
+    """Sum of |w|**p (p = 1 or 2) over each position's slice, accumulated in float64 without
+    copying the weight into a channel-major layout (the hot loop on big models)."""
+    if m.groups > 1:
+        rows = channel_rows(arr, m)
+        return (np.abs(rows) if p == 1 else np.square(rows)).sum(1, dtype=np.float64)
+    mag = np.abs(arr) if p == 1 else np.square(arr)
+    other = tuple(i for i in range(mag.ndim) if i != m.axis)
+    return mag.sum(axis=other, dtype=np.float64) if other else mag.astype(np.float64)
 
 
 # --------------------------------------------------------------------------------------------

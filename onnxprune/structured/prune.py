@@ -1,0 +1,163 @@
+"""``prune_structured``: remove whole channels from an ONNX model (the ``prune --structured`` API).
+
+Pipeline: prepare (load, normalize, concrete shapes) -> channel analysis -> importance per group ->
+allocation (a ratio, or a MACs/params target found by search) -> rewrite. The rewrite acts on the
+normalized model with its input dims as declared (a dynamic batch stays dynamic); the shape-fixed
+copy is used only to analyse and to count MACs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from ..channels.analyze import analyze_channels
+from ..channels.rewrite import apply_plan
+from ..channels.types import Analysis, Group, KeepPlan
+from ..errors import OnnxPruneError
+from ..graph import build_view
+from ..macs import total_macs
+from ..params import count_params
+from ..prepare import Prepared, prepare
+from ..pruning_result import PruneResult
+from ..shapes import fix_input_shapes
+from .allocate import Limits, allocate, ignored_groups
+from .importance import IMPORTANCE, SELF_NORMALIZED, ScoreInputs, score_groups
+from .search import find_ratio
+
+SCOPES = ("local", "global")
+
+
+def _check_args(ratio, target_macs, target_params, criterion, scope, seed) -> tuple[str, float]:
+    given = [(k, v) for k, v in (("ratio", ratio), ("macs", target_macs), ("params", target_params)) if v is not None]
+    if len(given) != 1:
+        raise OnnxPruneError("give exactly one of --ratio, --target-macs, --target-params")
+    kind, value = given[0]
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise OnnxPruneError(f"--{'ratio' if kind == 'ratio' else 'target-' + kind} must be a number, got {value!r}") from None
+    if kind == "ratio" and not 0.0 <= value < 1.0:
+        raise OnnxPruneError(f"--ratio must be in [0, 1) (the fraction of channels removed), got {value:g}")
+    if kind != "ratio" and not 0.0 < value <= 1.0:
+        raise OnnxPruneError(f"--target-{kind} must be in (0, 1] (the fraction kept, 0.5 = 2x smaller), got {value:g}")
+    if criterion not in IMPORTANCE:
+        raise OnnxPruneError(f"unknown criterion {criterion!r}; choose from {', '.join(IMPORTANCE)}")
+    if scope not in SCOPES:
+        raise OnnxPruneError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise OnnxPruneError(f"--seed must be an integer, got {seed!r}")
+    return kind, value
+
+
+def _measure(view) -> tuple[int, int | None]:
+    """(params, MACs) of an indexed model."""
+    return count_params(view)[0], total_macs(view)
+
+
+def _group_entry(g: Group, kept: int | None = None, reason: str | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"id": g.id, "nodes": list(g.nodes)}
+    if reason is None:
+        entry.update(kept=int(g.size if kept is None else kept), total=int(g.size))
+    else:
+        entry["reason"] = reason
+    return entry
+
+
+def prune_structured(source: str | os.PathLike | onnx.ModelProto, *, ratio: float | None = None,
+                     target_macs: float | None = None, target_params: float | None = None,
+                     criterion: str = "l1", scope: str = "local", round_to: int = 1, min_keep: int = 1,
+                     max_ratio: float = 0.9, ignore: Sequence[str] = (), seed: int = 0,
+                     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                     gradients: Mapping[str, np.ndarray] | None = None) -> PruneResult:
+    """Prune channels of ``source`` (a path or ModelProto) and return the model and a JSON summary.
+
+    Exactly one target: ``ratio`` (fraction of channels removed per group, or overall with
+    ``scope="global"``), ``target_macs`` or ``target_params`` (fraction of MACs/params *kept*,
+    reached by searching the ratio). See :mod:`onnxprune.structured.allocate` for the limits.
+    """
+    kind, value = _check_args(ratio, target_macs, target_params, criterion, scope, seed)
+    limits = Limits(max_ratio=float(max_ratio), min_keep=min_keep, round_to=round_to)
+    if isinstance(ignore, str):
+        ignore = (ignore,)
+    prep = prepare(source, input_shapes)
+    analysis = analyze_channels(prep.view)
+    return _prune_prepared(prep, analysis, kind=kind, value=value, criterion=criterion, scope=scope, limits=limits,
+                           ignore=tuple(ignore), seed=int(seed), gradients=gradients)
+
+
+def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: float, criterion: str, scope: str,
+                    limits: Limits, ignore: tuple[str, ...], seed: int,
+                    gradients: Mapping[str, np.ndarray] | None) -> PruneResult:
+    notes = list(prep.notes)
+    params_before, macs_before = _measure(prep.view)
+    if kind == "macs" and not macs_before:
+        raise OnnxPruneError("--target-macs needs the model's MACs, which are unknown: pass --input-shape NAME=DIMS")
+
+    skipped = ignored_groups(analysis.prunable, ignore)
+    candidates = [g for g in analysis.prunable if g.id not in skipped]
+    scores, unavailable = score_groups(candidates, criterion, ScoreInputs.from_view(prep.view, gradients=gradients, seed=seed))
+    if candidates and not scores:
+        raise OnnxPruneError(f"criterion {criterion} cannot score any group: {next(iter(unavailable.values()))}")
+    for gid, why in unavailable.items():
+        skipped[gid] = f"{why}; left whole"
+    groups = [g for g in candidates if g.id in scores]
+    if skipped:
+        notes.append(f"{len(skipped)} prunable group(s) left whole (see 'unprunable')")
+
+    def plan_for(r: float) -> KeepPlan:
+        return allocate(groups, scores, r, scope=scope, limits=limits, self_normalized=criterion in SELF_NORMALIZED)
+
+    search = None
+    if kind == "ratio":
+        if value > limits.max_ratio:
+            notes.append(f"ratio {value:g} is above the per-group maximum {limits.max_ratio:g}: groups stop there")
+        plan, used_ratio = plan_for(value), value
+    else:
+        before = macs_before if kind == "macs" else params_before
+        shaped = prep.view.model  # shape-fixed copy: MACs need concrete shapes
+
+        def measure(p: KeepPlan) -> float:
+            params, macs = _measure(build_view(apply_plan(shaped, analysis, p, check=False)))
+            return (macs if kind == "macs" else params) / before
+
+        limits_text = f"max ratio {limits.max_ratio:g}, --min-keep {limits.min_keep}"
+        if limits.round_to > 1:
+            limits_text += f", --round-to {limits.round_to}"
+        search = find_ratio(plan_for, measure, value, limits.max_ratio, kind=kind, limits_text=limits_text)
+        plan, used_ratio = search.plan, search.ratio
+
+    pruned = apply_plan(prep.model, analysis, plan)
+    after_view = build_view(fix_input_shapes(pruned, prep.concrete_shapes) if prep.concrete_shapes else pruned)
+    params_after, macs_after = _measure(after_view)
+
+    target: dict[str, Any] = {"kind": kind, "value": value}
+    if kind != "ratio":
+        achieved = (macs_after / macs_before) if kind == "macs" else (params_after / params_before)
+        target.update(achieved=achieved, ratio=used_ratio, evaluations=search.evaluations)
+        notes.append(f"target {kind} {value:g} of the original: achieved {achieved:.4f} at ratio {used_ratio:.4f}")
+    by_id = {g.id: g for g in analysis.groups}
+    summary: dict[str, Any] = {
+        "method": "structured",
+        "criterion": criterion,
+        "scope": scope,
+        "target": target,
+        "limits": {"max_ratio": limits.max_ratio, "min_keep": limits.min_keep, "round_to": limits.round_to},
+        "seed": seed,
+        "input_shapes": {k: list(v) for k, v in prep.concrete_shapes.items()},
+        "params_before": params_before,
+        "params_after": params_after,
+        "macs_before": macs_before,
+        "macs_after": macs_after,
+        "macs_reduction": (macs_before / macs_after) if macs_before and macs_after else None,
+        "params_reduction": (params_before / params_after) if params_after else None,
+        "channels_before": sum(g.size for g in groups),
+        "channels_after": sum(len(plan[g.id]) for g in groups),
+        "groups": [_group_entry(g, len(plan[g.id])) for g in groups],
+        "unprunable": [_group_entry(g, reason=g.reason or "unprunable") for g in analysis.unprunable]
+        + [_group_entry(by_id[gid], reason=why) for gid, why in skipped.items()],
+        "notes": notes,
+    }
+    return PruneResult(model=pruned, summary=summary)
