@@ -95,13 +95,17 @@ def prune_cmd(model: str, output: str | None, structured: bool, unstructured: bo
     else:
         result = _nm(model, nm or "", opts, backend, cc, precision, sparse_weights)
 
+    from concurrent.futures import ThreadPoolExecutor
+
     from ..model_io import file_bytes, save_model
     from ..sparsity.storage import gzip_file_bytes
 
     save_model(result.model, output)
     summary = dict(result.summary)
-    summary.update(output=str(output), file_bytes=file_bytes(output), gzip_bytes=gzip_file_bytes(output),
-                   input_file_bytes=file_bytes(model), input_gzip_bytes=gzip_file_bytes(model))
+    with ThreadPoolExecutor(2) as pool:  # zlib releases the GIL: both files compress at once
+        gz_out, gz_in = pool.submit(gzip_file_bytes, output), pool.submit(gzip_file_bytes, model)
+        summary.update(output=str(output), file_bytes=file_bytes(output), gzip_bytes=gz_out.result(),
+                       input_file_bytes=file_bytes(model), input_gzip_bytes=gz_in.result())
     if as_json:
         emit_json({"input": str(model), **summary})
     else:
@@ -168,7 +172,8 @@ def _unstructured(model: str, opts: dict[str, Any], backend: str, cc, precision,
     result = prune_unstructured(model, sparsity=sparsity, scope=scope, min_threshold=min_threshold, criterion=criterion,
                                 exclude_first=opts["exclude_first"], exclude_last=opts["exclude_last"],
                                 ignore=tuple(opts["ignore"]), seed=seed, gradients=gradients,
-                                sparse_storage=opts["sparse_storage"], backend=backend, gpu_compute_capability=cc)
+                                sparse_storage=opts["sparse_storage"], backend=backend, gpu_compute_capability=cc,
+                                measure_size=False)
     _refine_guidance(result.summary, "unstructured", backend, cc, precision, sparse_weights)
     return result
 
@@ -179,7 +184,7 @@ def _nm(model: str, spec: str, opts: dict[str, Any], backend: str, cc, precision
     n, m = parse_nm(spec)
     result = prune_nm(model, n=n, m=m, exclude_first=opts["exclude_first"], exclude_last=opts["exclude_last"],
                       ignore=tuple(opts["ignore"]), sparse_storage=opts["sparse_storage"], backend=backend,
-                      gpu_compute_capability=cc)
+                      gpu_compute_capability=cc, measure_size=False)
     _refine_guidance(result.summary, "nm", backend, cc, precision, sparse_weights, nm=(n, m))
     return result
 

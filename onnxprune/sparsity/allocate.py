@@ -9,7 +9,8 @@
   global ranking continues into the other layers, so their sparsities rise until the global target
   is met exactly and no layer collapses.
 
-Ties are broken deterministically: by layer order, then by flat index (stable sorts throughout).
+Ties are broken deterministically: by layer order, then by flat index. Selection is by partition
+(O(n)), not by sorting, so ResNet-50-sized models prune in well under a second.
 """
 from __future__ import annotations
 
@@ -26,6 +27,23 @@ def floors(sizes: Sequence[int], min_threshold: float) -> list[int]:
     return [min(n, math.ceil(min_threshold * n - 1e-9)) if min_threshold > 0 else 0 for n in sizes]
 
 
+def lowest(scores: np.ndarray, k: int) -> np.ndarray:
+    """Bool mask of the ``k`` lowest entries of the flat array ``scores``; among equal scores the lowest
+    positions are taken first. O(n) (a partition, not a sort)."""
+    n = scores.size
+    mask = np.zeros(n, dtype=bool)
+    if k <= 0:
+        return mask
+    if k >= n:
+        mask[:] = True
+        return mask
+    t = np.partition(scores, k - 1)[k - 1]
+    mask = scores < t
+    missing = k - int(np.count_nonzero(mask))
+    mask[np.flatnonzero(scores == t)[:missing]] = True
+    return mask
+
+
 def global_masks(scores: Sequence[np.ndarray], sparsity: float, min_threshold: float = 0.0) -> list[np.ndarray]:
     """Keep-masks (True = kept) from one ranking across all layers, honouring the MT floor."""
     sizes = [int(s.size) for s in scores]
@@ -37,19 +55,13 @@ def global_masks(scores: Sequence[np.ndarray], sparsity: float, min_threshold: f
             f"sparsity {sparsity:g} cannot be reached while every layer keeps at least {min_threshold:g} of its "
             f"weights (at most {sum(caps) / max(total, 1):.4f}); lower --sparsity or --min-threshold")
     flat = np.concatenate([s.reshape(-1) for s in scores]) if scores else np.zeros(0)
-    allowed = np.ones(flat.size, dtype=bool)
-    offset = 0
-    for s, cap in zip(scores, caps):
-        n = s.size
-        if cap < n:  # only the layer's `cap` lowest may go
-            rank = np.empty(n, dtype=np.int64)
-            rank[np.argsort(s.reshape(-1), kind="stable")] = np.arange(n)
-            allowed[offset:offset + n] = rank < cap
-        offset += n
+    if all(cap == n for cap, n in zip(caps, sizes)):
+        return _split(~lowest(flat, k), scores)
+    # MT: a layer may only lose its `cap` lowest; the global ranking runs over what is left
+    allowed = np.concatenate([lowest(s.reshape(-1), cap) for s, cap in zip(scores, caps)])
     candidates = np.flatnonzero(allowed)
-    order = candidates[np.argsort(flat[candidates], kind="stable")]
     keep = np.ones(flat.size, dtype=bool)
-    keep[order[:k]] = False
+    keep[candidates[lowest(flat[candidates], k)]] = False
     return _split(keep, scores)
 
 
@@ -62,9 +74,7 @@ def layer_masks(scores: Sequence[np.ndarray], sparsity: float, min_threshold: fl
     for s, floor in zip(scores, floors([int(s.size) for s in scores], min_threshold)):
         n = s.size
         k = min(int(round(sparsity * n)), n - floor)
-        keep = np.ones(n, dtype=bool)
-        keep[np.argsort(s.reshape(-1), kind="stable")[:k]] = False
-        masks.append(keep.reshape(s.shape))
+        masks.append(~lowest(s.reshape(-1), k).reshape(s.shape))
     return masks
 
 

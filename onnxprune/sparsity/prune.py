@@ -36,13 +36,14 @@ def prune_unstructured(source: Source, *, sparsity: float, scope: str = "global"
                        criterion: str = "magnitude", exclude_first: bool = False, exclude_last: bool = False,
                        ignore: Iterable[str] = (), seed: int = 0, gradients: Mapping[str, np.ndarray] | None = None,
                        sparse_storage: bool = False, backend: str = "ort-cpu",
-                       gpu_compute_capability: float | str | None = None) -> PruneResult:
+                       gpu_compute_capability: float | str | None = None, measure_size: bool = True) -> PruneResult:
     """Zero the fraction ``sparsity`` of the prunable weights with the lowest ``criterion`` scores.
 
     ``scope="global"`` ranks all prunable weights together (``min_threshold``: every layer keeps at
     least that fraction of its weights, the others absorb the rest of the target); ``"layer"`` prunes
     the same fraction of every layer. ``sparsity`` is over the prunable weights; the summary also
-    states it over all parameters.
+    states it over all parameters. ``measure_size=False`` leaves ``file_bytes``/``gzip_bytes`` as None
+    (the CLI measures the written file instead of gzipping twice).
     """
     sparsity = _fraction(sparsity, "sparsity", upper_open=True)
     min_threshold = _fraction(min_threshold, "min_threshold")
@@ -77,12 +78,12 @@ def prune_unstructured(source: Source, *, sparsity: float, scope: str = "global"
     layers = [dict(_layer_entry(pw, a), **({"min_kept": floor_by_weight[pw.weight]} if min_threshold > 0 else {}))
               for pw, a in zip(prunable, new)]
     return _finish(model, p, prunable, weights, new, summary, layers, excluded, [], notes, sparse_storage,
-                   speedup_guidance("unstructured", backend, gpu_compute_capability))
+                   speedup_guidance("unstructured", backend, gpu_compute_capability), measure_size)
 
 
 def prune_nm(source: Source, *, n: int, m: int, exclude_first: bool = False, exclude_last: bool = False,
              ignore: Iterable[str] = (), sparse_storage: bool = False, backend: str = "ort-cpu",
-             gpu_compute_capability: float | str | None = None) -> PruneResult:
+             gpu_compute_capability: float | str | None = None, measure_size: bool = True) -> PruneResult:
     """Keep the ``n`` largest-magnitude weights in every run of ``m`` along each weight's reduction axis.
 
     Layers whose reduction length is not a multiple of ``m`` stay dense and are listed in ``skipped``.
@@ -116,7 +117,7 @@ def prune_nm(source: Source, *, n: int, m: int, exclude_first: bool = False, exc
     if skipped:
         notes.append(f"{len(skipped)} layer(s) cannot take the {n}:{m} pattern and stay dense (see skipped)")
     return _finish(model, p, prunable, weights, new, summary, layers, excluded, skipped, notes, sparse_storage,
-                   speedup_guidance("nm", backend, gpu_compute_capability, nm=(n, m)))
+                   speedup_guidance("nm", backend, gpu_compute_capability, nm=(n, m)), measure_size)
 
 
 def parse_nm(spec: str) -> tuple[int, int]:
@@ -188,7 +189,7 @@ def _layer_entry(pw: Prunable, a: np.ndarray) -> dict[str, Any]:
 def _finish(model: onnx.ModelProto, p: Prepared, prunable: list[Prunable], before: list[np.ndarray],
             after: list[np.ndarray], summary: dict[str, Any], layers: list[dict[str, Any]],
             excluded: list[dict[str, str]], skipped: list[dict[str, str]], notes: list[str], sparse_storage: bool,
-            guidance: list[str]) -> PruneResult:
+            guidance: list[str], measure_size: bool = True) -> PruneResult:
     params, nonzero_before = count_params(p.view)
     removed = sum(int(np.count_nonzero(b)) - int(np.count_nonzero(a)) for b, a in zip(before, after))
     nonzero = nonzero_before - removed
@@ -199,7 +200,7 @@ def _finish(model: onnx.ModelProto, p: Prepared, prunable: list[Prunable], befor
         model, moved, storage_notes = to_sparse_storage(model, [pw.weight for pw in prunable])
         notes.extend(storage_notes)
         storage = "sparse" if moved else "dense"
-    fbytes, gz = serialized_sizes(model)
+    fbytes, gz = serialized_sizes(model) if measure_size else (None, None)
     summary.update({
         "achieved_sparsity": prunable_zeros / prunable_size if prunable_size else 0.0,
         "prunable_params": prunable_size,
