@@ -260,3 +260,11 @@ def test_fixed_batch_model_skips_other_batch_sizes(tmp_path):
     assert res["skipped"][0]["batch_size"] == 4 and "fixed batch" in res["skipped"][0]["reason"]
     with pytest.raises(OnnxPruneError, match="nothing measured"):
         profile_model(path, [profile_from_dict(FAST)], batch_sizes=[4], memory=False)
+
+
+def test_input_shape_sets_the_batch_unless_batch_size_given(models):
+    prof = profile_from_dict(FAST)
+    res = profile_model(models["small"], [prof], input_shapes={"input": (2, 3, 16, 16)}, memory=False)
+    assert [r["batch_size"] for r in res["results"]] == [2]
+    res = profile_model(models["small"], [prof], input_shapes={"input": (2, 3, 16, 16)}, batch_sizes=[1, 3], memory=False)
+    assert [r["input_shapes"]["input"] for r in res["results"]] == [[1, 3, 16, 16], [3, 3, 16, 16]]

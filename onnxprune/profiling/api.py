@@ -54,6 +54,20 @@ def load_profiles(profiles: "ProfileArg | Iterable[ProfileArg] | None") -> list[
     return loaded
 
 
+def _explicit_batches(batch_sizes: Sequence[int] | None,
+                      input_shapes: Mapping[str, tuple[int, ...]] | None) -> list[int] | None:
+    """Batch sizes that replace the profiles' own: ``batch_sizes`` when given, else the batch
+    dimension of explicit ``input_shapes`` (``--input-shape x=4x3x32x32`` means batch 4)."""
+    if batch_sizes:
+        if any(int(b) < 1 for b in batch_sizes):
+            raise OnnxPruneError(f"batch sizes must be positive, got {list(batch_sizes)}")
+        return [int(b) for b in batch_sizes]
+    firsts = sorted({int(s[0]) for s in (input_shapes or {}).values() if len(s)})
+    if len(firsts) > 1:
+        raise OnnxPruneError(f"--input-shape gives different batch dimensions {firsts}; say which with --batch-size")
+    return firsts or None
+
+
 def _timing_figures(t: Timing, batch: int) -> dict[str, Any]:
     return {"latency_ms": latency_summary(t.seconds), "runs": t.runs, "warmup_runs": t.warmup_runs,
             "duration_s": t.duration_s, "throughput_per_s": throughput(t.seconds, batch)}
@@ -117,15 +131,15 @@ def profile_model(path: str | os.PathLike, profiles: "ProfileArg | Iterable[Prof
     """Measure ``path`` on each profile and batch size (see the module docstring for the result).
 
     ``batch_sizes`` replaces the profiles' own; ``input_shapes`` (``--input-shape``, full dims) wins
-    over a profile's input shapes, its dimension 0 replaced by each batch size. Every profile's
+    over a profile's input shapes, its dimension 0 replaced by each batch size (without
+    ``batch_sizes``, that dimension 0 is the batch size). Every profile's
     backend is checked before anything is measured, so a missing GPU fails at once.
     """
     path = Path(path)
     profs = load_profiles(profiles)
     for prof in profs:
         check_available(prof)
-    if batch_sizes is not None and any(int(b) < 1 for b in batch_sizes):
-        raise OnnxPruneError(f"batch sizes must be positive, got {list(batch_sizes)}")
+    batch_sizes = _explicit_batches(batch_sizes, input_shapes)
     model = load_model(path)
     figures = _ModelFigures(path)
     results: list[dict[str, Any]] = []
@@ -185,6 +199,7 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike, profile: "Profile
     """
     prof = load_profiles(profile)[0]
     check_available(prof)
+    batch_sizes = _explicit_batches(batch_sizes, input_shapes)
     pa, pb = Path(a), Path(b)
     ma, mb = load_model(pa), load_model(pb)
     fa, fb = _ModelFigures(pa), _ModelFigures(pb)

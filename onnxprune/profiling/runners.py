@@ -298,11 +298,12 @@ class TorchRunner:
         if profile.threads.intra_op:
             torch.set_num_threads(profile.threads.intra_op)
         from ..model_io import load_model
+        from ..normalize import normalize
 
-        module = to_torch(load_model(path)).eval()
+        module = to_torch(normalize(load_model(path))).eval()
         device = "cuda" if self._cuda else "cpu"
         module = module.to(device)
-        tensors = [torch.from_numpy(np.ascontiguousarray(feeds[i.name])).to(device) for i in graph_inputs(load_model(path))]
+        tensors = [torch.from_numpy(np.ascontiguousarray(feeds[name])).to(device) for name in module.input_names]
         if profile.precision == "fp16":
             module = module.half()
             tensors = [t.half() if t.is_floating_point() else t for t in tensors]

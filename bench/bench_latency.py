@@ -1,0 +1,183 @@
+"""Latency benchmark (not a test): do fewer MACs become lower latency, and are repeated profiles stable?
+
+    python bench/bench_latency.py                 # ResNet-50 and MobileNetV2 at 1x3x224x224
+    python bench/bench_latency.py --quick         # 1x3x160x160, fewer runs (a few minutes on 2 cores)
+    python bench/bench_latency.py --json out.json
+
+1. Dense vs structured-pruned (``prune_structured(..., target_macs=0.5)``) ResNet-50 and
+   MobileNetV2, defined here in plain torch (random weights: latency does not depend on them),
+   timed interleaved (A B A B) on ONNX Runtime CPU with ``onnxprune.profiling.compare_models``.
+   Prints the MACs reduction, the measured p50 speedup and speedup / MACs reduction (target >= 0.9).
+2. The dense ResNet-50 profiled three times with ``profile_model``: the p50 spread,
+   (max - min) / median (target <= 5% on a quiet machine; a shared machine is noisier).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from onnxprune.model_io import save_model  # noqa: E402
+from onnxprune.profiling import compare_models, profile_model  # noqa: E402
+from onnxprune.profiling.hw_profile import profile_from_dict  # noqa: E402
+from onnxprune.profiling.stats import relative_spread  # noqa: E402
+from onnxprune.torch_export import export_torch  # noqa: E402
+
+
+# ---- models (plain torch, torchvision layouts) ---------------------------------------------------
+class Bottleneck(nn.Module):
+    def __init__(self, c_in: int, width: int, stride: int = 1):
+        super().__init__()
+        c_out = width * 4
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.down = None
+        if stride != 1 or c_in != c_out:
+            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + (x if self.down is None else self.down(x)))
+
+
+def resnet50(classes: int = 1000) -> nn.Module:
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                               nn.MaxPool2d(3, 2, 1)]
+    c_in = 64
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for i in range(blocks):
+            layers.append(Bottleneck(c_in, width, stride if i == 0 else 1))
+            c_in = width * 4
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, classes)]
+    return nn.Sequential(*layers)
+
+
+def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> list[nn.Module]:
+    mods: list[nn.Module] = [nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out)]
+    return mods + [nn.ReLU6(inplace=True)] if act else mods
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int):
+        super().__init__()
+        hidden = c_in * expand
+        mods = [] if expand == 1 else _conv_bn(c_in, hidden, 1)
+        mods += _conv_bn(hidden, hidden, 3, stride, groups=hidden) + _conv_bn(hidden, c_out, 1, act=False)
+        self.body = nn.Sequential(*mods)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+def mobilenet_v2(classes: int = 1000) -> nn.Module:
+    layers: list[nn.Module] = _conv_bn(3, 32, 3, 2)
+    c_in = 32
+    for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                       (6, 320, 1, 1)):
+        for i in range(n):
+            layers.append(InvertedResidual(c_in, c, s if i == 0 else 1, t))
+            c_in = c
+    layers += _conv_bn(c_in, 1280, 1) + [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(1280, classes)]
+    return nn.Sequential(*layers)
+
+
+MODELS = {"resnet50": resnet50, "mobilenetv2": mobilenet_v2}
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = MODELS[name]()
+    for m in model.modules():  # non-trivial BN statistics, so pruning scores are not all ties
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+# ---- benchmark -------------------------------------------------------------------------------------
+def _prune(dense: Path, out: Path, target_macs: float, round_to: int) -> Path | None:
+    try:
+        from onnxprune.structured.prune import prune_structured
+    except ImportError as exc:
+        print(f"  structured pruning is not available yet ({exc}); skipping the dense-vs-pruned comparison")
+        return None
+    result = prune_structured(dense, target_macs=target_macs, round_to=round_to)
+    save_model(result.model, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="160x160 inputs and fewer runs")
+    ap.add_argument("--models", default="resnet50,mobilenetv2")
+    ap.add_argument("--target-macs", type=float, default=0.5, help="fraction of MACs the pruned model keeps")
+    ap.add_argument("--round-to", type=int, default=1,
+                    help="keep channel counts multiples of this (8 suits ONNX Runtime's NCHWc CPU kernels)")
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per physical core)")
+    ap.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = ap.parse_args(argv)
+
+    size = 160 if args.quick else 224
+    prof = profile_from_dict({
+        "name": "bench-ort-cpu", "backend": "ort-cpu", "threads": {"intra_op": args.threads, "inter_op": 1},
+        "warmup_runs": 5, "min_runs": 20 if args.quick else 50, "min_duration_s": 3.0 if args.quick else 10.0})
+    print(f"ONNX Runtime CPU, {platform.processor() or platform.machine()}, input 1x3x{size}x{size}, "
+          f"warm-up {prof.warmup_runs}, >= {prof.min_runs} runs and >= {prof.min_duration_s:g} s per model")
+    report: dict = {"input": [1, 3, size, size], "profile": prof.model_dump(), "models": {}}
+    with tempfile.TemporaryDirectory(prefix="onnxprune-bench-") as tmp:
+        paths = {}
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            if name not in MODELS:
+                ap.error(f"unknown model {name!r} (have: {', '.join(MODELS)})")
+            dense = export_torch(build(name), (torch.randn(1, 3, size, size),), Path(tmp) / f"{name}.onnx")
+            paths[name] = dense
+            print(f"\n{name}: pruning to {args.target_macs:.0%} of the MACs (channels rounded to multiples of {args.round_to}) ...")
+            pruned = _prune(dense, Path(tmp) / f"{name}_pruned.onnx", args.target_macs, args.round_to)
+            if pruned is None:
+                continue
+            res = compare_models(dense, pruned, prof)
+            c = res["comparisons"][0]
+            macs_red = res["ratios"]["macs_reduction"]
+            speedup = c["ratios"]["speedup_p50"]
+            fig = {"macs_dense": res["a"]["macs"], "macs_pruned": res["b"]["macs"], "macs_reduction": macs_red,
+                   "p50_ms_dense": c["a"]["latency_ms"]["p50"], "p50_ms_pruned": c["b"]["latency_ms"]["p50"],
+                   "runs": c["a"]["runs"], "speedup_p50": speedup, "speedup_mean": c["ratios"]["speedup_mean"],
+                   "speedup_over_macs_reduction": speedup / macs_red if macs_red else None}
+            report["models"][name] = fig
+            print(f"  MACs {fig['macs_dense'] / 1e9:.3f} G -> {fig['macs_pruned'] / 1e9:.3f} G "
+                  f"(reduction {macs_red:.2f}x)")
+            print(f"  p50 {fig['p50_ms_dense']:.2f} ms -> {fig['p50_ms_pruned']:.2f} ms over {fig['runs']} interleaved runs "
+                  f"each: speedup {speedup:.2f}x (mean {fig['speedup_mean']:.2f}x)")
+            ok = fig["speedup_over_macs_reduction"] >= 0.9
+            print(f"  speedup / MACs reduction = {fig['speedup_over_macs_reduction']:.2f} "
+                  f"({'meets' if ok else 'BELOW'} the 0.9 target)")
+
+        name = "resnet50" if "resnet50" in paths else next(iter(paths))
+        print(f"\nrepeatability: {name} dense profiled 3 times")
+        p50s = []
+        for i in range(3):
+            r = profile_model(paths[name], [prof], memory=False)["results"][0]
+            p50s.append(r["latency_ms"]["p50"])
+            print(f"  run {i + 1}: p50 {p50s[-1]:.2f} ms ({r['runs']} runs, std {r['latency_ms']['std']:.2f} ms)")
+        spread = relative_spread(p50s)
+        report["repeatability"] = {"model": name, "p50_ms": p50s, "spread": spread}
+        print(f"  p50 spread (max - min) / median = {spread:.1%} ({'within' if spread <= 0.05 else 'OVER'} the 5% target; "
+              f"a shared or busy machine adds noise)")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
