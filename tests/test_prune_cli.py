@@ -159,3 +159,25 @@ def test_structured_branch(model_path, tmp_path):
     feeds = random_feeds(original)
     got = run_ort(out, feeds)
     assert got[0].shape == run_ort(original, feeds)[0].shape and np.isfinite(got[0]).all()
+
+
+def test_gradient_criterion_with_data(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxprune.training")
+    from onnxprune.torch_export import export_torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 8 * 8, 10))
+    path = export_torch(net, (torch.randn(1, 1, 8, 8),), tmp_path / "digits_cnn.onnx")
+    code, stdout, err = run_cli("prune", path, "-o", tmp_path / "g.onnx", "--unstructured", "--sparsity", "0.5",
+                                "--criterion", "magnitude_x_gradient", "--data", "digits", "--json")
+    assert code == 0, err
+    s = json.loads(stdout)
+    assert s["criterion"] == "magnitude_x_gradient" and s["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    # a different criterion than plain magnitude: not the same weights
+    code2, stdout2, _ = run_cli("prune", path, "-o", tmp_path / "m.onnx", "--unstructured", "--sparsity", "0.5", "--json")
+    assert code2 == 0
+    from onnxprune.sparsity import masks_of
+    a, b = masks_of(onnx.load(str(tmp_path / "g.onnx"))), masks_of(onnx.load(str(tmp_path / "m.onnx")))
+    assert any(not np.array_equal(a[k], b[k]) for k in a)

@@ -315,8 +315,22 @@ def _print_human(model: str, s: dict[str, Any]) -> None:
         con.print(f"params {human(s.get('params_before'))} -> {human(s.get('params_after'))}  "
                   f"MACs {human(s.get('macs_before'))} -> {human(s.get('macs_after'))}  "
                   f"channels {s.get('channels_before')} -> {s.get('channels_after')}")
-        for g in s.get("unprunable", [])[:10]:
-            con.print(f"  unprunable: {escape(str(g))}")
+        groups = s.get("groups", [])
+        if groups:
+            table = Table(title="channel groups")
+            for col in ("group", "nodes", "kept", "of"):
+                table.add_column(col, justify="left" if col == "nodes" else "right")
+            for g in groups:
+                nodes = g.get("nodes", [])
+                shown = ", ".join(nodes[:2]) + (f" +{len(nodes) - 2}" if len(nodes) > 2 else "")
+                table.add_row(str(g.get("id")), escape(shown), str(g.get("kept")), str(g.get("total")))
+            con.print(table)
+        unprunable = s.get("unprunable", [])
+        for g in unprunable[:10]:
+            nodes = ", ".join(g.get("nodes", [])[:2])
+            con.print(f"  left whole: group {g.get('id')} ({escape(nodes)}): {escape(str(g.get('reason')))}")
+        if len(unprunable) > 10:
+            con.print(f"  ... and {len(unprunable) - 10} more groups left whole (see --json)")
     con.print(f"size: {human(s['file_bytes'], 'B')} (gzip {human(s['gzip_bytes'], 'B')}); input "
               f"{human(s['input_file_bytes'], 'B')} (gzip {human(s['input_gzip_bytes'], 'B')})")
     for note in s.get("notes", []):
