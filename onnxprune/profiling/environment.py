@@ -5,7 +5,6 @@ import functools
 import importlib.metadata
 import os
 import platform
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,17 +92,16 @@ def versions(profile: HwProfile) -> dict[str, Any]:
     if profile.backend == "tensorrt":
         out["tensorrt"] = _version("tensorrt") or _version("tensorrt-cu12") or _version("tensorrt_cu12")
     if profile.is_gpu:
-        out["onnxruntime_gpu"] = _version("onnxruntime-gpu")
         facts = gpu_facts() or {}
         for key in ("gpu", "driver", "cuda_driver", "compute_capability"):
             out[key] = facts.get(key)
-        if "torch" in sys.modules or profile.backend != "ort-cuda":
-            try:
-                import torch
+    if profile.backend == "ort-cuda":
+        out["onnxruntime_gpu"] = _version("onnxruntime-gpu")
+        out["onnxruntime_build"] = onnxruntime.get_build_info()  # names the CUDA/cuDNN it was built with
+    elif profile.backend in ("tensorrt", "torch-cuda"):
+        import torch  # present: both backends need it
 
-                out["cuda_runtime"] = torch.version.cuda
-            except ImportError:
-                pass
+        out["cuda_runtime"] = torch.version.cuda
     return out
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from ..errors import OnnxPruneError, UnavailableError
-from ..shapes import graph_inputs
+from ..shapes import _shape_of, graph_inputs
 from .hw_profile import HwProfile
 from .provider import ORT_PROVIDER, check_active_provider, require_ort_provider
 
@@ -32,13 +32,6 @@ class BatchSizeError(OnnxPruneError):
 
 
 # ---- inputs ------------------------------------------------------------------------------------
-def _declared_dims(inp: onnx.ValueInfoProto) -> list[int | str | None] | None:
-    tt = inp.type.tensor_type
-    if not tt.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-
-
 def batch_input_shapes(model: onnx.ModelProto, batch: int, profile_shapes: Mapping[str, tuple[int, ...]] | None = None,
                        overrides: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, tuple[int, ...]]:
     """Concrete shapes of every model input at ``batch``.
@@ -56,7 +49,7 @@ def batch_input_shapes(model: onnx.ModelProto, batch: int, profile_shapes: Mappi
             raise OnnxPruneError(f"{source} names input(s) {unknown}, but the model's inputs are {sorted(names)}")
     shapes: dict[str, tuple[int, ...]] = {}
     for inp in graph_inputs(model):
-        declared = _declared_dims(inp)
+        declared = _shape_of(inp)
         given = overrides.get(inp.name) or profile_shapes.get(inp.name)
         if given is not None:
             dims: list[int | str | None] = [batch, *given[1:]] if len(given) else []
@@ -64,7 +57,7 @@ def batch_input_shapes(model: onnx.ModelProto, batch: int, profile_shapes: Mappi
             raise OnnxPruneError(f"input {inp.name!r} has no declared shape; give it with --input-shape {inp.name}=DIMS")
         else:
             dims = list(declared)
-            if dims and not isinstance(dims[0], int) or (dims and dims[0] == 0):
+            if dims and not isinstance(dims[0], int):  # symbolic or unknown batch dimension
                 dims[0] = batch
             unresolved = [i for i, d in enumerate(dims) if not isinstance(d, int) or d <= 0]
             if unresolved:
