@@ -45,7 +45,7 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
 @click.command("prune")
 @model_argument
 @click.option("-o", "--output", default=None, metavar="OUT", help="Where to write the pruned model (never the input).")
-@click.option("--structured", is_flag=True, help="Remove whole channels (smaller and faster on every runtime).")
+@click.option("--structured", is_flag=True, help="Remove whole channels (less work for the dense kernels of every runtime).")
 @click.option("--unstructured", is_flag=True, help="Zero individual weights (smaller when compressed; not faster).")
 @click.option("--nm", default=None, metavar="N:M", help="Keep N of every M weights along the input channels, e.g. 2:4.")
 @click.option("--ratio", default=None, metavar="R", help="[structured] fraction of channels removed.")
@@ -58,8 +58,8 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
 @click.option("--sparsity", default=None, metavar="S", help="[unstructured] fraction of prunable weights zeroed, in [0, 1).")
 @click.option("--min-threshold", default=None, metavar="F",
               help="[unstructured, global] every layer keeps at least this fraction of its weights.")
-@click.option("--scope", default=None, help="structured: local|global; unstructured: global|layer.")
-@click.option("--criterion", default=None,
+@click.option("--scope", default=None, metavar="SCOPE", help="structured: local|global; unstructured: global|layer.")
+@click.option("--criterion", default=None, metavar="NAME",
               help="structured: l1|l2|bn|fpgm|lamp|random|taylor; unstructured: magnitude|random|lamp|magnitude_x_gradient.")
 @click.option("--exclude-first", is_flag=True, help="[unstructured, N:M] leave the first layer(s) dense.")
 @click.option("--exclude-last", is_flag=True, help="[unstructured, N:M] leave the last layer(s) (classifier) dense.")
@@ -71,7 +71,8 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
 @json_option
 def prune_cmd(model: str, output: str | None, structured: bool, unstructured: bool, nm: str | None, as_json: bool,
               **opts: Any) -> None:
-    """Prune MODEL and write the result to OUT, with a summary and what it will (not) buy in speed."""
+    """Prune MODEL into OUT with exactly one of --structured, --unstructured or --nm N:M; print a summary
+    and what the result will (not) buy in speed on the target (--hw, default ONNX Runtime CPU)."""
     modes = [name for name, on in (("structured", structured), ("unstructured", unstructured), ("nm", nm is not None)) if on]
     if len(modes) != 1:
         raise OnnxPruneError("choose exactly one of --structured, --unstructured, --nm N:M"
