@@ -45,11 +45,11 @@ def models(tmp_path_factory):
     return {"small": small, "wide": wide, "narrow": narrow, "dir": d}
 
 
-def _big_matmul(path, n=4096):
-    """x[?, n] @ W[n, n]: a 64 MB weight and almost nothing else."""
+def _big_matmul(path, n=4096, width=None):
+    """x[batch, n] @ W[n, n]: a 64 MB weight (n=4096) and almost nothing else."""
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32), "W")
     g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "big",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])],
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width or n])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])], [w])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
     return path
@@ -268,3 +268,10 @@ def test_input_shape_sets_the_batch_unless_batch_size_given(models):
     assert [r["batch_size"] for r in res["results"]] == [2]
     res = profile_model(models["small"], [prof], input_shapes={"input": (2, 3, 16, 16)}, batch_sizes=[1, 3], memory=False)
     assert [r["input_shapes"]["input"] for r in res["results"]] == [[1, 3, 16, 16], [3, 3, 16, 16]]
+
+
+def test_model_that_cannot_run_on_the_inputs_is_one_line(tmp_path):
+    path = _big_matmul(tmp_path / "mm.onnx", n=8, width="k")  # x[batch, k] @ W[8, 8] needs k == 8
+    code, out, err = run_cli("profile", path, "--hw", "ci-cpu", "--input-shape", "x=1x5", "--no-memory")
+    assert code == 1 and out == "" and err.startswith("error:") and "cannot run" in err
+    assert len(err.strip().splitlines()) == 1

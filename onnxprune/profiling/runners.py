@@ -328,8 +328,16 @@ RUNNERS: dict[str, Callable[..., Any]] = {
 
 
 def make_runner(profile: HwProfile, path: str | os.PathLike, feeds: Mapping[str, np.ndarray], *, arena: bool = True):
-    """The runner for ``profile.backend`` (``arena`` applies to ONNX Runtime's CPU memory arena)."""
+    """The runner for ``profile.backend``, already run once on ``feeds`` (``arena`` applies to ONNX
+    Runtime's CPU memory arena)."""
     cls = RUNNERS[profile.backend]
-    if cls is OrtRunner:
-        return OrtRunner(profile, path, feeds, arena=arena)
-    return cls(profile, path, feeds)
+    runner = OrtRunner(profile, path, feeds, arena=arena) if cls is OrtRunner else cls(profile, path, feeds)
+    try:  # one untimed run, so a model that cannot run on these inputs fails here with one clear line
+        runner()
+    except OnnxPruneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every runtime raises its own types
+        shapes = {k: list(np.shape(v)) for k, v in feeds.items()}
+        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise OnnxPruneError(f"{path}: {profile.backend} cannot run the model on inputs {shapes} ({msg})") from exc
+    return runner
