@@ -7,7 +7,6 @@ returned) and whose summary is the ``onnxprune prune --json`` object.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Iterable, Mapping
 
@@ -78,7 +77,8 @@ def prune_unstructured(source: Source, *, sparsity: float, scope: str = "global"
     layers = [dict(_layer_entry(pw, a), **({"min_kept": floor_by_weight[pw.weight]} if min_threshold > 0 else {}))
               for pw, a in zip(prunable, new)]
     return _finish(model, p, prunable, weights, new, summary, layers, excluded, [], notes, sparse_storage,
-                   speedup_guidance("unstructured", backend, gpu_compute_capability), measure_size)
+                   speedup_guidance("unstructured", backend, gpu_compute_capability), measure_size,
+                   target_zeros=sparsity * sum(pw.size for pw in prunable))
 
 
 def prune_nm(source: Source, *, n: int, m: int, exclude_first: bool = False, exclude_last: bool = False,
@@ -111,13 +111,13 @@ def prune_nm(source: Source, *, n: int, m: int, exclude_first: bool = False, exc
         "method": "nm", "criterion": "magnitude", "scope": "group", "pattern": f"{n}:{m}", "n": n, "m": m,
         "target_sparsity": 1 - n / m,
         "achieved_sparsity_eligible": eligible_zeros / eligible_size if eligible_size else 0.0,
-        "_target_weights": (1 - n / m) * eligible_size,
     }
     notes = []
     if skipped:
         notes.append(f"{len(skipped)} layer(s) cannot take the {n}:{m} pattern and stay dense (see skipped)")
     return _finish(model, p, prunable, weights, new, summary, layers, excluded, skipped, notes, sparse_storage,
-                   speedup_guidance("nm", backend, gpu_compute_capability, nm=(n, m)), measure_size)
+                   speedup_guidance("nm", backend, gpu_compute_capability, nm=(n, m)), measure_size,
+                   target_zeros=(1 - n / m) * eligible_size)
 
 
 def parse_nm(spec: str) -> tuple[int, int]:
@@ -144,8 +144,7 @@ def _fraction(value: Any, name: str, *, upper_open: bool = False) -> float:
         v = float(value)
     except (TypeError, ValueError) as exc:
         raise OnnxPruneError(f"{name} must be a number, not {value!r}") from exc
-    ok = 0.0 <= v < 1.0 if upper_open else 0.0 <= v <= 1.0
-    if not ok or math.isnan(v):
+    if not (0.0 <= v < 1.0 if upper_open else 0.0 <= v <= 1.0):  # NaN fails both
         raise OnnxPruneError(f"{name} must be in [0, 1{')' if upper_open else ']'}, not {value!r}")
     return v
 
@@ -189,7 +188,9 @@ def _layer_entry(pw: Prunable, a: np.ndarray) -> dict[str, Any]:
 def _finish(model: onnx.ModelProto, p: Prepared, prunable: list[Prunable], before: list[np.ndarray],
             after: list[np.ndarray], summary: dict[str, Any], layers: list[dict[str, Any]],
             excluded: list[dict[str, str]], skipped: list[dict[str, str]], notes: list[str], sparse_storage: bool,
-            guidance: list[str], measure_size: bool = True) -> PruneResult:
+            guidance: list[str], measure_size: bool, *, target_zeros: float) -> PruneResult:
+    """Counts over the prunable weights and all parameters, storage and sizes, into ``summary``.
+    ``target_zeros``: how many weights the target asked to zero (for the all-params target)."""
     params, nonzero_before = count_params(p.view)
     removed = sum(int(np.count_nonzero(b)) - int(np.count_nonzero(a)) for b, a in zip(before, after))
     nonzero = nonzero_before - removed
@@ -204,8 +205,7 @@ def _finish(model: onnx.ModelProto, p: Prepared, prunable: list[Prunable], befor
     summary.update({
         "achieved_sparsity": prunable_zeros / prunable_size if prunable_size else 0.0,
         "prunable_params": prunable_size,
-        "target_sparsity_all_params": summary.pop("_target_weights", summary["target_sparsity"] * prunable_size)
-        / params if params else 0.0,
+        "target_sparsity_all_params": target_zeros / params if params else 0.0,
         "sparsity_all_params": 1 - nonzero / params if params else 0.0,
         "compression_ratio": params / nonzero if nonzero else None,
         "params": params,
