@@ -1,0 +1,171 @@
+"""``onnxprune finetune MODEL -o OUT --data SPEC``: retrain in PyTorch, write the weights back.
+
+Data-parallel under ``torchrun`` (see :mod:`onnxprune.training.ddp`): rank 0 writes and prints.
+``--torch module:factory`` takes the PyTorch-source path instead (prune with torch-pruning, retrain,
+export to ONNX).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import OnnxPruneError
+from ..model_io import refuse_overwrite_input, save_model, write_text_atomic
+from .common import emit_json, json_option
+
+
+def _config(**kw):
+    from ..training.config import TrainConfig
+
+    return TrainConfig().replace(**kw)
+
+
+@click.command("finetune")
+@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Where to write the retrained ONNX model (never the input).")
+@click.option("--data", "data_spec", default="digits", show_default=True, metavar="SPEC",
+              help="Dataset spec: digits, npz:PATH, imagefolder:PATH, cifar10:PATH, python:module:function.")
+@click.option("--epochs", type=click.IntRange(min=0), default=None, help="Epochs (default 10).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default 0.01).")
+@click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default=None, help="LR schedule (default cosine).")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default=None, help="Optimizer (default sgd, momentum 0.9).")
+@click.option("--momentum", type=float, default=None)
+@click.option("--weight-decay", type=float, default=None, help="Weight decay of weight tensors (default 5e-4).")
+@click.option("--label-smoothing", type=float, default=None, help="Label smoothing (default 0).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Global batch size (default 64).")
+@click.option("--warmup-epochs", type=float, default=None, help="Linear LR warm-up epochs (default 0).")
+@click.option("--teacher", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Dense ONNX model to distil from (knowledge distillation).")
+@click.option("--distill-alpha", type=float, default=None, help="Weight of the distillation loss (default 0.5).")
+@click.option("--distill-temperature", type=float, default=None, help="Distillation temperature (default 4).")
+@click.option("--train-bn", is_flag=True, default=None, help="Batch-norm uses and updates batch statistics.")
+@click.option("--seed", type=int, default=None, help="Seed of weights order, shuffling and the data split (default 0).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="Training device (default cpu).")
+@click.option("--no-keep-sparsity", is_flag=True, help="Let pruned (zero) weights grow back instead of keeping masks.")
+@click.option("--history", "history_path", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Also write the training history (config, per-epoch figures) as JSON here.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--torch", "torch_factory", default=None, metavar="MODULE:FACTORY",
+              help="PyTorch-source path: build the model from this factory instead of reading MODEL.")
+@click.option("--state-dict", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="With --torch: weights to load into the factory's module.")
+@click.option("--input-shape", "torch_input_shape", default=None, metavar="DIMS",
+              help="With --torch: example input shape, e.g. 1x3x32x32 (default: from the data).")
+@click.option("--prune-ratio", type=float, default=None, help="With --torch: channels removed per layer.")
+@click.option("--target-macs", type=float, default=None, help="With --torch: fraction of MACs kept (0.5 = 2x).")
+@json_option
+def finetune_cmd(model: str | None, output: str, data_spec: str, no_keep_sparsity: bool, history_path: str | None,
+                 no_progress: bool, teacher: str | None, torch_factory: str | None, state_dict: str | None,
+                 torch_input_shape: str | None, prune_ratio: float | None, target_macs: float | None, as_json: bool,
+                 **train_kw) -> None:
+    """Retrain MODEL (e.g. after pruning) on --data and write it to OUT, sparsity kept exactly.
+
+    Checkpoint selection uses the validation split; the test split is scored once at the end, on the
+    written ONNX file with ONNX Runtime.
+    """
+    cfg = _config(**train_kw)
+    from ..training.ddp import init_from_env
+
+    ctx = init_from_env(cfg.device)
+    if torch_factory:
+        if model:
+            raise OnnxPruneError("give either MODEL or --torch, not both")
+        result = _torch_path(torch_factory, state_dict, torch_input_shape, prune_ratio, target_macs, data_spec, cfg,
+                             output, teacher, not no_progress and not as_json, ctx.is_main)
+    else:
+        if not model:
+            raise OnnxPruneError("missing MODEL (an .onnx file), or use --torch module:factory")
+        if state_dict or torch_input_shape or prune_ratio is not None or target_macs is not None:
+            raise OnnxPruneError("--state-dict, --input-shape, --prune-ratio and --target-macs go with --torch")
+        refuse_overwrite_input(model, output)
+        if teacher:
+            refuse_overwrite_input(teacher, output)
+        from ..model_io import load_model
+        from ..training.retrain import finetune
+
+        src = load_model(model)
+        trained, history = finetune(src, data_spec, cfg, teacher=teacher, progress=not no_progress and not as_json,
+                                    keep_sparsity=not no_keep_sparsity)
+        history["model"] = model
+        result = history
+        if ctx.is_main:
+            save_model(trained, output)
+    result["output"] = output
+    if not ctx.is_main:
+        return
+    if history_path:
+        write_text_atomic(history_path, json.dumps(result, indent=2, default=str) + "\n")
+    if as_json:
+        emit_json(result)
+    else:
+        _print(result)
+
+
+def _torch_path(factory: str, state_dict: str | None, shape: str | None, ratio: float | None, target_macs: float | None,
+                data_spec: str, cfg, output: str, teacher: str | None, progress: bool, is_main: bool) -> dict:
+    import re
+
+    import torch
+
+    from ..datasets import load_dataset
+    from ..torch_export import export_torch
+    from ..training.loop import train_module
+    from ..training.torch_source import count_macs_params, load_torch_factory, prune_torch_model
+
+    if teacher:
+        raise OnnxPruneError("--teacher is not supported with --torch yet; retrain without it")
+    data = load_dataset(data_spec, seed=cfg.seed)
+    if shape:
+        try:
+            dims = tuple(int(d) for d in re.split(r"[x,]", shape.split("=")[-1]))
+        except ValueError:
+            raise OnnxPruneError(f"bad --input-shape {shape!r}: expected e.g. 1x3x32x32") from None
+    else:
+        dims = (1, *data.input_shape)
+    example = torch.zeros(dims)
+    module = load_torch_factory(factory, state_dict)
+    summary = None
+    if ratio is not None or target_macs is not None:
+        module, summary = prune_torch_model(module, example, ratio=ratio, target_macs=target_macs, seed=cfg.seed)
+    else:
+        macs, params = count_macs_params(module, (example,))
+        summary = {"method": "none", "macs_after": macs, "params_after": params}
+    history = train_module(module, data, cfg, progress=progress)
+    module.eval()
+    if is_main:
+        export_torch(module, (example,), output)
+    from ..datasets import evaluate_onnx
+
+    test = evaluate_onnx(output, data, "test", cfg.eval_batch_size) if is_main and len(data.test) else None
+    return {"source": factory, "state_dict": state_dict, "prune": summary, "data": data.describe(), **history,
+            "test": test}
+
+
+def _print(h: dict) -> None:
+    con = Console()
+    cfg = h["config"]
+    con.print(f"[bold]{h.get('model') or h.get('source')}[/bold] -> [bold]{h['output']}[/bold]  "
+              f"({cfg['epochs']} epochs, {cfg['optimizer']} lr {cfg['lr']:g} {cfg['schedule']}, "
+              f"batch {cfg['batch_size']}, seed {cfg['seed']}{', teacher ' + str(h['teacher']) if h.get('teacher') else ''})")
+    t = Table(title="epochs")
+    for col in ("epoch", "lr", "train loss", "train top-1", "val top-1"):
+        t.add_column(col, justify="right")
+    for e in h["epochs"]:
+        mark = " *" if e["epoch"] == h["best_epoch"] else ""
+        t.add_row(str(e["epoch"]), f"{e['lr']:.2e}", f"{e['train_loss']:.4f}", f"{e['train_top1']:.2%}",
+                  f"{e['val_top1']:.2%}{mark}")
+    con.print(t)
+    con.print(f"start val top-1 {h['initial_val_top1']:.2%}; best val top-1 {h['best_val_top1']:.2%} at epoch "
+              f"{h['best_epoch']}{' (the starting weights were kept)' if h['best_epoch'] == 0 else ''}")
+    sp = h.get("sparsity")
+    if sp and sp.get("masked_tensors"):
+        con.print(f"sparsity kept: {sp['pruned_weights']} pruned weights in {sp['masked_tensors']} tensors, "
+                  f"{'all still zero' if sp['preserved'] else '[red]NOT all zero[/red]'}")
+    if h.get("test"):
+        top5 = f", top-5 {h['test']['top5']:.2%}" if h["test"].get("top5") is not None else ""
+        con.print(f"[bold]test top-1 {h['test']['top1']:.2%}{top5}[/bold] ({h['test']['samples']} samples, ONNX Runtime)")
