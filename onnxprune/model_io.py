@@ -116,24 +116,26 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
-def file_bytes(path: str | os.PathLike) -> int:
-    """Size on disk of a model including its external data files."""
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The model file followed by the external data files it references (those that exist)."""
     p = Path(path)
-    total = p.stat().st_size
+    files = [p]
     try:
         model = onnx.load(str(p), load_external_data=False)
-    except Exception:  # noqa: BLE001 - size of an unreadable file is still its size
-        return total
-    seen = set()
+    except Exception:  # noqa: BLE001 - an unreadable file is still one file
+        return files
     for t in onnx.external_data_helper._get_all_tensors(model):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             loc = next((e.value for e in t.external_data if e.key == "location"), None)
-            if loc and loc not in seen:
-                seen.add(loc)
-                f = p.parent / loc
-                if f.exists():
-                    total += f.stat().st_size
-    return total
+            f = p.parent / loc if loc else None
+            if f is not None and f not in files and f.exists():
+                files.append(f)
+    return files
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """Size on disk of a model including its external data files."""
+    return sum(f.stat().st_size for f in model_files(path))
 
 
 def _save(model: onnx.ModelProto, path: Path, external_name: str | None = None) -> None:

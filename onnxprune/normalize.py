@@ -34,6 +34,7 @@ def normalize(model: onnx.ModelProto, *, fold_bn: bool = False) -> onnx.ModelPro
     m = onnx.ModelProto()
     m.CopyFrom(model)
     _name_nodes(m)
+    _densify_sparse_initializers(m)
     _drop_initializer_inputs(m)
     for _ in range(8):  # each pass may expose new constants (Shape of a now-static tensor ...)
         changed = _constants_to_initializers(m)
@@ -57,6 +58,15 @@ def _name_nodes(m: onnx.ModelProto) -> None:
             name = f"{name}_{i}"
         node.name = name
         seen.add(name)
+
+
+def _densify_sparse_initializers(m: onnx.ModelProto) -> None:
+    """Sparse initializers (``--sparse-storage`` output) are weights like any other for analysis."""
+    from .sparsity.storage import sparse_to_dense
+
+    for sp in m.graph.sparse_initializer:
+        m.graph.initializer.append(numpy_helper.from_array(sparse_to_dense(sp), sp.values.name))
+    del m.graph.sparse_initializer[:]
 
 
 def _drop_initializer_inputs(m: onnx.ModelProto) -> None:

@@ -114,3 +114,21 @@ def test_external_data_round_trip(tmp_path):
     loaded = load_model(path)
     out = save_model(normalize(loaded), tmp_path / "out" / "norm.onnx")
     assert_same_outputs(model, out, random_feeds(model))
+
+
+def test_sparse_initializers_are_densified(tmp_path):
+    from onnxprune.inspection import inspect_model
+    from onnxprune.sparsity.storage import to_sparse_storage
+
+    model = normalize(load_model(zoo.export("flatten_mlp", tmp_path)))
+    fc = next(n for n in model.graph.node if n.op_type == "Gemm")
+    w = next(i for i in model.graph.initializer if i.name == fc.input[1])
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr[:, : arr.shape[1] * 9 // 10] = 0  # 90% zeros: sparse storage pays off
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    sparse, moved, _ = to_sparse_storage(model, [w.name])
+    assert moved == [w.name] and len(sparse.graph.sparse_initializer) == 1
+    dense_info, sparse_info = inspect_model(model), inspect_model(sparse)
+    assert sparse_info["params"] == dense_info["params"]
+    assert sparse_info["nonzero_params"] == dense_info["nonzero_params"] < dense_info["params"]
+    assert_same_outputs(model, normalize(sparse), random_feeds(model))

@@ -13,14 +13,13 @@ from __future__ import annotations
 import gzip
 import io
 import os
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..model_io import PROTOBUF_LIMIT
+from ..model_io import PROTOBUF_LIMIT, model_files
 
 #: gzip level used for the reported compressed size (gzip's own default).
 GZIP_LEVEL = 6
@@ -112,17 +111,7 @@ def serialized_sizes(model: onnx.ModelProto) -> tuple[int, int]:
 
 def gzip_file_bytes(path: str | os.PathLike) -> int:
     """gzip-compressed size of a saved model, external data files included (streamed, level 6)."""
-    p = Path(path)
-    files = [p]
-    try:
-        meta = onnx.load(str(p), load_external_data=False)
-        for t in onnx.external_data_helper._get_all_tensors(meta):
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                loc = next((e.value for e in t.external_data if e.key == "location"), None)
-                if loc and (p.parent / loc) not in files and (p.parent / loc).exists():
-                    files.append(p.parent / loc)
-    except Exception:  # noqa: BLE001 - an unreadable file is still bytes to compress
-        pass
+    files = model_files(path)
 
     def chunks():
         for f in files:
