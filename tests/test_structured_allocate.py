@@ -149,3 +149,20 @@ def test_search_unreachable_and_bad_targets():
     for bad in (0.0, 1.5):
         with pytest.raises(OnnxPruneError, match="target"):
             find_ratio(lambda r: allocate(gs, scores, r), measure, bad, 0.9)
+
+
+def test_split_windows_never_empty():
+    """A Split hands channels 0-3 and 4-7 to different branches: even when every channel of one
+    half is the least important, each half keeps channels (within max_ratio)."""
+    pos = tuple((i,) for i in range(8))
+    members = [Member("w", 0, pos, "out", "conv"),
+               Member("half0", 1, tuple((i,) if i < 4 else () for i in range(8)), "act", "split"),
+               Member("half1", 1, tuple((i - 4,) if i >= 4 else () for i in range(8)), "act", "split")]
+    g = Group(id=0, size=8, members=members)
+    scores = {0: np.array([1, 2, 3, 4, 0.1, 0.2, 0.3, 0.4])}
+    np.testing.assert_array_equal(allocate([g], scores, 0.5)[0], [1, 2, 3, 7])  # 7: the best of the weak half
+    kept = allocate([g], scores, 0.5, limits=Limits(max_ratio=0.5))[0]
+    assert len(np.intersect1d(kept, [4, 5, 6, 7])) == 2  # at most half of a window goes
+    for ratio, scope in ((0.5, "local"), (0.9, "local"), (0.9, "global")):
+        kept = allocate([g], scores, ratio, scope=scope, limits=Limits(max_ratio=0.99))[0]
+        assert np.intersect1d(kept, [4, 5, 6, 7]).size >= 1 and np.intersect1d(kept, [0, 1, 2, 3]).size >= 1

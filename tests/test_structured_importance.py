@@ -110,7 +110,7 @@ def test_flatten_expansion_and_conv_axes():
 
 
 def test_all_zero_member_is_skipped_and_unscorable_group_reported():
-    assert aggregate([np.zeros(3), np.array([1.0, 2.0, 3.0])], 3).tolist() == [0.5, 1.0, 1.5]
+    assert aggregate([(np.zeros(3), None), (np.array([1.0, 2.0, 3.0]), None)], 3).tolist() == [0.5, 1.0, 1.5]
     act_only = Group(id=1, size=2, members=[Member("x", 1, ((0,), (1,)), "act", "relu")])
     scores, unavailable = score_groups([act_only, _group()[0]], "l1", _group()[1])
     assert list(scores) == [7] and 1 in unavailable
@@ -126,3 +126,17 @@ def test_grouped_conv_input_member_reads_each_block_of_filters():
     g = Group(id=0, size=4, members=[m], blocks=2)
     s = np.array([1 + 3, 2 + 4, 5 + 7, 6 + 8], dtype=float)  # L1 over the filters of the channel's block
     np.testing.assert_allclose(IMPORTANCE["l1"](g, ScoreInputs({"w": w}.get)), s / s.mean())
+
+
+def test_member_holding_a_window_is_normalized_over_it():
+    """A Split output's consumer holds channels 2 and 3 only: it is normalized over those two and
+    averaged into them alone, so channels 0 and 1 are not penalized for being outside it."""
+    w_out = np.array([[1.0], [2.0], [3.0], [4.0]])  # L1 1..4, mean 2.5
+    w_in = np.array([[1.0, 3.0]])  # consumer [1, 2] reading channels 2, 3: L1 1, 3 (mean 2)
+    members = [Member("wo", 0, ((0,), (1,), (2,), (3,)), "out", "conv"),
+               Member("wi", 1, ((), (), (0,), (1,)), "in", "branch")]
+    g = Group(id=0, size=4, members=members)
+    inp = ScoreInputs({"wo": w_out, "wi": w_in}.get)
+    np.testing.assert_allclose(IMPORTANCE["l1"](g, inp), [0.4, 0.8, (1.2 + 0.5) / 2, (1.6 + 1.5) / 2])
+    fp = IMPORTANCE["fpgm"](g, inp)  # filters 1..4 on a line: summed distances 6, 4, 4, 6 (mean 5)
+    np.testing.assert_allclose(fp, [1.2, 0.8, 0.8, 1.2])

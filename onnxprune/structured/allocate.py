@@ -9,7 +9,9 @@ Limits, enforced for every group whatever the ratio, so no layer can collapse:
 - ``min_keep``: keep at least this many channels (all of them when the group is smaller);
 - at least one channel per block is always kept (a group never drops to 0);
 - ``round_to``: kept counts are multiples of N where a multiple fits within the limits;
-- ``blocks``: a grouped conv / GroupNorm group keeps the same count in each contiguous block.
+- ``blocks``: a grouped conv / GroupNorm group keeps the same count in each contiguous block;
+- windows: where a member sees only some of the group's channels (a Split or Slice output), that
+  window keeps at least one channel and loses at most ``max_ratio`` of them.
 """
 from __future__ import annotations
 
@@ -69,20 +71,49 @@ def final_count(size: int, desired: int, blocks: int, limits: Limits) -> int:
     return want  # unreachable: blocks always divides size
 
 
-def select(scores: np.ndarray, keep: int, blocks: int = 1) -> np.ndarray:
-    """Sorted indices of the ``keep`` most important channels, ``keep / blocks`` per contiguous block
-    (ties keep the lower index)."""
+def windows(group: Group) -> list[np.ndarray]:
+    """Channel subsets some member sees on its own (the outputs of a Split or Slice of the group's
+    channels, the conv reading one of them): removing all of one would leave an empty tensor."""
+    out: dict[tuple[int, ...], None] = {}
+    for m in group.members:
+        if all(m.positions):
+            continue
+        support = tuple(k for k, p in enumerate(m.positions) if p)
+        if support:
+            out.setdefault(support, None)
+    return [np.asarray(w, dtype=np.int64) for w in out]
+
+
+def window_needs(group: Group, limits: Limits) -> list[tuple[np.ndarray, int]]:
+    """Each window keeps at least one channel and at most ``max_ratio`` of it goes (as a group)."""
+    return [(w, min(len(w), max(1, math.ceil(len(w) * (1.0 - limits.max_ratio) - _EPS)))) for w in windows(group)]
+
+
+def select(scores: np.ndarray, keep: int, blocks: int = 1, required: Sequence[tuple[np.ndarray, int]] = ()) -> np.ndarray:
+    """Sorted indices of the ``keep`` most important channels (ties keep the lower index).
+
+    ``blocks`` > 1: ``keep / blocks`` per contiguous block. ``required``: (channels, n) pairs, the
+    ``n`` best of those channels are kept first (windows of Split/Slice outputs), which may keep
+    more than ``keep`` channels in all."""
     scores = np.asarray(scores, dtype=np.float64)
     size = scores.size
     if keep >= size:
         return np.arange(size)
-    per_block, width = keep // blocks, size // blocks
-    kept = []
-    for b in range(blocks):
-        blk = scores[b * width:(b + 1) * width]
-        top = np.argsort(-blk, kind="stable")[:per_block]
-        kept.append(np.sort(top) + b * width)
-    return np.concatenate(kept).astype(np.int64)
+    if blocks > 1:
+        per_block, width = keep // blocks, size // blocks
+        kept = []
+        for b in range(blocks):
+            blk = scores[b * width:(b + 1) * width]
+            kept.append(np.sort(np.argsort(-blk, kind="stable")[:per_block]) + b * width)
+        return np.concatenate(kept).astype(np.int64)
+    order = np.argsort(-scores, kind="stable")
+    chosen = np.zeros(size, dtype=bool)
+    for idx, n in required:
+        chosen[idx[np.argsort(-scores[idx], kind="stable")[:n]]] = True
+    rest = keep - int(chosen.sum())
+    if rest > 0:
+        chosen[order[~chosen[order]][:rest]] = True
+    return np.nonzero(chosen)[0].astype(np.int64)
 
 
 def ignored_groups(groups: Iterable[Group], patterns: Sequence[str]) -> dict[int, str]:
@@ -156,4 +187,4 @@ def allocate(groups: Sequence[Group], scores: Mapping[int, np.ndarray], ratio: f
         counts = global_counts(groups, scores, ratio, limits, self_normalized=self_normalized)
     else:
         raise OnnxPruneError(f"--scope must be local or global, got {scope!r}")
-    return {g.id: select(scores[g.id], counts[g.id], g.blocks) for g in groups}
+    return {g.id: select(scores[g.id], counts[g.id], g.blocks, window_needs(g, limits)) for g in groups}

@@ -93,29 +93,40 @@ def per_channel_sum(row_values: np.ndarray, m: Member) -> np.ndarray:
     return np.bincount(owner, weights=np.asarray(row_values, dtype=np.float64)[flat], minlength=len(m.positions))
 
 
-def channel_vectors(arr: np.ndarray, m: Member) -> np.ndarray:
-    """One flat vector per group channel (its rows concatenated); needs equal row counts per channel."""
-    rows = channel_rows(arr, m).astype(np.float64)
-    if len({len(p) for p in m.positions}) > 1:
-        raise CriterionUnavailable(f"channels of {m.tensor!r} span unequal numbers of rows")
-    pos = np.asarray(m.positions, dtype=np.int64).reshape(len(m.positions), -1)  # [size, k]
-    return rows[pos].reshape(len(m.positions), -1)
-
-
-def normalized(scores: np.ndarray) -> np.ndarray | None:
-    """``scores / mean(scores)``; None for an all-zero (uninformative) member."""
-    mean = float(np.mean(scores)) if scores.size else 0.0
-    if not np.isfinite(mean) or mean <= 0:
+def coverage(m: Member) -> np.ndarray | None:
+    """Mask of the group channels ``m`` holds, or None when it holds all of them (the usual case;
+    a Split/Slice output or the conv reading it holds only its window)."""
+    if all(m.positions):
         return None
-    return scores / mean
+    return np.fromiter((len(p) > 0 for p in m.positions), dtype=bool, count=len(m.positions))
 
 
-def aggregate(per_member: Iterable[np.ndarray], size: int) -> np.ndarray:
-    """Mean over members of mean-normalized scores; members that are all zero are skipped."""
-    parts = [p for p in (normalized(np.asarray(s, dtype=np.float64)) for s in per_member) if p is not None]
-    if not parts:
-        return np.zeros(size)
-    return np.mean(parts, axis=0)
+def channel_vectors(arr: np.ndarray, m: Member, channels: np.ndarray) -> np.ndarray:
+    """One flat vector per group channel in ``channels`` (its rows concatenated); needs equal row counts."""
+    rows = channel_rows(arr, m).astype(np.float64)
+    pos = [m.positions[int(k)] for k in channels]
+    if len({len(p) for p in pos}) > 1:
+        raise CriterionUnavailable(f"channels of {m.tensor!r} span unequal numbers of rows")
+    return rows[np.asarray(pos, dtype=np.int64).reshape(len(pos), -1)].reshape(len(pos), -1)
+
+
+#: Per-member scores: (score per group channel, coverage mask or None for all channels).
+MemberScores = tuple[np.ndarray, "np.ndarray | None"]
+
+
+def aggregate(per_member: Iterable[MemberScores], size: int) -> np.ndarray:
+    """Per channel, the mean over the members holding it of their scores divided by the member's
+    mean (over the channels it holds); all-zero members carry no information and are skipped."""
+    num, cnt = np.zeros(size), np.zeros(size)
+    for scores, mask in per_member:
+        scores = np.asarray(scores, dtype=np.float64)
+        mask = np.ones(size, dtype=bool) if mask is None else mask
+        mean = float(scores[mask].mean()) if mask.any() else 0.0
+        if not np.isfinite(mean) or mean <= 0:
+            continue
+        num[mask] += scores[mask] / mean
+        cnt[mask] += 1
+    return np.divide(num, cnt, out=np.zeros(size), where=cnt > 0)
 
 
 def weight_members(group: Group, inp: ScoreInputs, roles: Sequence[str] = ("out", "in")) -> list[tuple[Member, np.ndarray]]:
@@ -136,13 +147,13 @@ def _norm_scores(group: Group, inp: ScoreInputs, p: int) -> np.ndarray:
     per_member = []
     for m, arr in members:
         s = per_channel_sum(position_power_sums(arr, m, p), m)
-        per_member.append(s if p == 1 else np.sqrt(s))
+        per_member.append((s if p == 1 else np.sqrt(s), coverage(m)))
     return aggregate(per_member, group.size)
 
 
 def position_power_sums(arr: np.ndarray, m: Member, p: int) -> np.ndarray:
-    """Sum of |w|**p (p = 1 or 2) over each position's slice, accumulated in float64 without
-    copying the weight into a channel-major layout (the hot loop on big models)."""
+    """Sum of |w|**p (p = 1 or 2) over each position's slice along ``m.axis``, accumulated in
+    float64 without copying the weight into a channel-major layout (the hot loop on big models)."""
     if m.groups > 1:
         rows = channel_rows(arr, m)
         return (np.abs(rows) if p == 1 else np.square(rows)).sum(1, dtype=np.float64)
@@ -173,7 +184,7 @@ def bn(group: Group, inp: ScoreInputs) -> np.ndarray:
         if inp.is_scale(m) and inp.ops.get(m.node) == "BatchNormalization":
             arr = inp.const(m.tensor)
             if arr is not None:
-                per_member.append(per_channel_sum(np.abs(np.asarray(arr, dtype=np.float64).reshape(-1)), m))
+                per_member.append((per_channel_sum(np.abs(np.asarray(arr, dtype=np.float64).reshape(-1)), m), coverage(m)))
     if not per_member:
         raise CriterionUnavailable(f"criterion bn: group {group.id} has no BatchNormalization")
     return aggregate(per_member, group.size)
@@ -191,10 +202,14 @@ def fpgm(group: Group, inp: ScoreInputs) -> np.ndarray:
         raise CriterionUnavailable(f"criterion fpgm: group {group.id} has no weights")
     per_member = []
     for m, arr in members:
-        f = channel_vectors(arr, m)
+        mask = coverage(m)
+        held = np.arange(group.size) if mask is None else np.nonzero(mask)[0]
+        f = channel_vectors(arr, m, held)
         sq = np.einsum("ij,ij->i", f, f)
         d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (f @ f.T), 0.0)
-        per_member.append(np.sqrt(d2).sum(1))
+        s = np.zeros(group.size)
+        s[held] = np.sqrt(d2).sum(1)
+        per_member.append((s, mask))
     return aggregate(per_member, group.size)
 
 
@@ -234,7 +249,7 @@ def taylor(group: Group, inp: ScoreInputs) -> np.ndarray:
         if np.shape(g) != arr.shape:
             raise OnnxPruneError(f"gradient of {m.tensor!r} has shape {np.shape(g)}, weight has {arr.shape}")
         prod = channel_rows(arr.astype(np.float64) * np.asarray(g, dtype=np.float64), m).sum(1)
-        per_member.append(np.abs(per_channel_sum(prod, m)))
+        per_member.append((np.abs(per_channel_sum(prod, m)), coverage(m)))
     if not per_member:
         raise CriterionUnavailable(f"criterion taylor: no gradients for the weights of group {group.id}")
     return aggregate(per_member, group.size)
