@@ -1,0 +1,167 @@
+"""The Python API: the CLI's steps as plain functions returning plain data (the ``--json`` shapes).
+
+For deployment pipelines that call onnxprune without the command line::
+
+    from onnxprune import api
+
+    info = api.inspect("model.onnx")                                    # params, MACs, sizes, layers
+    res = api.prune("model.onnx", "small.onnx", method="structured", target_macs=0.5)
+    hist = api.finetune("small.onnx", "digits", "small-ft.onnx", epochs=3, lr=0.005)
+    acc = api.evaluate("small-ft.onnx", "digits")                       # {"top1", "top5", ...}
+    lat = api.profile("small-ft.onnx", ["ci-cpu"])                      # latency, memory per profile
+    report = api.run("structured-l1-2x-macs", "model.onnx", "out", data="digits")
+
+Every function imports its owner module only when called (``torch`` is needed only by
+``finetune``, ``run`` with retraining, and ``demo``). Errors are :class:`onnxprune.OnnxPruneError`
+with a one-line message. See ``examples/api_example.py`` for a runnable example.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .errors import OnnxPruneError
+
+PathLike = "str | os.PathLike"
+
+
+def inspect(model: "str | os.PathLike", input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
+    """Params, nonzero params, MACs, file size, I/O, op histogram and per-node figures (``inspect --json``)."""
+    from .inspection import inspect_model
+
+    return inspect_model(model, {k: tuple(v) for k, v in (input_shapes or {}).items()} or None)
+
+
+def analyze(model: "str | os.PathLike", input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
+    """Channel-coupling groups and why any are unprunable (``analyze --json``)."""
+    from .channels.analyze import analyze_channels
+    from .commands.analyze_cmd import analysis_to_dict
+    from .prepare import prepare
+
+    prep = prepare(model, {k: tuple(v) for k, v in (input_shapes or {}).items()} or None)
+    out = analysis_to_dict(analyze_channels(prep.view))
+    out["notes"] = list(prep.notes)
+    return out
+
+
+def prune(model: "str | os.PathLike", output: "str | os.PathLike | None" = None, *, method: str = "structured",
+          **kwargs: Any) -> dict[str, Any]:
+    """Prune ``model`` with ``method`` ("structured", "unstructured" or "nm") and return the summary.
+
+    ``kwargs`` go to :func:`~onnxprune.structured.prune.prune_structured` (``ratio`` / ``target_macs`` /
+    ``target_params``, ``criterion``, ``scope`` ...), :func:`~onnxprune.sparsity.prune.prune_unstructured`
+    (``sparsity``, ``scope``, ``min_threshold``, ``criterion`` ...) or :func:`~onnxprune.sparsity.prune.prune_nm`
+    (``n``, ``m``). With ``output`` the pruned model is written there (``summary["output"]``).
+    """
+    if method == "structured":
+        from .structured import prune_structured as fn
+    elif method == "unstructured":
+        from .sparsity import prune_unstructured as fn
+    elif method == "nm":
+        from .sparsity import prune_nm as fn
+    else:
+        raise OnnxPruneError(f"method must be structured, unstructured or nm, not {method!r}")
+    res = fn(model, **kwargs)
+    summary = dict(res.summary)
+    if output is not None:
+        from .model_io import refuse_overwrite_input, save_model
+
+        refuse_overwrite_input(model, output)
+        save_model(res.model, output)
+        summary["output"] = str(output)
+    return summary
+
+
+def finetune(model: "str | os.PathLike", data: Any = "digits", output: "str | os.PathLike | None" = None, *,
+             teacher: "str | os.PathLike | None" = None, progress: bool = False, **config: Any) -> dict[str, Any]:
+    """Retrain ``model`` on ``data`` (masks kept) with :class:`~onnxprune.training.TrainConfig` fields
+    as keywords (``epochs``, ``lr``, ``optimizer``, ...); write it to ``output``; return the history."""
+    from .training import TrainConfig, finetune as _finetune
+
+    trained, hist = _finetune(model, data, TrainConfig.from_dict(config), teacher=teacher, progress=progress)
+    if output is not None:
+        from .model_io import refuse_overwrite_input, save_model
+
+        refuse_overwrite_input(model, output)
+        save_model(trained, output)
+        hist = {**hist, "output": str(output)}
+    return hist
+
+
+def evaluate(model: "str | os.PathLike", data: Any = "digits", split: str = "test", batch_size: int = 256) -> dict[str, Any]:
+    """Top-1 / top-5 accuracy with ONNX Runtime on ``split`` (``eval --json``)."""
+    from .datasets import evaluate_onnx
+
+    return evaluate_onnx(model, data, split, batch_size)
+
+
+def profile(model: "str | os.PathLike", profiles: "str | Iterable[str] | None" = None, **kwargs: Any) -> dict[str, Any]:
+    """Latency percentiles, throughput, peak memory, size and MACs per hardware profile (``profile --json``)."""
+    from .profiling import profile_model
+
+    return profile_model(model, profiles, **kwargs)
+
+
+def compare(a: "str | os.PathLike", b: "str | os.PathLike", profile: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Interleaved latency comparison of two models on one profile (``compare --json``)."""
+    from .profiling import compare_models
+
+    return compare_models(a, b, profile, **kwargs)
+
+
+def run(recipe: Any, model: "str | os.PathLike", outdir: "str | os.PathLike", *, data: Any = None,
+        hw: Sequence[str] = (), overrides: Iterable[str] = (), progress: bool = False) -> dict[str, Any]:
+    """Run a recipe (shipped name, YAML path or :class:`~onnxprune.recipes.Recipe`) end to end; the
+    report (also written to ``outdir/report.json``, ``.md``, ``.html``)."""
+    from .pipeline.run import run_recipe
+
+    return run_recipe(recipe, model, outdir, data=data, hw=hw, overrides=overrides, progress=progress)
+
+
+def report(outdir: "str | os.PathLike") -> dict[str, Any]:
+    """Re-render a run directory's report.md, report.html and plots from its report.json."""
+    from .report.render import render_run_dir
+
+    return render_run_dir(outdir)
+
+
+def compare_runs(dir_a: "str | os.PathLike", dir_b: "str | os.PathLike") -> dict[str, Any]:
+    """Two run directories side by side (``compare-runs --json``)."""
+    from .report.compare import compare_runs as _compare
+
+    return _compare(dir_a, dir_b)
+
+
+#: The demo's settings: (dense training epochs, recipe overrides). --quick trades accuracy for time.
+DEMO_FULL = (10, [])
+DEMO_QUICK = (4, ["retrain.epochs=1", "profiling.min_runs=5", "profiling.min_duration_s=0.05", "profiling.memory=false"])
+DEMO_WIDTH = 16
+
+
+def demo(outdir: "str | os.PathLike" = "demo_out", *, quick: bool = False, progress: bool = False,
+         overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Train a small CNN on digits, export it, run ``recipes/demo.yaml`` on it, write the report.
+
+    The trained model is ``outdir/digits_cnn.onnx``; a re-run reuses it and every finished step.
+    """
+    from .demo_model import train_demo_model
+    from .pipeline.cache import StepCache
+    from .pipeline.run import run_recipe
+
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise OnnxPruneError(f"{outdir}: exists and is not a directory; choose another -o")
+    outdir.mkdir(parents=True, exist_ok=True)
+    epochs, quick_overrides = DEMO_QUICK if quick else DEMO_FULL
+    model_path = outdir / "digits_cnn.onnx"
+    cache = StepCache.open(outdir)
+    cache.run("demo-train", {"epochs": epochs, "width": DEMO_WIDTH, "seed": 0, "data": "digits"},
+              lambda: train_demo_model(model_path, "digits", epochs=epochs, width=DEMO_WIDTH, progress=progress),
+              outputs=[model_path])
+    return run_recipe("demo", model_path, outdir, data="digits", overrides=[*quick_overrides, *overrides],
+                      progress=progress)
+
+
+__all__ = ["inspect", "analyze", "prune", "finetune", "evaluate", "profile", "compare", "run", "report",
+           "compare_runs", "demo"]

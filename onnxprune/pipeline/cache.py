@@ -1,0 +1,146 @@
+"""Content-hashed step cache: a re-run skips every step that already finished with the same inputs.
+
+A step's key is the SHA-256 of its name, its configuration (canonical JSON), the bytes of its input
+files and the onnxprune version. A finished step's result (JSON) and the hashes of the files it
+wrote are recorded in ``OUTDIR/state.json`` (rewritten atomically after every step, so a crash
+loses at most the step that was running). On a re-run a step is skipped when its key is recorded
+and its output files still hold the recorded bytes; otherwise it runs again. Changing one point's
+configuration changes only the keys of that point's steps (and of the steps that read their
+outputs), so only those run again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from ..errors import OnnxPruneError
+from ..model_io import write_text_atomic
+
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (memoized by path, size and modification time)."""
+    p = Path(path)
+    st = p.stat()
+    memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _FILE_HASHES[memo] = h.hexdigest()
+    return _FILE_HASHES[memo]
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_default)
+
+
+def _default(o: Any) -> Any:
+    if hasattr(o, "model_dump"):
+        return o.model_dump()
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if hasattr(o, "__fspath__"):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def step_key(step: str, config: Any, inputs: Iterable[str | os.PathLike] = ()) -> str:
+    """The content hash identifying one execution of ``step``."""
+    from .. import __version__
+
+    h = hashlib.sha256()
+    h.update(f"onnxprune {__version__}\n{step}\n".encode())
+    h.update(canonical_json(config).encode())
+    for p in inputs:
+        h.update(b"\nfile:" + file_sha256(p).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class StepCache:
+    """The step records of one output directory."""
+
+    outdir: Path
+    state: dict[str, Any] = field(default_factory=dict)
+    executed: list[str] = field(default_factory=list)  # step names run in this process, in order
+    skipped: list[str] = field(default_factory=list)  # step names answered from the record
+
+    @classmethod
+    def open(cls, outdir: str | os.PathLike) -> "StepCache":
+        outdir = Path(outdir)
+        path = outdir / STATE_FILE
+        state: dict[str, Any] = {"version": STATE_VERSION, "steps": {}}
+        if path.exists():
+            try:
+                loaded = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                loaded = None  # a damaged record only costs re-running the steps
+            if isinstance(loaded, dict) and loaded.get("version") == STATE_VERSION and isinstance(loaded.get("steps"), dict):
+                state = loaded
+        return cls(outdir=outdir, state=state)
+
+    @property
+    def path(self) -> Path:
+        return self.outdir / STATE_FILE
+
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        """The recorded result of ``key`` if its output files are intact, else None."""
+        rec = self.state["steps"].get(key)
+        if not isinstance(rec, dict):
+            return None
+        for rel, digest in rec.get("files", {}).items():
+            p = self.outdir / rel
+            if not p.is_file() or file_sha256(p) != digest:
+                return None
+        return rec.get("result")
+
+    def run(self, step: str, config: Any, fn: Callable[[], dict[str, Any]], *,
+            inputs: Iterable[str | os.PathLike] = (), outputs: Iterable[str | os.PathLike] = ()) -> dict[str, Any]:
+        """Run ``fn`` (which writes ``outputs`` and returns a JSON-able dict) unless already done."""
+        inputs, outputs = list(inputs), [Path(o) for o in outputs]
+        key = step_key(step, config, inputs)
+        hit = self.lookup(key)
+        if hit is not None:
+            self.skipped.append(step)
+            return hit
+        started = time.time()
+        result = fn()
+        missing = [str(o) for o in outputs if not o.is_file()]
+        if missing:
+            raise OnnxPruneError(f"step {step} did not write {', '.join(missing)}")
+        files = {self._rel(o): file_sha256(o) for o in outputs}
+        self.state["steps"][key] = {"step": step, "files": files, "result": json.loads(canonical_json(result)),
+                                    "seconds": round(time.time() - started, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.executed.append(step)
+        self.save()
+        return self.state["steps"][key]["result"]
+
+    def save(self) -> None:
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path, json.dumps(self.state, indent=1, sort_keys=True))
+
+    def _rel(self, p: Path) -> str:
+        try:
+            return str(p.resolve().relative_to(self.outdir.resolve()))
+        except ValueError:
+            return str(p.resolve())
+
+    def counts(self) -> Mapping[str, int]:
+        return {"executed": len(self.executed), "skipped": len(self.skipped)}

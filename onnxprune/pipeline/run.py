@@ -1,0 +1,421 @@
+"""``run_recipe``: a recipe from dense to deployed, every step cached, one report at the end.
+
+load -> analyze -> (sensitivity) -> prune (per stage / schedule) -> retrain -> write ONNX -> evaluate
+-> profile -> report. Every operating point's model is kept as ``OUTDIR/models/<run-id>.onnx`` (the
+dense control as ``models/dense.onnx``). Every step goes through :class:`~.cache.StepCache`, so a
+re-run (after a crash, or with one thing changed) runs only what is new.
+
+Fairness: one retraining config per run, the same for every method (gradual schedules split its
+epochs over their steps, stated in the report); seeds aggregated as mean ± std; checkpoints are
+selected on the validation split only (inside :func:`~onnxprune.training.finetune.finetune`); the
+test split is evaluated once per final model, here. The dense control is the input model evaluated
+and profiled as is, and with ``retrain.finetune_dense`` also fine-tuned with the same budget.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from ..errors import OnnxPruneError
+from ..recipes import Recipe, load_recipe
+from ..recipes.loader import check_key, parse_override, set_path, validate_recipe
+from . import steps
+from .cache import StepCache, file_sha256
+from .latency_target import is_latency, prune_to_latency
+from .sweep import Plan, RunSpec, expand
+
+MODELS = "models"
+WORK = "work"
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    outdir: Path
+    cache: StepCache
+    data: Any  # DatasetSplits or None
+    data_desc: dict[str, Any] | None
+    profiles: list[Any]  # HwProfile
+    progress: "Progress"
+    notes: list[str] = field(default_factory=list)
+
+    def path(self, *parts: str) -> Path:
+        return self.outdir.joinpath(*parts)
+
+    def rel(self, p: Path) -> str:
+        return str(Path(p).resolve().relative_to(self.outdir.resolve()))
+
+
+class Progress:
+    """A rich progress bar on stderr (or nothing), advanced once per finished run."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._p = None
+        self._task = None
+
+    @contextmanager
+    def running(self, total: int, label: str) -> Iterator["Progress"]:
+        if not self.enabled:
+            yield self
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+
+        with RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          TextColumn("{task.fields[step]}"), console=Console(stderr=True), transient=False) as p:
+            self._p, self._task = p, p.add_task(label, total=total, step="")
+            try:
+                yield self
+            finally:
+                self._p = None
+
+    def step(self, text: str) -> None:
+        if self._p is not None:
+            self._p.update(self._task, step=text)
+
+    def advance(self) -> None:
+        if self._p is not None:
+            self._p.advance(self._task)
+
+
+# ----------------------------------------------------------------------------------------------- entry
+
+def resolve(recipe: "Recipe | str | os.PathLike", overrides: Iterable[str] = ()) -> Recipe:
+    """A Recipe from a Recipe, a shipped name or a path, with ``--set`` overrides applied."""
+    overrides = list(overrides)
+    if isinstance(recipe, Recipe):
+        if not overrides:
+            return recipe
+        raw = recipe.model_dump(exclude_unset=True)
+        raw.setdefault("name", recipe.name)
+        for item in overrides:
+            key, value = parse_override(item)
+            check_key(key)
+            set_path(raw, key, value)
+        return validate_recipe(raw, "recipe", [parse_override(o)[0] for o in overrides])
+    return load_recipe(recipe, overrides)
+
+
+def run_recipe(recipe: "Recipe | str | os.PathLike", model_path: str | os.PathLike, outdir: str | os.PathLike,
+               data: "str | Mapping[str, Any] | None" = None, hw: Sequence[str] = (), overrides: Iterable[str] = (),
+               *, progress: bool = False) -> dict[str, Any]:
+    """Run ``recipe`` on ``model_path`` into ``outdir``; returns the report (also in OUTDIR/report.json)."""
+    recipe = resolve(recipe, overrides)
+    model_path = _check_model(model_path)
+    outdir = _check_outdir(outdir, model_path)
+    profiles = steps.load_profiles(list(hw) or recipe.hw)
+    profiles = [recipe.profiling.apply(p) for p in profiles]
+    for st in (s for m in recipe.methods() for s in m.stages):
+        if is_latency(st) and st.target.latency.profile not in {p.name for p in profiles}:
+            raise OnnxPruneError(f"a latency target names profile {st.target.latency.profile!r}, which this run does "
+                                 f"not measure on; add it with --hw {st.target.latency.profile}")
+    data_spec = data if data is not None else recipe.data
+    needs = _needs_data(recipe)
+    if data_spec is None and needs:
+        raise OnnxPruneError(f"recipe {recipe.name!r} needs data ({needs}): pass --data SPEC (e.g. --data digits) "
+                             "or set data in the recipe")
+    plan = expand(recipe)
+    for sub in (MODELS, WORK):
+        (outdir / sub).mkdir(parents=True, exist_ok=True)
+    ds = steps.load_data(data_spec) if data_spec is not None else None
+    ctx = Context(recipe=recipe, outdir=outdir, cache=StepCache.open(outdir), data=ds,
+                  data_desc=ds.describe() if ds is not None else None, profiles=profiles, progress=Progress(progress))
+    if ds is None:
+        ctx.notes.append("no data: accuracy was not measured (pass --data SPEC)")
+    t0 = time.perf_counter()
+    total = len(plan.runs) + 1 + (len(plan.seeds) if _finetune_dense(recipe) else 0) + (1 if recipe.sensitivity.enabled else 0)
+    with ctx.progress.running(total, recipe.name):
+        dense = dense_control(ctx, model_path)
+        ctx.progress.advance()
+        sens = None
+        if recipe.sensitivity.enabled:
+            sens = sensitivity_step(ctx, dense["path"])
+            ctx.progress.advance()
+        runs = {}
+        for spec in plan.runs:
+            runs[spec.id] = run_one(ctx, spec, dense["path"], sens)
+            ctx.progress.advance()
+        dense_ft = []
+        if _finetune_dense(recipe):
+            for seed in plan.seeds:
+                dense_ft.append(dense_finetune(ctx, dense["path"], seed))
+                ctx.progress.advance()
+    from .aggregate import build_report
+
+    report = build_report(ctx, model_path, dense, dense_ft, plan, runs, sens, seconds=time.perf_counter() - t0)
+    from ..report.render import write_report
+
+    write_report(report, outdir)
+    return report
+
+
+def _needs_data(recipe: Recipe) -> str:
+    if recipe.retrain.epochs > 0:
+        return "retraining"
+    if recipe.sensitivity.enabled:
+        return "sensitivity analysis"
+    if any(s.criterion in steps.GRADIENT_CRITERIA for m in recipe.methods() for s in m.stages):
+        return "gradient criteria"
+    return ""
+
+
+def _finetune_dense(recipe: Recipe) -> bool:
+    return recipe.retrain.finetune_dense and recipe.retrain.epochs > 0
+
+
+def _check_model(model_path: str | os.PathLike) -> Path:
+    p = Path(model_path)
+    if not p.exists():
+        raise OnnxPruneError(f"{p}: no such model file")
+    if p.is_dir():
+        raise OnnxPruneError(f"{p}: is a directory, expected an .onnx file")
+    from ..model_io import load_model
+
+    load_model(p)  # one clear line for a corrupt or unsupported file, before any work
+    return p
+
+
+def _check_outdir(outdir: str | os.PathLike, model_path: Path) -> Path:
+    d = Path(outdir)
+    if d.exists() and not d.is_dir():
+        raise OnnxPruneError(f"{d}: exists and is not a directory; choose another -o")
+    if model_path.resolve().parent in ((d / MODELS).resolve(), (d / WORK).resolve()):
+        raise OnnxPruneError(f"{model_path}: the input model is inside {d}'s {model_path.parent.name}/ folder, which the "
+                             "run writes; move it or choose another -o")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+def _measure(ctx: Context, path: Path, label: str) -> dict[str, Any]:
+    """figures + evaluate + profile of one written model, each a cached step."""
+    ctx.progress.step(f"{label}: figures")
+    figures = ctx.cache.run("figures", {}, lambda: steps.model_figures(path), inputs=[path])
+    acc = None
+    if ctx.data is not None:
+        ctx.progress.step(f"{label}: evaluate")
+        splits = list(ctx.recipe.evaluation.splits)
+        acc = ctx.cache.run("evaluate", {"data": ctx.data_desc, "splits": splits, "bs": ctx.recipe.evaluation.batch_size},
+                            lambda: steps.evaluate(path, ctx.data, splits, ctx.recipe.evaluation.batch_size), inputs=[path])
+    profs = {}
+    for p in ctx.profiles:
+        ctx.progress.step(f"{label}: profile {p.name}")
+        cfg = {"profile": p.model_dump(), "memory": ctx.recipe.profiling.memory}
+        profs[p.name] = ctx.cache.run("profile", cfg, lambda p=p: steps.profile(path, p, memory=ctx.recipe.profiling.memory),
+                                      inputs=[path])
+    return {"figures": figures, "accuracy": acc, "profiles": profs}
+
+
+def dense_control(ctx: Context, model_path: Path) -> dict[str, Any]:
+    """The input model, copied to models/dense.onnx, analysed, evaluated and profiled as is."""
+    dest = ctx.path(MODELS, "dense.onnx")
+    ctx.progress.step("dense: copy")
+
+    def copy() -> dict[str, Any]:
+        from ..model_io import atomic_path
+
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(model_path, tmp)
+        return {"source": str(model_path)}
+
+    ctx.cache.run("copy-input", {"dest": ctx.rel(dest) if dest.exists() else "models/dense.onnx"}, copy,
+                  inputs=[model_path], outputs=[dest])
+    analysis = None
+    try:
+        analysis = ctx.cache.run("analyze", {}, lambda: steps.analyze(dest), inputs=[dest])
+    except OnnxPruneError as exc:
+        ctx.notes.append(f"channel analysis: {exc}")
+    return {"path": dest, "analysis": analysis, **_measure(ctx, dest, "dense")}
+
+
+def sensitivity_step(ctx: Context, dense: Path) -> dict[str, Any]:
+    from .sensitivity import run_sensitivity, to_csv
+    from ..model_io import write_text_atomic
+
+    cfg = ctx.recipe.sensitivity
+    profs = ctx.profiles if cfg.latency else []
+    csv_path = ctx.path("sensitivity.csv")
+
+    def work() -> dict[str, Any]:
+        res = run_sensitivity(dense, ctx.data, cfg, profiles=profs, progress=ctx.progress.step,
+                              batch_size=ctx.recipe.evaluation.batch_size)
+        write_text_atomic(csv_path, to_csv(res))
+        return res
+
+    key = {"cfg": cfg.model_dump(), "data": ctx.data_desc, "profiles": [p.model_dump() for p in profs]}
+    res = ctx.cache.run("sensitivity", key, work, inputs=[dense], outputs=[csv_path])
+    return {**res, "csv": ctx.rel(csv_path)}
+
+
+def _train_config(ctx: Context, seed: int, steps_count: int = 1):
+    rt = ctx.recipe.retrain
+    d = rt.train_config_dict(seed)
+    if steps_count > 1:
+        d["epochs"] = max(1, round(rt.epochs / steps_count))
+    return steps.train_config(d)
+
+
+def run_one(ctx: Context, spec: RunSpec, dense: Path, sens: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Prune (one shot or gradually), retrain, write, then measure one run."""
+    rt = ctx.recipe.retrain
+    final = ctx.path(MODELS, f"{spec.id}.onnx")
+    retraining = rt.epochs > 0 and ctx.data is not None
+    gradual = spec.schedule.kind != "one-shot" and spec.schedule.steps > 1 and retraining
+    teacher = dense if rt.distillation else None
+    cfg = spec.config()
+    per_layer = sens.get("per_layer_ratios") if sens else None
+    train_hist = None
+    if gradual:
+        if len(spec.stages) != 1:
+            raise OnnxPruneError(f"method {spec.method}: an {spec.schedule.kind} schedule takes exactly one stage")
+        ctx.progress.step(f"{spec.id}: {spec.schedule.kind} prune + retrain")
+        key = {**cfg, "train": rt.model_dump(), "data": ctx.data_desc}
+
+        def gradual_work() -> dict[str, Any]:
+            model, hist = steps.prune_gradually(dense, ctx.data, spec.stages[0], spec.schedule.kind, spec.schedule.steps,
+                                                _train_config(ctx, spec.seed, spec.schedule.steps),
+                                                teacher=teacher, seed=spec.seed)
+            steps.save(model, final)
+            last = hist["per_step"][-1] if hist["per_step"] else {}
+            summary = {**(last.get("prune_summary") or {}), "gradual": {k: hist[k] for k in ("schedule", "steps", "targets",
+                                                                                             "structured_target")}}
+            return {"prune": steps.prune_summary(summary), "train": _small_history(hist)}
+
+        rec = ctx.cache.run("gradual", key, gradual_work, inputs=[dense] + ([teacher] if teacher else []), outputs=[final])
+        prune_info, train_hist = rec["prune"], rec["train"]
+    else:
+        pruned = ctx.path(WORK, f"{spec.id}.pruned.onnx") if retraining else final
+        ctx.progress.step(f"{spec.id}: prune")
+        key = {**cfg, "data": ctx.data_desc if _uses_data(spec) else None,
+               "per_layer": per_layer if any(s.per_layer == "sensitivity" for s in spec.stages) else None,
+               "profiles": [p.model_dump() for p in ctx.profiles] if any(is_latency(s) for s in spec.stages) else None}
+        prune_info = ctx.cache.run("prune", key, lambda: _prune_work(ctx, spec, dense, pruned, per_layer),
+                                   inputs=[dense], outputs=[pruned])
+        if spec.schedule.kind != "one-shot" and not retraining:
+            ctx.notes.append(f"{spec.id}: {spec.schedule.kind} schedule without retraining is one-shot pruning")
+        if retraining:
+            ctx.progress.step(f"{spec.id}: retrain")
+            tkey = {"train": rt.model_dump(), "seed": spec.seed, "data": ctx.data_desc}
+
+            def retrain_work() -> dict[str, Any]:
+                model, hist = steps.retrain(pruned, ctx.data, _train_config(ctx, spec.seed), teacher=teacher)
+                steps.save(model, final)
+                return _small_history(hist)
+
+            train_hist = ctx.cache.run("retrain", tkey, retrain_work, inputs=[pruned] + ([teacher] if teacher else []),
+                                       outputs=[final])
+    measured = _measure(ctx, final, spec.id)
+    return {"spec": spec, "path": final, "prune": prune_info, "train": train_hist, **measured}
+
+
+def _uses_data(spec: RunSpec) -> bool:
+    return any(s.criterion in steps.GRADIENT_CRITERIA for s in spec.stages)
+
+
+def _prune_work(ctx: Context, spec: RunSpec, dense: Path, out: Path, per_layer: Mapping[str, float] | None) -> dict[str, Any]:
+    """Apply the stages in order (one shot) and write the result to ``out``."""
+    import onnx
+
+    source: Any = dense
+    summaries = []
+    for stage in spec.stages:
+        if steps.is_identity(stage):
+            summaries.append({"method": stage.kind, "notes": ["target removes nothing: the model is unchanged"]})
+            continue
+        grads = steps.gradients_for(source, ctx.data, spec.seed) if stage.criterion in steps.GRADIENT_CRITERIA else None
+        if is_latency(stage):
+            prof = next(p for p in ctx.profiles if p.name == stage.target.latency.profile)
+            src_path = source if not isinstance(source, onnx.ModelProto) else _tmp_save(ctx, source, spec.id)
+            res = prune_to_latency(src_path, stage, prof, spec.seed)
+        else:
+            pl = None
+            if stage.per_layer == "sensitivity":
+                if per_layer is None:
+                    raise OnnxPruneError(f"method {spec.method}: per_layer: sensitivity needs sensitivity.enabled: true")
+                pl = per_layer
+            elif isinstance(stage.per_layer, dict):
+                pl = stage.per_layer
+            res = steps.prune_stage(source, stage, spec.seed, gradients=grads, per_layer=pl)
+        summaries.append(steps.prune_summary(res.summary))
+        source = res.model
+    if isinstance(source, onnx.ModelProto):
+        steps.save(source, out)
+    else:
+        from ..model_io import atomic_path
+
+        with atomic_path(out) as tmp:
+            shutil.copyfile(source, tmp)
+    return _merge_summaries(summaries)
+
+
+def _tmp_save(ctx: Context, model, run_id: str) -> Path:
+    p = ctx.path(WORK, f"{run_id}.stage-input.onnx")
+    steps.save(model, p)
+    return p
+
+
+def _merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(summaries) == 1:
+        return summaries[0]
+    merged = {"stages": summaries, "notes": [n for s in summaries for n in s.get("notes", [])]}
+    layered = [s for s in summaries if s.get("layers")]
+    if layered:
+        merged["layers"] = layered[-1]["layers"]
+    return merged
+
+
+def dense_finetune(ctx: Context, dense: Path, seed: int) -> dict[str, Any]:
+    """The dense model fine-tuned with the same budget (the control for 'is it the retraining?')."""
+    rt = ctx.recipe.retrain
+    final = ctx.path(MODELS, f"dense-finetuned-s{seed}.onnx")
+    ctx.progress.step(f"dense fine-tune s{seed}")
+
+    def work() -> dict[str, Any]:
+        model, hist = steps.retrain(dense, ctx.data, _train_config(ctx, seed), teacher=dense if rt.distillation else None)
+        steps.save(model, final)
+        return _small_history(hist)
+
+    hist = ctx.cache.run("retrain", {"train": rt.model_dump(), "seed": seed, "data": ctx.data_desc, "dense": True}, work,
+                         inputs=[dense], outputs=[final])
+    return {"seed": seed, "path": final, "train": hist, **_measure(ctx, final, f"dense-finetuned-s{seed}")}
+
+
+def _small_history(hist: Mapping[str, Any]) -> dict[str, Any]:
+    """What the report keeps of a training history."""
+    keep = ("best_epoch", "best_val_top1", "initial_val_top1", "seconds", "teacher", "sparsity", "device")
+    out = {k: hist[k] for k in keep if k in hist}
+    if "epochs" in hist and isinstance(hist["epochs"], list):
+        out["epochs"] = [{k: e.get(k) for k in ("epoch", "train_loss", "val_top1", "lr")} for e in hist["epochs"]]
+    if "per_step" in hist:
+        out["per_step"] = [{k: s.get(k) for k in ("step", "target", "val_top1_after_prune", "val_top1_after_retrain",
+                                                   "best_epoch")} for s in hist["per_step"]]
+    if "val_onnx" in hist:
+        out["val_onnx_top1"] = (hist["val_onnx"] or {}).get("top1")
+    return out
+
+
+def versions() -> dict[str, Any]:
+    import numpy
+    import onnx
+    import onnxruntime
+
+    from .. import __version__
+
+    out = {"onnxprune": __version__, "python": platform.python_version(), "platform": platform.platform(),
+           "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
+    import sys
+
+    if "torch" in sys.modules:
+        out["torch"] = sys.modules["torch"].__version__
+    return out
+
+
+__all__ = ["run_recipe", "resolve", "Context", "versions", "file_sha256", "Plan"]

@@ -1,0 +1,71 @@
+"""``onnxprune compare-runs DIR1 DIR2``: two runs' points side by side (matched by point id)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import OnnxPruneError
+from .plots import accuracy_split, all_points
+from .schema import validate_report
+
+
+def load_report(run_dir: str | os.PathLike) -> dict[str, Any]:
+    d = Path(run_dir)
+    path = d / "report.json"
+    if not d.is_dir():
+        raise OnnxPruneError(f"{d}: no such run directory")
+    if not path.is_file():
+        raise OnnxPruneError(f"{d}: no report.json (is this the -o directory of onnxprune run?)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OnnxPruneError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    validate_report(data, str(path))
+    return data
+
+
+def _figures(p: Mapping[str, Any], split: str | None, profiles: list[str]) -> dict[str, Any]:
+    acc = (p.get("accuracy", {}).get(split) or {}).get("top1") if split else None
+    out = {"method": p["method"], "params": p["params"], "nonzero_params": p["nonzero_params"],
+           "compression_ratio": p["compression_ratio"], "macs": p["macs"], "gzip_bytes": p["gzip_bytes"],
+           "top1": acc["mean"] if acc else None, "top1_std": acc["std"] if acc else None, "latency_p50_ms": {}}
+    for prof in profiles:
+        recs = p.get("profiles", {}).get(prof) or []
+        out["latency_p50_ms"][prof] = recs[0]["latency_ms"]["p50"] if recs else None
+    return out
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else b - a
+
+
+def compare_runs(dir_a: str | os.PathLike, dir_b: str | os.PathLike) -> dict[str, Any]:
+    """Matched points (id) with their accuracy, size and latency in both runs and the differences B - A."""
+    a, b = load_report(dir_a), load_report(dir_b)
+    sa, sb = accuracy_split(a), accuracy_split(b)
+    split = sa if sa == sb else None
+    profiles = [p["name"] for p in a["hw_profiles"] if p["name"] in {q["name"] for q in b["hw_profiles"]}]
+    pa = {p["id"]: p for p in all_points(a)}
+    pb = {p["id"]: p for p in all_points(b)}
+    rows = []
+    for pid in [*pa, *[k for k in pb if k not in pa]]:
+        fa = _figures(pa[pid], split, profiles) if pid in pa else None
+        fb = _figures(pb[pid], split, profiles) if pid in pb else None
+        row: dict[str, Any] = {"id": pid, "a": fa, "b": fb}
+        if fa and fb:
+            row["delta"] = {"top1": _delta(fa["top1"], fb["top1"]),
+                            "latency_p50_ms": {k: _delta(fa["latency_p50_ms"][k], fb["latency_p50_ms"][k]) for k in profiles}}
+        rows.append(row)
+    notes = []
+    if sa != sb:
+        notes.append(f"the runs measured accuracy on different splits ({sa} vs {sb}); accuracy is not compared")
+    ra, rb = a.get("retraining"), b.get("retraining")
+    same_retrain = (ra or {}).get("config") == (rb or {}).get("config")
+    if not same_retrain:
+        notes.append("the runs used different retraining configs: accuracy differences may come from that")
+    if (a.get("model") or {}).get("sha256") != (b.get("model") or {}).get("sha256"):
+        notes.append("the runs started from different input models")
+    return {"a": str(dir_a), "b": str(dir_b), "recipe_a": a["recipe"].get("name"), "recipe_b": b["recipe"].get("name"),
+            "split": split, "profiles": profiles, "same_retraining": same_retrain, "rows": rows, "notes": notes}

@@ -1,0 +1,252 @@
+"""Report plots (matplotlib, Agg backend: no display needed), drawn from ``report.json`` data alone.
+
+Every function takes the report mapping (or a part of it) and a path, writes one PNG and returns the
+path, or returns None when there is nothing to draw (e.g. no accuracy without data).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .schema import pareto_front
+
+_MARKERS = "osD^v<>ph*"
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError as exc:  # pragma: no cover - matplotlib is in the report extra
+        from ..errors import UnavailableError
+
+        raise UnavailableError("plots need matplotlib: pip install 'onnxprune[report]'") from exc
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def accuracy_split(report: Mapping[str, Any]) -> str | None:
+    """The split the plots show: test when measured, else val."""
+    for split in ("test", "val"):
+        if split in report["dense"].get("accuracy", {}):
+            return split
+    return None
+
+
+def _acc(point: Mapping[str, Any], split: str) -> tuple[float | None, float | None]:
+    a = point.get("accuracy", {}).get(split)
+    if not a:
+        return None, None
+    return a["top1"]["mean"], a["top1"]["std"]
+
+
+def _first(point: Mapping[str, Any], profile: str) -> Mapping[str, Any] | None:
+    recs = point.get("profiles", {}).get(profile) or []
+    return recs[0] if recs else None
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def _by_method(report: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
+    out: dict[str, list[Mapping[str, Any]]] = {}
+    for p in report["points"]:
+        out.setdefault(p["method"], []).append(p)
+    return out
+
+
+def all_points(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Dense control, dense fine-tuned (if any), then the pruned points."""
+    return [report["dense"], *([report["dense_finetuned"]] if report.get("dense_finetuned") else []), *report["points"]]
+
+
+def latency_pareto(report: Mapping[str, Any], profile: str) -> list[str]:
+    """Ids on the accuracy-vs-p50-latency Pareto front of ``profile`` (first batch size)."""
+    split = accuracy_split(report)
+    if split is None:
+        return []
+    pts = all_points(report)
+    xy = []
+    for p in pts:
+        rec = _first(p, profile)
+        xy.append((rec["latency_ms"]["p50"] if rec else None, _acc(p, split)[0]))
+    return [pts[i]["id"] for i in pareto_front(xy)]
+
+
+def plot_accuracy_vs_latency(report: Mapping[str, Any], profile: str, path: str | os.PathLike) -> Path | None:
+    """Top-1 vs measured p50 latency on ``profile``; the Pareto front is drawn and its points ringed."""
+    split = accuracy_split(report)
+    if split is None:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    front = set(latency_pareto(report, profile))
+    groups = [("dense", [report["dense"]] + ([report["dense_finetuned"]] if report.get("dense_finetuned") else []))]
+    groups += list(_by_method(report).items())
+    drawn = False
+    front_xy = []
+    for k, (method, pts) in enumerate(groups):
+        xs, ys, es, xe = [], [], [], []
+        for p in pts:
+            rec = _first(p, profile)
+            acc, std = _acc(p, split)
+            if rec is None or acc is None:
+                continue
+            xs.append(rec["latency_ms"]["p50"])
+            xe.append(rec["latency_p50_ms"]["std"] or 0.0)
+            ys.append(acc)
+            es.append(std or 0.0)
+            if p["id"] in front:
+                front_xy.append((xs[-1], acc))
+        if xs:
+            drawn = True
+            color = "black" if method == "dense" else None
+            ax.errorbar(xs, ys, xerr=xe, yerr=es, fmt=_MARKERS[k % len(_MARKERS)], capsize=3, label=method, color=color)
+    if not drawn:
+        plt.close(fig)
+        return None
+    if front_xy:
+        front_xy.sort()
+        ax.plot([x for x, _ in front_xy], [y for _, y in front_xy], "--", color="tab:red", lw=1, label="Pareto front")
+        ax.scatter([x for x, _ in front_xy], [y for _, y in front_xy], s=160, facecolors="none", edgecolors="tab:red")
+    ax.set_xlabel(f"p50 latency (ms) on {profile}")
+    ax.set_ylabel(f"{split} top-1 accuracy")
+    ax.set_title(f"Accuracy vs measured latency ({profile})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _accuracy_vs(report: Mapping[str, Any], key: str, xlabel: str, title: str, path: str | os.PathLike,
+                 log: bool = False) -> Path | None:
+    split = accuracy_split(report)
+    if split is None or not report["points"]:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    drawn = False
+    for k, (method, pts) in enumerate(_by_method(report).items()):
+        rows = sorted((p[key], *_acc(p, split)) for p in pts if p.get(key) is not None and _acc(p, split)[0] is not None)
+        if rows:
+            drawn = True
+            ax.errorbar([r[0] for r in rows], [r[1] for r in rows], yerr=[r[2] or 0.0 for r in rows],
+                        fmt=_MARKERS[k % len(_MARKERS)] + "-", capsize=3, label=method)
+    dense_acc = _acc(report["dense"], split)[0]
+    if dense_acc is not None:
+        ax.axhline(dense_acc, color="black", ls=":", lw=1, label="dense")
+    if not drawn:
+        plt.close(fig)
+        return None
+    if log:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{split} top-1 accuracy (mean ± std over seeds)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_compression(report: Mapping[str, Any], path: str | os.PathLike) -> Path | None:
+    return _accuracy_vs(report, "compression_ratio", "compression ratio (dense params / nonzero params)",
+                        "Accuracy vs compression", path, log=True)
+
+
+def plot_accuracy_vs_macs(report: Mapping[str, Any], path: str | os.PathLike) -> Path | None:
+    return _accuracy_vs(report, "nonzero_macs", "MACs of nonzero weights (dense kernels still execute zeros)",
+                        "Accuracy vs MACs", path, log=True)
+
+
+def plot_sensitivity(sens: Mapping[str, Any], path: str | os.PathLike, max_lines: int = 12) -> Path | None:
+    """Validation accuracy drop vs pruning ratio, one line per group/layer (the most sensitive first)."""
+    rows = sens.get("rows") or []
+    if not rows:
+        return None
+    plt = _plt()
+    by: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r.get("drop") is not None:
+            by.setdefault(str(r["group"]), []).append((r["ratio"], r["drop"]))
+    if not by:
+        return None
+    ranked = sorted(by.items(), key=lambda kv: -max(d for _, d in kv[1]))[:max_lines]
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for name, pts in ranked:
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=name)
+    if sens.get("max_drop") is not None:
+        ax.axhline(sens["max_drop"], color="black", ls=":", lw=1, label="allowed drop")
+    ax.set_xlabel(f"fraction pruned ({sens.get('kind', 'structured')}, {sens.get('criterion', '')}, no retraining)")
+    ax.set_ylabel("validation top-1 drop")
+    ax.set_title("Sensitivity per group" + (f" (top {max_lines} of {len(by)})" if len(by) > max_lines else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
+def plot_per_layer(report: Mapping[str, Any], path: str | os.PathLike, max_layers: int = 40) -> Path | None:
+    """Per layer kept fraction (channels for structured points, nonzero weights for the others)."""
+    series = []
+    for p in report["points"]:
+        run = next((r for r in p.get("runs", []) if (r.get("prune") or {}).get("layers")), None)
+        if run:
+            series.append((p["id"], run["prune"]["layers"]))
+    if not series:
+        return None
+    names: list[str] = []
+    for _, layers in series:
+        for l in layers:
+            if l["name"] not in names:
+                names.append(l["name"])
+    names = names[:max_layers]
+    plt = _plt()
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(max(7, 0.3 * len(names) * max(1, len(series)) ** 0.5), 4.6))
+    width = 0.8 / len(series)
+    x = np.arange(len(names))
+    for k, (pid, layers) in enumerate(series):
+        kept = {l["name"]: l["kept"] for l in layers}
+        ax.bar(x + k * width, [kept.get(n, np.nan) for n in names], width, label=pid)
+    ax.set_xticks(x + 0.4 - width / 2)
+    ax.set_xticklabels([_short(n) for n in names], rotation=70, ha="right", fontsize=6)
+    ax.set_ylabel("kept fraction (channels or nonzero weights)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Per layer: what each point kept")
+    ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def _short(name: str, n: int = 24) -> str:
+    return name if len(name) <= n else "…" + name[-(n - 1):]
+
+
+def write_all(report: Mapping[str, Any], outdir: str | os.PathLike) -> dict[str, str]:
+    """Draw every plot the report has data for under ``outdir/plots``; {name: relative path}."""
+    outdir = Path(outdir)
+    plots: dict[str, str] = {}
+
+    def add(name: str, p: Path | None) -> None:
+        if p is not None:
+            plots[name] = str(p.relative_to(outdir))
+
+    for prof in _profiles(report):
+        add(f"accuracy_vs_latency_{prof}", plot_accuracy_vs_latency(report, prof, outdir / "plots" / f"accuracy_vs_latency_{prof}.png"))
+    add("accuracy_vs_compression", plot_accuracy_vs_compression(report, outdir / "plots" / "accuracy_vs_compression.png"))
+    add("accuracy_vs_macs", plot_accuracy_vs_macs(report, outdir / "plots" / "accuracy_vs_macs.png"))
+    if report.get("sensitivity"):
+        add("sensitivity", plot_sensitivity(report["sensitivity"], outdir / "plots" / "sensitivity.png"))
+    add("per_layer", plot_per_layer(report, outdir / "plots" / "per_layer.png"))
+    return plots
+
+
+def _profiles(report: Mapping[str, Any]) -> Sequence[str]:
+    return [p["name"] for p in report.get("hw_profiles", [])]

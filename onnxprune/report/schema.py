@@ -1,0 +1,188 @@
+"""``report.json``: the versioned, documented result of ``onnxprune run`` (schema version 1).
+
+Top level::
+
+    schema_version      1 (an integer; bumped on any incompatible change)
+    tool                {name, version}
+    created             UTC time, ISO 8601
+    recipe              {name, description, source, config}   config = the validated recipe after --set
+    model               the input model: {path, sha256, params, nonzero_params, macs, file_bytes, gzip_bytes}
+    data                the dataset (load_dataset(...).describe()) or null when the run had no data
+    retraining          the ONE retraining config every method got (fairness), or null when epochs = 0:
+                        {config (TrainConfig without the seed), distillation, finetune_dense, schedule_split,
+                         checkpoint_selection, test_evaluation}
+    hw_profiles         [{name, backend, precision, provenance, source, batch_sizes, description}]
+    dense               Point: the input model evaluated and profiled as is (the control)
+    dense_finetuned     Point or null: the dense model fine-tuned with the same budget (retrain.finetune_dense)
+    points              [Point]: one per method x operating point, seeds aggregated
+    pareto              {profile: [point ids on the accuracy-vs-latency Pareto front, dense included]}
+    sensitivity         null or {kind, criterion, ratios, baseline_top1, csv, rows [{group, nodes, channels,
+                         ratio, top1, drop, latency_ms {profile: p50}}], per_layer_ratios {group: ratio}}
+    guidance            [statements on what will and will not get faster, e.g. unstructured on CPU]
+    plots               {name: path relative to the run directory}
+    notes               [str]
+    versions            {python, platform, onnx, onnxruntime, numpy, torch, ...}
+    steps               {executed, skipped}: what this invocation ran vs. took from state.json
+
+A Point::
+
+    id, method, kind (dense | structured | unstructured | nm | mixed), settings {target, stages, schedule},
+    seeds [int], models [paths relative to the run directory, one per seed],
+    params, nonzero_params, sparsity, compression_ratio (dense params / nonzero params),
+    macs (executed by dense kernels), nonzero_macs (MACs of nonzero weights), theoretical_speedup
+    (dense MACs / nonzero MACs), macs_reduction (dense MACs / macs), file_bytes, gzip_bytes,
+    accuracy {val|test: {top1: Stat, top5: Stat | null, samples}}   Stat = {mean, std, n, values}
+    profiles {profile: [Measurement, one per batch size]}
+    runs [{seed, model, accuracy {split: {top1, top5}}, prune {summary figures}, train {...} or null}]
+    notes [str]
+
+A Measurement (means over seeds of what :func:`onnxprune.profiling.profile_model` reports)::
+
+    profile, batch_size, backend, precision, provider, provenance, latency_ms {p50, p90, p95, p99, mean, min, max, std},
+    latency_p50_ms (Stat over seeds), throughput_per_s, peak_rss_bytes, gpu_memory_bytes,
+    speedup_vs_dense (dense p50 / this p50), meets_latency_budget, versions, notes
+
+The standard deviation is the sample standard deviation over seeds (0 with one seed).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import OnnxPruneError
+
+SCHEMA_VERSION = 1
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Stat(_M):
+    mean: float | None
+    std: float | None
+    n: int
+    values: list[float | None]
+
+
+class SplitAccuracy(_M):
+    top1: Stat
+    top5: Stat | None = None
+    samples: int | None = None
+
+
+class Measurement(_M):
+    model_config = ConfigDict(extra="allow")
+
+    profile: str
+    batch_size: int
+    backend: str
+    precision: str | None = None
+    provider: str | None = None
+    provenance: str
+    latency_ms: dict[str, float]
+    latency_p50_ms: Stat
+    throughput_per_s: float | None = None
+    peak_rss_bytes: float | None = None
+    gpu_memory_bytes: float | None = None
+    speedup_vs_dense: float | None = None
+    meets_latency_budget: bool | None = None
+    versions: dict[str, Any] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+
+
+class RunRecord(_M):
+    model_config = ConfigDict(extra="allow")
+
+    seed: int | None
+    model: str
+    accuracy: dict[str, dict[str, float | None]] = Field(default_factory=dict)
+    prune: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+
+
+class Point(_M):
+    id: str
+    method: str
+    kind: Literal["dense", "structured", "unstructured", "nm", "mixed"]
+    settings: dict[str, Any]
+    seeds: list[int | None]
+    models: list[str]
+    params: float
+    nonzero_params: float
+    sparsity: float
+    compression_ratio: float | None
+    macs: float | None
+    nonzero_macs: float | None
+    theoretical_speedup: float | None
+    macs_reduction: float | None
+    file_bytes: float
+    gzip_bytes: float
+    accuracy: dict[Literal["val", "test"], SplitAccuracy] = Field(default_factory=dict)
+    profiles: dict[str, list[Measurement]] = Field(default_factory=dict)
+    runs: list[RunRecord] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+
+
+class Report(_M):
+    schema_version: Literal[1]
+    tool: dict[str, str]
+    created: str
+    recipe: dict[str, Any]
+    model: dict[str, Any]
+    data: dict[str, Any] | None
+    retraining: dict[str, Any] | None
+    hw_profiles: list[dict[str, Any]]
+    dense: Point
+    dense_finetuned: Point | None = None
+    points: list[Point]
+    pareto: dict[str, list[str]] = Field(default_factory=dict)
+    sensitivity: dict[str, Any] | None = None
+    guidance: list[str] = Field(default_factory=list)
+    plots: dict[str, str] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+    versions: dict[str, Any] = Field(default_factory=dict)
+    steps: dict[str, int] = Field(default_factory=dict)
+
+
+def validate_report(data: Any, label: str = "report.json") -> Report:
+    """Validate a report mapping; one-line :class:`OnnxPruneError` naming the first bad field."""
+    if not isinstance(data, dict):
+        raise OnnxPruneError(f"{label}: expected a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise OnnxPruneError(f"{label}: schema_version {version!r} is not supported (this onnxprune reads {SCHEMA_VERSION})")
+    try:
+        return Report.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise OnnxPruneError(f"{label}: field '{loc}': {err['msg']}") from None
+
+
+def stat(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and sample standard deviation of the non-null values (std 0 for one value)."""
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0, "values": [None if v is None else float(v) for v in values]}
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(vals), "values": [None if v is None else float(v) for v in values]}
+
+
+def pareto_front(points: Sequence[tuple[float | None, float | None]]) -> list[int]:
+    """Indices of the points not dominated when minimizing ``x`` (latency) and maximizing ``y`` (accuracy).
+
+    A point is dominated when another is at least as good on both axes and better on one. Points
+    with a missing coordinate are never on the front. Ties (equal x and y) are all kept. Returned
+    in increasing ``x``.
+    """
+    valid = [(i, float(x), float(y)) for i, (x, y) in enumerate(points) if x is not None and y is not None]
+    front = []
+    for i, x, y in valid:
+        dominated = any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, x2, y2 in valid if j != i)
+        if not dominated:
+            front.append((x, -y, i))
+    return [i for _, _, i in sorted(front)]
