@@ -30,6 +30,11 @@ class Member:
     positions: tuple[tuple[int, ...], ...]  # positions[k]: indices on ``axis`` for group channel k
     role: Role
     node: str  # name of the node that reads/produces this member (for reports and --ignore)
+    #: > 1 only for the weight of a general grouped Conv ("in", axis 1) or ConvTranspose ("out", axis 1):
+    #: positions then index the op's full channel range (0..C-1), and the channels of block ``j``
+    #: (``C / groups`` consecutive ones) live at ``tensor[rows of block j of axis 0, p - j * C / groups]``.
+    #: Read such members with :mod:`onnxprune.channels.slices`.
+    groups: int = 1
 
 
 @dataclass
@@ -43,6 +48,14 @@ class Group:
     reason: str | None = None  # why not prunable (unknown op, graph output, dynamic shape ...)
     blocks: int = 1  # channels form ``blocks`` equal contiguous blocks that must stay equal (grouped conv, GroupNorm)
     nodes: list[str] = field(default_factory=list)  # node names touched (for --ignore and reports)
+    #: False when removing channels changes the outputs even if they contribute nothing downstream
+    #: (statistics over the channel axis: LayerNormalization/GroupNormalization); still prunable.
+    exact: bool = True
+    inexact_reason: str | None = None
+    #: sets of group channels of which at least one must stay, because together they are all a
+    #: tensor holds (a Split/Slice piece, one branch's part of a Concat); keeping every set non-empty
+    #: keeps every tensor non-empty
+    keep_one_of: list[tuple[int, ...]] = field(default_factory=list)
 
     def members_with_role(self, role: Role) -> list[Member]:
         return [m for m in self.members if m.role == role]
@@ -53,6 +66,17 @@ class Analysis:
     """Result of the dependency analysis of one normalized model."""
 
     groups: list[Group]
+    #: static shapes (from the analysed view) of the tensors the rewriter needs to know
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: static values of tensors computed at run time in the model (shape computations feeding Reshape
+    #: targets, Slice bounds, Split sizes) that the analysis relied on; the rewriter pins them
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def group(self, gid: int) -> Group:
+        for g in self.groups:
+            if g.id == gid:
+                return g
+        raise KeyError(gid)
 
     @property
     def prunable(self) -> list[Group]:

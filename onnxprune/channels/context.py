@@ -1,0 +1,251 @@
+"""The propagation state the per-op rules in :mod:`onnxprune.channels.rules` work on.
+
+Vocabulary:
+
+- an **atom** is one channel as first created by a producer (output channel ``k`` of a Conv/Gemm/
+  MatMul) or, for a tensor whose channels come from outside the analysis (a model input, the output
+  of an unsupported op), a placeholder that is marked *bad* at once;
+- every activation tensor the analysis follows has a **track**: the axis holding its channels and,
+  for every position on that axis, the atom it carries (several positions may carry the same atom:
+  Flatten expands channel ``c`` into ``c*S .. c*S+S-1``);
+- rules **unite** atoms that must be removed together (both operands of a residual Add), which is a
+  union-find over atoms; a **group channel** is a class of united atoms, a **group** is every class
+  reachable from one another through the producers that created them;
+- rules record **members** (tensor, axis, atom per position, role) — what the rewriter slices — and
+  **bad** / **inexact** marks with a human reason; one bad atom makes its whole group unprunable.
+
+A tensor without a track is either harmless (a shape computation, attention scores) or opaque; its
+``untracked_reason`` says which, and a rule that must couple tracked channels with an opaque tensor
+marks them bad with that reason. Never prune on a guess.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..graph import GraphView, opset_of
+from .types import Role
+
+
+@dataclass
+class Track:
+    """Where an activation tensor's channels are: ``axis`` and one atom id per position on it."""
+
+    axis: int
+    atoms: np.ndarray  # int64, length = dim on axis
+
+
+@dataclass
+class RawMember:
+    tensor: str
+    axis: int
+    atoms: np.ndarray  # one atom per position on ``axis`` (-1: position belongs to no group)
+    role: Role
+    node: str
+    groups: int = 1
+
+
+class Context:
+    """Mutable state of one propagation over a :class:`~onnxprune.graph.GraphView`."""
+
+    def __init__(self, view: GraphView, original: GraphView | None = None):
+        self.view = view  # shape computations folded where shapes are static (see analyze._static_view)
+        self.original = original or view  # what the rewriter will see: run-time values it must be told
+        self.values: dict[str, np.ndarray] = {}  # static values of run-time tensors the rules relied on
+        self.opset = opset_of(view.model)
+        self._parent: list[int] = []  # union-find over atoms
+        self._source: list[int] = []  # atom -> source id (one per new_atoms call)
+        self._src_parent: list[int] = []  # union-find over sources
+        self.source_atoms: list[tuple[int, int]] = []  # source -> (first atom, count)
+        self.bad: list[tuple[int, str]] = []
+        self.inexact: list[tuple[int, str]] = []
+        self.tracks: dict[str, Track] = {}
+        self.untracked_reason: dict[str, str] = {}
+        self.members: list[RawMember] = []
+        self.constraints: list[tuple[np.ndarray, int, str]] = []  # (atoms by position, blocks, node)
+        self._const_users: dict[str, set[str]] = {}
+        for name, users in view.consumers.items():
+            if name in view.initializers:
+                self._const_users[name] = {n.name for n in users}
+        for name in view.input_names:
+            self.untracked_reason[name] = f"reaches model input {name!r}"
+
+    # ----------------------------------------------------------------- atoms
+    def new_atoms(self, n: int) -> np.ndarray:
+        """``n`` fresh atoms forming one new source (a producer's output channels)."""
+        start = len(self._parent)
+        src = len(self._src_parent)
+        self._src_parent.append(src)
+        self.source_atoms.append((start, n))
+        self._parent.extend(range(start, start + n))
+        self._source.extend([src] * n)
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def bad_atoms(self, n: int, reason: str) -> np.ndarray:
+        """``n`` fresh atoms already marked unprunable (channels from outside the analysis)."""
+        atoms = self.new_atoms(n)
+        if n:
+            self.bad.append((int(atoms[0]), reason))
+        return atoms
+
+    def find(self, a: int) -> int:
+        parent = self._parent
+        root = a
+        while parent[root] != root:
+            root = parent[root]
+        while parent[a] != root:
+            parent[a], a = root, parent[a]
+        return root
+
+    def find_source(self, s: int) -> int:
+        parent = self._src_parent
+        root = s
+        while parent[root] != root:
+            root = parent[root]
+        while parent[s] != root:
+            parent[s], s = root, parent[s]
+        return root
+
+    def unite(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Atoms ``a[i]`` and ``b[i]`` must be removed together (arrays of equal length)."""
+        if len(a) != len(b):
+            raise ValueError(f"cannot unite {len(a)} with {len(b)} channels")
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                if ry < rx:
+                    rx, ry = ry, rx
+                self._parent[ry] = rx
+                sx, sy = self.find_source(self._source[rx]), self.find_source(self._source[ry])
+                if sx != sy:
+                    if sy < sx:
+                        sx, sy = sy, sx
+                    self._src_parent[sy] = sx
+
+    def mark_bad(self, atoms: np.ndarray | None, reason: str) -> None:
+        """The groups of ``atoms`` are unprunable because of ``reason``."""
+        if atoms is not None and len(atoms):
+            self.bad.append((int(atoms[0]), reason))
+            # every atom of the array must be bad, even if they end up in different groups
+            for a in atoms[1:].tolist():
+                self.bad.append((int(a), reason))
+
+    def mark_inexact(self, atoms: np.ndarray | None, reason: str) -> None:
+        if atoms is not None and len(atoms):
+            for a in atoms.tolist():
+                self.inexact.append((int(a), reason))
+
+    def require_blocks(self, atoms: np.ndarray, blocks: int, node: onnx.NodeProto) -> None:
+        """Positions of ``atoms`` form ``blocks`` contiguous blocks that must keep equal channel counts."""
+        self.constraints.append((np.asarray(atoms, dtype=np.int64), int(blocks), node.name))
+
+    # ----------------------------------------------------------------- tracks
+    def track(self, name: str) -> Track | None:
+        return self.tracks.get(name)
+
+    def set_track(self, name: str, axis: int, atoms: np.ndarray, node: onnx.NodeProto) -> None:
+        """``name`` (an output of ``node``) carries ``atoms`` on ``axis``; records it as an "act" member."""
+        if not name:
+            return
+        atoms = np.asarray(atoms, dtype=np.int64)
+        dim = self.dim(name, axis)
+        if dim is not None and dim != len(atoms):
+            raise AssertionError(f"internal: {node.name} {name!r} axis {axis} has {dim} positions, rule gave {len(atoms)}")
+        self.tracks[name] = Track(axis, atoms)
+        self.members.append(RawMember(name, axis, atoms, "act", node.name))
+
+    def untrack(self, name: str, reason: str) -> None:
+        if name:
+            self.untracked_reason[name] = reason
+
+    def reason_of(self, name: str) -> str:
+        return self.untracked_reason.get(name) or f"channels of {name!r} are not tracked"
+
+    def atoms_on(self, name: str, axis: int, node: onnx.NodeProto, *, need: bool = True) -> np.ndarray | None:
+        """The atoms ``name`` carries on ``axis``.
+
+        A tensor tracked on another axis has its channels marked bad (``node`` would mix them with a
+        non-channel axis). An untracked tensor gets fresh bad atoms when ``need`` (so that whatever
+        it is coupled with becomes unprunable), else None. None too when the dim is unknown.
+        """
+        tr = self.tracks.get(name)
+        if tr is not None and tr.axis == axis:
+            return tr.atoms
+        if tr is not None:
+            self.mark_bad(tr.atoms, f"node {node.name} ({node.op_type}) reads {name!r} with channels on axis {axis}, "
+                                    f"but they are on axis {tr.axis}")
+            reason = f"coupled at node {node.name} ({node.op_type}) with a non-channel axis of {name!r}"
+        else:
+            reason = self.reason_of(name)
+            if name in self.view.initializers:
+                reason = f"constant {name!r} concatenated or coupled at node {node.name} ({node.op_type})"
+        if not need:
+            return None
+        d = self.dim(name, axis)
+        if d is None:
+            return None
+        return self.bad_atoms(d, reason)
+
+    # ----------------------------------------------------------------- members
+    def add_member(self, tensor: str, axis: int, atoms: np.ndarray, role: Role, node: onnx.NodeProto,
+                   groups: int = 1) -> None:
+        """A weight/parameter sliced with the channels. Constants shared by several nodes cannot be
+        sliced for one of them only: their channels are marked bad."""
+        atoms = np.asarray(atoms, dtype=np.int64)
+        users = self._const_users.get(tensor, set())
+        if len(users) > 1:
+            self.mark_bad(atoms[atoms >= 0], f"constant {tensor!r} is shared by nodes {', '.join(sorted(users))}")
+        if tensor in set(self.view.output_names):
+            self.mark_bad(atoms[atoms >= 0], f"constant {tensor!r} is a model output")
+        self.members.append(RawMember(tensor, axis, atoms, role, node.name, groups))
+
+    # ----------------------------------------------------------------- lookups
+    def const(self, name: str) -> np.ndarray | None:
+        """Constant value of ``name``; a run-time value in the original graph that is static here
+        (a shape computation) is recorded in :attr:`values` so the rewriter can pin it."""
+        if not name:
+            return None
+        v = self.view.const(name)
+        if v is not None and not self.original.is_const(name):
+            self.values[name] = v
+        return v
+
+    def int_list(self, node: onnx.NodeProto, index: int, attr_name: str) -> list[int] | None:
+        """Int list given as input ``index`` (newer opsets) or attribute ``attr_name`` (older)."""
+        if len(node.input) > index and node.input[index]:
+            v = self.const(node.input[index])
+            return None if v is None else [int(x) for x in np.asarray(v).reshape(-1)]
+        from ..graph import attr
+        val = attr(node, attr_name)
+        return None if val is None else [int(x) for x in val]
+
+    def is_const(self, name: str) -> bool:
+        return bool(name) and self.view.is_const(name)
+
+    def shape(self, name: str) -> tuple | None:
+        if not name:
+            return None
+        s = self.view.shape(name)
+        if s is None and name in self.view.initializers:
+            s = tuple(int(d) for d in self.view.initializers[name].dims)
+        return s
+
+    def rank(self, name: str) -> int | None:
+        s = self.shape(name)
+        return None if s is None else len(s)
+
+    def dim(self, name: str, axis: int) -> int | None:
+        """Static size of ``name`` on ``axis`` (None when unknown or symbolic)."""
+        s = self.shape(name)
+        if s is None or not -len(s) <= axis < len(s):
+            return None
+        d = s[axis]
+        return d if isinstance(d, int) and d >= 0 else None
+
+    def static_shape(self, name: str) -> tuple[int, ...] | None:
+        s = self.shape(name)
+        if s is None or not all(isinstance(d, int) and d >= 0 for d in s):
+            return None
+        return tuple(int(d) for d in s)

@@ -1,0 +1,446 @@
+"""Physically remove channels: :func:`apply_plan` (analysis + kept channels -> smaller model).
+
+Every member of a pruned group loses the positions of the removed channels along its axis:
+initializers are sliced (grouped conv weights block by block), and node attributes or constant
+inputs that spell out channel counts are rewritten (Conv ``group`` of depthwise convs, Reshape
+targets, Split sizes, Slice bounds on the channel axis, Gather indices, Resize sizes). Activations
+need nothing: their shapes follow, and are re-inferred and checked against what the analysis
+expects. The result passes ``onnx.checker`` (full check), keeps input/output names and shapes and
+node names.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import OnnxPruneError
+from ..graph import attr, opset_of
+from ..normalize import _remove_dead
+from .types import Analysis, KeepPlan
+
+
+def validate_plan(analysis: Analysis, plan: KeepPlan) -> dict[int, np.ndarray]:
+    """Check ``plan`` against ``analysis``; returns removed group channels per group id (non-empty only)."""
+    groups = {g.id: g for g in analysis.groups}
+    removed: dict[int, np.ndarray] = {}
+    for gid, kept in plan.items():
+        if gid not in groups:
+            raise OnnxPruneError(f"plan names group {gid}, which the analysis does not have")
+        g = groups[gid]
+        k = np.asarray(kept)
+        if k.ndim != 1 or (k.size and not np.issubdtype(k.dtype, np.integer)):
+            raise OnnxPruneError(f"plan for group {gid}: kept channels must be a 1-D list of integers")
+        k = k.astype(np.int64)
+        if k.size == 0:
+            raise OnnxPruneError(f"plan for group {gid} keeps no channel (at least one must stay)")
+        if k.min() < 0 or k.max() >= g.size:
+            raise OnnxPruneError(f"plan for group {gid}: channel indices must be in [0, {g.size}), got {k.min()}..{k.max()}")
+        if len(np.unique(k)) != len(k):
+            raise OnnxPruneError(f"plan for group {gid}: duplicate channel indices")
+        if len(k) == g.size:
+            continue
+        if not g.prunable:
+            raise OnnxPruneError(f"plan removes channels of unprunable group {gid} ({g.reason})")
+        if g.blocks > 1:
+            width = g.size // g.blocks
+            counts = np.bincount(k // width, minlength=g.blocks)
+            if len(set(counts.tolist())) != 1:
+                raise OnnxPruneError(f"plan for group {gid}: its {g.blocks} blocks of {width} channels must keep "
+                                     f"equal counts, got {counts.tolist()}")
+        removed[gid] = np.setdiff1d(np.arange(g.size), k)
+    return removed
+
+
+def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, check: bool = True) -> onnx.ModelProto:
+    """A copy of ``model`` (the normalized model the analysis was computed on, or its shape-fixed
+    copy) with the channels outside ``plan`` removed. Groups absent from the plan keep everything.
+
+    Raises :class:`OnnxPruneError` for an invalid plan (unknown group, indices out of range,
+    unbalanced blocks, an empty group, removing channels of an unprunable group) or when the
+    result fails shape inference or the checker. ``check=False`` skips the final full checker run
+    (for searches that rewrite many times; shapes are still verified).
+    """
+    removed = validate_plan(analysis, plan)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    if not removed:
+        return m
+    groups = {g.id: g for g in analysis.groups}
+    cuts: dict[tuple[str, int], set[int]] = {}  # (tensor, axis) -> removed positions
+    gcuts: dict[tuple[str, int, int], set[int]] = {}  # grouped weight members: (tensor, axis, groups)
+    act: dict[str, tuple[int, set[int]]] = {}
+    for gid, rem in removed.items():
+        for mem in groups[gid].members:
+            pos = {p for k in rem.tolist() for p in mem.positions[k]}
+            if mem.role == "act":
+                ax, prev = act.setdefault(mem.tensor, (mem.axis, set()))
+                if ax != mem.axis:
+                    raise OnnxPruneError(f"internal: tensor {mem.tensor!r} carries channels on axes {ax} and {mem.axis}")
+                prev |= pos
+            elif mem.groups > 1:
+                gcuts.setdefault((mem.tensor, mem.axis, mem.groups), set()).update(pos)
+            else:
+                cuts.setdefault((mem.tensor, mem.axis), set()).update(pos)
+
+    for t, (ax, pos) in act.items():
+        before = analysis.shapes.get(t)
+        if pos and before is not None and ax < len(before) and len(pos) >= before[ax]:
+            raise OnnxPruneError(f"plan removes every channel of {t!r}")
+    inits = {i.name: i for i in m.graph.initializer}
+    produced = {o for n in m.graph.node for o in n.output}
+    for t in list(act) + [k[0] for k in cuts] + [k[0] for k in gcuts]:
+        if t not in inits and t not in produced:
+            raise OnnxPruneError(f"the analysis does not match this model: it has no tensor {t!r}")
+    arrays: dict[str, np.ndarray] = {}
+
+    def arr(name: str) -> np.ndarray:
+        if name not in arrays:
+            arrays[name] = numpy_helper.to_array(inits[name])
+        return arrays[name]
+
+    for (name, axis, g), pos in gcuts.items():
+        if name not in inits:
+            raise OnnxPruneError(f"internal: grouped member {name!r} is not a constant")
+        arrays[name] = _cut_grouped(arr(name), axis, g, pos)
+    for (name, axis), pos in cuts.items():
+        if name not in inits:
+            raise OnnxPruneError(f"internal: member {name!r} (axis {axis}) is not a constant")
+        if pos:
+            arrays[name] = np.delete(arr(name), sorted(pos), axis=axis)
+
+    consumers: dict[str, int] = {}
+    for node in m.graph.node:
+        for i in node.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    fixer = _NodeFixer(m, analysis, act, inits, arrays, consumers)
+    for node in m.graph.node:
+        fixer.fix(node)
+
+    for name, a in arrays.items():
+        t = numpy_helper.from_array(np.ascontiguousarray(a), name)
+        if name in inits:
+            inits[name].CopyFrom(t)
+        else:
+            m.graph.initializer.append(t)
+    if fixer.replaced_inputs:
+        _remove_dead(m)
+    del m.graph.value_info[:]
+    try:
+        m = onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
+        raise OnnxPruneError(f"pruned model fails shape inference: {str(exc).splitlines()[0][:300]}") from exc
+    _verify_shapes(m, analysis, act)
+    if check:
+        try:
+            onnx.checker.check_model(m, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            if _passes_full_check(model):  # a model that never passed cannot be held to it
+                raise OnnxPruneError(f"pruned model fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from exc
+    return m
+
+
+def _passes_full_check(model: onnx.ModelProto) -> bool:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+        return False
+    return True
+
+
+def _cut_grouped(w: np.ndarray, axis: int, groups: int, pos: set[int]) -> np.ndarray:
+    """Remove channels of a grouped weight: full-range channel ``p`` of block ``j`` is
+    ``w[rows of block j (axis 0), p - j * width (axis)]``."""
+    width = w.shape[axis]
+    rows = w.shape[0] // groups
+    blocks, kept_counts = [], set()
+    for j in range(groups):
+        rel = sorted(p - j * width for p in pos if j * width <= p < (j + 1) * width)
+        blk = np.delete(w[j * rows:(j + 1) * rows], rel, axis=axis)
+        kept_counts.add(blk.shape[axis])
+        blocks.append(blk)
+    if len(kept_counts) != 1:
+        raise OnnxPruneError(f"grouped weight would keep unequal channel counts per group: {sorted(kept_counts)}")
+    return np.concatenate(blocks, axis=0)
+
+
+def _new_positions(dim: int, removed: set[int]) -> np.ndarray:
+    """old position -> new position (-1 for removed ones)."""
+    keep = np.ones(dim, dtype=bool)
+    keep[sorted(removed)] = False
+    newpos = np.full(dim, -1, dtype=np.int64)
+    newpos[keep] = np.arange(int(keep.sum()))
+    return newpos
+
+
+class _NodeFixer:
+    """Rewrites attributes and constant inputs that spell out channel counts or positions."""
+
+    def __init__(self, m, analysis, act, inits, arrays, consumers):
+        self.m, self.shapes, self.act, self.values = m, analysis.shapes, act, analysis.values
+        self.inits, self.arrays, self.consumers = inits, arrays, consumers
+        self.opset = opset_of(m)
+        self.replaced_inputs = False
+        self._sym = None
+
+    def cut(self, name: str, axis: int | None = None) -> set[int]:
+        """Removed positions of activation ``name`` (on ``axis`` when given, else on its channel axis)."""
+        if name not in self.act:
+            return set()
+        ax, pos = self.act[name]
+        return pos if axis is None or ax == axis else set()
+
+    def dim(self, name: str, axis: int) -> int:
+        s = self.shapes.get(name)
+        if s is None or axis >= len(s):
+            raise OnnxPruneError(f"internal: static shape of {name!r} unknown to the rewriter")
+        return s[axis]
+
+    def const(self, name: str, *, model_only: bool = False) -> np.ndarray | None:
+        """Value of ``name``: a constant of the model, or (unless ``model_only``) the static value
+        the analysis computed for a run-time tensor."""
+        if name in self.arrays:
+            return self.arrays[name]
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        return None if model_only else self.values.get(name)
+
+    def set_input(self, node: onnx.NodeProto, index: int, value: np.ndarray, suffix: str) -> None:
+        """Give input ``index`` of ``node`` a new constant value (in place when only it reads it)."""
+        old = node.input[index] if index < len(node.input) else ""
+        if old and old in self.inits and self.consumers.get(old, 0) == 1:
+            self.arrays[old] = value
+            return
+        name = f"{node.name}_{suffix}"
+        while name in self.inits or name in self.arrays:
+            name += "_"
+        self.arrays[name] = value
+        if index < len(node.input):
+            node.input[index] = name
+        else:
+            while len(node.input) < index:
+                node.input.append("")
+            node.input.append(name)
+        self.replaced_inputs = True
+
+    def fix(self, node: onnx.NodeProto) -> None:
+        if node.domain not in ("", "ai.onnx"):
+            return
+        fn = getattr(self, f"_fix_{node.op_type}", None)
+        if fn is not None:
+            fn(node)
+
+    # --------------------------------------------------------------------- per op
+    def _fix_Conv(self, node):
+        g = int(attr(node, "group", 1))
+        x = node.input[0]
+        rem = self.cut(x, 1)
+        if g > 1 and rem and g == self.dim(x, 1):
+            _set_attr(node, "group", g - len(rem))
+
+    _fix_ConvTranspose = _fix_Conv
+
+    def _fix_Reshape(self, node):
+        x, y = node.input[0], node.output[0]
+        if not self.cut(x) and not self.cut(y):
+            return
+        if y not in self.act:
+            raise OnnxPruneError(f"internal: Reshape {node.name} loses input channels but its output is not tracked")
+        u, rem = self.act[y]
+        new_u = self.dim(y, u) - len(rem)
+        target = self.const(node.input[1], model_only=True)
+        if target is not None:
+            t = target.astype(np.int64).copy()
+            allowzero = int(attr(node, "allowzero", 0))
+            if t[u] == -1:
+                pass
+            elif t[u] == 0 and not allowzero:
+                xs = self.shapes.get(x)
+                in_new = None
+                if xs is not None and u < len(xs):
+                    in_new = xs[u] - len(self.cut(x, u))
+                if in_new != new_u:
+                    t[u] = new_u
+            else:
+                t[u] = new_u
+            if not np.array_equal(t, target):
+                self.set_input(node, 1, t, "shape")
+            return
+        # run-time target (Shape -> Gather -> Concat ...): pin only the entry of the channel axis
+        static = self.values.get(node.input[1])
+        if static is not None and int(static[u]) == -1:
+            return
+        if self._patch_concat_entry(node.input[1], u, new_u):
+            return
+        sym = self._symbolic_shapes().get(y)
+        if sym is None or len(sym) != len(self.shapes[y]):
+            raise OnnxPruneError(f"cannot rewrite the run-time target shape of Reshape {node.name}")
+        t = [new_u if i == u else (d if isinstance(d, int) else -1) for i, d in enumerate(sym)]
+        if t.count(-1) > 1:
+            raise OnnxPruneError(f"cannot rewrite the run-time target shape of Reshape {node.name}: several dynamic dims")
+        self.set_input(node, 1, np.array(t, dtype=np.int64), "shape")
+
+    def _patch_concat_entry(self, name: str, index: int, value: int) -> bool:
+        """Set entry ``index`` of a run-time 1-D shape built by a Concat of pieces to ``value`` by
+        replacing the piece that holds it with a constant; False when the shape is built otherwise."""
+        producer = next((n for n in self.m.graph.node if name in n.output), None)
+        if producer is None or producer.op_type != "Concat":
+            return False
+        sym = None
+        off = 0
+        for idx, piece in enumerate(producer.input):
+            const = self.const(piece, model_only=True)
+            if const is not None:
+                length = int(const.size)
+            else:
+                sym = sym if sym is not None else self._symbolic_shapes()
+                s = sym.get(piece)
+                if s is None or len(s) != 1 or not isinstance(s[0], int):
+                    return False
+                length = s[0]
+            if off <= index < off + length:
+                if const is not None:
+                    new = const.astype(np.int64).reshape(-1).copy()
+                    new[index - off] = value
+                elif length == 1:
+                    new = np.array([value], dtype=np.int64)
+                else:
+                    return False
+                self.set_input(producer, idx, new, "dim")
+                return True
+            off += length
+        return False
+
+    def _symbolic_shapes(self):
+        if self._sym is None:
+            from ..shapes import value_shapes
+            try:
+                self._sym = value_shapes(onnx.shape_inference.infer_shapes(self.m, data_prop=True))
+            except Exception:  # noqa: BLE001 - then every run-time target is an error above
+                self._sym = {}
+        return self._sym
+
+    def _fix_Split(self, node):
+        x = node.input[0]
+        rank = len(self.shapes.get(x, ()))
+        axis = int(attr(node, "axis", 0))
+        axis = axis + rank if axis < 0 else axis
+        rem = self.cut(x, axis)
+        if not rem:
+            return
+        dim = self.dim(x, axis)
+        if self.opset >= 13 and len(node.input) > 1 and node.input[1]:
+            sizes = [int(v) for v in self.const(node.input[1]).reshape(-1)]
+        elif self.opset < 13 and attr(node, "split") is not None:
+            sizes = [int(v) for v in attr(node, "split")]
+        else:
+            n = int(attr(node, "num_outputs", len(node.output)))
+            per = -(-dim // n)
+            sizes = [per] * (n - 1) + [dim - per * (n - 1)]
+        new, off = [], 0
+        for s in sizes:
+            new.append(s - sum(1 for p in rem if off <= p < off + s))
+            off += s
+        if any(s <= 0 for s in new):
+            raise OnnxPruneError(f"plan empties an output of Split {node.name}")
+        if self.opset >= 13:
+            _del_attr(node, "num_outputs")
+            self.set_input(node, 1, np.array(new, dtype=np.int64), "split")
+        else:
+            _set_attr(node, "split", new)
+
+    def _fix_Slice(self, node):
+        x = node.input[0]
+        if x not in self.act:
+            return
+        ax, rem = self.act[x]
+        if not rem:
+            return
+        rank = len(self.shapes[x])
+        dim = self.dim(x, ax)
+        newpos_count = lambda b: b - sum(1 for p in rem if p < b)  # noqa: E731 - kept positions before b
+        if self.opset >= 10:
+            starts = [int(v) for v in self.const(node.input[1]).reshape(-1)]
+            ends = [int(v) for v in self.const(node.input[2]).reshape(-1)]
+            axes = ([int(v) for v in self.const(node.input[3]).reshape(-1)] if len(node.input) > 3 and node.input[3]
+                    else list(range(len(starts))))
+        else:
+            starts, ends = list(attr(node, "starts")), list(attr(node, "ends"))
+            axes = list(attr(node, "axes", list(range(len(starts)))))
+        axes = [a + rank if a < 0 else a for a in axes]
+        if ax not in axes:
+            return
+        i = axes.index(ax)
+        win = range(dim)[slice(starts[i], ends[i], 1)]
+        starts[i], ends[i] = newpos_count(win.start), newpos_count(win.stop)
+        if self.opset >= 10:
+            self.set_input(node, 1, np.array(starts, dtype=self.const(node.input[1]).dtype), "starts")
+            self.set_input(node, 2, np.array(ends, dtype=self.const(node.input[2]).dtype), "ends")
+        else:
+            _set_attr(node, "starts", starts)
+            _set_attr(node, "ends", ends)
+
+    def _fix_Gather(self, node):
+        x, y = node.input[0], node.output[0]
+        rank = len(self.shapes.get(x, ()))
+        axis = int(attr(node, "axis", 0))
+        axis = axis + rank if axis < 0 else axis
+        rem = self.cut(x, axis)
+        if not rem:
+            return
+        idx = self.const(node.input[1]).astype(np.int64)
+        dim = self.dim(x, axis)
+        idx = np.where(idx < 0, idx + dim, idx)
+        newpos = _new_positions(dim, rem)
+        if idx.ndim == 1:
+            out_rem = self.cut(y, axis)
+            keep = np.ones(len(idx), dtype=bool)
+            keep[sorted(out_rem)] = False
+            idx = idx[keep]
+        new = newpos[idx]
+        if (new < 0).any():
+            raise OnnxPruneError(f"internal: Gather {node.name} would read a removed channel")
+        self.set_input(node, 1, new.astype(self.const(node.input[1]).dtype), "indices")
+
+    def _fix_Resize(self, node):
+        x = node.input[0]
+        if x not in self.act or len(node.input) < 4 or not node.input[3]:
+            return
+        ax, rem = self.act[x]
+        if not rem:
+            return
+        sizes = self.const(node.input[3]).astype(np.int64).copy()
+        rank = len(self.shapes[x])
+        axes = attr(node, "axes")
+        axes = list(range(rank)) if axes is None else [int(a) + rank if a < 0 else int(a) for a in axes]
+        if ax in axes:
+            sizes[axes.index(ax)] -= len(rem)
+            self.set_input(node, 3, sizes, "sizes")
+
+
+def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    _del_attr(node, name)
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _del_attr(node: onnx.NodeProto, name: str) -> None:
+    keep = [a for a in node.attribute if a.name != name]
+    if len(keep) != len(node.attribute):
+        del node.attribute[:]
+        node.attribute.extend(keep)
+
+
+def _verify_shapes(m: onnx.ModelProto, analysis: Analysis, act: dict[str, tuple[int, set[int]]]) -> None:
+    """Every activation that lost channels must have exactly the expected count after inference."""
+    from ..shapes import value_shapes
+    shapes = value_shapes(m)
+    for name, (axis, rem) in act.items():
+        if not rem:
+            continue
+        before = analysis.shapes.get(name)
+        after = shapes.get(name)
+        if before is None or after is None or axis >= len(after) or not isinstance(after[axis], int):
+            continue
+        if after[axis] != before[axis] - len(rem):
+            raise OnnxPruneError(f"internal: after pruning {name!r} has {after[axis]} positions on axis {axis}, "
+                                 f"expected {before[axis] - len(rem)}")

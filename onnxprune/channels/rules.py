@@ -1,0 +1,862 @@
+"""One small rule per op type: how channels flow through a node (the table :data:`RULES`).
+
+Each rule reads the tracks of the node's inputs from a :class:`~onnxprune.channels.context.Context`
+and, in order of what it can do:
+
+- records **members** — weights that produce ("out") or consume ("in") the channels, per-channel
+  parameters ("param") — that the rewriter slices;
+- **unites** atoms that must go together (operands of a residual Add);
+- sets the **track** of its outputs (which axis carries which channels);
+- or marks channels **bad** with a reason naming the node when it cannot be exact.
+
+Ops without a rule go through :func:`rule_unknown`: every channel flowing into them is unprunable.
+Only the default ONNX domain has rules; custom domains are unknown by construction.
+
+Axes are non-negative everywhere (rules normalize attribute axes with the tensor's rank).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from ..graph import attr
+from .context import Context
+
+Rule = Callable[[Context, onnx.NodeProto], None]
+
+
+def _where(node: onnx.NodeProto) -> str:
+    return f"node {node.name} ({node.op_type})"
+
+
+def _norm_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _untrack_outputs(ctx: Context, node: onnx.NodeProto, reason: str) -> None:
+    for o in node.output:
+        ctx.untrack(o, reason)
+
+
+def _untracked_inputs_reason(ctx: Context, node: onnx.NodeProto) -> str:
+    """Why the outputs of a node with only untracked inputs are untracked (model input, ...)."""
+    for i in node.input:
+        if i and i in ctx.untracked_reason:
+            return ctx.untracked_reason[i]
+    return f"output of {_where(node)} carries no tracked channels"
+
+
+def _mark_inputs_bad(ctx: Context, node: onnx.NodeProto, reason: str, inputs=None) -> None:
+    for i in (node.input if inputs is None else inputs):
+        tr = ctx.track(i) if i else None
+        if tr is not None:
+            ctx.mark_bad(tr.atoms, reason)
+
+
+# ------------------------------------------------------------------------------------ fallback
+def rule_unknown(ctx: Context, node: onnx.NodeProto) -> None:
+    """Unknown op or custom domain: channels flowing in are unprunable; outputs are opaque."""
+    what = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+    _mark_inputs_bad(ctx, node, f"flows into unsupported op {what} (node {node.name})")
+    _untrack_outputs(ctx, node, f"output of unsupported op {what} (node {node.name})")
+
+
+def _opaque(ctx: Context, node: onnx.NodeProto, why: str) -> None:
+    """A supported op used in a way the analysis cannot follow exactly."""
+    _mark_inputs_bad(ctx, node, f"{_where(node)}: {why}")
+    _untrack_outputs(ctx, node, f"output of {_where(node)}: {why}")
+
+
+def rule_shape_reader(ctx: Context, node: onnx.NodeProto) -> None:
+    """Shape/Size/...: read only dimensions (which adapt after pruning); outputs carry no channels."""
+    _untrack_outputs(ctx, node, f"output of {_where(node)} (a shape computation)")
+
+
+def rule_source(ctx: Context, node: onnx.NodeProto) -> None:
+    """Ops creating tensors from nothing or from shapes (ConstantOfShape, Range, ...)."""
+    _untrack_outputs(ctx, node, f"output of {_where(node)}")
+
+
+# ------------------------------------------------------------------------------------ pass-through
+def rule_passthrough(ctx: Context, node: onnx.NodeProto) -> None:
+    """Unary elementwise ops (activations, Cast, Identity, Dropout, Clip with scalar bounds ...):
+    the output carries the input's channels on the same axis."""
+    x = node.input[0]
+    tr = ctx.track(x)
+    if tr is None:
+        _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+        return
+    ctx.set_track(node.output[0], tr.axis, tr.atoms, node)
+    for extra in node.output[1:]:  # Dropout mask etc.: same layout when used
+        if extra and ctx.view.consumers.get(extra):
+            ctx.mark_bad(tr.atoms, f"{_where(node)}: secondary output {extra!r} is used")
+
+
+def rule_clip(ctx: Context, node: onnx.NodeProto) -> None:
+    """Clip: pass-through; min/max (inputs from opset 11, attributes before) must be scalars."""
+    for b in node.input[1:]:
+        if b and (ctx.const(b) is None or ctx.const(b).size != 1):
+            return _elementwise(ctx, node, [i for i in node.input if i])
+    rule_passthrough(ctx, node)
+
+
+def rule_pool(ctx: Context, node: onnx.NodeProto) -> None:
+    """Max/Average/Lp pooling and their Global forms: per channel over axes 2+; channels on axis 1."""
+    tr = ctx.track(node.input[0])
+    if tr is None:
+        _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+        return
+    if tr.axis >= 2:
+        return _opaque(ctx, node, f"pools over axis {tr.axis}, which holds the channels")
+    for o in node.output[:1]:
+        ctx.set_track(o, tr.axis, tr.atoms, node)
+    if len(node.output) > 1 and node.output[1] and ctx.view.consumers.get(node.output[1]):
+        ctx.mark_bad(tr.atoms, f"{_where(node)}: pooling indices output is used")
+
+
+def rule_softmax(ctx: Context, node: onnx.NodeProto) -> None:
+    """Softmax/LogSoftmax/Hardmax: fine unless normalizing over the channel axis (before opset 13 the
+    op flattens every axis from ``axis`` on, so those count too)."""
+    tr = ctx.track(node.input[0])
+    if tr is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    rank = ctx.rank(node.input[0])
+    if rank is None:
+        return _opaque(ctx, node, "unknown rank")
+    default = -1 if ctx.opset >= 13 else 1
+    axis = _norm_axis(int(attr(node, "axis", default)), rank)
+    if (ctx.opset >= 13 and tr.axis == axis) or (ctx.opset < 13 and tr.axis >= axis):
+        return _opaque(ctx, node, "normalizes over the channel axis")
+    ctx.set_track(node.output[0], tr.axis, tr.atoms, node)
+
+
+_REDUCE_AXES_INPUT_OPSET = {"ReduceSum": 13}
+
+
+def rule_reduce(ctx: Context, node: onnx.NodeProto) -> None:
+    """Reduce*: over non-channel axes a pass-through (the channel axis shifts when ``keepdims=0``);
+    over the channel axis an *inexact* statistic (its output carries no channels)."""
+    tr = ctx.track(node.input[0])
+    if tr is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    rank = ctx.rank(node.input[0])
+    if rank is None:
+        return _opaque(ctx, node, "unknown rank")
+    from_input = ctx.opset >= _REDUCE_AXES_INPUT_OPSET.get(node.op_type, 18)
+    if from_input:
+        if len(node.input) > 1 and node.input[1] and ctx.const(node.input[1]) is None:
+            return _opaque(ctx, node, "axes are computed at run time")
+        axes = ctx.int_list(node, 1, "__none__")
+    else:
+        axes = attr(node, "axes")
+        axes = None if axes is None else [int(a) for a in axes]
+    if not axes:
+        if from_input and int(attr(node, "noop_with_empty_axes", 0)):
+            return ctx.set_track(node.output[0], tr.axis, tr.atoms, node)
+        axes = list(range(rank))
+    axes = sorted(_norm_axis(a, rank) for a in axes)
+    if tr.axis in axes:
+        # a statistic over the channels (decomposed LayerNorm, channel-mean attention): the result has
+        # no channel axis left, and removing channels changes it only numerically, like LayerNorm
+        ctx.mark_inexact(tr.atoms, f"{_where(node)} computes a statistic over the channel axis")
+        return _untrack_outputs(ctx, node, f"output of {_where(node)} (a statistic over channels)")
+    keep = int(attr(node, "keepdims", 1))
+    out_axis = tr.axis if keep else tr.axis - sum(a < tr.axis for a in axes)
+    ctx.set_track(node.output[0], out_axis, tr.atoms, node)
+
+
+def rule_argreduce(ctx: Context, node: onnx.NodeProto) -> None:
+    """ArgMax/ArgMin over one non-channel axis."""
+    tr = ctx.track(node.input[0])
+    if tr is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    rank = ctx.rank(node.input[0])
+    axis = _norm_axis(int(attr(node, "axis", 0)), rank)
+    if axis == tr.axis:
+        return _opaque(ctx, node, "reduces over the channel axis")
+    keep = int(attr(node, "keepdims", 1))
+    ctx.set_track(node.output[0], tr.axis if keep or tr.axis < axis else tr.axis - 1, tr.atoms, node)
+
+
+def rule_pad(ctx: Context, node: onnx.NodeProto) -> None:
+    """Pad: fine when nothing is padded on the channel axis (pads from input 1, or the attribute
+    before opset 11; optional ``axes`` input from opset 18)."""
+    tr = ctx.track(node.input[0])
+    if tr is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    rank = ctx.rank(node.input[0])
+    if ctx.opset >= 11:
+        if len(node.input) < 2 or ctx.const(node.input[1]) is None:
+            return _opaque(ctx, node, "pads are computed at run time")
+        pads = [int(v) for v in ctx.const(node.input[1]).reshape(-1)]
+        axes = list(range(rank))
+        if len(node.input) > 3 and node.input[3]:
+            if ctx.const(node.input[3]) is None:
+                return _opaque(ctx, node, "axes are computed at run time")
+            axes = [_norm_axis(int(a), rank) for a in ctx.const(node.input[3]).reshape(-1)]
+    else:
+        pads = [int(v) for v in attr(node, "pads", attr(node, "paddings", []))]
+        axes = list(range(rank))
+    n = len(axes)
+    for i, a in enumerate(axes):
+        if a == tr.axis and (pads[i] != 0 or pads[i + n] != 0):
+            return _opaque(ctx, node, "pads the channel axis")
+    ctx.set_track(node.output[0], tr.axis, tr.atoms, node)
+
+
+def rule_resize(ctx: Context, node: onnx.NodeProto) -> None:
+    """Resize/Upsample: per channel when the channel axis keeps its size (scale 1 / same size)."""
+    tr = ctx.track(node.input[0])
+    if tr is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    c_in, c_out = ctx.dim(node.input[0], tr.axis), ctx.dim(node.output[0], tr.axis)
+    axes = attr(node, "axes")
+    if axes is not None:  # opset 18: scales/sizes only for these axes
+        rank = ctx.rank(node.input[0])
+        if tr.axis not in [_norm_axis(int(a), rank) for a in axes]:
+            return ctx.set_track(node.output[0], tr.axis, tr.atoms, node)
+    if c_in is None or c_out is None or c_in != c_out:
+        return _opaque(ctx, node, "resizes the channel axis" if c_in and c_out else "output channel count unknown")
+    if node.op_type == "Resize" and node.input[-1] and len(node.input) >= 4 and ctx.const(node.input[3]) is None:
+        return _opaque(ctx, node, "sizes are computed at run time")
+    ctx.set_track(node.output[0], tr.axis, tr.atoms, node)
+
+
+# ------------------------------------------------------------------------------------ elementwise
+def _elementwise(ctx: Context, node: onnx.NodeProto, inputs: list[str]) -> None:
+    """Broadcasting elementwise ops: operands whose channel axes line up are united; constants with a
+    per-channel dim become "param" members; broadcast (size-1 or missing) dims pass through."""
+    out = node.output[0]
+    ranks = [ctx.rank(i) for i in inputs]
+    out_rank = ctx.rank(out)
+    if out_rank is None:
+        out_rank = max((r for r in ranks if r is not None), default=None)
+    tracked = [(i, ctx.track(i), r) for i, r in zip(inputs, ranks) if ctx.track(i) is not None]
+    if not tracked:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    if out_rank is None or any(r is None for r in ranks):
+        return _opaque(ctx, node, "unknown operand rank")
+    # primary: a tracked operand that is not broadcast on its channel axis
+    primary = None
+    for name, tr, r in tracked:
+        if ctx.dim(name, tr.axis) == ctx.dim(out, tr.axis + out_rank - r):
+            primary = (name, tr, r)
+            break
+    if primary is None:
+        return _opaque(ctx, node, "tracked channels are broadcast")
+    _, ptr, pr = primary
+    oax = ptr.axis + out_rank - pr
+    c = ctx.dim(out, oax)
+    atoms = ptr.atoms
+    for name, r in zip(inputs, ranks):
+        ax = oax - (out_rank - r)
+        d = ctx.dim(name, ax) if 0 <= ax < r else 1
+        tr = ctx.track(name)
+        if tr is None:
+            if d == 1 and c != 1:
+                continue  # broadcast over the channels: no coupling
+            if ctx.is_const(name):
+                if d == c:
+                    ctx.add_member(name, ax, atoms, "param", node)
+                else:
+                    ctx.mark_bad(atoms, f"{_where(node)}: constant {name!r} does not line up with the channels")
+                continue
+            if c == 1 and d == 1:
+                continue
+            ctx.mark_bad(atoms, f"combined at {_where(node)} with {name!r}: {ctx.reason_of(name)}")
+            continue
+        iax = tr.axis + out_rank - r
+        if iax == oax:
+            if d == c:
+                ctx.unite(atoms, tr.atoms)
+            else:
+                ctx.mark_bad(tr.atoms, f"{_where(node)}: channels of {name!r} are broadcast over {c} channels")
+        else:
+            ctx.mark_bad(tr.atoms, f"{_where(node)}: operands carry channels on different axes")
+            if d == c and c != 1:
+                ctx.mark_bad(atoms, f"{_where(node)}: operands carry channels on different axes")
+    ctx.set_track(out, oax, atoms, node)
+
+
+def rule_elementwise(ctx: Context, node: onnx.NodeProto) -> None:
+    """Add/Sub/Mul/Div/Pow/Max/Min/Sum/Mean/PRelu/Where/comparisons: see :func:`_elementwise`."""
+    _elementwise(ctx, node, [i for i in node.input if i])
+
+
+# ------------------------------------------------------------------------------------ producers
+def rule_conv(ctx: Context, node: onnx.NodeProto) -> None:
+    """Conv, weight ``[Cout, Cin/g, k...]`` on channels at axis 1.
+
+    - ``g == 1``: weight axis 1 consumes the input channels ("in"); axis 0 and the bias produce new ones.
+    - depthwise (``g == Cin``, one input channel per group): output channel ``o`` is input channel
+      ``o // m`` (``m = Cout / Cin``); the weight rows and bias go with the input's channels and
+      ``group`` is rewritten to the kept count.
+    - general grouped: like ``g == 1`` but input and output channels each keep equal counts in
+      their ``g`` blocks (``blocks``), and the "in" member has ``groups = g``.
+    """
+    x, w_name = node.input[0], node.input[1]
+    b_name = node.input[2] if len(node.input) > 2 else ""
+    w = ctx.const(w_name)
+    if w is None:
+        return _opaque(ctx, node, "weight is not a constant")
+    g = int(attr(node, "group", 1))
+    cout, cin_g = int(w.shape[0]), int(w.shape[1])
+    cin = cin_g * g
+    if b_name and ctx.const(b_name) is None:
+        return _opaque(ctx, node, "bias is not a constant")
+    if g > 1 and cin_g == 1:  # depthwise (channel multiplier m)
+        xin = ctx.atoms_on(x, 1, node)
+        if xin is None:
+            return _opaque(ctx, node, "input channel count unknown")
+        out = np.repeat(xin, cout // cin)
+        ctx.add_member(w_name, 0, out, "out", node)
+    else:
+        xin = ctx.atoms_on(x, 1, node, need=g > 1)
+        if xin is not None:
+            ctx.add_member(w_name, 1, xin, "in", node, groups=g)
+            if g > 1:
+                ctx.require_blocks(xin, g, node)
+        out = ctx.new_atoms(cout)
+        ctx.add_member(w_name, 0, out, "out", node)
+        if g > 1:
+            ctx.require_blocks(out, g, node)
+    if b_name:
+        ctx.add_member(b_name, 0, out, "param", node)
+    ctx.set_track(node.output[0], 1, out, node)
+
+
+def rule_conv_transpose(ctx: Context, node: onnx.NodeProto) -> None:
+    """ConvTranspose, weight ``[Cin, Cout/g, k...]``: axis 0 consumes the input channels, axis 1
+    produces the output ones (depthwise: coupled like Conv; grouped: blocks, "out" member ``groups = g``)."""
+    x, w_name = node.input[0], node.input[1]
+    b_name = node.input[2] if len(node.input) > 2 else ""
+    w = ctx.const(w_name)
+    if w is None or (b_name and ctx.const(b_name) is None):
+        return _opaque(ctx, node, "weight or bias is not a constant")
+    g = int(attr(node, "group", 1))
+    cin, cout_g = int(w.shape[0]), int(w.shape[1])
+    if g > 1 and cin == g and cout_g == 1:  # depthwise
+        xin = ctx.atoms_on(x, 1, node)
+        if xin is None:
+            return _opaque(ctx, node, "input channel count unknown")
+        out = xin
+        ctx.add_member(w_name, 0, out, "out", node)
+    else:
+        xin = ctx.atoms_on(x, 1, node, need=g > 1)
+        if xin is not None:
+            ctx.add_member(w_name, 0, xin, "in", node)
+            if g > 1:
+                ctx.require_blocks(xin, g, node)
+        out = ctx.new_atoms(cout_g * g)
+        ctx.add_member(w_name, 1, out, "out", node, groups=g)
+        if g > 1:
+            ctx.require_blocks(out, g, node)
+    if b_name:
+        ctx.add_member(b_name, 0, out, "param", node)
+    ctx.set_track(node.output[0], 1, out, node)
+
+
+def rule_gemm(ctx: Context, node: onnx.NodeProto) -> None:
+    """Gemm ``Y = A' B' + C`` with a constant B (a linear layer): B's K axis consumes A's channels
+    (axis 1 of A, or 0 with ``transA``), its N axis produces new ones; C is a per-channel "param"
+    when it has N entries on its last axis."""
+    a, b = node.input[0], node.input[1]
+    c = node.input[2] if len(node.input) > 2 else ""
+    bw = ctx.const(b)
+    if bw is None:
+        return _opaque(ctx, node, "B is not a constant")
+    trans_a, trans_b = int(attr(node, "transA", 0)), int(attr(node, "transB", 0))
+    k_axis_b, n_axis_b = (1, 0) if trans_b else (0, 1)
+    k_axis_a = 0 if trans_a else 1
+    tr = ctx.track(a)
+    if tr is not None and tr.axis != k_axis_a:
+        ctx.mark_bad(tr.atoms, f"{_where(node)}: channels on the rows of a Gemm")
+    xin = ctx.atoms_on(a, k_axis_a, node, need=False) if tr is not None and tr.axis == k_axis_a else None
+    if xin is not None:
+        ctx.add_member(b, k_axis_b, xin, "in", node)
+    out = ctx.new_atoms(int(bw.shape[n_axis_b]))
+    ctx.add_member(b, n_axis_b, out, "out", node)
+    if c:
+        cv = ctx.const(c)
+        if cv is None:
+            ctx.mark_bad(out, f"{_where(node)}: C is not a constant")
+        elif cv.ndim >= 1 and cv.shape[-1] == len(out) and len(out) > 1:
+            ctx.add_member(c, cv.ndim - 1, out, "param", node)
+        elif cv.ndim >= 1 and cv.shape[-1] not in (1, len(out)):
+            ctx.mark_bad(out, f"{_where(node)}: C does not line up with the output channels")
+    ctx.set_track(node.output[0], 1, out, node)
+
+
+def rule_matmul(ctx: Context, node: onnx.NodeProto) -> None:
+    """MatMul ``A[..., M, K] @ B[..., K, N]`` (numpy semantics).
+
+    - constant B (linear layer, 2-D or batched weight): B's axis -2 consumes A's last-axis channels,
+      axis -1 produces new ones; if A's channels sit on another axis they pass through and the
+      output columns are not tracked.
+    - constant A: mirrored (``W @ X``).
+    - two activations (attention): channels on a contracted axis (K) are unprunable (they would only
+      be exact by also zeroing the producers); channels on the free axes pass through (``attn @ V``).
+    """
+    a, b = node.input[0], node.input[1]
+    ra, rb, ro = ctx.rank(a), ctx.rank(b), ctx.rank(node.output[0])
+    if ra is None or rb is None or ro is None:
+        return _opaque(ctx, node, "unknown operand rank")
+    if ra == 1 or rb == 1:
+        return _opaque(ctx, node, "1-D operand")
+    ta, tb = ctx.track(a), ctx.track(b)
+    aw, bw = ctx.const(a), ctx.const(b)
+    if bw is not None and aw is None:
+        if ta is not None and ta.axis == ra - 1:
+            ctx.add_member(b, rb - 2, ta.atoms, "in", node)
+        elif ta is not None and ta.axis == ra - 2:
+            ctx.mark_bad(ta.atoms, f"{_where(node)}: channels on the rows of a MatMul")
+        elif ta is not None:  # a batch axis carries the channels: they pass through
+            return ctx.set_track(node.output[0], ta.axis + ro - ra, ta.atoms, node)
+        out = ctx.new_atoms(int(bw.shape[-1]))
+        ctx.add_member(b, rb - 1, out, "out", node)
+        return ctx.set_track(node.output[0], ro - 1, out, node)
+    if aw is not None and bw is None:
+        if tb is not None and tb.axis == rb - 2:
+            ctx.add_member(a, ra - 1, tb.atoms, "in", node)
+        elif tb is not None and tb.axis == rb - 1:
+            ctx.mark_bad(tb.atoms, f"{_where(node)}: channels on the columns of a W @ X MatMul")
+        elif tb is not None:
+            return ctx.set_track(node.output[0], tb.axis + ro - rb, tb.atoms, node)
+        out = ctx.new_atoms(int(aw.shape[-2]))
+        ctx.add_member(a, ra - 2, out, "out", node)
+        return ctx.set_track(node.output[0], ro - 2, out, node)
+    if aw is not None and bw is not None:
+        return _untrack_outputs(ctx, node, f"output of {_where(node)}")
+    # two activations
+    result = None
+    if ta is not None:
+        if ta.axis == ra - 1:
+            ctx.mark_bad(ta.atoms, f"{_where(node)}: channels contracted with another activation (attention)")
+        elif ta.axis == ra - 2:
+            result = (ro - 2, ta.atoms)
+        else:
+            ctx.mark_bad(ta.atoms, f"{_where(node)}: channels on a broadcast batch axis of a MatMul")
+    if tb is not None:
+        if tb.axis == rb - 2:
+            ctx.mark_bad(tb.atoms, f"{_where(node)}: channels contracted with another activation (attention)")
+        elif tb.axis == rb - 1 and result is None:
+            result = (ro - 1, tb.atoms)
+        else:
+            ctx.mark_bad(tb.atoms, f"{_where(node)}: channels on a broadcast batch axis of a MatMul")
+    if result is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node) if ta is None and tb is None
+                                else f"output of {_where(node)} (contraction)")
+    ctx.set_track(node.output[0], result[0], result[1], node)
+
+
+# ------------------------------------------------------------------------------------ normalizations
+def _channel_norm(ctx: Context, node: onnx.NodeProto, params: list[str], *, exact: bool, why: str = "") -> None:
+    """Normalizations with per-channel parameters on axis 1 of the input (axis 0 of the params)."""
+    x = node.input[0]
+    xin = ctx.atoms_on(x, 1, node, need=False)
+    if xin is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    for p in params:
+        if not p:
+            continue
+        v = ctx.const(p)
+        if v is None:
+            ctx.mark_bad(xin, f"{_where(node)}: parameter {p!r} is not a constant")
+        elif v.ndim >= 1 and v.shape[0] == len(xin):
+            ctx.add_member(p, 0, xin, "param", node)
+    if not exact:
+        ctx.mark_inexact(xin, f"{_where(node)} {why}")
+    ctx.set_track(node.output[0], 1, xin, node)
+    for extra in node.output[1:]:
+        if extra and ctx.view.consumers.get(extra):
+            ctx.mark_bad(xin, f"{_where(node)}: training-mode output {extra!r} is used")
+
+
+def rule_batchnorm(ctx: Context, node: onnx.NodeProto) -> None:
+    """BatchNormalization: scale, bias, mean, var are per-channel "param" members."""
+    _channel_norm(ctx, node, list(node.input[1:5]), exact=True)
+
+
+def rule_instancenorm(ctx: Context, node: onnx.NodeProto) -> None:
+    """InstanceNormalization: statistics per channel (exact); scale and bias are "param" members."""
+    _channel_norm(ctx, node, list(node.input[1:3]), exact=True)
+
+
+def rule_groupnorm(ctx: Context, node: onnx.NodeProto) -> None:
+    """GroupNormalization (opset 18+): channels in ``num_groups`` blocks that must keep equal counts;
+    per-channel scale/bias (opset 21; per-group in 18, untouched). Statistics span channels: inexact."""
+    x = node.input[0]
+    xin = ctx.atoms_on(x, 1, node, need=False)
+    if xin is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    ctx.require_blocks(xin, int(attr(node, "num_groups", 1)), node)
+    _channel_norm(ctx, node, list(node.input[1:3]), exact=False, why="normalizes over groups of channels")
+
+
+def rule_layernorm(ctx: Context, node: onnx.NodeProto) -> None:
+    """LayerNormalization over axes ``axis..`` : when the channel axis is normalized, scale and bias
+    (aligned from the right) are "param" members and the group is inexact (statistics span the
+    channels); otherwise a pass-through."""
+    x = node.input[0]
+    tr = ctx.track(x)
+    if tr is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    rank = ctx.rank(x)
+    axis = _norm_axis(int(attr(node, "axis", -1)), rank)
+    if tr.axis >= axis:
+        for p in node.input[1:3]:
+            if not p:
+                continue
+            v = ctx.const(p)
+            if v is None:
+                ctx.mark_bad(tr.atoms, f"{_where(node)}: parameter {p!r} is not a constant")
+                continue
+            pax = tr.axis - (rank - v.ndim)
+            if 0 <= pax < v.ndim and v.shape[pax] == len(tr.atoms) and len(tr.atoms) > 1:
+                ctx.add_member(p, pax, tr.atoms, "param", node)
+        ctx.mark_inexact(tr.atoms, f"{_where(node)} normalizes over the channel axis")
+    ctx.set_track(node.output[0], tr.axis, tr.atoms, node)
+    for extra in node.output[1:]:
+        if extra and ctx.view.consumers.get(extra):
+            ctx.mark_bad(tr.atoms, f"{_where(node)}: statistics output {extra!r} is used")
+
+
+# ------------------------------------------------------------------------------------ index mapping
+def rule_concat(ctx: Context, node: onnx.NodeProto) -> None:
+    """Concat on the channel axis: the output carries each input's channels at its offset (untracked
+    inputs and constants get unprunable placeholders). On another axis: like an elementwise op."""
+    ins = [i for i in node.input if i]
+    rank = ctx.rank(node.output[0])
+    if rank is None:
+        return _opaque(ctx, node, "unknown rank")
+    axis = _norm_axis(int(attr(node, "axis")), rank)
+    trs = [ctx.track(i) for i in ins]
+    if all(t is None for t in trs):
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    if any(t is not None and t.axis == axis for t in trs):
+        parts = []
+        for i in ins:
+            at = ctx.atoms_on(i, axis, node)
+            if at is None:
+                return _opaque(ctx, node, f"size of {i!r} on the concat axis unknown")
+            parts.append(at)
+        return ctx.set_track(node.output[0], axis, np.concatenate(parts), node)
+    # concat along a non-channel axis: operands' channel axes must line up
+    primary = next(t for t in trs if t is not None)
+    atoms = primary.atoms
+    for i, t in zip(ins, trs):
+        if t is None:
+            d = ctx.dim(i, primary.axis)
+            if ctx.is_const(i) and d == len(atoms):
+                ctx.add_member(i, primary.axis, atoms, "param", node)
+            elif not (d == 1 and len(atoms) == 1):
+                ctx.mark_bad(atoms, f"concatenated at {_where(node)} with {i!r}: {ctx.reason_of(i)}")
+        elif t.axis != primary.axis:
+            ctx.mark_bad(t.atoms, f"{_where(node)}: operands carry channels on different axes")
+            ctx.mark_bad(atoms, f"{_where(node)}: operands carry channels on different axes")
+        else:
+            ctx.unite(atoms, t.atoms)
+    ctx.set_track(node.output[0], primary.axis, atoms, node)
+
+
+def split_sizes(ctx: Context, node: onnx.NodeProto, dim: int) -> list[int] | None:
+    """Sizes of the outputs of a Split (input from opset 13, attribute before; equal otherwise)."""
+    sizes = ctx.int_list(node, 1, "split") if ctx.opset >= 13 else (
+        [int(v) for v in attr(node, "split")] if attr(node, "split") is not None else None)
+    if ctx.opset >= 13 and len(node.input) > 1 and node.input[1] and sizes is None:
+        return None
+    if sizes is None:
+        n = int(attr(node, "num_outputs", len(node.output)))
+        per = -(-dim // n)
+        sizes = [per] * (n - 1) + [dim - per * (n - 1)]
+    return sizes
+
+
+def rule_split(ctx: Context, node: onnx.NodeProto) -> None:
+    """Split on the channel axis: output ``k`` carries the channels of its window. Elsewhere: pass."""
+    x = node.input[0]
+    tr = ctx.track(x)
+    if tr is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    rank = ctx.rank(x)
+    axis = _norm_axis(int(attr(node, "axis", 0)), rank)
+    if axis != tr.axis:
+        for o in node.output:
+            ctx.set_track(o, tr.axis, tr.atoms, node)
+        return
+    sizes = split_sizes(ctx, node, len(tr.atoms))
+    if sizes is None or sum(sizes) != len(tr.atoms):
+        return _opaque(ctx, node, "split sizes are computed at run time")
+    off = 0
+    for o, s in zip(node.output, sizes):
+        ctx.set_track(o, axis, tr.atoms[off:off + s], node)
+        off += s
+
+
+def slice_params(ctx: Context, node: onnx.NodeProto, rank: int):
+    """(starts, ends, axes, steps) of a Slice (inputs from opset 10, attributes before); None if not constant."""
+    if ctx.opset >= 10:
+        for idx in range(1, len(node.input)):
+            if node.input[idx] and ctx.const(node.input[idx]) is None:
+                return None
+        starts = ctx.int_list(node, 1, "__none__")
+        ends = ctx.int_list(node, 2, "__none__")
+        axes = ctx.int_list(node, 3, "__none__")
+        steps = ctx.int_list(node, 4, "__none__")
+    else:
+        starts, ends, axes, steps = attr(node, "starts"), attr(node, "ends"), attr(node, "axes"), None
+    if starts is None or ends is None:
+        return None
+    axes = list(range(len(starts))) if axes is None else [_norm_axis(int(a), rank) for a in axes]
+    steps = [1] * len(starts) if steps is None else list(steps)
+    return [int(s) for s in starts], [int(e) for e in ends], axes, [int(s) for s in steps]
+
+
+def slice_window(start: int, end: int, step: int, dim: int) -> range:
+    """The positions a Slice selects on one axis (ONNX clamping rules)."""
+    return range(dim)[slice(start, end, step)] if step else range(0)
+
+
+def rule_slice(ctx: Context, node: onnx.NodeProto) -> None:
+    """Slice: on the channel axis with step 1 the output carries the window's channels (the rest of
+    the producer's channels end here); other steps are unprunable. Other axes: pass-through."""
+    x = node.input[0]
+    tr = ctx.track(x)
+    if tr is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    rank = ctx.rank(x)
+    p = slice_params(ctx, node, rank)
+    if p is None:
+        return _opaque(ctx, node, "slice bounds are computed at run time")
+    starts, ends, axes, steps = p
+    if tr.axis not in axes:
+        return ctx.set_track(node.output[0], tr.axis, tr.atoms, node)
+    if len(axes) > 1 and any(n in ctx.values for n in node.input[1:]):
+        return _opaque(ctx, node, "run-time slice bounds on several axes")
+    i = axes.index(tr.axis)
+    if steps[i] != 1:
+        return _opaque(ctx, node, f"slices the channel axis with step {steps[i]}")
+    win = slice_window(starts[i], ends[i], 1, len(tr.atoms))
+    ctx.set_track(node.output[0], tr.axis, tr.atoms[win.start:win.stop], node)
+
+
+def rule_transpose(ctx: Context, node: onnx.NodeProto) -> None:
+    """Transpose: the channel axis moves to where ``perm`` puts it."""
+    x = node.input[0]
+    tr = ctx.track(x)
+    if tr is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    rank = ctx.rank(x)
+    perm = attr(node, "perm")
+    perm = list(range(rank))[::-1] if perm is None else [int(p) for p in perm]
+    ctx.set_track(node.output[0], perm.index(tr.axis), tr.atoms, node)
+
+
+#: Reshapes of tensors bigger than this are not analysed element by element (unprunable instead).
+MAX_RESHAPE_ELEMENTS = 1 << 24
+
+
+def reshape_mapping(in_shape: tuple[int, ...], axis: int, out_shape: tuple[int, ...]):
+    """How the channel axis of a row-major reshape lands in the output.
+
+    Returns ``("map", out_axis, chan)`` when output position ``q`` on ``out_axis`` holds only channel
+    ``chan[q]`` (identity, Flatten expansion ``c -> c*S..``, merges), ``("split", out_axis, chan)``
+    when the channel axis is split into two adjacent output axes ``(a, b)`` (channel ``i*b + j``):
+    then ``chan[j]`` lists, for minor position ``j``, the ``a`` channels ``[j, b+j, ...]`` that must
+    go together; or None when channels are mixed irregularly.
+    """
+    c = in_shape[axis]
+    n = math.prod(in_shape)
+    if n > MAX_RESHAPE_ELEMENTS or math.prod(out_shape) != n:
+        return None
+    idx = np.broadcast_to(np.arange(c).reshape([c if i == axis else 1 for i in range(len(in_shape))]), in_shape)
+    out = np.ascontiguousarray(idx).reshape(out_shape)
+    if c == 1:
+        return None
+    dependent = [u for u in range(len(out_shape)) if out_shape[u] > 1 and _depends_on(out, u)]
+    if len(dependent) == 1:
+        u = dependent[0]
+        return ("map", u, _line(out, u))
+    if len(dependent) == 2:
+        u1, u2 = dependent
+        a, b = out_shape[u1], out_shape[u2]
+        if a * b == c and np.array_equal(_plane(out, u1, u2), np.arange(c).reshape(a, b)):
+            return ("split", u2, [list(range(j, c, b)) for j in range(b)])
+    return None
+
+
+def _depends_on(arr: np.ndarray, u: int) -> bool:
+    """True when values change along axis ``u``."""
+    first = np.take(arr, [0], axis=u)
+    return not np.array_equal(arr, np.broadcast_to(first, arr.shape))
+
+
+def _constant_along(arr: np.ndarray, u: int) -> bool:
+    return not _depends_on(arr, u)
+
+
+def _line(arr: np.ndarray, u: int) -> np.ndarray:
+    """Values along axis ``u`` (all other axes at 0); valid when nothing else varies."""
+    idx = tuple(slice(None) if i == u else 0 for i in range(arr.ndim))
+    line = arr[idx]
+    ref = np.broadcast_to(line.reshape([-1 if i == u else 1 for i in range(arr.ndim)]), arr.shape)
+    if not np.array_equal(arr, ref):
+        raise ValueError("not a function of one axis")
+    return line
+
+
+def _plane(arr: np.ndarray, u1: int, u2: int) -> np.ndarray:
+    idx = tuple(slice(None) if i in (u1, u2) else 0 for i in range(arr.ndim))
+    plane = arr[idx]
+    shape = [arr.shape[i] if i in (u1, u2) else 1 for i in range(arr.ndim)]
+    if not np.array_equal(arr, np.broadcast_to(plane.reshape(shape), arr.shape)):
+        return np.empty((0, 0))
+    return plane
+
+
+def rule_reshape(ctx: Context, node: onnx.NodeProto) -> None:
+    """Reshape/Flatten/Squeeze/Unsqueeze, worked out element by element on the static shapes:
+
+    - the channel axis survives or merges with untracked neighbours: output position ``q`` carries
+      the channel it holds (Flatten into a Linear: channel ``c`` -> positions ``c*S .. c*S+S-1``);
+    - it is split into two axes ``(a, b)`` (channel shuffle, heads): the ``a`` channels ``j, b+j,
+      2b+j ...`` are united and the minor axis ``b`` carries them — exact for a following
+      Transpose + Reshape shuffle, which then maps them back by the first case;
+    - anything else mixes channels irregularly: unprunable.
+    """
+    x, y = node.input[0], node.output[0]
+    tr = ctx.track(x)
+    if tr is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    si, so = ctx.static_shape(x), ctx.static_shape(y)
+    if si is None or so is None:
+        return _opaque(ctx, node, "input or output shape is not static")
+    m = reshape_mapping(si, tr.axis, so)
+    if m is None:
+        return _opaque(ctx, node, f"reshape {list(si)} -> {list(so)} mixes the channel axis with others")
+    kind, u, chan = m
+    if kind == "map":
+        return ctx.set_track(y, u, tr.atoms[np.asarray(chan)], node)
+    rows = [tr.atoms[np.asarray(js)] for js in chan]  # rows[j]: the a channels that go together
+    first = np.array([r[0] for r in rows], dtype=np.int64)
+    for k in range(1, len(rows[0])):
+        ctx.unite(first, np.array([r[k] for r in rows], dtype=np.int64))
+    ctx.set_track(y, u, first, node)
+
+
+def rule_gather(ctx: Context, node: onnx.NodeProto) -> None:
+    """Gather with constant indices: on the channel axis, output position ``q`` carries the channel at
+    ``indices[q]`` (1-D indices; a scalar index pins that channel). Other axes: the channel axis moves."""
+    x, ind = node.input[0], node.input[1]
+    tr = ctx.track(x)
+    if tr is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    rank = ctx.rank(x)
+    axis = _norm_axis(int(attr(node, "axis", 0)), rank)
+    iv = ctx.const(ind)
+    ir = ctx.rank(ind)
+    if ir is None:
+        return _opaque(ctx, node, "indices rank unknown")
+    if axis != tr.axis:
+        out_axis = tr.axis if tr.axis < axis else tr.axis - 1 + ir
+        return ctx.set_track(node.output[0], out_axis, tr.atoms, node)
+    if iv is None:
+        return _opaque(ctx, node, "gathers channels with run-time indices")
+    iv = np.asarray(iv).astype(np.int64)
+    iv = np.where(iv < 0, iv + len(tr.atoms), iv)
+    if iv.ndim == 0:
+        ctx.mark_bad(tr.atoms[[int(iv)]], f"{_where(node)} picks this channel by index")
+        return _untrack_outputs(ctx, node, f"output of {_where(node)} (one picked channel)")
+    if iv.ndim != 1:
+        return _opaque(ctx, node, "gathers channels with multi-dimensional indices")
+    ctx.set_track(node.output[0], axis, tr.atoms[iv], node)
+
+
+def rule_expand(ctx: Context, node: onnx.NodeProto) -> None:
+    """Expand: pass-through when the target shape leaves the channel axis alone (1 or same size)."""
+    x = node.input[0]
+    tr = ctx.track(x)
+    if tr is None:
+        return _elementwise(ctx, node, [x])
+    shp = ctx.const(node.input[1])
+    ri, ro = ctx.rank(x), ctx.rank(node.output[0])
+    if shp is None or ri is None or ro is None:
+        return _opaque(ctx, node, "target shape is computed at run time")
+    oax = tr.axis + ro - ri
+    sax = oax - (ro - len(shp))
+    if 0 <= sax < len(shp) and int(shp[sax]) not in (1,):
+        return _opaque(ctx, node, "target shape names the channel count")
+    ctx.set_track(node.output[0], oax, tr.atoms, node)
+
+
+def rule_tile(ctx: Context, node: onnx.NodeProto) -> None:
+    """Tile: pass-through when the channel axis is repeated once."""
+    x = node.input[0]
+    tr = ctx.track(x)
+    if tr is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    reps = ctx.const(node.input[1])
+    if reps is None or int(reps.reshape(-1)[tr.axis]) != 1:
+        return _opaque(ctx, node, "repeats the channel axis")
+    ctx.set_track(node.output[0], tr.axis, tr.atoms, node)
+
+
+UNARY = [
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Softplus",
+    "Softsign", "Mish", "Gelu", "Erf", "Neg", "Abs", "Sqrt", "Exp", "Log", "Reciprocal", "Floor", "Ceil", "Round",
+    "Sign", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "ThresholdedRelu",
+    "Shrink", "Cast", "CastLike", "Identity", "Dropout", "Not", "IsNaN", "IsInf",
+]
+ELEMENTWISE = ["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where", "Equal", "Greater",
+               "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "BitShift"]
+
+#: op_type -> rule (default domain). Anything else: :func:`rule_unknown`.
+RULES: dict[str, Rule] = {
+    **{op: rule_passthrough for op in UNARY},
+    **{op: rule_elementwise for op in ELEMENTWISE},
+    "Clip": rule_clip,
+    **{op: rule_pool for op in ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+                                "GlobalLpPool")},
+    **{op: rule_softmax for op in ("Softmax", "LogSoftmax", "Hardmax")},
+    **{op: rule_reduce for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
+                                  "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")},
+    "ArgMax": rule_argreduce,
+    "ArgMin": rule_argreduce,
+    "Pad": rule_pad,
+    "Resize": rule_resize,
+    "Upsample": rule_resize,
+    "Conv": rule_conv,
+    "ConvTranspose": rule_conv_transpose,
+    "Gemm": rule_gemm,
+    "MatMul": rule_matmul,
+    "BatchNormalization": rule_batchnorm,
+    "InstanceNormalization": rule_instancenorm,
+    "GroupNormalization": rule_groupnorm,
+    "LayerNormalization": rule_layernorm,
+    "Concat": rule_concat,
+    "Split": rule_split,
+    "Slice": rule_slice,
+    "Transpose": rule_transpose,
+    "Reshape": rule_reshape,
+    "Flatten": rule_reshape,
+    "Squeeze": rule_reshape,
+    "Unsqueeze": rule_reshape,
+    "Gather": rule_gather,
+    "Expand": rule_expand,
+    "Tile": rule_tile,
+    "Shape": rule_shape_reader,
+    "Size": rule_shape_reader,
+    "ConstantOfShape": rule_source,
+    "Range": rule_source,
+    "EyeLike": rule_shape_reader,
+}
+
+
+def rule_for(node: onnx.NodeProto) -> Rule:
+    """The rule of ``node`` (unknown ops and custom domains: :func:`rule_unknown`)."""
+    if node.domain not in ("", "ai.onnx"):
+        return rule_unknown
+    return RULES.get(node.op_type, rule_unknown)
