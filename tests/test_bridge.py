@@ -95,6 +95,19 @@ def test_every_structured_pruning_architecture(arch, tmp_path):
     assert report["ok"], report
 
 
+@pytest.mark.parametrize("arch", ["resnet_bottleneck", "shufflenet", "attention"])
+def test_structurally_pruned_architectures(arch, tmp_path):
+    """What finetune receives after structured pruning: sliced weights, rewritten Reshape targets."""
+    if arch_zoo is None:
+        pytest.skip("tests/arch_zoo.py not present yet")
+    from onnxprune.structured.prune import prune_structured
+
+    pruned = prune_structured(str(arch_zoo.export_arch(arch, tmp_path)), ratio=0.5).model
+    report = check_bridge(pruned, {i.name: (2,) + tuple(d.dim_value for d in i.type.tensor_type.shape.dim[1:])
+                                   for i in pruned.graph.input})
+    assert report["ok"], report
+
+
 def _helper_graph_params():
     if arch_zoo is None or not getattr(arch_zoo, "HELPER_GRAPHS", None):
         return [pytest.param(None, marks=pytest.mark.skip(reason="tests/arch_zoo.py not present yet"))]

@@ -301,6 +301,8 @@ def einsum(n: Node, *xs):
 def _check_bn(n: Node) -> None:
     if n.attr("training_mode", 0):
         raise n.fail("in training mode (training_mode=1) is not supported; export the model in eval mode")
+    if n.attr("spatial", 1) == 0:
+        raise n.fail("with spatial=0 (per-activation statistics, opset < 9) is not supported by the bridge")
     _check_outputs(1)(n)
 
 
@@ -373,12 +375,6 @@ def lrn(n: Node, x):
 
 # ------------------------------------------------------------------------------------ activations
 
-@op("Relu")
-def relu(n: Node, x):
-    """``max(x, 0)``."""
-    return torch.relu(x)
-
-
 @op("LeakyRelu")
 def leaky_relu(n: Node, x):
     """``x`` for x >= 0, ``alpha * x`` otherwise (alpha 0.01)."""
@@ -427,22 +423,10 @@ def clip(n: Node, x, lo=None, hi=None):
     return torch.clamp(x, lo, hi)
 
 
-@op("Sigmoid")
-def sigmoid(n: Node, x):
-    """``1 / (1 + exp(-x))``."""
-    return torch.sigmoid(x)
-
-
 @op("HardSigmoid")
 def hard_sigmoid(n: Node, x):
     """``clip(alpha * x + beta, 0, 1)`` (alpha 0.2, beta 0.5: not torch's 1/6, 1/2)."""
     return torch.clamp(n.attr("alpha", 0.2) * x + n.attr("beta", 0.5), 0.0, 1.0)
-
-
-@op("HardSwish")
-def hard_swish(n: Node, x):
-    """``x * clip(x / 6 + 1/2, 0, 1)``."""
-    return F.hardswish(x)
 
 
 @op("Gelu")
@@ -463,21 +447,18 @@ def softsign(n: Node, x):
     return x / (1 + torch.abs(x))
 
 
-@op("Mish")
-def mish(n: Node, x):
-    """``x * tanh(softplus(x))``."""
-    return F.mish(x)
-
-
-def _unary(name: str, fn: Callable[[torch.Tensor], torch.Tensor], doc: str) -> None:
-    def f(n: Node, x):
-        return fn(x)
+def _plain(name: str, fn: Callable[..., torch.Tensor], doc: str) -> None:
+    """Register an op that is one torch function of its inputs, without attributes."""
+    def f(n: Node, *xs):
+        return fn(*xs)
     f.__name__ = name.lower()
     f.__doc__ = doc
     op(name)(f)
 
 
 for _name, _fn, _doc in [
+    ("Relu", torch.relu, "``max(x, 0)``."), ("Sigmoid", torch.sigmoid, "``1 / (1 + exp(-x))``."),
+    ("HardSwish", F.hardswish, "``x * clip(x / 6 + 1/2, 0, 1)``."), ("Mish", F.mish, "``x * tanh(softplus(x))``."),
     ("Tanh", torch.tanh, "Hyperbolic tangent."), ("Erf", torch.erf, "Gauss error function."),
     ("Neg", torch.neg, "``-x``."), ("Abs", torch.abs, "``|x|``."), ("Sqrt", torch.sqrt, "Square root."),
     ("Exp", torch.exp, "``e^x``."), ("Log", torch.log, "Natural logarithm."),
@@ -485,29 +466,17 @@ for _name, _fn, _doc in [
     ("Ceil", torch.ceil, "Round up."), ("Round", torch.round, "Round half to even (as ONNX)."),
     ("Sign", torch.sign, "-1, 0 or 1."), ("Sin", torch.sin, "Sine."), ("Cos", torch.cos, "Cosine."),
     ("Not", torch.logical_not, "Logical not."), ("IsNaN", torch.isnan, "NaN test."),
+    # binary, numpy broadcasting
+    ("Add", torch.add, "``a + b``."), ("Sub", torch.sub, "``a - b``."), ("Mul", torch.mul, "``a * b``."),
+    ("Equal", torch.eq, "``a == b``."), ("Less", torch.lt, "``a < b``."), ("LessOrEqual", torch.le, "``a <= b``."),
+    ("Greater", torch.gt, "``a > b``."), ("GreaterOrEqual", torch.ge, "``a >= b``."),
+    ("And", torch.logical_and, "Logical and."), ("Or", torch.logical_or, "Logical or."),
+    ("Xor", torch.logical_xor, "Logical xor."),
 ]:
-    _unary(_name, _fn, _doc)
+    _plain(_name, _fn, _doc)
 
 
 # ------------------------------------------------------------------------------------ elementwise
-
-@op("Add")
-def add(n: Node, a, b):
-    """``a + b`` (numpy broadcasting)."""
-    return a + b
-
-
-@op("Sub")
-def sub(n: Node, a, b):
-    """``a - b``."""
-    return a - b
-
-
-@op("Mul")
-def mul(n: Node, a, b):
-    """``a * b``."""
-    return a * b
-
 
 @op("Div")
 def div(n: Node, a, b):
@@ -552,54 +521,6 @@ def max_(n: Node, *xs):
 def min_(n: Node, *xs):
     """Elementwise minimum of the inputs."""
     return _reduce_all(torch.minimum, xs)
-
-
-@op("Equal")
-def equal(n: Node, a, b):
-    """``a == b``."""
-    return torch.eq(a, b)
-
-
-@op("Less")
-def less(n: Node, a, b):
-    """``a < b``."""
-    return torch.lt(a, b)
-
-
-@op("LessOrEqual")
-def less_equal(n: Node, a, b):
-    """``a <= b``."""
-    return torch.le(a, b)
-
-
-@op("Greater")
-def greater(n: Node, a, b):
-    """``a > b``."""
-    return torch.gt(a, b)
-
-
-@op("GreaterOrEqual")
-def greater_equal(n: Node, a, b):
-    """``a >= b``."""
-    return torch.ge(a, b)
-
-
-@op("And")
-def and_(n: Node, a, b):
-    """Logical and."""
-    return torch.logical_and(a, b)
-
-
-@op("Or")
-def or_(n: Node, a, b):
-    """Logical or."""
-    return torch.logical_or(a, b)
-
-
-@op("Xor")
-def xor(n: Node, a, b):
-    """Logical xor."""
-    return torch.logical_xor(a, b)
 
 
 @op("Where")
