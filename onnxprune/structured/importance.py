@@ -80,8 +80,13 @@ def channel_rows(arr: np.ndarray, m: Member) -> np.ndarray:
 def _owner_index(m: Member) -> tuple[np.ndarray, np.ndarray]:
     """(flat positions, owning group channel) over all ``m.positions``."""
     n = len(m.positions)
-    if n and len(m.positions[0]) == 1 and all(len(p) == 1 for p in m.positions):  # the common case, fast
-        return np.array(m.positions, dtype=np.int64).reshape(n), np.arange(n)
+    if all(m.positions):  # every channel held: usually one position each, read in one go
+        try:
+            grid = np.array(m.positions, dtype=np.int64)
+        except ValueError:  # unequal counts
+            grid = None
+        if grid is not None and grid.ndim == 2:
+            return grid.reshape(-1), np.repeat(np.arange(n), grid.shape[1])
     lens = np.fromiter((len(p) for p in m.positions), dtype=np.int64, count=n)
     flat = np.fromiter((i for p in m.positions for i in p), dtype=np.int64, count=int(lens.sum()))
     return flat, np.repeat(np.arange(len(m.positions)), lens)
