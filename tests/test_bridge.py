@@ -95,6 +95,26 @@ def test_every_structured_pruning_architecture(arch, tmp_path):
     assert report["ok"], report
 
 
+@pytest.mark.parametrize("arch,opset", [("fpn", 9), ("fpn", 11), ("attention", 11), ("convnext", 9), ("densenet", 11)])
+def test_older_opset_exports(arch, opset, tmp_path):
+    """Upsample/Resize-11, Softmax's 2-D coercion, attribute-style Squeeze/Unsqueeze/Split/Slice."""
+    if arch_zoo is None:
+        pytest.skip("tests/arch_zoo.py not present yet")
+    model = load_model(arch_zoo.export_arch(arch, tmp_path, opset=opset))
+    report = check_bridge(model, _fixed_shapes(model))
+    assert report["ok"], report
+
+
+def test_unnamed_nodes_get_normalize_names(monkeypatch):
+    model = onnx_graphs.opset9_legacy()
+    for node in model.graph.node:
+        node.name = ""
+    original = TABLE["LRN"]
+    monkeypatch.setitem(TABLE, "LRN", lambda n, x: original(n, x) * 2)
+    report = check_bridge(model)
+    assert report["first_diverging_node"] == normalize(model).graph.node[3].name == "LRN_3"
+
+
 @pytest.mark.parametrize("arch", ["resnet_bottleneck", "shufflenet", "attention"])
 def test_structurally_pruned_architectures(arch, tmp_path):
     """What finetune receives after structured pruning: sliced weights, rewritten Reshape targets."""

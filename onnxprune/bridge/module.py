@@ -77,8 +77,8 @@ def _to_tensor(arr: np.ndarray) -> torch.Tensor:
         raise OnnxPruneError(f"bridge: tensors of type {arr.dtype} are not supported") from exc
 
 
-def _topological(nodes: Sequence[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
-    """Nodes in a valid execution order (file order where possible); unknown inputs are errors."""
+def _topological(nodes: Sequence[onnx.NodeProto], available: set[str]) -> list[int]:
+    """Node indices in a valid execution order (file order where possible); unknown inputs are errors."""
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     deps: list[set[int]] = []
     users: dict[int, list[int]] = {}
@@ -103,9 +103,10 @@ def _topological(nodes: Sequence[onnx.NodeProto], available: set[str]) -> list[o
             if not deps[j]:
                 heapq.heappush(ready, j)
     if len(order) != len(nodes):
-        stuck = next(nodes[i] for i in range(len(nodes)) if i not in set(order))
+        done = set(order)
+        stuck = next(nodes[i] for i in range(len(nodes)) if i not in done)
         raise OnnxPruneError(f"bridge: the graph has a cycle through node {stuck.name} (op {stuck.op_type})")
-    return [nodes[i] for i in order]
+    return order
 
 
 class OnnxModule(nn.Module):
@@ -128,14 +129,14 @@ class OnnxModule(nn.Module):
         arrays: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         for sp in graph.sparse_initializer:
             arrays[sp.values.name] = sparse_to_dense(sp)
-        self.constant_outputs: set[str] = set()
         available = set(self.input_names) | set(arrays)
         self._steps: list[tuple[ops.OpFn, ops.Node]] = []
-        for node in _topological(list(graph.node), available):
-            n = self._node(node)
+        nodes = list(graph.node)
+        for i in _topological(nodes, available):
+            node = nodes[i]
+            n = self._node(node, i)
             if node.op_type == "Constant":
                 arrays[node.output[0]] = ops.tensor_of_attr(n)
-                self.constant_outputs.add(node.output[0])
                 continue
             self._steps.append((ops.TABLE[node.op_type], n))
 
@@ -176,11 +177,12 @@ class OnnxModule(nn.Module):
             if name not in keep:
                 self._free[i].append(name)
 
-    def _node(self, node: onnx.NodeProto) -> ops.Node:
+    def _node(self, node: onnx.NodeProto, index: int) -> ops.Node:
+        name = node.name or f"{node.op_type}_{index}"  # unnamed nodes: as normalize names them
         if node.domain not in ("", "ai.onnx") or node.op_type not in ops.TABLE:
             op_type = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-            raise OnnxPruneError(f"bridge: op {op_type} (node {node.name}) is not supported")
-        n = ops.Node(name=node.name, op_type=node.op_type, opset=self.opset, attrs=ops.onnx_attrs(node),
+            raise OnnxPruneError(f"bridge: op {op_type} (node {name}) is not supported")
+        n = ops.Node(name=name, op_type=node.op_type, opset=self.opset, attrs=ops.onnx_attrs(node),
                      inputs=list(node.input), outputs=list(node.output), flags=self._flags)
         check = ops.CHECKS.get(node.op_type)
         if check is not None:
