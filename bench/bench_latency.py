@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  p50 {fig['p50_ms_dense']:.2f} ms -> {fig['p50_ms_pruned']:.2f} ms over {fig['runs']} interleaved runs "
                   f"each: speedup {speedup:.2f}x (mean {fig['speedup_mean']:.2f}x)")
             ok = fig["speedup_over_macs_reduction"] >= 0.9
-            print(f"  speedup / MACs reduction = {fig['speedup_over_macs_reduction']:.2f} "
+            print(f"  speedup / MACs reduction = {fig['speedup_over_macs_reduction']:.3f} "
                   f"({'meets' if ok else 'BELOW'} the 0.9 target)")
 
         name = "resnet50" if "resnet50" in paths else next(iter(paths))

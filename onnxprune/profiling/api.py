@@ -11,8 +11,8 @@ and each record holds::
     profile, profile_source, description, backend, precision, provenance, emulates, provider,
     batch_size, input_shapes, threads {intra_op, inter_op, intra_op_effective}, cpu_affinity,
     latency_ms {min, mean, p50, p90, p95, p99, max, std}, runs, warmup_runs, duration_s, throughput_per_s,
-    peak_rss_bytes, rss_before_load_bytes, memory_method, [peak_rss_bytes_arena_off], [gpu_memory_bytes],
-    [engine_device_memory_bytes], latency_budget_ms, meets_latency_budget, memory_limit_mb, meets_memory_limit,
+    peak_rss_bytes, rss_before_load_bytes, memory_method, [peak_rss_bytes_arena_off],
+    [gpu_memory_bytes, gpu_memory_method], [engine_device_memory_bytes | torch_cuda_max_allocated_bytes], latency_budget_ms, meets_latency_budget, memory_limit_mb, meets_memory_limit,
     file_bytes, params, macs, sparsity, versions {...}, notes [...], [per_node {...}]
 
 Memory keys are absent with ``memory=False``. ``meets_latency_budget`` compares p90 (MLPerf's
@@ -23,9 +23,10 @@ profile describes (another CPU architecture or GPU).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 from ..errors import OnnxPruneError
 from ..inspection import inspect_model
@@ -43,15 +44,14 @@ DEFAULT_PROFILE = "x86-server-cpu"
 #: arena-off peak is reported only when it differs from arena-on by more than this
 ARENA_DIFF_BYTES = 1 << 20
 
-ProfileArg = "str | os.PathLike | HwProfile"
+ProfileArg = Union[str, os.PathLike, HwProfile]
 
 
-def load_profiles(profiles: "ProfileArg | Iterable[ProfileArg] | None") -> list[HwProfile]:
+def load_profiles(profiles: ProfileArg | Iterable[ProfileArg] | None) -> list[HwProfile]:
     """Profiles by name, path or object (one or several); none -> the default x86 server CPU."""
     if profiles is None or isinstance(profiles, (str, os.PathLike, HwProfile)):
         profiles = [profiles or DEFAULT_PROFILE]
-    loaded = [load_hw_profile(p) for p in profiles] or [load_hw_profile(DEFAULT_PROFILE)]
-    return loaded
+    return [load_hw_profile(p) for p in profiles] or [load_hw_profile(DEFAULT_PROFILE)]
 
 
 def _explicit_batches(batch_sizes: Sequence[int] | None,
@@ -125,7 +125,7 @@ def _memory(path: Path, profile: HwProfile, feeds: Mapping[str, Any]) -> dict[st
     return out
 
 
-def profile_model(path: str | os.PathLike, profiles: "ProfileArg | Iterable[ProfileArg] | None" = None,
+def profile_model(path: str | os.PathLike, profiles: ProfileArg | Iterable[ProfileArg] | None = None,
                   per_node: bool = False, input_shapes: Mapping[str, tuple[int, ...]] | None = None, *,
                   batch_sizes: Sequence[int] | None = None, memory: bool = True, top_nodes: int = 15) -> dict[str, Any]:
     """Measure ``path`` on each profile and batch size (see the module docstring for the result).
@@ -173,19 +173,17 @@ def profile_model(path: str | os.PathLike, profiles: "ProfileArg | Iterable[Prof
 
 
 def _measure_one(path: Path, prof: HwProfile, feeds: Mapping[str, Any], batch: int, notes: list[str]) -> dict[str, Any]:
-    with cpu_affinity(prof.cpu_affinity, f"profile {prof.name}") as affinity_notes:
+    with cpu_affinity(prof.cpu_affinity, f"profile {prof.name}") as affinity_notes, contextlib.ExitStack() as stack:
         runner = make_runner(prof, path, feeds)
-        try:
-            timing = measure(runner, warmup_runs=prof.warmup_runs, min_runs=prof.min_runs, min_duration_s=prof.min_duration_s)
-            info = runner.info()
-        finally:
-            runner.close()
+        stack.callback(runner.close)
+        timing = measure(runner, warmup_runs=prof.warmup_runs, min_runs=prof.min_runs, min_duration_s=prof.min_duration_s)
+        info = runner.info()
     notes.extend(affinity_notes)
     notes.extend(n for n in runner.notes if n not in notes)
     return {"provider": runner.provider, **_timing_figures(timing, batch), **info}
 
 
-def compare_models(a: str | os.PathLike, b: str | os.PathLike, profile: "ProfileArg | None" = None, *,
+def compare_models(a: str | os.PathLike, b: str | os.PathLike, profile: ProfileArg | None = None, *,
                    batch_sizes: Sequence[int] | None = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
                    memory: bool = False) -> dict[str, Any]:
     """Time ``a`` and ``b`` interleaved (A B A B ..., same inputs) on one profile, side by side.
@@ -217,17 +215,13 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike, profile: "Profile
         if sa != sb:
             raise OnnxPruneError(f"{pa} and {pb} take different inputs ({sa} vs {sb}); compare needs models with the same inputs")
         feeds = make_feeds(ma, sa)
-        with cpu_affinity(prof.cpu_affinity, f"profile {prof.name}") as affinity_notes:
+        with cpu_affinity(prof.cpu_affinity, f"profile {prof.name}") as affinity_notes, contextlib.ExitStack() as stack:
             ra = make_runner(prof, pa, feeds)
-            try:
-                rb = make_runner(prof, pb, feeds)
-                try:
-                    ta, tb = measure_interleaved([ra, rb], warmup_runs=prof.warmup_runs, min_runs=prof.min_runs,
-                                                 min_duration_s=prof.min_duration_s)
-                finally:
-                    rb.close()
-            finally:
-                ra.close()
+            stack.callback(ra.close)
+            rb = make_runner(prof, pb, feeds)
+            stack.callback(rb.close)
+            ta, tb = measure_interleaved([ra, rb], warmup_runs=prof.warmup_runs, min_runs=prof.min_runs,
+                                         min_duration_s=prof.min_duration_s)
         provider = ra.provider
         context["notes"].extend(n for n in [*affinity_notes, *ra.notes] if n not in context["notes"])
         xa, xb = _timing_figures(ta, batch), _timing_figures(tb, batch)
