@@ -447,6 +447,19 @@ def test_cli_bad_input_shape(tmp_path):
     assert code == 1 and "rank 4" in err
 
 
+def test_cli_without_torch(tmp_path):
+    """The command module loads without torch; the command itself then says what to install (exit 3)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import onnxprune.commands.bridge_cmd\n"
+            "from onnxprune.cli import main; main(['bridge-check', 'm.onnx'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.strip() == "error: bridge-check needs torch (pip install 'onnxprune[train]')"
+
+
 def test_cli_unsupported_op(tmp_path):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [])
