@@ -115,3 +115,29 @@ def test_provenance_downgraded_off_device():
                               "gpu": {"compute_capability": "8.7", "name": "Jetson Orin"}})
     assert effective_provenance(orin, {"compute_capability": "9.0", "gpu": "H100"})[0] == "emulated"
     assert effective_provenance(orin, {"compute_capability": "8.7", "gpu": "Orin"})[0] == "real"
+
+
+def test_nvml_readers_with_a_fake_pynvml(monkeypatch):
+    """NVML is read through nvidia-ml-py's pynvml; checked here against a stand-in (no GPU on CI)."""
+    import sys
+    import types
+
+    from onnxprune.profiling.memory import nvml_gpu_info, nvml_process_gpu_memory
+
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: "h",
+        nvmlDeviceGetCudaComputeCapability=lambda h: (8, 7), nvmlSystemGetCudaDriverVersion_v2=lambda: 12040,
+        nvmlDeviceGetName=lambda h: b"Orin", nvmlSystemGetDriverVersion=lambda: "540.1",
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=8 << 30),
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [types.SimpleNamespace(pid=5, usedGpuMemory=123),
+                                                        types.SimpleNamespace(pid=7, usedGpuMemory=None)])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert nvml_gpu_info() == {"gpu": "Orin", "driver": "540.1", "cuda_driver": "12.4", "compute_capability": "8.7",
+                               "gpu_memory_total_bytes": 8 << 30}
+    assert (nvml_process_gpu_memory(5), nvml_process_gpu_memory(7), nvml_process_gpu_memory(9)) == (123, None, None)
+
+    def no_driver():
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    monkeypatch.setitem(sys.modules, "pynvml", types.SimpleNamespace(nvmlInit=no_driver))
+    assert nvml_gpu_info() is None and nvml_process_gpu_memory(5) is None

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -62,30 +62,17 @@ def current_rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def nvml_gpu_info(device_index: int = 0) -> dict[str, Any] | None:
-    """GPU name, driver, compute capability and memory via NVML; None when NVML is unavailable."""
+def _nvml_query(query: Callable[[Any, Any], Any], device_index: int = 0) -> Any:
+    """``query(pynvml, device_handle)`` between nvmlInit and nvmlShutdown; None when NVML is missing
+    (no nvidia-ml-py, no driver) or the query fails."""
     try:
         import pynvml
-    except ImportError:
-        return None
-    try:
+
         pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded...
+    except Exception:  # noqa: BLE001 - ImportError, NVMLError_LibraryNotFound, DriverNotLoaded...
         return None
     try:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
-        name = pynvml.nvmlDeviceGetName(handle)
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2() if hasattr(pynvml, "nvmlSystemGetCudaDriverVersion_v2") else None
-        return {
-            "gpu": name.decode() if isinstance(name, bytes) else str(name),
-            "driver": driver.decode() if isinstance(driver, bytes) else str(driver),
-            "cuda_driver": f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else None,
-            "compute_capability": f"{major}.{minor}",
-            "gpu_memory_total_bytes": int(mem.total),
-        }
+        return query(pynvml, pynvml.nvmlDeviceGetHandleByIndex(device_index))
     except Exception:  # noqa: BLE001
         return None
     finally:
@@ -93,29 +80,33 @@ def nvml_gpu_info(device_index: int = 0) -> dict[str, Any] | None:
             pynvml.nvmlShutdown()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def nvml_gpu_info(device_index: int = 0) -> dict[str, Any] | None:
+    """GPU name, driver, compute capability and memory via NVML; None when NVML is unavailable."""
+    def query(nvml: Any, handle: Any) -> dict[str, Any]:
+        major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+        cuda = nvml.nvmlSystemGetCudaDriverVersion_v2() if hasattr(nvml, "nvmlSystemGetCudaDriverVersion_v2") else None
+        return {
+            "gpu": _text(nvml.nvmlDeviceGetName(handle)),
+            "driver": _text(nvml.nvmlSystemGetDriverVersion()),
+            "cuda_driver": f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else None,
+            "compute_capability": f"{major}.{minor}",
+            "gpu_memory_total_bytes": int(nvml.nvmlDeviceGetMemoryInfo(handle).total),
+        }
+    return _nvml_query(query, device_index)
 
 
 def nvml_process_gpu_memory(pid: int, device_index: int = 0) -> int | None:
     """GPU memory NVML attributes to process ``pid`` (None when NVML cannot say, e.g. in some containers)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001
-        return None
-    try:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == pid and proc.usedGpuMemory is not None:
-                return int(proc.usedGpuMemory)
-        return None
-    except Exception:  # noqa: BLE001
-        return None
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001
-            pass
+    def query(nvml: Any, handle: Any) -> int | None:
+        return next((int(p.usedGpuMemory) for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                     if p.pid == pid and p.usedGpuMemory is not None), None)
+    return _nvml_query(query, device_index)
 
 
 def probe_command(model: str | os.PathLike, profile: HwProfile, feeds_path: str | os.PathLike, *,
