@@ -361,6 +361,30 @@ def test_masks_preserved_exactly(exported, optimizer):
         np.testing.assert_array_equal(after[name], masks[name])
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_module_copies_keep_ops_and_masks(exported, how):
+    import copy
+    import io
+
+    model = exported["conv_chain"]
+    module = to_torch(model)
+    name = module.trainable_names[0]
+    mask = np.random.default_rng(0).random(tuple(module.param(name).shape)) < 0.5
+    apply_masks(module, {name: mask})
+    if how == "deepcopy":
+        clone = copy.deepcopy(module)
+    else:
+        buf = io.BytesIO()
+        torch.save(module, buf)
+        buf.seek(0)
+        clone = torch.load(buf, weights_only=False)
+    x = torch.from_numpy(_batch(model, 2)["input"])
+    assert torch.equal(clone(x), module(x))
+    assert clone.param(name) is not module.param(name)
+    clone(x).sum().backward()
+    assert not clone.param(name).grad[torch.from_numpy(~mask)].any()
+
+
 def test_masks_survive_a_plain_step_via_write_back(exported):
     model = exported["conv_chain"]
     conv_w = next(n.input[1] for n in model.graph.node if n.op_type == "Conv")

@@ -229,9 +229,13 @@ class OnnxModule(nn.Module):
             else:
                 self.register_buffer(attr, m, persistent=False)
                 self._masks[name] = attr
-                if isinstance(p, nn.Parameter):
-                    p.register_hook(lambda g, attr=attr: g.masked_fill(~getattr(self, attr), 0))
+                self._hook_mask(name, attr)
         self.enforce_masks()
+
+    def _hook_mask(self, name: str, attr: str) -> None:
+        p = self.param(name)
+        if isinstance(p, nn.Parameter):
+            p.register_hook(lambda g: g.masked_fill(~getattr(self, attr), 0))
 
     @torch.no_grad()
     def enforce_masks(self) -> None:
@@ -280,9 +284,32 @@ class OnnxModule(nn.Module):
                     env.pop(name, None)
         return env
 
+    def __getstate__(self) -> dict:
+        """Picklable (``torch.save(module)``, ``copy.deepcopy``): op functions are looked up again
+        from the table on load, and mask gradient hooks re-registered."""
+        state = self.__dict__.copy()
+        state["_steps"] = [(None, n) for _, n in self._steps]
+        state["_parameters"] = {k: _unhooked(p) for k, p in self._parameters.items()}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._steps = [(ops.TABLE[n.op_type], n) for _, n in self._steps]
+        for name, attr in self._masks.items():
+            self._hook_mask(name, attr)
+
     def extra_repr(self) -> str:
         return (f"opset={self.opset}, nodes={len(self._steps)}, inputs={self.input_names}, outputs={self.output_names}, "
                 f"trainable={len(self.trainable_names)}/{len(self.initializer_names)}, train_bn={self.train_bn}")
+
+
+def _unhooked(p: nn.Parameter | None) -> nn.Parameter | None:
+    """A parameter without its (unpicklable) mask hooks; same data, same requires_grad."""
+    if p is None or not p._backward_hooks:
+        return p
+    q = nn.Parameter(p.data, requires_grad=p.requires_grad)
+    q.grad = p.grad
+    return q
 
 
 def to_torch(model: onnx.ModelProto, *, train_bn: bool = False) -> OnnxModule:
