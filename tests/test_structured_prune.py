@@ -179,7 +179,7 @@ def test_unreachable_target_is_a_clear_error(exported):
     ({"ratio": 0.5, "scope": "world"}, "scope"),
     ({"ratio": 0.5, "round_to": 0}, "round-to"),
     ({"ratio": 0.5, "min_keep": 0}, "min-keep"),
-    ({"ratio": 0.5, "max_ratio": 1.0}, "max ratio"),
+    ({"ratio": 0.5, "max_ratio": 1.0}, "max-ratio"),
     ({"ratio": 0.5, "seed": 1.5}, "seed"),
 ])
 def test_bad_arguments(kw, match, exported):

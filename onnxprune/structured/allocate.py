@@ -38,7 +38,7 @@ class Limits:
 
     def __post_init__(self):
         if not 0.0 <= self.max_ratio < 1.0:
-            raise OnnxPruneError(f"max ratio must be in [0, 1), got {self.max_ratio}")
+            raise OnnxPruneError(f"--max-ratio must be in [0, 1) (the most of a group that may go), got {self.max_ratio}")
         if int(self.min_keep) != self.min_keep or self.min_keep < 1:
             raise OnnxPruneError(f"--min-keep must be a positive integer, got {self.min_keep}")
         if int(self.round_to) != self.round_to or self.round_to < 1:

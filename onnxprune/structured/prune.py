@@ -66,6 +66,16 @@ def _group_entry(g: Group, kept: int | None = None, reason: str | None = None) -
     return entry
 
 
+def _restore_io(pruned: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """Declare inputs and outputs exactly as the original file did (in place). Their channels are
+    never pruned, but normalization's shape inference may have made symbolic dims concrete."""
+    for declared, current in ((original.graph.input, pruned.graph.input), (original.graph.output, pruned.graph.output)):
+        by_name = {v.name: v for v in declared}
+        for v in current:
+            if v.name in by_name:
+                v.CopyFrom(by_name[v.name])
+
+
 def prune_structured(source: str | os.PathLike | onnx.ModelProto, *, ratio: float | None = None,
                      target_macs: float | None = None, target_params: float | None = None,
                      criterion: str = "l1", scope: str = "local", round_to: int = 1, min_keep: int = 1,
@@ -106,6 +116,8 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
     groups = [g for g in candidates if g.id in scores]
     if skipped:
         notes.append(f"{len(skipped)} prunable group(s) left whole (see 'unprunable')")
+    if not groups:
+        notes.append("no channel group can be pruned: the model is unchanged (see 'unprunable')")
 
     def plan_for(r: float) -> KeepPlan:
         return allocate(groups, scores, r, scope=scope, limits=limits, self_normalized=criterion in SELF_NORMALIZED)
@@ -130,6 +142,7 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
         plan, used_ratio = search.plan, search.ratio
 
     pruned = apply_plan(prep.model, analysis, plan)
+    _restore_io(pruned, prep.original)
     after_view = build_view(fix_input_shapes(pruned, prep.concrete_shapes) if prep.concrete_shapes else pruned)
     params_after, macs_after = _measure(after_view)
 
