@@ -281,6 +281,19 @@ class FPN(nn.Module):
         return self.smooth1(p1), self.smooth2(p2)
 
 
+class FPNSized(FPN):
+    """FPN upsampling to the lateral's size (``size=f.shape[-2:]``): run-time Resize sizes."""
+
+    def forward(self, x):
+        f1 = self.c1(x)
+        f2 = self.c2(f1)
+        f3 = self.c3(f2)
+        p3 = self.lat3(f3)
+        p2 = self.lat2(f2) + F.interpolate(p3, size=f2.shape[-2:], mode="nearest")
+        p1 = self.lat1(f1) + F.interpolate(p2, size=f1.shape[-2:], mode="nearest")
+        return self.smooth1(p1), self.smooth2(p2)
+
+
 class ConvNeXtBlock(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -395,6 +408,7 @@ ARCHS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "inception": (Inception, (1, 3, 12, 12)),
     "shufflenet": (ShuffleNet, (1, 3, 12, 12)),
     "fpn": (FPN, (1, 3, 16, 16)),
+    "fpn_sized": (FPNSized, (1, 3, 16, 16)),
     "convnext": (ConvNeXt, (1, 3, 16, 16)),
     "transformer_mlp": (TransformerMLP, (1, 5, 6)),
     "attention": (Attention, (1, 5, 6)),
@@ -426,7 +440,7 @@ def export_arch(name: str, tmp_path: str | Path, seed: int = 0, **kwargs) -> Pat
     """Export architecture ``name`` to ``tmp_path/name.onnx`` (opset 17, dynamic batch)."""
     _, shape = ARCHS[name]
     path = Path(tmp_path) / f"{name}.onnx"
-    output_names = ["p1", "p2"] if name == "fpn" else None
+    output_names = ["p1", "p2"] if name.startswith("fpn") else None
     export_torch(build_arch(name, seed), (torch.randn(*shape),), path, output_names=output_names, **kwargs)
     return path
 

@@ -113,16 +113,12 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
     for node in m.graph.node:
         for i in node.input:
             consumers[i] = consumers.get(i, 0) + 1
+    _write_arrays(m, inits, arrays)
+    arrays.clear()
     fixer = _NodeFixer(m, analysis, act, inits, arrays, consumers)
-    for node in m.graph.node:
+    for node in list(m.graph.node):
         fixer.fix(node)
-
-    for name, a in arrays.items():
-        t = numpy_helper.from_array(np.ascontiguousarray(a), name)
-        if name in inits:
-            inits[name].CopyFrom(t)
-        else:
-            m.graph.initializer.append(t)
+    _write_arrays(m, inits, arrays)
     if fixer.replaced_inputs:
         _remove_dead(m)
     del m.graph.value_info[:]
@@ -138,6 +134,32 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
             if _passes_full_check(model):  # a model that never passed cannot be held to it
                 raise OnnxPruneError(f"pruned model fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from exc
     return m
+
+
+def _write_arrays(m: onnx.ModelProto, inits: dict, arrays: dict) -> None:
+    for name, a in arrays.items():
+        t = numpy_helper.from_array(np.ascontiguousarray(a), name)
+        if name in inits:
+            inits[name].CopyFrom(t)
+        else:
+            m.graph.initializer.append(t)
+            inits[name] = m.graph.initializer[-1]
+
+
+def _static_copy(m: onnx.ModelProto, shapes: dict) -> onnx.ModelProto | None:
+    """``m`` with its inputs fixed to the analysed static shapes and its shape computations folded."""
+    from ..normalize import _fold_constants
+    from ..shapes import fix_input_shapes, graph_inputs
+    try:
+        fixed = {i.name: shapes[i.name] for i in graph_inputs(m) if i.name in shapes}
+        c = fix_input_shapes(m, fixed)
+        del c.graph.value_info[:]
+        for _ in range(8):
+            if not _fold_constants(c):
+                break
+        return onnx.shape_inference.infer_shapes(c, data_prop=True)
+    except Exception:  # noqa: BLE001 - then run-time values are simply pinned
+        return None
 
 
 def _passes_full_check(model: onnx.ModelProto) -> bool:
@@ -182,6 +204,15 @@ class _NodeFixer:
         self.opset = opset_of(m)
         self.replaced_inputs = False
         self._sym = None
+        self._now = None
+
+    def now(self, name: str) -> np.ndarray | None:
+        """Static value a run-time tensor takes in the pruned model (weights already sliced), or None."""
+        if self._now is None:
+            c = _static_copy(self.m, self.shapes)
+            self._now = {} if c is None else {i.name: i for i in c.graph.initializer}
+        t = self._now.get(name)
+        return None if t is None else numpy_helper.to_array(t)
 
     def cut(self, name: str, axis: int | None = None) -> set[int]:
         """Removed positions of activation ``name`` (on ``axis`` when given, else on its channel axis)."""
@@ -270,6 +301,9 @@ class _NodeFixer:
         static = self.values.get(node.input[1])
         if static is not None and int(static[u]) == -1:
             return
+        now = self.now(node.input[1])
+        if now is not None and int(now.reshape(-1)[u]) == new_u:
+            return  # computed from the pruned shapes: adapts by itself
         if self._patch_concat_entry(node.input[1], u, new_u):
             return
         sym = self._symbolic_shapes().get(y)
@@ -409,13 +443,27 @@ class _NodeFixer:
         ax, rem = self.act[x]
         if not rem:
             return
-        sizes = self.const(node.input[3]).astype(np.int64).copy()
         rank = len(self.shapes[x])
         axes = attr(node, "axes")
         axes = list(range(rank)) if axes is None else [int(a) + rank if a < 0 else int(a) for a in axes]
-        if ax in axes:
-            sizes[axes.index(ax)] -= len(rem)
+        if ax not in axes:
+            return
+        i = axes.index(ax)
+        model_sizes = self.const(node.input[3], model_only=True)
+        if model_sizes is not None:
+            sizes = model_sizes.astype(np.int64).copy()
+            sizes[i] -= len(rem)
             self.set_input(node, 3, sizes, "sizes")
+            return
+        # run-time sizes (size=f.shape[-2:]): often read from the input's own shape and adapt; else
+        # pin only the channel entry, keeping the rest dynamic
+        static = self.values.get(node.input[3])
+        want = None if static is None else int(static[i]) - len(rem)
+        now = self.now(node.input[3])
+        if want is not None and now is not None and int(now.reshape(-1)[i]) == want:
+            return
+        if want is None or not self._patch_concat_entry(node.input[3], i, want):
+            raise OnnxPruneError(f"cannot rewrite the run-time sizes of Resize {node.name}")
 
 
 def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
@@ -434,6 +482,12 @@ def _verify_shapes(m: onnx.ModelProto, analysis: Analysis, act: dict[str, tuple[
     """Every activation that lost channels must have exactly the expected count after inference."""
     from ..shapes import value_shapes
     shapes = value_shapes(m)
+    unknown = [n for n, (axis, rem) in act.items() if rem and n in analysis.shapes and not (
+        n in shapes and axis < len(shapes[n]) and isinstance(shapes[n][axis], int))]
+    if unknown and any(n.op_type in ("Shape", "Size") for n in m.graph.node):
+        static = _static_copy(m, analysis.shapes)  # run-time shapes: check them at the analysed input shapes
+        if static is not None:
+            shapes = {**value_shapes(static), **{k: v for k, v in shapes.items() if k not in unknown}}
     for name, (axis, rem) in act.items():
         if not rem:
             continue
