@@ -15,21 +15,13 @@ import onnx_graphs  # noqa: E402
 import zoo  # noqa: E402
 from cli_util import run_cli  # noqa: E402
 from conftest import random_feeds, run_ort  # noqa: E402
+from test_bridge_ops import _one_thread  # noqa: E402,F401 - autouse fixture: one torch thread
 
 from onnxprune.bridge import (TABLE, OnnxModule, apply_masks, assert_bridge_faithful, check_bridge,  # noqa: E402
                               to_torch, write_back)
 from onnxprune.errors import OnnxPruneError  # noqa: E402
 from onnxprune.model_io import load_model  # noqa: E402
 from onnxprune.normalize import normalize  # noqa: E402
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread is fastest and immune to a busy machine's spin-waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 try:
     import arch_zoo  # the structured-pruning test architectures

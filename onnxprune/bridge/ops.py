@@ -1060,7 +1060,7 @@ TABLE["ArgMin"].__doc__ = "Index of the first (or last, ``select_last_index``) m
 
 
 @op("TopK")
-def topk(n: Node, x, k):
+def topk(n: Node, x, k=None):
     """The ``k`` largest (or smallest) values and their indices along ``axis`` (default -1)."""
     axis = axis_of(n.attr("axis", -1), x.dim())
     kk = int(k.reshape(-1)[0].item()) if k is not None else int(n.attr("k"))
