@@ -161,7 +161,7 @@ def first_diverging_node(model: onnx.ModelProto, module: OnnxModule, feeds: Mapp
         return None
     with torch.no_grad():
         ours = module.run({k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}, keep_all=True)
-    for _, n in module._steps:
+    for n in module.nodes:
         for o in n.outputs:
             if o and o in ref and o in ours:
                 c = compare(ours[o], ref[o], rtol, atol)

@@ -189,6 +189,11 @@ class OnnxModule(nn.Module):
             check(n)
         return n
 
+    @property
+    def nodes(self) -> list[ops.Node]:
+        """The executed nodes, in execution (topological) order; Constant nodes are stored tensors."""
+        return [n for _, n in self._steps]
+
     # ------------------------------------------------------------------------------ weights
 
     def param(self, name: str) -> torch.Tensor:
