@@ -11,9 +11,7 @@ import zoo
 from conftest import random_feeds, run_ort
 from onnxprune.errors import OnnxPruneError
 from onnxprune.inspection import inspect_model
-
-pytest.importorskip("onnxprune.channels.rewrite")  # TEMP until the channel rewrite lands
-from onnxprune.structured.prune import prune_structured  # noqa: E402
+from onnxprune.structured.prune import prune_structured
 
 ZOO_NAMES = list(zoo.ZOO)
 ARCH_NAMES = [f"arch/{n}" for n in list(arch_zoo.ARCHS) + list(arch_zoo.HELPER_GRAPHS)]

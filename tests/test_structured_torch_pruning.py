@@ -18,11 +18,10 @@ import torch.nn as nn
 
 import zoo
 from onnxprune.inspection import inspect_model
+from onnxprune.structured.prune import prune_structured
 from onnxprune.torch_export import export_torch
 
 tp = pytest.importorskip("torch_pruning")
-pytest.importorskip("onnxprune.channels.rewrite")  # TEMP until the channel rewrite lands
-from onnxprune.structured.prune import prune_structured  # noqa: E402
 
 CASES = [("conv_chain", 0.5), ("conv_chain", 0.25), ("tiny_resnet", 0.5), ("tiny_resnet", 0.375)]
 
