@@ -294,6 +294,25 @@ class FPNSized(FPN):
         return self.smooth1(p1), self.smooth2(p2)
 
 
+class GroupNormNet(nn.Module):
+    """Residual blocks with GroupNorm + SiLU (diffusion-UNet / detection-head style). PyTorch exports
+    GroupNorm as Reshape -> InstanceNormalization -> Reshape -> Mul -> Add; statistics span each group
+    of channels, so the groups are prunable (balanced blocks) but inexact."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.n1, self.c1 = nn.GroupNorm(2, 8), nn.Conv2d(8, 8, 3, padding=1)
+        self.n2, self.c2 = nn.GroupNorm(4, 8), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.c1(F.silu(self.n1(x)))
+        x = x + self.c2(F.silu(self.n2(y)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 class ConvNeXtBlock(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -410,6 +429,7 @@ ARCHS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "fpn": (FPN, (1, 3, 16, 16)),
     "fpn_sized": (FPNSized, (1, 3, 16, 16)),
     "convnext": (ConvNeXt, (1, 3, 16, 16)),
+    "groupnorm": (GroupNormNet, (1, 3, 8, 8)),
     "transformer_mlp": (TransformerMLP, (1, 5, 6)),
     "attention": (Attention, (1, 5, 6)),
     "decoder": (Decoder, (1, 3, 8, 8)),
@@ -429,7 +449,7 @@ def build_arch(name: str, seed: int = 0) -> nn.Module:
                 mod.bias.uniform_(-0.2, 0.2)
                 mod.running_mean.uniform_(-0.1, 0.1)
                 mod.running_var.uniform_(0.5, 1.5)
-        if isinstance(mod, nn.LayerNorm):
+        if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
             with torch.no_grad():
                 mod.weight.uniform_(0.5, 1.5)
                 mod.bias.uniform_(-0.2, 0.2)

@@ -30,6 +30,8 @@ def analyze_channels(view: GraphView) -> Analysis:
     reshapes are only followed on static shapes)."""
     ctx = Context(_static_view(view), view)
     for node in ctx.view.model.graph.node:
+        if node.name in ctx.skip:
+            continue
         try:
             rule_for(node)(ctx, node)
         except Exception as exc:  # noqa: BLE001 - a rule that cannot follow a node never guesses

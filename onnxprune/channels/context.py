@@ -65,6 +65,7 @@ class Context:
         self.untracked_reason: dict[str, str] = {}
         self.members: list[RawMember] = []
         self.constraints: list[tuple[np.ndarray, int, str]] = []  # (atoms by position, blocks, node)
+        self.skip: set[str] = set()  # nodes a rule already handled as part of a pattern
         self._const_users: dict[str, set[str]] = {}
         for name, users in view.consumers.items():
             if name in view.initializers:

@@ -276,7 +276,7 @@ class _NodeFixer:
         if not self.cut(x) and not self.cut(y):
             return
         if y not in self.act:
-            raise OnnxPruneError(f"internal: Reshape {node.name} loses input channels but its output is not tracked")
+            return self._fix_groupnorm_reshape(node)
         u, rem = self.act[y]
         new_u = self.dim(y, u) - len(rem)
         target = self.const(node.input[1], model_only=True)
@@ -313,6 +313,28 @@ class _NodeFixer:
         if t.count(-1) > 1:
             raise OnnxPruneError(f"cannot rewrite the run-time target shape of Reshape {node.name}: several dynamic dims")
         self.set_input(node, 1, np.array(t, dtype=np.int64), "shape")
+
+    def _fix_groupnorm_reshape(self, node):
+        """``Reshape [N,C,*] -> [N,G,X]`` of a decomposed GroupNorm: X shrinks with the channels."""
+        x, y = node.input[0], node.output[0]
+        users = [n for n in self.m.graph.node if y in n.input]
+        if len(users) != 1 or users[0].op_type != "InstanceNormalization" or len(self.shapes.get(y, ())) != 3:
+            raise OnnxPruneError(f"internal: Reshape {node.name} loses input channels but its output is not tracked")
+        c = self.dim(x, 1)
+        new_x = self.dim(y, 2) * (c - len(self.cut(x, 1))) // c
+        target = self.const(node.input[1], model_only=True)
+        if target is not None:
+            t = target.astype(np.int64).copy()
+            if t[2] != -1:
+                t[2] = new_x
+                self.set_input(node, 1, t, "shape")
+            return
+        static = self.values.get(node.input[1])
+        now = self.now(node.input[1])
+        if static is not None and int(static[2]) == -1 or now is not None and int(now.reshape(-1)[2]) in (-1, new_x):
+            return
+        if not self._patch_concat_entry(node.input[1], 2, new_x):
+            raise OnnxPruneError(f"cannot rewrite the run-time target shape of Reshape {node.name}")
 
     def _patch_concat_entry(self, name: str, index: int, value: int) -> bool:
         """Set entry ``index`` of a run-time 1-D shape built by a Concat of pieces to ``value`` by

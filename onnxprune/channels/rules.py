@@ -735,6 +735,8 @@ def rule_reshape(ctx: Context, node: onnx.NodeProto) -> None:
     if si is None or so is None:
         return _opaque(ctx, node, "input or output shape is not static")
     m = reshape_mapping(si, tr.axis, so)
+    if m is None and groupnorm_pattern(ctx, node) is not None:
+        return _decomposed_groupnorm(ctx, node, tr, *groupnorm_pattern(ctx, node))
     if m is None:
         return _opaque(ctx, node, f"reshape {list(si)} -> {list(so)} mixes the channel axis with others")
     kind, u, chan = m
@@ -745,6 +747,42 @@ def rule_reshape(ctx: Context, node: onnx.NodeProto) -> None:
     for k in range(1, len(rows[0])):
         ctx.unite(first, np.array([r[k] for r in rows], dtype=np.int64))
     ctx.set_track(y, u, first, node)
+
+
+def groupnorm_pattern(ctx, node: onnx.NodeProto):
+    """GroupNorm as exporters spell it (PyTorch at every opset): ``Reshape [N,C,*] -> [N,G,-1]``,
+    ``InstanceNormalization`` (per-group scale 1 / bias 0), ``Reshape`` back to ``[N,C,*]``.
+    Returns ``(instance_norm_node, reshape_back_node, G)`` or None. Works on a Context or a model
+    (``ctx.view``-like objects with ``consumers`` and ``shapes``)."""
+    view = ctx.view
+    y = node.output[0]
+    users = view.consumers.get(y, [])
+    if len(users) != 1 or users[0].op_type != "InstanceNormalization" or users[0].input[0] != y:
+        return None
+    inn = users[0]
+    back = view.consumers.get(inn.output[0], [])
+    if len(back) != 1 or back[0].op_type != "Reshape" or back[0].input[0] != inn.output[0]:
+        return None
+    si, so, sb = view.shapes.get(node.input[0]), view.shapes.get(y), view.shapes.get(back[0].output[0])
+    if si is None or so is None or sb is None or tuple(sb) != tuple(si) or len(so) != 3 or len(si) < 2:
+        return None
+    g = so[1]
+    if not isinstance(g, int) or not isinstance(si[1], int) or g < 1 or si[1] % g or so[0] != si[0]:
+        return None
+    return inn, back[0], g
+
+
+def _decomposed_groupnorm(ctx: Context, node: onnx.NodeProto, tr, inn: onnx.NodeProto, back: onnx.NodeProto,
+                          g: int) -> None:
+    """The three nodes of :func:`groupnorm_pattern` act like GroupNormalization: channels keep equal
+    counts in the ``G`` groups (``blocks``); statistics span each group (inexact); the output carries
+    the input's channels. The InstanceNormalization scale/bias are per group and stay."""
+    if tr.axis != 1:
+        return _opaque(ctx, node, "group normalization over a non-channel axis")
+    ctx.require_blocks(tr.atoms, g, node)
+    ctx.mark_inexact(tr.atoms, f"{_where(node)} + {inn.name} normalize over groups of channels (GroupNorm)")
+    ctx.skip.update({inn.name, back.name})
+    ctx.set_track(back.output[0], 1, tr.atoms, back)
 
 
 def rule_gather(ctx: Context, node: onnx.NodeProto) -> None:
