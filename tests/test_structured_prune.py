@@ -183,3 +183,10 @@ def test_unreachable_target_is_a_clear_error(exported):
 def test_bad_arguments(kw, match, exported):
     with pytest.raises(OnnxPruneError, match=match):
         prune_structured(exported["conv_chain"], **kw)
+
+
+def test_groups_normalized_over_channels_are_flagged(exported):
+    s = prune_structured(exported["arch/convnext"], ratio=0.5).summary
+    assert any("LayerNormalization" in (g.get("inexact") or "") for g in s["groups"])
+    assert any("fine-tune" in n for n in s["notes"])
+    assert not any("inexact" in g for g in prune_structured(exported["tiny_resnet"], ratio=0.5).summary["groups"])

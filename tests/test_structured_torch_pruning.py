@@ -6,6 +6,11 @@ classifier ignored keeps ``int(C * (1 - r))`` channels per group, as onnxprune d
 1e-9 before flooring so float noise such as 10 * (1 - 0.7) = 2.9999999999999996 keeps 3, not 2;
 the ratios below are exact either way). Which channels are kept may differ (torch-pruning normalizes
 the reduced group score, onnxprune each member before reducing), not how many.
+
+Other deliberate differences, outside these cases: ``round_to`` rounds kept counts to the *nearest*
+multiple (torch-pruning: down, possibly to 0) and never below ``min_keep``/``max_ratio``; a group is
+never emptied (torch-pruning skips groups with a 1-channel layer but can prune others to 0 at
+``max_pruning_ratio=1``); Split/Slice windows keep channels in every window.
 """
 from __future__ import annotations
 

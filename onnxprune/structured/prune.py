@@ -61,6 +61,8 @@ def _group_entry(g: Group, kept: int | None = None, reason: str | None = None) -
     entry: dict[str, Any] = {"id": g.id, "nodes": list(g.nodes)}
     if reason is None:
         entry.update(kept=int(g.size if kept is None else kept), total=int(g.size))
+        if not g.exact:  # e.g. LayerNorm statistics over these channels: outputs shift, fine-tune after
+            entry["inexact"] = g.inexact_reason
     else:
         entry["reason"] = reason
     return entry
@@ -146,6 +148,10 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
     after_view = build_view(fix_input_shapes(pruned, prep.concrete_shapes) if prep.concrete_shapes else pruned)
     params_after, macs_after = _measure(after_view)
 
+    inexact = [g.id for g in groups if not g.exact and len(plan[g.id]) < g.size]
+    if inexact:
+        notes.append(f"{len(inexact)} pruned group(s) are normalized over their channels (LayerNorm/GroupNorm): "
+                     "outputs change beyond the removed channels' contributions; fine-tune after pruning")
     target: dict[str, Any] = {"kind": kind, "value": value}
     if kind != "ratio":
         achieved = (macs_after / macs_before) if kind == "macs" else (params_after / params_before)
