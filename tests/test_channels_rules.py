@@ -573,3 +573,22 @@ def test_where_expand_tile_pass_through():
     g = group_of(an, "w0")
     assert g.prunable and member(g, "alpha").role == "param"
     oracle(prep, an)
+
+
+def test_expand_to_channel_count_is_rewritten():
+    nodes = [conv("x", "w0", "c0"), helper.make_node("GlobalAveragePool", ["c0"], ["gp"]),
+             helper.make_node("Sigmoid", ["gp"], ["sg"]), helper.make_node("Expand", ["sg", "eshape"], ["ex"]),
+             helper.make_node("Mul", ["c0", "ex"], ["m"])]
+    h, hw = head("m", 4)
+    prep, an = analyze(build(nodes + [h], {"w0": W(4, 3, 3, 3), "eshape": I64(1, 4, 4, 4), **hw}))
+    pruned, plan = oracle(prep, an)
+    shp = next(numpy_helper.to_array(i) for i in pruned.graph.initializer if i.name == "eshape")
+    assert shp.tolist() == [1, len(plan[group_of(an, "w0").id]), 4, 4]
+
+
+def test_tile_repeats_channels():
+    nodes = [conv("x", "w0", "c0"), helper.make_node("Tile", ["c0", "reps"], ["t"])]
+    h, hw = head("t", 6)
+    prep, an = analyze(build(nodes + [h], {"w0": W(3, 3, 3, 3), "reps": I64(1, 2, 1, 1), **hw}))
+    assert member(group_of(an, "w0"), "w_y").positions == ((0, 3), (1, 4), (2, 5))
+    oracle(prep, an)

@@ -458,6 +458,30 @@ class _NodeFixer:
             raise OnnxPruneError(f"internal: Gather {node.name} would read a removed channel")
         self.set_input(node, 1, new.astype(self.const(node.input[1]).dtype), "indices")
 
+    def _fix_Expand(self, node):
+        x, y = node.input[0], node.output[0]
+        if y not in self.act or not self.act[y][1]:
+            return
+        u, rem = self.act[y]
+        shp_name = node.input[1]
+        shp = self.const(shp_name)
+        if shp is None:
+            raise OnnxPruneError(f"cannot rewrite the target shape of Expand {node.name}")
+        i = u - (len(self.shapes[y]) - len(shp))
+        if i < 0 or int(shp[i]) == 1:
+            return
+        want = int(shp[i]) - len(rem)
+        if self.const(shp_name, model_only=True) is not None:
+            new = shp.astype(np.int64).copy()
+            new[i] = want
+            self.set_input(node, 1, new, "shape")
+            return
+        now = self.now(shp_name)
+        if now is not None and int(now.reshape(-1)[i]) in (1, want):
+            return
+        if not self._patch_concat_entry(shp_name, i, want):
+            raise OnnxPruneError(f"cannot rewrite the run-time target shape of Expand {node.name}")
+
     def _fix_Resize(self, node):
         x = node.input[0]
         if x not in self.act or len(node.input) < 4 or not node.input[3]:

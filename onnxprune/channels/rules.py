@@ -814,7 +814,8 @@ def rule_gather(ctx: Context, node: onnx.NodeProto) -> None:
 
 
 def rule_expand(ctx: Context, node: onnx.NodeProto) -> None:
-    """Expand: pass-through when the target shape leaves the channel axis alone (1 or same size)."""
+    """Expand: pass-through when the target shape leaves the channel axis alone (1, or the channel
+    count, which the rewriter then updates)."""
     x = node.input[0]
     tr = ctx.track(x)
     if tr is None:
@@ -825,21 +826,21 @@ def rule_expand(ctx: Context, node: onnx.NodeProto) -> None:
         return _opaque(ctx, node, "target shape is computed at run time")
     oax = tr.axis + ro - ri
     sax = oax - (ro - len(shp))
-    if 0 <= sax < len(shp) and int(shp[sax]) not in (1,):
-        return _opaque(ctx, node, "target shape names the channel count")
+    if 0 <= sax < len(shp) and int(shp[sax]) not in (1, len(tr.atoms)):
+        return _opaque(ctx, node, "expands the channel axis")
     ctx.set_track(node.output[0], oax, tr.atoms, node)
 
 
 def rule_tile(ctx: Context, node: onnx.NodeProto) -> None:
-    """Tile: pass-through when the channel axis is repeated once."""
+    """Tile: the channel axis repeated ``r`` times carries channel ``c`` at ``c, C + c, 2C + c ...``."""
     x = node.input[0]
     tr = ctx.track(x)
     if tr is None:
         return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
     reps = ctx.const(node.input[1])
-    if reps is None or int(reps.reshape(-1)[tr.axis]) != 1:
-        return _opaque(ctx, node, "repeats the channel axis")
-    ctx.set_track(node.output[0], tr.axis, tr.atoms, node)
+    if reps is None:
+        return _opaque(ctx, node, "repeats are computed at run time")
+    ctx.set_track(node.output[0], tr.axis, np.tile(tr.atoms, int(reps.reshape(-1)[tr.axis])), node)
 
 
 UNARY = [
