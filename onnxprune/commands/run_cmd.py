@@ -11,14 +11,20 @@ from rich.table import Table
 from .common import emit_json, json_option
 
 
+def wide(con: Console | None = None) -> Console:
+    """A console that does not squeeze tables into 80 columns when writing to a pipe or log file."""
+    con = con or Console()
+    if not con.is_terminal and con.width < 160:
+        con.width = 160
+    return con
+
+
 def print_summary(report: Mapping[str, Any], outdir: str | Path, con: Console | None = None) -> None:
     """A short table of the results and where the report is."""
     from ..report.plots import accuracy_split, all_points
     from ..report.render import fmt_bytes, fmt_num, fmt_stat, fmt_x
 
-    con = con or Console()
-    if not con.is_terminal and con.width < 140:
-        con.width = 140  # a log file or pipe: do not squeeze the table into 80 columns
+    con = wide(con)
     split = accuracy_split(report)
     profiles = [p["name"] for p in report["hw_profiles"]]
     table = Table(title=f"{report['recipe']['name']}: results", show_lines=False)
@@ -104,13 +110,14 @@ def compare_runs_cmd(dir_a: str, dir_b: str, as_json: bool) -> None:
     if as_json:
         emit_json(res)
         return
-    con = Console()
-    table = Table(title=f"A = {dir_a} ({res['recipe_a']})   B = {dir_b} ({res['recipe_b']})")
+    con = wide()
+    con.print(f"A = {dir_a} ({res['recipe_a']})   B = {dir_b} ({res['recipe_b']})")
+    table = Table()
     cols = ["point", "params A", "params B", "compression A", "compression B", "top-1 A", "top-1 B", "Δ top-1"]
     for prof in res["profiles"]:
         cols += [f"p50 A {prof}", f"p50 B {prof}"]
     for c in cols:
-        table.add_column(c, justify="left" if c == "point" else "right")
+        table.add_column(c, justify="left" if c == "point" else "right", no_wrap=c == "point")
 
     def pct(v):
         return "n/a" if v is None else f"{v:.2%}"

@@ -112,7 +112,8 @@ def run_recipe(recipe: "Recipe | str | os.PathLike", model_path: str | os.PathLi
     outdir = _check_outdir(outdir, model_path)
     profiles = steps.load_profiles(list(hw) or recipe.hw)
     profiles = [recipe.profiling.apply(p) for p in profiles]
-    for st in (s for m in recipe.methods() for s in m.stages):
+    plan = expand(recipe)
+    for st in (s for r in plan.runs for s in r.stages):
         if is_latency(st) and st.target.latency.profile not in {p.name for p in profiles}:
             raise OnnxPruneError(f"a latency target names profile {st.target.latency.profile!r}, which this run does "
                                  f"not measure on; add it with --hw {st.target.latency.profile}")
@@ -121,10 +122,9 @@ def run_recipe(recipe: "Recipe | str | os.PathLike", model_path: str | os.PathLi
     if data_spec is None and needs:
         raise OnnxPruneError(f"recipe {recipe.name!r} needs data ({needs}): pass --data SPEC (e.g. --data digits) "
                              "or set data in the recipe")
-    plan = expand(recipe)
+    ds = steps.load_data(data_spec) if data_spec is not None else None
     for sub in (MODELS, WORK):
         (outdir / sub).mkdir(parents=True, exist_ok=True)
-    ds = steps.load_data(data_spec) if data_spec is not None else None
     ctx = Context(recipe=recipe, outdir=outdir, cache=StepCache.open(outdir), data=ds,
                   data_desc=ds.describe() if ds is not None else None, profiles=profiles, progress=Progress(progress))
     if ds is None:
@@ -189,7 +189,6 @@ def _check_outdir(outdir: str | os.PathLike, model_path: Path) -> Path:
     if model_path.resolve().parent in ((d / MODELS).resolve(), (d / WORK).resolve()):
         raise OnnxPruneError(f"{model_path}: the input model is inside {d}'s {model_path.parent.name}/ folder, which the "
                              "run writes; move it or choose another -o")
-    d.mkdir(parents=True, exist_ok=True)
     return d
 
 

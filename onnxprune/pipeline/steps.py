@@ -177,7 +177,7 @@ def prune_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
     """The figures of a prune summary worth keeping in the report (no long per-layer lists)."""
     keep = ("method", "criterion", "scope", "target", "target_sparsity", "achieved_sparsity", "min_threshold", "pattern",
             "params_before", "params_after", "macs_before", "macs_after", "macs_reduction", "channels_before",
-            "channels_after", "compression_ratio", "sparsity_all_params", "notes", "guidance", "skipped", "gradual",
+            "channels_after", "compression_ratio", "sparsity_all_params", "prunable_params", "notes", "guidance", "skipped", "gradual",
             "latency_search", "per_layer")
     out = {k: summary[k] for k in keep if k in summary}
     if "groups" in summary:
