@@ -188,12 +188,16 @@ def test_convnext_layernorm_group_is_prunable_but_inexact(prepared):
     assert len(hidden) == 2 and all(x.size == 32 for x in hidden)  # the two MLP hidden dims
 
 
-def test_attention_qk_unprunable_v_and_mlp_prunable(prepared):
+def test_attention_heads_are_pruned_whole(prepared):
+    """Q/K/V are split into (heads, head_dim): whole heads go together through Q @ K^T and attn @ V
+    (batch axes of the MatMuls), which is exact; the out-projection reads them as blocks of head_dim."""
     _, an = prepared("attention")
-    bad = [g for g in an.unprunable if "attention" in (g.reason or "")]
-    assert len(bad) == 2 and all("MatMul" in g.reason for g in bad)
-    sizes = sorted(g.size for g in an.prunable)
-    assert sizes == [4, 8, 16]  # V projection, residual stream, MLP hidden
+    heads = _group_with_out(an, "/q/Transpose_output_0")
+    assert heads.size == 2 and heads.prunable and heads.exact
+    assert {"/q/Transpose_output_0", "/k/Transpose_output_0", "/v/Transpose_output_0"} == _out_layers(heads)
+    o = next(m for m in heads.members if m.tensor == "/o/Transpose_output_0")
+    assert o.role == "in" and o.positions == ((0, 1, 2, 3), (4, 5, 6, 7))
+    assert sorted(g.size for g in an.prunable) == [2, 8, 16]  # heads, residual stream, MLP hidden
 
 
 def test_fpn_lateral_adds_and_upsample_couple(prepared):

@@ -32,8 +32,10 @@ def test_analyze_json(models):
 def test_analyze_json_reasons_for_attention(models):
     code, out, _ = run_cli("analyze", models["attention"], "--json", "--input-shape", "input=1x5x6")
     assert code == 0
-    reasons = [g["reason"] for g in json.loads(out)["groups"] if not g["prunable"]]
-    assert sum("attention" in r for r in reasons) == 2
+    data = json.loads(out)
+    assert [g["reason"] for g in data["groups"] if not g["prunable"]] == ["reaches model output 'output'"]
+    heads = next(g for g in data["groups"] if g["size"] == 2)  # attention heads, pruned whole
+    assert heads["prunable"] and {"/q/MatMul", "/k/MatMul", "/v/MatMul"} <= set(heads["nodes"])
 
 
 def test_analyze_human_table(models):

@@ -592,3 +592,23 @@ def test_tile_repeats_channels():
     prep, an = analyze(build(nodes + [h], {"w0": W(3, 3, 3, 3), "reps": I64(1, 2, 1, 1), **hw}))
     assert member(group_of(an, "w0"), "w_y").positions == ((0, 3), (1, 4), (2, 5))
     oracle(prep, an)
+
+
+def test_matmul_of_activations_contracting_channels_is_unprunable():
+    # Gram matrix / non-local block: features [N, HW, C] @ [N, C, HW] contracts the channels
+    nodes = [conv("x", "w0", "c"), helper.make_node("Reshape", ["c", "s"], ["f"]),
+             helper.make_node("Transpose", ["f"], ["ft"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["ft", "f"], ["y"])]
+    _, an = analyze(build(nodes, {"w0": W(4, 3, 3, 3), "s": I64(1, 4, 16)}))
+    assert "contracted with another activation" in group_of(an, "w0").reason
+
+
+def test_matmul_of_activations_couples_batch_axes():
+    # [N, C, T, D] @ [N, C, D, T]: channels on a batch axis of both operands go together (like heads)
+    nodes = [conv("x", "w0", "a"), conv("x", "w1", "b"), helper.make_node("Transpose", ["b"], ["bt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["a", "bt"], ["m"])]
+    h, hw = head("m", 4)
+    prep, an = analyze(build(nodes + [h], {"w0": W(4, 3, 3, 3), "w1": W(4, 3, 3, 3), **hw}))
+    g = group_of(an, "w0")
+    assert g is group_of(an, "w1") and g.prunable
+    oracle(prep, an)

@@ -430,26 +430,34 @@ def rule_matmul(ctx: Context, node: onnx.NodeProto) -> None:
         return ctx.set_track(node.output[0], ro - 2, out, node)
     if aw is not None and bw is not None:
         return _untrack_outputs(ctx, node, f"output of {_where(node)}")
-    # two activations
-    result = None
-    if ta is not None:
-        if ta.axis == ra - 1:
-            ctx.mark_bad(ta.atoms, f"{_where(node)}: channels contracted with another activation (attention)")
-        elif ta.axis == ra - 2:
-            result = (ro - 2, ta.atoms)
+    # two activations (attention): batch axes broadcast like an elementwise op (attention heads);
+    # channels on the contracted axis K cannot be removed exactly; free axes (M of A, N of B) pass
+    found = []  # (output axis, atoms, operand)
+    for name, t, r, contracted, free, free_out in ((a, ta, ra, ra - 1, ra - 2, ro - 2), (b, tb, rb, rb - 2, rb - 1, ro - 1)):
+        if t is None:
+            continue
+        if t.axis == contracted:
+            ctx.mark_bad(t.atoms, f"{_where(node)}: channels contracted with another activation (attention)")
+        elif t.axis == free:
+            found.append((free_out, t.atoms, name))
         else:
-            ctx.mark_bad(ta.atoms, f"{_where(node)}: channels on a broadcast batch axis of a MatMul")
-    if tb is not None:
-        if tb.axis == rb - 2:
-            ctx.mark_bad(tb.atoms, f"{_where(node)}: channels contracted with another activation (attention)")
-        elif tb.axis == rb - 1 and result is None:
-            result = (ro - 1, tb.atoms)
-        else:
-            ctx.mark_bad(tb.atoms, f"{_where(node)}: channels on a broadcast batch axis of a MatMul")
-    if result is None:
+            found.append((t.axis + ro - r, t.atoms, name))
+    if not found:
         return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node) if ta is None and tb is None
                                 else f"output of {_where(node)} (contraction)")
-    ctx.set_track(node.output[0], result[0], result[1], node)
+    oax, atoms, first = found[0]
+    for other_ax, other_atoms, name in found[1:]:
+        if other_ax == oax and len(other_atoms) == len(atoms):
+            ctx.unite(atoms, other_atoms)
+        else:
+            ctx.mark_bad(other_atoms, f"{_where(node)}: operands carry channels on different axes")
+            ctx.mark_bad(atoms, f"{_where(node)}: operands carry channels on different axes")
+    if oax < ro - 2:  # a batch axis: an untracked operand must broadcast over it
+        for name, t, r in ((a, ta, ra), (b, tb, rb)):
+            ax = oax - (ro - r)
+            if t is None and 0 <= ax < r - 2 and ctx.dim(name, ax) != 1:
+                ctx.mark_bad(atoms, f"combined at {_where(node)} with {name!r}: {ctx.reason_of(name)}")
+    ctx.set_track(node.output[0], oax, atoms, node)
 
 
 # ------------------------------------------------------------------------------------ normalizations
@@ -742,11 +750,45 @@ def rule_reshape(ctx: Context, node: onnx.NodeProto) -> None:
     kind, u, chan = m
     if kind == "map":
         return ctx.set_track(y, u, tr.atoms[np.asarray(chan)], node)
+    if _leads_to_attention(ctx, y):  # heads: track the major axis, a head's channels go together
+        a, b = len(chan[0]), len(chan)
+        heads = [tr.atoms[i * b:(i + 1) * b] for i in range(a)]
+        first = np.array([h[0] for h in heads], dtype=np.int64)
+        for k in range(1, b):
+            ctx.unite(first, np.array([h[k] for h in heads], dtype=np.int64))
+        return ctx.set_track(y, u - 1 - _gap(ctx, y, u), first, node)
     rows = [tr.atoms[np.asarray(js)] for js in chan]  # rows[j]: the a channels that go together
     first = np.array([r[0] for r in rows], dtype=np.int64)
     for k in range(1, len(rows[0])):
         ctx.unite(first, np.array([r[k] for r in rows], dtype=np.int64))
     ctx.set_track(y, u, first, node)
+
+
+def _gap(ctx: Context, y: str, u: int) -> int:
+    """Size-1 axes between the major and minor axis of a split (so the major axis is ``u - 1 - gap``)."""
+    shape = ctx.static_shape(y)
+    gap = 0
+    while u - 1 - gap > 0 and shape[u - 1 - gap] == 1:
+        gap += 1
+    return gap
+
+
+def _leads_to_attention(ctx: Context, name: str, depth: int = 4) -> bool:
+    """True when ``name`` reaches, through Transposes and scalar scalings only, a MatMul of two
+    activations (the multi-head attention layout: split D into (heads, head_dim), transpose, Q @ K^T)."""
+    for _ in range(depth):
+        users = ctx.view.consumers.get(name, [])
+        if len(users) != 1:
+            return False
+        n = users[0]
+        if n.op_type == "MatMul":
+            return not any(ctx.view.is_const(i) for i in n.input)
+        if n.op_type == "Transpose" or (n.op_type in ("Mul", "Div") and all(
+                i == name or (ctx.view.is_const(i) and ctx.view.const(i).size == 1) for i in n.input)):
+            name = n.output[0]
+            continue
+        return False
+    return False
 
 
 def groupnorm_pattern(ctx, node: onnx.NodeProto):
