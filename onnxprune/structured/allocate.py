@@ -47,9 +47,8 @@ class Limits:
 
 def lower_bound(size: int, blocks: int, limits: Limits) -> int:
     """Fewest channels a group may keep: max_ratio, min_keep and one per block, as a multiple of blocks."""
-    lo = max(1, int(limits.min_keep), math.ceil(size * (1.0 - limits.max_ratio) - _EPS))
-    lo = min(lo, size)
-    return min(size, math.ceil(lo / blocks) * blocks)
+    lo = min(size, max(1, int(limits.min_keep), math.ceil(size * (1.0 - limits.max_ratio) - _EPS)))
+    return math.ceil(lo / blocks) * blocks  # <= size: blocks divides size
 
 
 def final_count(size: int, desired: int, blocks: int, limits: Limits) -> int:

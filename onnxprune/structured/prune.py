@@ -106,7 +106,8 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
     notes = list(prep.notes)
     params_before, macs_before = _measure(prep.view)
     if kind == "macs" and not macs_before:
-        raise OnnxPruneError("--target-macs needs the model's MACs, which are unknown: pass --input-shape NAME=DIMS")
+        raise OnnxPruneError("--target-macs needs the model's MACs, which are unknown (a Conv/Gemm/MatMul has no static "
+                             "shape): pass --input-shape NAME=DIMS for inputs with symbolic dims, or use --target-params")
 
     skipped = ignored_groups(analysis.prunable, ignore)
     candidates = [g for g in analysis.prunable if g.id not in skipped]
