@@ -15,7 +15,7 @@ from onnxprune.channels.rewrite import apply_plan
 from onnxprune.prepare import prepare
 
 OPS = ["conv", "conv3", "depthwise", "relu", "bn", "add", "concat", "mul_const", "sigmoid_gate", "split", "maxpool",
-       "slice", "grouped"]
+       "slice", "grouped", "shuffle", "gather", "linear_nhwc", "upsample"]
 
 
 @st.composite
@@ -95,6 +95,28 @@ def graphs(draw):
             inits[f"ax_{out}"] = np.array([1], np.int64)
             nodes.append(helper.make_node("Slice", [src, f"st_{out}", f"en_{out}", f"ax_{out}"], [out], name=out))
             tensors.append((out, c - 2))
+        elif op == "shuffle" and c % 2 == 0:
+            inits[f"s1_{out}"] = np.array([1, 2, c // 2, 6, 6], np.int64)
+            inits[f"s2_{out}"] = np.array([1, c, 6, 6], np.int64)
+            nodes += [helper.make_node("Reshape", [src, f"s1_{out}"], [out + "_r"], name=out + "_r"),
+                      helper.make_node("Transpose", [out + "_r"], [out + "_t"], perm=[0, 2, 1, 3, 4], name=out + "_t"),
+                      helper.make_node("Reshape", [out + "_t", f"s2_{out}"], [out], name=out)]
+            tensors.append((out, c))
+        elif op == "gather":
+            inits[f"i_{out}"] = rng.permutation(c).astype(np.int64)
+            nodes.append(helper.make_node("Gather", [src, f"i_{out}"], [out], axis=1, name=out))
+            tensors.append((out, c))
+        elif op == "linear_nhwc":
+            co = int(rng.integers(2, 7))
+            nodes += [helper.make_node("Transpose", [src], [out + "_t"], perm=[0, 2, 3, 1], name=out + "_t"),
+                      helper.make_node("MatMul", [out + "_t", w(f"w_{out}", c, co)], [out + "_m"], name=out + "_m"),
+                      helper.make_node("Transpose", [out + "_m"], [out], perm=[0, 3, 1, 2], name=out)]
+            tensors.append((out, co))
+        elif op == "upsample":
+            inits[f"sc_{out}"] = np.array([1, 1, 2, 2], np.float32)
+            nodes += [helper.make_node("Resize", [src, "", f"sc_{out}"], [out + "_u"], mode="nearest", name=out + "_u"),
+                      helper.make_node("MaxPool", [out + "_u"], [out], kernel_shape=[2, 2], strides=[2, 2], name=out)]
+            tensors.append((out, c))
     # every tensor nobody reads feeds the head through a 1x1 conv, summed: all channels reach the output
     read = {i for n in nodes for i in n.input}
     heads = []
