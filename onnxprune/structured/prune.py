@@ -138,7 +138,7 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
             params, macs = _measure(build_view(apply_plan(shaped, analysis, p, check=False)))
             return (macs if kind == "macs" else params) / before
 
-        limits_text = f"max ratio {limits.max_ratio:g}, --min-keep {limits.min_keep}"
+        limits_text = f"--max-ratio {limits.max_ratio:g}, --min-keep {limits.min_keep}"
         if limits.round_to > 1:
             limits_text += f", --round-to {limits.round_to}"
         search = find_ratio(plan_for, measure, value, limits.max_ratio, kind=kind, limits_text=limits_text)

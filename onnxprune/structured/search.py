@@ -55,7 +55,7 @@ def find_ratio(plan_for: Callable[[float], KeepPlan], measure: Callable[[KeepPla
     if f_hi > target:
         raise OnnxPruneError(
             f"--target-{kind} {target:g} is unreachable: pruning every group to its limit "
-            f"({limits_text or f'max ratio {max_ratio:g}'}) still keeps {f_hi:.3f} of the {kind}; "
+            f"({limits_text or f'--max-ratio {max_ratio:g}'}) still keeps {f_hi:.3f} of the {kind}; "
             f"raise the target, relax the limits, or check the unprunable groups (onnxprune analyze)")
     lo, hi = 0.0, max_ratio
     while hi - lo > RATIO_TOL:
