@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import onnx
 
 from ..graph import GraphView, build_view

@@ -414,7 +414,8 @@ class _NodeFixer:
             return
         rank = len(self.shapes[x])
         dim = self.dim(x, ax)
-        newpos_count = lambda b: b - sum(1 for p in rem if p < b)  # noqa: E731 - kept positions before b
+        def newpos_count(b: int) -> int:  # kept positions before b
+            return b - sum(1 for p in rem if p < b)
         if self.opset >= 10:
             starts = [int(v) for v in self.const(node.input[1]).reshape(-1)]
             ends = [int(v) for v in self.const(node.input[2]).reshape(-1)]
@@ -459,7 +460,7 @@ class _NodeFixer:
         self.set_input(node, 1, new.astype(self.const(node.input[1]).dtype), "indices")
 
     def _fix_Expand(self, node):
-        x, y = node.input[0], node.output[0]
+        y = node.output[0]
         if y not in self.act or not self.act[y][1]:
             return
         u, rem = self.act[y]

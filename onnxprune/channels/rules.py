@@ -445,7 +445,7 @@ def rule_matmul(ctx: Context, node: onnx.NodeProto) -> None:
     if not found:
         return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node) if ta is None and tb is None
                                 else f"output of {_where(node)} (contraction)")
-    oax, atoms, first = found[0]
+    oax, atoms, _ = found[0]
     for other_ax, other_atoms, name in found[1:]:
         if other_ax == oax and len(other_atoms) == len(atoms):
             ctx.unite(atoms, other_atoms)
