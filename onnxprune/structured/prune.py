@@ -19,7 +19,7 @@ from ..channels.types import Analysis, Group, KeepPlan
 from ..errors import OnnxPruneError
 from ..graph import build_view
 from ..macs import total_macs
-from ..params import count_params
+from ..params import parameter_names
 from ..prepare import Prepared, prepare
 from ..pruning_result import PruneResult
 from ..shapes import fix_input_shapes
@@ -53,8 +53,10 @@ def _check_args(ratio, target_macs, target_params, criterion, scope, seed) -> tu
 
 
 def _measure(view) -> tuple[int, int | None]:
-    """(params, MACs) of an indexed model."""
-    return count_params(view)[0], total_macs(view)
+    """(params, MACs) of an indexed model; params as :func:`~onnxprune.params.count_params` counts
+    them, read off the initializer dims (no weight is decoded: the target search calls this often)."""
+    params = sum(int(np.prod(view.initializers[n].dims, dtype=np.int64)) for n in parameter_names(view))
+    return params, total_macs(view)
 
 
 def _group_entry(g: Group, kept: int | None = None, reason: str | None = None) -> dict[str, Any]:
