@@ -191,7 +191,7 @@ def bn(group: Group, inp: ScoreInputs) -> np.ndarray:
             if arr is not None:
                 per_member.append((per_channel_sum(np.abs(np.asarray(arr, dtype=np.float64).reshape(-1)), m), coverage(m)))
     if not per_member:
-        raise CriterionUnavailable(f"criterion bn: group {group.id} has no BatchNormalization")
+        raise CriterionUnavailable(f"group {group.id} has no BatchNormalization")
     return aggregate(per_member, group.size)
 
 
@@ -204,7 +204,7 @@ def fpgm(group: Group, inp: ScoreInputs) -> np.ndarray:
     if not members:
         members = [(m, a) for m, a in weight_members(group, inp, roles=("in",)) if m.role == "in"]
     if not members:
-        raise CriterionUnavailable(f"criterion fpgm: group {group.id} has no weights")
+        raise CriterionUnavailable(f"group {group.id} has no constant weights")
     per_member = []
     for m, arr in members:
         mask = coverage(m)
@@ -256,7 +256,7 @@ def taylor(group: Group, inp: ScoreInputs) -> np.ndarray:
         prod = channel_rows(arr.astype(np.float64) * np.asarray(g, dtype=np.float64), m).sum(1)
         per_member.append((np.abs(per_channel_sum(prod, m)), coverage(m)))
     if not per_member:
-        raise CriterionUnavailable(f"criterion taylor: no gradients for the weights of group {group.id}")
+        raise CriterionUnavailable(f"no gradients for the weights of group {group.id}")
     return aggregate(per_member, group.size)
 
 

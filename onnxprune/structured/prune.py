@@ -115,9 +115,9 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
     candidates = [g for g in analysis.prunable if g.id not in skipped]
     scores, unavailable = score_groups(candidates, criterion, ScoreInputs.from_view(prep.view, gradients=gradients, seed=seed))
     if candidates and not scores:
-        raise OnnxPruneError(f"criterion {criterion} cannot score any group: {next(iter(unavailable.values()))}")
+        raise OnnxPruneError(f"criterion {criterion} cannot score any group ({next(iter(unavailable.values()))})")
     for gid, why in unavailable.items():
-        skipped[gid] = f"{why}; left whole"
+        skipped[gid] = f"criterion {criterion}: {why}; left whole"
     groups = [g for g in candidates if g.id in scores]
     if skipped:
         notes.append(f"{len(skipped)} prunable group(s) left whole (see 'unprunable')")
