@@ -610,3 +610,14 @@ def test_matmul_of_activations_couples_batch_axes():
     g = group_of(an, "w0")
     assert g is group_of(an, "w1") and g.prunable
     oracle(prep, an)
+
+
+def test_tensor_read_inside_a_subgraph_is_unprunable():
+    then_g = helper.make_graph([helper.make_node("Relu", ["r"], ["t_out"])], "then", [],
+                               [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)])
+    else_g = helper.make_graph([helper.make_node("Neg", ["r"], ["e_out"])], "else", [],
+                               [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
+    nodes = [conv("x", "w0", "c"), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g, name="branch")]
+    _, an = analyze(build(nodes, {"w0": W(4, 3, 3, 3), "cond": np.array(True)}))
+    assert "If (node branch)" in group_of(an, "w0").reason

@@ -60,8 +60,22 @@ def _mark_inputs_bad(ctx: Context, node: onnx.NodeProto, reason: str, inputs=Non
 def rule_unknown(ctx: Context, node: onnx.NodeProto) -> None:
     """Unknown op or custom domain: channels flowing in are unprunable; outputs are opaque."""
     what = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
-    _mark_inputs_bad(ctx, node, f"flows into unsupported op {what} (node {node.name})")
+    reason = f"flows into unsupported op {what} (node {node.name})"
+    _mark_inputs_bad(ctx, node, reason)
+    _mark_inputs_bad(ctx, node, reason, inputs=sorted(_subgraph_names(node)))  # outer-scope reads of If/Loop
     _untrack_outputs(ctx, node, f"output of unsupported op {what} (node {node.name})")
+
+
+def _subgraph_names(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name read inside the subgraphs of ``node`` (If/Loop/Scan bodies, recursively)."""
+    names: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            for n in g.node:
+                names.update(i for i in n.input if i)
+                names |= _subgraph_names(n)
+    return names
 
 
 def _opaque(ctx: Context, node: onnx.NodeProto, why: str) -> None:
@@ -383,6 +397,7 @@ def rule_gemm(ctx: Context, node: onnx.NodeProto) -> None:
         cv = ctx.const(c)
         if cv is None:
             ctx.mark_bad(out, f"{_where(node)}: C is not a constant")
+            _mark_inputs_bad(ctx, node, f"{_where(node)}: added as C", inputs=[c])
         elif cv.ndim >= 1 and cv.shape[-1] == len(out) and len(out) > 1:
             ctx.add_member(c, cv.ndim - 1, out, "param", node)
         elif cv.ndim >= 1 and cv.shape[-1] not in (1, len(out)):
@@ -473,6 +488,7 @@ def _channel_norm(ctx: Context, node: onnx.NodeProto, params: list[str], *, exac
         v = ctx.const(p)
         if v is None:
             ctx.mark_bad(xin, f"{_where(node)}: parameter {p!r} is not a constant")
+            _mark_inputs_bad(ctx, node, f"{_where(node)}: used as a parameter", inputs=[p])
         elif v.ndim >= 1 and v.shape[0] == len(xin):
             ctx.add_member(p, 0, xin, "param", node)
     if not exact:
@@ -521,6 +537,7 @@ def rule_layernorm(ctx: Context, node: onnx.NodeProto) -> None:
             v = ctx.const(p)
             if v is None:
                 ctx.mark_bad(tr.atoms, f"{_where(node)}: parameter {p!r} is not a constant")
+                _mark_inputs_bad(ctx, node, f"{_where(node)}: used as a parameter", inputs=[p])
                 continue
             pax = tr.axis - (rank - v.ndim)
             if 0 <= pax < v.ndim and v.shape[pax] == len(tr.atoms) and len(tr.atoms) > 1:
@@ -885,6 +902,17 @@ def rule_tile(ctx: Context, node: onnx.NodeProto) -> None:
     ctx.set_track(node.output[0], tr.axis, np.tile(tr.atoms, int(reps.reshape(-1)[tr.axis])), node)
 
 
+def _primary_only(rule: Rule) -> Rule:
+    """Wrap a rule that follows channels through input 0 only: channels reaching any other input
+    (a shape, pads, scales, indices computed from an activation) are unprunable."""
+    def wrapped(ctx: Context, node: onnx.NodeProto) -> None:
+        _mark_inputs_bad(ctx, node, f"{_where(node)}: channels used as an operand it does not follow",
+                         inputs=[i for i in node.input[1:] if i])
+        rule(ctx, node)
+    wrapped.__name__, wrapped.__doc__ = rule.__name__, rule.__doc__
+    return wrapped
+
+
 UNARY = [
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Softplus",
     "Softsign", "Mish", "Gelu", "Erf", "Neg", "Abs", "Sqrt", "Exp", "Log", "Reciprocal", "Floor", "Ceil", "Round",
@@ -896,19 +924,21 @@ ELEMENTWISE = ["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "
 
 #: op_type -> rule (default domain). Anything else: :func:`rule_unknown`.
 RULES: dict[str, Rule] = {
-    **{op: rule_passthrough for op in UNARY},
+    **{op: _primary_only(rule_passthrough) for op in UNARY},
+    "CastLike": rule_passthrough,  # input 1 only lends its element type
     **{op: rule_elementwise for op in ELEMENTWISE},
     "Clip": rule_clip,
-    **{op: rule_pool for op in ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
-                                "GlobalLpPool")},
-    **{op: rule_softmax for op in ("Softmax", "LogSoftmax", "Hardmax")},
-    **{op: rule_reduce for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
-                                  "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")},
+    **{op: _primary_only(rule_pool) for op in ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
+                                               "GlobalMaxPool", "GlobalLpPool")},
+    **{op: _primary_only(rule_softmax) for op in ("Softmax", "LogSoftmax", "Hardmax")},
+    **{op: _primary_only(rule_reduce) for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd",
+                                                 "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
+                                                 "ReduceSumSquare")},
     "ArgMax": rule_argreduce,
     "ArgMin": rule_argreduce,
-    "Pad": rule_pad,
-    "Resize": rule_resize,
-    "Upsample": rule_resize,
+    "Pad": _primary_only(rule_pad),
+    "Resize": _primary_only(rule_resize),
+    "Upsample": _primary_only(rule_resize),
     "Conv": rule_conv,
     "ConvTranspose": rule_conv_transpose,
     "Gemm": rule_gemm,
@@ -918,16 +948,16 @@ RULES: dict[str, Rule] = {
     "GroupNormalization": rule_groupnorm,
     "LayerNormalization": rule_layernorm,
     "Concat": rule_concat,
-    "Split": rule_split,
-    "Slice": rule_slice,
+    "Split": _primary_only(rule_split),
+    "Slice": _primary_only(rule_slice),
     "Transpose": rule_transpose,
-    "Reshape": rule_reshape,
+    "Reshape": _primary_only(rule_reshape),
     "Flatten": rule_reshape,
-    "Squeeze": rule_reshape,
-    "Unsqueeze": rule_reshape,
-    "Gather": rule_gather,
-    "Expand": rule_expand,
-    "Tile": rule_tile,
+    "Squeeze": _primary_only(rule_reshape),
+    "Unsqueeze": _primary_only(rule_reshape),
+    "Gather": _primary_only(rule_gather),
+    "Expand": _primary_only(rule_expand),
+    "Tile": _primary_only(rule_tile),
     "Shape": rule_shape_reader,
     "Size": rule_shape_reader,
     "ConstantOfShape": rule_source,
