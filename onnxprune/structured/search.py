@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from ..channels.types import KeepPlan
 from ..errors import OnnxPruneError
 
@@ -27,8 +29,8 @@ class SearchResult:
 
 
 def plan_key(plan: KeepPlan) -> tuple:
-    """What the measured figure depends on: kept counts per group (MACs and params ignore which)."""
-    return tuple(sorted((gid, len(kept)) for gid, kept in plan.items()))
+    """A hashable identity of ``plan`` (many ratios give the same plan: counts are integers)."""
+    return tuple(sorted((gid, np.asarray(kept, dtype=np.int64).tobytes()) for gid, kept in plan.items()))
 
 
 def find_ratio(plan_for: Callable[[float], KeepPlan], measure: Callable[[KeepPlan], float], target: float,
@@ -36,7 +38,7 @@ def find_ratio(plan_for: Callable[[float], KeepPlan], measure: Callable[[KeepPla
     """Smallest ratio in [0, max_ratio] whose plan keeps at most ``target`` of the figure.
 
     ``measure(plan)`` returns the kept fraction (after / before) of the pruned model; results are
-    cached per :func:`plan_key`, so the real model is built once per distinct set of counts."""
+    cached per :func:`plan_key`, so the real model is built once per distinct plan."""
     if not 0.0 < target <= 1.0:
         raise OnnxPruneError(f"--target-{kind} must be in (0, 1] (the fraction kept), got {target}")
     cache: dict[tuple, float] = {}
