@@ -133,10 +133,10 @@ def compare_runs(dir_a: "str | os.PathLike", dir_b: "str | os.PathLike") -> dict
     return _compare(dir_a, dir_b)
 
 
-#: The demo's settings: (dense training epochs, recipe overrides). --quick trades accuracy for time.
-DEMO_FULL = (10, [])
-DEMO_QUICK = (4, ["retrain.epochs=1", "profiling.min_runs=5", "profiling.min_duration_s=0.05", "profiling.memory=false"])
-DEMO_WIDTH = 16
+#: The demo's settings: (dense training epochs, CNN width, recipe overrides). --quick trades accuracy for time.
+DEMO_FULL = (10, 32, [])
+DEMO_QUICK = (4, 16, ["retrain.epochs=1", "profiling.min_runs=5", "profiling.min_duration_s=0.05", "profiling.memory=false"])
+DEMO_DATA = "digits"
 
 
 def demo(outdir: "str | os.PathLike" = "demo_out", *, quick: bool = False, progress: bool = False,
@@ -153,13 +153,13 @@ def demo(outdir: "str | os.PathLike" = "demo_out", *, quick: bool = False, progr
     if outdir.exists() and not outdir.is_dir():
         raise OnnxPruneError(f"{outdir}: exists and is not a directory; choose another -o")
     outdir.mkdir(parents=True, exist_ok=True)
-    epochs, quick_overrides = DEMO_QUICK if quick else DEMO_FULL
+    epochs, width, quick_overrides = DEMO_QUICK if quick else DEMO_FULL
     model_path = outdir / "digits_cnn.onnx"
     cache = StepCache.open(outdir)
-    cache.run("demo-train", {"epochs": epochs, "width": DEMO_WIDTH, "seed": 0, "data": "digits"},
-              lambda: train_demo_model(model_path, "digits", epochs=epochs, width=DEMO_WIDTH, progress=progress),
+    cache.run("demo-train", {"epochs": epochs, "width": width, "seed": 0, "data": DEMO_DATA},
+              lambda: train_demo_model(model_path, DEMO_DATA, epochs=epochs, width=width, progress=progress),
               outputs=[model_path])
-    return run_recipe("demo", model_path, outdir, data="digits", overrides=[*quick_overrides, *overrides],
+    return run_recipe("demo", model_path, outdir, data=DEMO_DATA, overrides=[*quick_overrides, *overrides],
                       progress=progress)
 
 

@@ -157,7 +157,7 @@ def build_report(ctx, model_path: Path, dense: Mapping[str, Any], dense_ft: Sequ
     ft_point = None
     if dense_ft:
         ft_point = make_point("dense-finetuned", "dense-finetuned", "dense",
-                              {"target": None, "stages": [], "schedule": None, "retrained": True}, dense_ft, outdir)
+                              {"target": None, "stages": [], "schedule": None, "retrained": True}, dense_ft, dfig, outdir)
     points = []
     for pid in plan.point_ids:
         specs = plan.runs_of(pid)
@@ -172,11 +172,13 @@ def build_report(ctx, model_path: Path, dense: Mapping[str, Any], dense_ft: Sequ
     rt = recipe.retrain
     retraining = None
     if rt.epochs > 0 and ctx.data is not None:
-        gradual = [m.name for m in recipe.methods() if recipe.schedule_of(m).kind != "one-shot" and recipe.schedule_of(m).steps > 1]
+        gradual = [(m.name, recipe.schedule_of(m).steps) for m in recipe.methods()
+                   if recipe.schedule_of(m).kind != "one-shot" and recipe.schedule_of(m).steps > 1]
         split = None
         if gradual:
-            split = (f"Gradual methods ({', '.join(gradual)}) split the budget over their pruning steps: "
-                     f"max(1, round({rt.epochs} / steps)) epoch(s) after each step.")
+            split = ("Gradual methods split the budget over their pruning steps: " + ", ".join(
+                f"{name} {n} steps x {max(1, round(rt.epochs / n))} epoch(s)" for name, n in gradual) +
+                f" (one-shot methods: {rt.epochs} epoch(s) after pruning).")
         retraining = {"config": {k: v for k, v in rt.train_config_dict(0).items() if k != "seed"},
                       "distillation": rt.distillation, "finetune_dense": rt.finetune_dense, "schedule_split": split,
                       "checkpoint_selection": "best validation top-1 over the epochs (validation split only)",

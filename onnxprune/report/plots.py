@@ -174,7 +174,8 @@ def plot_sensitivity(sens: Mapping[str, Any], path: str | os.PathLike, max_lines
     by: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         if r.get("drop") is not None:
-            by.setdefault(str(r["group"]), []).append((r["ratio"], r["drop"]))
+            label = str(r["group"]) if r.get("name") in (None, r["group"]) else f"{r['group']} {r['name']}"
+            by.setdefault(label, []).append((r["ratio"], r["drop"]))
     if not by:
         return None
     ranked = sorted(by.items(), key=lambda kv: -max(d for _, d in kv[1]))[:max_lines]
