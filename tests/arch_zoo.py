@@ -602,10 +602,39 @@ def opset9_attrs(tmp_path: Path) -> Path:
                  Path(tmp_path) / "opset9_attrs.onnx", 9, 4)
 
 
+def tf_nhwc(tmp_path: Path) -> Path:
+    """tf2onnx style: NHWC input transposed around each Conv, channels-last bias Add and BN-like Mul,
+    a symbolic batch, and a Reshape to [-1, H*W*C] (channels minor: strided positions) into MatMul."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("w0", _w(rng, 6, 3, 3, 3)), ("bias0", _w(rng, 6)), ("scale0", rng.uniform(0.5, 1.5, 6).astype(np.float32)),
+        ("w1", _w(rng, 5, 6, 1, 1)), ("bias1", _w(rng, 5)),
+        ("shape", np.array([-1, 4 * 4 * 5], dtype=np.int64)), ("fc", _w(rng, 80, 3)), ("fcb", _w(rng, 3)),
+    ]]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2], name="to_nchw0"),
+        helper.make_node("Conv", ["xt", "w0"], ["c0"], pads=[1, 1, 1, 1], name="conv0"),
+        helper.make_node("Transpose", ["c0"], ["c0t"], perm=[0, 2, 3, 1], name="to_nhwc0"),
+        helper.make_node("Add", ["c0t", "bias0"], ["a0"], name="bias_add0"),
+        helper.make_node("Mul", ["a0", "scale0"], ["m0"], name="scale0_mul"),
+        helper.make_node("Relu", ["m0"], ["r0"], name="relu0"),
+        helper.make_node("Transpose", ["r0"], ["r0t"], perm=[0, 3, 1, 2], name="to_nchw1"),
+        helper.make_node("Conv", ["r0t", "w1"], ["c1"], strides=[2, 2], name="conv1"),
+        helper.make_node("Transpose", ["c1"], ["c1t"], perm=[0, 2, 3, 1], name="to_nhwc1"),
+        helper.make_node("Add", ["c1t", "bias1"], ["a1"], name="bias_add1"),
+        helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+        helper.make_node("Reshape", ["r1", "shape"], ["flat"], name="flatten"),
+        helper.make_node("MatMul", ["flat", "fc"], ["mm"], name="fc_matmul"),
+        helper.make_node("Add", ["mm", "fcb"], ["y"], name="fc_bias"),
+    ]
+    return _save(nodes, [_vi("x", ["N", 8, 8, 3])], [_vi("y", ["N", 3])], inits, Path(tmp_path) / "tf_nhwc.onnx", 13, 8)
+
+
 HELPER_GRAPHS: dict[str, Callable[[Path], Path]] = {
     "caffe2_sum": caffe2_sum,
     "paddle_hardswish": paddle_hardswish,
     "opset9_attrs": opset9_attrs,
+    "tf_nhwc": tf_nhwc,
 }
 
 

@@ -241,3 +241,12 @@ def test_decomposed_groupnorm_blocks(prepared):
     g1, g2 = _group_with_out(an, "stem"), _group_with_out(an, "c1")
     assert (g1.blocks, g2.blocks) == (2, 4) and g1.prunable and g2.prunable
     assert not g1.exact and "GroupNorm" in g1.inexact_reason
+
+
+def test_tf_nhwc_channels_last(prepared):
+    _, an = prepared("tf_nhwc")
+    g0 = next(g for g in an.groups if "w0" in {m.tensor for m in g.members_with_role("out")})
+    assert g0.prunable and {"bias0", "scale0"} <= {m.tensor for m in g0.members_with_role("param")}
+    g1 = next(g for g in an.groups if "w1" in {m.tensor for m in g.members_with_role("out")})
+    fc = next(m for m in g1.members if m.tensor == "fc")
+    assert fc.positions == tuple(tuple(range(c, 80, 5)) for c in range(5))  # channels minor: stride 5
