@@ -19,7 +19,9 @@ class TrainConfig:
     ``lr`` is the peak learning rate; ``schedule`` shapes it per iteration: ``cosine`` decays to 0
     over the epochs after a linear ``warmup_epochs``; ``step`` multiplies it by ``step_gamma`` at
     each fraction of the run in ``step_milestones``. ``distill_alpha`` weighs the distillation loss
-    against cross-entropy when a teacher is given (ignored otherwise).
+    against cross-entropy when a teacher is given (ignored otherwise). ``grad_clip`` caps the global
+    gradient norm of every step (0 = off): a freshly pruned network, or a distillation loss (up to
+    ``T`` times the gradient of cross-entropy), can otherwise blow up in the first iterations.
 
     Batch-norm in the bridge: its scale and shift always train; ``train_bn=True`` also makes it
     normalise with batch statistics in training and update its running statistics (torch's
@@ -44,6 +46,7 @@ class TrainConfig:
     step_milestones: tuple[float, ...] = (0.5, 0.75)
     step_gamma: float = 0.1
     train_bn: bool = False
+    grad_clip: float = 5.0
     device: str = "cpu"
     eval_batch_size: int = 256
 
@@ -58,7 +61,7 @@ class TrainConfig:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             bad(f"epochs must be a non-negative integer, got {self.epochs!r}")
         for name in ("lr", "momentum", "weight_decay", "label_smoothing", "distill_alpha", "distill_temperature",
-                     "warmup_epochs", "step_gamma"):
+                     "warmup_epochs", "step_gamma", "grad_clip"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(f"{name} must be a non-negative number, got {v!r}")

@@ -221,6 +221,7 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
             from torch.nn.parallel import DistributedDataParallel as DDP
             train_model = DDP(module, device_ids=None if device == "cpu" else [torch.cuda.current_device()])
         opt = make_optimizer(module.parameters(), config)
+        trainable = [p for p in module.parameters() if p.requires_grad]
         n_batches = _n_train_batches(data, config, dist)
         ev_kwargs = dict(batch_size=config.eval_batch_size, device=device, output_is_prob=output_is_prob)
         initial = evaluate_module(module, data, "val", **ev_kwargs)
@@ -254,6 +255,8 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
                                              f"batch {i + 1}; lower the learning rate (now {config.lr:g})")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    if config.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
                     opt.step()
                     if after_step is not None:
                         after_step()
