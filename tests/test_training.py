@@ -423,3 +423,32 @@ def test_torch_source_prune_retrain_export(tmp_path, digits, monkeypatch):
     res = json.loads(out)
     assert res["prune"]["library"] == "torch-pruning" and res["test"]["samples"] == 359
     assert (tmp_path / "cli.onnx").exists()
+
+
+def test_prune_gradually_structured_macs_target(small_onnx, digits):
+    from onnxprune.training import prune_gradually
+
+    model, h = prune_gradually(str(small_onnx), digits, method="structured", final=0.5, steps=2,
+                               structured_target="macs", train_config=TrainConfig(epochs=1, lr=0.02), progress=False)
+    fractions = [s["macs_fraction_of_original"] for s in h["per_step"]]
+    assert fractions[0] > fractions[1] and fractions[1] <= 0.5 + 1e-9 and fractions[1] > 0.3
+
+
+def test_training_and_eval_on_user_dataloaders(tmp_path, monkeypatch, small_onnx):
+    (tmp_path / "dl.py").write_text(textwrap.dedent("""
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from onnxprune.datasets import load_dataset
+        def make():
+            d = load_dataset("digits")
+            t = lambda s, bs: DataLoader(TensorDataset(torch.from_numpy(s.x), torch.from_numpy(s.y)), batch_size=bs)
+            return {"train": t(d.train, 64), "val": t(d.val, 100), "test": t(d.test, 100), "num_classes": 10}
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = load_dataset("python:dl:make")
+    ref = load_dataset("digits")
+    assert evaluate_onnx(small_onnx, data) == evaluate_onnx(small_onnx, ref)
+    torch.manual_seed(0)
+    m = SmallCNN()
+    h = train_module(m, data, TrainConfig(epochs=1, lr=0.05), progress=False)
+    assert h["train_batches_per_epoch"] == 17 and h["epochs"][0]["train_top1"] > 0.2

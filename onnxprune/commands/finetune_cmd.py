@@ -7,7 +7,6 @@ export to ONNX).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 from rich.console import Console
@@ -44,7 +43,9 @@ def _config(**kw):
 @click.option("--distill-alpha", type=float, default=None, help="Weight of the distillation loss (default 0.5).")
 @click.option("--distill-temperature", type=float, default=None, help="Distillation temperature (default 4).")
 @click.option("--train-bn", is_flag=True, default=None, help="Batch-norm uses and updates batch statistics.")
-@click.option("--seed", type=int, default=None, help="Seed of weights order, shuffling and the data split (default 0).")
+@click.option("--seed", type=int, default=None,
+              help="Training seed: shuffling and anything random in training (default 0). "
+                   "The data split always uses seed 0, as eval does.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="Training device (default cpu).")
 @click.option("--no-keep-sparsity", is_flag=True, help="Let pruned (zero) weights grow back instead of keeping masks.")
 @click.option("--history", "history_path", type=click.Path(dir_okay=False, path_type=str), default=None,
@@ -119,7 +120,7 @@ def _torch_path(factory: str, state_dict: str | None, shape: str | None, ratio: 
 
     if teacher:
         raise OnnxPruneError("--teacher is not supported with --torch yet; retrain without it")
-    data = load_dataset(data_spec, seed=cfg.seed)
+    data = load_dataset(data_spec)
     if shape:
         try:
             dims = tuple(int(d) for d in re.split(r"[x,]", shape.split("=")[-1]))

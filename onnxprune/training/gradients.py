@@ -36,7 +36,7 @@ def weight_gradients(model: "str | os.PathLike | onnx.ModelProto", data: "str | 
     if batches <= 0 or batch_size <= 0:
         raise OnnxPruneError(f"gradients need positive batches and batch size, got {batches} x {batch_size}")
     m = _as_model(model)
-    ds = load_dataset(data, seed=seed)
+    ds = load_dataset(data)  # the split is always seed 0: the same samples as eval and finetune
     if check:
         check_bridge(m, ds)
     module = torch_module(m, train_bn=False)

@@ -92,7 +92,7 @@ def prune_gradually(model: "str | os.PathLike | onnx.ModelProto", data: "str | M
         if k in kwargs:
             raise OnnxPruneError(f"prune_kwargs must not set {k!r}: the schedule sets the target of every step")
     t0 = time.perf_counter()
-    ds = load_dataset(data, seed=cfg.seed)
+    ds = load_dataset(data)  # split seed 0, whatever the training seed
     current = _as_model(model)
     teacher_model = _as_model(teacher) if teacher is not None else None
     macs0 = _macs(current) if method == "structured" and structured_target == "macs" else None

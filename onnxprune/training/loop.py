@@ -20,7 +20,6 @@ Weight decay applies to weight tensors (2-D and up) only, not to biases and norm
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import sys
