@@ -58,9 +58,10 @@ class GraphView:
         return None if s is None else len(s)
 
 
-def build_view(model: onnx.ModelProto, *, infer: bool = True) -> GraphView:
-    """Index ``model``; with ``infer`` the shapes come from a fresh ONNX shape inference."""
-    m = infer_shapes(model) if infer else model
+def build_view(model: onnx.ModelProto, *, infer: bool = True, inplace: bool = False) -> GraphView:
+    """Index ``model``; with ``infer`` the shapes come from a fresh ONNX shape inference (written
+    into ``model`` itself with ``inplace``, saving a copy of the weights)."""
+    m = infer_shapes(model, inplace=inplace) if infer else model
     producer: dict[str, onnx.NodeProto] = {}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in m.graph.node:

@@ -13,7 +13,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .graph import attr, build_view
-from .shapes import infer_shapes, is_static, value_shapes
+from .shapes import infer_shapes, infer_value_shapes, is_static
 
 #: Ops never folded even when all inputs are constant: non-deterministic, control flow, or
 #: quantization structure that later tools expect to see.
@@ -45,8 +45,7 @@ def normalize(model: onnx.ModelProto, *, fold_bn: bool = False) -> onnx.ModelPro
     if fold_bn:
         fold_batchnorm(m)
     _remove_dead(m)
-    del m.graph.value_info[:]
-    return infer_shapes(m)
+    return infer_shapes(m, inplace=True)
 
 
 def _name_nodes(m: onnx.ModelProto) -> None:
@@ -117,7 +116,7 @@ def _constants_to_initializers(m: onnx.ModelProto) -> bool:
 
 def _fold_constants(m: onnx.ModelProto) -> bool:
     """Replace nodes whose inputs are all constant (or whose input shape is static, for Shape/Size)."""
-    shapes = value_shapes(infer_shapes(m))
+    shapes = infer_value_shapes(m)
     inits = {i.name: i for i in m.graph.initializer}
     graph_outputs = {o.name for o in m.graph.output}
     keep, changed = [], False

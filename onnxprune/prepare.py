@@ -76,5 +76,5 @@ def prepare(source: str | os.PathLike | onnx.ModelProto, input_shapes: Mapping[s
         original = load_model(path)
     model = normalize(original, fold_bn=fold_bn)
     shapes, notes = resolve_input_shapes(model, input_shapes)
-    view = build_view(fix_input_shapes(model, shapes) if shapes else model)
+    view = build_view(fix_input_shapes(model, shapes), inplace=True) if shapes else build_view(model)
     return Prepared(path=path, original=original, model=model, view=view, concrete_shapes=shapes, notes=notes)

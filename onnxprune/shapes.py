@@ -70,7 +70,7 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...
 _SKELETON_MIN_ELEMENTS = 256
 
 
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` without large weight data (shapes kept as typed graph inputs)."""
     g = model.graph
     light = onnx.ModelProto()
@@ -98,23 +98,38 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+def infer_shapes(model: onnx.ModelProto, *, inplace: bool = False, strict: bool = False) -> onnx.ModelProto:
     """ONNX shape inference with data propagation (resolves Shape->Reshape chains).
 
     Runs on a weight-free skeleton (fast, and never hits protobuf's 2 GB limit), then copies the
-    inferred value_info onto a copy of the full model.
+    inferred value_info onto the full model (a copy, or ``model`` itself with ``inplace``).
+    ``strict`` turns inference errors and type mismatches into errors instead of missing shapes.
     """
-    try:
-        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), data_prop=True)
-    except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
-        raise OnnxPruneError(f"shape inference failed: {str(exc).splitlines()[0][:300]}") from exc
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    inferred = _inferskeleton(model, strict)
+    out = model
+    if not inplace:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     del out.graph.value_info[:]
     out.graph.value_info.extend(inferred.graph.value_info)
     del out.graph.output[:]
     out.graph.output.extend(inferred.graph.output)
     return out
+
+
+def infer_value_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
+    """Shapes of every tensor, inferred without copying the model's weights."""
+    inferred = _inferskeleton(model, False)
+    shapes = value_shapes(inferred)
+    shapes.update({i.name: tuple(int(d) for d in i.dims) for i in model.graph.initializer})
+    return shapes
+
+
+def _inferskeleton(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(skeleton(model), check_type=strict, strict_mode=strict, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
+        raise OnnxPruneError(f"shape inference failed: {str(exc).splitlines()[0][:300]}") from exc
 
 
 def _shape_of(vi: onnx.ValueInfoProto) -> Shape | None:
