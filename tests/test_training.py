@@ -452,3 +452,21 @@ def test_training_and_eval_on_user_dataloaders(tmp_path, monkeypatch, small_onnx
     m = SmallCNN()
     h = train_module(m, data, TrainConfig(epochs=1, lr=0.05), progress=False)
     assert h["train_batches_per_epoch"] == 17 and h["epochs"][0]["train_top1"] > 0.2
+
+
+def test_finetune_explains_a_graph_tied_to_batch_one(digits):
+    from onnx import TensorProto, helper
+
+    from onnxprune.training import finetune
+
+    w = np.random.default_rng(0).standard_normal((64, 10)).astype(np.float32) * 0.1
+    g = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["flat"], name="reshape"),
+         helper.make_node("MatMul", ["flat", "w"], ["logits"], name="mm")], "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+        [numpy_helper.from_array(np.array([1, 64], np.int64), "shape"), numpy_helper.from_array(w, "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    with pytest.raises(OnnxPruneError, match="fixed batch size of 1.*dynamic batch"):
+        finetune(model, digits, TrainConfig(epochs=1), progress=False)

@@ -45,11 +45,26 @@ def check_bridge(model: onnx.ModelProto, data: DatasetSplits, label: str = "mode
     from ..bridge import assert_bridge_faithful
     from ..shapes import graph_inputs
 
-    name = graph_inputs(model)[0].name
+    inp = graph_inputs(model)[0]
+    dims = inp.type.tensor_type.shape.dim
+    fixed = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
     try:
-        return assert_bridge_faithful(model, {name: (2, *data.input_shape)})
+        report = assert_bridge_faithful(model, {inp.name: (fixed or 2, *data.input_shape)})
     except OnnxPruneError as exc:
         raise OnnxPruneError(f"{label}: {exc}") from None
+    if fixed is not None and fixed < 2:  # training runs batches: the graph must not depend on batch 1
+        import torch
+
+        from ..bridge import to_torch
+
+        try:
+            with torch.no_grad():
+                to_torch(model).eval()(torch.zeros((2, *data.input_shape)))
+        except Exception as exc:  # noqa: BLE001 - any failure here means the same thing
+            raise OnnxPruneError(f"{label}: input {inp.name!r} has a fixed batch size of {fixed} and the graph "
+                                 f"depends on it ({str(exc).splitlines()[0][:160]}); re-export it with a dynamic "
+                                 "batch dimension to retrain") from None
+    return report
 
 
 def torch_module(model: onnx.ModelProto, *, train_bn: bool = False):
