@@ -36,7 +36,15 @@ def tiny_model(path: Path, width: int = 4) -> Path:
     from onnxprune.torch_export import export_torch
 
     torch.manual_seed(0)
-    export_torch(build_digits_cnn(width=width), [torch.zeros(1, 1, 8, 8)], path)
+    module = build_digits_cnn(width=width)
+    with torch.no_grad():  # untrained BN tensors are all 0 / 1 and the exporter would merge equal ones
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    export_torch(module, [torch.zeros(1, 1, 8, 8)], path)
     return path
 
 
@@ -251,3 +259,21 @@ def test_nm_tensorrt_recipe_fails_clearly_without_gpu(tiny, tmp_path):
     rep = json.loads(out)
     assert rep["points"][0]["kind"] == "nm"
     assert any("2:4" in g for g in rep["guidance"])
+
+
+def test_gradual_schedule_dense_finetune_and_fair_budget(tiny, tmp_path):
+    from onnxprune.pipeline.run import run_recipe
+
+    d, model, recipe = tiny
+    over = ["sweep.methods=[{name: agp, kind: structured, schedule: {kind: agp, steps: 2}, points: [{macs: 0.5}]},"
+            " {name: oneshot, kind: structured, points: [{macs: 0.5}]}]",
+            "retrain.epochs=2", "retrain.finetune_dense=true", "retrain.distillation=true", "evaluation.splits=[val]"]
+    rep = run_recipe(recipe, model, tmp_path / "g", overrides=over)
+    agp, one = rep["points"]
+    steps = agp["runs"][0]["train"]["per_step"]
+    assert [s["step"] for s in steps] == [1, 2] and steps[-1]["target"] == pytest.approx(0.5)
+    assert agp["macs"] < rep["dense"]["macs"] and one["runs"][0]["train"]["best_epoch"] in (0, 1, 2)
+    assert rep["dense_finetuned"]["id"] == "dense-finetuned" and rep["dense_finetuned"]["models"][0].endswith("-s0.onnx")
+    rt = rep["retraining"]
+    assert rt["config"]["epochs"] == 2 and rt["distillation"] and "agp 2 steps x 1 epoch(s)" in rt["schedule_split"]
+    assert "test" not in agp["accuracy"]  # only the splits asked for are evaluated
