@@ -42,10 +42,11 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_default)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=json_default)
 
 
-def _default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars/arrays, paths, pydantic models, sets and tuples."""
     if hasattr(o, "model_dump"):
         return o.model_dump()
     if hasattr(o, "to_dict"):

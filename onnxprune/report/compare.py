@@ -1,29 +1,11 @@
 """``onnxprune compare-runs DIR1 DIR2``: two runs' points side by side (matched by point id)."""
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import OnnxPruneError
 from .plots import accuracy_split, all_points
-from .schema import validate_report
-
-
-def load_report(run_dir: str | os.PathLike) -> dict[str, Any]:
-    d = Path(run_dir)
-    path = d / "report.json"
-    if not d.is_dir():
-        raise OnnxPruneError(f"{d}: no such run directory")
-    if not path.is_file():
-        raise OnnxPruneError(f"{d}: no report.json (is this the -o directory of onnxprune run?)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise OnnxPruneError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
-    validate_report(data, str(path))
-    return data
+from .schema import load_report
 
 
 def _figures(p: Mapping[str, Any], split: str | None, profiles: list[str]) -> dict[str, Any]:

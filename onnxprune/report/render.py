@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import OnnxPruneError
 from ..model_io import write_text_atomic
 from .plots import accuracy_split, all_points, write_all
-from .schema import validate_report
+from ..pipeline.cache import json_default
+from .schema import load_report, validate_report
 
 Block = tuple  # ("h", level, text) | ("p", text) | ("list", [text]) | ("table", headers, rows) | ("img", title, path) | ("code", text)
 
@@ -288,31 +288,10 @@ def write_report(report: dict[str, Any], outdir: str | os.PathLike) -> dict[str,
     outdir = Path(outdir)
     validate_report(report, "report")
     report["plots"] = write_all(report, outdir)
-    path = write_text_atomic(outdir / "report.json", json.dumps(report, indent=2, default=_json_default))
+    path = write_text_atomic(outdir / "report.json", json.dumps(report, indent=2, default=json_default))
     return {"report": str(path), **render(report, outdir), "plots": report["plots"]}
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if hasattr(o, "__fspath__"):
-        return str(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
 def render_run_dir(outdir: str | os.PathLike) -> dict[str, Any]:
     """``onnxprune report OUTDIR``: validate report.json, re-draw the plots, re-write md and html."""
-    outdir = Path(outdir)
-    path = outdir / "report.json"
-    if not outdir.is_dir():
-        raise OnnxPruneError(f"{outdir}: no such run directory")
-    if not path.is_file():
-        raise OnnxPruneError(f"{outdir}: no report.json (is this the -o directory of onnxprune run?)")
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise OnnxPruneError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
-    validate_report(report, str(path))
-    return write_report(report, outdir)
+    return write_report(load_report(outdir), outdir)

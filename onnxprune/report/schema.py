@@ -46,7 +46,10 @@ The standard deviation is the sample standard deviation over seeds (0 with one s
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -186,3 +189,19 @@ def pareto_front(points: Sequence[tuple[float | None, float | None]]) -> list[in
         if not dominated:
             front.append((x, -y, i))
     return [i for _, _, i in sorted(front)]
+
+
+def load_report(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The validated report.json of a run directory (one-line errors for a missing or bad one)."""
+    d = Path(run_dir)
+    path = d / "report.json"
+    if not d.is_dir():
+        raise OnnxPruneError(f"{d}: no such run directory")
+    if not path.is_file():
+        raise OnnxPruneError(f"{d}: no report.json (is this the -o directory of onnxprune run?)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OnnxPruneError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    validate_report(data, str(path))
+    return data
