@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from .graph import GraphView, attr
+from .graph import GraphView, attr, build_view
 from .shapes import is_static
 
 MacRule = Callable[[onnx.NodeProto, GraphView], "int | None"]
@@ -69,12 +69,28 @@ def node_macs(node: onnx.NodeProto, view: GraphView) -> int | None:
     return 0 if rule is None else rule(node, view)
 
 
+def macs_by_node(view: GraphView) -> dict[str, int | None]:
+    """MACs of every node by name, after :func:`resolve_shapes_for_macs`."""
+    resolved = resolve_shapes_for_macs(view)
+    return {node.name: node_macs(node, resolved) for node in resolved.nodes}
+
+
 def total_macs(view: GraphView) -> int | None:
     """Sum over the graph; None if any counted node has unknown shapes (pass --input-shape)."""
-    total = 0
-    for node in view.nodes:
-        m = node_macs(node, view)
-        if m is None:
-            return None
-        total += m
-    return total
+    per_node = macs_by_node(view)
+    return None if any(m is None for m in per_node.values()) else sum(per_node.values())
+
+
+def resolve_shapes_for_macs(view: GraphView) -> GraphView:
+    """A view in which shapes computed at run time are static where the inputs are.
+
+    Exporters compute some sizes with Shape->Gather->Div->Slice arithmetic (``torch.chunk``);
+    ONNX shape inference loses the shape after such a Slice. With concrete input shapes, folding
+    those chains on a copy makes them constants, so MACs become countable. The analysis keeps the
+    unfolded graph: there the run-time arithmetic adapts to pruned channel counts by itself.
+    """
+    if all(node_macs(n, view) is not None for n in view.nodes):
+        return view
+    from .normalize import normalize
+
+    return build_view(normalize(view.model))

@@ -124,3 +124,21 @@ def test_cli_human_table(tmp_path):
     path = _export(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), (1, 3, 8, 8), tmp_path)
     code, out, _ = run_cli("inspect", path)
     assert code == 0 and "Conv" in out and "MACs" in out
+
+
+def test_macs_through_runtime_shape_arithmetic(tmp_path):
+    """torch.chunk exports Shape->Gather->Div->Slice; with a concrete input the MACs are still exact."""
+    class Chunky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 1)
+            self.branch = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            a, b = self.stem(x).chunk(2, dim=1)
+            return torch.cat([a, self.branch(b)], 1)
+
+    path = tmp_path / "chunky.onnx"
+    export_torch(Chunky(), (torch.randn(1, 3, 8, 8),), path)
+    info = inspect_model(path)
+    assert info["macs"] == 8 * 64 * 3 + 4 * 64 * 4 * 9
