@@ -145,6 +145,12 @@ def demo(outdir: "str | os.PathLike" = "demo_out", *, quick: bool = False, progr
 
     The trained model is ``outdir/digits_cnn.onnx``; a re-run reuses it and every finished step.
     """
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        from .errors import UnavailableError
+
+        raise UnavailableError("onnxprune demo trains a CNN and needs torch: pip install 'onnxprune[train]'")
     from .demo_model import train_demo_model
     from .pipeline.cache import StepCache
     from .pipeline.run import run_recipe

@@ -57,7 +57,13 @@ def print_summary(report: Mapping[str, Any], outdir: str | Path, con: Console | 
               f"models in {out / 'models'}); {steps.get('executed', 0)} step(s) run, {steps.get('skipped', 0)} reused")
 
 
-@click.command("run")
+def _shipped_epilog() -> str:
+    from ..recipes import shipped_recipes
+
+    return "Shipped recipes: " + ", ".join(shipped_recipes()) + "."
+
+
+@click.command("run", epilog=_shipped_epilog())
 @click.argument("recipe", metavar="RECIPE")
 @click.argument("model", type=click.Path(path_type=str), metavar="MODEL")
 @click.option("-o", "--out", "outdir", default="out", show_default=True, metavar="OUTDIR",
