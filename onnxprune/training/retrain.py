@@ -139,7 +139,9 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
 def _sparsity_report(model: onnx.ModelProto, masks: Mapping[str, np.ndarray]) -> dict[str, Any]:
     from onnx import numpy_helper
 
-    inits = {t.name: t for t in model.graph.initializer}
+    from ..sparsity.storage import densify
+
+    inits = {t.name: t for t in densify(model).graph.initializer} if masks else {}
     pruned = kept_zero = 0
     for name, m in masks.items():
         if name not in inits:
