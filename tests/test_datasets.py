@@ -320,3 +320,26 @@ def test_eval_path_does_not_import_torch(scored):
     r = subprocess.run([sys.executable, "-c", code, str(tmp / "m.onnx"), f"npz:{tmp / 'd.npz'}"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_preprocess_argument_overrides_spec():
+    d = load_dataset("digits?resize=4x4", preprocess={"resize": "16x16", "layout": "nhwc"})
+    assert d.input_shape == (16, 16, 1)
+    p = load_dataset("digits", preprocess=Preprocess(mean=(0.5,), std=(0.5,)))
+    assert p.preprocess.mean == (0.5,) and p.train.x.min() < 0
+
+
+def test_imagefolder_with_split_folders(tmp_path):
+    from PIL import Image
+    for split, n in (("train", 4), ("val", 2), ("test", 3)):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((5, 5), 40 * i, np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    d = load_dataset(f"imagefolder:{tmp_path}?color=grey")
+    assert (len(d.train), len(d.val), len(d.test)) == (8, 4, 6) and d.input_shape == (1, 5, 5)
+    assert sorted(d.test.y.tolist()) == [0, 0, 0, 1, 1, 1]
+    (tmp_path / "test" / "zebra").mkdir()
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "test" / "zebra" / "z.png")
+    with pytest.raises(OnnxPruneError, match="not among the training classes"):
+        load_dataset(f"imagefolder:{tmp_path}")
