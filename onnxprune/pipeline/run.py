@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import OnnxPruneError
 from ..recipes import Recipe, load_recipe
-from ..recipes.loader import check_key, parse_override, set_path, validate_recipe
+from ..recipes.loader import check_key, parse_override, resolve_recipe, set_path, validate_recipe
 from . import steps
 from .cache import StepCache, file_sha256
 from .latency_target import is_latency, prune_to_latency
@@ -44,6 +44,8 @@ class Context:
     profiles: list[Any]  # HwProfile
     progress: "Progress"
     notes: list[str] = field(default_factory=list)
+    recipe_source: str | None = None
+    overrides: list[str] = field(default_factory=list)
 
     def path(self, *parts: str) -> Path:
         return self.outdir.joinpath(*parts)
@@ -107,6 +109,8 @@ def run_recipe(recipe: "Recipe | str | os.PathLike", model_path: str | os.PathLi
                data: "str | Mapping[str, Any] | None" = None, hw: Sequence[str] = (), overrides: Iterable[str] = (),
                *, progress: bool = False) -> dict[str, Any]:
     """Run ``recipe`` on ``model_path`` into ``outdir``; returns the report (also in OUTDIR/report.json)."""
+    overrides = list(overrides)
+    source = None if isinstance(recipe, Recipe) else str(resolve_recipe(recipe))
     recipe = resolve(recipe, overrides)
     model_path = _check_model(model_path)
     outdir = _check_outdir(outdir, model_path)
@@ -126,7 +130,8 @@ def run_recipe(recipe: "Recipe | str | os.PathLike", model_path: str | os.PathLi
     for sub in (MODELS, WORK):
         (outdir / sub).mkdir(parents=True, exist_ok=True)
     ctx = Context(recipe=recipe, outdir=outdir, cache=StepCache.open(outdir), data=ds,
-                  data_desc=ds.describe() if ds is not None else None, profiles=profiles, progress=Progress(progress))
+                  data_desc=ds.describe() if ds is not None else None, profiles=profiles, progress=Progress(progress),
+                  recipe_source=source, overrides=list(overrides))
     if ds is None:
         ctx.notes.append("no data: accuracy was not measured (pass --data SPEC)")
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@ Top level::
     schema_version      1 (an integer; bumped on any incompatible change)
     tool                {name, version}
     created             UTC time, ISO 8601
-    recipe              {name, description, source, config}   config = the validated recipe after --set
+    recipe              {name, description, source, overrides, config}   config = the validated recipe after --set
     model               the input model: {path, sha256, params, nonzero_params, macs, file_bytes, gzip_bytes}
     data                the dataset (load_dataset(...).describe()) or null when the run had no data
     retraining          the ONE retraining config every method got (fairness), or null when epochs = 0:
