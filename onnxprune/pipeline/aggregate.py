@@ -120,7 +120,7 @@ def guidance(points: Sequence[Mapping[str, Any]], dense: Mapping[str, Any], prof
     for prof in profiles:
         gpu_cc = prof.gpu.compute_capability if getattr(prof, "gpu", None) else None
         for kind in ("unstructured", "nm", "structured"):
-            mine = [p for p in points if p["kind"] == kind]
+            mine = [p for p in points if kind in {s.get("kind") for s in (p["settings"].get("stages") or [])}]
             if not mine:
                 continue
             slow = []
