@@ -134,6 +134,8 @@ def run_recipe(recipe: "Recipe | str | os.PathLike", model_path: str | os.PathLi
                   recipe_source=source, overrides=list(overrides))
     if ds is None:
         ctx.notes.append("no data: accuracy was not measured (pass --data SPEC)")
+    if not profiles:
+        ctx.notes.append("no hardware profile: latency was not measured (pass --hw PROFILE, e.g. --hw x86-server-cpu)")
     t0 = time.perf_counter()
     total = len(plan.runs) + 1 + (len(plan.seeds) if _finetune_dense(recipe) else 0) + (1 if recipe.sensitivity.enabled else 0)
     with ctx.progress.running(total, recipe.name):
