@@ -94,6 +94,9 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
             lg.initializer.append(init)
         elif init.name not in declared:
             lg.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    for sp in g.sparse_initializer:  # --sparse-storage weights: only their shape matters here
+        if sp.values.name not in declared:
+            lg.input.append(onnx.helper.make_tensor_value_info(sp.values.name, sp.values.data_type, list(sp.dims)))
     light.ir_version = max(light.ir_version, 4)
     return light
 

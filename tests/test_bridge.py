@@ -485,3 +485,24 @@ def test_cli_unsupported_op(tmp_path):
     onnx.save(model, tmp_path / "det.onnx")
     code, _, err = run_cli("bridge-check", tmp_path / "det.onnx")
     assert code == 1 and err.strip() == "error: bridge: op Det (node det) is not supported"
+
+
+def test_bn_with_running_mean_shared_with_a_trainable_tensor_trains():
+    """Untrained exports may share one zero initializer between a BN's bias and its running mean."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = 3
+    inits = [numpy_helper.from_array(np.ones(c, np.float32), "scale"),
+             numpy_helper.from_array(np.zeros(c, np.float32), "zeros"),
+             numpy_helper.from_array(np.ones(c, np.float32), "var")]
+    node = helper.make_node("BatchNormalization", ["x", "scale", "zeros", "zeros", "var"], ["y"], name="bn")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, c, 4, 4])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 10
+    for train_bn in (False, True):
+        module = to_torch(model, train_bn=train_bn).train()
+        out = module(torch.randn(2, c, 4, 4))
+        out.square().mean().backward()  # raised "not differentiable with respect to running_mean" before
+        assert module.param("scale").grad is not None

@@ -318,7 +318,9 @@ def batch_norm(n: Node, x, scale, bias, mean, var):
     ``running = m * running + (1 - m) * batch``).
     """
     train = n.flags.bn_train
-    return F.batch_norm(x, mean, var, scale, bias, training=train,
+    # Statistics are never learned by gradient; detaching also covers exports that share one zero
+    # tensor between a BN's bias and its running mean (untrained models).
+    return F.batch_norm(x, mean.detach(), var.detach(), scale, bias, training=train,
                         momentum=1.0 - n.attr("momentum", 0.9), eps=n.attr("epsilon", 1e-5))
 
 
