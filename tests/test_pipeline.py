@@ -277,3 +277,16 @@ def test_gradual_schedule_dense_finetune_and_fair_budget(tiny, tmp_path):
     rt = rep["retraining"]
     assert rt["config"]["epochs"] == 2 and rt["distillation"] and "agp 2 steps x 1 epoch(s)" in rt["schedule_split"]
     assert "test" not in agp["accuracy"]  # only the splits asked for are evaluated
+
+
+def test_python_api_is_exposed_on_the_package(tiny):
+    import onnxprune
+    from onnxprune import api
+
+    for name in ("inspect", "analyze", "prune", "finetune", "evaluate", "profile", "compare", "run", "compare_runs", "demo"):
+        assert getattr(onnxprune, name) is getattr(api, name)
+    d, model, _ = tiny
+    summary = onnxprune.prune(model, d / "p.onnx", method="unstructured", sparsity=0.5)
+    assert summary["output"] == str(d / "p.onnx") and onnxprune.inspect(d / "p.onnx")["sparsity"] > 0.3
+    with pytest.raises(OnnxPruneError, match="method must be"):
+        onnxprune.prune(model, method="pruned")
