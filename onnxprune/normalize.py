@@ -38,13 +38,13 @@ def normalize(model: onnx.ModelProto, *, fold_bn: bool = False) -> onnx.ModelPro
     _drop_initializer_inputs(m)
     for _ in range(8):  # each pass may expose new constants (Shape of a now-static tensor ...)
         changed = _constants_to_initializers(m)
-        changed |= _fold_constants(m)
+        changed |= fold_constants(m)
         if not changed:
             break
     _remove_noops(m)
     if fold_bn:
         fold_batchnorm(m)
-    _remove_dead(m)
+    remove_dead(m)
     return infer_shapes(m, inplace=True)
 
 
@@ -114,8 +114,8 @@ def _constants_to_initializers(m: onnx.ModelProto) -> bool:
     return changed
 
 
-def _fold_constants(m: onnx.ModelProto) -> bool:
-    """Replace nodes whose inputs are all constant (or whose input shape is static, for Shape/Size)."""
+def fold_constants(m: onnx.ModelProto) -> bool:
+    """(In place; True if anything changed.) Replace nodes whose inputs are all constant (or whose input shape is static, for Shape/Size)."""
     shapes = infer_value_shapes(m)
     inits = {i.name: i for i in m.graph.initializer}
     graph_outputs = {o.name for o in m.graph.output}
@@ -173,8 +173,8 @@ def _remove_noops(m: onnx.ModelProto) -> None:
     m.graph.node.extend(keep)
 
 
-def _remove_dead(m: onnx.ModelProto) -> None:
-    """Drop nodes and initializers nothing reaches the outputs through."""
+def remove_dead(m: onnx.ModelProto) -> None:
+    """(In place.) Drop nodes and initializers nothing reaches the outputs through."""
     needed = {o.name for o in m.graph.output}
     keep = []
     for node in reversed(list(m.graph.node)):
@@ -228,5 +228,5 @@ def fold_batchnorm(m: onnx.ModelProto) -> int:
         keep = [n for n in m.graph.node if n.name not in removed]
         del m.graph.node[:]
         m.graph.node.extend(keep)
-        _remove_dead(m)
+        remove_dead(m)
     return folded

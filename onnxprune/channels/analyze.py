@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from ..graph import GraphView, build_view
-from ..normalize import _fold_constants
+from ..normalize import fold_constants
 from .context import Context
 from .rules import rule_for
 from .types import Analysis, Group, Member
@@ -134,7 +134,7 @@ def _static_view(view: GraphView) -> GraphView:
     m.CopyFrom(view.model)
     try:
         for _ in range(8):
-            if not _fold_constants(m):
+            if not fold_constants(m):
                 break
         return build_view(m)
     except Exception:  # noqa: BLE001 - folding is a convenience; the plain view is still correct

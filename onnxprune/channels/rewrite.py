@@ -16,7 +16,9 @@ from onnx import helper, numpy_helper
 
 from ..errors import OnnxPruneError
 from ..graph import attr, opset_of
-from ..normalize import _remove_dead
+from ..model_io import check_model
+from ..normalize import remove_dead
+from ..shapes import infer_shapes, infer_value_shapes
 from .types import Analysis, KeepPlan
 
 
@@ -120,19 +122,19 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
         fixer.fix(node)
     _write_arrays(m, inits, arrays)
     if fixer.replaced_inputs:
-        _remove_dead(m)
-    del m.graph.value_info[:]
+        remove_dead(m)
+    del m.graph.value_info[:]  # stale: channel counts changed
     try:
-        m = onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True, data_prop=True)
-    except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
-        raise OnnxPruneError(f"pruned model fails shape inference: {str(exc).splitlines()[0][:300]}") from exc
+        infer_shapes(m, inplace=True, strict=True)
+    except OnnxPruneError as exc:
+        raise OnnxPruneError(f"pruned model fails {exc}") from exc
     _verify_shapes(m, analysis, act)
     if check:
         try:
-            onnx.checker.check_model(m, full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            check_model(m, "pruned model", full_check=True)
+        except OnnxPruneError:
             if _passes_full_check(model):  # a model that never passed cannot be held to it
-                raise OnnxPruneError(f"pruned model fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from exc
+                raise
     return m
 
 
@@ -148,24 +150,24 @@ def _write_arrays(m: onnx.ModelProto, inits: dict, arrays: dict) -> None:
 
 def _static_copy(m: onnx.ModelProto, shapes: dict) -> onnx.ModelProto | None:
     """``m`` with its inputs fixed to the analysed static shapes and its shape computations folded."""
-    from ..normalize import _fold_constants
+    from ..normalize import fold_constants
     from ..shapes import fix_input_shapes, graph_inputs
     try:
         fixed = {i.name: shapes[i.name] for i in graph_inputs(m) if i.name in shapes}
         c = fix_input_shapes(m, fixed)
         del c.graph.value_info[:]
         for _ in range(8):
-            if not _fold_constants(c):
+            if not fold_constants(c):
                 break
-        return onnx.shape_inference.infer_shapes(c, data_prop=True)
+        return infer_shapes(c, inplace=True)
     except Exception:  # noqa: BLE001 - then run-time values are simply pinned
         return None
 
 
 def _passes_full_check(model: onnx.ModelProto) -> bool:
     try:
-        onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+        check_model(model, full_check=True)
+    except OnnxPruneError:
         return False
     return True
 
@@ -369,9 +371,8 @@ class _NodeFixer:
 
     def _symbolic_shapes(self):
         if self._sym is None:
-            from ..shapes import value_shapes
             try:
-                self._sym = value_shapes(onnx.shape_inference.infer_shapes(self.m, data_prop=True))
+                self._sym = infer_value_shapes(self.m)
             except Exception:  # noqa: BLE001 - then every run-time target is an error above
                 self._sym = {}
         return self._sym
