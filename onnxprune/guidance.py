@@ -47,7 +47,9 @@ def speedup_guidance(method: str, backend: str = "ort-cpu", gpu_compute_capabili
     if method == "structured":
         return [f"structured pruning makes the dense tensors smaller, so {where} does less work; the latency gain is "
                 "usually below the MACs reduction (memory-bound and small layers gain less): measure it with "
-                "onnxprune profile"]
+                "onnxprune profile",
+                "keep channel counts hardware-friendly (--round-to 8, or 16 on AVX-512 CPUs and GPU tensor cores): "
+                "odd counts fall off the blocked/vectorized kernels and can end up slower than the dense model"]
     if method == "unstructured":
         if backend == "tensorrt":
             why = ("TensorRT's sparse tensor cores accelerate only the 2:4 pattern, not scattered zeros, so the dense "

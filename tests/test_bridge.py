@@ -17,7 +17,7 @@ from cli_util import run_cli  # noqa: E402
 from conftest import random_feeds, run_ort  # noqa: E402
 from test_bridge_ops import _one_thread  # noqa: E402,F401 - autouse fixture: one torch thread
 
-from onnxprune.bridge import (TABLE, OnnxModule, apply_masks, assert_bridge_faithful, check_bridge,  # noqa: E402
+from onnxprune.bridge import (TABLE, apply_masks, assert_bridge_faithful, check_bridge,  # noqa: E402
                               to_torch, write_back)
 from onnxprune.errors import OnnxPruneError  # noqa: E402
 from onnxprune.model_io import load_model  # noqa: E402
@@ -489,7 +489,6 @@ def test_cli_unsupported_op(tmp_path):
 
 def test_bn_with_running_mean_shared_with_a_trainable_tensor_trains():
     """Untrained exports may share one zero initializer between a BN's bias and its running mean."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     c = 3

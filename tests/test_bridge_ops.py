@@ -3,7 +3,6 @@ variants included (attributes in old opsets, inputs in new ones)."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 

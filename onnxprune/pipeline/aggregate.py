@@ -133,7 +133,9 @@ def guidance(points: Sequence[Mapping[str, Any]], dense: Mapping[str, Any], prof
                            f"{', '.join(slow)}); their gain is size (see gzip and nonzero params), not latency.")
             elif kind == "structured" and slow:
                 out.append(f"On {prof.name}, some structured points gained less than 1.1x ({', '.join(slow)}): small or "
-                           "memory-bound layers; compare with their MACs reduction.")
+                           "memory-bound layers, or kept channel counts that are not multiples of 8 (ONNX Runtime's "
+                           "CPU conv kernels work in blocks of 8/16; set round_to: 8 in the stage options); compare "
+                           "with their MACs reduction.")
             try:
                 notes = speedup_guidance(kind, prof.backend, gpu_cc, precision=prof.precision,
                                          sparse_weights=prof.sparse_weights)
