@@ -12,12 +12,12 @@ from .prepare import prepare
 
 __version__ = "0.1.0"
 
-__all__ = ["OnnxPruneError", "UnavailableError", "inspect_model", "load_model", "save_model", "normalize", "prepare",
-           "__version__"]
-
 #: The Python API of :mod:`onnxprune.api` (imported on first use, so ``import onnxprune`` stays light):
 #: ``onnxprune.prune(...)``, ``onnxprune.run(...)`` ... (``onnxprune.api.report`` re-renders a run directory).
 _API = ("inspect", "analyze", "prune", "finetune", "evaluate", "profile", "compare", "run", "compare_runs", "demo")
+
+__all__ = ["OnnxPruneError", "UnavailableError", "inspect_model", "load_model", "save_model", "normalize", "prepare",
+           "__version__", *_API]
 
 
 def __getattr__(name: str):
