@@ -32,6 +32,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: Optional packages -> the extra that installs them (a missing one is exit 3, not a crash).
+OPTIONAL_PACKAGES = {"torch": "train", "torch_pruning": "train", "sklearn": "train", "matplotlib": "report",
+                     "tensorrt": "tensorrt", "pynvml": "gpu"}
+
+
 class LazyGroup(click.Group):
     """A click group that imports a command's module only when that command runs."""
 
@@ -88,18 +93,28 @@ def main(argv: list[str] | None = None) -> None:
     except (click.Abort, KeyboardInterrupt):
         click.echo("aborted", err=True)
         sys.exit(130)
+    except ModuleNotFoundError as exc:
+        extra = OPTIONAL_PACKAGES.get((exc.name or "").split(".")[0])
+        if extra is None:
+            _internal_error(exc, debug)
+        click.echo(f"error: this needs the optional package {exc.name!r}: pip install 'onnxprune[{extra}]'", err=True)
+        sys.exit(3)
     except OnnxPruneError as exc:
         if debug:
             traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - last line of defence: never a bare traceback
-        if debug:
-            traceback.print_exc()
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        click.echo(f"internal error: {type(exc).__name__}: {msg} (a bug in onnxprune; rerun with --debug)", err=True)
-        sys.exit(70)
+        _internal_error(exc, debug)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _internal_error(exc: BaseException, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    msg = str(exc).splitlines()[0] if str(exc) else ""
+    click.echo(f"internal error: {type(exc).__name__}: {msg} (a bug in onnxprune; rerun with --debug)", err=True)
+    sys.exit(70)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -100,3 +100,13 @@ def test_save_model_does_not_touch_caller_model(tmp_path):
 def test_refuse_overwrite_input(good):
     with pytest.raises(OnnxPruneError, match="overwrite the input"):
         refuse_overwrite_input(good, good)
+
+
+def test_missing_optional_package_is_exit_3(monkeypatch, tmp_path, good):
+    """On an edge device without torch, training commands say what to install instead of crashing."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    code, out, err = run_cli("finetune", good, "-o", tmp_path / "x.onnx", "--data", "digits")
+    assert code == 3 and "onnxprune[train]" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.onnx").exists()
