@@ -21,7 +21,7 @@ from ..graph import GraphView, build_view
 from ..normalize import fold_constants
 from .context import Context
 from .rules import rule_for
-from .types import Analysis, Group, Member
+from .types import Analysis, Group, Member, Positions
 
 
 def analyze_channels(view: GraphView) -> Analysis:
@@ -100,17 +100,12 @@ def _finalize(ctx: Context) -> Analysis:
             size = len(classes[g])
             order = np.argsort(ks, kind="stable")
             counts = np.bincount(ks, minlength=size)
-            flat = pos[order].tolist()
-            if len(flat) == size and (counts == 1).all():
-                positions = tuple((p,) for p in flat)
-            else:
-                ends = np.cumsum(counts).tolist()
-                positions = tuple(tuple(flat[e - c:e]) for e, c in zip(ends, counts.tolist()))
+            positions = Positions.from_counts(pos[order], counts)
             members[g].append(Member(rm.tensor, rm.axis, positions, rm.role, rm.node, rm.groups))
             if rm.role == "act" and len(pos) == len(atoms):
-                held = tuple(k for k, s in enumerate(positions) if s)
+                held = np.nonzero(counts)[0]
                 if len(held) < size:
-                    keep_one[g][held] = None
+                    keep_one[g][tuple(held.tolist())] = None
 
     groups = []
     for new_id, g in enumerate(gr for gr in group_roots if classes[gr]):

@@ -74,7 +74,7 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
     act: dict[str, tuple[int, set[int]]] = {}
     for gid, rem in removed.items():
         for mem in groups[gid].members:
-            pos = {p for k in rem.tolist() for p in mem.positions[k]}
+            pos = set(mem.positions.of_channels(rem).tolist())
             if mem.role == "act":
                 ax, prev = act.setdefault(mem.tensor, (mem.axis, set()))
                 if ax != mem.axis:

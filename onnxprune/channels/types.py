@@ -9,7 +9,7 @@ permutations and Split/Slice windows are all expressed the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -21,13 +21,137 @@ import numpy as np
 Role = Literal["out", "in", "param", "act"]
 
 
+class Positions(Sequence):
+    """``positions[k]``: the positions (a tuple of ints) of group channel ``k`` on a member's axis.
+
+    Behaves as the tuple of tuples it stands for (indexing, iteration, ``len``, equality with plain
+    tuples, hashing), but is stored as two int64 arrays so analyses of big models never build
+    hundreds of thousands of small tuples: ``flat`` (every position, channel by channel) and
+    ``offsets`` (channel ``k`` owns ``flat[offsets[k]:offsets[k + 1]]``)."""
+
+    __slots__ = ("flat", "offsets", "_counts", "_tuple", "_hash")
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        self.flat = np.asarray(flat, dtype=np.int64)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.flat.flags.writeable = False
+        self.offsets.flags.writeable = False
+        self._counts = None
+        self._tuple = None
+        self._hash = None
+
+    @classmethod
+    def of(cls, value) -> "Positions":
+        """From a Positions (returned as is) or any sequence of sequences of ints."""
+        if isinstance(value, Positions):
+            return value
+        seqs = [tuple(int(p) for p in v) for v in value]
+        counts = np.fromiter((len(v) for v in seqs), dtype=np.int64, count=len(seqs))
+        flat = np.fromiter((p for v in seqs for p in v), dtype=np.int64, count=int(counts.sum()))
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return cls(flat, offsets)
+
+    @classmethod
+    def from_counts(cls, flat: np.ndarray, counts: np.ndarray) -> "Positions":
+        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return cls(flat, offsets)
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Number of positions of each group channel."""
+        if self._counts is None:
+            self._counts = np.diff(self.offsets)
+            self._counts.flags.writeable = False
+        return self._counts
+
+    @property
+    def owner(self) -> np.ndarray:
+        """The group channel of each entry of :attr:`flat`."""
+        return np.repeat(np.arange(len(self), dtype=np.int64), self.counts)
+
+    @property
+    def all_held(self) -> bool:
+        """True when every group channel has at least one position (``all(positions)``)."""
+        return bool((self.counts > 0).all())
+
+    def held(self) -> np.ndarray:
+        """Mask of the group channels with at least one position."""
+        return self.counts > 0
+
+    def grid(self) -> np.ndarray | None:
+        """``flat`` as a [channels, n] array when every channel has the same number ``n`` >= 1, else None."""
+        c = self.counts
+        if not len(c) or c[0] == 0 or not (c == c[0]).all():
+            return None
+        return self.flat.reshape(len(c), int(c[0]))
+
+    def of_channels(self, channels) -> np.ndarray:
+        """Every position of the given group channels (concatenated, in the order given)."""
+        ch = np.asarray(channels, dtype=np.int64).reshape(-1)
+        if not ch.size:
+            return np.zeros(0, dtype=np.int64)
+        g = self.grid()
+        if g is not None:
+            return g[ch].reshape(-1)
+        starts, counts = self.offsets[ch], self.counts[ch]
+        total = int(counts.sum())
+        if not total:
+            return np.zeros(0, dtype=np.int64)
+        idx = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + np.arange(total)
+        return self.flat[idx]
+
+    def _as_tuple(self) -> tuple[tuple[int, ...], ...]:
+        if self._tuple is None:
+            flat, off = self.flat.tolist(), self.offsets.tolist()
+            self._tuple = tuple(tuple(flat[off[k]:off[k + 1]]) for k in range(len(off) - 1))
+        return self._tuple
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return self._as_tuple()[k]
+        n = len(self)
+        k = int(k)
+        if k < 0:
+            k += n
+        if not 0 <= k < n:
+            raise IndexError("group channel index out of range")
+        return tuple(self.flat[self.offsets[k]:self.offsets[k + 1]].tolist())
+
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        return iter(self._as_tuple())
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Positions):
+            return np.array_equal(self.offsets, other.offsets) and np.array_equal(self.flat, other.flat)
+        if isinstance(other, tuple):
+            return self._as_tuple() == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(self._as_tuple())
+        return self._hash
+
+    def __repr__(self) -> str:
+        return repr(self._as_tuple())
+
+
 @dataclass(frozen=True)
 class Member:
     """One place where a group's channels live."""
 
     tensor: str  # initializer or activation name
     axis: int  # axis of ``tensor`` holding the channels
-    positions: tuple[tuple[int, ...], ...]  # positions[k]: indices on ``axis`` for group channel k
+    positions: Positions  # positions[k]: indices on ``axis`` for group channel k (a tuple of ints); any
+    # sequence of sequences given is stored as :class:`Positions`
     role: Role
     node: str  # name of the node that reads/produces this member (for reports and --ignore)
     #: > 1 only for the weight of a general grouped Conv ("in", axis 1) or ConvTranspose ("out", axis 1):
@@ -35,6 +159,10 @@ class Member:
     #: (``C / groups`` consecutive ones) live at ``tensor[rows of block j of axis 0, p - j * C / groups]``.
     #: Read such members with :mod:`onnxprune.channels.slices`.
     groups: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.positions, Positions):
+            object.__setattr__(self, "positions", Positions.of(self.positions))
 
 
 @dataclass

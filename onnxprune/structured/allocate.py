@@ -75,9 +75,10 @@ def windows(group: Group) -> list[np.ndarray]:
     channels, the conv reading one of them): removing all of one would leave an empty tensor."""
     out: dict[tuple[int, ...], None] = {}
     for m in group.members:
-        if all(m.positions):
+        held = m.positions.held()
+        if held.all():
             continue
-        support = tuple(k for k, p in enumerate(m.positions) if p)
+        support = tuple(np.nonzero(held)[0].tolist())
         if support:
             out.setdefault(support, None)
     return [np.asarray(w, dtype=np.int64) for w in out]

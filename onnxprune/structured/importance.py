@@ -79,17 +79,7 @@ def channel_rows(arr: np.ndarray, m: Member) -> np.ndarray:
 
 def _owner_index(m: Member) -> tuple[np.ndarray, np.ndarray]:
     """(flat positions, owning group channel) over all ``m.positions``."""
-    n = len(m.positions)
-    if all(m.positions):  # every channel held: usually one position each, read in one go
-        try:
-            grid = np.array(m.positions, dtype=np.int64)
-        except ValueError:  # unequal counts
-            grid = None
-        if grid is not None and grid.ndim == 2:
-            return grid.reshape(-1), np.repeat(np.arange(n), grid.shape[1])
-    lens = np.fromiter((len(p) for p in m.positions), dtype=np.int64, count=n)
-    flat = np.fromiter((i for p in m.positions for i in p), dtype=np.int64, count=int(lens.sum()))
-    return flat, np.repeat(np.arange(len(m.positions)), lens)
+    return m.positions.flat, m.positions.owner
 
 
 def per_channel_sum(row_values: np.ndarray, m: Member) -> np.ndarray:
@@ -101,18 +91,19 @@ def per_channel_sum(row_values: np.ndarray, m: Member) -> np.ndarray:
 def coverage(m: Member) -> np.ndarray | None:
     """Mask of the group channels ``m`` holds, or None when it holds all of them (the usual case;
     a Split/Slice output or the conv reading it holds only its window)."""
-    if all(m.positions):
-        return None
-    return np.fromiter((len(p) > 0 for p in m.positions), dtype=bool, count=len(m.positions))
+    held = m.positions.held()
+    return None if held.all() else held
 
 
 def channel_vectors(arr: np.ndarray, m: Member, channels: np.ndarray) -> np.ndarray:
     """One flat vector per group channel in ``channels`` (its rows concatenated); needs equal row counts."""
     rows = channel_rows(arr, m).astype(np.float64)
-    pos = [m.positions[int(k)] for k in channels]
-    if len({len(p) for p in pos}) > 1:
+    channels = np.asarray(channels, dtype=np.int64).reshape(-1)
+    counts = m.positions.counts[channels]
+    if len(counts) and (counts != counts[0]).any():
         raise CriterionUnavailable(f"channels of {m.tensor!r} span unequal numbers of rows")
-    return rows[np.asarray(pos, dtype=np.int64).reshape(len(pos), -1)].reshape(len(pos), -1)
+    idx = m.positions.of_channels(channels).reshape(len(channels), -1)
+    return rows[idx].reshape(len(channels), -1)
 
 
 #: Per-member scores: (score per group channel, coverage mask or None for all channels).
