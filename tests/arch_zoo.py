@@ -437,23 +437,24 @@ ARCHS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 
 
+def randomize_norms(model: nn.Module) -> nn.Module:
+    """Non-trivial norm parameters and BN statistics, so tests see real scales and shifts."""
+    for mod in model.modules():
+        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
+            with torch.no_grad():
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+                if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                    mod.running_mean.uniform_(-0.1, 0.1)
+                    mod.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
 def build_arch(name: str, seed: int = 0) -> nn.Module:
     """Instantiate ``name`` with seeded weights and non-trivial BN statistics, in eval mode."""
     torch.manual_seed(seed)
     factory, _ = ARCHS[name]
-    model = factory()
-    for mod in model.modules():
-        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            with torch.no_grad():
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.2, 0.2)
-                mod.running_mean.uniform_(-0.1, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-        if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
-            with torch.no_grad():
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.2, 0.2)
-    return model.eval()
+    return randomize_norms(factory())
 
 
 def export_arch(name: str, tmp_path: str | Path, seed: int = 0, **kwargs) -> Path:
