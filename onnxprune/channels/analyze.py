@@ -51,8 +51,8 @@ def analyze_channels(view: GraphView) -> Analysis:
 
 def _finalize(ctx: Context) -> Analysis:
     n = len(ctx._parent)
-    root = np.fromiter((ctx.find(a) for a in range(n)), dtype=np.int64, count=n)
-    src_root = np.array([ctx.find_source(s) for s in range(len(ctx.source_atoms))], dtype=np.int64)
+    root = _roots(ctx._parent)
+    src_root = _roots(ctx._src_parent)
     group_of_atom = src_root[np.asarray(ctx._source, dtype=np.int64)] if n else np.zeros(0, dtype=np.int64)
 
     # classes of each group, numbered by first atom (a class's root is its smallest atom)
@@ -117,6 +117,17 @@ def _finalize(ctx: Context) -> Analysis:
     shapes = {k: tuple(int(d) for d in v) for k, v in ctx.view.shapes.items()
               if v is not None and all(isinstance(d, int) for d in v) and k not in ctx.view.initializers}
     return Analysis(groups=groups, shapes=shapes, values=dict(ctx.values))
+
+
+def _roots(parent: list[int]) -> np.ndarray:
+    """Root of every element of a union-find parent list (pointer jumping, vectorized); the same
+    roots as following ``parent`` one element at a time."""
+    p = np.asarray(parent, dtype=np.int64)
+    while True:
+        q = p[p]
+        if np.array_equal(q, p):
+            return p
+        p = q
 
 
 def _static_view(view: GraphView) -> GraphView:

@@ -113,13 +113,20 @@ class Context:
         """Atoms ``a[i]`` and ``b[i]`` must be removed together (arrays of equal length)."""
         if len(a) != len(b):
             raise ValueError(f"cannot unite {len(a)} with {len(b)} channels")
+        parent, source, find = self._parent, self._source, self.find
+        united: set[tuple[int, int]] = set()  # source pairs already united by this call (unions only merge)
         for x, y in zip(a.tolist(), b.tolist()):
-            rx, ry = self.find(x), self.find(y)
+            rx = x if parent[x] == x else find(x)
+            ry = y if parent[y] == y else find(y)
             if rx != ry:
                 if ry < rx:
                     rx, ry = ry, rx
-                self._parent[ry] = rx
-                sx, sy = self.find_source(self._source[rx]), self.find_source(self._source[ry])
+                parent[ry] = rx
+                pair = (source[rx], source[ry])
+                if pair in united:
+                    continue
+                united.add(pair)
+                sx, sy = self.find_source(pair[0]), self.find_source(pair[1])
                 if sx != sy:
                     if sy < sx:
                         sx, sy = sy, sx
