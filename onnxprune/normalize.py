@@ -185,11 +185,13 @@ def remove_dead(m: onnx.ModelProto) -> None:
                 for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
                     needed.update(i for n in g.node for i in n.input if i)
     keep.reverse()
-    del m.graph.node[:]
-    m.graph.node.extend(keep)
-    inits = [i for i in m.graph.initializer if i.name in needed]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(inits)
+    if len(keep) != len(m.graph.node):  # (rebuilding copies every message: only when something goes)
+        del m.graph.node[:]
+        m.graph.node.extend(keep)
+    if any(i.name not in needed for i in m.graph.initializer):
+        inits = [i for i in m.graph.initializer if i.name in needed]
+        del m.graph.initializer[:]
+        m.graph.initializer.extend(inits)
 
 
 def fold_batchnorm(m: onnx.ModelProto) -> int:
