@@ -11,6 +11,7 @@ node names.
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -56,14 +57,18 @@ def validate_plan(analysis: Analysis, plan: KeepPlan) -> dict[int, np.ndarray]:
     return removed
 
 
-def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, check: bool = True) -> onnx.ModelProto:
+def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, check: bool = True,
+               values: Callable[[str], np.ndarray | None] | None = None) -> onnx.ModelProto:
     """A copy of ``model`` (the normalized model the analysis was computed on, or its shape-fixed
     copy) with the channels outside ``plan`` removed. Groups absent from the plan keep everything.
 
     Raises :class:`OnnxPruneError` for an invalid plan (unknown group, indices out of range,
     unbalanced blocks, an empty group, removing channels of an unprunable group) or when the
     result fails shape inference or the checker. ``check=False`` skips the final full checker run
-    (for searches that rewrite many times; shapes are still verified).
+    (for searches that rewrite many times; shapes are still verified). ``values``: the model's
+    initializers already decoded (``name -> array``, e.g. ``prepared.view.const``, whose model holds
+    the same weights), so they are not decoded again; an array whose shape or dtype does not match
+    the model's initializer is not used.
     """
     removed = validate_plan(analysis, plan)
     if not removed:
@@ -100,7 +105,11 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
 
     def arr(name: str) -> np.ndarray:
         if name not in arrays:
-            arrays[name] = numpy_helper.to_array(src_inits[name])
+            t = src_inits[name]
+            a = values(name) if values is not None else None
+            if a is None or a.shape != tuple(t.dims) or helper.np_dtype_to_tensor_dtype(a.dtype) != t.data_type:
+                a = numpy_helper.to_array(t)
+            arrays[name] = a
         return arrays[name]
 
     for (name, axis, g), pos in gcuts.items():

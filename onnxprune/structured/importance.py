@@ -154,6 +154,12 @@ def position_power_sums(arr: np.ndarray, m: Member, p: int) -> np.ndarray:
         rows = channel_rows(arr, m)
         return (np.abs(rows) if p == 1 else np.square(rows)).sum(1, dtype=np.float64)
     mag = np.abs(arr) if p == 1 else np.square(arr)
+    if p == 1 and m.axis == 1 and mag.ndim > 2:
+        # axis 0 first (whole rows at a time), then the small rest: several times faster than
+        # reducing (0, 2, ...) in one call for conv kernels (no strided inner loop). Only for p = 1:
+        # float32 magnitudes sum exactly in float64 in any order (barring a > 2**29 spread of
+        # magnitudes), so scores stay bit-identical; squares would round differently.
+        return mag.sum(axis=0, dtype=np.float64).reshape(mag.shape[1], -1).sum(1)
     other = tuple(i for i in range(mag.ndim) if i != m.axis)
     return mag.sum(axis=other, dtype=np.float64) if other else mag.astype(np.float64)
 

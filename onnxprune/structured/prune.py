@@ -146,7 +146,7 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
         search = find_ratio(plan_for, measure, value, limits.max_ratio, kind=kind, limits_text=limits_text)
         plan, used_ratio = search.plan, search.ratio
 
-    pruned = apply_plan(prep.model, analysis, plan)
+    pruned = apply_plan(prep.model, analysis, plan, values=prep.view.const)  # same weights, decoded once
     _restore_io(pruned, prep.original)
     after_view = build_view(fix_input_shapes(pruned, prep.concrete_shapes) if prep.concrete_shapes else pruned)
     params_after, macs_after = _measure(after_view)
