@@ -148,7 +148,9 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
 
     pruned = apply_plan(prep.model, analysis, plan, values=prep.view.const)  # same weights, decoded once
     _restore_io(pruned, prep.original)
-    after_view = build_view(fix_input_shapes(pruned, prep.concrete_shapes) if prep.concrete_shapes else pruned)
+    # (the shape-fixed copy is private: inferred in place; without shapes, build_view copies ``pruned``)
+    after_view = (build_view(fix_input_shapes(pruned, prep.concrete_shapes), inplace=True) if prep.concrete_shapes
+                  else build_view(pruned))
     params_after, macs_after = _measure(after_view)
 
     inexact = [g.id for g in groups if not g.exact and len(plan[g.id]) < g.size]
