@@ -59,9 +59,14 @@ def _finalize(ctx: Context) -> Analysis:
     group_roots = sorted({int(g) for g in src_root[[s for s, (_, c) in enumerate(ctx.source_atoms) if c]]}) \
         if n else []
     classes: dict[int, list[int]] = {g: [] for g in group_roots}
-    is_root = root == np.arange(n)
-    for a in np.nonzero(is_root)[0].tolist():
-        classes[int(group_of_atom[a])].append(a)
+    class_roots = np.flatnonzero(root == np.arange(n))  # ascending
+    if len(class_roots):
+        owner = group_of_atom[class_roots]
+        order = np.argsort(owner, kind="stable")  # by group, ascending atoms within each
+        owner_sorted = owner[order]
+        cuts = np.flatnonzero(np.diff(owner_sorted)) + 1
+        for g, part in zip(owner_sorted[np.concatenate(([0], cuts))].tolist(), np.split(class_roots[order], cuts)):
+            classes[g].extend(part.tolist())
     class_index = np.full(n, -1, dtype=np.int64)
     for g, roots in classes.items():
         class_index[np.asarray(roots, dtype=np.int64)] = np.arange(len(roots))
@@ -89,13 +94,19 @@ def _finalize(ctx: Context) -> Analysis:
             continue
         seen.add(key)
         atoms = rm.atoms
-        valid = atoms >= 0
-        if not valid.any():
+        if not len(atoms):
             continue
-        grp = np.full(len(atoms), -1, dtype=np.int64)
-        grp[valid] = group_of_atom[atoms[valid]]
-        for g in dict.fromkeys(grp[valid].tolist()):
-            pos = np.nonzero(grp == g)[0]
+        if atoms.min() >= 0 and (ga := group_of_atom[atoms]).min() == ga.max():
+            # the usual case: every position carries a channel of one group
+            per_group = [(int(ga[0]), np.arange(len(atoms)))]
+        else:
+            valid = atoms >= 0
+            if not valid.any():
+                continue
+            grp = np.full(len(atoms), -1, dtype=np.int64)
+            grp[valid] = group_of_atom[atoms[valid]]
+            per_group = [(g, np.nonzero(grp == g)[0]) for g in dict.fromkeys(grp[valid].tolist())]
+        for g, pos in per_group:
             ks = class_of_atom[atoms[pos]]
             size = len(classes[g])
             order = np.argsort(ks, kind="stable")
