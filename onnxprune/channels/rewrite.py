@@ -10,6 +10,7 @@ node names.
 """
 from __future__ import annotations
 
+import math
 import sys
 from typing import Callable
 
@@ -19,9 +20,9 @@ from onnx import helper, numpy_helper
 
 from ..errors import OnnxPruneError
 from ..graph import attr, opset_of
-from ..model_io import check_model
+from ..model_io import _first_line, check_model
 from ..normalize import remove_dead
-from ..shapes import infer_shapes, infer_value_shapes
+from ..shapes import infer_shapes, infer_value_shapes, skeleton
 from .types import Analysis, KeepPlan
 
 
@@ -126,7 +127,8 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
         arrays[name] = _cut(arr(name), by_axis)
 
     # the copy: every weight that is not cut, then the cut ones written once from their arrays
-    m = _copy_with_initializers(model, arrays)
+    fresh: dict[str, bool] = {}  # initializers written here (True: plain raw data from an array)
+    m = _copy_with_initializers(model, arrays, fresh)
     inits = {i.name: i for i in m.graph.initializer}
     arrays.clear()
     consumers: dict[str, int] = {}
@@ -136,6 +138,7 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
     fixer = _NodeFixer(m, analysis, act, inits, arrays, consumers)
     for node in list(m.graph.node):
         fixer.fix(node)
+    fresh.update(dict.fromkeys(arrays, False))
     _write_arrays(m, inits, arrays)
     if fixer.replaced_inputs:
         remove_dead(m)
@@ -147,11 +150,35 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
     _verify_shapes(m, analysis, act)
     if check:
         try:
-            check_model(m, "pruned model", full_check=True)
+            _check_pruned(m, fresh)
         except OnnxPruneError:
             if _passes_full_check(model):  # a model that never passed cannot be held to it
                 raise
     return m
+
+
+def _check_pruned(m: onnx.ModelProto, fresh: dict[str, bool]) -> None:
+    """``check_model(m, "pruned model", full_check=True)`` without reading back every weight.
+
+    Initializers not in ``fresh`` are byte copies of the input model's: when one of them has a
+    wrong data length the input fails the same check and the caller never raises, so only the
+    written ones are length-checked; ``fresh[name]`` is True for those written straight from a
+    numpy array of a plain dtype (``raw_data`` = the array's bytes, ``dims`` = its shape: consistent
+    by construction)."""
+    try:
+        onnx.checker.check_model(skeleton(m), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        raise OnnxPruneError(f"pruned model: fails the ONNX checker: {_first_line(exc)}") from exc
+    for t in m.graph.initializer:
+        if t.name not in fresh or fresh[t.name] or t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        raw = t.raw_data
+        if not raw:
+            continue
+        expected = math.prod(t.dims) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        if len(raw) != expected:
+            raise OnnxPruneError(f"pruned model: fails the ONNX checker: initializer {t.name!r} holds {len(raw)} "
+                                 f"bytes, its shape {list(t.dims)} needs {expected}")
 
 
 def _cut(a: np.ndarray, by_axis: dict[int, set[int]]) -> np.ndarray:
@@ -169,28 +196,30 @@ _RAW_DTYPES = {np.dtype(t): helper.np_dtype_to_tensor_dtype(np.dtype(t)) for t i
     np.uint64, np.bool_)}
 
 
-def _fill_tensor(t: onnx.TensorProto, name: str, a: np.ndarray) -> None:
-    """Make the empty ``t`` equal to ``numpy_helper.from_array(a, name)`` without an extra copy of the data."""
+def _fill_tensor(t: onnx.TensorProto, name: str, a: np.ndarray) -> bool:
+    """Make the empty ``t`` equal to ``numpy_helper.from_array(a, name)`` without an extra copy of the
+    data; True when ``raw_data`` holds exactly the array's bytes (a plain numeric dtype)."""
     code = _RAW_DTYPES.get(a.dtype) if sys.byteorder == "little" else None
     if code is None:
         t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(a), name))
-        return
+        return False
     t.dims.extend(a.shape)
     t.name = name
     t.raw_data = np.ascontiguousarray(a).tobytes()
     t.data_type = code
+    return True
 
 
-def _copy_with_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
+def _copy_with_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray], fresh: dict[str, bool]) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers named in ``arrays`` hold those arrays instead (same
-    order); the replaced weights are never copied."""
+    order); the replaced weights are never copied. Records what :func:`_fill_tensor` says in ``fresh``."""
     m = onnx.ModelProto()
     _copy_fields(m, model, skip="graph")
     _copy_fields(m.graph, model.graph, skip="initializer")
     out = m.graph.initializer
     for t in model.graph.initializer:
         if t.name in arrays:
-            _fill_tensor(out.add(), t.name, arrays[t.name])
+            fresh[t.name] = _fill_tensor(out.add(), t.name, arrays[t.name])
         else:
             out.add().CopyFrom(t)
     return m
