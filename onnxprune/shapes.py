@@ -92,8 +92,14 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
             n *= d
         if n < _SKELETON_MIN_ELEMENTS or init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
             lg.initializer.append(init)
-        elif init.name not in declared:
-            lg.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        elif init.name not in declared:  # (= make_tensor_value_info(name, type, dims), built in place: faster)
+            vi = lg.input.add()
+            vi.name = init.name
+            tt = vi.type.tensor_type
+            tt.elem_type = init.data_type
+            shape_dims = tt.shape.dim
+            for d in init.dims:
+                shape_dims.add().dim_value = d
     for sp in g.sparse_initializer:  # --sparse-storage weights: only their shape matters here
         if sp.values.name not in declared:
             lg.input.append(onnx.helper.make_tensor_value_info(sp.values.name, sp.values.data_type, list(sp.dims)))

@@ -7,6 +7,7 @@ copy is used only to analyse and to count MACs.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -55,7 +56,7 @@ def _check_args(ratio, target_macs, target_params, criterion, scope, seed) -> tu
 def _measure(view) -> tuple[int, int | None]:
     """(params, MACs) of an indexed model; params as :func:`~onnxprune.params.count_params` counts
     them, read off the initializer dims (no weight is decoded: the target search calls this often)."""
-    params = sum(int(np.prod(view.initializers[n].dims, dtype=np.int64)) for n in parameter_names(view))
+    params = sum(math.prod(view.initializers[n].dims) for n in parameter_names(view))
     return params, total_macs(view)
 
 
