@@ -42,6 +42,8 @@ class ScoreInputs:
     node_inputs: Mapping[str, Sequence[str]] = field(default_factory=dict)  # node name -> input names
     gradients: Mapping[str, np.ndarray] | None = None  # initializer name -> dLoss/dW (taylor)
     seed: int = 0
+    #: per-position |w|**p sums already computed (see :func:`_power_sums`); filled by the scoring
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_view(cls, view, *, gradients: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> "ScoreInputs":
@@ -142,9 +144,28 @@ def _norm_scores(group: Group, inp: ScoreInputs, p: int) -> np.ndarray:
         raise CriterionUnavailable(f"group {group.id} has no constant weights to score")
     per_member = []
     for m, arr in members:
-        s = per_channel_sum(position_power_sums(arr, m, p), m)
+        s = per_channel_sum(_power_sums(inp, arr, m, p), m)
         per_member.append((s if p == 1 else np.sqrt(s), coverage(m)))
     return aggregate(per_member, group.size)
+
+
+def _power_sums(inp: ScoreInputs, arr: np.ndarray, m: Member, p: int) -> np.ndarray:
+    """:func:`position_power_sums`, computing |w|**p once per weight for every axis the groups being
+    scored read it on (a conv weight is the "out" member of one group and the "in" member of the next)."""
+    if m.groups > 1:
+        return position_power_sums(arr, m, p)
+    key = (m.tensor, m.axis, p)
+    cache = inp.cache
+    if key in cache:
+        return cache.pop(key)
+    axes = cache.get("axes", {}).get(m.tensor, ())
+    others = [a for a in axes if a != m.axis and a < np.ndim(arr)]
+    if not others:
+        return position_power_sums(arr, m, p)
+    mag = np.abs(arr) if p == 1 else np.square(arr)
+    for a in others:
+        cache[(m.tensor, a, p)] = _mag_sums(mag, a, p)
+    return _mag_sums(mag, m.axis, p)
 
 
 def position_power_sums(arr: np.ndarray, m: Member, p: int) -> np.ndarray:
@@ -153,14 +174,17 @@ def position_power_sums(arr: np.ndarray, m: Member, p: int) -> np.ndarray:
     if m.groups > 1:
         rows = channel_rows(arr, m)
         return (np.abs(rows) if p == 1 else np.square(rows)).sum(1, dtype=np.float64)
-    mag = np.abs(arr) if p == 1 else np.square(arr)
-    if p == 1 and m.axis == 1 and mag.ndim > 2:
+    return _mag_sums(np.abs(arr) if p == 1 else np.square(arr), m.axis, p)
+
+
+def _mag_sums(mag: np.ndarray, axis: int, p: int) -> np.ndarray:
+    if p == 1 and axis == 1 and mag.ndim > 2:
         # axis 0 first (whole rows at a time), then the small rest: several times faster than
         # reducing (0, 2, ...) in one call for conv kernels (no strided inner loop). Only for p = 1:
         # float32 magnitudes sum exactly in float64 in any order (barring a > 2**29 spread of
         # magnitudes), so scores stay bit-identical; squares would round differently.
         return mag.sum(axis=0, dtype=np.float64).reshape(mag.shape[1], -1).sum(1)
-    other = tuple(i for i in range(mag.ndim) if i != m.axis)
+    other = tuple(i for i in range(mag.ndim) if i != axis)
     return mag.sum(axis=other, dtype=np.float64) if other else mag.astype(np.float64)
 
 
@@ -278,6 +302,14 @@ def score_groups(groups: Iterable[Group], criterion: str, inp: ScoreInputs) -> t
     if criterion not in IMPORTANCE:
         raise OnnxPruneError(f"unknown criterion {criterion!r}; choose from {', '.join(IMPORTANCE)}")
     fn = IMPORTANCE[criterion]
+    groups = list(groups)
+    axes: dict[str, set[int]] = {}  # weight -> axes the groups read it on (plain members)
+    for g in groups:
+        for m in g.members:
+            if m.groups == 1 and m.role in ("out", "in", "param"):
+                axes.setdefault(m.tensor, set()).add(m.axis)
+    inp.cache.clear()
+    inp.cache["axes"] = {k: sorted(v) for k, v in axes.items() if len(v) > 1}
     scores, unavailable = {}, {}
     for g in groups:
         try:
@@ -288,4 +320,5 @@ def score_groups(groups: Iterable[Group], criterion: str, inp: ScoreInputs) -> t
         if s.shape != (g.size,):
             raise AssertionError(f"criterion {criterion} returned shape {s.shape} for group {g.id} of size {g.size}")
         scores[g.id] = s
+    inp.cache.clear()
     return scores, unavailable
