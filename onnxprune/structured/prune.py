@@ -15,15 +15,15 @@ import numpy as np
 import onnx
 
 from ..channels.analyze import analyze_channels
-from ..channels.rewrite import apply_plan
+from ..channels.rewrite import _copy_fields, apply_plan
 from ..channels.types import Analysis, Group, KeepPlan
 from ..errors import OnnxPruneError
 from ..graph import build_view
-from ..macs import total_macs
+from ..macs import node_macs, total_macs
 from ..params import parameter_names
 from ..prepare import Prepared, prepare
 from ..pruning_result import PruneResult
-from ..shapes import fix_input_shapes
+from ..shapes import _SKELETON_MIN_ELEMENTS, fix_input_shapes
 from .allocate import Limits, allocate, ignored_groups
 from .importance import IMPORTANCE, SELF_NORMALIZED, ScoreInputs, score_groups
 from .search import find_ratio
@@ -58,6 +58,33 @@ def _measure(view) -> tuple[int, int | None]:
     them, read off the initializer dims (no weight is decoded: the target search calls this often)."""
     params = sum(math.prod(view.initializers[n].dims) for n in parameter_names(view))
     return params, total_macs(view)
+
+
+def _counting_view(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]):
+    """The view :func:`_measure` counts on: ``model`` with its inputs fixed to ``shapes``, indexed.
+
+    Counting reads initializer names, types and dims and the inferred shapes, never large weight
+    values, so it first runs on a copy whose large float weights carry no data (shape inference
+    sees exactly what it sees on the full model: it runs on a weight-free skeleton anyway). Only
+    when some MACs need run-time shape arithmetic folded (which may read values) does it index a
+    full copy instead."""
+    light = onnx.ModelProto()
+    _copy_fields(light, model, skip="graph")
+    _copy_fields(light.graph, model.graph, skip="initializer")
+    out = light.graph.initializer
+    for t in model.graph.initializer:
+        if math.prod(t.dims) < _SKELETON_MIN_ELEMENTS or t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            out.add().CopyFrom(t)
+        else:
+            d = out.add()
+            d.name = t.name
+            d.data_type = t.data_type
+            d.dims.extend(t.dims)
+    view = build_view(fix_input_shapes(light, shapes), inplace=True) if shapes else build_view(light, inplace=True)
+    if all(node_macs(n, view) is not None for n in view.nodes):
+        return view
+    # (the shape-fixed copy is private: inferred in place; without shapes, build_view copies ``model``)
+    return build_view(fix_input_shapes(model, shapes), inplace=True) if shapes else build_view(model)
 
 
 def _group_entry(g: Group, kept: int | None = None, reason: str | None = None) -> dict[str, Any]:
@@ -149,9 +176,7 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
 
     pruned = apply_plan(prep.model, analysis, plan, values=prep.view.const)  # same weights, decoded once
     _restore_io(pruned, prep.original)
-    # (the shape-fixed copy is private: inferred in place; without shapes, build_view copies ``pruned``)
-    after_view = (build_view(fix_input_shapes(pruned, prep.concrete_shapes), inplace=True) if prep.concrete_shapes
-                  else build_view(pruned))
+    after_view = _counting_view(pruned, prep.concrete_shapes)
     params_after, macs_after = _measure(after_view)
 
     inexact = [g.id for g in groups if not g.exact and len(plan[g.id]) < g.size]
