@@ -77,21 +77,22 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
         m.CopyFrom(model)
         return m
     groups = {g.id: g for g in analysis.groups}
-    cuts: dict[tuple[str, int], set[int]] = {}  # (tensor, axis) -> removed positions
+    cuts: dict[tuple[str, int], list[np.ndarray]] = {}  # (tensor, axis) -> removed positions (arrays to unite)
     gcuts: dict[tuple[str, int, int], set[int]] = {}  # grouped weight members: (tensor, axis, groups)
     act: dict[str, tuple[int, set[int]]] = {}
     for gid, rem in removed.items():
         for mem in groups[gid].members:
+            if mem.role != "act" and mem.groups <= 1:
+                cuts.setdefault((mem.tensor, mem.axis), []).append(mem.positions.of_channels(rem))
+                continue
             pos = set(mem.positions.of_channels(rem).tolist())
             if mem.role == "act":
                 ax, prev = act.setdefault(mem.tensor, (mem.axis, set()))
                 if ax != mem.axis:
                     raise OnnxPruneError(f"internal: tensor {mem.tensor!r} carries channels on axes {ax} and {mem.axis}")
                 prev |= pos
-            elif mem.groups > 1:
-                gcuts.setdefault((mem.tensor, mem.axis, mem.groups), set()).update(pos)
             else:
-                cuts.setdefault((mem.tensor, mem.axis), set()).update(pos)
+                gcuts.setdefault((mem.tensor, mem.axis, mem.groups), set()).update(pos)
 
     for t, (ax, pos) in act.items():
         before = analysis.shapes.get(t)
@@ -117,11 +118,12 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
         if name not in src_inits:
             raise OnnxPruneError(f"internal: grouped member {name!r} is not a constant")
         arrays[name] = _cut_grouped(arr(name), axis, g, pos)
-    per_tensor: dict[str, dict[int, set[int]]] = {}
-    for (name, axis), pos in cuts.items():
+    per_tensor: dict[str, dict[int, np.ndarray]] = {}
+    for (name, axis), parts in cuts.items():
         if name not in src_inits:
             raise OnnxPruneError(f"internal: member {name!r} (axis {axis}) is not a constant")
-        if pos:
+        pos = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if pos.size:
             per_tensor.setdefault(name, {})[axis] = pos
     for name, by_axis in per_tensor.items():
         arrays[name] = _cut(arr(name), by_axis)
@@ -181,11 +183,12 @@ def _check_pruned(m: onnx.ModelProto, fresh: dict[str, bool]) -> None:
                                  f"bytes, its shape {list(t.dims)} needs {expected}")
 
 
-def _cut(a: np.ndarray, by_axis: dict[int, set[int]]) -> np.ndarray:
-    """``a`` without the given positions on each axis (as ``np.delete`` axis by axis, in one gather each)."""
+def _cut(a: np.ndarray, by_axis: dict[int, np.ndarray]) -> np.ndarray:
+    """``a`` without the given positions (repeats allowed) on each axis (as ``np.delete`` axis by
+    axis, in one gather each)."""
     for axis in sorted(by_axis):
         keep = np.ones(a.shape[axis], dtype=bool)
-        keep[np.fromiter(by_axis[axis], dtype=np.int64, count=len(by_axis[axis]))] = False
+        keep[by_axis[axis]] = False
         a = a.take(np.flatnonzero(keep), axis=axis)
     return a
 

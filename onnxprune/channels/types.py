@@ -29,7 +29,7 @@ class Positions(Sequence):
     hundreds of thousands of small tuples: ``flat`` (every position, channel by channel) and
     ``offsets`` (channel ``k`` owns ``flat[offsets[k]:offsets[k + 1]]``)."""
 
-    __slots__ = ("flat", "offsets", "_counts", "_tuple", "_hash")
+    __slots__ = ("flat", "offsets", "_counts", "_grid", "_tuple", "_hash")
 
     def __init__(self, flat: np.ndarray, offsets: np.ndarray):
         self.flat = np.asarray(flat, dtype=np.int64)
@@ -37,6 +37,7 @@ class Positions(Sequence):
         self.flat.flags.writeable = False
         self.offsets.flags.writeable = False
         self._counts = None
+        self._grid = False  # not computed yet (None: no grid)
         self._tuple = None
         self._hash = None
 
@@ -82,10 +83,10 @@ class Positions(Sequence):
 
     def grid(self) -> np.ndarray | None:
         """``flat`` as a [channels, n] array when every channel has the same number ``n`` >= 1, else None."""
-        c = self.counts
-        if not len(c) or c[0] == 0 or not (c == c[0]).all():
-            return None
-        return self.flat.reshape(len(c), int(c[0]))
+        if self._grid is False:
+            c = self.counts
+            self._grid = None if not len(c) or c[0] == 0 or not (c == c[0]).all() else self.flat.reshape(len(c), int(c[0]))
+        return self._grid
 
     def of_channels(self, channels) -> np.ndarray:
         """Every position of the given group channels (concatenated, in the order given)."""
