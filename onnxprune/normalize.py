@@ -116,7 +116,8 @@ def _constants_to_initializers(m: onnx.ModelProto) -> bool:
 
 def fold_constants(m: onnx.ModelProto) -> bool:
     """(In place; True if anything changed.) Replace nodes whose inputs are all constant (or whose input shape is static, for Shape/Size)."""
-    shapes = infer_value_shapes(m)
+    # shapes are only read for Shape/Size nodes: inferred only when the graph has one
+    shapes = infer_value_shapes(m) if any(n.op_type in ("Shape", "Size") for n in m.graph.node) else {}
     inits = {i.name: i for i in m.graph.initializer}
     graph_outputs = {o.name for o in m.graph.output}
     keep, changed = [], False
