@@ -42,7 +42,9 @@ def validate_plan(analysis: Analysis, plan: KeepPlan) -> dict[int, np.ndarray]:
             raise OnnxPruneError(f"plan for group {gid} keeps no channel (at least one must stay)")
         if k.min() < 0 or k.max() >= g.size:
             raise OnnxPruneError(f"plan for group {gid}: channel indices must be in [0, {g.size}), got {k.min()}..{k.max()}")
-        if len(np.unique(k)) != len(k):
+        held = np.zeros(g.size, dtype=bool)
+        held[k] = True
+        if np.count_nonzero(held) != len(k):
             raise OnnxPruneError(f"plan for group {gid}: duplicate channel indices")
         if len(k) == g.size:
             continue
@@ -54,7 +56,7 @@ def validate_plan(analysis: Analysis, plan: KeepPlan) -> dict[int, np.ndarray]:
             if len(set(counts.tolist())) != 1:
                 raise OnnxPruneError(f"plan for group {gid}: its {g.blocks} blocks of {width} channels must keep "
                                      f"equal counts, got {counts.tolist()}")
-        removed[gid] = np.setdiff1d(np.arange(g.size), k)
+        removed[gid] = np.flatnonzero(~held)  # = np.setdiff1d(np.arange(g.size), k)
     return removed
 
 
