@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 import onnx_graphs  # noqa: E402
 import zoo  # noqa: E402
-from cli_util import run_cli  # noqa: E402
+from cli_util import run_cli, subprocess_env  # noqa: E402
 from conftest import random_feeds, run_ort  # noqa: E402
 from test_bridge_ops import _one_thread  # noqa: E402,F401 - autouse fixture: one torch thread
 
@@ -471,7 +471,8 @@ def test_cli_without_torch(tmp_path):
     code = ("import sys; sys.modules['torch'] = None\n"
             "import onnxprune.commands.bridge_cmd\n"
             "from onnxprune.cli import main; main(['bridge-check', 'm.onnx'])")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       env=subprocess_env())
     assert r.returncode == 3, r.stderr
     assert r.stderr.strip() == "error: bridge-check needs torch (pip install 'onnxprune[train]')"
 

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cli_util import run_cli
+from cli_util import run_cli, subprocess_env
 from onnxprune.datasets import Preprocess, evaluate_onnx, load_dataset, parse_spec, stratified_split
 from onnxprune.errors import OnnxPruneError
 
@@ -318,7 +318,7 @@ def test_eval_path_does_not_import_torch(scored):
             "    assert e.code in (0, None), e.code\n"
             "assert 'torch' not in sys.modules, 'eval imported torch'\n")
     r = subprocess.run([sys.executable, "-c", code, str(tmp / "m.onnx"), f"npz:{tmp / 'd.npz'}"],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, env=subprocess_env())
     assert r.returncode == 0, r.stderr
 
 
