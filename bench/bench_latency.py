@@ -109,14 +109,10 @@ def build(name: str, seed: int = 0) -> nn.Module:
 
 
 # ---- benchmark -------------------------------------------------------------------------------------
-def _prune(dense: Path, out: Path, target_macs: float, round_to: int) -> Path | None:
-    try:
-        from onnxprune.structured.prune import prune_structured
-    except ImportError as exc:
-        print(f"  structured pruning is not available yet ({exc}); skipping the dense-vs-pruned comparison")
-        return None
-    result = prune_structured(dense, target_macs=target_macs, round_to=round_to)
-    save_model(result.model, out)
+def _prune(dense: Path, out: Path, target_macs: float, round_to: int, scope: str) -> Path:
+    from onnxprune.structured.prune import prune_structured
+
+    save_model(prune_structured(dense, target_macs=target_macs, round_to=round_to, scope=scope).model, out)
     return out
 
 
@@ -128,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--round-to", type=int, default=8,
                     help="keep channel counts multiples of this (default 8: ONNX Runtime's fast NCHWc CPU convolutions "
                          "need multiples of 8; with 1, odd counts fall back to slower kernels)")
+    ap.add_argument("--scope", choices=["local", "global"], default="local",
+                    help="same ratio per channel group (local) or one ranking across groups (global)")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per physical core)")
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
     args = ap.parse_args(argv)
@@ -146,10 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"unknown model {name!r} (have: {', '.join(MODELS)})")
             dense = export_torch(build(name), (torch.randn(1, 3, size, size),), Path(tmp) / f"{name}.onnx")
             paths[name] = dense
-            print(f"\n{name}: pruning to {args.target_macs:.0%} of the MACs (channels rounded to multiples of {args.round_to}) ...")
-            pruned = _prune(dense, Path(tmp) / f"{name}_pruned.onnx", args.target_macs, args.round_to)
-            if pruned is None:
-                continue
+            print(f"\n{name}: pruning to {args.target_macs:.0%} of the MACs (scope {args.scope}, channels rounded to multiples of {args.round_to}) ...")
+            pruned = _prune(dense, Path(tmp) / f"{name}_pruned.onnx", args.target_macs, args.round_to, args.scope)
             res = compare_models(dense, pruned, prof)
             c = res["comparisons"][0]
             macs_red = res["ratios"]["macs_reduction"]

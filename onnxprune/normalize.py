@@ -98,53 +98,57 @@ def _eval_node(node: onnx.NodeProto, inputs: list[np.ndarray | None], opsets) ->
     return [np.asarray(o) for o in outs]
 
 
-def _constants_to_initializers(m: onnx.ModelProto) -> bool:
+def _replace_by_initializers(m: onnx.ModelProto, evaluate) -> bool:
+    """(In place; True if anything changed.) Every node for which ``evaluate(node, inits)`` returns
+    values is replaced by initializers holding them; later nodes see them at once (chains fold in one pass)."""
+    inits = {i.name: i for i in m.graph.initializer}
     keep, changed = [], False
     for node in m.graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            outs = _eval_node(node, [], m.opset_import)
-            if outs is not None:
-                m.graph.initializer.append(numpy_helper.from_array(outs[0], node.output[0]))
-                changed = True
-                continue
-        keep.append(node)
+        outs = evaluate(node, inits)
+        if outs is None:
+            keep.append(node)
+            continue
+        for name, val in zip(node.output, outs):
+            if name:
+                t = numpy_helper.from_array(val, name)
+                m.graph.initializer.append(t)
+                inits[name] = t
+        changed = True
     if changed:
         del m.graph.node[:]
         m.graph.node.extend(keep)
     return changed
+
+
+def _constants_to_initializers(m: onnx.ModelProto) -> bool:
+    """Constant nodes become initializers whatever their size (they are weights, e.g. Caffe2/TF exports)."""
+    def evaluate(node, _inits):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            return _eval_node(node, [], m.opset_import)
+        return None
+    return _replace_by_initializers(m, evaluate)
 
 
 def fold_constants(m: onnx.ModelProto) -> bool:
     """(In place; True if anything changed.) Replace nodes whose inputs are all constant (or whose input shape is static, for Shape/Size)."""
     # shapes are only read for Shape/Size nodes: inferred only when the graph has one
     shapes = infer_value_shapes(m) if any(n.op_type in ("Shape", "Size") for n in m.graph.node) else {}
-    inits = {i.name: i for i in m.graph.initializer}
     graph_outputs = {o.name for o in m.graph.output}
-    keep, changed = [], False
-    for node in m.graph.node:
+
+    def evaluate(node, inits):
+        if (node.domain not in ("", "ai.onnx") or node.op_type in NO_FOLD or set(node.output) & graph_outputs
+                or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)):
+            return None
         outs = None
-        if node.domain in ("", "ai.onnx") and node.op_type not in NO_FOLD and not any(
-                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            if node.op_type in ("Shape", "Size") and is_static(shapes.get(node.input[0])):
-                shape = shapes[node.input[0]]
-                if int(np.prod(shape)) <= MAX_FOLDED_ELEMENTS:  # only the shape matters; values are dummies
-                    outs = _eval_node(node, [np.zeros(shape, dtype=np.float32)], m.opset_import)
-            elif node.input and all((not i) or i in inits for i in node.input):
-                ins = [numpy_helper.to_array(inits[i]) if i else None for i in node.input]
-                outs = _eval_node(node, ins, m.opset_import)
-        if outs is not None and all(o.size <= MAX_FOLDED_ELEMENTS for o in outs) and not (set(node.output) & graph_outputs):
-            for name, val in zip(node.output, outs):
-                if name:
-                    t = numpy_helper.from_array(val, name)
-                    m.graph.initializer.append(t)
-                    inits[name] = t
-            changed = True
-            continue
-        keep.append(node)
-    if changed:
-        del m.graph.node[:]
-        m.graph.node.extend(keep)
-    return changed
+        if node.op_type in ("Shape", "Size") and is_static(shapes.get(node.input[0])):
+            shape = shapes[node.input[0]]
+            if int(np.prod(shape)) <= MAX_FOLDED_ELEMENTS:  # only the shape matters; values are dummies
+                outs = _eval_node(node, [np.zeros(shape, dtype=np.float32)], m.opset_import)
+        elif node.input and all((not i) or i in inits for i in node.input):
+            ins = [numpy_helper.to_array(inits[i]) if i else None for i in node.input]
+            outs = _eval_node(node, ins, m.opset_import)
+        return outs if outs is not None and all(o.size <= MAX_FOLDED_ELEMENTS for o in outs) else None
+    return _replace_by_initializers(m, evaluate)
 
 
 def _is_noop(node: onnx.NodeProto) -> bool:

@@ -1,4 +1,4 @@
-"""The small models most tests use (a subset of :mod:`arch_zoo` plus a Flatten->Linear head).
+"""The small models most tests use: a subset of :mod:`arch_zoo`.
 
 Each entry is ``name -> (factory, input_shape)``. Tests call :func:`export` to get an .onnx path.
 Other test modules add architectures by extending :data:`ZOO`.
@@ -10,29 +10,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from arch_zoo import ConvChain, ResNetBasic as TinyResNet, randomize_norms
+from arch_zoo import ConvChain, FlattenHead, ResNetBasic as TinyResNet, randomize_norms
 from onnxprune.torch_export import export_torch
-
-
-class FlattenMLPHead(nn.Module):
-    """Conv -> Flatten (channel x spatial) -> Linear: the Reshape/Flatten index expansion case."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3, padding=1)
-        self.fc1 = nn.Linear(6 * 4 * 4, 12)
-        self.fc2 = nn.Linear(12, 5)
-
-    def forward(self, x):
-        x = torch.relu(self.conv(x))
-        x = nn.functional.max_pool2d(x, 2)
-        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
 
 
 ZOO: dict[str, tuple] = {
     "conv_chain": (ConvChain, (1, 3, 16, 16)),
     "tiny_resnet": (TinyResNet, (1, 3, 16, 16)),
-    "flatten_mlp": (FlattenMLPHead, (1, 3, 8, 8)),
+    "flatten_mlp": (FlattenHead, (1, 3, 8, 8)),
 }
 
 

@@ -47,6 +47,16 @@ class RawMember:
     groups: int = 1
 
 
+def _find_root(parent: list[int], a: int) -> int:
+    """Union-find root of ``a``, compressing the path on the way (iterative: chains can be long)."""
+    root = a
+    while parent[root] != root:
+        root = parent[root]
+    while parent[a] != root:
+        parent[a], a = root, parent[a]
+    return root
+
+
 class Context:
     """Mutable state of one propagation over a :class:`~onnxprune.graph.GraphView`."""
 
@@ -92,22 +102,10 @@ class Context:
         return atoms
 
     def find(self, a: int) -> int:
-        parent = self._parent
-        root = a
-        while parent[root] != root:
-            root = parent[root]
-        while parent[a] != root:
-            parent[a], a = root, parent[a]
-        return root
+        return _find_root(self._parent, a)
 
     def find_source(self, s: int) -> int:
-        parent = self._src_parent
-        root = s
-        while parent[root] != root:
-            root = parent[root]
-        while parent[s] != root:
-            parent[s], s = root, parent[s]
-        return root
+        return _find_root(self._src_parent, s)
 
     def unite(self, a: np.ndarray, b: np.ndarray) -> None:
         """Atoms ``a[i]`` and ``b[i]`` must be removed together (arrays of equal length)."""

@@ -301,6 +301,23 @@ def rule_elementwise(ctx: Context, node: onnx.NodeProto) -> None:
 
 
 # ------------------------------------------------------------------------------------ producers
+def _grouped_members(ctx: Context, node: onnx.NodeProto, x: str, w_name: str, g: int, cout: int,
+                     *, in_axis: int, out_axis: int) -> np.ndarray:
+    """Conv/ConvTranspose that is not depthwise: weight ``in_axis`` consumes the input's channels,
+    ``out_axis`` produces ``cout`` new ones. Grouped (``g > 1``): both sides keep equal counts in
+    their ``g`` blocks, and the member on weight axis 1 (one group's span) has ``groups = g``."""
+    xin = ctx.atoms_on(x, 1, node, need=g > 1)
+    if xin is not None:
+        ctx.add_member(w_name, in_axis, xin, "in", node, groups=g if in_axis == 1 else 1)
+        if g > 1:
+            ctx.require_blocks(xin, g, node)
+    out = ctx.new_atoms(cout)
+    ctx.add_member(w_name, out_axis, out, "out", node, groups=g if out_axis == 1 else 1)
+    if g > 1:
+        ctx.require_blocks(out, g, node)
+    return out
+
+
 def rule_conv(ctx: Context, node: onnx.NodeProto) -> None:
     """Conv, weight ``[Cout, Cin/g, k...]`` on channels at axis 1.
 
@@ -328,15 +345,7 @@ def rule_conv(ctx: Context, node: onnx.NodeProto) -> None:
         out = np.repeat(xin, cout // cin)
         ctx.add_member(w_name, 0, out, "out", node)
     else:
-        xin = ctx.atoms_on(x, 1, node, need=g > 1)
-        if xin is not None:
-            ctx.add_member(w_name, 1, xin, "in", node, groups=g)
-            if g > 1:
-                ctx.require_blocks(xin, g, node)
-        out = ctx.new_atoms(cout)
-        ctx.add_member(w_name, 0, out, "out", node)
-        if g > 1:
-            ctx.require_blocks(out, g, node)
+        out = _grouped_members(ctx, node, x, w_name, g, cout, in_axis=1, out_axis=0)
     if b_name:
         ctx.add_member(b_name, 0, out, "param", node)
     ctx.set_track(node.output[0], 1, out, node)
@@ -359,15 +368,7 @@ def rule_conv_transpose(ctx: Context, node: onnx.NodeProto) -> None:
         out = xin
         ctx.add_member(w_name, 0, out, "out", node)
     else:
-        xin = ctx.atoms_on(x, 1, node, need=g > 1)
-        if xin is not None:
-            ctx.add_member(w_name, 0, xin, "in", node)
-            if g > 1:
-                ctx.require_blocks(xin, g, node)
-        out = ctx.new_atoms(cout_g * g)
-        ctx.add_member(w_name, 1, out, "out", node, groups=g)
-        if g > 1:
-            ctx.require_blocks(out, g, node)
+        out = _grouped_members(ctx, node, x, w_name, g, cout_g * g, in_axis=0, out_axis=1)
     if b_name:
         ctx.add_member(b_name, 0, out, "param", node)
     ctx.set_track(node.output[0], 1, out, node)
