@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnx  # noqa: E402
 
+from nets import build  # noqa: E402 - bench/ is on sys.path when a script here runs
 from onnxprune.channels.analyze import analyze_channels  # noqa: E402
 from onnxprune.channels.rewrite import apply_plan  # noqa: E402
 from onnxprune.inspection import inspect_model  # noqa: E402
@@ -43,70 +44,6 @@ from onnxprune.structured.allocate import allocate  # noqa: E402
 from onnxprune.structured.importance import ScoreInputs, score_groups  # noqa: E402
 from onnxprune.structured.prune import _counting_view, _measure, prune_structured  # noqa: E402
 from onnxprune.torch_export import export_torch  # noqa: E402
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, c_in: int, width: int, stride: int = 1):
-        super().__init__()
-        c_out = width * self.expansion
-        self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, c_out, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(c_out)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or c_in != c_out:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class ResNet50(nn.Module):
-    """torchvision's ResNet-50 layout (Bottleneck [3, 4, 6, 3], widths 64..512, outputs 256..2048)."""
-
-    def __init__(self, classes: int = 1000):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        layers, c_in = [], 64
-        for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
-            stage = []
-            for i in range(blocks):
-                stage.append(Bottleneck(c_in, width, stride if i == 0 else 1))
-                c_in = width * Bottleneck.expansion
-            layers.append(nn.Sequential(*stage))
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c_in, classes)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def build_resnet50(seed: int = 0) -> nn.Module:
-    """Seeded weights with non-trivial BN statistics (so magnitudes differ between channels)."""
-    torch.manual_seed(seed)
-    model = ResNet50()
-    for mod in model.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            with torch.no_grad():
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.2, 0.2)
-                mod.running_mean.uniform_(-0.1, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-    return model.eval()
 
 
 class Clock:
@@ -155,7 +92,7 @@ def time_torch_pruning(model: nn.Module, example: torch.Tensor, ratio: float) ->
     model = copy.deepcopy(model)
     with Clock() as c:
         pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                           pruning_ratio=ratio, ignored_layers=[model.fc], global_pruning=False)
+                                           pruning_ratio=ratio, ignored_layers=[model[-1]], global_pruning=False)
         pruner.step()
     return c.wall, c.cpu
 
@@ -199,7 +136,7 @@ def main(argv=None) -> int:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    model = build_resnet50()
+    model = build("resnet50")
     example = torch.randn(1, 3, size, size)
     out: dict = {"input": [1, 3, size, size]}
     with tempfile.TemporaryDirectory() as tmp:

@@ -182,7 +182,7 @@ def test_python_spec_arrays_kwargs_and_module_path(tmp_path, monkeypatch):
         load_dataset("python:mydata:broken")
     with pytest.raises(OnnxPruneError, match="must return"):
         load_dataset("python:mydata:wrong")
-    with pytest.raises(OnnxPruneError, match="no function"):
+    with pytest.raises(OnnxPruneError, match="has no callable"):
         load_dataset("python:mydata:nope")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,34 +67,11 @@ def test_gemm_macs(tmp_path):
     assert info["op_histogram"].get("Gemm") == 1
 
 
-class Bottleneck(nn.Module):
-    def __init__(self, c_in, width, stride):
-        super().__init__()
-        c_out = width * 4
-        self.body = nn.Sequential(
-            nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
-        self.down = None if stride == 1 and c_in == c_out else nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        return torch.relu(self.body(x) + (x if self.down is None else self.down(x)))
-
-
-def resnet50() -> nn.Module:
-    """torchvision's ResNet-50 layout (v1.5: stride on the 3x3), without torchvision."""
-    layers, c_in = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)], 64
-    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
-        for i in range(blocks):
-            layers.append(Bottleneck(c_in, width, stride if i == 0 else 1))
-            c_in = width * 4
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, 1000)]
-    return nn.Sequential(*layers)
-
-
-def test_resnet50_reference_figures(tmp_path):
-    """The issue's reference: ResNet-50 at 1x3x224x224 is about 4.1 GMACs and 25.56 M parameters."""
+def test_resnet50_reference_figures(tmp_path, monkeypatch):
+    """The issue's reference: ResNet-50 at 1x3x224x224 is about 4.1 GMACs and 25.56 M parameters.
+    (bench/nets.py's ResNet-50, the model the benchmarks measure.)"""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from nets import resnet50
     info = inspect_model(_export(resnet50(), (1, 3, 224, 224), tmp_path, "r50"))
     assert info["params"] == 25_557_032  # torchvision's exact count (BN running stats are buffers)
     assert abs(info["macs"] - 4.089e9) / 4.089e9 < 0.005

@@ -23,6 +23,7 @@ from ..graph import attr, opset_of
 from ..model_io import _first_line, check_model
 from ..normalize import remove_dead
 from ..shapes import infer_shapes, infer_value_shapes, skeleton
+from .rules import equal_split_sizes
 from .types import Analysis, KeepPlan
 
 
@@ -481,12 +482,16 @@ class _NodeFixer:
                 self._sym = {}
         return self._sym
 
-    def _fix_Split(self, node):
+    def _cut_on_axis_attr(self, node) -> tuple[str, int, set[int]]:
+        """Input, its ``axis`` attribute (normalized) and the positions removed on that axis."""
         x = node.input[0]
         rank = len(self.shapes.get(x, ()))
         axis = int(attr(node, "axis", 0))
         axis = axis + rank if axis < 0 else axis
-        rem = self.cut(x, axis)
+        return x, axis, self.cut(x, axis)
+
+    def _fix_Split(self, node):
+        x, axis, rem = self._cut_on_axis_attr(node)
         if not rem:
             return
         dim = self.dim(x, axis)
@@ -495,9 +500,7 @@ class _NodeFixer:
         elif self.opset < 13 and attr(node, "split") is not None:
             sizes = [int(v) for v in attr(node, "split")]
         else:
-            n = int(attr(node, "num_outputs", len(node.output)))
-            per = -(-dim // n)
-            sizes = [per] * (n - 1) + [dim - per * (n - 1)]
+            sizes = equal_split_sizes(node, dim)
         new, off = [], 0
         for s in sizes:
             new.append(s - sum(1 for p in rem if off <= p < off + s))
@@ -543,11 +546,8 @@ class _NodeFixer:
             _set_attr(node, "ends", ends)
 
     def _fix_Gather(self, node):
-        x, y = node.input[0], node.output[0]
-        rank = len(self.shapes.get(x, ()))
-        axis = int(attr(node, "axis", 0))
-        axis = axis + rank if axis < 0 else axis
-        rem = self.cut(x, axis)
+        y = node.output[0]
+        x, axis, rem = self._cut_on_axis_attr(node)
         if not rem:
             return
         idx = self.const(node.input[1]).astype(np.int64)

@@ -594,11 +594,14 @@ def split_sizes(ctx: Context, node: onnx.NodeProto, dim: int) -> list[int] | Non
         [int(v) for v in attr(node, "split")] if attr(node, "split") is not None else None)
     if ctx.opset >= 13 and len(node.input) > 1 and node.input[1] and sizes is None:
         return None
-    if sizes is None:
-        n = int(attr(node, "num_outputs", len(node.output)))
-        per = -(-dim // n)
-        sizes = [per] * (n - 1) + [dim - per * (n - 1)]
-    return sizes
+    return equal_split_sizes(node, dim) if sizes is None else sizes
+
+
+def equal_split_sizes(node: onnx.NodeProto, dim: int) -> list[int]:
+    """Split without sizes: ``ceil(dim / n)`` each, the last one takes the rest (opset 18 semantics)."""
+    n = int(attr(node, "num_outputs", len(node.output)))
+    per = -(-dim // n)
+    return [per] * (n - 1) + [dim - per * (n - 1)]
 
 
 def rule_split(ctx: Context, node: onnx.NodeProto) -> None:

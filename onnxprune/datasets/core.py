@@ -10,11 +10,7 @@ give the same split. Checkpoint selection uses ``val`` only; ``test`` is for the
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
 import pickle
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -22,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from ..errors import OnnxPruneError
+from ..user_code import import_callable
 from .spec import ParsedSpec, Preprocess, parse_spec
 
 SPLITS = ("train", "val", "test")
@@ -366,7 +363,7 @@ def _load_python(parsed: ParsedSpec, pre: Preprocess, seed: int) -> DatasetSplit
       ``val`` themselves.
     """
     modname, _, fname = parsed.arg.rpartition(":")
-    fn = _import_function(modname, fname, parsed.text)
+    fn = import_callable(modname, fname, f"data {parsed.text!r}", namespace="onnxprune_user_data")
     kwargs = {k: v for k, v in parsed.options.items() if k not in ("resize", "normalize", "mean", "std", "layout", "val", "test")}
     import inspect
     try:
@@ -430,30 +427,6 @@ def _batch_xy(batch: Any) -> tuple[np.ndarray, np.ndarray]:
         x, y = batch[0], batch[1]
     to_np = (lambda t: t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t))
     return np.asarray(to_np(x)), np.asarray(to_np(y)).astype(np.int64)
-
-
-def _import_function(modname: str, fname: str, text: str) -> Callable:
-    try:
-        if modname.endswith(".py") or os.sep in modname or "/" in modname:
-            path = Path(modname).expanduser()
-            if not path.exists():
-                raise OnnxPruneError(f"data {text!r}: no such file {path}")
-            spec = importlib.util.spec_from_file_location(f"onnxprune_user_data_{path.stem}", path)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-        else:
-            if "" not in sys.path and os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            mod = importlib.import_module(modname)
-    except OnnxPruneError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - user module: one line
-        raise OnnxPruneError(f"data {text!r}: cannot import {modname!r} ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
-    fn = getattr(mod, fname, None)
-    if not callable(fn):
-        raise OnnxPruneError(f"data {text!r}: module {modname!r} has no function {fname!r}")
-    return fn
 
 
 def _existing(arg: str, parsed: ParsedSpec, *, want_dir: bool) -> Path:

@@ -16,19 +16,17 @@ CLI: ``onnxprune finetune --torch module:factory [--state-dict PATH] --input-sha
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import OnnxPruneError, UnavailableError
+from ..user_code import import_callable
 
 CRITERIA = ("l1", "l2", "random", "fpgm", "lamp", "bn_scale")
 
 
-def load_torch_factory(spec: str, state_dict: "str | os.PathLike | None" = None):
+def load_torch_factory(spec: str, state_dict: str | os.PathLike | None = None):
     """Build the module from ``module:factory`` (or ``path/to/file.py:factory``), then load weights.
 
     ``factory`` is called without arguments (a class or a function). ``state_dict`` is a file saved
@@ -40,26 +38,7 @@ def load_torch_factory(spec: str, state_dict: "str | os.PathLike | None" = None)
     modname, sep, fname = str(spec).rpartition(":")
     if not sep or not modname or not fname:
         raise OnnxPruneError(f"--torch {spec!r}: expected module:factory (e.g. mypkg.models:resnet18)")
-    try:
-        if modname.endswith(".py") or "/" in modname or os.sep in modname:
-            path = Path(modname).expanduser()
-            if not path.exists():
-                raise OnnxPruneError(f"--torch {spec!r}: no such file {path}")
-            mspec = importlib.util.spec_from_file_location(f"onnxprune_user_model_{path.stem}", path)
-            mod = importlib.util.module_from_spec(mspec)
-            mspec.loader.exec_module(mod)
-        else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            mod = importlib.import_module(modname)
-    except OnnxPruneError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - user code
-        raise OnnxPruneError(f"--torch {spec!r}: cannot import {modname!r} ({type(exc).__name__}: "
-                             f"{(str(exc).splitlines() or [''])[0][:200]})") from None
-    factory = getattr(mod, fname, None)
-    if not callable(factory):
-        raise OnnxPruneError(f"--torch {spec!r}: {modname!r} has no callable {fname!r}")
+    factory = import_callable(modname, fname, f"--torch {spec!r}", namespace="onnxprune_user_model")
     try:
         module = factory()
     except Exception as exc:  # noqa: BLE001 - user code
