@@ -146,9 +146,9 @@ def test_run_resume_and_partial_rerun(tiny, tmp_path):
     # nothing changed: every step is taken from state.json
     rep2 = run_recipe(recipe, model, out)
     assert rep2["steps"]["executed"] == 0 and rep2["steps"]["skipped"] == first
-    # one point changed: only its prune/figures/evaluate/profile steps run
+    # one point changed: only its prune/figures/evaluate/profile/speedup-vs-dense steps run
     rep3 = run_recipe(recipe, model, out, overrides=["sweep.methods.0.points.0.ratio=0.25"])
-    assert rep3["steps"]["executed"] == 4
+    assert rep3["steps"]["executed"] == 5
     assert [p["id"] for p in rep3["points"]][0] == "l1-ratio0.25"
     # numbers: structured removes MACs, unstructured removes nonzeros, not MACs
     dense = rep["dense"]
@@ -156,6 +156,9 @@ def test_run_resume_and_partial_rerun(tiny, tmp_path):
     assert l1["macs"] < dense["macs"] and l1["params"] < dense["params"]
     assert mag["macs"] == dense["macs"] and mag["nonzero_params"] < dense["nonzero_params"]
     assert math.isclose(c3["compression_ratio"], 3.0, rel_tol=0.02)
+    # every point's speedup comes from timing it interleaved with the dense model
+    assert all(p["profiles"]["ci-cpu"][0]["speedup_timing"] == "interleaved" for p in rep["points"])
+    assert dense["profiles"]["ci-cpu"][0]["speedup_vs_dense"] == 1.0
     summary = mag["runs"][0]["prune"]
     assert math.isclose(summary["achieved_sparsity"], 0.6, abs_tol=1e-3)
 
@@ -290,3 +293,21 @@ def test_python_api_is_exposed_on_the_package(tiny):
     assert summary["output"] == str(d / "p.onnx") and onnxprune.inspect(d / "p.onnx")["sparsity"] > 0.3
     with pytest.raises(OnnxPruneError, match="method must be"):
         onnxprune.prune(model, method="pruned")
+
+
+def test_speedup_falls_back_to_separate_profiles_only_without_interleaved_timing():
+    from onnxprune.pipeline.aggregate import _profiles, set_speedups
+
+    def measured(p50, speedups=None):
+        rec = {"batch_size": 1, "backend": "ort-cpu", "provenance": "real", "latency_ms": {"p50": p50}}
+        return {"profiles": {"cpu": {"results": [rec]}}, "speedups": speedups or {}}
+
+    dense = {"profiles": _profiles([measured(2.0)])}
+    both = {"profiles": _profiles([measured(1.0, {"cpu": {"1": 1.2}}), measured(1.0, {"cpu": {"1": 1.4}})])}
+    one_seed_missing = {"profiles": _profiles([measured(1.0, {"cpu": {"1": 1.5}}), measured(0.5)])}
+    set_speedups([both, one_seed_missing], dense)
+    rec = both["profiles"]["cpu"][0]
+    assert rec["speedup_timing"] == "interleaved"
+    assert rec["speedup_vs_dense"] == pytest.approx(1.3)  # mean over seeds, not the separate 2.0 / 1.0
+    rec = one_seed_missing["profiles"]["cpu"][0]
+    assert (rec["speedup_vs_dense"], rec["speedup_timing"]) == (2.0 / 0.75, "separate")

@@ -50,7 +50,7 @@ def _profiles(measured: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str,
                 "throughput_per_s": _mean([r.get("throughput_per_s") for r in rs]),
                 "peak_rss_bytes": _mean([r.get("peak_rss_bytes") for r in rs]),
                 "gpu_memory_bytes": _mean([r.get("gpu_memory_bytes") for r in rs]),
-                "speedup_vs_dense": None,
+                **_interleaved_speedup(measured, name, batch),
                 "meets_latency_budget": first.get("meets_latency_budget") if len(rs) == 1 else
                 (all(r.get("meets_latency_budget") for r in rs) if first.get("meets_latency_budget") is not None else None),
                 "runs": first.get("runs"), "threads": first.get("threads"), "versions": first.get("versions", {}),
@@ -58,6 +58,14 @@ def _profiles(measured: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str,
             })
         out[name] = recs
     return out
+
+
+def _interleaved_speedup(measured: Sequence[Mapping[str, Any]], profile: str, batch: int) -> dict[str, Any]:
+    """Mean over seeds of the speedup timed interleaved with the dense model, when every seed has one."""
+    vals = [(m.get("speedups") or {}).get(profile, {}).get(str(batch)) for m in measured]
+    if vals and all(v is not None for v in vals):
+        return {"speedup_vs_dense": _mean(vals), "speedup_timing": "interleaved"}
+    return {"speedup_vs_dense": None, "speedup_timing": None}
 
 
 def make_point(pid: str, method: str, kind: str, settings: dict[str, Any], measured: Sequence[Mapping[str, Any]],
@@ -104,12 +112,16 @@ def _kind(stages: Sequence[Any]) -> str:
 
 
 def set_speedups(points: Sequence[dict[str, Any]], dense: Mapping[str, Any]) -> None:
+    """Where no interleaved speedup was measured: dense p50 / point p50 from their separate profiles."""
     for p in points:
         for name, recs in p["profiles"].items():
             base = {r["batch_size"]: r["latency_ms"].get("p50") for r in dense["profiles"].get(name, [])}
             for r in recs:
+                if r.get("speedup_vs_dense") is not None:
+                    continue
                 b = base.get(r["batch_size"])
                 r["speedup_vs_dense"] = b / r["latency_ms"]["p50"] if b and r["latency_ms"].get("p50") else None
+                r["speedup_timing"] = "separate" if r["speedup_vs_dense"] is not None else None
 
 
 def guidance(points: Sequence[Mapping[str, Any]], dense: Mapping[str, Any], profiles: Sequence[Any]) -> list[str]:

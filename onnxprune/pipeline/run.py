@@ -201,8 +201,9 @@ def _check_outdir(outdir: str | os.PathLike, model_path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ steps
 
-def _measure(ctx: Context, path: Path, label: str) -> dict[str, Any]:
-    """figures + evaluate + profile of one written model, each a cached step."""
+def _measure(ctx: Context, path: Path, label: str, dense: Path | None = None) -> dict[str, Any]:
+    """figures + evaluate + profile of one written model, each a cached step; with ``dense``, also its
+    speedup over the dense model timed interleaved with it on every profile."""
     ctx.progress.step(f"{label}: figures")
     figures = ctx.cache.run("figures", {}, lambda: steps.model_figures(path), inputs=[path])
     acc = None
@@ -217,7 +218,13 @@ def _measure(ctx: Context, path: Path, label: str) -> dict[str, Any]:
         cfg = {"profile": p.model_dump(), "memory": ctx.recipe.profiling.memory}
         profs[p.name] = ctx.cache.run("profile", cfg, lambda p=p: steps.profile(path, p, memory=ctx.recipe.profiling.memory),
                                       inputs=[path])
-    return {"figures": figures, "accuracy": acc, "profiles": profs}
+    speedups = {}
+    if dense is not None:
+        for p in ctx.profiles:
+            ctx.progress.step(f"{label}: interleaved with dense on {p.name}")
+            speedups[p.name] = ctx.cache.run("speedup-vs-dense", {"profile": p.model_dump()},
+                                             lambda p=p: steps.speedup_vs(dense, path, p), inputs=[dense, path])
+    return {"figures": figures, "accuracy": acc, "profiles": profs, "speedups": speedups}
 
 
 def dense_control(ctx: Context, model_path: Path) -> dict[str, Any]:
@@ -318,7 +325,7 @@ def run_one(ctx: Context, spec: RunSpec, dense: Path, sens: Mapping[str, Any] | 
 
             train_hist = ctx.cache.run("retrain", tkey, retrain_work, inputs=[pruned] + ([teacher] if teacher else []),
                                        outputs=[final])
-    measured = _measure(ctx, final, spec.id)
+    measured = _measure(ctx, final, spec.id, dense)
     return {"spec": spec, "path": final, "prune": prune_info, "train": train_hist, **measured}
 
 
@@ -391,7 +398,7 @@ def dense_finetune(ctx: Context, dense: Path, seed: int) -> dict[str, Any]:
 
     hist = ctx.cache.run("retrain", {"train": rt.model_dump(), "seed": seed, "data": ctx.data_desc, "dense": True}, work,
                          inputs=[dense], outputs=[final])
-    return {"seed": seed, "path": final, "train": hist, **_measure(ctx, final, f"dense-finetuned-s{seed}")}
+    return {"seed": seed, "path": final, "train": hist, **_measure(ctx, final, f"dense-finetuned-s{seed}", dense)}
 
 
 def _small_history(hist: Mapping[str, Any]) -> dict[str, Any]:

@@ -250,3 +250,11 @@ def profile(path: str | os.PathLike, hw_profile, *, batch_sizes: Sequence[int] |
             memory: bool = True) -> dict[str, Any]:
     prof = _need("..profiling", "hardware profiling")
     return prof.profile_model(path, [hw_profile], batch_sizes=batch_sizes, memory=memory)
+
+
+def speedup_vs(dense: str | os.PathLike, path: str | os.PathLike, hw_profile) -> dict[str, float]:
+    """Dense p50 / ``path`` p50 per batch size (keys are strings: JSON), timed interleaved (D P D P ...)
+    so drift on a busy machine hits both models alike; separate profiles can differ by 10% on their own."""
+    prof = _need("..profiling", "hardware profiling")
+    res = prof.compare_models(dense, path, hw_profile)
+    return {str(c["batch_size"]): c["ratios"]["speedup_p50"] for c in res["comparisons"]}

@@ -135,7 +135,8 @@ def _results(report: Mapping[str, Any]) -> list[Block]:
         rows.append(row)
     text = ("One row per operating point (seeds aggregated: mean ± std). compression = dense params / nonzero params; "
             "theor. speedup = dense MACs / MACs of nonzero weights (what a sparse kernel could skip); speedup = "
-            "measured dense p50 / point p50 on the profile (first batch size).")
+            "dense p50 / point p50 on the profile (first batch size), timed interleaved with the dense model (D P D P ...) "
+            "so machine drift hits both.")
     return [("h", 2, "Results"), ("p", text), ("table", headers, rows)]
 
 

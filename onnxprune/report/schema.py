@@ -40,7 +40,10 @@ A Measurement (means over seeds of what :func:`onnxprune.profiling.profile_model
 
     profile, batch_size, backend, precision, provider, provenance, latency_ms {p50, p90, p95, p99, mean, min, max, std},
     latency_p50_ms (Stat over seeds), throughput_per_s, peak_rss_bytes, gpu_memory_bytes,
-    speedup_vs_dense (dense p50 / this p50), meets_latency_budget, versions, notes
+    speedup_vs_dense (dense p50 / this p50), speedup_timing ("interleaved": both models timed in
+    alternation D P D P ... in one measurement, mean over seeds; "separate": from the two profiles,
+    where no interleaved timing exists; null for the dense model, 1.0 by definition), meets_latency_budget,
+    versions, notes
 
 The standard deviation is the sample standard deviation over seeds (0 with one seed).
 """
@@ -91,6 +94,7 @@ class Measurement(_M):
     peak_rss_bytes: float | None = None
     gpu_memory_bytes: float | None = None
     speedup_vs_dense: float | None = None
+    speedup_timing: Literal["interleaved", "separate"] | None = None
     meets_latency_budget: bool | None = None
     versions: dict[str, Any] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
