@@ -275,3 +275,33 @@ def test_model_that_cannot_run_on_the_inputs_is_one_line(tmp_path):
     code, out, err = run_cli("profile", path, "--hw", "ci-cpu", "--input-shape", "x=1x5", "--no-memory")
     assert code == 1 and out == "" and err.startswith("error:") and "cannot run" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_ort_error_text_keeps_the_reason_not_the_cpp_location():
+    from onnxprune.errors import ort_error_text
+
+    raw = ("[ONNXRuntimeError] : 1 : FAIL : Load model from /m/a b.onnx failed:/onnxruntime_src/onnxruntime/core/graph/"
+           "model.cc:256 onnxruntime::Model::Model(onnx::ModelProto&&, const PathString&, const logging::Logger&, "
+           "const ModelOptions&) Unsupported model IR version: 14, max supported IR version: 13\n")
+    assert ort_error_text(RuntimeError(raw)) == ("Load model from /m/a b.onnx failed: Unsupported model IR version: 14, "
+                                                 "max supported IR version: 13")
+    plain = "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: x"
+    assert ort_error_text(ValueError(plain)) == "Got invalid dimensions for input: x"
+    assert ort_error_text(RuntimeError("")) == "RuntimeError"
+
+
+def test_model_this_runtime_cannot_load_says_why_in_one_line(tmp_path):
+    """The newest IR version onnx writes, when the installed ONNX Runtime doesn't know it yet: the
+    reason reaches the user (it sits behind ORT's C++ source location in the raw message)."""
+    path = _big_matmul(tmp_path / "mm.onnx", n=8, width="k")
+    m = onnx.load(str(path))
+    m.ir_version = onnx.IR_VERSION
+    onnx.save(m, str(path))
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        pytest.skip(f"this ONNX Runtime loads IR version {onnx.IR_VERSION}, the newest onnx writes")
+    except Exception:  # noqa: BLE001 - the case under test
+        pass
+    code, out, err = run_cli("profile", path, "--hw", "ci-cpu", "--no-memory", "--input-shape", "x=1x8")
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1
+    assert f"IR version: {onnx.IR_VERSION}" in err and "onnxruntime_src" not in err, err

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..errors import OnnxPruneError
+from ..errors import OnnxPruneError, ort_error_text
 from ..model_io import PROTOBUF_LIMIT
 from ..prepare import resolve_input_shapes
 from ..shapes import graph_inputs
@@ -78,7 +78,7 @@ def ort_session(model: onnx.ModelProto, *, optimize: bool = True):
                 return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT's errors are many types; the message is what matters
-        raise OnnxPruneError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from exc
+        raise OnnxPruneError(f"ONNX Runtime cannot load the model: {ort_error_text(exc)}") from exc
 
 
 def compare(ours: Any, ref: np.ndarray, rtol: float, atol: float) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..errors import OnnxPruneError
+from ..errors import OnnxPruneError, ort_error_text
 from .core import DatasetSplits, load_dataset
 
 
@@ -35,7 +35,7 @@ def _session(model_or_path: "str | os.PathLike | onnx.ModelProto", providers: Se
         raise
     except Exception as exc:  # noqa: BLE001 - ORT raises assorted types for unrunnable models
         label = "model" if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
-        raise OnnxPruneError(f"{label}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+        raise OnnxPruneError(f"{label}: ONNX Runtime cannot load it ({ort_error_text(exc)})") from None
 
 
 _ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}

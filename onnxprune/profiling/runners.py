@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import onnx
 
-from ..errors import OnnxPruneError, UnavailableError
+from ..errors import OnnxPruneError, UnavailableError, ort_error_text
 from ..shapes import _shape_of, graph_inputs
 from .hw_profile import HwProfile
 from .provider import ORT_PROVIDER, check_active_provider, require_ort_provider
@@ -157,8 +157,7 @@ def ort_session(path: str | os.PathLike, profile: HwProfile, *, arena: bool = Tr
     try:
         sess = ort.InferenceSession(str(path), so, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise OnnxPruneError(f"{path}: ONNX Runtime cannot load the model ({msg})") from exc
+        raise OnnxPruneError(f"{path}: ONNX Runtime cannot load the model ({ort_error_text(exc)})") from exc
     check_active_provider(sess, provider, f"profile {profile.name!r}")
     return sess
 

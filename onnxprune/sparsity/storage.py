@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..errors import ort_error_text
 from ..model_io import PROTOBUF_LIMIT, model_files
 
 #: gzip level used for the reported compressed size (gzip's own default).
@@ -94,7 +95,7 @@ def to_sparse_storage(model: onnx.ModelProto, names: Iterable[str]) -> tuple[onn
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - any load failure means: keep dense
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+        first = ort_error_text(exc, 200)
         return model, [], [f"sparse storage: ONNX Runtime cannot load this model with sparse initializers ({first}); "
                            "kept dense storage"]
     return m, moved, [f"sparse storage: {len(moved)} weight(s) stored as sparse initializers "
