@@ -13,7 +13,7 @@ import onnx
 
 from .graph import opset_of
 from .macs import MAC_RULES, macs_by_node
-from .model_io import file_bytes
+from .model_io import file_bytes, proto_bytes
 from .params import count_params, parameter_names
 from .prepare import Prepared, prepare
 from .shapes import format_shape
@@ -69,7 +69,7 @@ def inspect_prepared(p: Prepared) -> dict[str, Any]:
     original_inputs = [i for i in p.model.graph.input if i.name not in view.initializers]
     return {
         "model": str(p.path) if p.path else None,
-        "file_bytes": file_bytes(p.path) if p.path else p.original.ByteSize(),
+        "file_bytes": file_bytes(p.path) if p.path else proto_bytes(p.original),
         "opset": opset_of(p.original),
         "ir_version": int(p.original.ir_version),
         "producer": f"{p.original.producer_name} {p.original.producer_version}".strip(),

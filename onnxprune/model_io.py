@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import OnnxPruneError
 
@@ -147,12 +147,50 @@ def file_bytes(path: str | os.PathLike) -> int:
 
 
 def _save(model: onnx.ModelProto, path: Path, external_name: str | None = None) -> None:
-    if model.ByteSize() > PROTOBUF_LIMIT or _uses_external_data(model):
+    if proto_bytes(model) > PROTOBUF_LIMIT or _uses_external_data(model):
         model = _copy(model)  # onnx's external-data save rewrites the proto in place
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=external_name or (path.name + ".data"), size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
+
+
+def proto_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size of ``model``. Protobuf refuses to count a message over 2 GB (EncodeError), so
+    a model that large is counted as its weight-free part plus each weight (exact to a few bytes a weight)."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        pass
+    return without_initializers(model).ByteSize() + sum(_tensor_bytes(t) for t in model.graph.initializer)
+
+
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without its initializers, made without copying (or serializing) the weights."""
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip="graph")
+    _copy_fields(model.graph, light.graph, skip="initializer")
+    return light
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED  # protobuf 6.x / older
+        if repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    try:
+        return t.ByteSize() + 6  # + field tag and length prefix
+    except EncodeError:  # one tensor over 2 GB: its raw bytes dominate
+        return len(t.raw_data) + len(t.name) + 11 * len(t.dims) + 16
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

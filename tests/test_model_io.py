@@ -9,7 +9,9 @@ import onnx_graphs
 import zoo
 from cli_util import run_cli
 from onnxprune.errors import OnnxPruneError
-from onnxprune.model_io import atomic_path, load_model, refuse_overwrite_input, save_model
+from onnxprune import model_io
+from onnxprune.model_io import (atomic_path, load_model, model_files, proto_bytes, refuse_overwrite_input, save_model,
+                                without_initializers)
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +112,34 @@ def test_missing_optional_package_is_exit_3(monkeypatch, tmp_path, good):
     code, out, err = run_cli("finetune", good, "-o", tmp_path / "x.onnx", "--data", "digits")
     assert code == 3 and "onnxprune[train]" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_proto_bytes_and_the_weight_free_copy():
+    """Over 2 GB protobuf cannot count a model (EncodeError); the weight-free copy plus each weight
+    is what onnxprune counts then: everything but the initializers survives it, and the sum is
+    within a few bytes per weight of protobuf's own count."""
+    m = onnx_graphs.constant_subgraph_weights()
+    m.doc_string = "kept"
+    m.metadata_props.add(key="k", value="v")
+    assert proto_bytes(m) == m.ByteSize()
+    light = without_initializers(m)
+    assert len(light.graph.initializer) == 0 and light.doc_string == "kept" and light.metadata_props[0].value == "v"
+    rebuilt = onnx.ModelProto()
+    rebuilt.CopyFrom(light)
+    rebuilt.graph.initializer.extend(m.graph.initializer)
+    assert rebuilt.SerializeToString() == m.SerializeToString()
+    counted = light.ByteSize() + sum(model_io._tensor_bytes(t) for t in m.graph.initializer)
+    assert 0 <= counted - m.ByteSize() <= 6 * len(m.graph.initializer)
+
+
+def test_save_model_over_the_limit_writes_external_data(tmp_path, monkeypatch, good):
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 200)  # as if the model were over 2 GB
+    m = onnx.load(str(good))
+    before = m.SerializeToString()
+    out = save_model(m, tmp_path / "big.onnx")
+    assert [p.name for p in model_files(out)] == ["big.onnx", "big.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]  # no temp files left
+    assert m.SerializeToString() == before  # the caller's model keeps its weights inline
+    back = load_model(out)
+    assert {t.name: t.raw_data or t.SerializeToString() for t in back.graph.initializer} == \
+        {t.name: t.raw_data or t.SerializeToString() for t in onnx.load_from_string(before).graph.initializer}

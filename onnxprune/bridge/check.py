@@ -20,7 +20,7 @@ import onnx
 import torch
 
 from ..errors import OnnxPruneError, ort_error_text
-from ..model_io import PROTOBUF_LIMIT
+from ..model_io import PROTOBUF_LIMIT, proto_bytes
 from ..prepare import resolve_input_shapes
 from ..shapes import graph_inputs
 from .module import BridgeRuntimeError, OnnxModule
@@ -71,7 +71,7 @@ def ort_session(model: onnx.ModelProto, *, optimize: bool = True):
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
+        if proto_bytes(model) > PROTOBUF_LIMIT:
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "m.onnx")
                 onnx.save_model(model, path, save_as_external_data=True, location="m.data")

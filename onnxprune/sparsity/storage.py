@@ -20,7 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ort_error_text
-from ..model_io import PROTOBUF_LIMIT, model_files
+from ..model_io import PROTOBUF_LIMIT, model_files, proto_bytes, without_initializers
 
 #: gzip level used for the reported compressed size (gzip's own default).
 GZIP_LEVEL = 6
@@ -86,7 +86,7 @@ def to_sparse_storage(model: onnx.ModelProto, names: Iterable[str]) -> tuple[onn
                            "(needs roughly < 1/3 nonzero for float32); kept dense"]
     del m.graph.initializer[:]
     m.graph.initializer.extend(keep)
-    if m.ByteSize() > PROTOBUF_LIMIT:
+    if proto_bytes(m) > PROTOBUF_LIMIT:
         return model, [], ["sparse storage: model over 2 GB, kept dense storage with external data"]
     try:
         import onnxruntime as ort
@@ -104,8 +104,9 @@ def to_sparse_storage(model: onnx.ModelProto, names: Iterable[str]) -> tuple[onn
 
 def serialized_sizes(model: onnx.ModelProto) -> tuple[int, int]:
     """``(bytes, gzip bytes)`` of the serialized model (in memory, gzip level 6)."""
-    if model.ByteSize() > PROTOBUF_LIMIT:
-        return int(model.ByteSize()), _gzip_size_stream(_tensor_chunks(model))
+    size = proto_bytes(model)
+    if size > PROTOBUF_LIMIT:
+        return size, _gzip_size_stream(_tensor_chunks(model))
     data = model.SerializeToString()
     return len(data), len(gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0))
 
@@ -144,10 +145,6 @@ def _gzip_size_stream(chunks: Iterable[bytes]) -> int:
 
 def _tensor_chunks(model: onnx.ModelProto) -> Iterable[bytes]:
     """An approximation of a huge model's bytes: its graph without weights, then each weight's raw data."""
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    del skeleton.graph.initializer[:]
-    yield skeleton.SerializeToString()
-    del skeleton
+    yield without_initializers(model).SerializeToString()
     for t in model.graph.initializer:
         yield t.SerializeToString()
