@@ -47,6 +47,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True, load_external_dat
     if model.ir_version == 0 or not model.opset_import:
         raise OnnxPruneError(f"{p}: not an ONNX model (missing ir_version or opset_import)")
     _check_domains(model, p)
+    _remember_files(p, model)
     if load_external_data and _uses_external_data(model):
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
@@ -125,19 +126,44 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 
 def model_files(path: str | os.PathLike) -> list[Path]:
-    """The model file followed by the external data files it references (those that exist)."""
+    """The model file followed by the external data files it references (those that exist).
+
+    Finding them means parsing the model file (seconds for a large one); :func:`load_model`
+    records what it found, so asking again about a file it loaded costs nothing."""
     p = Path(path)
-    files = [p]
+    key = _file_key(p)
+    if key in _FILES_SEEN:
+        return list(_FILES_SEEN[key])
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception:  # noqa: BLE001 - an unreadable file is still one file
-        return files
+        return [p]
+    return _remember_files(p, model)
+
+
+_FILES_SEEN: dict[tuple, list[Path]] = {}
+
+
+def _file_key(p: Path) -> tuple | None:
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return (str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _remember_files(p: Path, model: onnx.ModelProto) -> list[Path]:
+    """``p`` and the existing external data files ``model`` (loaded from ``p``, data not yet read) names."""
+    files = [p]
     for t in onnx.external_data_helper._get_all_tensors(model):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             loc = next((e.value for e in t.external_data if e.key == "location"), None)
             f = p.parent / loc if loc else None
             if f is not None and f not in files and f.exists():
                 files.append(f)
+    key = _file_key(p)
+    if key is not None:
+        _FILES_SEEN[key] = list(files)
     return files
 
 

@@ -80,3 +80,20 @@ def test_masks_of_and_apply(mlp_path):
     assert masks_of(onnx.load(str(mlp_path))) == {}  # a dense model needs no masks
     sparse = prune_unstructured(mlp_path, sparsity=0.9, sparse_storage=True).model
     assert set(masks_of(sparse)) == {x["weight"] for x in res.summary["layers"]}
+
+
+def test_gzip_size_of_a_large_stream_is_a_multi_member_gzip(monkeypatch):
+    """Large streams are compressed in parallel members; the size is that of a real .gz file."""
+    from onnxprune.sparsity import storage
+
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal(40_000).astype(np.float32) * (rng.random(40_000) < 0.3)).tobytes()
+    one = len(gzip.compress(data, compresslevel=6, mtime=0))
+    assert storage._gzip_size_stream([data[:1000], data[1000:]]) == one  # one member below the block size
+    monkeypatch.setattr(storage, "GZIP_MEMBER_BYTES", 30_000)
+    blocks = [data[i:i + 30_000] for i in range(0, len(data), 30_000)]
+    members = b"".join(gzip.compress(b, compresslevel=6, mtime=0) for b in blocks)
+    assert gzip.decompress(members) == data  # concatenated members are one valid gzip file
+    assert storage._gzip_size_stream(iter([data[:7], data[7:70_001], data[70_001:]])) == len(members)
+    assert abs(len(members) - one) / one < 0.02
+    assert storage._gzip_size_stream([]) == len(gzip.compress(b"", compresslevel=6, mtime=0))
