@@ -11,6 +11,7 @@ Runtime before it is returned, and kept dense if that fails.
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -133,15 +134,18 @@ def _gzip_size_stream(chunks: Iterable[bytes]) -> int:
     (zlib releases the GIL; gzip level 6 runs at tens of MB/s, minutes for a multi-GB model). A
     multi-member file is valid gzip and within ~0.01% of a one-member one; data up to 16 MiB is one
     member, byte for byte what ``gzip.compress`` gives."""
+    blocks = _blocks(chunks, GZIP_MEMBER_BYTES)
+    first = next(blocks, b"")
+    second = next(blocks, None)
+    if second is None:  # one member: no threads
+        return _gzip_len(first)
     workers = os.cpu_count() or 1
     total, pending = 0, deque()
     with ThreadPoolExecutor(workers) as pool:
-        for block in _blocks(chunks, GZIP_MEMBER_BYTES):
+        for block in itertools.chain([first, second], blocks):
             pending.append(pool.submit(_gzip_len, block))
             if len(pending) > 2 * workers:  # bounded memory: a few blocks in flight
                 total += pending.popleft().result()
-        if not pending and total == 0:
-            return _gzip_len(b"")
         return total + sum(f.result() for f in pending)
 
 
