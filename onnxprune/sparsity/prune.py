@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from ..errors import OnnxPruneError
 from ..guidance import speedup_guidance
-from ..model_io import load_model
+from ..model_io import load_model, without_initializers
 from ..params import count_params
 from ..prepare import Prepared, prepare
 from ..pruning_result import PruneResult
@@ -171,11 +171,10 @@ def _write_weights(original: onnx.ModelProto, p: Prepared, new: Mapping[str, np.
                        and orig_inits[name].data_type == p.view.initializers[name].data_type
                        for name, arr in new.items())
     base = original if use_original else p.model
-    out = onnx.ModelProto()
-    out.CopyFrom(base)
-    for t in out.graph.initializer:
-        if t.name in new:
-            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new[t.name]), t.name))
+    out = without_initializers(base)  # then each weight once: a replaced one is never copied first
+    for t in base.graph.initializer:
+        out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(new[t.name]), t.name)
+                                     if t.name in new else t)
     return out
 
 
