@@ -42,13 +42,31 @@ class GraphView:
     def is_const(self, name: str) -> bool:
         return name in self.initializers
 
-    def const(self, name: str) -> np.ndarray | None:
-        """The initializer ``name`` as a numpy array (cached), or None when it is not a constant."""
+    def const(self, name: str, *, cache: bool = True) -> np.ndarray | None:
+        """The initializer ``name`` as a numpy array, or None when it is not a constant.
+
+        Cached, so passes that revisit weights decode them once; ``cache=False`` for a one-pass read
+        (counting): decoding every weight into the cache would hold a second copy of the model.
+        """
         if name not in self.initializers:
             return None
-        if name not in self._arrays:
-            self._arrays[name] = numpy_helper.to_array(self.initializers[name])
-        return self._arrays[name]
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = numpy_helper.to_array(self.initializers[name])
+            if cache:
+                self._arrays[name] = arr
+        return arr
+
+    def forget_arrays(self) -> None:
+        """Drop the decoded-array cache (the initializers stay): for callers done with the weights."""
+        self._arrays.clear()
+
+    def const_size(self, name: str) -> int:
+        """Element count of the initializer ``name`` (from its dims: nothing decoded)."""
+        n = 1
+        for d in self.initializers[name].dims:
+            n *= int(d)
+        return n
 
     def shape(self, name: str) -> Shape | None:
         return self.shapes.get(name)

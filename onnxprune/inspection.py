@@ -55,13 +55,13 @@ def inspect_prepared(p: Prepared) -> dict[str, Any]:
             macs_complete = False
         else:
             total_macs += m
-        node_params = sum(int(view.const(i).size) for i in dict.fromkeys(node.input) if i in param_set)
+        node_params = sum(view.const_size(i) for i in dict.fromkeys(node.input) if i in param_set)
         entry: dict[str, Any] = {
             "name": node.name, "op_type": node.op_type, "macs": m, "params": node_params,
             "output_shape": format_shape(view.shape(node.output[0])) if node.output else None,
         }
         if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in param_set:
-            w = view.const(node.input[1])
+            w = view.const(node.input[1], cache=False)
             entry["weight"] = node.input[1]
             entry["sparsity"] = float(1.0 - np.count_nonzero(w) / max(w.size, 1))
             entry["nm"] = _nm_status(node, w)

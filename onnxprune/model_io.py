@@ -191,6 +191,22 @@ def proto_bytes(model: onnx.ModelProto) -> int:
     return without_initializers(model).ByteSize() + sum(_tensor_bytes(t) for t in model.graph.initializer)
 
 
+def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
+    """A checked model file's graph without its weights (an external data file is not even read).
+
+    For what needs only the nodes and the real inputs (making feeds, naming kernels) while ONNX
+    Runtime holds the weights itself: a second copy of a large model is what runs out of memory.
+    Weights listed as graph inputs (IR < 4) are dropped from the inputs with their values.
+    """
+    model = load_model(path, load_external_data=False)
+    light = without_initializers(model)
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [i for i in light.graph.input if i.name not in weights]
+    del light.graph.input[:]
+    light.graph.input.extend(inputs)
+    return light
+
+
 def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` without its initializers, made without copying (or serializing) the weights."""
     light = onnx.ModelProto()

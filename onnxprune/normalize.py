@@ -25,14 +25,17 @@ NO_FOLD = {
 MAX_FOLDED_ELEMENTS = 1 << 26
 
 
-def normalize(model: onnx.ModelProto, *, fold_bn: bool = False) -> onnx.ModelProto:
+def normalize(model: onnx.ModelProto, *, fold_bn: bool = False, inplace: bool = False) -> onnx.ModelProto:
     """Return a normalized copy of ``model``: weights as initializers, no-ops removed, shapes inferred.
 
     ``fold_bn`` folds a BatchNormalization into the Conv feeding it (off by default: batch-norm
-    scales are an importance criterion and a channel-coupled op the pruner uses).
+    scales are an importance criterion and a channel-coupled op the pruner uses). ``inplace``
+    normalizes ``model`` itself, for callers that own it: a copy doubles the weights in memory.
     """
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = model
+    if not inplace:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
     _name_nodes(m)
     _densify_sparse_initializers(m)
     _drop_initializer_inputs(m)

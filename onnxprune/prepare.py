@@ -14,9 +14,9 @@ import onnx
 
 from .errors import OnnxPruneError
 from .graph import GraphView, build_view
-from .model_io import load_model
+from .model_io import load_model, without_initializers
 from .normalize import normalize
-from .shapes import fix_input_shapes, graph_inputs
+from .shapes import declares_shapes, fix_input_shapes, graph_inputs
 
 
 @dataclass
@@ -24,9 +24,9 @@ class Prepared:
     """A normalized model, its index with concrete shapes where possible, and what was assumed."""
 
     path: Path | None
-    original: onnx.ModelProto
+    original: onnx.ModelProto  # as given; for a file, its graph without the weights (those are in ``model``)
     model: onnx.ModelProto  # normalized, input shapes as in the file (dynamic dims kept)
-    view: GraphView  # over a copy with input shapes fixed (for MACs and rewrites)
+    view: GraphView  # with input shapes fixed (over a copy, or over ``model`` when they already are)
     concrete_shapes: dict[str, tuple[int, ...]]
     notes: list[str] = field(default_factory=list)
 
@@ -67,14 +67,23 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple[i
 
 def prepare(source: str | os.PathLike | onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
             *, fold_bn: bool = False) -> Prepared:
-    """Load (when given a path), normalize and index a model."""
+    """Load (when given a path), normalize and index a model.
+
+    A model loaded here is normalized in place, and one whose input shapes are already concrete is
+    indexed as is: each copy would hold all the weights again (gigabytes for a large model).
+    """
     path = None
     if isinstance(source, onnx.ModelProto):
         original = source
+        model = normalize(original, fold_bn=fold_bn)
     else:
         path = Path(source)
-        original = load_model(path)
-    model = normalize(original, fold_bn=fold_bn)
+        loaded = load_model(path)
+        original = without_initializers(loaded)
+        model = normalize(loaded, fold_bn=fold_bn, inplace=True)
     shapes, notes = resolve_input_shapes(model, input_shapes)
-    view = build_view(fix_input_shapes(model, shapes), inplace=True) if shapes else build_view(model)
+    if declares_shapes(model, shapes):
+        view = build_view(model, infer=False)  # normalize has just inferred its shapes
+    else:
+        view = build_view(fix_input_shapes(model, shapes), inplace=True)
     return Prepared(path=path, original=original, model=model, view=view, concrete_shapes=shapes, notes=notes)

@@ -41,6 +41,19 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
+def declares_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """True when every named input already has exactly these static dims (fixing them would copy
+    the whole model, weights included, for nothing)."""
+    inputs = {i.name: i for i in graph_inputs(model)}
+    for name, dims in shapes.items():
+        tt = inputs[name].type.tensor_type if name in inputs else None
+        if tt is None or not tt.HasField("shape") or len(tt.shape.dim) != len(dims):
+            return False
+        if any(not d.HasField("dim_value") or d.dim_value != v for d, v in zip(tt.shape.dim, dims)):
+            return False
+    return True
+
+
 def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto:
     """Return a copy of ``model`` whose named inputs have the given concrete shapes.
 

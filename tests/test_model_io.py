@@ -10,7 +10,7 @@ import zoo
 from cli_util import run_cli
 from onnxprune.errors import OnnxPruneError
 from onnxprune import model_io
-from onnxprune.model_io import (atomic_path, load_model, model_files, proto_bytes, refuse_overwrite_input, save_model,
+from onnxprune.model_io import (atomic_path, load_graph, load_model, model_files, proto_bytes, refuse_overwrite_input, save_model,
                                 without_initializers)
 
 
@@ -143,3 +143,25 @@ def test_save_model_over_the_limit_writes_external_data(tmp_path, monkeypatch, g
     back = load_model(out)
     assert {t.name: t.raw_data or t.SerializeToString() for t in back.graph.initializer} == \
         {t.name: t.raw_data or t.SerializeToString() for t in onnx.load_from_string(before).graph.initializer}
+
+
+def test_load_graph_reads_no_weights(tmp_path, monkeypatch, good):
+    """Profiling keeps only the graph and the real inputs in memory (ONNX Runtime holds the weights):
+    the external data file is not read at all, and weights that old exporters list as inputs are not
+    taken for inputs to feed."""
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 200)
+    full = onnx.load(str(good))
+    out = save_model(full, tmp_path / "ext.onnx")
+    (tmp_path / "ext.onnx.data").unlink()
+    light = load_graph(out)
+    assert len(light.graph.initializer) == 0
+    assert [n.name for n in light.graph.node] == [n.name for n in full.graph.node]
+    assert [i.name for i in light.graph.input] == [i.name for i in full.graph.input if i.name not in
+                                                   {t.name for t in full.graph.initializer}]
+
+    legacy = onnx_graphs.opset9_legacy()
+    weights = [t.name for t in legacy.graph.initializer]
+    assert set(weights) <= {i.name for i in legacy.graph.input}  # IR 3: weights are graph inputs too
+    onnx.save(legacy, str(tmp_path / "legacy.onnx"))
+    assert [i.name for i in load_graph(tmp_path / "legacy.onnx").graph.input] == \
+        [i.name for i in legacy.graph.input if i.name not in weights]

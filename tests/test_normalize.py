@@ -133,3 +133,29 @@ def test_sparse_initializers_are_densified(tmp_path):
     assert sparse_info["params"] == dense_info["params"]
     assert sparse_info["nonzero_params"] == dense_info["nonzero_params"] < dense_info["params"]
     assert_same_outputs(model, normalize(sparse), random_feeds(model))
+
+
+@pytest.mark.parametrize("name", ["constant_subgraph_weights", "dynamic_dims"])
+def test_prepare_from_a_file_holds_the_weights_once(name, tmp_path):
+    """A file prepare loads itself is normalized in place (its ``original`` keeps the file's graph
+    and metadata, not a second set of weights), and a model whose input shapes are already concrete
+    is indexed without a shape-fixed copy. Either copy would double a large model's memory."""
+    from onnxprune.prepare import prepare
+
+    model = HELPER_MODELS[name]()
+    path = tmp_path / "m.onnx"
+    save_model(model, path)
+    before = path.read_bytes()
+    shapes = {"x": (2, 3, 8, 8)} if name == "dynamic_dims" else None
+    p = prepare(path, shapes)
+    assert len(p.original.graph.initializer) == 0
+    assert [n.op_type for n in p.original.graph.node] == [n.op_type for n in model.graph.node]
+    assert p.original.opset_import == model.opset_import
+    assert p.model.graph.initializer  # the weights live here, once
+    if name == "dynamic_dims":  # symbolic dims are fixed on a copy; the normalized model keeps them
+        assert p.view.model is not p.model and p.view.shape("x") == (2, 3, 8, 8)
+        assert p.model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    else:
+        assert p.view.model is p.model
+    assert_same_outputs(model, p.model, random_feeds(model, shapes))
+    assert path.read_bytes() == before

@@ -259,3 +259,36 @@ def test_input_model_is_not_modified():
     before = model.SerializeToString()
     prune_unstructured(model, sparsity=0.7)
     assert model.SerializeToString() == before
+
+
+def _reference_global_masks(scores, k, caps):
+    """The ranking as one concatenated array (what global_masks did before it stopped copying scores)."""
+    from onnxprune.sparsity.allocate import lowest
+
+    flat = np.concatenate([s.reshape(-1) for s in scores])
+    allowed = np.concatenate([lowest(s.reshape(-1), cap) for s, cap in zip(scores, caps)])
+    candidates = np.flatnonzero(allowed)
+    keep = np.ones(flat.size, dtype=bool)
+    keep[candidates[lowest(flat[candidates], k)]] = False
+    return np.split(keep, np.cumsum([s.size for s in scores])[:-1])
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_global_masks_match_one_concatenated_ranking(seed):
+    """Many ties (few distinct values, -inf for zeros), several layers, with and without MT floors, at
+    every sparsity from nothing to the most the floors allow: the same weights as one ranking over
+    all layers, ties going to earlier layers and lower positions."""
+    from onnxprune.sparsity.allocate import floors, global_masks
+
+    rng = np.random.default_rng(seed)
+    scores = [rng.integers(0, 4, size=rng.integers(1, 40)).astype(np.float32) for _ in range(rng.integers(1, 5))]
+    scores[0][: scores[0].size // 3] = -np.inf
+    sizes = [s.size for s in scores]
+    for mt in (0.0, 0.3):
+        caps = [n - f for n, f in zip(sizes, floors(sizes, mt))]
+        for sparsity in np.linspace(0, sum(caps) / sum(sizes), 9):
+            k = int(round(sparsity * sum(sizes)))
+            got = global_masks([s.copy() for s in scores], float(sparsity), mt)
+            want = _reference_global_masks(scores, k, caps)
+            assert [g.tolist() for g in got] == [w.tolist() for w in want], (mt, sparsity)
+            assert sum(int((~g).sum()) for g in got) == k

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 
 from ..errors import OnnxPruneError
 from ..inspection import inspect_model
-from ..model_io import load_model
+from ..model_io import load_graph
 from .environment import effective_provenance, effective_threads, thread_notes, versions
 from .hw_profile import HwProfile, load_hw_profile
 from .measure import Timing, cpu_affinity, measure, measure_interleaved
@@ -140,7 +140,7 @@ def profile_model(path: str | os.PathLike, profiles: ProfileArg | Iterable[Profi
     for prof in profs:
         check_available(prof)
     batch_sizes = _explicit_batches(batch_sizes, input_shapes)
-    model = load_model(path)
+    model = load_graph(path)  # inputs only: ONNX Runtime holds the weights
     figures = _ModelFigures(path)
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
@@ -199,7 +199,7 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike, profile: ProfileA
     check_available(prof)
     batch_sizes = _explicit_batches(batch_sizes, input_shapes)
     pa, pb = Path(a), Path(b)
-    ma, mb = load_model(pa), load_model(pb)
+    ma, mb = load_graph(pa), load_graph(pb)
     fa, fb = _ModelFigures(pa), _ModelFigures(pb)
     context = _profile_context(prof)
     comparisons, skipped = [], []

@@ -54,15 +54,38 @@ def global_masks(scores: Sequence[np.ndarray], sparsity: float, min_threshold: f
         raise OnnxPruneError(
             f"sparsity {sparsity:g} cannot be reached while every layer keeps at least {min_threshold:g} of its "
             f"weights (at most {sum(caps) / max(total, 1):.4f}); lower --sparsity or --min-threshold")
-    flat = np.concatenate([s.reshape(-1) for s in scores]) if scores else np.zeros(0)
-    if all(cap == n for cap, n in zip(caps, sizes)):
-        return _split(~lowest(flat, k), scores)
+    flats = [s.reshape(-1) for s in scores]
     # MT: a layer may only lose its `cap` lowest; the global ranking runs over what is left
-    allowed = np.concatenate([lowest(s.reshape(-1), cap) for s, cap in zip(scores, caps)])
-    candidates = np.flatnonzero(allowed)
-    keep = np.ones(flat.size, dtype=bool)
-    keep[candidates[lowest(flat[candidates], k)]] = False
-    return _split(keep, scores)
+    allowed = [None if cap == n else lowest(f, cap) for f, cap, n in zip(flats, caps, sizes)]
+    return [~m.reshape(s.shape) for m, s in zip(lowest_across(flats, allowed, k), scores)]
+
+
+def lowest_across(flats: Sequence[np.ndarray], allowed: Sequence[np.ndarray | None], k: int) -> list[np.ndarray]:
+    """Per-layer bool masks of the ``k`` lowest scores among every layer's ``allowed`` entries (None:
+    all), ties going to earlier layers, then lower positions: :func:`lowest` on the concatenation,
+    but only the threshold search copies the scores (a large model's scores are gigabytes)."""
+    pool = np.concatenate([f if a is None else f[a] for f, a in zip(flats, allowed)]) if flats else np.zeros(0)
+    if k <= 0 or k >= pool.size:
+        fill = k > 0
+        return [np.full(f.size, fill) if a is None or not fill else a.copy() for f, a in zip(flats, allowed)]
+    pool.partition(k - 1)  # in place: the pool is ours
+    t = pool[k - 1]
+    del pool
+    masks = []
+    for f, a in zip(flats, allowed):
+        m = f < t
+        if a is not None:
+            m &= a
+        masks.append(m)
+    missing = k - sum(int(np.count_nonzero(m)) for m in masks)
+    for f, a, m in zip(flats, allowed, masks):
+        if missing <= 0:
+            break
+        tied = (f == t) if a is None else (f == t) & a
+        take = np.flatnonzero(tied)[:missing]
+        m[take] = True
+        missing -= take.size
+    return masks
 
 
 def layer_masks(scores: Sequence[np.ndarray], sparsity: float, min_threshold: float = 0.0) -> list[np.ndarray]:
@@ -76,11 +99,3 @@ def layer_masks(scores: Sequence[np.ndarray], sparsity: float, min_threshold: fl
         k = min(int(round(sparsity * n)), n - floor)
         masks.append(~lowest(s.reshape(-1), k).reshape(s.shape))
     return masks
-
-
-def _split(flat_keep: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray]:
-    out, offset = [], 0
-    for s in like:
-        out.append(flat_keep[offset:offset + s.size].reshape(s.shape))
-        offset += s.size
-    return out

@@ -61,22 +61,27 @@ def prune_unstructured(source: Source, *, sparsity: float, scope: str = "global"
         keeps = global_masks(scores, sparsity, min_threshold)
     else:
         keeps = layer_masks(scores, sparsity, min_threshold)
+    del scores  # each of these is as large as the model: drop it once used
     new = [np.where(k, w, np.zeros((), dtype=w.dtype)) for k, w in zip(keeps, weights)]
-    model = _write_weights(original, p, {pw.weight: a for pw, a in zip(prunable, new)})
+    del keeps
+    nonzero_before = _release(p, weights)
     summary: dict[str, Any] = {
         "method": "unstructured", "criterion": criterion, "scope": scope, "min_threshold": min_threshold,
         "seed": int(seed), "target_sparsity": sparsity,
     }
-    notes: list[str] = []
-    if scope == "global" and min_threshold == 0:
-        collapsed = [pw.node for pw, a in zip(prunable, new) if not np.count_nonzero(a)]
-        if collapsed:
-            notes.append(f"{len(collapsed)} layer(s) lost every weight ({', '.join(collapsed[:5])}); the model's output "
-                         "no longer depends on them: use --min-threshold to keep a floor per layer")
     floor_by_weight = dict(zip((pw.weight for pw in prunable), floors([pw.size for pw in prunable], min_threshold)))
     layers = [dict(_layer_entry(pw, a), **({"min_kept": floor_by_weight[pw.weight]} if min_threshold > 0 else {}))
               for pw, a in zip(prunable, new)]
-    return _finish(model, p, prunable, weights, new, summary, layers, excluded, [], notes, sparse_storage,
+    notes: list[str] = []
+    if scope == "global" and min_threshold == 0:
+        collapsed = [layer["node"] for layer in layers if not layer["nonzero"]]
+        if collapsed:
+            notes.append(f"{len(collapsed)} layer(s) lost every weight ({', '.join(collapsed[:5])}); the model's output "
+                         "no longer depends on them: use --min-threshold to keep a floor per layer")
+    replaced = {pw.weight: a for pw, a in zip(prunable, new)}
+    del new
+    model = _write_weights(original, p, replaced)
+    return _finish(model, p, prunable, nonzero_before, summary, layers, excluded, [], notes, sparse_storage,
                    speedup_guidance("unstructured", backend, gpu_compute_capability), measure_size,
                    target_zeros=sparsity * sum(pw.size for pw in prunable))
 
@@ -103,10 +108,13 @@ def prune_nm(source: Source, *, n: int, m: int, exclude_first: bool = False, exc
             skipped.append({"node": pw.node, "weight": pw.weight, "reason": why})
         new.append(a)
         layers.append(dict(_layer_entry(pw, a), nm_ok=why is None and satisfies_nm(a, n, m, pw.reduction_axis)))
-    model = _write_weights(original, p, {pw.weight: a for pw, a, s in zip(prunable, new, layers) if s["nm_ok"]})
-    eligible = [pw for pw, s in zip(prunable, layers) if s["nm_ok"]]
-    eligible_size = sum(pw.size for pw in eligible)
-    eligible_zeros = sum(int(a.size - np.count_nonzero(a)) for a, s in zip(new, layers) if s["nm_ok"])
+    nonzero_before = _release(p, weights)
+    replaced = {pw.weight: a for pw, a, s in zip(prunable, new, layers) if s["nm_ok"]}
+    del new
+    model = _write_weights(original, p, replaced)
+    eligible = [(pw, s) for pw, s in zip(prunable, layers) if s["nm_ok"]]
+    eligible_size = sum(pw.size for pw, _ in eligible)
+    eligible_zeros = sum(pw.size - s["nonzero"] for pw, s in eligible)
     summary: dict[str, Any] = {
         "method": "nm", "criterion": "magnitude", "scope": "group", "pattern": f"{n}:{m}", "n": n, "m": m,
         "target_sparsity": 1 - n / m,
@@ -115,7 +123,7 @@ def prune_nm(source: Source, *, n: int, m: int, exclude_first: bool = False, exc
     notes = []
     if skipped:
         notes.append(f"{len(skipped)} layer(s) cannot take the {n}:{m} pattern and stay dense (see skipped)")
-    return _finish(model, p, prunable, weights, new, summary, layers, excluded, skipped, notes, sparse_storage,
+    return _finish(model, p, prunable, nonzero_before, summary, layers, excluded, skipped, notes, sparse_storage,
                    speedup_guidance("nm", backend, gpu_compute_capability, nm=(n, m)), measure_size,
                    target_zeros=(1 - n / m) * eligible_size)
 
@@ -163,9 +171,21 @@ def _require(prunable: list[Prunable], excluded: list[dict[str, str]]) -> None:
                              f"floating-point weight{extra}")
 
 
-def _write_weights(original: onnx.ModelProto, p: Prepared, new: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+def _release(p: Prepared, weights: list[np.ndarray]) -> list[int]:
+    """Nonzero counts of the weights before pruning; then the decoded weights are dropped (the
+    caller's list is emptied, and the view's cache), so a large model's old and new weights are not
+    all held while the output is written."""
+    counts = [int(np.count_nonzero(w)) for w in weights]
+    weights.clear()
+    p.view.forget_arrays()
+    return counts
+
+
+def _write_weights(original: onnx.ModelProto, p: Prepared, new: dict[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of the input graph with the weights ``new`` replaced, or of the normalized graph when some
-    weight is not an initializer of the input (a Constant node or a folded subgraph)."""
+    weight is not an initializer of the input (a Constant node or a folded subgraph).
+
+    ``new`` is consumed: each array is dropped once encoded, so it is never held twice."""
     orig_inits = {t.name: t for t in original.graph.initializer}
     use_original = all(name in orig_inits and tuple(orig_inits[name].dims) == arr.shape
                        and orig_inits[name].data_type == p.view.initializers[name].data_type
@@ -173,7 +193,7 @@ def _write_weights(original: onnx.ModelProto, p: Prepared, new: Mapping[str, np.
     base = original if use_original else p.model
     out = without_initializers(base)  # then each weight once: a replaced one is never copied first
     for t in base.graph.initializer:
-        out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(new[t.name]), t.name)
+        out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(new.pop(t.name)), t.name)
                                      if t.name in new else t)
     return out
 
@@ -184,17 +204,17 @@ def _layer_entry(pw: Prunable, a: np.ndarray) -> dict[str, Any]:
             "nonzero": nnz, "sparsity": 1 - nnz / pw.size if pw.size else 0.0}
 
 
-def _finish(model: onnx.ModelProto, p: Prepared, prunable: list[Prunable], before: list[np.ndarray],
-            after: list[np.ndarray], summary: dict[str, Any], layers: list[dict[str, Any]],
+def _finish(model: onnx.ModelProto, p: Prepared, prunable: list[Prunable], nonzero_before: list[int],
+            summary: dict[str, Any], layers: list[dict[str, Any]],
             excluded: list[dict[str, str]], skipped: list[dict[str, str]], notes: list[str], sparse_storage: bool,
             guidance: list[str], measure_size: bool, *, target_zeros: float) -> PruneResult:
-    """Counts over the prunable weights and all parameters, storage and sizes, into ``summary``.
-    ``target_zeros``: how many weights the target asked to zero (for the all-params target)."""
-    params, nonzero_before = count_params(p.view)
-    removed = sum(int(np.count_nonzero(b)) - int(np.count_nonzero(a)) for b, a in zip(before, after))
-    nonzero = nonzero_before - removed
+    """Counts over the prunable weights (``nonzero_before`` them; ``layers`` after) and all parameters,
+    storage and sizes, into ``summary``. ``target_zeros``: how many weights the target asked to zero
+    (for the all-params target)."""
+    params, nonzero_all = count_params(p.view)
+    nonzero = nonzero_all - (sum(nonzero_before) - sum(layer["nonzero"] for layer in layers))
     prunable_size = sum(pw.size for pw in prunable)
-    prunable_zeros = sum(int(a.size - np.count_nonzero(a)) for a in after)
+    prunable_zeros = prunable_size - sum(layer["nonzero"] for layer in layers)
     storage, moved = "dense", []
     if sparse_storage:
         model, moved, storage_notes = to_sparse_storage(model, [pw.weight for pw in prunable])
