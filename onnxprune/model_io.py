@@ -90,8 +90,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, overwrite_ok:
     with atomic_path(dest) as tmp:
         _save(model, tmp, external_name=dest.name + ".data")
         data_tmp = tmp.parent / (dest.name + ".data")
-        if data_tmp.exists() and tmp.parent != dest.parent:
+        written = data_tmp.exists()
+        if written and tmp.parent != dest.parent:
             os.replace(data_tmp, dest.parent / data_tmp.name)
+    _remember(dest, [dest, dest.parent / data_tmp.name] if written else [dest])  # sizes need no re-parse
     return dest
 
 
@@ -161,6 +163,10 @@ def _remember_files(p: Path, model: onnx.ModelProto) -> list[Path]:
             f = p.parent / loc if loc else None
             if f is not None and f not in files and f.exists():
                 files.append(f)
+    return _remember(p, files)
+
+
+def _remember(p: Path, files: list[Path]) -> list[Path]:
     key = _file_key(p)
     if key is not None:
         _FILES_SEEN[key] = list(files)

@@ -24,7 +24,7 @@ class Prepared:
     """A normalized model, its index with concrete shapes where possible, and what was assumed."""
 
     path: Path | None
-    original: onnx.ModelProto  # as given; for a file, its graph without the weights (those are in ``model``)
+    original: onnx.ModelProto  # as given; for a file (or with consume) its graph without weights (in ``model``)
     model: onnx.ModelProto  # normalized, input shapes as in the file (dynamic dims kept)
     view: GraphView  # with input shapes fixed (over a copy, or over ``model`` when they already are)
     concrete_shapes: dict[str, tuple[int, ...]]
@@ -66,19 +66,23 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple[i
 
 
 def prepare(source: str | os.PathLike | onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-            *, fold_bn: bool = False) -> Prepared:
+            *, fold_bn: bool = False, consume: bool = False) -> Prepared:
     """Load (when given a path), normalize and index a model.
 
-    A model loaded here is normalized in place, and one whose input shapes are already concrete is
-    indexed as is: each copy would hold all the weights again (gigabytes for a large model).
+    A model loaded here (or handed over with ``consume``) is normalized in place, and one whose
+    input shapes are already concrete is indexed as is: each copy would hold all the weights again
+    (gigabytes for a large model). ``original`` then keeps the input's graph without its weights.
     """
     path = None
-    if isinstance(source, onnx.ModelProto):
+    if isinstance(source, onnx.ModelProto) and not consume:
         original = source
         model = normalize(original, fold_bn=fold_bn)
     else:
-        path = Path(source)
-        loaded = load_model(path)
+        if isinstance(source, onnx.ModelProto):
+            loaded = source
+        else:
+            path = Path(source)
+            loaded = load_model(path)
         original = without_initializers(loaded)
         model = normalize(loaded, fold_bn=fold_bn, inplace=True)
     shapes, notes = resolve_input_shapes(model, input_shapes)

@@ -138,6 +138,8 @@ def test_save_model_over_the_limit_writes_external_data(tmp_path, monkeypatch, g
     before = m.SerializeToString()
     out = save_model(m, tmp_path / "big.onnx")
     assert [p.name for p in model_files(out)] == ["big.onnx", "big.onnx.data"]
+    model_io._FILES_SEEN.clear()  # what save_model remembered agrees with a parse of the file
+    assert [p.name for p in model_files(out)] == ["big.onnx", "big.onnx.data"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]  # no temp files left
     assert m.SerializeToString() == before  # the caller's model keeps its weights inline
     back = load_model(out)
@@ -165,3 +167,18 @@ def test_load_graph_reads_no_weights(tmp_path, monkeypatch, good):
     onnx.save(legacy, str(tmp_path / "legacy.onnx"))
     assert [i.name for i in load_graph(tmp_path / "legacy.onnx").graph.input] == \
         [i.name for i in legacy.graph.input if i.name not in weights]
+
+
+def test_saved_files_are_known_without_parsing(tmp_path, monkeypatch, good):
+    """Sizes of a model just written (inline, then external) need no second parse of a large file."""
+    m = onnx.load(str(good))
+    inline = save_model(m, tmp_path / "inline.onnx")
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 200)
+    external = save_model(m, tmp_path / "external.onnx")
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("model_files parsed a file save_model had just written")
+
+    monkeypatch.setattr(model_io.onnx, "load", no_parse)
+    assert [p.name for p in model_files(inline)] == ["inline.onnx"]
+    assert [p.name for p in model_files(external)] == ["external.onnx", "external.onnx.data"]

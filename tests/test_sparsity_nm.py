@@ -140,6 +140,24 @@ def test_keep_mask_ties_prefer_the_first():
     assert keep.tolist() == [[True, True, False, False, True, True, False, False]]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("n,m,axis", [(2, 4, 1), (2, 4, 0), (1, 4, 2), (3, 8, 1), (5, 16, 0)])
+def test_keep_mask_is_a_stable_descending_sort(dtype, n, m, axis):
+    """Ranks by comparison choose exactly what a stable sort of -|w| would, ties (many here: few
+    distinct magnitudes, both signs) going to the earlier entry of the run."""
+    rng = np.random.default_rng(n + m + axis)
+    shape = [3, 4, 5]
+    shape[axis] = 2 * m
+    w = (rng.integers(-3, 4, size=shape) * 0.5).astype(dtype)
+    moved = np.moveaxis(np.abs(w.astype(np.float64)), axis, -1)
+    runs = moved.reshape(*moved.shape[:-1], -1, m)
+    order = np.argsort(-runs, axis=-1, kind="stable")
+    want = np.zeros(runs.shape, dtype=bool)
+    np.put_along_axis(want, order[..., :n], True, axis=-1)
+    want = np.moveaxis(want.reshape(moved.shape), -1, axis)
+    assert np.array_equal(nm_keep_mask(w, n, m, axis), want)
+
+
 def test_satisfies_nm():
     assert satisfies_nm(np.zeros((4, 8)), 2, 4, 1)
     assert not satisfies_nm(np.ones((4, 8)), 2, 4, 1)

@@ -33,14 +33,21 @@ def satisfies_nm(w: np.ndarray, n: int, m: int, axis: int) -> bool:
 
 
 def nm_keep_mask(w: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
-    """Keep-mask with the ``n`` largest ``|w|`` of every run of ``m`` along ``axis`` (ties: the first)."""
+    """Keep-mask with the ``n`` largest ``|w|`` of every run of ``m`` along ``axis`` (ties: the first).
+
+    Each entry's rank in its run is counted with ``m * m`` elementwise comparisons rather than an
+    argsort: the same choice, in the weight's own precision, with small-integer ranks instead of
+    int64 indices (a sort held several copies of a large layer)."""
     axis = axis % w.ndim
-    g = _grouped(np.abs(w.astype(np.float64)), m, axis)
-    order = np.argsort(-g, axis=-1, kind="stable")  # descending, earlier index first on ties
-    keep_g = np.zeros(g.shape, dtype=bool)
-    np.put_along_axis(keep_g, order[..., :n], True, axis=-1)
+    g = _grouped(np.abs(w), m, axis)  # |w| is exact in the weight's own dtype
+    rank = np.zeros(g.shape, dtype=np.min_scalar_type(m))  # how many entries of its run come first
+    for i in range(m):
+        for j in range(m):
+            if j != i:
+                before = g[..., j] >= g[..., i] if j < i else g[..., j] > g[..., i]
+                rank[..., i] += before
     moved_shape = np.moveaxis(w, axis, -1).shape
-    return np.moveaxis(keep_g.reshape(moved_shape), -1, axis)
+    return np.moveaxis((rank < n).reshape(moved_shape), -1, axis)
 
 
 def nm_ineligible_reason(p: Prunable, m: int) -> str | None:

@@ -8,6 +8,8 @@ returned) and whose summary is the ``onnxprune prune --json`` object.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -52,7 +54,7 @@ def prune_unstructured(source: Source, *, sparsity: float, scope: str = "global"
         raise OnnxPruneError(f"unknown unstructured criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     if criterion == "magnitude_x_gradient" and gradients is None:
         raise OnnxPruneError("criterion magnitude_x_gradient needs gradients: pass --data SPEC")
-    original, p = _prepare(source)
+    inp, p = _prepare(source)
     prunable, excluded = select_weights(p.view, exclude_first=exclude_first, exclude_last=exclude_last, ignore=ignore)
     _require(prunable, excluded)
     weights = [p.view.const(w.weight) for w in prunable]
@@ -80,7 +82,7 @@ def prune_unstructured(source: Source, *, sparsity: float, scope: str = "global"
                          "no longer depends on them: use --min-threshold to keep a floor per layer")
     replaced = {pw.weight: a for pw, a in zip(prunable, new)}
     del new
-    model = _write_weights(original, p, replaced)
+    model = _write_weights(inp, p, replaced)
     return _finish(model, p, prunable, nonzero_before, summary, layers, excluded, [], notes, sparse_storage,
                    speedup_guidance("unstructured", backend, gpu_compute_capability), measure_size,
                    target_zeros=sparsity * sum(pw.size for pw in prunable))
@@ -94,7 +96,7 @@ def prune_nm(source: Source, *, n: int, m: int, exclude_first: bool = False, exc
     Layers whose reduction length is not a multiple of ``m`` stay dense and are listed in ``skipped``.
     """
     n, m = _nm_values(n, m)
-    original, p = _prepare(source)
+    inp, p = _prepare(source)
     prunable, excluded = select_weights(p.view, exclude_first=exclude_first, exclude_last=exclude_last, ignore=ignore)
     _require(prunable, excluded)
     weights = [p.view.const(w.weight) for w in prunable]
@@ -111,7 +113,7 @@ def prune_nm(source: Source, *, n: int, m: int, exclude_first: bool = False, exc
     nonzero_before = _release(p, weights)
     replaced = {pw.weight: a for pw, a, s in zip(prunable, new, layers) if s["nm_ok"]}
     del new
-    model = _write_weights(original, p, replaced)
+    model = _write_weights(inp, p, replaced)
     eligible = [(pw, s) for pw, s in zip(prunable, layers) if s["nm_ok"]]
     eligible_size = sum(pw.size for pw, _ in eligible)
     eligible_zeros = sum(pw.size - s["nonzero"] for pw, s in eligible)
@@ -157,11 +159,42 @@ def _fraction(value: Any, name: str, *, upper_open: bool = False) -> float:
     return v
 
 
-def _prepare(source: Source) -> tuple[onnx.ModelProto, Prepared]:
+@dataclass
+class _Input:
+    """What writing the pruned weights back into the input graph needs: that graph without its
+    weights, its initializers' names in order, and where their tensors are. A file's own model is
+    normalized in place, so its weights are read from the normalized model (normalization keeps a
+    kept initializer's name and values) instead of being held twice; the few it dropped (dead, or
+    folded into constants) are read from the file again."""
+
+    graph: onnx.ModelProto
+    names: list[str]
+    tensors: Mapping[str, onnx.TensorProto]
+    path: Path | None = None
+
+    def missing(self, names: Iterable[str]) -> dict[str, onnx.TensorProto]:
+        """The tensors of ``names`` that ``tensors`` lacks, from the file."""
+        wanted = [n for n in names if n not in self.tensors]
+        if not wanted:
+            return {}
+        if self.path is None:
+            raise OnnxPruneError(f"internal: initializers {wanted[:3]} of the input model are gone")
+        return {t.name: t for t in densify(load_model(self.path)).graph.initializer if t.name in wanted}
+
+
+def _prepare(source: Source) -> tuple[_Input, Prepared]:
     """The input model (sparse initializers densified) and its prepared view."""
-    original = source if isinstance(source, onnx.ModelProto) else load_model(source)
-    original = densify(original)
-    return original, prepare(original)
+    if isinstance(source, onnx.ModelProto):
+        original = densify(source)
+        inits = original.graph.initializer
+        return _Input(without_initializers(original), [t.name for t in inits], {t.name: t for t in inits}), \
+            prepare(original)
+    loaded = densify(load_model(source))
+    inp = _Input(without_initializers(loaded), [t.name for t in loaded.graph.initializer], {}, Path(source))
+    p = prepare(loaded, consume=True)
+    del loaded
+    inp.tensors = {t.name: t for t in p.model.graph.initializer}
+    return inp, p
 
 
 def _require(prunable: list[Prunable], excluded: list[dict[str, str]]) -> None:
@@ -181,20 +214,23 @@ def _release(p: Prepared, weights: list[np.ndarray]) -> list[int]:
     return counts
 
 
-def _write_weights(original: onnx.ModelProto, p: Prepared, new: dict[str, np.ndarray]) -> onnx.ModelProto:
+def _write_weights(inp: _Input, p: Prepared, new: dict[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of the input graph with the weights ``new`` replaced, or of the normalized graph when some
     weight is not an initializer of the input (a Constant node or a folded subgraph).
 
     ``new`` is consumed: each array is dropped once encoded, so it is never held twice."""
-    orig_inits = {t.name: t for t in original.graph.initializer}
-    use_original = all(name in orig_inits and tuple(orig_inits[name].dims) == arr.shape
-                       and orig_inits[name].data_type == p.view.initializers[name].data_type
-                       for name, arr in new.items())
-    base = original if use_original else p.model
-    out = without_initializers(base)  # then each weight once: a replaced one is never copied first
-    for t in base.graph.initializer:
-        out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(new.pop(t.name)), t.name)
-                                     if t.name in new else t)
+    names = set(inp.names)
+    use_input = all(name in names and name in inp.tensors and tuple(inp.tensors[name].dims) == arr.shape
+                    and inp.tensors[name].data_type == p.view.initializers[name].data_type
+                    for name, arr in new.items())
+    if use_input:
+        out, order, tensors = without_initializers(inp.graph), inp.names, {**inp.tensors, **inp.missing(inp.names)}
+    else:
+        out, order = without_initializers(p.model), [t.name for t in p.model.graph.initializer]
+        tensors = {t.name: t for t in p.model.graph.initializer}
+    for name in order:  # each weight once: a replaced one is never copied first
+        out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(new.pop(name)), name)
+                                     if name in new else tensors[name])
     return out
 
 
