@@ -204,12 +204,12 @@ def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
     Runtime holds the weights itself: a second copy of a large model is what runs out of memory.
     Weights listed as graph inputs (IR < 4) are dropped from the inputs with their values.
     """
+    from .shapes import graph_inputs
+
     model = load_model(path, load_external_data=False)
     light = without_initializers(model)
-    weights = {t.name for t in model.graph.initializer}
-    inputs = [i for i in light.graph.input if i.name not in weights]
     del light.graph.input[:]
-    light.graph.input.extend(inputs)
+    light.graph.input.extend(graph_inputs(model))
     return light
 
 
