@@ -179,12 +179,33 @@ def file_bytes(path: str | os.PathLike) -> int:
 
 
 def _save(model: onnx.ModelProto, path: Path, external_name: str | None = None) -> None:
-    if proto_bytes(model) > PROTOBUF_LIMIT or _uses_external_data(model):
-        model = _copy(model)  # onnx's external-data save rewrites the proto in place
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=external_name or (path.name + ".data"), size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
+    if not _uses_external_data(model):
+        if _format(path) == "protobuf":
+            data = serialize_within_limit(model)
+            if data is not None:
+                path.write_bytes(data)  # what onnx.save_model writes, without sizing the model first
+                return
+        elif proto_bytes(model) <= PROTOBUF_LIMIT:  # a text format, by the file's extension
+            onnx.save_model(model, str(path))
+            return
+    model = _copy(model)  # onnx's external-data save rewrites the proto in place
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=external_name or (path.name + ".data"), size_threshold=1024)
+
+
+def _format(path: Path) -> str:
+    """The format ``onnx.save_model`` picks for ``path`` (by extension; protobuf by default)."""
+    return onnx.serialization.registry.get_format_from_file_extension(path.suffix) or "protobuf"
+
+
+def serialize_within_limit(model: onnx.ModelProto) -> bytes | None:
+    """``model`` as protobuf bytes, or None over protobuf's 2 GB limit (it must then be written with
+    external data). One pass: asking its size first (``ByteSize``) costs as much as serializing."""
+    try:
+        data = model.SerializeToString()
+    except EncodeError:  # protobuf refuses to serialize a message over 2 GB
+        return None
+    return data if len(data) <= PROTOBUF_LIMIT else None
 
 
 def proto_bytes(model: onnx.ModelProto) -> int:

@@ -182,3 +182,14 @@ def test_saved_files_are_known_without_parsing(tmp_path, monkeypatch, good):
     monkeypatch.setattr(model_io.onnx, "load", no_parse)
     assert [p.name for p in model_files(inline)] == ["inline.onnx"]
     assert [p.name for p in model_files(external)] == ["external.onnx", "external.onnx.data"]
+
+
+def test_save_model_writes_what_onnx_writes(tmp_path, good):
+    """Serialized once (not sized first): the bytes are onnx.save_model's; a text format chosen by the
+    extension (.json) is still written as that format."""
+    m = onnx.load(str(good))
+    onnx.save_model(m, str(tmp_path / "ref.onnx"))
+    assert save_model(m, tmp_path / "ours.onnx").read_bytes() == (tmp_path / "ref.onnx").read_bytes()
+    as_json = save_model(m, tmp_path / "ours.json")
+    assert as_json.read_text(encoding="utf-8").lstrip().startswith("{")
+    assert onnx.load(str(as_json)).SerializeToString() == m.SerializeToString()

@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ort_error_text
-from ..model_io import PROTOBUF_LIMIT, model_files, proto_bytes, without_initializers
+from ..model_io import PROTOBUF_LIMIT, model_files, proto_bytes, serialize_within_limit, without_initializers
 
 #: gzip level used for the reported compressed size (gzip's own default).
 GZIP_LEVEL = 6
@@ -106,10 +106,9 @@ def to_sparse_storage(model: onnx.ModelProto, names: Iterable[str]) -> tuple[onn
 
 def serialized_sizes(model: onnx.ModelProto) -> tuple[int, int]:
     """``(bytes, gzip bytes)`` of the serialized model (in memory, gzip level 6)."""
-    size = proto_bytes(model)
-    if size > PROTOBUF_LIMIT:
-        return size, _gzip_size_stream(_tensor_chunks(model))
-    data = model.SerializeToString()
+    data = serialize_within_limit(model)
+    if data is None:
+        return proto_bytes(model), _gzip_size_stream(_tensor_chunks(model))
     return len(data), _gzip_size_stream([data])
 
 
