@@ -16,7 +16,7 @@ from .macs import MAC_RULES, macs_by_node
 from .model_io import file_bytes, proto_bytes
 from .params import count_params, parameter_names
 from .prepare import Prepared, prepare
-from .shapes import format_shape
+from .shapes import format_shape, graph_inputs
 
 #: Ops whose main weight (input 1) is what pruning acts on.
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -77,6 +77,7 @@ def inspect_prepared(p: Prepared) -> dict[str, Any]:
         "nonzero_params": nonzero,
         "sparsity": float(1 - nonzero / params) if params else 0.0,
         "macs": total_macs if macs_complete else None,
+        "macs_unknown_reason": None if macs_complete else macs_unknown_reason(p, per_node_macs),
         "macs_convention": MACS_CONVENTION,
         "inputs": _io(original_inputs),
         "outputs": _io(p.model.graph.output),
@@ -84,6 +85,26 @@ def inspect_prepared(p: Prepared) -> dict[str, Any]:
         "nodes": nodes,
         "notes": list(p.notes),
     }
+
+
+def macs_unknown_reason(p: Prepared, per_node_macs: Mapping[str, int | None]) -> str:
+    """Why MACs are ``n/a``, and how to get them: the ``--input-shape`` to pass for inputs whose dims
+    stay symbolic (their names in place of the unknown sizes), else the first uncountable node."""
+    hints = []
+    for inp in graph_inputs(p.model):
+        if inp.name in p.concrete_shapes:
+            continue
+        shape = _declared_shape(inp)
+        dims = ["N" if shape is None else ("1" if i == 0 and not isinstance(d, int) else
+                                          str(d) if isinstance(d, int) else f"<{d or f'dim{i}'}>")
+                for i, d in enumerate(shape or [None])]
+        hints.append(f"{inp.name}=" + "x".join(dims))
+    if hints:
+        return "symbolic dims: pass " + " ".join(f"--input-shape {h}" for h in hints)
+    node = next((n for n in p.view.nodes if per_node_macs.get(n.name, 0) is None), None)
+    if node is None:
+        return "unknown"
+    return f"the shapes of {node.op_type} {node.name} are not static (computed at run time)"
 
 
 def _nm_status(node: onnx.NodeProto, w: np.ndarray) -> dict[str, bool]:

@@ -13,7 +13,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .graph import attr, build_view
-from .shapes import infer_shapes, infer_value_shapes, is_static
+from .shapes import infer_shapes, infer_value_shapes, is_static, symbolize_negative_dims
 
 #: Ops never folded even when all inputs are constant: non-deterministic, control flow, or
 #: quantization structure that later tools expect to see.
@@ -37,6 +37,7 @@ def normalize(model: onnx.ModelProto, *, fold_bn: bool = False, inplace: bool = 
         m = onnx.ModelProto()
         m.CopyFrom(model)
     _name_nodes(m)
+    symbolize_negative_dims(m)
     _densify_sparse_initializers(m)
     _drop_initializer_inputs(m)
     for _ in range(8):  # each pass may expose new constants (Shape of a now-static tensor ...)

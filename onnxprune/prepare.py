@@ -51,7 +51,7 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple[i
             continue
         dims, unresolved = [], []
         for i, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value"):
+            if d.HasField("dim_value") and d.dim_value >= 0:
                 dims.append(int(d.dim_value))
             elif i == 0:
                 dims.append(1)

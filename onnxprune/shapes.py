@@ -41,6 +41,33 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
+def _value_infos(graph: onnx.GraphProto):
+    """Every declared value of ``graph`` and of its subgraphs (If/Loop/Scan bodies)."""
+    yield from graph.input
+    yield from graph.output
+    yield from graph.value_info
+    for node in graph.node:
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs):
+                yield from _value_infos(g)
+
+
+def symbolize_negative_dims(model: onnx.ModelProto) -> int:
+    """(In place.) Declared dims with a negative ``dim_value`` (``-1`` batch: older Paddle exports)
+    become symbolic (``dim_param``), as they mean; returns how many. Left negative, every consumer
+    that takes ``dim_value`` for a size (constant folding, MACs, ``--input-shape``) breaks."""
+    n = 0
+    for vi in _value_infos(model.graph):
+        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        if tt is None or not tt.HasField("shape"):
+            continue
+        for i, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value") and d.dim_value < 0:
+                d.dim_param = f"{vi.name}_dim{i}"  # (setting the oneof's other field clears dim_value)
+                n += 1
+    return n
+
+
 def declares_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> bool:
     """True when every named input already has exactly these static dims (fixing them would copy
     the whole model, weights included, for nothing)."""
@@ -70,7 +97,7 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...
             raise OnnxPruneError(f"--input-shape {name}: model input has rank {len(tt.shape.dim)}, got {len(dims)} dims")
         old = list(tt.shape.dim) if tt.HasField("shape") else []
         for i, (d_old, d_new) in enumerate(zip(old, dims)):
-            if d_old.HasField("dim_value") and d_old.dim_value != d_new:
+            if d_old.HasField("dim_value") and d_old.dim_value >= 0 and d_old.dim_value != d_new:
                 raise OnnxPruneError(f"--input-shape {name}: dimension {i} is fixed to {d_old.dim_value} in the model, got {d_new}")
         tt.shape.Clear()
         for d in dims:
@@ -159,9 +186,9 @@ def _shape_of(vi: onnx.ValueInfoProto) -> Shape | None:
         return None
     dims: list[Dim] = []
     for d in vi.type.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value >= 0:
             dims.append(int(d.dim_value))
-        elif d.HasField("dim_param"):
+        elif d.HasField("dim_param") and d.dim_param:
             dims.append(d.dim_param)
         else:
             dims.append(None)

@@ -23,7 +23,7 @@ def inspect_cmd(model: str, input_shapes: dict, as_json: bool, all_nodes: bool) 
     con = Console()
     con.print(f"[bold]{info['model']}[/bold]  opset {info['opset']}  ir {info['ir_version']}  {info['producer']}")
     con.print(f"params {human(info['params'])} (nonzero {human(info['nonzero_params'])}, sparsity {info['sparsity']:.1%})  "
-              f"MACs {human(info['macs'])}  file {human(info['file_bytes'], 'B')}")
+              f"MACs {macs_text(info)}  file {human(info['file_bytes'], 'B')}", soft_wrap=True)
     for kind in ("inputs", "outputs"):
         for v in info[kind]:
             con.print(f"  {kind[:-1]:6} {v['name']}: {v['dtype']} {v['shape']}")
@@ -42,3 +42,10 @@ def inspect_cmd(model: str, input_shapes: dict, as_json: bool, all_nodes: bool) 
     con.print(f"[dim]MACs: {info['macs_convention']}[/dim]")
     for note in info["notes"]:
         con.print(f"[yellow]note:[/yellow] {note}")
+
+
+def macs_text(info: dict) -> str:
+    """``1.23 M``, or ``n/a (why: how to get them)``."""
+    if info["macs"] is not None or not info.get("macs_unknown_reason"):
+        return human(info["macs"])
+    return f"n/a ({info['macs_unknown_reason']})"

@@ -29,7 +29,6 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
     "round_to": ("--round-to", ("structured",)),
     "min_keep": ("--min-keep", ("structured",)),
     "max_ratio": ("--max-ratio", ("structured",)),
-    "input_shape": ("--input-shape", ("structured",)),
     "sparsity": ("--sparsity", ("unstructured",)),
     "min_threshold": ("--min-threshold", ("unstructured",)),
     "scope": ("--scope", ("structured", "unstructured")),
@@ -54,7 +53,7 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
 @click.option("--round-to", default=None, metavar="N", help="[structured] kept channel counts are multiples of N.")
 @click.option("--min-keep", default=None, metavar="K", help="[structured] keep at least K channels per group.")
 @click.option("--max-ratio", default=None, metavar="F", help="[structured] remove at most this fraction of any group.")
-@click.option("--input-shape", multiple=True, metavar="NAME=DIMS", help="[structured] fix an input's shape (repeatable).")
+@click.option("--input-shape", multiple=True, metavar="NAME=DIMS", help="Fix an input's shape, e.g. input=1x3x224x224 (repeatable).")
 @click.option("--sparsity", default=None, metavar="S", help="[unstructured] fraction of prunable weights zeroed, in [0, 1).")
 @click.option("--min-threshold", default=None, metavar="F",
               help="[unstructured, global] every layer keeps at least this fraction of its weights.")
@@ -169,23 +168,25 @@ def _unstructured(model: str, opts: dict[str, Any], backend: str, cc, precision,
     seed = _int(opts["seed"], "--seed", 0)
     gradients = _gradients(model, opts["data"], criterion)
     from ..sparsity.prune import prune_unstructured
+    from ..shapes import parse_input_shapes
 
     result = prune_unstructured(model, sparsity=sparsity, scope=scope, min_threshold=min_threshold, criterion=criterion,
                                 exclude_first=opts["exclude_first"], exclude_last=opts["exclude_last"],
                                 ignore=tuple(opts["ignore"]), seed=seed, gradients=gradients,
                                 sparse_storage=opts["sparse_storage"], backend=backend, gpu_compute_capability=cc,
-                                measure_size=False)
+                                measure_size=False, input_shapes=parse_input_shapes(opts["input_shape"]))
     _refine_guidance(result.summary, "unstructured", backend, cc, precision, sparse_weights)
     return result
 
 
 def _nm(model: str, spec: str, opts: dict[str, Any], backend: str, cc, precision, sparse_weights):
+    from ..shapes import parse_input_shapes
     from ..sparsity.prune import parse_nm, prune_nm
 
     n, m = parse_nm(spec)
     result = prune_nm(model, n=n, m=m, exclude_first=opts["exclude_first"], exclude_last=opts["exclude_last"],
                       ignore=tuple(opts["ignore"]), sparse_storage=opts["sparse_storage"], backend=backend,
-                      gpu_compute_capability=cc, measure_size=False)
+                      gpu_compute_capability=cc, measure_size=False, input_shapes=parse_input_shapes(opts["input_shape"]))
     _refine_guidance(result.summary, "nm", backend, cc, precision, sparse_weights, nm=(n, m))
     return result
 

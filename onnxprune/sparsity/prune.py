@@ -37,14 +37,17 @@ def prune_unstructured(source: Source, *, sparsity: float, scope: str = "global"
                        criterion: str = "magnitude", exclude_first: bool = False, exclude_last: bool = False,
                        ignore: Iterable[str] = (), seed: int = 0, gradients: Mapping[str, np.ndarray] | None = None,
                        sparse_storage: bool = False, backend: str = "ort-cpu",
-                       gpu_compute_capability: float | str | None = None, measure_size: bool = True) -> PruneResult:
+                       gpu_compute_capability: float | str | None = None, measure_size: bool = True,
+                       input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> PruneResult:
     """Zero the fraction ``sparsity`` of the prunable weights with the lowest ``criterion`` scores.
 
     ``scope="global"`` ranks all prunable weights together (``min_threshold``: every layer keeps at
     least that fraction of its weights, the others absorb the rest of the target); ``"layer"`` prunes
     the same fraction of every layer. ``sparsity`` is over the prunable weights; the summary also
     states it over all parameters. ``measure_size=False`` leaves ``file_bytes``/``gzip_bytes`` as None
-    (the CLI measures the written file instead of gzipping twice).
+    (the CLI measures the written file instead of gzipping twice). ``input_shapes`` (``--input-shape``)
+    fixes symbolic input dims for the analysis, as in every command that reads a model; the written
+    model keeps its declared inputs.
     """
     sparsity = _fraction(sparsity, "sparsity", upper_open=True)
     min_threshold = _fraction(min_threshold, "min_threshold")
@@ -54,7 +57,7 @@ def prune_unstructured(source: Source, *, sparsity: float, scope: str = "global"
         raise OnnxPruneError(f"unknown unstructured criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     if criterion == "magnitude_x_gradient" and gradients is None:
         raise OnnxPruneError("criterion magnitude_x_gradient needs gradients: pass --data SPEC")
-    inp, p = _prepare(source)
+    inp, p = _prepare(source, input_shapes)
     prunable, excluded = select_weights(p.view, exclude_first=exclude_first, exclude_last=exclude_last, ignore=ignore)
     _require(prunable, excluded)
     weights = [p.view.const(w.weight) for w in prunable]
@@ -90,13 +93,14 @@ def prune_unstructured(source: Source, *, sparsity: float, scope: str = "global"
 
 def prune_nm(source: Source, *, n: int, m: int, exclude_first: bool = False, exclude_last: bool = False,
              ignore: Iterable[str] = (), sparse_storage: bool = False, backend: str = "ort-cpu",
-             gpu_compute_capability: float | str | None = None, measure_size: bool = True) -> PruneResult:
+             gpu_compute_capability: float | str | None = None, measure_size: bool = True,
+             input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> PruneResult:
     """Keep the ``n`` largest-magnitude weights in every run of ``m`` along each weight's reduction axis.
 
     Layers whose reduction length is not a multiple of ``m`` stay dense and are listed in ``skipped``.
     """
     n, m = _nm_values(n, m)
-    inp, p = _prepare(source)
+    inp, p = _prepare(source, input_shapes)
     prunable, excluded = select_weights(p.view, exclude_first=exclude_first, exclude_last=exclude_last, ignore=ignore)
     _require(prunable, excluded)
     weights = [p.view.const(w.weight) for w in prunable]
@@ -182,16 +186,16 @@ class _Input:
         return {t.name: t for t in densify(load_model(self.path)).graph.initializer if t.name in wanted}
 
 
-def _prepare(source: Source) -> tuple[_Input, Prepared]:
+def _prepare(source: Source, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> tuple[_Input, Prepared]:
     """The input model (sparse initializers densified) and its prepared view."""
     if isinstance(source, onnx.ModelProto):
         original = densify(source)
         inits = original.graph.initializer
         return _Input(without_initializers(original), [t.name for t in inits], {t.name: t for t in inits}), \
-            prepare(original)
+            prepare(original, input_shapes)
     loaded = densify(load_model(source))
     inp = _Input(without_initializers(loaded), [t.name for t in loaded.graph.initializer], {}, Path(source))
-    p = prepare(loaded, consume=True)
+    p = prepare(loaded, input_shapes, consume=True)
     del loaded
     inp.tensors = {t.name: t for t in p.model.graph.initializer}
     return inp, p
@@ -272,7 +276,8 @@ def _finish(model: onnx.ModelProto, p: Prepared, prunable: list[Prunable], nonze
         "sparse_initializers": moved,
         "file_bytes": fbytes,
         "gzip_bytes": gz,
-        "notes": notes,
+        "input_shapes": {k: list(v) for k, v in p.concrete_shapes.items()},
+        "notes": list(p.notes) + notes,
         "guidance": guidance,
     })
     return PruneResult(model=model, summary=summary)
