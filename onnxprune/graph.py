@@ -94,6 +94,31 @@ def build_view(model: onnx.ModelProto, *, infer: bool = True, inplace: bool = Fa
                      shapes=value_shapes(m), dtypes=value_dtypes(m))
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs held by ``node``'s attributes (If branches, Loop/Scan bodies)."""
+    out: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def walk_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and of its subgraphs, outer before inner (depth first)."""
+    for node in graph.node:
+        yield node
+        for g in subgraphs(node):
+            yield from walk_nodes(g)
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name read by nodes inside ``node``'s subgraphs, at any depth (outer-scope
+    reads among them)."""
+    return {i for g in subgraphs(node) for n in walk_nodes(g) for i in n.input if i}
+
+
 def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     """Attribute value of ``node`` (python value), or ``default`` when absent."""
     for a in node.attribute:

@@ -11,8 +11,8 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
-from .graph import opset_of
-from .macs import MAC_RULES, macs_by_node
+from .graph import opset_of, subgraph_reads
+from .macs import MAC_RULES, macs_by_node, unknown_macs_reason
 from .model_io import file_bytes, proto_bytes
 from .params import count_params, parameter_names
 from .prepare import Prepared, prepare
@@ -22,7 +22,8 @@ from .shapes import format_shape, graph_inputs
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 MACS_CONVENTION = ("1 multiply-add = 1 MAC; counted for Conv, ConvTranspose, Gemm and MatMul only; "
-                   "elementwise, normalization and pooling ops are not counted")
+                   "elementwise, normalization and pooling ops are not counted; If counts its larger branch, "
+                   "Loop its body times the trip count, Scan its body times the scan length")
 
 
 def _dtype_name(elem_type: int) -> str:
@@ -55,7 +56,8 @@ def inspect_prepared(p: Prepared) -> dict[str, Any]:
             macs_complete = False
         else:
             total_macs += m
-        node_params = sum(view.const_size(i) for i in dict.fromkeys(node.input) if i in param_set)
+        reads = list(node.input) + sorted(subgraph_reads(node))  # If/Loop/Scan: the weights of their bodies
+        node_params = sum(view.const_size(i) for i in dict.fromkeys(reads) if i in param_set)
         entry: dict[str, Any] = {
             "name": node.name, "op_type": node.op_type, "macs": m, "params": node_params,
             "output_shape": format_shape(view.shape(node.output[0])) if node.output else None,
@@ -102,9 +104,7 @@ def macs_unknown_reason(p: Prepared, per_node_macs: Mapping[str, int | None]) ->
     if hints:
         return "symbolic dims: pass " + " ".join(f"--input-shape {h}" for h in hints)
     node = next((n for n in p.view.nodes if per_node_macs.get(n.name, 0) is None), None)
-    if node is None:
-        return "unknown"
-    return f"the shapes of {node.op_type} {node.name} are not static (computed at run time)"
+    return "unknown" if node is None else unknown_macs_reason(node, p.view)
 
 
 def _nm_status(node: onnx.NodeProto, w: np.ndarray) -> dict[str, bool]:

@@ -8,11 +8,13 @@ model's outputs exactly; the tests check that with ONNX Runtime on every test mo
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import attr, build_view
+from .graph import attr, build_view, subgraph_reads, subgraphs
 from .shapes import infer_shapes, infer_value_shapes, is_static, symbolize_negative_dims
 
 #: Ops never folded even when all inputs are constant: non-deterministic, control flow, or
@@ -40,6 +42,7 @@ def normalize(model: onnx.ModelProto, *, fold_bn: bool = False, inplace: bool = 
     symbolize_negative_dims(m)
     _densify_sparse_initializers(m)
     _drop_initializer_inputs(m)
+    hoist_subgraph_weights(m)
     for _ in range(8):  # each pass may expose new constants (Shape of a now-static tensor ...)
         changed = _constants_to_initializers(m)
         changed |= fold_constants(m)
@@ -80,6 +83,58 @@ def _drop_initializer_inputs(m: onnx.ModelProto) -> None:
         del m.graph.input[:]
         m.graph.input.extend(keep)
         m.ir_version = max(m.ir_version, 4)  # IR 4 is the first that allows initializers outside inputs
+
+
+def hoist_subgraph_weights(m: onnx.ModelProto) -> int:
+    """(In place.) Initializers and ``Constant`` nodes of If/Loop/Scan subgraphs become initializers
+    of the main graph, read from the subgraph as outer-scope values (same outputs): weight-level
+    pruning, parameter counts and constant lookups then see them like any other weight. A name
+    defined more than once in the model (sibling branches may reuse one) or that is a subgraph
+    output stays where it is. Returns how many moved."""
+    defined = Counter(_defined_names(m.graph))
+    moved = 0
+
+    def hoist(g: onnx.GraphProto) -> None:
+        nonlocal moved
+        stays = {o.name for o in g.output} | {n for n, c in defined.items() if c > 1}
+        keep_inits = [t for t in g.initializer if t.name in stays]
+        m.graph.initializer.extend(t for t in g.initializer if t.name not in stays)
+        moved += len(g.initializer) - len(keep_inits)
+        if len(keep_inits) != len(g.initializer):
+            del g.initializer[:]
+            g.initializer.extend(keep_inits)
+        keep_nodes = []
+        for node in g.node:
+            vals = None
+            if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1
+                    and node.output[0] not in stays):
+                vals = _eval_node(node, [], m.opset_import)
+            if vals is None:
+                keep_nodes.append(node)
+                continue
+            m.graph.initializer.append(numpy_helper.from_array(vals[0], node.output[0]))
+            moved += 1
+        if len(keep_nodes) != len(g.node):
+            del g.node[:]
+            g.node.extend(keep_nodes)
+        for node in g.node:
+            for sub in subgraphs(node):
+                hoist(sub)
+
+    for node in m.graph.node:
+        for sub in subgraphs(node):
+            hoist(sub)
+    return moved
+
+
+def _defined_names(g: onnx.GraphProto):
+    """Every name ``g`` and its subgraphs define (inputs, initializers, node outputs), repeats kept."""
+    yield from (i.name for i in g.input)
+    yield from (t.name for t in g.initializer)
+    for node in g.node:
+        yield from (o for o in node.output if o)
+        for sub in subgraphs(node):
+            yield from _defined_names(sub)
 
 
 def _eval_node(node: onnx.NodeProto, inputs: list[np.ndarray | None], opsets) -> list[np.ndarray] | None:
@@ -190,9 +245,7 @@ def remove_dead(m: onnx.ModelProto) -> None:
         if any(o in needed for o in node.output if o):
             keep.append(node)
             needed.update(i for i in node.input if i)
-            for a in node.attribute:  # names used inside subgraphs
-                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    needed.update(i for n in g.node for i in n.input if i)
+            needed |= subgraph_reads(node)  # outer-scope names read inside subgraphs, at any depth
     keep.reverse()
     if len(keep) != len(m.graph.node):  # (rebuilding copies every message: only when something goes)
         del m.graph.node[:]

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import onnx
 
-from ..graph import GraphView, build_view
+from ..graph import GraphView, build_view, subgraph_reads
 from ..normalize import fold_constants
 from .context import Context
 from .rules import rule_for
@@ -46,7 +46,20 @@ def analyze_channels(view: GraphView) -> Analysis:
         tr = ctx.track(out)
         if tr is not None:
             ctx.mark_bad(tr.atoms, f"reaches model output {out!r}")
-    return _finalize(ctx)
+    return _leave_subgraph_reads_whole(_finalize(ctx), view)
+
+
+def _leave_subgraph_reads_whole(analysis: Analysis, view: GraphView) -> Analysis:
+    """(In place.) A group with a member that an If/Loop/Scan body also reads (a shared weight, an
+    outer-scope tensor) is unprunable: the rewrite never enters subgraphs, so a cut would leave the
+    body reading a tensor of the wrong size."""
+    inside = {name: node for node in view.nodes for name in subgraph_reads(node)}
+    for g in analysis.groups:
+        hit = next((m.tensor for m in g.members if m.tensor in inside), None)
+        if g.prunable and hit is not None:
+            node = inside[hit]
+            g.prunable, g.reason = False, f"{hit!r} is also read inside the {node.op_type} subgraph of node {node.name}"
+    return analysis
 
 
 def _finalize(ctx: Context) -> Analysis:

@@ -1,6 +1,7 @@
 """Which weights weight-level pruning acts on.
 
-By default every constant floating-point weight of a Conv, ConvTranspose, Gemm or MatMul, first
+By default every constant floating-point weight of a Conv, ConvTranspose, Gemm or MatMul (inside
+If/Loop/Scan subgraphs too: normalization makes their weights outer-scope initializers), first
 layer and classifier included (as Global Magnitude Pruning does): Conv/ConvTranspose/Gemm input 1,
 the constant operand of a MatMul. ``exclude_first`` drops the layers no other weight layer feeds,
 ``exclude_last`` those that feed no other weight layer (the classifier), ``ignore`` drops layers
@@ -19,7 +20,7 @@ from typing import Iterable
 import numpy as np
 import onnx
 
-from ..graph import GraphView, attr
+from ..graph import GraphView, attr, walk_nodes
 from ..params import FLOAT_TYPES
 
 #: Ops whose constant weight weight-level pruning acts on.
@@ -93,7 +94,7 @@ def select_weights(view: GraphView, *, exclude_first: bool = False, exclude_last
     first, last = _first_and_last(view)
     by_weight: dict[str, Prunable] = {}
     excluded: dict[str, str] = {}
-    for node in view.nodes:
+    for node in walk_nodes(view.model.graph):  # If/Loop/Scan bodies too: normalize hoisted their weights
         idx = weight_input(node, view)
         if idx is None:
             continue
