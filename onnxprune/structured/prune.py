@@ -25,6 +25,7 @@ from ..prepare import Prepared, prepare
 from ..pruning_result import PruneResult
 from ..shapes import _SKELETON_MIN_ELEMENTS, fix_input_shapes
 from .allocate import Limits, allocate, ignored_groups
+from .fallback import ort_load_error, prune_dropping_broken
 from .importance import IMPORTANCE, SELF_NORMALIZED, ScoreInputs, score_groups
 from .search import find_ratio
 
@@ -108,6 +109,27 @@ def _restore_io(pruned: onnx.ModelProto, original: onnx.ModelProto) -> None:
                 v.CopyFrom(by_name[v.name])
 
 
+def _validated_builder(prep: Prepared, analysis: Analysis):
+    """``plan -> pruned model``, raising :class:`OnnxPruneError` when the result fails strict shape
+    inference, the checker (both in :func:`apply_plan`) or an ONNX Runtime load. The load counts
+    only when the unpruned model loads (custom-domain ops do not, whatever is pruned)."""
+    ort_usable: list[bool] = []
+
+    def build(plan: KeepPlan) -> onnx.ModelProto:
+        pruned = apply_plan(prep.model, analysis, plan, values=prep.view.const)  # same weights, decoded once
+        _restore_io(pruned, prep.original)
+        why = ort_load_error(pruned)
+        if why is not None:
+            if not ort_usable:
+                base = apply_plan(prep.model, analysis, {})
+                _restore_io(base, prep.original)
+                ort_usable.append(ort_load_error(base) is None)
+            if ort_usable[0]:
+                raise OnnxPruneError(f"pruned model: {why}")
+        return pruned
+    return build
+
+
 def prune_structured(source: str | os.PathLike | onnx.ModelProto, *, ratio: float | None = None,
                      target_macs: float | None = None, target_params: float | None = None,
                      criterion: str = "l1", scope: str = "local", round_to: int = 1, min_keep: int = 1,
@@ -155,6 +177,14 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
     def plan_for(r: float) -> KeepPlan:
         return allocate(groups, scores, r, scope=scope, limits=limits, self_normalized=criterion in SELF_NORMALIZED)
 
+    by_id = {g.id: g for g in analysis.groups}
+    dropped: dict[int, str] = {}
+    if kind != "ratio" and groups:  # the search must not measure broken rewrites: find them first
+        probe = plan_for(min(limits.max_ratio, 0.99))
+        _, dropped = prune_dropping_broken(_validated_builder(prep, analysis), probe,
+                                           [g.id for g in groups if len(probe[g.id]) < g.size])
+        groups = [g for g in groups if g.id not in dropped]
+
     search = None
     if kind == "ratio":
         if value > limits.max_ratio:
@@ -174,8 +204,14 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
         search = find_ratio(plan_for, measure, value, limits.max_ratio, kind=kind, limits_text=limits_text)
         plan, used_ratio = search.plan, search.ratio
 
-    pruned = apply_plan(prep.model, analysis, plan, values=prep.view.const)  # same weights, decoded once
-    _restore_io(pruned, prep.original)
+    build = _validated_builder(prep, analysis)
+    pruned, more = prune_dropping_broken(build, plan, [g.id for g in groups if len(plan[g.id]) < g.size])
+    dropped.update(more)
+    for gid in more:
+        plan[gid] = np.arange(by_id[gid].size)
+    if dropped:
+        notes.append(f"{len(dropped)} group(s) left whole because pruning them breaks the model (see 'dropped_groups'); "
+                     "the others are pruned")
     after_view = _counting_view(pruned, prep.concrete_shapes)
     params_after, macs_after = _measure(after_view)
 
@@ -188,7 +224,6 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
         achieved = (macs_after / macs_before) if kind == "macs" else (params_after / params_before)
         target.update(achieved=achieved, ratio=used_ratio, evaluations=search.evaluations)
         notes.append(f"target {kind} {value:g} of the original: achieved {achieved:.4f} at ratio {used_ratio:.4f}")
-    by_id = {g.id: g for g in analysis.groups}
     summary: dict[str, Any] = {
         "method": "structured",
         "criterion": criterion,
@@ -203,11 +238,13 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
         "macs_after": macs_after,
         "macs_reduction": (macs_before / macs_after) if macs_before and macs_after else None,
         "params_reduction": (params_before / params_after) if params_after else None,
-        "channels_before": sum(g.size for g in groups),
-        "channels_after": sum(len(plan[g.id]) for g in groups),
-        "groups": [_group_entry(g, len(plan[g.id])) for g in groups],
+        "channels_before": sum(g.size for g in groups if g.id not in dropped),
+        "channels_after": sum(len(plan[g.id]) for g in groups if g.id not in dropped),
+        "groups": [_group_entry(g, len(plan[g.id])) for g in groups if g.id not in dropped],
         "unprunable": [_group_entry(g, reason=g.reason or "unprunable") for g in analysis.unprunable]
-        + [_group_entry(by_id[gid], reason=why) for gid, why in skipped.items()],
+        + [_group_entry(by_id[gid], reason=why) for gid, why in skipped.items()]
+        + [_group_entry(by_id[gid], reason=f"pruning it breaks the model: {why}") for gid, why in dropped.items()],
+        "dropped_groups": [_group_entry(by_id[gid], reason=why) for gid, why in dropped.items()],
         "notes": notes,
     }
     return PruneResult(model=pruned, summary=summary)
