@@ -119,6 +119,54 @@ def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     return {i for g in subgraphs(node) for n in walk_nodes(g) for i in n.input if i}
 
 
+def sort_topologically(graph: onnx.GraphProto, label: str = "model") -> None:
+    """(In place.) Put ``graph``'s nodes in topological order, as ONNX requires and ONNX Runtime does
+    not (some exporters and hand edits write them unsorted). Raises :class:`OnnxPruneError` naming
+    the node for an input nothing defines, and the nodes of a cycle."""
+    from .errors import OnnxPruneError
+
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} \
+        | {t.values.name for t in graph.sparse_initializer} | set(producer)
+    needs: list[set[int]] = []
+    for n in nodes:
+        for i in n.input:
+            if i and i not in known:
+                raise OnnxPruneError(f"{label}: fails the ONNX checker: input {i!r} of node {n.name or '?'} ({n.op_type}) is not produced by "
+                                     "any node, initializer or graph input")
+        reads = set(n.input) | subgraph_reads(n)  # outer-scope reads of subgraphs are dependencies too
+        needs.append({producer[i] for i in reads if i in producer})
+    if all(all(j < k for j in deps) for k, deps in enumerate(needs)):
+        return  # already sorted (the usual case): nothing copied
+    users: dict[int, list[int]] = {}
+    for k, deps in enumerate(needs):
+        for j in deps:
+            users.setdefault(j, []).append(k)
+    waiting = [len(d) for d in needs]
+    ready = [k for k, w in enumerate(waiting) if w == 0]
+    order: list[int] = []
+    while ready:
+        k = ready.pop(0)
+        order.append(k)
+        for u in users.get(k, []):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                ready.append(u)
+    if len(order) < len(nodes):
+        left = {k for k in range(len(nodes)) if waiting[k] > 0}
+        while True:  # drop the nodes merely downstream of the cycle: name the ones on it
+            sinks = {k for k in left if not any(u in left for u in users.get(k, []))}
+            if not sinks:
+                break
+            left -= sinks
+        stuck = [nodes[k].name or nodes[k].op_type for k in sorted(left)]
+        raise OnnxPruneError(f"{label}: fails the ONNX checker: the graph has a cycle through node(s) {', '.join(stuck[:5])}"
+                             f"{' ...' if len(stuck) > 5 else ''} (each needs its own output)")
+    del graph.node[:]
+    graph.node.extend(nodes[k] for k in order)
+
+
 def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     """Attribute value of ``node`` (python value), or ``default`` when absent."""
     for a in node.attribute:

@@ -46,6 +46,11 @@ def load_model(path: str | os.PathLike, *, check: bool = True, load_external_dat
         raise OnnxPruneError(f"{p}: not an ONNX model (no graph found; is this really an .onnx file?)")
     if model.ir_version == 0 or not model.opset_import:
         raise OnnxPruneError(f"{p}: not an ONNX model (missing ir_version or opset_import)")
+    if not model.graph.output:
+        raise OnnxPruneError(f"{p}: the graph declares no outputs: nothing to compute")
+    from .graph import sort_topologically
+
+    sort_topologically(model.graph, str(p))
     _check_domains(model, p)
     _remember_files(p, model)
     if load_external_data and _uses_external_data(model):

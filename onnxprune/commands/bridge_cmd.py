@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from ..errors import OnnxPruneError, UnavailableError
+from ..errors import OnnxPruneError, UnavailableError, ort_error_text
 from .common import emit_json, input_shape_option, json_option, model_argument
 
 
@@ -26,8 +26,17 @@ def bridge_check_cmd(model: str, input_shapes: dict, as_json: bool, rtol: float,
     except ModuleNotFoundError as exc:
         raise UnavailableError("bridge-check needs torch (pip install 'onnxprune[train]')") from exc
     from ..bridge.check import check_bridge, divergence_message, load_for_check
+    import onnxruntime
 
-    report = check_bridge(load_for_check(model), input_shapes, rtol=rtol, atol=atol, seed=seed)
+    onnxruntime.set_default_logger_severity(4)  # its failures come back as exceptions: one error line, no log spam
+
+    try:
+        report = check_bridge(load_for_check(model), input_shapes, rtol=rtol, atol=atol, seed=seed)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        # the reference run itself fails: the model is broken (or ONNX Runtime lacks something), not the bridge
+        raise OnnxPruneError(f"{model}: ONNX Runtime cannot run the model: {ort_error_text(exc)}") from exc
     if as_json:
         emit_json({k: report[k] for k in ("max_abs_diff", "max_rel_diff", "ok", "first_diverging_node",
                                           "first_diverging_op", "outputs", "inputs")})

@@ -29,7 +29,7 @@ def ort_load_error(model: onnx.ModelProto) -> str | None:
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # the reason is returned: nothing on stderr
     try:
         ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - any load failure is the reason
