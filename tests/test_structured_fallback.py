@@ -101,3 +101,16 @@ def test_ort_load_failure_drops_the_group(src, tmp_path, monkeypatch):
 def test_no_failure_no_dropped_groups(src, tmp_path):
     s = _prune(src, tmp_path / "out.onnx", "--ratio", "0.5")
     assert s["dropped_groups"] == [] and len(s["groups"]) == 3
+
+
+def test_per_layer_recipe_pruning_drops_the_broken_group(src, monkeypatch):
+    """Recipes' per-layer ratios (and sensitivity analysis) prune through the same fallback."""
+    from onnxprune.pipeline.sensitivity import prune_per_layer
+    from onnxprune.recipes.schema import Stage
+
+    monkeypatch.setitem(rules.RULES, "BatchNormalization", rules.rule_passthrough)
+    res = prune_per_layer(str(src), Stage(kind="structured", criterion="l1"), {"conv*": 0.5})
+    s = res.summary
+    assert [d["nodes"][0] for d in s["dropped_groups"]] == ["conv1"] and "bn1" in s["dropped_groups"][0]["reason"]
+    assert {g["nodes"][0]: g["kept"] for g in s["groups"]} == {"conv2": 6, "conv3": 8}
+    onnx.checker.check_model(res.model, full_check=True)

@@ -43,6 +43,7 @@ class _Structured:
         if groups and not self.scores:
             raise OnnxPruneError(f"criterion {criterion} cannot score any group: {next(iter(unavailable.values()))}")
         self.groups = [g for g in groups if g.id in self.scores]
+        self.dropped: dict[int, str] = {}
 
     @staticmethod
     def key(g) -> str:
@@ -65,10 +66,21 @@ class _Structured:
         return plan
 
     def prune(self, ratios: Mapping[int, float]):
-        from ..channels.rewrite import apply_plan
+        """The pruned model and its plan; groups whose rewrite fails validation are kept whole
+        (recorded in ``self.dropped`` with the reason) instead of failing the run."""
+        import numpy as np
+
+        from ..structured.fallback import prune_dropping_broken
+        from ..structured.prune import validated_builder
 
         plan = self.plan(ratios)
-        return apply_plan(self.prep.model, self.analysis, plan), plan
+        sizes = {g.id: g.size for g in self.groups}
+        model, dropped = prune_dropping_broken(validated_builder(self.prep, self.analysis), plan,
+                                               [gid for gid, kept in plan.items() if len(kept) < sizes[gid]])
+        for gid in dropped:
+            plan[gid] = np.arange(sizes[gid])
+        self.dropped.update(dropped)
+        return model, plan
 
 
 # ----------------------------------------------------------------------------------------------- analysis
@@ -202,7 +214,11 @@ def prune_per_layer(source, stage: Stage, ratios: Mapping[str, float], *, seed: 
                    "macs_before": before["macs"], "macs_after": after["macs"],
                    "macs_reduction": before["macs"] / after["macs"] if before["macs"] and after["macs"] else None,
                    "groups": [{"id": g.id, "nodes": list(g.nodes), "kept": int(len(plan[g.id])), "total": g.size}
-                              for g in st.groups], "notes": []}
+                              for g in st.groups if g.id not in st.dropped],
+                   "dropped_groups": [{"id": g.id, "nodes": list(g.nodes), "reason": st.dropped[g.id]}
+                                      for g in st.groups if g.id in st.dropped],
+                   "notes": [f"{len(st.dropped)} group(s) left whole because pruning them breaks the model "
+                             "(see 'dropped_groups')"] if st.dropped else []}
         return PruneResult(model=model, summary=summary)
     from ..sparsity.prune import prune_unstructured
 

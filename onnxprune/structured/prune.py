@@ -109,7 +109,7 @@ def _restore_io(pruned: onnx.ModelProto, original: onnx.ModelProto) -> None:
                 v.CopyFrom(by_name[v.name])
 
 
-def _validated_builder(prep: Prepared, analysis: Analysis):
+def validated_builder(prep: Prepared, analysis: Analysis):
     """``plan -> pruned model``, raising :class:`OnnxPruneError` when the result fails strict shape
     inference, the checker (both in :func:`apply_plan`) or an ONNX Runtime load. The load counts
     only when the unpruned model loads (custom-domain ops do not, whatever is pruned)."""
@@ -181,7 +181,7 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
     dropped: dict[int, str] = {}
     if kind != "ratio" and groups:  # the search must not measure broken rewrites: find them first
         probe = plan_for(min(limits.max_ratio, 0.99))
-        _, dropped = prune_dropping_broken(_validated_builder(prep, analysis), probe,
+        _, dropped = prune_dropping_broken(validated_builder(prep, analysis), probe,
                                            [g.id for g in groups if len(probe[g.id]) < g.size])
         groups = [g for g in groups if g.id not in dropped]
 
@@ -204,7 +204,7 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
         search = find_ratio(plan_for, measure, value, limits.max_ratio, kind=kind, limits_text=limits_text)
         plan, used_ratio = search.plan, search.ratio
 
-    build = _validated_builder(prep, analysis)
+    build = validated_builder(prep, analysis)
     pruned, more = prune_dropping_broken(build, plan, [g.id for g in groups if len(plan[g.id]) < g.size])
     dropped.update(more)
     for gid in more:
