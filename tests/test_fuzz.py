@@ -77,7 +77,14 @@ def depthwise() -> onnx.ModelProto:
                    [h.make_tensor_value_info("y", T.FLOAT, [1, 4, 6, 6])], inits)
 
 
-MODELS = {"cnn": cnn, "mlp": mlp, "depthwise": depthwise}
+def control_flow() -> onnx.ModelProto:
+    """Weights inside If branches and a Loop body (tests/test_control_flow.py)."""
+    from test_control_flow import control_flow_model
+
+    return control_flow_model()
+
+
+MODELS = {"cnn": cnn, "mlp": mlp, "depthwise": depthwise, "control_flow": control_flow}
 
 # ----------------------------------------------------------------------------------- corruptions
 
