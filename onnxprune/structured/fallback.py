@@ -20,10 +20,15 @@ from ..model_io import PROTOBUF_LIMIT, proto_bytes
 Build = Callable[[KeepPlan], onnx.ModelProto]
 
 
+#: Larger models skip the ONNX Runtime load: it serializes the whole model once more (memory and
+#: seconds); strict shape inference and the checker still validate them.
+ORT_CHECK_MAX_BYTES = 512 << 20
+
+
 def ort_load_error(model: onnx.ModelProto) -> str | None:
-    """Why ONNX Runtime cannot load ``model`` (one line), or None when it loads (or it is over the
-    protobuf limit, where an in-memory load is impossible: the checker and shape inference stand)."""
-    if proto_bytes(model) > PROTOBUF_LIMIT:
+    """Why ONNX Runtime cannot load ``model`` (one line), or None when it loads (or it is larger
+    than :data:`ORT_CHECK_MAX_BYTES`)."""
+    if proto_bytes(model) > min(ORT_CHECK_MAX_BYTES, PROTOBUF_LIMIT):
         return None
     import onnxruntime as ort
 
