@@ -162,3 +162,43 @@ def test_normalize_hoists_subgraph_weights_exactly():
     for x in (X, -X):
         ref = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
         np.testing.assert_allclose(ort.InferenceSession(n.SerializeToString()).run(None, {"x": x})[0], ref, rtol=1e-5, atol=1e-4)
+
+
+def test_torch_scripted_if_export(tmp_path):
+    """A real PyTorch export with data-dependent control flow (torch.jit.script -> If whose
+    branches read the convs' weights from the outer scope)."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c0, self.a = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.b, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = torch.relu(self.c0(x))
+            if bool(x.sum() > 0):
+                y = self.a(y)
+            else:
+                y = self.b(y)
+            return self.fc(y.mean((2, 3)))
+
+    torch.manual_seed(0)
+    path = tmp_path / "branchy.onnx"
+    torch.onnx.export(torch.jit.script(Branchy().eval()), (torch.randn(1, 3, 8, 8),), str(path), opset_version=17,
+                      dynamo=False, input_names=["x"])
+    info = _inspect(path)
+    assert info["macs"] == 8 * 64 * 27 + 8 * 64 * 72 + 32  # c0, the larger branch (a), fc
+    if_node = next(n for n in info["nodes"] if n["op_type"] == "If")
+    assert if_node["params"] == (8 * 72 + 8) + (8 * 8 + 8)  # both branches' weights and biases
+    out = tmp_path / "sparse.onnx"
+    code, text, err = run_cli("prune", path, "-o", out, "--unstructured", "--sparsity", "0.5", "--scope", "layer", "--json")
+    assert code == 0, err
+    layers = {l["node"]: l["sparsity"] for l in json.loads(text)["layers"]}
+    assert layers["/a/Conv"] == pytest.approx(0.5, abs=0.02) and layers["/b/Conv"] == pytest.approx(0.5, abs=0.02)
+    for x in (X, -X):
+        ort.InferenceSession(str(out)).run(None, {"x": x})
+    code, text, err = run_cli("prune", path, "-o", tmp_path / "st.onnx", "--structured", "--ratio", "0.5", "--json")
+    assert code == 0, err
+    assert any("If" in g["reason"] and "/c0/Conv" in g["nodes"] for g in json.loads(text)["unprunable"])
