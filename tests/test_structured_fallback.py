@@ -114,3 +114,29 @@ def test_per_layer_recipe_pruning_drops_the_broken_group(src, monkeypatch):
     assert [d["nodes"][0] for d in s["dropped_groups"]] == ["conv1"] and "bn1" in s["dropped_groups"][0]["reason"]
     assert {g["nodes"][0]: g["kept"] for g in s["groups"]} == {"conv2": 6, "conv3": 8}
     onnx.checker.check_model(res.model, full_check=True)
+
+
+def test_bisection_finds_single_and_combined_culprits():
+    """Pure bisection logic: group 3 breaks alone, 5 and 7 only together; every other group is kept,
+    and the validator is called far fewer times than once per subset."""
+    from onnxprune.errors import OnnxPruneError
+    from onnxprune.structured.fallback import prune_dropping_broken
+
+    calls = []
+
+    def build(plan):
+        calls.append(sorted(plan))
+        if 3 in plan:
+            raise OnnxPruneError("group 3 breaks Conv x")
+        if 5 in plan and 7 in plan:
+            raise OnnxPruneError("5 and 7 clash")
+        return sorted(plan)
+
+    plan = {g: np.arange(1) for g in range(12)}
+    model, dropped = prune_dropping_broken(build, plan, list(range(12)))
+    assert dropped[3] == "group 3 breaks Conv x"
+    assert len(dropped) == 2 and (dropped.get(5) or dropped.get(7)) == "5 and 7 clash"
+    assert model == sorted(g for g in range(12) if g not in dropped)
+    assert len(calls) < 30
+    model, dropped = prune_dropping_broken(build, {g: plan[g] for g in (0, 1)}, [0, 1])
+    assert dropped == {} and model == [0, 1] and calls[-1] == [0, 1]
