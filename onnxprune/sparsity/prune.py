@@ -277,7 +277,7 @@ def _finish(model: onnx.ModelProto, p: Prepared, prunable: list[Prunable], nonze
         "file_bytes": fbytes,
         "gzip_bytes": gz,
         "input_shapes": {k: list(v) for k, v in p.concrete_shapes.items()},
-        "notes": list(p.notes) + notes,
+        "notes": notes,
         "guidance": guidance,
     })
     return PruneResult(model=model, summary=summary)
