@@ -16,7 +16,7 @@ import onnx
 from onnx import helper
 
 from .errors import OnnxPruneError
-from .graph import GraphView, attr, build_view, subgraph_reads, subgraphs
+from .graph import GraphView, attr, build_view, opset_of, subgraph_reads, subgraphs
 from .shapes import is_static
 
 MacRule = Callable[[onnx.NodeProto, GraphView], "int | None"]
@@ -82,6 +82,8 @@ def _loop(node: onnx.NodeProto, v: GraphView) -> int | None:
 
 def _scan(node: onnx.NodeProto, v: GraphView) -> int | None:
     """The body once per slice along the scan axis of the scan inputs (states keep their shape)."""
+    if opset_of(v.model) < 9:  # Scan-8: a sequence_lens input first and a batch axis; not counted
+        return None
     n_scan = int(attr(node, "num_scan_inputs"))
     states, scans = list(node.input[: len(node.input) - n_scan]), list(node.input[len(node.input) - n_scan:])
     axes = list(attr(node, "scan_input_axes", [0] * n_scan))
