@@ -11,7 +11,7 @@ from rich.table import Table
 from ..profiling.api import DEFAULT_PROFILE, compare_models, profile_model
 from ..profiling.hw_profile import load_hw_profile
 from ..profiling.remote import with_remote
-from .common import emit_json, human, input_shape_option, json_option, model_argument
+from .common import emit_json, human, input_shape_option, json_option, model_argument, remote_options
 
 _hw_help = ("Hardware profile: a shipped name (x86-server-cpu, edge-arm-4t, microserver-1t, nvidia-server-cuda, "
             "nvidia-tensorrt-fp16, jetson-orin-tensorrt, ci-cpu) or a YAML file.")
@@ -19,15 +19,6 @@ _batch_option = click.option("--batch-size", "batch_sizes", type=click.IntRange(
                              help="Batch size (repeatable); replaces the profiles' batch_sizes.")
 
 
-
-
-def remote_options(f):
-    """``--remote USER@HOST[:PORT]`` and ``--ssh-option KEY=VALUE``: measure on a device over SSH."""
-    f = click.option("--ssh-option", "ssh_options", multiple=True, metavar="KEY=VALUE",
-                     help="Passed to ssh/scp as -o KEY=VALUE (repeatable), e.g. IdentityFile=~/.ssh/board.")(f)
-    return click.option("--remote", default=None, metavar="USER@HOST[:PORT]",
-                        help="Measure on this device over SSH (it needs 'pip install onnxprune'); replaces the "
-                             "profiles' remote:.")(f)
 
 
 def remote_profiles(hw: list[str], remote: str | None, ssh_options: tuple[str, ...]) -> list:

@@ -288,7 +288,7 @@ class RemoteSession:
     def call(self, verb: str, request: Mapping[str, Any], timeout: float) -> dict[str, Any]:
         """Run the agent's ``verb`` on the device; its JSON result, or its error raised here."""
         tag = f"onnxprune-agent-{uuid.uuid4().hex}"
-        req = {**request, "deadline_s": timeout + AGENT_GRACE_S}
+        req = {**request, "deadline_s": timeout + AGENT_GRACE_S, "workdir": self.workdir}
         cmd = f"exec {self.python} -m {AGENT_MODULE} {tag} {verb} {_b64(req)}"
         rc, out, err = self._ssh(cmd, timeout, verb, tag=tag)
         res = _last_json(out)

@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import sys
@@ -22,14 +23,17 @@ import threading
 from typing import Any, Callable
 
 
-def _die() -> None:
+def _die(workdir: str | None) -> None:
+    """Remove the session's copies (a host still there copies them again) and kill the group."""
     try:
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
         os.killpg(os.getpgrp(), signal.SIGKILL)
     finally:
         os._exit(137)
 
 
-def _watch(deadline_s: float | None) -> None:
+def _watch(deadline_s: float | None, workdir: str | None) -> None:
     """Lead a process group, and kill it on stdin EOF or after ``deadline_s``."""
     try:
         os.setpgrp()
@@ -42,11 +46,11 @@ def _watch(deadline_s: float | None) -> None:
                 pass
         except OSError:
             pass
-        _die()
+        _die(workdir)
 
     threading.Thread(target=stdin_eof, daemon=True).start()
     if deadline_s:
-        timer = threading.Timer(deadline_s, _die)
+        timer = threading.Timer(deadline_s, _die, (workdir,))
         timer.daemon = True
         timer.start()
 
@@ -106,7 +110,7 @@ def main(argv: list[str]) -> int:
               "onnxprune over SSH)", file=sys.stderr)
         return 2
     req = json.loads(base64.b64decode(argv[2]))
-    _watch(req.get("deadline_s"))
+    _watch(req.get("deadline_s"), req.get("workdir"))
     out = os.dup(1)
     os.dup2(2, 1)  # stray prints go to stderr; stdout carries only the result line
     from ..errors import OnnxPruneError
