@@ -193,11 +193,9 @@ def test_sha256_skip_within_a_session_and_clean_up_after(sshd, models):
         first = profile_model(models["a"], [prof], memory=False)["results"][0]["remote"]
         workdir = Path(first["workdir"])
         assert (workdir / f"{file_sha256(models['a'])}.onnx").is_file()
-        second = profile_model(models["a"], [prof], memory=False)["results"][0]["remote"]
         cmp = compare_models(models["a"], models["b"], prof)
         assert workdir.is_dir()
-    assert first["model_copied"] == {str(models["a"]): True}
-    assert second["model_copied"] == {str(models["a"]): False} and second["workdir"] == str(workdir)
+    assert first["model_copied"] == {str(models["a"]): True} and cmp["remote"]["workdir"] == str(workdir)
     # compare on the device: both models there, A already was; timed interleaved in one process
     assert cmp["remote"]["model_copied"] == {str(models["a"]): False, str(models["b"]): True}
     assert cmp["interleaved"] is True and cmp["provenance"] == "real"
@@ -224,13 +222,14 @@ def test_cli_profile_and_compare_with_remote_flags(sshd, models, tmp_path):
     hw = tmp_path / "board.yaml"
     hw.write_text(yaml.safe_dump({**FAST, "name": "board", "remote_python": sshd.python}))
     opts = [a for o in sshd.options for a in ("--ssh-option", o)]
-    code, out, err = run_cli("profile", models["b"], "--hw", hw, "--remote", sshd.target, *opts, "--no-memory", "--json")
+    code, out, err = run_cli("profile", models["b"], "--hw", hw, "--remote", sshd.target, *opts, "--no-memory")
     assert code == 0, err
-    rec = json.loads(out)["results"][0]
-    assert rec["profile"] == "board" and rec["remote"]["target"] == sshd.target and rec["profile_source"] == str(hw)
-    code, out, err = run_cli("compare", models["a"], models["b"], "--hw", hw, "--remote", sshd.target, *opts)
+    flat = " ".join(out.split())  # rich wraps lines at the terminal width
+    assert "board: ort-cpu fp32" in flat and "provenance real" in flat and f"on {sshd.target} ({socket.gethostname()})" in flat
+    code, out, err = run_cli("compare", models["a"], models["b"], "--hw", hw, "--remote", sshd.target, *opts, "--json")
     assert code == 0, err
-    assert "interleaved" in out and f"on {sshd.target}" in out and ("faster" in out or "slower" in out)
+    res = json.loads(out)
+    assert res["remote"]["target"] == sshd.target and res["profile"] == "board" and res["b"]["model"] == str(models["b"])
 
 
 def test_bad_remote_and_option_values_are_one_line(models):
@@ -262,20 +261,10 @@ def test_refused_key_and_unknown_host_exit_3_in_one_line(sshd, models, tmp_path)
 
 
 def test_version_mismatch_names_both_versions(sshd, models, tmp_path):
-    shim = tmp_path / "other_version_python.py"
-    shim.write_text(f"""import runpy, sys
-sys.path.insert(0, {str(ROOT)!r})
-import onnxprune
-onnxprune.__version__ = "0.0.1-device"
-flag, what, *rest = sys.argv[1:]
-if flag == "-c":
-    sys.argv = ["-c", *rest]
-    exec(compile(what, "<string>", "exec"), {{"__name__": "__main__"}})
-else:
-    sys.argv = [what, *rest]
-    runpy.run_module(what, run_name="__main__", alter_sys=True)
-""")
-    prof = profile_from_dict(sshd.profile(remote_python=f"{sys.executable} {shim}"))
+    other = tmp_path / "other" / "onnxprune"  # a device with another onnxprune release installed
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text('__version__ = "0.0.1-device"\n')
+    prof = profile_from_dict(sshd.profile(remote_python=f"env PYTHONPATH={other.parent} {sys.executable}"))
     with pytest.raises(UnavailableError, match=rf"version mismatch: {__version__} here, 0\.0\.1-device on the device"):
         profile_model(models["a"], [prof], memory=False)
     no_site = profile_from_dict(sshd.profile(remote_python=f"{sys.executable} -S"))  # no site-packages: no onnxprune
@@ -337,7 +326,7 @@ def test_local_side_killed_leaves_nothing_running(sshd, models, tmp_path):
 
 
 def test_timeout_kills_the_remote_process(sshd, models):
-    prof = profile_from_dict(sshd.profile(min_duration_s=120, min_runs=10**9, remote_timeout_s=4))
+    prof = profile_from_dict(sshd.profile(min_duration_s=120, min_runs=10**9, remote_timeout_s=5))
     seen: list[psutil.Process] = []
     stop = threading.Event()
 
@@ -354,10 +343,36 @@ def test_timeout_kills_the_remote_process(sshd, models):
     t = threading.Thread(target=watch, daemon=True)
     t.start()
     try:
-        with pytest.raises(UnavailableError, match=r"did not finish within 4 s.*killed"):
+        with pytest.raises(UnavailableError, match=r"did not finish within 5 s.*killed"):
             profile_model(models["a"], [prof], memory=False)
     finally:
         stop.set()
         t.join()
     assert seen and _gone(seen)
     assert workdirs and not any(d.exists() for d in workdirs)
+
+
+def test_recipe_run_on_a_remote_resumes_from_its_cache(sshd, tmp_path):
+    from onnxprune.pipeline.run import run_recipe
+    from test_pipeline import tiny_model
+
+    model = tiny_model(tmp_path / "m.onnx")
+    hw = tmp_path / "board.yaml"
+    hw.write_text(yaml.safe_dump({**FAST, "name": "board", "remote_python": sshd.python}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "remote", "hw": [str(hw)], "profiling": {"memory": False},
+        "sweep": {"methods": [{"name": "l1", "kind": "structured", "criterion": "l1", "points": [{"ratio": 0.5}]}],
+                  "seeds": [0]}}))
+    out = tmp_path / "run"
+    refused = [f"IdentityFile={sshd.dir / 'other_key'}", *sshd.options[1:]]
+    with pytest.raises(UnavailableError, match="Permission denied"):  # the device is not reachable: the run stops
+        run_recipe(recipe, model, out, remote=sshd.target, ssh_options=refused)
+    rep = run_recipe(recipe, model, out, remote=sshd.target, ssh_options=sshd.options)
+    assert rep["steps"]["skipped"] > 0  # what finished before the failure is not redone
+    text = json.dumps(rep)
+    assert sshd.target in text and '"provenance": "real"' in text
+    again = run_recipe(recipe, model, out, remote=sshd.target, ssh_options=sshd.options)
+    assert again["steps"]["executed"] == 0
+    local = run_recipe(recipe, model, out)  # the cache keys hold the remote target: local timing is new
+    assert local["steps"]["executed"] == 3 and sshd.target not in json.dumps(local["points"])

@@ -137,12 +137,20 @@ def device_profile(profile: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- session
 
 _HELLO = r"""
-import base64, hashlib, json, os, sys, tempfile
+import base64, hashlib, importlib.util, json, os, re, sys, tempfile
 req = json.loads(base64.b64decode(sys.argv[1]))
 out = {"python": sys.version.split()[0], "version": None}
-try:
-    import onnxprune
-    out["version"] = onnxprune.__version__
+try:  # the version line, without importing the package (seconds on a small board)
+    spec = importlib.util.find_spec("onnxprune")
+    if spec is None or not spec.origin:
+        raise ImportError("No module named 'onnxprune'")
+    with open(spec.origin, encoding="utf-8") as f:
+        m = re.search(r"^__version__ = [\"']([^\"']+)[\"']", f.read(), re.M)
+    if m:
+        out["version"] = m.group(1)
+    else:
+        import onnxprune
+        out["version"] = onnxprune.__version__
 except Exception as exc:
     out["import_error"] = "%s: %s" % (type(exc).__name__, exc)
 if out["version"] == req["version"]:
