@@ -2,7 +2,8 @@
 
 The test starts ``sshd`` (Debian's openssh-server) as a child on a free port with a throwaway host
 key and authorized key, and uses this machine as the "device": its Python with PYTHONPATH set to
-this checkout (``remote_python``). Skipped, with the reason, only where sshd is not installed.
+this checkout and a ``torch`` that fails to import, as on a board with only ``pip install onnxprune``
+(``remote_python``). Skipped, with the reason, only where sshd is not installed.
 """
 from __future__ import annotations
 
@@ -74,7 +75,10 @@ class Sshd:
         self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=self.log, stderr=self.log)
         self.target = f"{getpass.getuser()}@127.0.0.1:{self.port}"
         self.options = [f"IdentityFile={d / 'client_key'}", "IdentitiesOnly=yes", f"UserKnownHostsFile={d / 'known_hosts'}"]
-        self.python = f"env PYTHONPATH={ROOT} {sys.executable}"
+        no_torch = d / "no_torch" / "torch"  # the device has no torch (pip install onnxprune, nothing more)
+        no_torch.mkdir(parents=True)
+        (no_torch / "__init__.py").write_text("raise ImportError('torch is not installed on this device')\n")
+        self.python = f"env PYTHONPATH={ROOT}:{no_torch.parent} {sys.executable}"
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + 15

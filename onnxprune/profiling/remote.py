@@ -177,7 +177,7 @@ def _b64(obj: Any) -> str:
 def _ssh_error(stderr: str) -> str:
     """The line of ssh's stderr that says what went wrong, with a hint for the common cases."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip() and not ln.startswith("Warning: Permanently added")]
-    line = lines[-1] if lines else "connection failed"
+    line = lines[-1].removeprefix("ssh: ") if lines else "connection failed"
     if "Permission denied" in line:
         line += ("; BatchMode allows no password prompt: install a key on the device (ssh-copy-id) or pass "
                  "--ssh-option IdentityFile=PATH")
