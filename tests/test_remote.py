@@ -38,8 +38,8 @@ from onnxprune.torch_export import export_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SSHD = shutil.which("sshd") or next((p for p in ("/usr/sbin/sshd", "/usr/local/sbin/sshd") if os.access(p, os.X_OK)), None)
-pytestmark = pytest.mark.skipif(SSHD is None or shutil.which("ssh") is None or shutil.which("ssh-keygen") is None,
-                                reason="OpenSSH server not installed (apt-get install openssh-server)")
+NO_SSHD = None if SSHD and shutil.which("ssh") and shutil.which("ssh-keygen") else \
+    "OpenSSH server not installed (apt-get install openssh-server)"
 FAST = {"name": "fast", "backend": "ort-cpu", "threads": {"intra_op": 1}, "warmup_runs": 1, "min_runs": 5,
         "min_duration_s": 0.02}
 DEVICE_KEYS = {"target", "host", "platform", "arch", "cpu_model", "cpu_cores", "memory_bytes", "onnxruntime", "providers",
@@ -149,6 +149,8 @@ def _gone(procs: list[psutil.Process], timeout: float = 10.0) -> bool:
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
+    if NO_SSHD:
+        pytest.skip(NO_SSHD)
     server = Sshd(tmp_path_factory.mktemp("sshd"))
     server.wait_ready()
     yield server
@@ -168,6 +170,28 @@ def _one_error_line(err: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
+
+
+# ----------------------------------------------------------------------------------------- transport
+
+def test_targets_parse_and_refuse_option_lookalikes():
+    assert str(remote.parse_target("pi@board.local:2222")) == "pi@board.local:2222"
+    t = remote.parse_target("[::1]:22")
+    assert (t.user, t.host, t.port, t.scp_path("/tmp/x")) == (None, "::1", 22, "[::1]:/tmp/x")
+    assert remote.parse_target("jetson").destination == "jetson"  # a ~/.ssh/config alias
+    for bad in ("-oProxyCommand=x", "pi@", "pi@host:0", "pi@host:70000", "a b"):
+        with pytest.raises(ValueError, match="USER@HOST"):
+            remote.parse_target(bad)
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
+def test_batchmode_cannot_be_overridden_and_user_options_win_over_defaults():
+    """``ssh -G`` prints the options ssh would use, without connecting."""
+    argv = remote.ssh_argv(remote.parse_target("pi@board:2222"), ["BatchMode=no", "ConnectTimeout=3"], "true")
+    effective = subprocess.run([argv[0], "-G", *argv[1:-1]], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert {"batchmode yes", "connecttimeout 3", "serveraliveinterval 5", "port 2222", "user pi"} <= set(effective)
+    scp = remote.scp_argv(remote.parse_target("pi@board:2222"), [], "m.onnx", "/tmp/d/x.onnx")
+    assert scp[-2:] == ["m.onnx", "pi@board:/tmp/d/x.onnx"] and scp[scp.index("-P") + 1] == "2222"
 
 
 # ------------------------------------------------------------------------------------------- results
