@@ -56,3 +56,12 @@ def human(n: float | int | None, unit: str = "") -> str:
         if abs(n) >= div:
             return f"{n / div:.2f} {suffix}{unit}"
     return f"{n:g} {unit}".strip()
+
+
+def remote_options(f: Callable) -> Callable:
+    """``--remote USER@HOST[:PORT]`` and ``--ssh-option KEY=VALUE``: measure on a device over SSH."""
+    f = click.option("--ssh-option", "ssh_options", multiple=True, metavar="KEY=VALUE",
+                     help="Passed to ssh/scp as -o KEY=VALUE (repeatable), e.g. IdentityFile=~/.ssh/board.")(f)
+    return click.option("--remote", default=None, metavar="USER@HOST[:PORT]",
+                        help="Measure on this device over SSH (it needs 'pip install onnxprune'); replaces the "
+                             "profiles' remote:.")(f)

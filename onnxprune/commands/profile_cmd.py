@@ -9,12 +9,23 @@ from rich.console import Console
 from rich.table import Table
 
 from ..profiling.api import DEFAULT_PROFILE, compare_models, profile_model
-from .common import emit_json, human, input_shape_option, json_option, model_argument
+from ..profiling.hw_profile import load_hw_profile
+from ..profiling.remote import with_remote
+from .common import emit_json, human, input_shape_option, json_option, model_argument, remote_options
 
 _hw_help = ("Hardware profile: a shipped name (x86-server-cpu, edge-arm-4t, microserver-1t, nvidia-server-cuda, "
             "nvidia-tensorrt-fp16, jetson-orin-tensorrt, ci-cpu) or a YAML file.")
 _batch_option = click.option("--batch-size", "batch_sizes", type=click.IntRange(min=1), multiple=True,
                              help="Batch size (repeatable); replaces the profiles' batch_sizes.")
+
+
+
+
+def remote_profiles(hw: list[str], remote: str | None, ssh_options: tuple[str, ...]) -> list:
+    """The profiles by name, measured on ``remote`` when given (names as they are otherwise)."""
+    if not remote and not ssh_options:
+        return hw
+    return [with_remote(load_hw_profile(h), remote, ssh_options) for h in hw]
 
 
 def _ms(v: float) -> str:
@@ -33,11 +44,12 @@ def _notes(con: Console, notes: list[str]) -> None:
 @input_shape_option
 @click.option("--per-node", is_flag=True, help="Add ONNX Runtime's per-node breakdown (top nodes and ops by time).")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory probes (fresh processes; a few seconds each).")
+@remote_options
 @json_option
 def profile_cmd(model: str, hw: tuple[str, ...], batch_sizes: tuple[int, ...], input_shapes: dict, per_node: bool,
-                no_memory: bool, as_json: bool) -> None:
+                no_memory: bool, remote: str | None, ssh_options: tuple[str, ...], as_json: bool) -> None:
     """Measure latency, throughput, memory, size and MACs of MODEL on hardware profiles."""
-    result = profile_model(model, list(hw) or None, per_node=per_node, input_shapes=input_shapes or None,
+    result = profile_model(model, remote_profiles(list(hw) or [DEFAULT_PROFILE], remote, ssh_options), per_node=per_node, input_shapes=input_shapes or None,
                            batch_sizes=list(batch_sizes) or None, memory=not no_memory)
     if as_json:
         emit_json(result)
@@ -53,6 +65,8 @@ def profile_cmd(model: str, hw: tuple[str, ...], batch_sizes: tuple[int, ...], i
             con.print(f"[bold]{r['profile']}[/bold]: {r['backend']} {r['precision']} on {r['provider']}, "
                       f"{threads['intra_op_effective']} intra-op thread(s), provenance {r['provenance']}"
                       + (f" (emulates {r['emulates']})" if r["provenance"] == "emulated" and r["emulates"] else ""))
+            if "remote" in r:
+                con.print(_device_line(r["remote"]))
     table = Table(title="latency (ms) per profile and batch size", box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("profile", "batch", "p50", "p90", "p99", "mean", "runs", "items/s", "peak RSS"):
         table.add_column(col, justify="left" if col == "profile" else "right")
@@ -79,6 +93,12 @@ def profile_cmd(model: str, hw: tuple[str, ...], batch_sizes: tuple[int, ...], i
     _notes(con, [n for r in result["results"] for n in r["notes"]])
 
 
+def _device_line(dev: dict[str, Any]) -> str:
+    mem = f", {human(dev['memory_bytes'], 'B')} RAM" if dev.get("memory_bytes") else ""
+    return (f"  on {dev['target']} ({dev['host']}): {dev['cpu_model']}, {dev['cpu_cores']} cores{mem}, {dev['platform']}, "
+            f"onnxruntime {dev['onnxruntime']} ({', '.join(dev['providers'])})")
+
+
 def _per_node_table(con: Console, r: dict[str, Any]) -> None:
     pn = r["per_node"]
     table = Table(title=f"{r['profile']} batch {r['batch_size']}: top nodes ({pn['kernel_ms_per_run']:.3f} ms of kernels per run)",
@@ -99,11 +119,12 @@ def _per_node_table(con: Console, r: dict[str, Any]) -> None:
 @_batch_option
 @input_shape_option
 @click.option("--memory", is_flag=True, help="Also measure each model's peak memory in fresh processes.")
+@remote_options
 @json_option
 def compare_cmd(model_a: str, model_b: str, hw: str, batch_sizes: tuple[int, ...], input_shapes: dict, memory: bool,
-                as_json: bool) -> None:
+                remote: str | None, ssh_options: tuple[str, ...], as_json: bool) -> None:
     """Time MODEL_A and MODEL_B interleaved (A B A B ..., same inputs) and put them side by side."""
-    result = compare_models(model_a, model_b, hw, batch_sizes=list(batch_sizes) or None,
+    result = compare_models(model_a, model_b, remote_profiles([hw], remote, ssh_options)[0], batch_sizes=list(batch_sizes) or None,
                             input_shapes=input_shapes or None, memory=memory)
     if as_json:
         emit_json(result)
@@ -113,6 +134,8 @@ def compare_cmd(model_a: str, model_b: str, hw: str, batch_sizes: tuple[int, ...
     con.print(f"[bold]A[/bold] {a['model']}\n[bold]B[/bold] {b['model']}")
     con.print(f"profile {result['profile']} ({result['backend']}, {result['provider']}, {result['provenance']}), "
               f"runs interleaved A B A B")
+    if "remote" in result:
+        con.print(_device_line(result["remote"]))
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("", "A", "B", "B/A"):
         table.add_column(col, justify="left" if not col else "right")

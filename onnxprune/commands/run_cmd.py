@@ -8,7 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .common import emit_json, json_option
+from .common import emit_json, json_option, remote_options
 
 
 def wide(con: Console | None = None) -> Console:
@@ -73,16 +73,18 @@ def _shipped_epilog() -> str:
               help="Hardware profile name or YAML path (repeatable; replaces the recipe's hw list).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe field, YAML value, dotted path (repeatable): --set retrain.epochs=3 --set sweep.seeds=[0,1]")
+@remote_options
 @json_option
 def run_cmd(recipe: str, model: str, outdir: str, data_spec: str | None, hw: tuple[str, ...],
-            overrides: tuple[str, ...], as_json: bool) -> None:
+            overrides: tuple[str, ...], remote: str | None, ssh_options: tuple[str, ...], as_json: bool) -> None:
     """Run RECIPE (a shipped name such as demo, or a YAML path) on MODEL and write the report.
 
     Re-running with the same OUTDIR skips every step that already finished with the same inputs.
     """
     from ..pipeline.run import run_recipe
 
-    report = run_recipe(recipe, model, outdir, data=data_spec, hw=hw, overrides=overrides, progress=not as_json)
+    report = run_recipe(recipe, model, outdir, data=data_spec, hw=hw, overrides=overrides, progress=not as_json,
+                        remote=remote, ssh_options=ssh_options)
     if as_json:
         emit_json(report)
         return

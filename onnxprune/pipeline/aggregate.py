@@ -55,6 +55,8 @@ def _profiles(measured: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str,
                 (all(r.get("meets_latency_budget") for r in rs) if first.get("meets_latency_budget") is not None else None),
                 "runs": first.get("runs"), "threads": first.get("threads"), "versions": first.get("versions", {}),
                 "notes": list(dict.fromkeys(n for r in rs for n in r.get("notes", []))),
+                **({"remote": {k: v for k, v in first["remote"].items() if k not in ("workdir", "model_copied")}}
+                   if first.get("remote") else {}),  # the device it was measured on, over SSH
             })
         out[name] = recs
     return out
@@ -211,7 +213,8 @@ def build_report(ctx, model_path: Path, dense: Mapping[str, Any], dense_ft: Sequ
         "retraining": retraining,
         "hw_profiles": [{"name": p.name, "backend": p.backend, "precision": p.precision,
                          "provenance": _provenance(dense_point, p.name, p.provenance), "source": p.source,
-                         "batch_sizes": list(p.batch_sizes), "description": p.description} for p in ctx.profiles],
+                         "batch_sizes": list(p.batch_sizes), "description": p.description,
+                         **({"remote": p.remote} if getattr(p, "remote", None) else {})} for p in ctx.profiles],
         "dense": dense_point,
         "dense_finetuned": ft_point,
         "points": points,

@@ -107,14 +107,15 @@ def resolve(recipe: "Recipe | str | os.PathLike", overrides: Iterable[str] = ())
 
 def run_recipe(recipe: "Recipe | str | os.PathLike", model_path: str | os.PathLike, outdir: str | os.PathLike,
                data: "str | Mapping[str, Any] | None" = None, hw: Sequence[str] = (), overrides: Iterable[str] = (),
-               *, progress: bool = False) -> dict[str, Any]:
-    """Run ``recipe`` on ``model_path`` into ``outdir``; returns the report (also in OUTDIR/report.json)."""
+               *, progress: bool = False, remote: str | None = None, ssh_options: Sequence[str] = ()) -> dict[str, Any]:
+    """Run ``recipe`` on ``model_path`` into ``outdir``; returns the report (also in OUTDIR/report.json).
+    ``remote`` (``USER@HOST[:PORT]``) measures every profile on that device over SSH."""
     overrides = list(overrides)
     source = None if isinstance(recipe, Recipe) else str(resolve_recipe(recipe))
     recipe = resolve(recipe, overrides)
     model_path = _check_model(model_path)
     outdir = _check_outdir(outdir, model_path)
-    profiles = steps.load_profiles(list(hw) or recipe.hw)
+    profiles = steps.load_profiles(list(hw) or recipe.hw, remote, ssh_options)
     profiles = [recipe.profiling.apply(p) for p in profiles]
     plan = expand(recipe)
     for st in (s for r in plan.runs for s in r.stages):
@@ -138,7 +139,9 @@ def run_recipe(recipe: "Recipe | str | os.PathLike", model_path: str | os.PathLi
         ctx.notes.append("no hardware profile: latency was not measured (pass --hw PROFILE, e.g. --hw x86-server-cpu)")
     t0 = time.perf_counter()
     total = len(plan.runs) + 1 + (len(plan.seeds) if _finetune_dense(recipe) else 0) + (1 if recipe.sensitivity.enabled else 0)
-    with ctx.progress.running(total, recipe.name):
+    from ..profiling.remote import sessions as remote_sessions
+
+    with remote_sessions(), ctx.progress.running(total, recipe.name):  # a device keeps its copies for the whole run
         dense = dense_control(ctx, model_path)
         ctx.progress.advance()
         sens = None

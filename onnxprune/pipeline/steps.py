@@ -232,12 +232,14 @@ def evaluate(path: str | os.PathLike, data, splits: Sequence[str], batch_size: i
 
 # -------------------------------------------------------------------------------------------- profiling
 
-def load_profiles(names: Sequence[str]):
-    """Load and check every profile before any work: a missing GPU fails here, in one line."""
+def load_profiles(names: Sequence[str], remote: str | None = None, ssh_options: Sequence[str] = ()):
+    """Load and check every profile before any work: a missing GPU fails here, in one line
+    (with ``remote``, ``--remote``, they are measured on that device and checked there)."""
     prof = _need("..profiling", "hardware profiling")
+    from ..profiling.remote import with_remote
     from ..profiling.runners import check_available
 
-    loaded = [prof.load_hw_profile(n) for n in names]
+    loaded = [with_remote(prof.load_hw_profile(n), remote, ssh_options) for n in names]
     for p in loaded:
         try:
             check_available(p)

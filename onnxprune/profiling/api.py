@@ -20,6 +20,10 @@ single-stream percentile) with the budget; ``meets_memory_limit`` compares peak 
 with the limit; both are null when the profile sets no budget or memory was not measured.
 ``provenance`` is the profile's, downgraded to ``emulated`` when the machine is not the one the
 profile describes (another CPU architecture or GPU).
+
+A profile with ``remote:`` set is measured on that device over SSH (:mod:`.remote`): same record,
+plus ``remote`` {target, host, platform, arch, cpu_model, cpu_cores, memory_bytes, onnxruntime,
+providers, python, onnxprune, workdir, model_copied}; ``compare_models`` then adds it at the top.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from .measure import Timing, cpu_affinity, measure, measure_interleaved
 from .memory import measure_memory
 from .pernode import per_node_profile
 from .provider import ORT_PROVIDER
+from .remote import compare_remote, profile_remote, sessions
 from .runners import BatchSizeError, batch_input_shapes, check_available, make_feeds, make_runner
 from .stats import latency_summary, throughput
 
@@ -125,6 +130,7 @@ def _memory(path: Path, profile: HwProfile, feeds: Mapping[str, Any]) -> dict[st
     return out
 
 
+@sessions()  # several remote profiles on one device share one copy of the model
 def profile_model(path: str | os.PathLike, profiles: ProfileArg | Iterable[ProfileArg] | None = None,
                   per_node: bool = False, input_shapes: Mapping[str, tuple[int, ...]] | None = None, *,
                   batch_sizes: Sequence[int] | None = None, memory: bool = True, top_nodes: int = 15) -> dict[str, Any]:
@@ -145,6 +151,12 @@ def profile_model(path: str | os.PathLike, profiles: ProfileArg | Iterable[Profi
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     for prof in profs:
+        if prof.remote:
+            part = profile_remote(path, prof, per_node=per_node, input_shapes=input_shapes, batch_sizes=batch_sizes,
+                                  memory=memory, top_nodes=top_nodes)
+            results.extend(part["results"])
+            skipped.extend(part["skipped"])
+            continue
         context = _profile_context(prof)
         for batch in batch_sizes or prof.batch_sizes:
             try:
@@ -199,6 +211,9 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike, profile: ProfileA
     check_available(prof)
     batch_sizes = _explicit_batches(batch_sizes, input_shapes)
     pa, pb = Path(a), Path(b)
+    if prof.remote:
+        load_graph(pa), load_graph(pb)  # a bad file fails here, before any copying
+        return compare_remote(pa, pb, prof, batch_sizes=batch_sizes, input_shapes=input_shapes, memory=memory)
     ma, mb = load_graph(pa), load_graph(pb)
     fa, fb = _ModelFigures(pa), _ModelFigures(pb)
     context = _profile_context(prof)

@@ -87,6 +87,14 @@ class HwProfile(_Strict):
     arch: str | None = None
     gpu: GpuSpec | None = None
     notes: list[str] = Field(default_factory=list)
+    #: measure on this device over SSH (``USER@HOST[:PORT]`` or a ``~/.ssh/config`` alias; see profiling.remote)
+    remote: str | None = None
+    #: the Python on the device that has onnxprune installed (e.g. a venv's ``/home/pi/venv/bin/python``)
+    remote_python: str = Field("python3", min_length=1)
+    #: ``KEY=VALUE`` options passed to ssh and scp as ``-o KEY=VALUE`` (e.g. ``IdentityFile=~/.ssh/board``)
+    ssh_options: list[str] = Field(default_factory=list)
+    #: seconds one remote profile or compare may take before it is killed on the device
+    remote_timeout_s: float = Field(900.0, gt=0)
     #: where the profile was read from (set by the loader, not a YAML key)
     source: str | None = Field(None, exclude=True)
 
@@ -97,6 +105,24 @@ class HwProfile(_Strict):
             raise ValueError("batch sizes must be positive")
         if len(set(v)) != len(v):
             raise ValueError("batch sizes must not repeat")
+        return v
+
+    @field_validator("remote")
+    @classmethod
+    def _remote(cls, v: str | None) -> str | None:
+        if v is not None:
+            from .remote import parse_target
+
+            parse_target(v)  # raises ValueError with the expected form
+        return v
+
+    @field_validator("ssh_options")
+    @classmethod
+    def _ssh_options(cls, v: list[str]) -> list[str]:
+        from .remote import check_ssh_option
+
+        for opt in v:
+            check_ssh_option(opt)
         return v
 
     @field_validator("cpu_affinity")

@@ -109,7 +109,10 @@ def _torch_cuda(backend: str) -> Any:
 
 
 def check_available(profile: HwProfile) -> None:
-    """Fail fast, before any measuring, when ``profile``'s backend cannot run here."""
+    """Fail fast, before any measuring, when ``profile``'s backend cannot run here (a ``remote``
+    profile does not run here: its device checks it)."""
+    if profile.remote:
+        return
     b = profile.backend
     where = f"profile {profile.name!r}"
     if b in ORT_PROVIDER:
