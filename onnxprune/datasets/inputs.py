@@ -90,7 +90,8 @@ def _fit(inp: ModelInput, a: np.ndarray, source: str) -> np.ndarray:
         elif a.ndim + 1 == rank and rank >= 2 and not (isinstance(inp.dims[1], int) and inp.dims[1] != 1):
             a = a[:, None]  # N x H x W data for an N x 1 x H x W input
         if a.ndim != rank or any(isinstance(d, int) and d != g for d, g in zip(inp.dims[1:], a.shape[1:])):
-            raise OnnxPruneError(f"{label} has shape {list(a.shape)}, the model expects {inp.expected()} "
+            got = "[" + ", ".join(["N", *map(str, a.shape[1:])]) + "]"
+            raise OnnxPruneError(f"{label} has shape {got}, the model expects {inp.expected()} "
                                  "(N first; adjust size=/layout= in the spec or re-export the data)")
     want = np.dtype(inp.dtype)
     if a.dtype == want:

@@ -104,9 +104,8 @@ def assemble_unlabeled(parsed: ParsedSpec, pre: Preprocess, seed: int, x: Arrays
         notes.append(f"{' and '.join(fr)} carved at random from the data "
                      f"({', '.join(f'{f:.0%}' for f in fr.values())}, seed {seed})")
     out = {name: Split(x=preprocess_arrays(pre, a, what), y=None) for name, a in (("train", x), ("val", val), ("test", test))}
-    for name in ("train", "val"):
-        if len(out[name]) == 0:
-            raise OnnxPruneError(f"{what}: the {name} split is empty ({n} samples; lower val=/test= or add data)")
+    if len(out["train"]) == 0:
+        raise OnnxPruneError(f"{what}: the train split is empty ({n} samples; lower val=/test= or add data)")
     first = first_array(out["train"].x)
     return DatasetSplits(train=out["train"], val=out["val"], test=out["test"], num_classes=0,
                          input_shape=tuple(first.shape[1:]), notes=notes)
