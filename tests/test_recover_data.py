@@ -255,3 +255,358 @@ def test_eval_metric_gets_labels_on_labeled_data(tmp_path, monkeypatch):
     assert code == 0, err
     res = json.loads(out)
     assert res["metric"]["acc"] == pytest.approx(res["top1"])  # the user's accuracy is eval's top-1
+
+
+# --------------------------------------------------------------------------- label-free distillation (trained models)
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+@pytest.fixture
+def one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def _export(module, example, path, input_names, output_names, dynamic: dict | None = None):
+    import warnings
+
+    module.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, str(path), dynamo=False, opset_version=17, input_names=input_names,
+                          output_names=output_names, do_constant_folding=False,
+                          dynamic_axes=dynamic or {n: {0: "N"} for n in input_names + output_names})
+    return path
+
+
+def _fit(module, batches, loss_fn, epochs: int, lr: float = 3e-3, seed: int = 0):
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    module.train()
+    for _ in range(epochs):
+        for b in batches():
+            opt.zero_grad()
+            loss = loss_fn(module, *b)
+            loss.backward()
+            opt.step()
+    module.eval()
+    return module
+
+
+def _shapes(n: int, seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Generated dense-prediction data: one bright rectangle per noisy image; returns images
+    (N x 1 x S x S), the rectangle's mask and its box (cx, cy, w, h as fractions)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.0, 0.15, (n, 1, size, size)).astype(np.float32)
+    mask = np.zeros((n, 1, size, size), np.float32)
+    box = np.zeros((n, 4), np.float32)
+    for i in range(n):
+        h, w = rng.integers(3, size // 2 + 1, 2)
+        r, c = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+        mask[i, 0, r:r + h, c:c + w] = 1.0
+        box[i] = ((c + w / 2) / size, (r + h / 2) / size, w / size, h / size)
+    return x + mask, mask, box
+
+
+class _SegNet(nn.Module):
+    """Two outputs: per-pixel mask logits (N x 1 x H x W) and a box (N x 4); any H, W."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=1), nn.ReLU())
+        self.mask = nn.Conv2d(c, 1, 1)
+        self.box = nn.Linear(c, 4)
+
+    def forward(self, x):
+        f = self.body(x)
+        return self.mask(f), self.box(f.mean(dim=(2, 3)))
+
+
+def _iou(mask_logits: np.ndarray, mask: np.ndarray) -> float:
+    p, t = mask_logits > 0, mask > 0.5
+    return float((p & t).sum() / max((p | t).sum(), 1))
+
+
+@pytest.fixture(scope="module")
+def seg_models(tmp_path_factory):
+    """The trained dense model (symbolic N, H, W) and a copy pruned to half its channels."""
+    from onnxprune import api
+
+    torch.manual_seed(0)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    x, mask, box = _shapes(512, seed=0)
+    xt, mt, bt = (torch.from_numpy(a) for a in (x, mask, box))
+
+    def batches():
+        for i in range(0, len(xt), 32):
+            yield xt[i:i + 32], mt[i:i + 32], bt[i:i + 32]
+
+    def loss(m, xb, mb, bb):
+        ml, bo = m(xb)
+        return nn.functional.binary_cross_entropy_with_logits(ml, mb) + 10 * nn.functional.mse_loss(bo, bb)
+
+    net = _fit(_SegNet(), batches, loss, epochs=12)
+    torch.set_num_threads(prev)
+    d = tmp_path_factory.mktemp("seg")
+    dense = _export(net, (torch.zeros(1, 1, 16, 16),), d / "dense.onnx", ["x"], ["mask", "box"],
+                    {"x": {0: "N", 2: "H", 3: "W"}, "mask": {0: "N", 2: "H", 3: "W"}, "box": {0: "N"}})
+    api.prune(dense, d / "pruned.onnx", method="structured", ratio=0.5, input_shapes={"x": (1, 1, 16, 16)})
+    return dense, d / "pruned.onnx"
+
+
+def _seg_scores(model_path, x, mask, box) -> tuple[float, float]:
+    """The task metrics: mask IoU and mean absolute box error."""
+    from onnxprune.datasets.fidelity import run_onnx
+
+    out = run_onnx(str(model_path), {"x": x})
+    return _iou(out["mask"], mask), float(np.abs(out["box"] - box).mean())
+
+
+@pytest.mark.slow
+def test_label_free_distillation_restores_a_two_output_dense_predictor(seg_models, tmp_path, one_thread):
+    from onnxprune.datasets.fidelity import evaluate_fidelity, mean_rel_l2
+
+    dense, pruned = seg_models
+    x_unl, _, _ = _shapes(400, seed=1)  # unlabeled: images only
+    np.savez(tmp_path / "unl.npz", x=x_unl)
+    code, out, err = run_cli("finetune", pruned, "-o", tmp_path / "ft.onnx", "--teacher", dense,
+                             "--data", f"npz:{tmp_path / 'unl.npz'}", "--epochs", "6", "--optimizer", "adamw",
+                             "--lr", "0.003", "--batch-size", "32", "--no-progress", "--json",
+                             "--history", tmp_path / "h.json")
+    assert code == 0, err
+    h = json.loads(out)
+    assert h["objective"] == "distill" and h["selection"] == "val_fidelity" and h["test"] is None
+    assert set(h["test_fidelity"]) == {"mask", "box"}
+    assert h["best_val_rel_l2"] < h["initial_val_rel_l2"]
+    # held-out generated images with their ground truth: fidelity and the task metrics both improve
+    x, mask, box = _shapes(300, seed=2)
+    before, _ = evaluate_fidelity(str(pruned), str(dense), {"x": x})
+    after, _ = evaluate_fidelity(str(tmp_path / "ft.onnx"), str(dense), {"x": x})
+    mb, ma = mean_rel_l2(before["outputs"]), mean_rel_l2(after["outputs"])
+    assert ma < 0.6 * mb, (mb, ma)
+    iou_dense, box_dense = _seg_scores(dense, x, mask, box)
+    iou_before, box_before = _seg_scores(pruned, x, mask, box)
+    iou_after, box_after = _seg_scores(tmp_path / "ft.onnx", x, mask, box)
+    assert iou_dense > 0.8
+    assert iou_after > iou_before and box_after < box_before, (iou_before, iou_after, box_before, box_after)
+    # the written model is the pruned graph with new weights (names, structure, symbolic dims kept)
+    a, b = onnx.load(str(pruned)), onnx.load(str(tmp_path / "ft.onnx"))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    assert [i.name for i in a.graph.initializer] == [i.name for i in b.graph.initializer]
+    print(f"seg: mean rel_l2 {mb:.4f} -> {ma:.4f}; IoU dense {iou_dense:.3f}, pruned {iou_before:.3f} -> "
+          f"{iou_after:.3f}; box L1 {box_before:.4f} -> {box_after:.4f} (dense {box_dense:.4f})")
+
+
+class _DigitsCNN(nn.Module):
+    def __init__(self, c1: int = 12, c2: int = 16):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(1, c1, 3, padding=1), nn.BatchNorm2d(c1), nn.ReLU(), nn.MaxPool2d(2),
+                               nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2), nn.ReLU())
+        self.h = nn.Sequential(nn.Flatten(), nn.Linear(c2 * 16, 10))
+
+    def forward(self, x):
+        return self.h(self.f(x))
+
+
+class _TwoInput(nn.Module):
+    """An 8x8 image and a 3-vector in; class scores and a fused embedding out."""
+
+    def __init__(self, c: int = 12):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                               nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Flatten())
+        self.a = nn.Linear(3, 8)
+        self.emb = nn.Linear(c * 16 + 8, 16)
+        self.cls = nn.Linear(16, 10)
+
+    def forward(self, img, aux):
+        e = torch.relu(self.emb(torch.cat([self.f(img), torch.relu(self.a(aux))], 1)))
+        return self.cls(e), e
+
+
+def _digits_arrays():
+    d = load_dataset("digits")
+    return d, np.concatenate([d.train.x, d.val.x]), d.test.x, d.test.y
+
+
+@pytest.fixture(scope="module")
+def digits_models(tmp_path_factory):
+    """A digits classifier trained here (5 epochs), and a copy with half its channels removed."""
+    from onnxprune import api
+
+    d, x_tr, _, _ = _digits_arrays()
+    y_tr = np.concatenate([d.train.y, d.val.y])
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
+
+    def batches():
+        perm = torch.randperm(len(xt))
+        for i in range(0, len(xt), 64):
+            yield xt[perm[i:i + 64]], yt[perm[i:i + 64]]
+
+    net = _fit(_DigitsCNN(), batches, lambda m, xb, yb: nn.functional.cross_entropy(m(xb), yb), epochs=5)
+    torch.set_num_threads(prev)
+    p = tmp_path_factory.mktemp("cls")
+    dense = _export(net, (torch.zeros(1, 1, 8, 8),), p / "dense.onnx", ["x"], ["logits"])
+    api.prune(dense, p / "pruned.onnx", method="structured", ratio=0.6)
+    np.savez(p / "unl.npz", x=x_tr)  # the same images without their labels
+    return dense, p / "pruned.onnx", p / "unl.npz"
+
+
+@pytest.mark.slow
+def test_label_free_distillation_restores_a_classifier(digits_models, tmp_path, one_thread):
+    from onnxprune.datasets import evaluate_onnx
+
+    dense, pruned, unl = digits_models
+    code, out, err = run_cli("finetune", pruned, "-o", tmp_path / "ft.onnx", "--teacher", dense,
+                             "--data", f"npz:{unl}", "--epochs", "4", "--lr", "0.05", "--no-progress", "--json")
+    assert code == 0, err
+    h = json.loads(out)
+    assert h["objective"] == "distill" and h["selection"] == "val_fidelity"
+    acc = {k: evaluate_onnx(str(p), "digits")["top1"] for k, p in
+           (("dense", dense), ("pruned", pruned), ("ft", tmp_path / "ft.onnx"))}
+    fid = {}
+    for k, p in (("pruned", pruned), ("ft", tmp_path / "ft.onnx")):
+        code, out, err = run_cli("eval", p, "--data", "digits", "--reference", dense, "--json")
+        assert code == 0, err
+        fid[k] = json.loads(out)
+        assert fid[k]["top1"] == pytest.approx(acc[k])  # labeled data: accuracy next to fidelity
+    f0, f1 = fid["pruned"]["fidelity"]["logits"], fid["ft"]["fidelity"]["logits"]
+    assert f1["rel_l2"] < 0.5 * f0["rel_l2"] and f1["top1_agreement"] > f0["top1_agreement"]
+    assert acc["ft"] > acc["pruned"] + 0.05 and acc["ft"] > acc["dense"] - 0.05, acc
+    print(f"digits: top-1 dense {acc['dense']:.3f}, pruned {acc['pruned']:.3f} -> distilled without labels "
+          f"{acc['ft']:.3f}; rel_l2 {f0['rel_l2']:.3f} -> {f1['rel_l2']:.3f}; agreement "
+          f"{f0['top1_agreement']:.3f} -> {f1['top1_agreement']:.3f}")
+
+
+@pytest.mark.slow
+def test_distill_features_at_the_pruned_layers_keeps_sparsity(digits_models, tmp_path, one_thread):
+    from onnxprune import api
+    from onnxprune.datasets.fidelity import evaluate_fidelity
+
+    dense, _, unl = digits_models
+    api.prune(dense, tmp_path / "sparse.onnx", method="unstructured", sparsity=0.85)
+    code, out, err = run_cli("finetune", tmp_path / "sparse.onnx", "-o", tmp_path / "ft.onnx", "--teacher", dense,
+                             "--data", f"npz:{unl}", "--epochs", "2", "--lr", "0.02", "--no-progress", "--json",
+                             "--distill-features")
+    assert code == 0, err
+    h = json.loads(out)
+    # masked layers keep their output shapes: their outputs are matched (the last one is the graph output)
+    assert h["distill_features"] == ["/f/f.0/Conv_output_0", "/f/f.4/Conv_output_0"]
+    assert h["sparsity"]["preserved"] and h["sparsity"]["pruned_weights"] > 0
+    x = {"x": load_dataset("digits").test.x}
+    before, _ = evaluate_fidelity(str(tmp_path / "sparse.onnx"), str(dense), x)
+    after, _ = evaluate_fidelity(str(tmp_path / "ft.onnx"), str(dense), x)
+    b, a = before["outputs"]["logits"], after["outputs"]["logits"]
+    print(f"unstructured 85% + --distill-features: agreement {b['top1_agreement']:.3f} -> {a['top1_agreement']:.3f}, "
+          f"rel_l2 {b['rel_l2']:.3f} -> {a['rel_l2']:.3f}")
+    assert a["top1_agreement"] > max(0.85, b["top1_agreement"] + 0.2)
+
+
+@pytest.mark.slow
+def test_label_free_distillation_on_a_two_input_two_output_model(tmp_path, one_thread):
+    from onnxprune import api
+
+    d, x_tr, x_te, y_te = _digits_arrays()
+    y_tr = np.concatenate([d.train.y, d.val.y])
+    rng = np.random.default_rng(0)
+    aux_tr = rng.standard_normal((len(x_tr), 3)).astype(np.float32)
+    aux_tr[:, 0] += y_tr / 5.0  # a weak hint of the class in the side input
+    xt, at, yt = torch.from_numpy(x_tr), torch.from_numpy(aux_tr), torch.from_numpy(y_tr)
+
+    def batches():
+        for i in range(0, len(xt), 64):
+            yield xt[i:i + 64], at[i:i + 64], yt[i:i + 64]
+
+    net = _fit(_TwoInput(), batches, lambda m, xb, ab, yb: nn.functional.cross_entropy(m(xb, ab)[0], yb), epochs=4)
+    dense = _export(net, (torch.zeros(1, 1, 8, 8), torch.zeros(1, 3)), tmp_path / "dense.onnx", ["img", "aux"],
+                    ["logits", "emb"])
+    api.prune(dense, tmp_path / "pruned.onnx", method="structured", ratio=0.6)
+    np.savez(tmp_path / "two.npz", img=x_tr, aux=aux_tr)  # one array per input, no labels
+    code, out, err = run_cli("finetune", tmp_path / "pruned.onnx", "-o", tmp_path / "ft.onnx", "--teacher", dense,
+                             "--data", f"npz:{tmp_path / 'two.npz'}", "--epochs", "3", "--lr", "0.05",
+                             "--no-progress", "--json")
+    assert code == 0, err
+    h = json.loads(out)
+    assert set(h["test_fidelity"]) == {"logits", "emb"} and h["best_val_rel_l2"] < h["initial_val_rel_l2"]
+    aux_te = rng.standard_normal((len(x_te), 3)).astype(np.float32)
+    aux_te[:, 0] += y_te / 5.0
+    np.savez(tmp_path / "test.npz", img=x_te, aux=aux_te)
+    res = {}
+    for k in ("pruned", "ft"):
+        code, out, err = run_cli("eval", tmp_path / f"{k}.onnx", "--data", f"npz:{tmp_path / 'test.npz'}?val=0&test=0",
+                                 "--split", "train", "--reference", dense, "--json")
+        assert code == 0, err
+        res[k] = json.loads(out)["fidelity"]
+    for name in ("logits", "emb"):
+        assert res["ft"][name]["rel_l2"] < 0.6 * res["pruned"][name]["rel_l2"], (name, res)
+    assert res["ft"]["logits"]["top1_agreement"] > res["pruned"]["logits"]["top1_agreement"]
+
+
+@pytest.mark.slow
+def test_ddp_label_free_ranks_end_identical(digits_models, tmp_path):
+    from onnxprune.training import TrainConfig
+    from onnxprune.training.ddp import launch_local
+
+    dense, pruned, unl = digits_models
+    cfg = TrainConfig(epochs=1, lr=0.05, batch_size=64).to_dict()
+    out = launch_local(pruned, f"npz:{unl}", cfg, tmp_path / "ddp", nprocs=2, teacher_path=dense)
+    r0, r1 = np.load(out / "rank0.npz"), np.load(out / "rank1.npz")
+    assert r0.files == r1.files and len(r0.files) > 4
+    for k in r0.files:
+        np.testing.assert_array_equal(r0[k], r1[k])
+    h = json.loads((out / "history.json").read_text())
+    assert h["world_size"] == 2 and h["objective"] == "distill" and h["selection"] == "val_fidelity"
+
+
+# --------------------------------------------------------------------------- losses and objectives (fast)
+
+def test_outputs_distill_loss_kl_for_scores_smooth_l1_for_the_rest():
+    from onnxprune.training.distill import distillation_loss, outputs_distill_loss, regression_distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    s_cls, t_cls = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    s_map, t_map = torch.randn(4, 2, 3, 3, generator=g), torch.randn(4, 2, 3, 3, generator=g)
+    assert float(outputs_distill_loss((t_cls, t_map), (t_cls, t_map))) == pytest.approx(0.0, abs=1e-6)
+    got = outputs_distill_loss((s_cls, s_map), (t_cls, t_map), temperature=2.0)
+    want = (distillation_loss(s_cls, t_cls, 2.0) + regression_distill_loss(s_map, t_map)) / 2
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    # the regression term is scale-free: the same relative error weighs the same at any scale
+    assert float(regression_distill_loss(1000 * s_map, 1000 * t_map)) == pytest.approx(
+        float(regression_distill_loss(s_map, t_map)), rel=1e-5)
+    # a probability output (index in probs) is distilled through its log: same as its logits
+    p_s, p_t = torch.softmax(s_cls, 1), torch.softmax(t_cls, 1)
+    assert float(outputs_distill_loss((p_s,), (p_t,), probs={0})) == pytest.approx(
+        float(distillation_loss(s_cls, t_cls)), rel=1e-4)
+    with pytest.raises(ValueError, match="shape"):
+        outputs_distill_loss((s_cls,), (t_cls[:, :3],))
+
+
+def test_objective_resolution_and_cli_errors(tmp_path):
+    from onnxprune.training.config import TrainConfig, resolve_objective
+
+    assert resolve_objective("auto", True, True) == "both"
+    assert resolve_objective("auto", True, False) == "labels"
+    assert resolve_objective("auto", False, True) == "distill"
+    with pytest.raises(OnnxPruneError, match="no labels: pass --teacher"):
+        resolve_objective("auto", False, False)
+    with pytest.raises(OnnxPruneError, match="needs labels"):
+        resolve_objective("both", False, True)
+    with pytest.raises(OnnxPruneError, match="needs a teacher"):
+        resolve_objective("distill", True, False)
+    with pytest.raises(OnnxPruneError, match="objective must be one of"):
+        TrainConfig(objective="kl")
+    onnx.save(_two_input_linear(), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "two.npz", a=np.zeros((20, 4), np.float32), b=np.zeros((20, 3), np.float32))
+    code, _, err = run_cli("finetune", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx", "--data",
+                           f"npz:{tmp_path / 'two.npz'}", "--no-progress")
+    assert code == 1 and "no labels: pass --teacher" in err and err.count("\n") == 1
+    assert not (tmp_path / "o.onnx").exists()

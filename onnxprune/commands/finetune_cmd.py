@@ -162,7 +162,8 @@ def _print(h: dict) -> None:
               f"{', objective ' + h['objective'] if h.get('objective') else ''})")
     labeled = h.get("selection", "val_top1") == "val_top1"
     t = Table(title="epochs")
-    cols = ("epoch", "lr", "train loss", "train top-1", "val top-1") if labeled else ("epoch", "lr", "train loss", "val rel_l2")
+    cols = (("epoch", "lr", "train loss", "train top-1", "val top-1") if labeled
+            else ("epoch", "lr", "train loss", "val rel_l2", "val agreement"))
     for col in cols:
         t.add_column(col, justify="right")
     for e in h["epochs"]:
@@ -171,15 +172,16 @@ def _print(h: dict) -> None:
             tr = f"{e['train_top1']:.2%}" if e.get("train_top1") is not None else "-"
             t.add_row(str(e["epoch"]), f"{e['lr']:.2e}", f"{e['train_loss']:.4f}", tr, f"{e['val_top1']:.2%}{mark}")
         else:
-            t.add_row(str(e["epoch"]), f"{e['lr']:.2e}", f"{e['train_loss']:.4f}", f"{e['val_rel_l2']:.4f}{mark}")
+            agree = f"{e['val_top1_agreement']:.2%}" if e.get("val_top1_agreement") is not None else "-"
+            t.add_row(str(e["epoch"]), f"{e['lr']:.2e}", f"{e['train_loss']:.4f}", f"{e['val_rel_l2']:.4f}", f"{agree}{mark}")
     con.print(t)
     kept = " (the starting weights were kept)" if h["best_epoch"] == 0 else ""
     if labeled:
         con.print(f"start val top-1 {h['initial_val_top1']:.2%}; best val top-1 {h['best_val_top1']:.2%} at epoch "
                   f"{h['best_epoch']}{kept}")
     else:
-        con.print(f"start val rel_l2 {h['initial_val_rel_l2']:.4f}; best val rel_l2 {h['best_val_rel_l2']:.4f} at epoch "
-                  f"{h['best_epoch']}{kept} (relative L2 error against the teacher, mean over outputs)")
+        con.print(f"start val rel_l2 {h['initial_val_rel_l2']:.4f}; chosen (closest to the teacher on val: top-1 agreement "
+                  f"for class scores, rel_l2 otherwise) at epoch {h['best_epoch']}{kept}: rel_l2 {h['best_val_rel_l2']:.4f}")
     sp = h.get("sparsity")
     if sp and sp.get("masked_tensors"):
         con.print(f"sparsity kept: {sp['pruned_weights']} pruned weights in {sp['masked_tensors']} tensors, "

@@ -11,7 +11,8 @@ What the loop does, in order, every run:
   step, then ``after_step`` (``finetune`` uses it to re-apply the pruning masks, so zeros stay exactly
   zero), and a validation pass;
 * without labels (``objective`` distill), the loss matches the teacher on every graph output and
-  checkpoints are chosen by the lowest validation ``rel_l2`` against the teacher instead of top-1;
+  checkpoints are chosen by validation fidelity to the teacher (top-1 agreement for class-score
+  outputs, relative L2 error for the others) instead of top-1;
 * keeps the weights of the best validation top-1 (ties go to the lower validation loss; the
   starting weights are a candidate too: retraining never returns something worse on validation than
   it was given) and loads them at the end. The test split is not looked at here; ``finetune`` reports it once, at the end,
@@ -150,16 +151,23 @@ def evaluate_module(module, data: DatasetSplits, split: str = "val", batch_size:
 
 def fidelity_module(module, teacher, data: DatasetSplits, split: str = "val", batch_size: int = 256, *,
                     device: str = "cpu", n_outputs: int | None = None) -> dict[str, Any]:
-    """Relative L2 error of ``module``'s graph outputs against ``teacher``'s on a split (no labels
-    needed): ``||s - t|| / ||t||`` per output over the whole split, and their mean (``rel_l2``),
-    which picks checkpoints when the data have no labels. Streaming: no output is kept."""
+    """How closely ``module`` follows ``teacher`` on a split (no labels needed), streaming.
+
+    Per graph output: ``||s - t|| / ||t||`` over the whole split; for class-score outputs also the
+    share of samples with the teacher's arg-max class. ``error`` (what checkpoints minimise without
+    labels) averages ``1 - top1_agreement`` for class scores (KL distillation matches the softmax,
+    not the logits' offset and scale) and ``rel_l2`` for every other output; ``rel_l2`` is the mean
+    relative L2 error over all outputs."""
     import torch
+
+    from .distill import is_class_scores
 
     part = data.split(split)
     was_training = module.training
     module.eval()
     num: list[float] = []
     den: list[float] = []
+    agree: list[int | None] = []
     n = 0
     with torch.no_grad():
         for x, _ in part.batches(batch_size):
@@ -168,13 +176,20 @@ def fidelity_module(module, teacher, data: DatasetSplits, split: str = "val", ba
             so, to = so[:n_outputs or len(so)], to[:n_outputs or len(to)]
             if not num:
                 num, den = [0.0] * len(so), [0.0] * len(so)
+                agree = [0 if is_class_scores(t) else None for t in to]
             for i, (a, b) in enumerate(zip(so, to)):
                 num[i] += float(((a.double() - b.double()) ** 2).sum())
                 den[i] += float((b.double() ** 2).sum())
+                if agree[i] is not None:
+                    agree[i] += int((a.reshape(len(a), -1).argmax(1) == b.reshape(len(b), -1).argmax(1)).sum())
             n += len(xs[0])
     module.train(was_training)
-    per = [(a ** 0.5) / (b ** 0.5) if b > 0 else (0.0 if a == 0 else math.inf) for a, b in zip(num, den)]
-    return {"rel_l2": float(np.mean(per)) if per else 0.0, "per_output": per, "samples": n}
+    rel = [(a ** 0.5) / (b ** 0.5) if b > 0 else (0.0 if a == 0 else math.inf) for a, b in zip(num, den)]
+    agreement = [None if c is None else c / max(n, 1) for c in agree]
+    err = [r if g is None else 1.0 - g for r, g in zip(rel, agreement)]
+    scored = [g for g in agreement if g is not None]
+    return {"rel_l2": float(np.mean(rel)) if rel else 0.0, "error": float(np.mean(err)) if err else 0.0,
+            "top1_agreement": float(np.mean(scored)) if scored else None, "per_output_rel_l2": rel, "samples": n}
 
 
 def _scores(logits, output_is_prob: bool):
@@ -245,8 +260,9 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
     ``prob_outputs``: indices of outputs that are probabilities (``output_is_prob`` means output 0).
     ``after_step``: called after every optimizer step (e.g. re-applying pruning masks).
     ``dist``: the data-parallel context (default: from ``torch.distributed`` if initialised).
-    Checkpoints: best validation top-1 with labels, lowest validation ``rel_l2`` against the
-    teacher without.
+    Checkpoints: best validation top-1 with labels; without, the closest to the teacher on
+    validation (:func:`fidelity_module`'s ``error``: top-1 agreement for class scores, ``rel_l2``
+    for other outputs).
     """
     import torch
     import torch.nn.functional as F
@@ -294,7 +310,7 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
         def better(v: dict, best: dict) -> bool:
             if by_labels:
                 return v["top1"] > best["top1"] or (v["top1"] == best["top1"] and v["loss"] < best["loss"])
-            return v["rel_l2"] < best["rel_l2"]
+            return (v["error"], v["rel_l2"]) < (best["error"], best["rel_l2"])
 
         initial = validate()
         best, best_epoch = initial, 0
@@ -348,7 +364,7 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
                     entry.update(train_top1=correct / max(seen, 1) if objective != "distill" else None,
                                  val_loss=val["loss"], val_top1=val["top1"])
                 else:
-                    entry.update(val_rel_l2=val["rel_l2"])
+                    entry.update(val_rel_l2=val["rel_l2"], val_top1_agreement=val["top1_agreement"])
                 epochs.append(entry)
                 if better(val, best):
                     best, best_epoch = val, epoch + 1
@@ -363,18 +379,22 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
         module.eval()
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
-    out = {"config": config.to_dict(), "objective": objective, "selection": "val_top1" if by_labels else "val_rel_l2",
+    out = {"config": config.to_dict(), "objective": objective, "selection": "val_top1" if by_labels else "val_fidelity",
            "device": device, "world_size": dist.world_size, "epochs": epochs, "best_epoch": best_epoch,
            "train_batches_per_epoch": n_batches, "seconds": round(time.perf_counter() - t0, 3)}
     if by_labels:
         out.update(initial_val_top1=initial["top1"], initial_val_loss=initial["loss"], best_val_top1=best["top1"])
     else:
-        out.update(initial_val_rel_l2=initial["rel_l2"], best_val_rel_l2=best["rel_l2"])
+        out.update(initial_val_rel_l2=initial["rel_l2"], best_val_rel_l2=best["rel_l2"],
+                   initial_val_top1_agreement=initial["top1_agreement"], best_val_top1_agreement=best["top1_agreement"])
     return out
 
 
 def _val_text(v: dict) -> str:
-    return f"val {v['top1']:.2%}" if "top1" in v else f"val rel_l2 {v['rel_l2']:.4f}"
+    if "top1" in v:
+        return f"val {v['top1']:.2%}"
+    agree = f" agreement {v['top1_agreement']:.2%}" if v.get("top1_agreement") is not None else ""
+    return f"val rel_l2 {v['rel_l2']:.4f}{agree}"
 
 
 def _snapshot(module) -> dict:
