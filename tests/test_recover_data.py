@@ -232,6 +232,9 @@ def test_eval_reference_and_metric_cli(tmp_path, monkeypatch):
     assert res["metric"] == {"mean_o": pytest.approx(want, rel=1e-5), "n": 8.0}
     code, out, _ = run_cli("eval", "mod.onnx", "--data", "npz:two.npz", "--reference", "ref.onnx")
     assert code == 0 and "rel_l2" in out and "o2" in out
+    from onnxprune import api
+
+    assert api.evaluate("mod.onnx", "npz:two.npz", reference="ref.onnx")["fidelity"] == res["fidelity"]
     # unlabeled without --reference/--metric, and a metric that returns garbage: one error line each
     code, _, err = run_cli("eval", "mod.onnx", "--data", "npz:two.npz")
     assert code == 1 and "no labels" in err and err.count("\n") == 1

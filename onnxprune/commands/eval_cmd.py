@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 import click
-import numpy as np
 from rich.console import Console
 
 from ..datasets import evaluate_onnx, load_dataset
@@ -36,7 +35,7 @@ def eval_cmd(model: str, data_spec: str, split: str, batch_size: int, seed: int,
              metric_spec: str | None, as_json: bool) -> None:
     """Top-1 (and top-5 above 5 classes) accuracy of MODEL, run by ONNX Runtime as it will be deployed;
     fidelity against --reference and your own --metric, with or without labels."""
-    m = load_model(model)  # one clear error for a missing or corrupt file before touching the data
+    load_model(model)  # one clear error for a missing or corrupt file before touching the data
     if reference:
         load_model(reference)
     data = load_dataset(data_spec, seed=seed)
@@ -46,43 +45,13 @@ def eval_cmd(model: str, data_spec: str, split: str, batch_size: int, seed: int,
                                  "dense model) or --metric python:module:function")
         res = evaluate_onnx(model, data, split=split, batch_size=batch_size)
     else:
-        res = _outputs_eval(model, m, data, split, batch_size, reference, metric_spec)
+        from ..datasets.fidelity import evaluate_outputs
+
+        res = evaluate_outputs(model, data, split, batch_size, reference=reference, metric=metric_spec)
     if as_json:
         emit_json(res)
         return
     _print(model, data.spec, res)
-
-
-def _outputs_eval(path: str, model, data, split: str, batch_size: int, reference: str | None,
-                  metric_spec: str | None) -> dict[str, Any]:
-    from ..datasets import bind_inputs, model_inputs
-    from ..datasets.fidelity import call_metric, evaluate_fidelity, mean_rel_l2, run_onnx
-
-    part = data.split(split)
-    inputs = model_inputs(model)
-    source = f"data {data.spec!r}"
-    if part.x is not None:
-        x, y = bind_inputs(inputs, part.x, source), part.y
-    else:  # user DataLoaders
-        got = [(bind_inputs(inputs, bx, source), by) for bx, by in part.batches(batch_size)]
-        x = {k: np.concatenate([g[0][k] for g in got]) for k in got[0][0]}
-        y = np.concatenate([g[1] for g in got]) if got and got[0][1] is not None else None
-    res: dict[str, Any] = {"split": split, "samples": int(len(next(iter(x.values()))))}
-    if data.labeled and len(inputs) == 1 and y is not None:
-        try:
-            acc = evaluate_onnx(model, data, split=split, batch_size=batch_size)
-            res.update(top1=acc["top1"], top5=acc["top5"])
-        except OnnxPruneError:
-            pass  # labels that are not classes of the first output: the user's metric scores them
-    outs = None
-    if reference:
-        fid, outs = evaluate_fidelity(model, reference, x, batch_size)
-        res.update(reference=reference, fidelity=fid["outputs"], mean_rel_l2=mean_rel_l2(fid["outputs"]))
-    if metric_spec:
-        if outs is None:
-            outs = run_onnx(model, x, batch_size)
-        res["metric"] = call_metric(metric_spec, outs, y if data.labeled else None)
-    return res
 
 
 def _print(model: str, spec: str, res: dict[str, Any]) -> None:

@@ -167,6 +167,48 @@ def call_metric(spec: str, outputs: Mapping[str, np.ndarray], labels: np.ndarray
     return out
 
 
+def evaluate_outputs(model: "str | os.PathLike | onnx.ModelProto", data: Any, split: str = "test",
+                     batch_size: int = 256, *, reference: "str | os.PathLike | onnx.ModelProto | None" = None,
+                     metric: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """``onnxprune eval`` with ``--reference`` and/or ``--metric``, labeled data or not.
+
+    Returns ``{"split", "samples"}`` plus ``top1``/``top5`` (labeled data, one-input classifiers),
+    ``fidelity`` (per graph output :func:`output_fidelity` against ``reference``) and
+    ``mean_rel_l2``, and ``metric`` (the user's ``fn(outputs, labels or None)``).
+    """
+    from .core import load_dataset
+    from .evaluate import evaluate_onnx
+    from .inputs import bind_inputs, model_inputs
+
+    data = load_dataset(data, seed=seed)
+    part = data.split(split)
+    inputs = model_inputs(model)
+    source = f"data {data.spec!r}"
+    if part.x is not None:
+        x, y = bind_inputs(inputs, part.x, source), part.y
+    else:  # user DataLoaders
+        got = [(bind_inputs(inputs, bx, source), by) for bx, by in part.batches(batch_size)]
+        x = {k: np.concatenate([g[0][k] for g in got]) for k in got[0][0]}
+        y = np.concatenate([g[1] for g in got]) if got[0][1] is not None else None
+    res: dict[str, Any] = {"split": split, "samples": int(len(next(iter(x.values()))))}
+    if data.labeled and len(inputs) == 1 and y is not None:
+        try:
+            acc = evaluate_onnx(model, data, split=split, batch_size=batch_size)
+            res.update(top1=acc["top1"], top5=acc["top5"])
+        except OnnxPruneError:
+            pass  # labels that are not classes of the first output: the user's metric scores them
+    outs = None
+    if reference is not None:
+        fid, outs = evaluate_fidelity(model, reference, x, batch_size)
+        res.update(reference=str(reference) if not isinstance(reference, onnx.ModelProto) else "(model)",
+                   fidelity=fid["outputs"], mean_rel_l2=mean_rel_l2(fid["outputs"]))
+    if metric:
+        if outs is None:
+            outs = run_onnx(model, x, batch_size)
+        res["metric"] = call_metric(metric, outs, y if data.labeled else None)
+    return res
+
+
 def mean_rel_l2(per_output: Mapping[str, Mapping[str, float]]) -> float:
     """One number for checkpoint selection and summaries: the mean ``rel_l2`` over outputs."""
     vals: Sequence[float] = [v["rel_l2"] for v in per_output.values()]
