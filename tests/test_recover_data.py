@@ -613,3 +613,40 @@ def test_objective_resolution_and_cli_errors(tmp_path):
                            f"npz:{tmp_path / 'two.npz'}", "--no-progress")
     assert code == 1 and "no labels: pass --teacher" in err and err.count("\n") == 1
     assert not (tmp_path / "o.onnx").exists()
+
+
+# --------------------------------------------------------------------------- recipes on unlabeled data
+
+UNLABELED_RECIPE = """
+name: unlabeled
+sweep:
+  methods:
+    - {name: l1, kind: structured, criterion: l1, points: [{ratio: 0.5}]}
+  seeds: [0, 1]
+hw: [ci-cpu]
+retrain: {epochs: 1, lr: 0.05}
+evaluation: {splits: [test], metric: "python:rmetric:score"}
+profiling: {min_runs: 3, warmup_runs: 1, min_duration_s: 0.0, memory: false}
+"""
+
+
+@pytest.mark.slow
+def test_recipe_on_unlabeled_data_reports_fidelity_and_the_user_metric(digits_models, tmp_path, monkeypatch):
+    from onnxprune.pipeline.run import run_recipe
+
+    dense, _, unl = digits_models
+    (tmp_path / "rmetric.py").write_text("import numpy as np\ndef score(outputs, labels):\n"
+                                         "    assert labels is None\n"
+                                         "    return {'mean_max_logit': float(outputs['logits'].max(1).mean())}\n")
+    (tmp_path / "r.yaml").write_text(UNLABELED_RECIPE)
+    monkeypatch.chdir(tmp_path)
+    rep = run_recipe(tmp_path / "r.yaml", dense, tmp_path / "out", data=f"npz:{unl}")
+    d_acc, p_acc = rep["dense"]["accuracy"]["test"], rep["points"][0]["accuracy"]["test"]
+    assert d_acc["top1"]["mean"] is None and d_acc["mean_rel_l2"]["mean"] == 0.0  # the dense model is the reference
+    rel = p_acc["mean_rel_l2"]
+    assert rel["n"] == 2 and 0 < rel["mean"] < 1 and p_acc["top1_agreement"]["n"] == 2  # aggregated over seeds
+    assert p_acc["metric"]["mean_max_logit"]["n"] == 2
+    # retraining without labels distilled from the dense model
+    assert all(r["train"]["teacher"] for r in rep["points"][0]["runs"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "test rel_l2 vs dense" in md and "test mean_max_logit" in md
