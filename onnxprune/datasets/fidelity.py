@@ -66,20 +66,51 @@ def top1_agreement(ref: np.ndarray, out: np.ndarray) -> float | None:
     return float(np.mean(np.argmax(r, axis=1) == np.argmax(o, axis=1)))
 
 
-def output_fidelity(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
-    """``rel_l2``, ``cosine``, ``max_abs_diff`` and, for class scores, ``top1_agreement``."""
+def output_fidelity(ref: np.ndarray, out: np.ndarray, scores: bool = True) -> dict[str, float]:
+    """``rel_l2``, ``cosine``, ``max_abs_diff`` and, when ``scores`` and the arrays are N x classes,
+    ``top1_agreement``."""
     res = {"rel_l2": rel_l2(ref, out), "cosine": cosine(ref, out), "max_abs_diff": max_abs_diff(ref, out)}
-    agree = top1_agreement(ref, out)
+    agree = top1_agreement(ref, out) if scores else None
     if agree is not None:
         res["top1_agreement"] = agree
     return res
 
 
-def compare_outputs(refs: Mapping[str, np.ndarray], outs: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """:func:`output_fidelity` per output name (both must have the same names)."""
+def compare_outputs(refs: Mapping[str, np.ndarray], outs: Mapping[str, np.ndarray],
+                    class_outputs: "Sequence[str] | None" = None) -> dict[str, dict[str, float]]:
+    """:func:`output_fidelity` per output name (both must have the same names). ``class_outputs``:
+    the outputs that hold class scores (see :func:`class_score_outputs`); None: any N x C array."""
     if set(refs) != set(outs):
         raise OnnxPruneError(f"outputs differ: reference has {sorted(refs)}, model has {sorted(outs)}")
-    return {k: output_fidelity(refs[k], outs[k]) for k in refs}
+    return {k: output_fidelity(refs[k], outs[k], class_outputs is None or k in class_outputs) for k in refs}
+
+
+_PASS_THROUGH = {"Identity", "Flatten", "Reshape", "Squeeze", "Cast"}
+
+
+def class_score_outputs(model: "onnx.ModelProto | str | os.PathLike") -> list[str]:
+    """Graph outputs taken as class scores (KL distillation, ``top1_agreement``): those computed by
+    a Softmax/LogSoftmax (through Identity/Flatten/Reshape/Squeeze/Cast), and the output of a
+    single-output model (a classifier's logits). A 2-D output next to others is not assumed to be
+    class scores: it is as often a box or a regression head, matched by value instead."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    outs = [o.name for o in model.graph.output]
+
+    def softmax_behind(name: str) -> bool:
+        for _ in range(8):
+            n = producers.get(name)
+            if n is None:
+                return False
+            if n.op_type in ("Softmax", "LogSoftmax"):
+                return True
+            if n.op_type not in _PASS_THROUGH or not n.input:
+                return False
+            name = n.input[0]
+        return False
+
+    return outs if len(outs) == 1 else [o for o in outs if softmax_behind(o)]
 
 
 # --------------------------------------------------------------------------- ONNX Runtime
@@ -123,18 +154,19 @@ def evaluate_fidelity(model: "str | os.PathLike | onnx.ModelProto", reference: "
                       inputs: Mapping[str, np.ndarray],
                       batch_size: int = 256) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Both models on the same inputs; per graph output :func:`output_fidelity` of ``model``
-    against ``reference``. Returns ``{"outputs": {name: {...}}, "samples": N}`` and the model's
+    against ``reference`` (``top1_agreement`` for :func:`class_score_outputs` of the reference). Returns ``{"outputs": {name: {...}}, "samples": N}`` and the model's
     outputs (for a user metric) as a second value."""
     sm, sr = session(model), session(reference)
     mo, ro = [o.name for o in sm.get_outputs()], [o.name for o in sr.get_outputs()]
     if mo != ro:
         raise OnnxPruneError(f"the model's outputs {mo} are not the reference's {ro}: fidelity compares outputs by name")
     outs, refs = run_onnx(sm, inputs, batch_size), run_onnx(sr, inputs, batch_size)
+    classes = class_score_outputs(reference)
     per = {}
     for k in mo:
         if outs[k].shape != refs[k].shape:
             raise OnnxPruneError(f"output {k!r} has shape {list(outs[k].shape)}, the reference's is {list(refs[k].shape)}")
-        per[k] = output_fidelity(refs[k], outs[k])
+        per[k] = output_fidelity(refs[k], outs[k], k in classes)
     return {"outputs": per, "samples": int(len(next(iter(inputs.values()))))}, outs
 
 

@@ -49,9 +49,10 @@ def regression_distill_loss(student, teacher, eps: float = 1e-6):
     return F.smooth_l1_loss(student.float() / scale, teacher.detach().float() / scale, beta=1.0)
 
 
-def outputs_distill_loss(student_outs, teacher_outs, *, temperature: float = 4.0, probs=()):
+def outputs_distill_loss(student_outs, teacher_outs, *, temperature: float = 4.0, probs=(), classes=None):
     """Mean over graph outputs of :func:`distillation_loss` (class scores; log taken first for
-    outputs in ``probs``, the indices that are probabilities) or :func:`regression_distill_loss`."""
+    outputs in ``probs``, the indices that are probabilities) or :func:`regression_distill_loss`.
+    ``classes``: indices of the class-score outputs (None: every N x C output, :func:`is_class_scores`)."""
     import torch
 
     if len(student_outs) != len(teacher_outs):
@@ -62,7 +63,7 @@ def outputs_distill_loss(student_outs, teacher_outs, *, temperature: float = 4.0
             continue  # integer outputs (indices, counts) carry no gradient
         if tuple(s.shape) != tuple(t.shape):
             raise ValueError(f"output {i}: student shape {tuple(s.shape)}, teacher {tuple(t.shape)}")
-        if is_class_scores(s):
+        if is_class_scores(s) and (classes is None or i in classes):
             s2, t2 = s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
             if i in probs:
                 s2, t2 = torch.log(s2.clamp_min(1e-12)), torch.log(t2.clamp_min(1e-12))

@@ -150,12 +150,14 @@ def evaluate_module(module, data: DatasetSplits, split: str = "val", batch_size:
 
 
 def fidelity_module(module, teacher, data: DatasetSplits, split: str = "val", batch_size: int = 256, *,
-                    device: str = "cpu", n_outputs: int | None = None) -> dict[str, Any]:
+                    device: str = "cpu", n_outputs: int | None = None,
+                    classes: "Sequence[int] | None" = None) -> dict[str, Any]:
     """How closely ``module`` follows ``teacher`` on a split (no labels needed), streaming.
 
     Per graph output: ``||s - t|| / ||t||`` over the whole split; for class-score outputs also the
     share of samples with the teacher's arg-max class. ``error`` (what checkpoints minimise without
-    labels) averages ``1 - top1_agreement`` for class scores (KL distillation matches the softmax,
+    labels) averages ``1 - top1_agreement`` for class scores (output indices ``classes``; None: any
+    N x C output) (KL distillation matches the softmax,
     not the logits' offset and scale) and ``rel_l2`` for every other output; ``rel_l2`` is the mean
     relative L2 error over all outputs."""
     import torch
@@ -176,7 +178,8 @@ def fidelity_module(module, teacher, data: DatasetSplits, split: str = "val", ba
             so, to = so[:n_outputs or len(so)], to[:n_outputs or len(to)]
             if not num:
                 num, den = [0.0] * len(so), [0.0] * len(so)
-                agree = [0 if is_class_scores(t) else None for t in to]
+                agree = [0 if is_class_scores(t) and (classes is None or i in classes) else None
+                         for i, t in enumerate(to)]
             for i, (a, b) in enumerate(zip(so, to)):
                 num[i] += float(((a.double() - b.double()) ** 2).sum())
                 den[i] += float((b.double() ** 2).sum())
@@ -251,13 +254,15 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
                  after_step: Callable[[], None] | None = None, progress: bool = True,
                  output_is_prob: bool = False, dist: DistContext | None = None,
                  description: str = "retrain", prob_outputs: Sequence[int] = (),
-                 n_outputs: int | None = None) -> dict[str, Any]:
+                 n_outputs: int | None = None, class_outputs: Sequence[int] | None = None) -> dict[str, Any]:
     """Train ``module`` in place with ``config``; load the best-on-validation weights; return the history.
 
     ``teacher``: a module distilled into ``module`` (``config.objective``, ``config.distill_alpha``):
     every graph output is matched (:func:`~onnxprune.training.distill.outputs_distill_loss`); outputs
     past ``n_outputs`` are intermediate features (``--distill-features``), matched by smooth-L1.
-    ``prob_outputs``: indices of outputs that are probabilities (``output_is_prob`` means output 0).
+    ``prob_outputs``: indices of outputs that are probabilities (``output_is_prob`` means output 0);
+    ``class_outputs``: indices of class-score outputs (KL; None: every N x C output), the rest are
+    matched by value.
     ``after_step``: called after every optimizer step (e.g. re-applying pruning masks).
     ``dist``: the data-parallel context (default: from ``torch.distributed`` if initialised).
     Checkpoints: best validation top-1 with labels; without, the closest to the teacher on
@@ -305,7 +310,7 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
                 return evaluate_module(module, data, "val", batch_size=config.eval_batch_size, device=device,
                                        output_is_prob=output_is_prob)
             return fidelity_module(module, teacher, data, "val", config.eval_batch_size, device=device,
-                                   n_outputs=n_outputs)
+                                   n_outputs=n_outputs, classes=class_outputs)
 
         def better(v: dict, best: dict) -> bool:
             if by_labels:
@@ -339,7 +344,7 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
                         with torch.no_grad():
                             t_outs = outputs_of(teacher(*xs))
                         kd = outputs_distill_loss(s_outs[:k], t_outs[:k], temperature=config.distill_temperature,
-                                                  probs=probs)
+                                                  probs=probs, classes=class_outputs)
                         if len(s_outs) > k:
                             kd = kd + torch.stack([regression_distill_loss(a, b)
                                                    for a, b in zip(s_outs[k:], t_outs[k:])]).mean()

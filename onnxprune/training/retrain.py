@@ -156,7 +156,7 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
     t_module = torch_module(teacher_src, train_bn=False) if teacher_src is not None else None
     hist = train_module(module, data, config, teacher=t_module, after_step=after_step, progress=progress,
                         output_is_prob=outputs_probabilities(original), prob_outputs=probability_outputs(original),
-                        dist=dist, n_outputs=n_outputs)
+                        dist=dist, n_outputs=n_outputs, class_outputs=class_output_indices(original))
     from ..bridge import write_back
 
     trained = write_back(original, module)
@@ -182,6 +182,14 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
             history[f"{split}_mean_rel_l2"] = mean_rel_l2(fid["outputs"])
     history["seconds"] = round(time.perf_counter() - t0, 3)
     return trained, history
+
+
+def class_output_indices(model: onnx.ModelProto) -> list[int]:
+    """Indices of the class-score outputs (:func:`onnxprune.datasets.fidelity.class_score_outputs`)."""
+    from ..datasets.fidelity import class_score_outputs
+
+    names = set(class_score_outputs(model))
+    return [i for i, o in enumerate(model.graph.output) if o.name in names]
 
 
 def probability_outputs(model: onnx.ModelProto) -> list[int]:
