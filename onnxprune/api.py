@@ -89,8 +89,15 @@ def finetune(model: "str | os.PathLike", data: Any = "digits", output: "str | os
     return hist
 
 
-def evaluate(model: "str | os.PathLike", data: Any = "digits", split: str = "test", batch_size: int = 256) -> dict[str, Any]:
-    """Top-1 / top-5 accuracy with ONNX Runtime on ``split`` (``eval --json``)."""
+def evaluate(model: "str | os.PathLike", data: Any = "digits", split: str = "test", batch_size: int = 256, *,
+             reference: "str | os.PathLike | None" = None, metric: str | None = None) -> dict[str, Any]:
+    """Top-1 / top-5 accuracy with ONNX Runtime on ``split`` (``eval --json``); with ``reference``
+    (the dense model) also fidelity per graph output, with ``metric`` (``python:module:function``)
+    the user's figures; both work on unlabeled data."""
+    if reference is not None or metric is not None:
+        from .datasets.fidelity import evaluate_outputs
+
+        return evaluate_outputs(model, data, split, batch_size, reference=reference, metric=metric)
     from .datasets import evaluate_onnx
 
     return evaluate_onnx(model, data, split, batch_size)

@@ -230,7 +230,7 @@ def test_bad_specs_are_one_line_errors(spec, match):
 
 
 def test_bad_npz_contents(tmp_path):
-    np.savez(tmp_path / "a.npz", inputs=np.zeros((4, 2)), labels=np.zeros(4))
+    np.savez(tmp_path / "a.npz", inputs=np.zeros((4, 2)), y=np.zeros(4))
     with pytest.raises(OnnxPruneError, match="needs arrays 'x' and 'y'"):
         load_dataset(f"npz:{tmp_path / 'a.npz'}")
     (tmp_path / "b.npz").write_bytes(b"not a zip")

@@ -1,10 +1,17 @@
-"""``onnxprune eval MODEL --data SPEC``: accuracy with ONNX Runtime (onnxruntime + numpy only, no torch)."""
+"""``onnxprune eval MODEL --data SPEC``: accuracy with ONNX Runtime (onnxruntime + numpy only, no torch).
+
+``--reference DENSE`` adds fidelity per graph output (no labels needed); ``--metric
+python:module:function`` adds the user's own figures (mAP, CER, ...) computed from the outputs.
+"""
 from __future__ import annotations
+
+from typing import Any
 
 import click
 from rich.console import Console
 
 from ..datasets import evaluate_onnx, load_dataset
+from ..errors import OnnxPruneError
 from ..model_io import load_model
 from .common import emit_json, json_option, model_argument
 
@@ -12,21 +19,51 @@ from .common import emit_json, json_option, model_argument
 @click.command("eval")
 @model_argument
 @click.option("--data", "data_spec", default="digits", show_default=True, metavar="SPEC",
-              help="Dataset spec: digits, npz:PATH, imagefolder:PATH, cifar10:PATH, python:module:function "
-                   "(options after '?', e.g. digits?resize=16x16).")
+              help="Dataset spec: digits, npz:PATH, imagefolder:PATH, images:DIR, cifar10:PATH, python:module:function "
+                   "(options after '?', e.g. digits?resize=16x16). Unlabeled data needs --reference or --metric.")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
               help="Which split to score (checkpoints are chosen on val; test is the final report).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val/test split.")
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=str), default=None, metavar="DENSE",
+              help="Reference ONNX model (the dense original): report rel_l2, cosine, max_abs_diff (and "
+                   "top1_agreement for class scores) per graph output. Needs no labels.")
+@click.option("--metric", "metric_spec", default=None, metavar="python:MODULE:FUNCTION",
+              help="Your metric: FUNCTION(outputs: dict name -> array, labels or None) -> dict of named numbers.")
 @json_option
-def eval_cmd(model: str, data_spec: str, split: str, batch_size: int, seed: int, as_json: bool) -> None:
-    """Top-1 (and top-5 above 5 classes) accuracy of MODEL, run by ONNX Runtime as it will be deployed."""
+def eval_cmd(model: str, data_spec: str, split: str, batch_size: int, seed: int, reference: str | None,
+             metric_spec: str | None, as_json: bool) -> None:
+    """Top-1 (and top-5 above 5 classes) accuracy of MODEL, run by ONNX Runtime as it will be deployed;
+    fidelity against --reference and your own --metric, with or without labels."""
     load_model(model)  # one clear error for a missing or corrupt file before touching the data
+    if reference:
+        load_model(reference)
     data = load_dataset(data_spec, seed=seed)
-    res = evaluate_onnx(model, data, split=split, batch_size=batch_size)
+    if reference is None and metric_spec is None:
+        if not data.labeled:
+            raise OnnxPruneError(f"data {data.spec!r} has no labels: give --reference DENSE (fidelity against the "
+                                 "dense model) or --metric python:module:function")
+        res = evaluate_onnx(model, data, split=split, batch_size=batch_size)
+    else:
+        from ..datasets.fidelity import evaluate_outputs
+
+        res = evaluate_outputs(model, data, split, batch_size, reference=reference, metric=metric_spec)
     if as_json:
         emit_json(res)
         return
-    top5 = f"  top-5 {res['top5']:.2%}" if res["top5"] is not None else ""
-    Console().print(f"[bold]{model}[/bold] on {data.spec} ({res['split']}, {res['samples']} samples): "
-                    f"top-1 {res['top1']:.2%}{top5}")
+    _print(model, data.spec, res)
+
+
+def _print(model: str, spec: str, res: dict[str, Any]) -> None:
+    con = Console()
+    head = f"[bold]{model}[/bold] on {spec} ({res['split']}, {res['samples']} samples)"
+    if res.get("top1") is not None:
+        top5 = f"  top-5 {res['top5']:.2%}" if res.get("top5") is not None else ""
+        head += f": top-1 {res['top1']:.2%}{top5}"
+    con.print(head)
+    for name, f in (res.get("fidelity") or {}).items():
+        agree = f"  top-1 agreement {f['top1_agreement']:.2%}" if "top1_agreement" in f else ""
+        con.print(f"  {name}: rel_l2 {f['rel_l2']:.4g}  cosine {f['cosine']:.6f}  max_abs_diff {f['max_abs_diff']:.4g}{agree}"
+                  f"  (vs {res['reference']})")
+    for k, v in (res.get("metric") or {}).items():
+        con.print(f"  {k}: {v:.6g}")

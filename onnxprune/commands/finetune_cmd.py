@@ -28,7 +28,8 @@ def _config(**kw):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="Where to write the retrained ONNX model (never the input).")
 @click.option("--data", "data_spec", default="digits", show_default=True, metavar="SPEC",
-              help="Dataset spec: digits, npz:PATH, imagefolder:PATH, cifar10:PATH, python:module:function.")
+              help="Dataset spec: digits, npz:PATH, imagefolder:PATH, images:DIR, cifar10:PATH, python:module:function. "
+                   "Unlabeled data (npz with only x or one array per input, images:DIR) need --teacher.")
 @click.option("--epochs", type=click.IntRange(min=0), default=None, help="Epochs (default 10).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default 0.01).")
 @click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default=None, help="LR schedule (default cosine).")
@@ -42,6 +43,11 @@ def _config(**kw):
               help="Dense ONNX model to distil from (knowledge distillation).")
 @click.option("--distill-alpha", type=float, default=None, help="Weight of the distillation loss (default 0.5).")
 @click.option("--distill-temperature", type=float, default=None, help="Distillation temperature (default 4).")
+@click.option("--objective", type=click.Choice(["labels", "distill", "both"]), default=None,
+              help="labels (cross-entropy), distill (match --teacher on every graph output: no labels needed) or "
+                   "both. Default: both with labels and a teacher, labels without a teacher, distill without labels.")
+@click.option("--distill-features", is_flag=True, default=None,
+              help="Also match the teacher's intermediate features at the pruned layers (smooth-L1).")
 @click.option("--train-bn", is_flag=True, default=None, help="Batch-norm uses and updates batch statistics.")
 @click.option("--seed", type=int, default=None,
               help="Training seed: shuffling and anything random in training (default 0). "
@@ -152,17 +158,30 @@ def _print(h: dict) -> None:
     cfg = h["config"]
     con.print(f"[bold]{h.get('model') or h.get('source')}[/bold] -> [bold]{h['output']}[/bold]  "
               f"({cfg['epochs']} epochs, {cfg['optimizer']} lr {cfg['lr']:g} {cfg['schedule']}, "
-              f"batch {cfg['batch_size']}, seed {cfg['seed']}{', teacher ' + str(h['teacher']) if h.get('teacher') else ''})")
+              f"batch {cfg['batch_size']}, seed {cfg['seed']}{', teacher ' + str(h['teacher']) if h.get('teacher') else ''}"
+              f"{', objective ' + h['objective'] if h.get('objective') else ''})")
+    labeled = h.get("selection", "val_top1") == "val_top1"
     t = Table(title="epochs")
-    for col in ("epoch", "lr", "train loss", "train top-1", "val top-1"):
+    cols = (("epoch", "lr", "train loss", "train top-1", "val top-1") if labeled
+            else ("epoch", "lr", "train loss", "val rel_l2", "val agreement"))
+    for col in cols:
         t.add_column(col, justify="right")
     for e in h["epochs"]:
         mark = " *" if e["epoch"] == h["best_epoch"] else ""
-        t.add_row(str(e["epoch"]), f"{e['lr']:.2e}", f"{e['train_loss']:.4f}", f"{e['train_top1']:.2%}",
-                  f"{e['val_top1']:.2%}{mark}")
+        if labeled:
+            tr = f"{e['train_top1']:.2%}" if e.get("train_top1") is not None else "-"
+            t.add_row(str(e["epoch"]), f"{e['lr']:.2e}", f"{e['train_loss']:.4f}", tr, f"{e['val_top1']:.2%}{mark}")
+        else:
+            agree = f"{e['val_top1_agreement']:.2%}" if e.get("val_top1_agreement") is not None else "-"
+            t.add_row(str(e["epoch"]), f"{e['lr']:.2e}", f"{e['train_loss']:.4f}", f"{e['val_rel_l2']:.4f}", f"{agree}{mark}")
     con.print(t)
-    con.print(f"start val top-1 {h['initial_val_top1']:.2%}; best val top-1 {h['best_val_top1']:.2%} at epoch "
-              f"{h['best_epoch']}{' (the starting weights were kept)' if h['best_epoch'] == 0 else ''}")
+    kept = " (the starting weights were kept)" if h["best_epoch"] == 0 else ""
+    if labeled:
+        con.print(f"start val top-1 {h['initial_val_top1']:.2%}; best val top-1 {h['best_val_top1']:.2%} at epoch "
+                  f"{h['best_epoch']}{kept}")
+    else:
+        con.print(f"start val rel_l2 {h['initial_val_rel_l2']:.4f}; chosen (closest to the teacher on val: top-1 agreement "
+                  f"for class scores, rel_l2 otherwise) at epoch {h['best_epoch']}{kept}: rel_l2 {h['best_val_rel_l2']:.4f}")
     sp = h.get("sparsity")
     if sp and sp.get("masked_tensors"):
         con.print(f"sparsity kept: {sp['pruned_weights']} pruned weights in {sp['masked_tensors']} tensors, "
@@ -170,3 +189,6 @@ def _print(h: dict) -> None:
     if h.get("test"):
         top5 = f", top-5 {h['test']['top5']:.2%}" if h["test"].get("top5") is not None else ""
         con.print(f"[bold]test top-1 {h['test']['top1']:.2%}{top5}[/bold] ({h['test']['samples']} samples, ONNX Runtime)")
+    for name, f in (h.get("test_fidelity") or {}).items():
+        agree = f", top-1 agreement {f['top1_agreement']:.2%}" if "top1_agreement" in f else ""
+        con.print(f"test fidelity {name}: rel_l2 {f['rel_l2']:.4f}, cosine {f['cosine']:.5f}{agree} (vs teacher, ONNX Runtime)")

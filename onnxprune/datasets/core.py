@@ -30,10 +30,12 @@ _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"
 class Split:
     """One split: in-memory arrays ``x``/``y``, or an iterable of ``(x, y)`` batches (``loader``).
 
-    Loader batches (numpy arrays or torch tensors) get ``transform`` applied as they are read.
+    ``x`` is one array, or a dict of arrays (one per model input, same first dimension); ``y`` is
+    None for unlabeled data. Loader batches (numpy arrays or torch tensors) get ``transform`` applied
+    as they are read.
     """
 
-    x: np.ndarray | None = None
+    x: "np.ndarray | dict[str, np.ndarray] | None" = None
     y: np.ndarray | None = None
     loader: Iterable | None = None
     transform: Callable[[np.ndarray], np.ndarray] | None = None
@@ -44,7 +46,7 @@ class Split:
 
     def __len__(self) -> int:
         if self.x is not None:
-            return int(len(self.x))
+            return int(len(first_array(self.x)))
         ds = getattr(self.loader, "dataset", None)
         try:
             return len(ds) if ds is not None else -1
@@ -56,14 +58,14 @@ class Split:
         """Yield ``(x, y)`` numpy batches. Arrays: ``indices`` (a shard) or all, optionally shuffled
         with ``seed``. Loaders: their own batches in their own order (``indices`` picks batch numbers)."""
         if self.x is not None:
-            idx = np.arange(len(self.x)) if indices is None else np.asarray(indices)
+            idx = np.arange(len(self)) if indices is None else np.asarray(indices)
             if shuffle:
                 idx = np.random.default_rng(seed).permutation(idx)
             stop = len(idx) - (len(idx) % batch_size if drop_last else 0)
             for i in range(0, stop, batch_size):
                 b = idx[i:i + batch_size]
                 if len(b):
-                    yield self.x[b], self.y[b]
+                    yield take(self.x, b), (None if self.y is None else self.y[b])
             return
         keep = None if indices is None else set(int(i) for i in indices)
         for i, batch in enumerate(self.loader):
@@ -89,6 +91,12 @@ class DatasetSplits:
     seed: int = 0
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def labeled(self) -> bool:
+        """False for unlabeled data (``npz`` with only ``x`` or per-input arrays, ``images:``, arrays
+        from ``python:``): only distillation, calibration and fidelity can use it."""
+        return self.train.y is not None or self.train.loader is not None
+
     def split(self, name: str) -> Split:
         if name not in SPLITS:
             raise OnnxPruneError(f"unknown split {name!r}: expected one of {', '.join(SPLITS)}")
@@ -99,7 +107,8 @@ class DatasetSplits:
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary (recorded with results)."""
-        return {"spec": self.spec, "num_classes": self.num_classes, "input_shape": list(self.input_shape),
+        return {"spec": self.spec, "num_classes": self.num_classes, "labeled": self.labeled,
+                "input_shape": list(self.input_shape),
                 "samples": {k: len(getattr(self, k)) for k in SPLITS if getattr(self, k) is not None},
                 "preprocess": self.preprocess.to_dict(), "seed": self.seed, "notes": list(self.notes)}
 
@@ -129,6 +138,16 @@ def load_dataset(spec: "str | Mapping[str, Any] | DatasetSplits", *, seed: int =
 
 
 # --------------------------------------------------------------------------- building blocks
+
+def first_array(x: "np.ndarray | Mapping[str, np.ndarray]") -> np.ndarray:
+    """The array of single-input data, or the first of per-input data (for lengths and shapes)."""
+    return next(iter(x.values())) if isinstance(x, Mapping) else x
+
+
+def take(x: "np.ndarray | Mapping[str, np.ndarray]", idx: np.ndarray) -> "np.ndarray | dict[str, np.ndarray]":
+    """Rows ``idx`` of one array or of every per-input array."""
+    return {k: v[idx] for k, v in x.items()} if isinstance(x, Mapping) else x[idx]
+
 
 def stratified_split(y: np.ndarray, fractions: tuple[float, ...], seed: int = 0) -> list[np.ndarray]:
     """Split indices of ``y`` into ``1 + len(fractions)`` sorted index arrays, per class, seeded.
@@ -245,15 +264,21 @@ def _load_npz(parsed: ParsedSpec, pre: Preprocess, seed: int) -> DatasetSplits:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError) as exc:
         raise OnnxPruneError(f"{path}: not a readable .npz archive ({str(exc).splitlines()[0][:200]})") from None
-    if "x" not in arrays or "y" not in arrays:
-        raise OnnxPruneError(f"{path}: an npz dataset needs arrays 'x' and 'y' (found {', '.join(sorted(arrays)) or 'none'})")
+    if "y" not in arrays:  # unlabeled: x only, or one array per model input
+        from .unlabeled import npz_unlabeled
+        return npz_unlabeled(parsed, pre, seed, path, arrays)
+    if "x" not in arrays:
+        raise OnnxPruneError(f"{path}: a labeled npz dataset needs arrays 'x' and 'y' (found {', '.join(sorted(arrays)) or 'none'})")
 
     def pair(sx: str, sy: str) -> tuple | None:
         if (sx in arrays) != (sy in arrays):
             raise OnnxPruneError(f"{path}: has {sx if sx in arrays else sy} without {sy if sx in arrays else sx}")
         if sx not in arrays:
             return None
-        return _to_nchw_unit(arrays[sx], stored=stored), _labels(arrays[sy], f"{path}:{sy}")
+        from .unlabeled import pixel_scale
+        scale = pixel_scale(parsed)
+        return (_to_nchw_unit(arrays[sx], stored=stored, scale=1.0 / scale if scale else None),
+                _labels(arrays[sy], f"{path}:{sy}"))
 
     train = pair("x", "y")
     x = train[0]
@@ -301,9 +326,11 @@ def _load_imagefolder(parsed: ParsedSpec, pre: Preprocess, seed: int) -> Dataset
     except ImportError:
         raise OnnxPruneError("imagefolder needs the Python package 'Pillow' (pip install pillow)") from None
     color = str(parsed.options.get("color") or "rgb").lower()
-    if color not in ("rgb", "grey", "gray", "l"):
-        raise OnnxPruneError(f"data {parsed.text!r}: color={color!r} must be rgb or grey")
-    mode = "RGB" if color == "rgb" else "L"
+    if color not in ("rgb", "bgr", "grey", "gray", "l"):
+        raise OnnxPruneError(f"data {parsed.text!r}: color={color!r} must be rgb, bgr or grey")
+    mode = "RGB" if color in ("rgb", "bgr") else "L"
+    from .unlabeled import pixel_scale
+    scale = pixel_scale(parsed)
 
     def classes_in(d: Path) -> list[Path]:
         return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -336,13 +363,13 @@ def _load_imagefolder(parsed: ParsedSpec, pre: Preprocess, seed: int) -> Dataset
                 except OSError as exc:
                     raise OnnxPruneError(f"{f}: cannot read image ({exc})") from None
                 sizes.add(a.shape[:2])
-                xs.append(a if a.ndim == 3 else a[:, :, None])
+                xs.append(a[:, :, ::-1] if color == "bgr" else a if a.ndim == 3 else a[:, :, None])
                 ys.append(index[cdir.name])
         if not xs:
             raise OnnxPruneError(f"{d}: no images found (extensions {', '.join(sorted(_IMAGE_EXTS))})")
         if len(sizes) > 1:
             raise OnnxPruneError(f"{d}: images have different sizes {sorted(sizes)[:3]}...; add resize=HxW to the spec")
-        return _to_nchw_unit(np.stack(xs), stored="nhwc"), np.asarray(ys, dtype=np.int64)
+        return _to_nchw_unit(np.stack(xs), stored="nhwc", scale=1.0 / scale if scale else None), np.asarray(ys, dtype=np.int64)
 
     got = {k: read(v) for k, v in split_dirs.items()}
     return _assemble(parsed, pre, seed, got["train"], got.get("val"), got.get("test"), num_classes=len(class_names),
@@ -355,6 +382,8 @@ def _load_python(parsed: ParsedSpec, pre: Preprocess, seed: int) -> DatasetSplit
     The function is called with the spec's non-preprocessing options as string keyword arguments
     (plus ``seed`` if it accepts it) and returns one of:
 
+    * unlabeled data: one array (N x ...), or a dict of arrays named like the model inputs (see
+      :mod:`onnxprune.datasets.unlabeled`);
     * a :class:`DatasetSplits` (used as is; the spec's preprocessing is not applied again);
     * a mapping with keys ``train``, ``val`` [, ``test``], each an ``(x, y)`` pair of arrays (images
       NCHW; integer pixels are divided by 255) or an iterable of ``(x, y)`` batches such as a
@@ -364,7 +393,7 @@ def _load_python(parsed: ParsedSpec, pre: Preprocess, seed: int) -> DatasetSplit
     """
     modname, _, fname = parsed.arg.rpartition(":")
     fn = import_callable(modname, fname, f"data {parsed.text!r}", namespace="onnxprune_user_data")
-    kwargs = {k: v for k, v in parsed.options.items() if k not in ("resize", "normalize", "mean", "std", "layout", "val", "test")}
+    kwargs = {k: v for k, v in parsed.options.items() if k not in ("resize", "size", "normalize", "mean", "std", "layout", "val", "test")}
     import inspect
     try:
         params = inspect.signature(fn).parameters
@@ -381,8 +410,13 @@ def _load_python(parsed: ParsedSpec, pre: Preprocess, seed: int) -> DatasetSplit
                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
     if isinstance(out, DatasetSplits):
         return out
+    from .unlabeled import python_unlabeled
+    unlabeled = python_unlabeled(parsed, pre, seed, out, fname)
+    if unlabeled is not None:
+        return unlabeled
     if not isinstance(out, Mapping) or "train" not in out:
-        raise OnnxPruneError(f"data {parsed.text!r}: {fname}() must return a DatasetSplits or a dict with 'train', "
+        raise OnnxPruneError(f"data {parsed.text!r}: {fname}() must return unlabeled arrays (one array, or a dict of "
+                             "arrays named like the model inputs), a DatasetSplits or a dict with 'train', "
                              f"'val' [, 'test'] (each (x, y) arrays or a DataLoader); got {type(out).__name__}")
     loaders = {k: v for k, v in out.items() if k in SPLITS and not _is_pair(v)}
     if not loaders:
@@ -444,3 +478,11 @@ _LOADERS: dict[str, Callable[[ParsedSpec, Preprocess, int], DatasetSplits]] = {
     "digits": _load_digits, "npz": _load_npz, "cifar10": _load_cifar10,
     "imagefolder": _load_imagefolder, "python": _load_python,
 }
+
+
+def _load_images(parsed: ParsedSpec, pre: Preprocess, seed: int) -> DatasetSplits:
+    from .unlabeled import load_images
+    return load_images(parsed, pre, seed)
+
+
+_LOADERS["images"] = _load_images

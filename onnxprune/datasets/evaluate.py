@@ -70,7 +70,12 @@ def evaluate_onnx(model_or_path: "str | os.PathLike | onnx.ModelProto", data: "s
     bs = fixed or batch_size
     n = correct1 = correct5 = 0
     classes = None
+    if not ds.labeled:
+        raise OnnxPruneError(f"data {ds.spec!r} has no labels: accuracy needs labels (score fidelity against the "
+                             "dense model with --reference instead)")
     for x, y in part.batches(bs):
+        if isinstance(x, Mapping):  # data bound to the model's inputs: the one input's array
+            x = next(iter(x.values()))
         if want_rank is not None and x.ndim != want_rank:
             raise OnnxPruneError(f"data {ds.spec!r} gives {x.ndim}-D batches {list(x.shape)} but input {inp.name!r} "
                                  f"is {want_rank}-D {inp.shape}")

@@ -10,10 +10,16 @@ A spec is one string, usable on the CLI (``--data``) and in recipes::
     imagefolder:photos/?resize=64x64&color=rgb
     cifar10:~/data/cifar-10-batches-py?normalize=0.49/0.48/0.45,0.25/0.24/0.26
     python:mypkg.data:make_splits?root=/data   (other keys are passed to the function as strings)
+    npz:calib.npz                           unlabeled: only ``x``, or one array per model input name
+    images:photos/?size=224x224&mean=0.485/0.456/0.406&std=0.229/0.224/0.225&color=bgr
+                                            unlabeled: every image file under the folder (recursive)
+
+Unlabeled data (no ``y``) serves distillation, calibration and fidelity (``eval --reference``); the
+val/test splits are carved from it at random (seeded), as for labeled data without its own splits.
 
 Preprocessing keys (every kind):
 
-``resize=HxW``
+``resize=HxW`` (or ``size=HxW``)
     bilinear resize (half-pixel centres, as ``torch.nn.functional.interpolate``) of every image.
 ``normalize=MEAN,STD``
     ``(x - mean) / std`` after scaling to [0, 1]; MEAN and STD are one number or one per channel
@@ -23,7 +29,9 @@ Preprocessing keys (every kind):
 
 Split keys: ``val=FRACTION`` / ``test=FRACTION`` (carved, stratified and seeded, from the training
 data when the source has no such split; defaults 0.2 / 0.2, cifar10's validation 0.1).
-Kind-specific keys: ``color=rgb|grey`` (imagefolder), ``stored=nchw|nhwc`` (npz: how ``x`` is stored).
+Kind-specific keys: ``color=rgb|bgr|grey`` (images, imagefolder: channel order fed to the model),
+``scale=FACTOR`` (images, imagefolder, npz: integer pixels are multiplied by it; default 1/255, so
+``scale=1`` keeps 0..255), ``stored=nchw|nhwc`` (npz: how ``x`` is stored).
 
 In a recipe the same can be a mapping: ``{spec: "cifar10:/data", resize: [32, 32],
 normalize: {mean: [...], std: [...]}, layout: nchw}``; keys given there override the string's.
@@ -38,10 +46,10 @@ import numpy as np
 
 from ..errors import OnnxPruneError
 
-KINDS = ("digits", "npz", "imagefolder", "cifar10", "python")
-PREPROCESS_KEYS = ("resize", "normalize", "mean", "std", "layout")
+KINDS = ("digits", "npz", "imagefolder", "images", "cifar10", "python")
+PREPROCESS_KEYS = ("resize", "size", "normalize", "mean", "std", "layout")
 SPLIT_KEYS = ("val", "test")
-KIND_KEYS = {"imagefolder": ("color",), "npz": ("stored",)}
+KIND_KEYS = {"imagefolder": ("color", "scale"), "images": ("color", "scale"), "npz": ("stored", "scale")}
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,8 @@ class Preprocess:
 
     @classmethod
     def from_options(cls, opts: Mapping[str, Any]) -> "Preprocess":
-        resize = _parse_resize(opts["resize"]) if opts.get("resize") not in (None, "") else None
+        size = opts.get("resize") if opts.get("resize") not in (None, "") else opts.get("size")
+        resize = _parse_resize(size) if size not in (None, "") else None
         mean = std = None
         if opts.get("normalize") not in (None, ""):
             mean, std = _parse_normalize(opts["normalize"])
@@ -158,7 +167,7 @@ def parse_spec(spec: str | Mapping[str, Any]) -> ParsedSpec:
         _check_keys(parsed)
         return parsed
     if not isinstance(spec, str) or not spec.strip():
-        raise OnnxPruneError("empty data spec: expected e.g. digits, npz:PATH, imagefolder:PATH, cifar10:PATH "
+        raise OnnxPruneError("empty data spec: expected e.g. digits, npz:PATH, imagefolder:PATH, images:DIR, cifar10:PATH "
                              "or python:module:function")
     text = spec.strip()
     body, _, query = text.partition("?")
@@ -166,7 +175,7 @@ def parse_spec(spec: str | Mapping[str, Any]) -> ParsedSpec:
     kind = kind.strip().lower()
     if kind not in KINDS:
         raise OnnxPruneError(f"unknown data spec {text!r}: kind must be one of {', '.join(KINDS)} "
-                             "(e.g. digits, npz:PATH, cifar10:PATH)")
+                             "(e.g. digits, npz:PATH, images:DIR, cifar10:PATH)")
     options: dict[str, Any] = {}
     if query:
         for part in query.split("&"):

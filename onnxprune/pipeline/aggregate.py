@@ -27,6 +27,12 @@ def _accuracy(measured: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out[split] = {"top1": stat([p["top1"] for p in per]),
                       "top5": stat(top5) if any(v is not None for v in top5) else None,
                       "samples": per[0].get("samples")}
+        for key in ("mean_rel_l2", "top1_agreement"):  # fidelity to the dense model (unlabeled data)
+            if any(p.get(key) is not None for p in per):
+                out[split][key] = stat([p.get(key) for p in per])
+        names = list(dict.fromkeys(k for p in per for k in (p.get("metric") or {})))
+        if names:  # the user's metric
+            out[split]["metric"] = {k: stat([(p.get("metric") or {}).get(k) for p in per]) for k in names}
     return out
 
 
@@ -82,7 +88,10 @@ def make_point(pid: str, method: str, kind: str, settings: dict[str, Any], measu
     runs = []
     for m in measured:
         runs.append({"seed": m.get("seed"), "model": _rel(m["path"], outdir),
-                     "accuracy": {s: {"top1": a["top1"], "top5": a.get("top5")} for s, a in (m.get("accuracy") or {}).items()},
+                     "accuracy": {s: {"top1": a["top1"], "top5": a.get("top5"),
+                                      **{k: a[k] for k in ("mean_rel_l2", "top1_agreement") if a.get(k) is not None},
+                                      **{f"metric.{k}": v for k, v in (a.get("metric") or {}).items()}}
+                                  for s, a in (m.get("accuracy") or {}).items()},
                      "prune": m.get("prune"), "train": m.get("train"),
                      "figures": {k: v for k, v in m["figures"].items() if k != "layers"}})
         if not (m.get("prune") or {}).get("layers") and m["figures"].get("layers") and kind != "dense":

@@ -213,8 +213,13 @@ def _measure(ctx: Context, path: Path, label: str, dense: Path | None = None) ->
     if ctx.data is not None:
         ctx.progress.step(f"{label}: evaluate")
         splits = list(ctx.recipe.evaluation.splits)
-        acc = ctx.cache.run("evaluate", {"data": ctx.data_desc, "splits": splits, "bs": ctx.recipe.evaluation.batch_size},
-                            lambda: steps.evaluate(path, ctx.data, splits, ctx.recipe.evaluation.batch_size), inputs=[path])
+        ref = None if ctx.data.labeled else (dense or path)  # unlabeled data: fidelity to the dense model
+        metric = ctx.recipe.evaluation.metric
+        acc = ctx.cache.run("evaluate", {"data": ctx.data_desc, "splits": splits, "bs": ctx.recipe.evaluation.batch_size,
+                                         **({"metric": metric} if metric else {})},
+                            lambda: steps.evaluate(path, ctx.data, splits, ctx.recipe.evaluation.batch_size,
+                                                   reference=ref, metric=metric),
+                            inputs=[path] + ([ref] if ref is not None and ref != path else []))
     profs = {}
     for p in ctx.profiles:
         ctx.progress.step(f"{label}: profile {p.name}")
@@ -285,7 +290,7 @@ def run_one(ctx: Context, spec: RunSpec, dense: Path, sens: Mapping[str, Any] | 
     final = ctx.path(MODELS, f"{spec.id}.onnx")
     retraining = rt.epochs > 0 and ctx.data is not None
     gradual = spec.schedule.kind != "one-shot" and spec.schedule.steps > 1 and retraining
-    teacher = dense if rt.distillation else None
+    teacher = dense if rt.distillation or (ctx.data is not None and not ctx.data.labeled) else None  # no labels: distil
     cfg = spec.config()
     per_layer = sens.get("per_layer_ratios") if sens else None
     train_hist = None

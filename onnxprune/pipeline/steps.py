@@ -224,10 +224,29 @@ def prune_gradually(source, data, stage: Stage, schedule_kind: str, steps: int, 
                               prune_kwargs=kw, train_config=config, teacher=teacher, progress=progress)
 
 
-def evaluate(path: str | os.PathLike, data, splits: Sequence[str], batch_size: int) -> dict[str, Any]:
-    """Top-1/top-5 per split, with ONNX Runtime on the written file."""
+def evaluate(path: str | os.PathLike, data, splits: Sequence[str], batch_size: int, *,
+             reference: str | os.PathLike | None = None, metric: str | None = None) -> dict[str, Any]:
+    """Top-1/top-5 per split, with ONNX Runtime on the written file. Unlabeled data: fidelity to
+    ``reference`` (the dense model) instead (``mean_rel_l2``, ``top1_agreement``, per output);
+    ``metric`` (``python:module:function``) adds the user's figures either way."""
     ds = _need("..datasets", "evaluation")
-    return {s: ds.evaluate_onnx(path, data, s, batch_size) for s in splits}
+    if data.labeled and metric is None:
+        return {s: ds.evaluate_onnx(path, data, s, batch_size) for s in splits}
+    from ..datasets.fidelity import evaluate_outputs
+
+    out = {}
+    for s in splits:
+        r = evaluate_outputs(path, data, s, batch_size, reference=None if data.labeled else (reference or path),
+                             metric=metric)
+        rec: dict[str, Any] = {"top1": r.get("top1"), "top5": r.get("top5"), "samples": r["samples"], "split": s}
+        if "fidelity" in r:
+            agree = [f["top1_agreement"] for f in r["fidelity"].values() if "top1_agreement" in f]
+            rec.update(mean_rel_l2=r["mean_rel_l2"], top1_agreement=sum(agree) / len(agree) if agree else None,
+                       fidelity=r["fidelity"])
+        if "metric" in r:
+            rec["metric"] = r["metric"]
+        out[s] = rec
+    return out
 
 
 # -------------------------------------------------------------------------------------------- profiling

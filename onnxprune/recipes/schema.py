@@ -198,6 +198,8 @@ class Evaluation(_Strict):
 
     splits: list[Literal["val", "test"]] = Field(default_factory=lambda: ["val", "test"], min_length=1)
     batch_size: int = Field(256, ge=1)
+    metric: str | None = Field(None, description="python:module:function(outputs, labels or None) -> "
+                                                    "{name: number}, reported next to accuracy/fidelity")
 
 
 class Profiling(_Strict):

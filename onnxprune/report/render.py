@@ -116,11 +116,34 @@ def blocks(report: Mapping[str, Any]) -> list[Block]:
     return out
 
 
+def _extra_accuracy_columns(report: Mapping[str, Any], splits: list[str]) -> list[tuple[str, str, str]]:
+    """(title, split, key) of the fidelity and user-metric columns some point has."""
+    cols = []
+    pts = all_points(report)
+    for s in splits:
+        for key, title in (("mean_rel_l2", "rel_l2 vs dense"), ("top1_agreement", "top-1 agreement")):
+            if any(((p["accuracy"].get(s) or {}).get(key) or {}).get("mean") is not None for p in pts):
+                cols.append((f"{s} {title}", s, key))
+        names = list(dict.fromkeys(k for p in pts for k in ((p["accuracy"].get(s) or {}).get("metric") or {})))
+        cols += [(f"{s} {k}", s, f"metric.{k}") for k in names]
+    return cols
+
+
+def _extra_stat(point: Mapping[str, Any], split: str, key: str) -> str:
+    acc = point["accuracy"].get(split) or {}
+    stat = (acc.get("metric") or {}).get(key[7:]) if key.startswith("metric.") else acc.get(key)
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    return f"{stat['mean']:.4g}" + (f" ± {stat['std']:.2g}" if stat.get("n", 0) > 1 else "")
+
+
 def _results(report: Mapping[str, Any]) -> list[Block]:
     split_names = [s for s in ("val", "test") if s in report["dense"].get("accuracy", {})]
     profiles = [p["name"] for p in report["hw_profiles"]]
     headers = ["point", "method", "target", "seeds", "params", "nonzero", "compression", "MACs", "theor. speedup",
                "file", "gzip"] + [f"{s} top-1" for s in split_names]
+    extra = _extra_accuracy_columns(report, split_names)  # fidelity (unlabeled data), the user's metric
+    headers += [title for title, _, _ in extra]
     for prof in profiles:
         headers += [f"p50 ms {prof}", f"speedup {prof}"]
     rows = []
@@ -129,6 +152,7 @@ def _results(report: Mapping[str, Any]) -> list[Block]:
                fmt_num(p["params"]), fmt_num(p["nonzero_params"]), fmt_x(p["compression_ratio"]), fmt_num(p["macs"]),
                fmt_x(p["theoretical_speedup"]), fmt_bytes(p["file_bytes"]), fmt_bytes(p["gzip_bytes"])]
         row += [fmt_stat((p["accuracy"].get(s) or {}).get("top1")) for s in split_names]
+        row += [_extra_stat(p, s, key) for _, s, key in extra]
         for prof in profiles:
             recs = p["profiles"].get(prof) or []
             row += [f"{recs[0]['latency_ms']['p50']:.3f}" if recs else "n/a", fmt_x(recs[0].get("speedup_vs_dense")) if recs else "n/a"]

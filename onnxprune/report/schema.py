@@ -32,6 +32,8 @@ A Point::
     macs (executed by dense kernels), nonzero_macs (MACs of nonzero weights), theoretical_speedup
     (dense MACs / nonzero MACs), macs_reduction (dense MACs / macs), file_bytes, gzip_bytes,
     accuracy {val|test: {top1: Stat, top5: Stat | null, samples}}   Stat = {mean, std, n, values}
+             (+ mean_rel_l2, top1_agreement: Stat, fidelity to the dense model with unlabeled data;
+              + metric {name: Stat} with the recipe's evaluation.metric)
     profiles {profile: [Measurement, one per batch size]}
     runs [{seed, model, accuracy {split: {top1, top5}}, prune {summary figures}, train {...} or null}]
     notes [str]
@@ -77,6 +79,9 @@ class SplitAccuracy(_M):
     top1: Stat
     top5: Stat | None = None
     samples: int | None = None
+    mean_rel_l2: Stat | None = None  # unlabeled data: fidelity to the dense model
+    top1_agreement: Stat | None = None
+    metric: dict[str, Stat] | None = None  # the recipe's evaluation.metric
 
 
 class Measurement(_M):

@@ -10,6 +10,7 @@ from ..errors import OnnxPruneError
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("cpu", "cuda", "auto")
+OBJECTIVES = ("auto", "labels", "distill", "both")
 
 
 @dataclass
@@ -28,6 +29,12 @@ class TrainConfig:
     ``BatchNorm`` in train mode). The default keeps the statistics frozen as in the file: a short
     retraining on a small or differently distributed set of batches should not overwrite
     statistics estimated on the full training data, and small batches make batch statistics noisy.
+
+    ``objective``: ``labels`` (cross-entropy), ``distill`` (match the teacher on every graph output,
+    no labels needed), ``both`` (``(1 - distill_alpha) * labels + distill_alpha * distill``);
+    ``auto`` picks both with labels and a teacher, labels without a teacher, distill without labels.
+    ``distill_features`` also matches intermediate features at the pruned layers (those whose
+    outputs keep the dense model's shape).
     """
 
     epochs: int = 10
@@ -49,6 +56,8 @@ class TrainConfig:
     grad_clip: float = 5.0
     device: str = "cpu"
     eval_batch_size: int = 256
+    objective: str = "auto"
+    distill_features: bool = False
 
     def __post_init__(self) -> None:
         self.step_milestones = tuple(float(m) for m in self.step_milestones)
@@ -71,6 +80,8 @@ class TrainConfig:
             bad(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.optimizer not in OPTIMIZERS:
             bad(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.objective not in OBJECTIVES:
+            bad(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.device not in DEVICES:
             bad(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not self.label_smoothing < 1:
@@ -106,3 +117,18 @@ class TrainConfig:
         d = self.to_dict()
         d.update({k: v for k, v in changes.items() if v is not None})
         return TrainConfig.from_dict(d)
+
+
+def resolve_objective(objective: str, labeled: bool, has_teacher: bool) -> str:
+    """The objective actually trained (``auto`` resolved), or one clear error when it cannot be."""
+    if objective == "auto":
+        if not labeled and not has_teacher:
+            raise OnnxPruneError("the data has no labels: pass --teacher DENSE (the unpruned model) to retrain by "
+                                 "distillation, or give labeled data")
+        return ("both" if has_teacher else "labels") if labeled else "distill"
+    if objective in ("labels", "both") and not labeled:
+        raise OnnxPruneError(f"objective {objective} needs labels, and the data has none; use --objective distill "
+                             "with --teacher DENSE")
+    if objective in ("distill", "both") and not has_teacher:
+        raise OnnxPruneError(f"objective {objective} needs a teacher: pass --teacher DENSE (the unpruned model)")
+    return objective

@@ -37,6 +37,9 @@ def weight_gradients(model: "str | os.PathLike | onnx.ModelProto", data: "str | 
         raise OnnxPruneError(f"gradients need positive batches and batch size, got {batches} x {batch_size}")
     m = _as_model(model)
     ds = load_dataset(data)  # the split is always seed 0: the same samples as eval and finetune
+    if not ds.labeled:
+        raise OnnxPruneError(f"gradient criteria need labels (the gradient of the cross-entropy); data {ds.spec!r} "
+                             "has none")
     if check:
         check_bridge(m, ds)
     module = torch_module(m, train_bn=False)

@@ -40,16 +40,25 @@ def outputs_probabilities(model: onnx.ModelProto) -> bool:
 
 
 def check_bridge(model: onnx.ModelProto, data: DatasetSplits, label: str = "model") -> dict[str, Any]:
-    """Bridge outputs vs ONNX Runtime (random inputs of the data's sample shape, batch 2); raises one
-    clear error naming the first diverging node."""
+    """Bridge outputs vs ONNX Runtime (random inputs of the data's sample shapes, batch 2); raises one
+    clear error naming the first diverging node. Symbolic dims are taken from the data."""
     from ..bridge import assert_bridge_faithful
-    from ..shapes import graph_inputs
+    from ..datasets import model_inputs
+    from ..datasets.core import first_array
 
-    inp = graph_inputs(model)[0]
-    dims = inp.type.tensor_type.shape.dim
-    fixed = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+    inputs = model_inputs(model)
+    sample = data.train.x if data.train.x is not None else None
+    shapes = {}
+    for inp in inputs:
+        if isinstance(sample, Mapping):
+            per = tuple(first_array({inp.name: sample[inp.name]}).shape[1:])
+        else:
+            per = tuple(data.input_shape)
+        fixed0 = inp.dims[0] if inp.dims and isinstance(inp.dims[0], int) else None
+        shapes[inp.name] = (fixed0 or 2, *per)
+    fixed = next(iter(shapes.values()))[0] if all(inp.dims and isinstance(inp.dims[0], int) for inp in inputs) else None
     try:
-        report = assert_bridge_faithful(model, {inp.name: (fixed or 2, *data.input_shape)})
+        report = assert_bridge_faithful(model, shapes)
     except OnnxPruneError as exc:
         raise OnnxPruneError(f"{label}: {exc}") from None
     if fixed is not None and fixed < 2:  # training runs batches: the graph must not depend on batch 1
@@ -59,12 +68,19 @@ def check_bridge(model: onnx.ModelProto, data: DatasetSplits, label: str = "mode
 
         try:
             with torch.no_grad():
-                to_torch(model).eval()(torch.zeros((2, *data.input_shape)))
+                to_torch(model).eval()(*[torch.zeros((2, *shp[1:]), dtype=_torch_dtype(inp.dtype))
+                                         for inp, shp in zip(inputs, shapes.values())])
         except Exception as exc:  # noqa: BLE001 - any failure here means the same thing
-            raise OnnxPruneError(f"{label}: input {inp.name!r} has a fixed batch size of {fixed} and the graph "
+            raise OnnxPruneError(f"{label}: input {inputs[0].name!r} has a fixed batch size of {fixed} and the graph "
                                  f"depends on it ({str(exc).splitlines()[0][:160]}); re-export it with a dynamic "
                                  "batch dimension to retrain") from None
     return report
+
+
+def _torch_dtype(np_dtype):
+    import torch
+
+    return torch.from_numpy(np.zeros(0, dtype=np_dtype)).dtype
 
 
 def torch_module(model: onnx.ModelProto, *, train_bn: bool = False):
@@ -89,22 +105,47 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
              dist: DistContext | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Retrain ``model`` on ``data`` with ``config``; return the retrained ModelProto and its history.
 
-    ``teacher``: a dense ONNX model distilled into the student (``config.distill_alpha``,
-    ``config.distill_temperature``); run through the bridge in eval mode, never trained.
-    History: ``config``, ``data``, per-epoch ``train_loss``/``val_top1``, ``best_epoch``,
-    ``sparsity`` (masks and whether the zeros survived exactly) and ``test`` (ONNX Runtime, once).
+    ``teacher``: a dense ONNX model distilled into the student (``config.objective``,
+    ``config.distill_alpha``, ``config.distill_temperature``); run through the bridge in eval mode,
+    never trained. Unlabeled data need a teacher: the student then matches it on every graph output
+    (any number of inputs and outputs), and checkpoints are chosen by validation fidelity.
+    History: ``config``, ``objective``, ``data``, per-epoch ``train_loss`` and ``val_top1`` (labels)
+    or ``val_rel_l2`` (no labels), ``best_epoch``, ``sparsity`` (masks and whether the zeros survived
+    exactly), ``test`` (top-1 with ONNX Runtime, once, with labels) and, with a teacher,
+    ``test_fidelity`` (per graph output against the teacher, ONNX Runtime).
     """
     t0 = time.perf_counter()
     config = config or TrainConfig()
     original = _as_model(model)
     data = load_dataset(data)  # a spec is split with seed 0 (as `onnxprune eval`), whatever the training seed
-    from ..shapes import graph_inputs
+    from ..datasets import bind_dataset, model_inputs
 
-    if len(graph_inputs(original)) != 1:
-        raise OnnxPruneError(f"finetune supports models with exactly one input; this one has {len(graph_inputs(original))}")
+    n_inputs = len(model_inputs(original))
+    if data.labeled and n_inputs != 1 and config.objective != "distill":
+        raise OnnxPruneError(f"training on labels supports models with one input; this one has {n_inputs}: "
+                             "use --objective distill with --teacher DENSE")
+    if data.train.x is not None:
+        data = bind_dataset(data, original)  # checked against the model's inputs; symbolic dims from the data
+    elif n_inputs != 1:
+        raise OnnxPruneError("DataLoaders feed models with one input; give per-input arrays for this model")
+    t_model, teacher_name = None, None
+    if teacher is not None:
+        t_model = _as_model(teacher)
+        teacher_name = str(teacher) if not isinstance(teacher, onnx.ModelProto) else (t_model.graph.name or "teacher")
+    from .config import resolve_objective
+
+    resolve_objective(config.objective, data.labeled, t_model is not None)  # one clear error before any work
     if check:
         check_bridge(original, data)
-    module = torch_module(original, train_bn=config.train_bn)
+        if t_model is not None:
+            check_bridge(t_model, data, "teacher")
+    n_outputs = len(original.graph.output)
+    features: list[str] = []
+    student_src, teacher_src = original, t_model
+    if config.distill_features and t_model is not None:
+        features = feature_pairs(original, t_model, data)
+        student_src, teacher_src = with_outputs(original, features), with_outputs(t_model, features)
+    module = torch_module(student_src, train_bn=config.train_bn)
     mask_arrays = resolve_masks(original, masks, keep_sparsity)
     after_step = None
     if mask_arrays:
@@ -112,28 +153,97 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
 
         apply_masks(module, mask_arrays)
         after_step = module.enforce_masks
-    t_module, teacher_name = None, None
-    if teacher is not None:
-        t_model = _as_model(teacher)
-        teacher_name = str(teacher) if not isinstance(teacher, onnx.ModelProto) else (t_model.graph.name or "teacher")
-        if check:
-            check_bridge(t_model, data, "teacher")
-        t_module = torch_module(t_model, train_bn=False)
+    t_module = torch_module(teacher_src, train_bn=False) if teacher_src is not None else None
     hist = train_module(module, data, config, teacher=t_module, after_step=after_step, progress=progress,
-                        output_is_prob=outputs_probabilities(original), dist=dist)
+                        output_is_prob=outputs_probabilities(original), prob_outputs=probability_outputs(original),
+                        dist=dist, n_outputs=n_outputs, class_outputs=class_output_indices(original))
     from ..bridge import write_back
 
     trained = write_back(original, module)
     sparsity = _sparsity_report(trained, mask_arrays)
     history: dict[str, Any] = {"config": config.to_dict(), "data": data.describe(), "teacher": teacher_name, **hist,
                                "sparsity": sparsity}
-    history["val_onnx"] = evaluate_onnx(trained, data, "val", config.eval_batch_size)
-    if evaluate_test and len(data.test):
-        history["test"] = evaluate_onnx(trained, data, "test", config.eval_batch_size)
+    if config.distill_features:
+        history["distill_features"] = features
+    if data.labeled and n_inputs == 1:
+        history["val_onnx"] = evaluate_onnx(trained, data, "val", config.eval_batch_size)
+        history["test"] = evaluate_onnx(trained, data, "test", config.eval_batch_size) if evaluate_test and len(data.test) else None
     else:
         history["test"] = None
+    if t_model is not None:
+        from ..datasets.fidelity import evaluate_fidelity, mean_rel_l2
+
+        for split in ("val", "test"):
+            part = getattr(data, split)
+            if (split == "test" and not evaluate_test) or part is None or part.x is None or not len(part):
+                continue
+            fid, _ = evaluate_fidelity(trained, t_model, part.x, config.eval_batch_size)
+            history[f"{split}_fidelity"] = fid["outputs"]
+            history[f"{split}_mean_rel_l2"] = mean_rel_l2(fid["outputs"])
     history["seconds"] = round(time.perf_counter() - t0, 3)
     return trained, history
+
+
+def class_output_indices(model: onnx.ModelProto) -> list[int]:
+    """Indices of the class-score outputs (:func:`onnxprune.datasets.fidelity.class_score_outputs`)."""
+    from ..datasets.fidelity import class_score_outputs
+
+    names = set(class_score_outputs(model))
+    return [i for i, o in enumerate(model.graph.output) if o.name in names]
+
+
+def probability_outputs(model: onnx.ModelProto) -> list[int]:
+    """Indices of graph outputs produced by a Softmax (probabilities: distilled through their log)."""
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    return [i for i, o in enumerate(model.graph.output) if producers.get(o.name) == "Softmax"]
+
+
+_LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def feature_pairs(student: onnx.ModelProto, teacher: onnx.ModelProto, data: DatasetSplits) -> list[str]:
+    """Intermediate tensors to match with ``--distill-features``: outputs of the pruned layers (Conv,
+    ConvTranspose, Gemm, MatMul whose weight differs from the teacher's in shape or in zeros) that
+    keep the teacher's name and shape on the data (the consumers of removed channels, and masked
+    layers). Graph outputs are matched anyway and are left out."""
+    import torch
+    from onnx import numpy_helper
+
+    from ..bridge import to_torch
+    from ..training.loop import as_tensors
+
+    s_init = {t.name: t for t in student.graph.initializer}
+    t_init = {t.name: t for t in teacher.graph.initializer}
+    outputs = {o.name for o in student.graph.output}
+    t_produced = {o for n in teacher.graph.node for o in n.output}
+    cands = []
+    for n in student.graph.node:
+        if n.op_type not in _LAYER_OPS or len(n.input) < 2 or not n.output or n.output[0] in outputs:
+            continue
+        w = n.input[1]
+        if w not in s_init or w not in t_init or n.output[0] not in t_produced:
+            continue
+        a, b = numpy_helper.to_array(s_init[w]), numpy_helper.to_array(t_init[w])
+        if a.shape != b.shape or int((a == 0).sum()) != int((b == 0).sum()):
+            cands.append(n.output[0])
+    if not cands:
+        return []
+    x, _ = next(data.val.batches(2))
+    with torch.no_grad():
+        sv = to_torch(student).eval().run(as_tensors(x, "cpu"), keep_all=True)
+        tv = to_torch(teacher).eval().run(as_tensors(x, "cpu"), keep_all=True)
+    return [c for c in cands if c in sv and c in tv and tuple(sv[c].shape) == tuple(tv[c].shape)
+            and sv[c].is_floating_point()]
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` exposing ``names`` as extra graph outputs, after its own (for training only:
+    the written model is the original graph with the trained weights)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for name in names:
+        out.graph.output.append(onnx.ValueInfoProto(name=name))
+    return out
 
 
 def _sparsity_report(model: onnx.ModelProto, masks: Mapping[str, np.ndarray]) -> dict[str, Any]:
