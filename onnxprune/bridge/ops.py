@@ -63,15 +63,21 @@ OpFn = Callable[..., Any]
 TABLE: dict[str, OpFn] = {}
 #: op type -> construction-time validator (raises :class:`OnnxPruneError` for what the function can't do).
 CHECKS: dict[str, Callable[[Node], None]] = {}
+#: op type -> construction-time validator that also sees the graph's constant tensors (initializers and
+#: Constant outputs, by name): for refusals that depend on an input's value, not only on attributes.
+CONST_CHECKS: dict[str, Callable[[Node, dict[str, np.ndarray]], None]] = {}
 
 
-def op(*names: str, check: Callable[[Node], None] | None = None) -> Callable[[OpFn], OpFn]:
-    """Register the decorated function for ``names`` (and its validator)."""
+def op(*names: str, check: Callable[[Node], None] | None = None,
+       const_check: Callable[[Node, dict[str, np.ndarray]], None] | None = None) -> Callable[[OpFn], OpFn]:
+    """Register the decorated function for ``names`` (and its validators)."""
     def deco(fn: OpFn) -> OpFn:
         for name in names:
             TABLE[name] = fn
             if check is not None:
                 CHECKS[name] = check
+            if const_check is not None:
+                CONST_CHECKS[name] = const_check
         return fn
     return deco
 
@@ -85,12 +91,16 @@ TORCH_DTYPES: dict[int, torch.dtype] = {
     onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.UINT8: torch.uint8, onnx.TensorProto.INT16: torch.int16,
     onnx.TensorProto.INT32: torch.int32, onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.BOOL: torch.bool,
 }
+#: element types torch can store but not compute with (no add, compare, remainder, topk on CPU).
+_NO_ARITHMETIC = {onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
 
 
 def torch_dtype(elem_type: int, n: Node | None = None) -> torch.dtype:
     if elem_type not in TORCH_DTYPES:
         name = onnx.TensorProto.DataType.Name(elem_type) if elem_type in onnx.TensorProto.DataType.values() else elem_type
         msg = f"element type {name} is not supported by the bridge"
+        if elem_type in _NO_ARITHMETIC:
+            msg += " (torch has no arithmetic for unsigned 16/32/64-bit integers)"
         raise n.fail(msg) if n else OnnxPruneError(f"bridge: {msg}")
     return TORCH_DTYPES[elem_type]
 
@@ -488,10 +498,36 @@ def div(n: Node, a, b):
     return a / b
 
 
+def _fmod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """C ``fmod``, exact. torch's vectorized kernel computes through ``a / b`` and returns NaN when
+    that quotient overflows (a tiny divisor): 16/32-bit floats go through float64 (where it cannot
+    overflow; the remainder is exact in the input type), float64's rare NaNs are redone by numpy."""
+    if not a.is_floating_point():
+        return torch.fmod(a, b)
+    if a.dtype != torch.float64:
+        return torch.fmod(a.double(), b.double()).to(a.dtype)
+    r = torch.fmod(a, b)
+    bad = torch.isnan(r) & torch.isfinite(a) & torch.isfinite(b) & (b != 0)
+    if bool(bad.any()):
+        a, b = torch.broadcast_tensors(a, b)
+        r = r.clone()
+        r[bad] = torch.from_numpy(np.fmod(a[bad].detach().cpu().numpy(), b[bad].detach().cpu().numpy())).to(r.device)
+    return r
+
+
 @op("Mod")
 def mod(n: Node, a, b):
-    """Remainder with the divisor's sign (``fmod=0``) or the dividend's (``fmod=1``)."""
-    return torch.fmod(a, b) if n.attr("fmod", 0) else torch.remainder(a, b)
+    """Remainder with the divisor's sign (``fmod=0``, Python/numpy ``mod``) or the dividend's
+    (``fmod=1``, C ``fmod``). Float ``fmod=0`` is built from ``fmod`` as numpy does: a nonzero
+    remainder whose sign differs from the divisor's gets the divisor added, and a zero remainder takes
+    the divisor's sign (``torch.remainder`` gives +0 there, and NaN for tiny divisors)."""
+    if n.attr("fmod", 0):
+        return _fmod(a, b)
+    if not (a.is_floating_point() or b.is_floating_point()):
+        return torch.remainder(a, b)
+    r = _fmod(a, b)
+    r = torch.where((r != 0) & (torch.signbit(r) != torch.signbit(b)), r + b, r)
+    return torch.where(r == 0, torch.copysign(torch.zeros_like(r), b), r)
 
 
 @op("Pow")
@@ -667,15 +703,20 @@ def _check_resize(n: Node) -> None:
         raise n.fail("keep_aspect_ratio_policy other than 'stretch' is not supported by the bridge")
 
 
-#: Resize coordinate transforms: output index (float32 array), scale, in/out lengths -> input coordinate.
+#: Resize coordinate transforms: output index (float32 array), scale, input length, output length
+#: (the integer one) and output width (``scale * length``, fractional when it comes from ``scales``)
+#: -> input coordinate. ``align_corners`` and ``pytorch_half_pixel`` use the fractional width, as the
+#: spec's ``length_resized`` and ONNX's reference implementation do (ONNX Runtime uses the integer
+#: length there: the two differ only when downsampling by a scale whose product is not an integer,
+#: and the bridge follows the spec; ``check_bridge`` reports such a node as diverging from ORT).
 _COORD: dict[str, Callable] = {
-    "half_pixel": lambda i, s, lin, lout: (i + np.float32(0.5)) / s - np.float32(0.5),
-    "pytorch_half_pixel": lambda i, s, lin, lout: (i + np.float32(0.5)) / s - np.float32(0.5) if lout > 1 else np.zeros_like(i),
-    "align_corners": lambda i, s, lin, lout: i * np.float32(lin - 1) / np.float32(lout - 1) if lout > 1 else np.zeros_like(i),
-    "asymmetric": lambda i, s, lin, lout: i / s,
-    "tf_half_pixel_for_nn": lambda i, s, lin, lout: (i + np.float32(0.5)) / s,
-    "half_pixel_symmetric": lambda i, s, lin, lout: (
-        np.float32(lin / 2) * (1 - np.float32(lout) / (s * np.float32(lin))) + (i + np.float32(0.5)) / s - np.float32(0.5)),
+    "half_pixel": lambda i, s, lin, lout, w: (i + np.float32(0.5)) / s - np.float32(0.5),
+    "pytorch_half_pixel": lambda i, s, lin, lout, w: (i + np.float32(0.5)) / s - np.float32(0.5) if w > 1 else np.zeros_like(i),
+    "align_corners": lambda i, s, lin, lout, w: i * np.float32(lin - 1) / np.float32(w - 1) if w != 1 else np.zeros_like(i),
+    "asymmetric": lambda i, s, lin, lout, w: i / s,
+    "tf_half_pixel_for_nn": lambda i, s, lin, lout, w: (i + np.float32(0.5)) / s,
+    "half_pixel_symmetric": lambda i, s, lin, lout, w: (
+        np.float32(lin / 2) * (1 - np.float32(lout) / np.float32(w)) + (i + np.float32(0.5)) / s - np.float32(0.5)),
 }
 
 _NEAREST: dict[str, Callable[[np.ndarray, bool], np.ndarray]] = {
@@ -688,12 +729,12 @@ _NEAREST: dict[str, Callable[[np.ndarray, bool], np.ndarray]] = {
 }
 
 
-def _resize_axis(x: torch.Tensor, axis: int, out_len: int, scale: float, mode: str, ctm: str, nearest: str,
-                 cubic_a: float, exclude_outside: bool) -> torch.Tensor:
+def _resize_axis(x: torch.Tensor, axis: int, out_len: int, out_width: float, scale: float, mode: str, ctm: str,
+                 nearest: str, cubic_a: float, exclude_outside: bool) -> torch.Tensor:
     """Resample ``x`` along one axis (multilinear/cubic resizing in ONNX is separable)."""
     lin = int(x.shape[axis])
     s = np.float32(scale)
-    coord = _COORD[ctm](np.arange(out_len, dtype=np.float32), s, lin, out_len).astype(np.float32)
+    coord = _COORD[ctm](np.arange(out_len, dtype=np.float32), s, lin, out_len, out_width).astype(np.float32)
     dev = x.device
     if mode == "nearest":
         idx = np.clip(_NEAREST[nearest](coord, scale < 1), 0, lin - 1).astype(np.int64)
@@ -740,12 +781,14 @@ def _resample(n: Node, x: torch.Tensor, scales: list[float] | None, sizes: list[
         if sizes is not None:
             out_len = sizes[j]
             scale = float(np.float32(out_len) / np.float32(lin))
+            width = float(out_len)
         else:
             scale = scales[j]
             out_len = int(math.floor(lin * scale))
+            width = float(np.float32(lin) * np.float32(scale))
         if out_len == lin and scale == 1.0:  # ONNX Runtime leaves such axes alone whatever the transform
             continue
-        x = _resize_axis(x, axis, out_len, scale, mode, ctm, nearest, n.attr("cubic_coeff_a", -0.75),
+        x = _resize_axis(x, axis, out_len, width, scale, mode, ctm, nearest, n.attr("cubic_coeff_a", -0.75),
                          bool(n.attr("exclude_outside", 0)))
     return x
 
@@ -784,10 +827,12 @@ def depth_to_space(n: Node, x):
 
 @op("SpaceToDepth")
 def space_to_depth(n: Node, x):
-    """Move ``blocksize x blocksize`` spatial blocks into channels."""
+    """Move ``blocksize x blocksize`` spatial blocks into channels: block offset outermost (``DCR``,
+    the default) or channel outermost (``CRD``, opset 25's ``mode``)."""
     b, c, h, w = x.shape
     bs = n.attr("blocksize")
-    y = x.reshape(b, c, h // bs, bs, w // bs, bs).permute(0, 3, 5, 1, 2, 4)
+    perm = (0, 3, 5, 1, 2, 4) if n.attr("mode", "DCR") == "DCR" else (0, 1, 3, 5, 2, 4)
+    y = x.reshape(b, c, h // bs, bs, w // bs, bs).permute(*perm)
     return y.reshape(b, c * bs * bs, h // bs, w // bs)
 
 
@@ -890,6 +935,40 @@ def gather(n: Node, x, idx):
     return out.reshape(tuple(x.shape[:axis]) + tuple(idx.shape) + tuple(x.shape[axis + 1:]))
 
 
+#: ScatterND ``reduction`` -> ``Tensor.scatter_reduce`` mode (None: plain assignment).
+_SCATTER_REDUCE = {"none": None, "add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
+
+
+def _check_scatter(n: Node) -> None:
+    red = n.attr("reduction", "none")
+    if red not in _SCATTER_REDUCE:
+        raise n.fail(f"with reduction {red!r} is not supported by the bridge (none, add, mul, max, min)")
+
+
+@op("ScatterND", check=_check_scatter)
+def scatter_nd(n: Node, data, indices, updates):
+    """A copy of ``data`` with ``updates`` written (or combined by ``reduction``) at the k-tuples of
+    ``indices`` (negative entries count from the end). The leading k dims of ``data`` are flattened so
+    each k-tuple becomes one row index, then rows are assigned (``none``; duplicate indices leave an
+    unspecified winner, as ONNX says) or reduced with ``scatter_reduce`` including the old value."""
+    k = int(indices.shape[-1])
+    lead = [int(d) for d in data.shape[:k]]
+    idx = indices.long().reshape(-1, k)
+    dims = torch.tensor(lead, dtype=torch.long, device=data.device)
+    idx = torch.where(idx < 0, idx + dims, idx)
+    strides = [math.prod(lead[i + 1:]) for i in range(k)]
+    rows = (idx * torch.tensor(strides, dtype=torch.long, device=data.device)).sum(-1)
+    flat = data.reshape((math.prod(lead),) + tuple(data.shape[k:]))
+    upd = updates.reshape((rows.numel(),) + tuple(data.shape[k:]))
+    mode = _SCATTER_REDUCE[n.attr("reduction", "none")]
+    if mode is None:
+        out = flat.index_put((rows,), upd)
+    else:
+        index = rows.reshape((-1,) + (1,) * (flat.dim() - 1)).expand_as(upd)
+        out = flat.scatter_reduce(0, index, upd, reduce=mode, include_self=True)
+    return out.reshape(data.shape)
+
+
 @op("GatherElements")
 def gather_elements(n: Node, x, idx):
     """``torch.gather`` along ``axis`` with negative indices wrapped."""
@@ -933,7 +1012,22 @@ def identity(n: Node, x):
     return x
 
 
-@op("Dropout")
+def _check_dropout(n: Node, consts: dict[str, np.ndarray]) -> None:
+    """Refuse a Dropout that may run in training mode (opset 12's ``training_mode`` input, unless it
+    is a constant false or ``ratio`` is a constant 0): its output is random, the bridge's pass-through
+    would be a different function."""
+    mode = n.inputs[2] if len(n.inputs) > 2 else ""
+    if not mode or (mode in consts and not np.asarray(consts[mode]).any()):
+        return
+    ratio = n.inputs[1] if len(n.inputs) > 1 else ""
+    if ratio and ratio in consts and not np.asarray(consts[ratio]).any():
+        return
+    why = "is true" if mode in consts else "is not a constant"
+    raise n.fail(f"in training mode (its training_mode input {mode!r} {why}) is not supported by the bridge: "
+                 "random dropout is not the inference function; export the model in eval mode")
+
+
+@op("Dropout", const_check=_check_dropout)
 def dropout(n: Node, x, ratio=None, training_mode=None):
     """Always a no-op: exported inference graphs hold Dropout only as a pass-through, and the
     bridge fine-tunes the deployed graph as it is. An optional mask output is what ONNX Runtime
@@ -978,7 +1072,7 @@ def cumsum(n: Node, x, axis):
     a = axis_of(int(axis.item()), x.dim())
     if n.attr("reverse", 0):
         x = x.flip(a)
-    y = torch.cumsum(x, a)
+    y = torch.cumsum(x, a, dtype=x.dtype)  # torch would widen int32 to int64
     if n.attr("exclusive", 0):
         y = y - x
     return y.flip(a) if n.attr("reverse", 0) else y
@@ -1006,7 +1100,16 @@ def _hardmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     return F.one_hot(x.argmax(dim), x.shape[dim]).movedim(-1, dim).to(x.dtype)
 
 
-op("Softmax")(_softmax_like(lambda x, d: torch.softmax(x, d)))
+def _softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch.softmax``; 16-bit floats step by step in their own precision (``exp(x - max) / sum``),
+    as ONNX specifies it: the fused kernel computes in float32 and rounds once, an ULP away."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        e = torch.exp(x - x.amax(dim, keepdim=True))
+        return e / e.sum(dim, keepdim=True)
+    return torch.softmax(x, dim)
+
+
+op("Softmax")(_softmax_like(_softmax))
 op("LogSoftmax")(_softmax_like(lambda x, d: torch.log_softmax(x, d)))
 op("Hardmax")(_softmax_like(_hardmax))
 TABLE["Softmax"].__doc__ = "Softmax over ``axis`` (opset < 13: over the 2-D coercion at ``axis``, default 1)."
@@ -1014,7 +1117,25 @@ TABLE["LogSoftmax"].__doc__ = "Log-softmax, axis semantics as Softmax."
 TABLE["Hardmax"].__doc__ = "One-hot of the first maximum, axis semantics as Softmax."
 
 
-def _reduce(fn: Callable[[torch.Tensor, tuple[int, ...], bool], torch.Tensor], doc: str) -> OpFn:
+def _empty_reduce(x: torch.Tensor, dims: tuple[int, ...], keep: bool, value: float) -> torch.Tensor:
+    """A reduction over an empty set: the operation's identity (ONNX: -inf for max, +inf for min;
+    the dtype's lowest/highest value for integers, False/True for bool)."""
+    shape = [1 if d in dims else s for d, s in enumerate(x.shape)] if keep else \
+        [s for d, s in enumerate(x.shape) if d not in dims]
+    if x.dtype == torch.bool:
+        fill = value > 0
+    elif x.is_floating_point():
+        fill = value
+    else:
+        info = torch.iinfo(x.dtype)
+        fill = info.max if value > 0 else info.min
+    return torch.full(shape, fill, dtype=x.dtype, device=x.device)
+
+
+def _reduce(fn: Callable[[torch.Tensor, tuple[int, ...], bool], torch.Tensor], doc: str,
+            empty: float | None = None) -> OpFn:
+    """``empty``: the result of reducing an empty set where torch refuses to (max, min); the other
+    reductions already give ONNX's identity (0 for sums, 1 for products, -inf for log-sum)."""
     def f(n: Node, x, axes=None):
         ax = ints_input_or_attr(n, axes, "axes")
         keep = bool(n.attr("keepdims", 1))
@@ -1022,7 +1143,10 @@ def _reduce(fn: Callable[[torch.Tensor, tuple[int, ...], bool], torch.Tensor], d
             if n.attr("noop_with_empty_axes", 0):
                 return x
             ax = list(range(x.dim()))
-        return fn(x, tuple(sorted(axis_of(a, x.dim()) for a in ax)), keep)
+        dims = tuple(sorted(axis_of(a, x.dim()) for a in ax))
+        if empty is not None and any(x.shape[d] == 0 for d in dims):
+            return _empty_reduce(x, dims, keep, empty)
+        return fn(x, dims, keep)
     f.__doc__ = doc + " Over ``axes`` (attribute or input by opset; empty: all dims unless ``noop_with_empty_axes``), ``keepdims``."
     return f
 
@@ -1035,8 +1159,8 @@ def _prod(x: torch.Tensor, dims: tuple[int, ...], keep: bool) -> torch.Tensor:
 
 op("ReduceMean")(_reduce(lambda x, d, k: x.mean(dim=d, keepdim=k), "Mean."))
 op("ReduceSum")(_reduce(lambda x, d, k: x.sum(dim=d, keepdim=k), "Sum."))
-op("ReduceMax")(_reduce(lambda x, d, k: x.amax(dim=d, keepdim=k), "Maximum."))
-op("ReduceMin")(_reduce(lambda x, d, k: x.amin(dim=d, keepdim=k), "Minimum."))
+op("ReduceMax")(_reduce(lambda x, d, k: x.amax(dim=d, keepdim=k), "Maximum.", empty=-math.inf))
+op("ReduceMin")(_reduce(lambda x, d, k: x.amin(dim=d, keepdim=k), "Minimum.", empty=math.inf))
 op("ReduceProd")(_reduce(_prod, "Product."))
 op("ReduceL1")(_reduce(lambda x, d, k: x.abs().sum(dim=d, keepdim=k), "Sum of absolute values."))
 op("ReduceL2")(_reduce(lambda x, d, k: (x * x).sum(dim=d, keepdim=k).sqrt(), "Euclidean norm."))
@@ -1063,11 +1187,13 @@ TABLE["ArgMin"].__doc__ = "Index of the first (or last, ``select_last_index``) m
 
 @op("TopK")
 def topk(n: Node, x, k=None):
-    """The ``k`` largest (or smallest) values and their indices along ``axis`` (default -1)."""
+    """The ``k`` largest (or smallest) values and their indices along ``axis`` (default -1). Equal
+    values keep the lower index first, as ONNX requires (``torch.topk`` orders ties arbitrarily, so
+    this is a stable sort cut to ``k``)."""
     axis = axis_of(n.attr("axis", -1), x.dim())
     kk = int(k.reshape(-1)[0].item()) if k is not None else int(n.attr("k"))
-    values, indices = torch.topk(x, kk, dim=axis, largest=bool(n.attr("largest", 1)), sorted=True)
-    return values, indices
+    values, indices = torch.sort(x, dim=axis, descending=bool(n.attr("largest", 1)), stable=True)
+    return values.narrow(axis, 0, kk), indices.narrow(axis, 0, kk)
 
 
 def onnx_attrs(node: onnx.NodeProto) -> dict[str, Any]:
