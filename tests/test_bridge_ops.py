@@ -174,6 +174,13 @@ case("AveragePool", [(1, 2, 7, 7)], tag="asym-include", kernel_shape=[3, 3], pad
 case("AveragePool", [(1, 2, 7, 7)], tag="same-lower", kernel_shape=[2, 2], auto_pad="SAME_LOWER")
 case("AveragePool", [(1, 2, 9)], tag="1d", kernel_shape=[3], strides=[2], pads=[1, 1])
 case("AveragePool", [(1, 2, 4, 4, 4)], tag="3d", kernel_shape=[2, 2, 2], strides=[2, 2, 2])
+case("AveragePool", [(1, 2, 9, 9)], opset=19, tag="dilated", kernel_shape=[2, 3], dilations=[2, 2])
+case("AveragePool", [(1, 2, 10, 9)], opset=19, tag="dilated-pads-ceil", kernel_shape=[3, 2], strides=[2, 3],
+     dilations=[2, 3], pads=[1, 1, 2, 0], ceil_mode=1)
+case("AveragePool", [(1, 2, 10, 9)], opset=19, tag="dilated-pads-ceil-include", kernel_shape=[3, 2], strides=[2, 3],
+     dilations=[2, 3], pads=[1, 1, 2, 0], ceil_mode=1, count_include_pad=1)
+case("AveragePool", [(1, 2, 11)], opset=19, tag="dilated-1d", kernel_shape=[3], strides=[2], dilations=[3], pads=[2, 1])
+case("LpPool", [(1, 2, 9, 9)], opset=18, tag="dilated", kernel_shape=[2, 2], dilations=[2, 3], pads=[1, 1, 0, 1])
 case("LpPool", [X4], kernel_shape=[2, 2], strides=[2, 2])
 case("LpPool", [(1, 2, 7)], tag="p1-pads", kernel_shape=[3], p=1, pads=[1, 1])
 case("GlobalAveragePool", [X4])

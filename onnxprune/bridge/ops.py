@@ -575,8 +575,6 @@ _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 def _check_pool(n: Node) -> None:
     _check_spatial_rank(n)
-    if n.op_type in ("AveragePool", "LpPool") and any(d != 1 for d in n.attr("dilations") or []):
-        raise n.fail("with dilations is not supported by the bridge")
     _check_outputs(1)(n)
 
 
@@ -599,16 +597,55 @@ def max_pool(n: Node, x):
     return _MAX_POOL[d](x, kernel, strides, begin, dil, ceil_mode=ceil)
 
 
+def _dilated_window_sums(n: Node, x: torch.Tensor, kernel: list[int], include_pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of ``x`` over every dilated pooling window, and how many positions each counts (real
+    ones, plus pads with ``include_pad``), for pools torch has no dilated form of. Output lengths
+    follow ONNX: ``(len + pads - span) / stride + 1``, rounded up with ``ceil_mode`` except a last
+    window that would start in the end padding; the positions ceil mode adds past the pads count
+    nowhere. Windows are ``unfold`` views, one axis at a time, then every ``dilation``-th tap."""
+    d = len(kernel)
+    strides, dil, begin, end = _geometry(n, x, kernel)
+    ceil = bool(n.attr("ceil_mode", 0))
+    sizes = [int(v) for v in x.shape[2:]]
+    extra = []
+    for i in range(d):
+        span = (kernel[i] - 1) * dil[i] + 1
+        padded = sizes[i] + begin[i] + end[i]
+        steps = (padded - span) / strides[i] + 1
+        out = math.ceil(steps) if ceil else math.floor(steps)
+        if ceil and (out - 1) * strides[i] >= sizes[i] + begin[i]:
+            out -= 1
+        extra.append(max(0, (out - 1) * strides[i] + span - padded))
+    inner = torch.ones((1, 1) + tuple(sizes), dtype=x.dtype, device=x.device)
+    if include_pad:
+        inner = F.pad(inner, torch_pad(begin, end), value=1.0)
+        counts = F.pad(inner, torch_pad([0] * d, extra))
+    else:
+        counts = F.pad(inner, torch_pad(begin, [e + x_ for e, x_ in zip(end, extra)]))
+    xs = F.pad(x, torch_pad(begin, [e + x_ for e, x_ in zip(end, extra)]))
+
+    def sums(t: torch.Tensor) -> torch.Tensor:
+        for i in range(d):
+            t = t.unfold(2 + i, (kernel[i] - 1) * dil[i] + 1, strides[i])
+        taps = (Ellipsis,) + tuple(slice(None, None, dl) for dl in dil)
+        return t[taps].sum(dim=tuple(range(-d, 0)))
+
+    return sums(xs), sums(counts)
+
+
 @op("AveragePool", check=_check_pool)
 def avg_pool(n: Node, x):
     """Average pooling with pads, strides, ceil_mode and ``count_include_pad``. Pads torch cannot
     take are applied with ``F.pad``; without ``count_include_pad`` the sum is then divided by the
-    pooled count of real (unpadded) positions."""
+    pooled count of real (unpadded) positions. Dilated windows (opset 19): explicit window sums."""
     kernel = list(n.attr("kernel_shape"))
     d = len(kernel)
+    include = bool(n.attr("count_include_pad", 0))
+    if any(v != 1 for v in n.attr("dilations") or []):
+        total, count = _dilated_window_sums(n, x, kernel, include)
+        return total / count
     strides, dil, begin, end = _geometry(n, x, kernel)
     ceil = bool(n.attr("ceil_mode", 0))
-    include = bool(n.attr("count_include_pad", 0))
     if _native_pads_ok(begin, end, kernel, dil):
         return _AVG_POOL[d](x, kernel, strides, begin, ceil, include)
     tp = torch_pad(begin, end)
@@ -629,9 +666,11 @@ def _sum_pool(x: torch.Tensor, kernel: list[int], strides: list[int], ceil: bool
 
 @op("LpPool", check=_check_pool)
 def lp_pool(n: Node, x):
-    """``(sum over the window of |x|^p)^(1/p)`` (p default 2), zero padding."""
+    """``(sum over the window of |x|^p)^(1/p)`` (p default 2), zero padding, dilated windows too."""
     kernel = list(n.attr("kernel_shape"))
     p = n.attr("p", 2)
+    if any(v != 1 for v in n.attr("dilations") or []):
+        return _dilated_window_sums(n, torch.abs(x) ** p, kernel, True)[0] ** (1.0 / p)
     strides, _, begin, end = _geometry(n, x, kernel)
     xp = F.pad(torch.abs(x) ** p, torch_pad(begin, end))
     return _sum_pool(xp, kernel, strides, bool(n.attr("ceil_mode", 0))) ** (1.0 / p)
