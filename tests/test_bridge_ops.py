@@ -216,6 +216,16 @@ case("Resize", [R, None, None, i64(1, 2, 8, 3)], opset=13, tag="cubic-exclude", 
 case("Resize", [R, None, None, i64(8, 3)], opset=18, tag="axes-linear", mode="linear", axes=[2, 3])
 case("Resize", [R, None, f32(1, 1, 1.7, 0.6)], opset=19, tag="half-pixel-symmetric", mode="linear",
      coordinate_transformation_mode="half_pixel_symmetric")
+case("Resize", [R, None, f32(1, 1, 0.6, 0.5)], opset=18, tag="linear-antialias", mode="linear", antialias=1)
+case("Resize", [R, None, None, i64(1, 2, 3, 2)], opset=18, tag="cubic-antialias", mode="cubic", antialias=1)
+case("Resize", [R, None, None, i64(1, 2, 3, 3)], opset=18, tag="cubic-antialias-exclude", mode="cubic", antialias=1,
+     exclude_outside=1)
+case("Resize", [R, None, None, i64(7, 7)], opset=18, tag="not-larger", mode="linear", axes=[2, 3],
+     keep_aspect_ratio_policy="not_larger")
+case("Resize", [R, None, None, i64(7, 7)], opset=18, tag="not-smaller", mode="nearest", axes=[2, 3],
+     keep_aspect_ratio_policy="not_smaller")
+case("Resize", [R, f32(0, 0, 0.2, 0.1, 1, 1, 1.2, 0.7), None, i64(1, 2, 4, 5)], opset=13, tag="crop-and-resize",
+     mode="linear", coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=-2.0)
 case("Resize", [R, f32(1, 1, 2, 3)], opset=10, tag="opset10", mode="nearest")
 case("Resize", [R, f32(1, 1, 2, 2)], opset=10, tag="opset10-linear", mode="linear")
 case("Upsample", [R, f32(1, 1, 2, 2)], opset=9, mode="nearest")

@@ -32,8 +32,8 @@ REFUSALS: list[tuple[str, str]] = [
     (r"is not a tensor|sequence/optional", "sequence, map and optional values"),
     (r"Dropout .*training mode", "Dropout in training mode (a run-time or true training_mode input): random output"),
     (r"BatchNormalization .*training mode", "BatchNormalization with training_mode=1 (batch statistics outputs)"),
-    (r"Resize .*(antialias|keep_aspect_ratio_policy|tf_crop_and_resize)",
-     "Resize with antialias, keep_aspect_ratio_policy not 'stretch', or tf_crop_and_resize"),
+    (r"Resize .*tf_crop_and_resize' and scales",
+     "Resize tf_crop_and_resize from scales: the spec and its reference size the output differently"),
     (r"MaxPool .*output 1", "MaxPool's optional Indices output"),
 ]
 

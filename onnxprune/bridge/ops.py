@@ -734,12 +734,22 @@ def _check_resize(n: Node) -> None:
     if mode not in ("nearest", "linear", "bilinear", "cubic"):
         raise n.fail(f"mode {mode!r} is not supported by the bridge")
     ctm = n.attr("coordinate_transformation_mode", "half_pixel")
-    if ctm not in _COORD:
+    if ctm not in _COORD and ctm != "tf_crop_and_resize":
         raise n.fail(f"coordinate_transformation_mode {ctm!r} is not supported by the bridge")
-    if n.attr("antialias", 0):
-        raise n.fail("with antialias=1 is not supported by the bridge")
-    if n.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
-        raise n.fail("keep_aspect_ratio_policy other than 'stretch' is not supported by the bridge")
+    if n.attr("keep_aspect_ratio_policy", "stretch") not in ("stretch", "not_larger", "not_smaller"):
+        raise n.fail(f"keep_aspect_ratio_policy {n.attr('keep_aspect_ratio_policy')!r} is not supported by the bridge")
+
+
+def _check_resize_consts(n: Node, consts: dict[str, np.ndarray]) -> None:
+    """``tf_crop_and_resize`` from ``scales``: the spec sizes the output ``floor(len * (roi_end -
+    roi_start) * scale)``, its reference implementation ``floor(len * scale)``. Refused rather than
+    guessed; with ``sizes`` (what TensorFlow exports write) both agree."""
+    if n.opset < 11 or n.attr("coordinate_transformation_mode", "half_pixel") != "tf_crop_and_resize":
+        return
+    scales = n.inputs[2] if len(n.inputs) > 2 else ""
+    if scales and not (scales in consts and np.asarray(consts[scales]).size == 0):
+        raise n.fail("with coordinate_transformation_mode 'tf_crop_and_resize' and scales (not sizes) is not "
+                     "supported by the bridge: the spec and its reference implementation size the output differently")
 
 
 #: Resize coordinate transforms: output index (float32 array), scale, input length, output length
@@ -768,56 +778,102 @@ _NEAREST: dict[str, Callable[[np.ndarray, bool], np.ndarray]] = {
 }
 
 
+def _kernel_taps(coord: np.ndarray, lin: int, scale: float, mode: str, cubic_a: float, exclude_outside: bool,
+                 antialias: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input index, weight) per tap of a linear or cubic kernel, as ONNX's reference computes them:
+    taps at ``base + j`` with ``base = ceil(c) - 1`` (the pixel left of ``c``, ratio in (0, 1]),
+    weights ``kernel(|j - ratio| * s)``. ``antialias`` stretches the kernel by ``1 / scale`` when
+    downsampling (``s = min(scale, 1)``, more taps) and normalizes the weights; ``exclude_outside``
+    drops taps outside the input and renormalizes; border taps read the edge pixel."""
+    a = np.float32(cubic_a)
+    s = np.float32(min(float(scale), 1.0)) if antialias else np.float32(1.0)
+    support = 1 if mode in ("linear", "bilinear") else 2
+    first = int(math.floor(-support / float(s))) + 1
+    base = np.ceil(coord).astype(np.int64) - 1
+    ratio = (coord - base).astype(np.float32)
+    taps = []
+    for j in range(first, 2 - first):
+        d = np.abs((np.float32(j) - ratio) * s).astype(np.float32)
+        if support == 1:
+            w = np.maximum(np.float32(1) - d, 0)
+        else:
+            w = np.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1,
+                         np.where(d < 2, ((a * d - 5 * a) * d + 8 * a) * d - 4 * a, 0))
+        idx = base + j
+        if exclude_outside:
+            w = np.where((idx < 0) | (idx >= lin), 0, w)
+        taps.append((np.clip(idx, 0, lin - 1), w.astype(np.float32)))
+    if antialias or exclude_outside:
+        total = sum(w for _, w in taps)
+        taps = [(i, (w / total).astype(np.float32)) for i, w in taps]
+    return taps
+
+
+def _crop_coord(i: np.ndarray, lin: int, width: float, start: float, end: float) -> np.ndarray:
+    """``tf_crop_and_resize``: output index -> input coordinate inside the normalized ``roi`` box."""
+    if width == 1:
+        return np.full(i.shape, 0.5 * (start + end) * (lin - 1))
+    return start * (lin - 1) + i.astype(np.float64) * (end - start) * (lin - 1) / (width - 1)
+
+
 def _resize_axis(x: torch.Tensor, axis: int, out_len: int, out_width: float, scale: float, mode: str, ctm: str,
-                 nearest: str, cubic_a: float, exclude_outside: bool) -> torch.Tensor:
+                 nearest: str, n: Node, roi: tuple[float, float] | None = None) -> torch.Tensor:
     """Resample ``x`` along one axis (multilinear/cubic resizing in ONNX is separable)."""
     lin = int(x.shape[axis])
-    s = np.float32(scale)
-    coord = _COORD[ctm](np.arange(out_len, dtype=np.float32), s, lin, out_len, out_width).astype(np.float32)
+    index = np.arange(out_len, dtype=np.float32)
+    outside = None
+    if ctm == "tf_crop_and_resize":
+        coord = _crop_coord(index, lin, out_width, *roi)
+        outside = (coord < 0) | (coord > lin - 1)
+    else:
+        coord = _COORD[ctm](index, np.float32(scale), lin, out_len, out_width).astype(np.float32)
     dev = x.device
-    if mode == "nearest":
-        idx = np.clip(_NEAREST[nearest](coord, scale < 1), 0, lin - 1).astype(np.int64)
-        return x.index_select(axis, torch.from_numpy(idx).to(dev))
     shape = [1] * x.dim()
     shape[axis] = out_len
-    if mode in ("linear", "bilinear"):
+    antialias = bool(n.attr("antialias", 0)) and mode != "nearest" and scale < 1
+    if mode == "nearest":
+        idx = np.clip(_NEAREST[nearest](coord, scale < 1), 0, lin - 1).astype(np.int64)
+        y = x.index_select(axis, torch.from_numpy(idx).to(dev))
+    elif mode in ("linear", "bilinear") and not antialias:
         c = np.clip(coord, 0, lin - 1)
         i0 = np.floor(c).astype(np.int64)
         i1 = np.minimum(i0 + 1, lin - 1)
         w1 = torch.from_numpy((c - i0).astype(np.float32)).to(dev, x.dtype).reshape(shape)
         a = x.index_select(axis, torch.from_numpy(i0).to(dev))
         b = x.index_select(axis, torch.from_numpy(i1).to(dev))
-        return a + (b - a) * w1
-    # cubic: 4 taps at floor(c) - 1 .. floor(c) + 2, border taps clamped (or dropped with exclude_outside)
-    a_ = np.float32(cubic_a)
-    base = np.floor(coord).astype(np.int64)
-    t = (coord - base).astype(np.float32)
-    out = None
-    taps = []
-    for k in range(-1, 3):
-        dist = np.abs(t - k).astype(np.float32)
-        w = np.where(dist <= 1, ((a_ + 2) * dist - (a_ + 3)) * dist * dist + 1,
-                     np.where(dist < 2, ((a_ * dist - 5 * a_) * dist + 8 * a_) * dist - 4 * a_, 0)).astype(np.float32)
-        idx = base + k
-        if exclude_outside:
-            w = np.where((idx < 0) | (idx >= lin), 0, w).astype(np.float32)
-        taps.append((np.clip(idx, 0, lin - 1), w))
-    if exclude_outside:
-        total = sum(w for _, w in taps)
-        taps = [(i, (w / total).astype(np.float32)) for i, w in taps]
-    for idx, w in taps:
-        term = x.index_select(axis, torch.from_numpy(idx).to(dev)) * torch.from_numpy(w).to(dev, x.dtype).reshape(shape)
-        out = term if out is None else out + term
-    return out
+        y = a + (b - a) * w1
+    else:
+        y = None
+        for idx, w in _kernel_taps(coord, lin, scale, mode, n.attr("cubic_coeff_a", -0.75),
+                                   bool(n.attr("exclude_outside", 0)), antialias):
+            term = x.index_select(axis, torch.from_numpy(idx).to(dev)) * torch.from_numpy(w).to(dev, x.dtype).reshape(shape)
+            y = term if y is None else y + term
+    if outside is not None and outside.any():
+        fill = torch.tensor(float(n.attr("extrapolation_value", 0.0)), dtype=y.dtype, device=dev)
+        y = torch.where(torch.from_numpy(outside).to(dev).reshape(shape), fill, y)
+    return y
 
 
 def _resample(n: Node, x: torch.Tensor, scales: list[float] | None, sizes: list[int] | None, axes: list[int] | None,
-              mode: str, ctm: str, nearest: str) -> torch.Tensor:
+              mode: str, ctm: str, nearest: str, roi: list[float] | None = None) -> torch.Tensor:
+    """Resize axis by axis. With ``sizes``, ``keep_aspect_ratio_policy`` not_larger/not_smaller
+    uses one scale for every resized axis (the min/max of ``sizes / len``) and sizes the output
+    ``round_half_up(scale * len)``; ``roi`` (``[starts..., ends...]`` of the resized axes) is read by
+    ``tf_crop_and_resize`` only."""
     r = x.dim()
     axes = [axis_of(a, r) for a in axes] if axes else list(range(r))
+    policy = n.attr("keep_aspect_ratio_policy", "stretch")
+    common = None
+    if sizes is not None and policy != "stretch":
+        ratios = [sizes[j] / int(x.shape[a]) for j, a in enumerate(axes)]
+        common = min(ratios) if policy == "not_larger" else max(ratios)
     for j, axis in enumerate(axes):
         lin = int(x.shape[axis])
-        if sizes is not None:
+        if common is not None:
+            scale = common
+            out_len = int(common * lin + 0.5)
+            width = common * lin
+        elif sizes is not None:
             out_len = sizes[j]
             scale = float(np.float32(out_len) / np.float32(lin))
             width = float(out_len)
@@ -825,24 +881,30 @@ def _resample(n: Node, x: torch.Tensor, scales: list[float] | None, sizes: list[
             scale = scales[j]
             out_len = int(math.floor(lin * scale))
             width = float(np.float32(lin) * np.float32(scale))
-        if out_len == lin and scale == 1.0:  # ONNX Runtime leaves such axes alone whatever the transform
-            continue
-        x = _resize_axis(x, axis, out_len, width, scale, mode, ctm, nearest, n.attr("cubic_coeff_a", -0.75),
-                         bool(n.attr("exclude_outside", 0)))
+        box = (roi[j], roi[j + len(axes)]) if ctm == "tf_crop_and_resize" else None
+        if out_len == lin and scale == 1.0 and box in (None, (0.0, 1.0)):
+            continue  # ONNX Runtime leaves such axes alone whatever the transform
+        x = _resize_axis(x, axis, out_len, width, scale, mode, ctm, nearest, n, box)
     return x
 
 
-@op("Resize", check=_check_resize)
+@op("Resize", check=_check_resize, const_check=_check_resize_consts)
 def resize(n: Node, x, roi=None, scales=None, sizes=None):
-    """Nearest/linear/cubic resizing from ``scales`` or ``sizes`` with every coordinate transform but
-    ``tf_crop_and_resize``; ``nearest_mode`` as given (PyTorch exports ``floor`` with ``asymmetric``).
-    Opset 10's Resize (``X, scales``) uses asymmetric coordinates like Upsample."""
+    """Nearest/linear/cubic resizing from ``scales`` or ``sizes`` with every coordinate transform,
+    ``antialias`` (linear/cubic downsampling), ``exclude_outside``, ``keep_aspect_ratio_policy`` and
+    ``tf_crop_and_resize`` (with ``sizes``) with its ``extrapolation_value``; ``nearest_mode`` as given
+    (PyTorch exports ``floor`` with ``asymmetric``). Opset 10's Resize (``X, scales``) uses
+    asymmetric coordinates like Upsample."""
     if n.opset < 11:
         return _resample(n, x, floats(roi), None, None, n.attr("mode", "nearest"), "asymmetric", "simple")
     sz = ints(sizes) if sizes is not None and sizes.numel() else None
     sc = floats(scales) if sz is None else None
-    return _resample(n, x, sc, sz, n.attr("axes"), n.attr("mode", "nearest"),
-                     n.attr("coordinate_transformation_mode", "half_pixel"), n.attr("nearest_mode", "round_prefer_floor"))
+    ctm = n.attr("coordinate_transformation_mode", "half_pixel")
+    box = floats(roi) if ctm == "tf_crop_and_resize" else None
+    if ctm == "tf_crop_and_resize" and (box is None or not box):
+        raise n.fail("tf_crop_and_resize needs its roi input")
+    return _resample(n, x, sc, sz, n.attr("axes"), n.attr("mode", "nearest"), ctm,
+                     n.attr("nearest_mode", "round_prefer_floor"), box)
 
 
 @op("Upsample", check=_check_resize)
