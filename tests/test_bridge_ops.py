@@ -165,6 +165,11 @@ case("MaxPool", [(1, 2, 9)], tag="1d", kernel_shape=[3], strides=[2])
 case("MaxPool", [(1, 2, 5, 5, 5)], tag="3d", kernel_shape=[2, 2, 2], strides=[2, 2, 2])
 case("MaxPool", [(1, 2, 7, 7)], tag="same-upper", kernel_shape=[2, 2], strides=[2, 2], auto_pad="SAME_UPPER")
 case("MaxPool", [(1, 2, 7, 7)], opset=9, tag="opset9", kernel_shape=[3, 3], strides=[2, 2])
+case("MaxPool", [(2, 3, 7, 6)], opset=12, tag="indices", outputs=2, kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 2, 1],
+     ceil_mode=1)
+case("MaxPool", [(2, 3, 7, 6)], opset=12, tag="indices-column-major", outputs=2, kernel_shape=[2, 2], dilations=[2, 1],
+     storage_order=1)
+case("MaxPool", [(2, 2, 4, 5, 6)], opset=12, tag="indices-3d", outputs=2, kernel_shape=[2, 2, 2], pads=[1, 0, 1, 0, 1, 0])
 case("AveragePool", [X4], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
 case("AveragePool", [X4], tag="include-pad", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1)
 case("AveragePool", [(1, 2, 7, 7)], tag="ceil", kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)
@@ -183,6 +188,14 @@ case("AveragePool", [(1, 2, 11)], opset=19, tag="dilated-1d", kernel_shape=[3], 
 case("LpPool", [(1, 2, 9, 9)], opset=18, tag="dilated", kernel_shape=[2, 2], dilations=[2, 3], pads=[1, 1, 0, 1])
 case("LpPool", [X4], kernel_shape=[2, 2], strides=[2, 2])
 case("LpPool", [(1, 2, 7)], tag="p1-pads", kernel_shape=[3], p=1, pads=[1, 1])
+case("LpPool", [(1, 2, 8, 7)], opset=18, tag="ceil-asym", kernel_shape=[3, 2], strides=[2, 2], pads=[0, 1, 2, 0],
+     ceil_mode=1)
+case("MaxPool", [(1, 2, 7, 6)], opset=12, tag="ceil-asym", kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 2, 1],
+     ceil_mode=1)
+case("AveragePool", [(1, 2, 7, 6)], opset=19, tag="ceil-asym", kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 2, 1],
+     ceil_mode=1)
+case("AveragePool", [(1, 2, 7, 6)], opset=19, tag="ceil-asym-include", kernel_shape=[3, 2], strides=[2, 2],
+     pads=[1, 0, 2, 1], ceil_mode=1, count_include_pad=1)
 case("GlobalAveragePool", [X4])
 case("GlobalMaxPool", [X4])
 case("GlobalLpPool", [X4], p=3)
@@ -383,6 +396,6 @@ def test_unsupported_mode_fails_at_construction():
     model, _ = build("Resize", [R, None, f32(1, 1, 2, 2)], {"coordinate_transformation_mode": "tf_crop_and_resize"}, 13, 1)
     with pytest.raises(OnnxPruneError, match="coordinate_transformation_mode"):
         OnnxModule(model)
-    model, _ = build("MaxPool", [X4], {"kernel_shape": [2, 2]}, 13, 2)
+    model, _ = build("MaxPool", [X4], {"kernel_shape": [2, 2]}, 13, 3)
     with pytest.raises(OnnxPruneError, match="not supported"):
         OnnxModule(model)

@@ -34,7 +34,6 @@ REFUSALS: list[tuple[str, str]] = [
     (r"BatchNormalization .*training mode", "BatchNormalization with training_mode=1 (batch statistics outputs)"),
     (r"Resize .*tf_crop_and_resize' and scales",
      "Resize tf_crop_and_resize from scales: the spec and its reference size the output differently"),
-    (r"MaxPool .*output 1", "MaxPool's optional Indices output"),
 ]
 
 

@@ -575,7 +575,7 @@ _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 def _check_pool(n: Node) -> None:
     _check_spatial_rank(n)
-    _check_outputs(1)(n)
+    _check_outputs(2 if n.op_type == "MaxPool" else 1)(n)
 
 
 def _native_pads_ok(begin: list[int], end: list[int], kernel: list[int], dil: list[int]) -> bool:
@@ -583,32 +583,14 @@ def _native_pads_ok(begin: list[int], end: list[int], kernel: list[int], dil: li
     return begin == end and all(2 * p <= (k - 1) * d + 1 for p, k, d in zip(begin, kernel, dil))
 
 
-@op("MaxPool", check=_check_pool)
-def max_pool(n: Node, x):
-    """Max pooling with pads (asymmetric ones applied as -inf padding), strides, dilations, ceil_mode.
-    The ``Indices`` output is not supported."""
-    kernel = list(n.attr("kernel_shape"))
-    d = len(kernel)
-    strides, dil, begin, end = _geometry(n, x, kernel)
-    ceil = bool(n.attr("ceil_mode", 0))
-    if not _native_pads_ok(begin, end, kernel, dil):
-        x = F.pad(x, torch_pad(begin, end), value=-math.inf)
-        begin = [0] * d
-    return _MAX_POOL[d](x, kernel, strides, begin, dil, ceil_mode=ceil)
-
-
-def _dilated_window_sums(n: Node, x: torch.Tensor, kernel: list[int], include_pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums of ``x`` over every dilated pooling window, and how many positions each counts (real
-    ones, plus pads with ``include_pad``), for pools torch has no dilated form of. Output lengths
-    follow ONNX: ``(len + pads - span) / stride + 1``, rounded up with ``ceil_mode`` except a last
-    window that would start in the end padding; the positions ceil mode adds past the pads count
-    nowhere. Windows are ``unfold`` views, one axis at a time, then every ``dilation``-th tap."""
-    d = len(kernel)
-    strides, dil, begin, end = _geometry(n, x, kernel)
-    ceil = bool(n.attr("ceil_mode", 0))
-    sizes = [int(v) for v in x.shape[2:]]
+def _ceil_extra(sizes: list[int], begin: list[int], end: list[int], kernel: list[int], strides: list[int],
+                dil: list[int], ceil: bool) -> list[int]:
+    """Per spatial dim, how many positions past the end pad ONNX's output length reads: its length is
+    ``(len + pads - span) / stride + 1`` rounded up with ``ceil_mode``, less a last window that would
+    start in the end padding. Padding that much more and pooling without ceil mode gives exactly
+    ONNX's output (torch's own ceil rule, applied to an already padded input, keeps such windows)."""
     extra = []
-    for i in range(d):
+    for i in range(len(kernel)):
         span = (kernel[i] - 1) * dil[i] + 1
         padded = sizes[i] + begin[i] + end[i]
         steps = (padded - span) / strides[i] + 1
@@ -616,6 +598,52 @@ def _dilated_window_sums(n: Node, x: torch.Tensor, kernel: list[int], include_pa
         if ceil and (out - 1) * strides[i] >= sizes[i] + begin[i]:
             out -= 1
         extra.append(max(0, (out - 1) * strides[i] + span - padded))
+    return extra
+
+
+@op("MaxPool", check=_check_pool)
+def max_pool(n: Node, x):
+    """Max pooling with pads (asymmetric ones applied as -inf padding), strides, dilations, ceil_mode.
+    The optional ``Indices`` output: flat positions in the whole input (batch and channel included),
+    row-major or, with ``storage_order=1``, column-major over the spatial dims; ties keep the first."""
+    kernel = list(n.attr("kernel_shape"))
+    d = len(kernel)
+    strides, dil, begin, end = _geometry(n, x, kernel)
+    ceil = bool(n.attr("ceil_mode", 0))
+    want_indices = len([o for o in n.outputs if o]) > 1
+    if not want_indices and _native_pads_ok(begin, end, kernel, dil):
+        return _MAX_POOL[d](x, kernel, strides, begin, dil, ceil_mode=ceil)
+    sizes = [int(v) for v in x.shape[2:]]
+    end = [e + x_ for e, x_ in zip(end, _ceil_extra(sizes, begin, end, kernel, strides, dil, ceil))]
+    xp = F.pad(x, torch_pad(begin, end), value=-math.inf)  # torch's indices then address the padded plane
+    if not want_indices:
+        return _MAX_POOL[d](xp, kernel, strides, 0, dil)
+    y, flat = _MAX_POOL[d](xp, kernel, strides, 0, dil, return_indices=True)
+    padded = [s + b + e for s, b, e in zip(sizes, begin, end)]
+    coords = []
+    for i in reversed(range(d)):
+        coords.append(flat % padded[i] - begin[i])
+        flat = flat // padded[i]
+    coords.reverse()  # spatial coordinates in the unpadded input
+    order = range(d) if not n.attr("storage_order", 0) else reversed(range(d))
+    index = torch.zeros_like(coords[0])
+    for i in order:
+        index = index * sizes[i] + coords[i]
+    plane = math.prod(sizes)
+    offset = torch.arange(x.shape[0] * x.shape[1], device=x.device).reshape(x.shape[0], x.shape[1], *([1] * d)) * plane
+    return y, index + offset
+
+
+def _dilated_window_sums(n: Node, x: torch.Tensor, kernel: list[int], include_pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of ``x`` over every (dilated) pooling window, and how many positions each counts (real
+    ones, plus pads with ``include_pad``): for pools torch has no form of (dilated averages, pads
+    torch refuses). Output lengths as :func:`_ceil_extra`; the positions ceil mode adds past the
+    pads count nowhere. Windows are ``unfold`` views, one axis at a time, then every
+    ``dilation``-th tap."""
+    d = len(kernel)
+    strides, dil, begin, end = _geometry(n, x, kernel)
+    sizes = [int(v) for v in x.shape[2:]]
+    extra = _ceil_extra(sizes, begin, end, kernel, strides, dil, bool(n.attr("ceil_mode", 0)))
     inner = torch.ones((1, 1) + tuple(sizes), dtype=x.dtype, device=x.device)
     if include_pad:
         inner = F.pad(inner, torch_pad(begin, end), value=1.0)
@@ -635,45 +663,26 @@ def _dilated_window_sums(n: Node, x: torch.Tensor, kernel: list[int], include_pa
 
 @op("AveragePool", check=_check_pool)
 def avg_pool(n: Node, x):
-    """Average pooling with pads, strides, ceil_mode and ``count_include_pad``. Pads torch cannot
-    take are applied with ``F.pad``; without ``count_include_pad`` the sum is then divided by the
-    pooled count of real (unpadded) positions. Dilated windows (opset 19): explicit window sums."""
+    """Average pooling with pads, strides, ceil_mode and ``count_include_pad``: torch's pool where
+    it takes the pads (symmetric, at most half the kernel), else explicit window sums divided by
+    the count of real (or, with ``count_include_pad``, real and padded) positions; dilated windows
+    (opset 19) likewise."""
     kernel = list(n.attr("kernel_shape"))
     d = len(kernel)
     include = bool(n.attr("count_include_pad", 0))
-    if any(v != 1 for v in n.attr("dilations") or []):
-        total, count = _dilated_window_sums(n, x, kernel, include)
-        return total / count
     strides, dil, begin, end = _geometry(n, x, kernel)
-    ceil = bool(n.attr("ceil_mode", 0))
-    if _native_pads_ok(begin, end, kernel, dil):
-        return _AVG_POOL[d](x, kernel, strides, begin, ceil, include)
-    tp = torch_pad(begin, end)
-    y = _AVG_POOL[d](F.pad(x, tp), kernel, strides, 0, ceil, True)
-    if not include:
-        ones = F.pad(torch.ones((1, 1) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device), tp)
-        y = y / _AVG_POOL[d](ones, kernel, strides, 0, ceil, True)
-    return y
-
-
-def _sum_pool(x: torch.Tensor, kernel: list[int], strides: list[int], ceil: bool) -> torch.Tensor:
-    """Window sums (no padding): average pooling with ``divisor_override=1`` (1-d through 2-d)."""
-    if len(kernel) == 1:
-        return F.avg_pool2d(x.unsqueeze(2), [1] + kernel, [1] + strides, 0, ceil, True, 1).squeeze(2)
-    pool = F.avg_pool2d if len(kernel) == 2 else F.avg_pool3d
-    return pool(x, kernel, strides, 0, ceil, True, 1)
+    if all(v == 1 for v in dil) and _native_pads_ok(begin, end, kernel, dil):
+        return _AVG_POOL[d](x, kernel, strides, begin, bool(n.attr("ceil_mode", 0)), include)
+    total, count = _dilated_window_sums(n, x, kernel, include)
+    return total / count
 
 
 @op("LpPool", check=_check_pool)
 def lp_pool(n: Node, x):
-    """``(sum over the window of |x|^p)^(1/p)`` (p default 2), zero padding, dilated windows too."""
+    """``(sum over the window of |x|^p)^(1/p)`` (p default 2), zero padding, dilations, ceil_mode."""
     kernel = list(n.attr("kernel_shape"))
     p = n.attr("p", 2)
-    if any(v != 1 for v in n.attr("dilations") or []):
-        return _dilated_window_sums(n, torch.abs(x) ** p, kernel, True)[0] ** (1.0 / p)
-    strides, _, begin, end = _geometry(n, x, kernel)
-    xp = F.pad(torch.abs(x) ** p, torch_pad(begin, end))
-    return _sum_pool(xp, kernel, strides, bool(n.attr("ceil_mode", 0))) ** (1.0 / p)
+    return _dilated_window_sums(n, torch.abs(x) ** p, kernel, True)[0] ** (1.0 / p)
 
 
 @op("GlobalAveragePool")
