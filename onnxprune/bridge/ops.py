@@ -13,7 +13,10 @@ before opset 13, GroupNormalization's per-group affine before opset 21.
 
 Some ops need a look at their attributes before anything runs (an unsupported mode, an output we do
 not produce): :data:`CHECKS` maps such op types to a validator that raises :class:`OnnxPruneError` when
-the module is built, not in the middle of a training run.
+the module is built, not in the middle of a training run; :data:`CONST_CHECKS` validators also see
+the graph's constant tensors (a Dropout's ``training_mode``). Semantics follow the ONNX spec and its
+reference implementation (``onnx.reference``), checked case by case by
+:mod:`onnxprune.bridge.conformance`.
 """
 from __future__ import annotations
 
