@@ -109,6 +109,14 @@ def test_tensor_read_twice_by_one_node_runs_once():
     np.testing.assert_allclose(module(torch.from_numpy(x)).detach().numpy(), _layernorm_reference(x), rtol=1e-5, atol=1e-5)
 
 
+def test_node_reading_two_outputs_of_one_producer():
+    m = _model([helper.make_node("Add", ["a", "b"], ["y"], name="add"),
+                helper.make_node("Split", ["x"], ["a", "b"], name="split", axis=0)],
+               [_vi("x", [4, 3])], [_vi("y", [2, 3])], opset=13)
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    np.testing.assert_array_equal(OnnxModule(m)(torch.from_numpy(x)).numpy(), x[:2] + x[2:])
+
+
 def test_unsorted_nodes_and_initializer_listed_as_input():
     """Nodes in reverse file order still run producer first; an initializer that is also a graph
     input (old exporters) is a weight, not an input to feed."""

@@ -133,10 +133,11 @@ class OnnxModule(nn.Module):
         arrays: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         for sp in graph.sparse_initializer:
             arrays[sp.values.name] = sparse_to_dense(sp)
-        for inp in graph_inputs(model):
-            elem = inp.type.tensor_type.elem_type if inp.type.HasField("tensor_type") else None
-            if elem is None:
+        for inp in graph_inputs(model):  # refuse what no op could compute with, before anything runs
+            kind = inp.type.WhichOneof("value")
+            if kind not in (None, "tensor_type"):
                 raise OnnxPruneError(f"bridge: input {inp.name!r} is not a tensor (sequences, maps and optionals are not supported)")
+            elem = inp.type.tensor_type.elem_type
             if elem:
                 try:
                     ops.torch_dtype(elem)
