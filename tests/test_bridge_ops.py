@@ -116,6 +116,8 @@ case("GroupNormalization", [(2, 6, 4, 4), w(6), w(6)], opset=21, tag="per-channe
 case("LayerNormalization", [(2, 5, 8), w(8), w(8)])
 case("LayerNormalization", [(2, 3, 4, 4), w(3, 4, 4)], tag="axis1-nobias", axis=1)
 case("LayerNormalization", [(2, 5, 8), w(8), w(8)], outputs=3, tag="stats")
+case("RMSNormalization", [(2, 5, 8), w(8)], opset=23)
+case("RMSNormalization", [(2, 3, 4, 4), w(3, 4, 4)], opset=23, tag="axis1", axis=1, epsilon=1e-3)
 case("LRN", [X4], size=3, opset=9)
 case("LRN", [(1, 6, 4, 4)], tag="size5", size=5, alpha=1e-2, beta=0.5, bias=2.0)
 for name, extra in [("Relu", {}), ("LeakyRelu", {"alpha": 0.2}), ("Elu", {"alpha": 0.7}), ("Celu", {"alpha": 1.5}),

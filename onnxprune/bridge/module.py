@@ -33,7 +33,7 @@ from . import ops
 WEIGHT_SLOTS: dict[str, set[int]] = {
     "Conv": {1, 2}, "ConvTranspose": {1, 2}, "Gemm": {0, 1, 2}, "MatMul": {0, 1}, "Einsum": set(range(16)),
     "BatchNormalization": {1, 2}, "InstanceNormalization": {1, 2}, "GroupNormalization": {1, 2},
-    "LayerNormalization": {1, 2}, "PRelu": {1},
+    "LayerNormalization": {1, 2}, "RMSNormalization": {1}, "PRelu": {1},
 }
 #: (op type -> input positions) that are never trained, whatever their size.
 FROZEN_SLOTS: dict[str, set[int]] = {

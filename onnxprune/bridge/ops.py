@@ -376,6 +376,22 @@ def layer_norm(n: Node, x, scale, bias=None):
     return y, mean, inv
 
 
+def _check_rms_norm(n: Node) -> None:
+    if n.attr("stash_type", 1) != 1:
+        raise n.fail(f"with stash_type={n.attr('stash_type')} is not supported by the bridge (float32 statistics only)")
+
+
+@op("RMSNormalization", check=_check_rms_norm)
+def rms_norm(n: Node, x, scale):
+    """``x / sqrt(mean(x^2 over dims axis..) + epsilon) * scale`` (opset 23), statistics in float32
+    (``stash_type=1``) whatever the input's precision."""
+    axis = axis_of(n.attr("axis", -1), x.dim())
+    dims = tuple(range(axis, x.dim()))
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    inv = torch.rsqrt((xf * xf).mean(dim=dims, keepdim=True) + n.attr("epsilon", 1e-5))
+    return ((xf * inv).to(x.dtype) * scale).to(x.dtype)
+
+
 @op("LRN")
 def lrn(n: Node, x):
     """Local response norm across channels: window ``[c - floor((size-1)/2), c + ceil((size-1)/2)]``,
