@@ -116,6 +116,8 @@ case("GroupNormalization", [(2, 6, 4, 4), w(6), w(6)], opset=21, tag="per-channe
 case("LayerNormalization", [(2, 5, 8), w(8), w(8)])
 case("LayerNormalization", [(2, 3, 4, 4), w(3, 4, 4)], tag="axis1-nobias", axis=1)
 case("LayerNormalization", [(2, 5, 8), w(8), w(8)], outputs=3, tag="stats")
+case("RMSNormalization", [(2, 5, 8), w(8)], opset=23)
+case("RMSNormalization", [(2, 3, 4, 4), w(3, 4, 4)], opset=23, tag="axis1", axis=1, epsilon=1e-3)
 case("LRN", [X4], size=3, opset=9)
 case("LRN", [(1, 6, 4, 4)], tag="size5", size=5, alpha=1e-2, beta=0.5, bias=2.0)
 for name, extra in [("Relu", {}), ("LeakyRelu", {"alpha": 0.2}), ("Elu", {"alpha": 0.7}), ("Celu", {"alpha": 1.5}),
@@ -165,6 +167,11 @@ case("MaxPool", [(1, 2, 9)], tag="1d", kernel_shape=[3], strides=[2])
 case("MaxPool", [(1, 2, 5, 5, 5)], tag="3d", kernel_shape=[2, 2, 2], strides=[2, 2, 2])
 case("MaxPool", [(1, 2, 7, 7)], tag="same-upper", kernel_shape=[2, 2], strides=[2, 2], auto_pad="SAME_UPPER")
 case("MaxPool", [(1, 2, 7, 7)], opset=9, tag="opset9", kernel_shape=[3, 3], strides=[2, 2])
+case("MaxPool", [(2, 3, 7, 6)], opset=12, tag="indices", outputs=2, kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 2, 1],
+     ceil_mode=1)
+case("MaxPool", [(2, 3, 7, 6)], opset=12, tag="indices-column-major", outputs=2, kernel_shape=[2, 2], dilations=[2, 1],
+     storage_order=1)
+case("MaxPool", [(2, 2, 4, 5, 6)], opset=12, tag="indices-3d", outputs=2, kernel_shape=[2, 2, 2], pads=[1, 0, 1, 0, 1, 0])
 case("AveragePool", [X4], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
 case("AveragePool", [X4], tag="include-pad", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1)
 case("AveragePool", [(1, 2, 7, 7)], tag="ceil", kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)
@@ -174,8 +181,23 @@ case("AveragePool", [(1, 2, 7, 7)], tag="asym-include", kernel_shape=[3, 3], pad
 case("AveragePool", [(1, 2, 7, 7)], tag="same-lower", kernel_shape=[2, 2], auto_pad="SAME_LOWER")
 case("AveragePool", [(1, 2, 9)], tag="1d", kernel_shape=[3], strides=[2], pads=[1, 1])
 case("AveragePool", [(1, 2, 4, 4, 4)], tag="3d", kernel_shape=[2, 2, 2], strides=[2, 2, 2])
+case("AveragePool", [(1, 2, 9, 9)], opset=19, tag="dilated", kernel_shape=[2, 3], dilations=[2, 2])
+case("AveragePool", [(1, 2, 10, 9)], opset=19, tag="dilated-pads-ceil", kernel_shape=[3, 2], strides=[2, 3],
+     dilations=[2, 3], pads=[1, 1, 2, 0], ceil_mode=1)
+case("AveragePool", [(1, 2, 10, 9)], opset=19, tag="dilated-pads-ceil-include", kernel_shape=[3, 2], strides=[2, 3],
+     dilations=[2, 3], pads=[1, 1, 2, 0], ceil_mode=1, count_include_pad=1)
+case("AveragePool", [(1, 2, 11)], opset=19, tag="dilated-1d", kernel_shape=[3], strides=[2], dilations=[3], pads=[2, 1])
+case("LpPool", [(1, 2, 9, 9)], opset=18, tag="dilated", kernel_shape=[2, 2], dilations=[2, 3], pads=[1, 1, 0, 1])
 case("LpPool", [X4], kernel_shape=[2, 2], strides=[2, 2])
 case("LpPool", [(1, 2, 7)], tag="p1-pads", kernel_shape=[3], p=1, pads=[1, 1])
+case("LpPool", [(1, 2, 8, 7)], opset=18, tag="ceil-asym", kernel_shape=[3, 2], strides=[2, 2], pads=[0, 1, 2, 0],
+     ceil_mode=1)
+case("MaxPool", [(1, 2, 7, 6)], opset=12, tag="ceil-asym", kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 2, 1],
+     ceil_mode=1)
+case("AveragePool", [(1, 2, 7, 6)], opset=19, tag="ceil-asym", kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 2, 1],
+     ceil_mode=1)
+case("AveragePool", [(1, 2, 7, 6)], opset=19, tag="ceil-asym-include", kernel_shape=[3, 2], strides=[2, 2],
+     pads=[1, 0, 2, 1], ceil_mode=1, count_include_pad=1)
 case("GlobalAveragePool", [X4])
 case("GlobalMaxPool", [X4])
 case("GlobalLpPool", [X4], p=3)
@@ -209,6 +231,16 @@ case("Resize", [R, None, None, i64(1, 2, 8, 3)], opset=13, tag="cubic-exclude", 
 case("Resize", [R, None, None, i64(8, 3)], opset=18, tag="axes-linear", mode="linear", axes=[2, 3])
 case("Resize", [R, None, f32(1, 1, 1.7, 0.6)], opset=19, tag="half-pixel-symmetric", mode="linear",
      coordinate_transformation_mode="half_pixel_symmetric")
+case("Resize", [R, None, f32(1, 1, 0.6, 0.5)], opset=18, tag="linear-antialias", mode="linear", antialias=1)
+case("Resize", [R, None, None, i64(1, 2, 3, 2)], opset=18, tag="cubic-antialias", mode="cubic", antialias=1)
+case("Resize", [R, None, None, i64(1, 2, 3, 3)], opset=18, tag="cubic-antialias-exclude", mode="cubic", antialias=1,
+     exclude_outside=1)
+case("Resize", [R, None, None, i64(7, 7)], opset=18, tag="not-larger", mode="linear", axes=[2, 3],
+     keep_aspect_ratio_policy="not_larger")
+case("Resize", [R, None, None, i64(7, 7)], opset=18, tag="not-smaller", mode="nearest", axes=[2, 3],
+     keep_aspect_ratio_policy="not_smaller")
+case("Resize", [R, f32(0, 0, 0.2, 0.1, 1, 1, 1.2, 0.7), None, i64(1, 2, 4, 5)], opset=13, tag="crop-and-resize",
+     mode="linear", coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=-2.0)
 case("Resize", [R, f32(1, 1, 2, 3)], opset=10, tag="opset10", mode="nearest")
 case("Resize", [R, f32(1, 1, 2, 2)], opset=10, tag="opset10-linear", mode="linear")
 case("Upsample", [R, f32(1, 1, 2, 2)], opset=9, mode="nearest")
@@ -243,6 +275,11 @@ case("Unsqueeze", [(2, 3), i64(-1, 0)], opset=13)
 case("Gather", [(5, 4), In(np.array(2, np.int64))], tag="scalar")
 case("Gather", [(3, 5, 2), In(i64(0, -1, 2, 2).reshape(2, 2))], tag="axis1", axis=1)
 case("GatherElements", [(3, 4), In(i64(0, -1, 2, 1, 3, 0).reshape(3, 2))], axis=1)
+case("ScatterND", [(4, 3, 2), In(i64(2, -1).reshape(2, 1)), (2, 3, 2)], opset=13, tag="slices")
+case("ScatterND", [(4, 3), In(i64(1, 2, 1, 2, 3, 0).reshape(3, 2)), (3,)], opset=16, tag="add-duplicates", reduction="add")
+case("ScatterND", [(4, 3), In(i64(1, 2, 1, 2, 3, 0).reshape(3, 2)), (3,)], opset=16, tag="mul-duplicates", reduction="mul")
+case("ScatterND", [(1, 4, 3), In(i64(0, 1, 0, 1, 0, 3).reshape(3, 2)), (3, 3)], opset=18, tag="max", reduction="max")
+case("ScatterND", [(2, 4), In(i64(1, 0).reshape(2, 1)), (2, 4)], opset=18, tag="min", reduction="min")
 case("Shape", [(2, 3, 4)])
 case("Shape", [(2, 3, 4, 5)], opset=15, tag="start-end", start=1, end=-1)
 case("Size", [(2, 3, 4)])
@@ -271,6 +308,8 @@ case("CumSum", [(3, 4), np.array(0, np.int64)], opset=14, tag="excl-rev", exclus
 case("NonZero", [In(np.array([[1, 0, 2], [0, 3, 0]], np.float32))])
 case("TopK", [(3, 7), i64(3)], outputs=2, axis=1)
 case("TopK", [(3, 7), i64(2)], outputs=2, tag="smallest", axis=0, largest=0)
+case("TopK", [In(f32(3, 1, 3, 2, 1, 3, 0)), i64(4)], outputs=2, opset=11, tag="ties-lower-index-first")
+case("TopK", [In(f32(3, 1, 3, 2, 1, 3, 0)), i64(3)], outputs=2, opset=11, tag="ties-smallest", largest=0)
 case("ArgMax", [(3, 5)], axis=1, keepdims=0)
 case("ArgMax", [In(np.array([[1, 3, 3], [2, 2, 0]], np.float32))], tag="last", select_last_index=1)
 case("ArgMin", [(3, 5)], axis=-1)
@@ -359,6 +398,6 @@ def test_unsupported_mode_fails_at_construction():
     model, _ = build("Resize", [R, None, f32(1, 1, 2, 2)], {"coordinate_transformation_mode": "tf_crop_and_resize"}, 13, 1)
     with pytest.raises(OnnxPruneError, match="coordinate_transformation_mode"):
         OnnxModule(model)
-    model, _ = build("MaxPool", [X4], {"kernel_shape": [2, 2]}, 13, 2)
+    model, _ = build("MaxPool", [X4], {"kernel_shape": [2, 2]}, 13, 3)
     with pytest.raises(OnnxPruneError, match="not supported"):
         OnnxModule(model)

@@ -33,7 +33,7 @@ from . import ops
 WEIGHT_SLOTS: dict[str, set[int]] = {
     "Conv": {1, 2}, "ConvTranspose": {1, 2}, "Gemm": {0, 1, 2}, "MatMul": {0, 1}, "Einsum": set(range(16)),
     "BatchNormalization": {1, 2}, "InstanceNormalization": {1, 2}, "GroupNormalization": {1, 2},
-    "LayerNormalization": {1, 2}, "PRelu": {1},
+    "LayerNormalization": {1, 2}, "RMSNormalization": {1}, "PRelu": {1},
 }
 #: (op type -> input positions) that are never trained, whatever their size.
 FROZEN_SLOTS: dict[str, set[int]] = {
@@ -69,6 +69,9 @@ def _to_tensor(arr: np.ndarray) -> torch.Tensor:
     arr = np.asarray(arr)
     if arr.dtype.kind in "OSU":
         raise OnnxPruneError("bridge: string tensors are not supported")
+    if arr.dtype in (np.uint16, np.uint32, np.uint64):
+        raise OnnxPruneError(f"bridge: tensors of type {arr.dtype} are not supported "
+                             "(torch has no arithmetic for unsigned 16/32/64-bit integers)")
     if arr.dtype.name == "bfloat16":
         return torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16)
     try:
@@ -81,7 +84,7 @@ def _topological(nodes: Sequence[onnx.NodeProto], available: set[str]) -> list[i
     """Node indices in a valid execution order (file order where possible); unknown inputs are errors."""
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     deps: list[set[int]] = []
-    users: dict[int, list[int]] = {}
+    users: dict[int, set[int]] = {}
     for i, n in enumerate(nodes):
         d = set()
         for name in n.input:
@@ -90,7 +93,8 @@ def _topological(nodes: Sequence[onnx.NodeProto], available: set[str]) -> list[i
             if name not in producer:
                 raise OnnxPruneError(f"bridge: input {name!r} of node {n.name} (op {n.op_type}) is never produced")
             d.add(producer[name])
-            users.setdefault(producer[name], []).append(i)
+        for p in d:  # a set: a node reading one producer twice (Mul(x, x)) is released once
+            users.setdefault(p, set()).add(i)
         deps.append(d)
     ready = [i for i, d in enumerate(deps) if not d]
     heapq.heapify(ready)
@@ -98,7 +102,7 @@ def _topological(nodes: Sequence[onnx.NodeProto], available: set[str]) -> list[i
     while ready:
         i = heapq.heappop(ready)
         order.append(i)
-        for j in users.get(i, []):
+        for j in sorted(users.get(i, ())):
             deps[j].discard(i)
             if not deps[j]:
                 heapq.heappush(ready, j)
@@ -129,12 +133,25 @@ class OnnxModule(nn.Module):
         arrays: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         for sp in graph.sparse_initializer:
             arrays[sp.values.name] = sparse_to_dense(sp)
+        for inp in graph_inputs(model):  # refuse what no op could compute with, before anything runs
+            kind = inp.type.WhichOneof("value")
+            if kind not in (None, "tensor_type"):
+                raise OnnxPruneError(f"bridge: input {inp.name!r} is not a tensor (sequences, maps and optionals are not supported)")
+            elem = inp.type.tensor_type.elem_type
+            if elem:
+                try:
+                    ops.torch_dtype(elem)
+                except OnnxPruneError as exc:
+                    raise OnnxPruneError(f"bridge: input {inp.name!r}: {str(exc).removeprefix('bridge: ')}") from None
         available = set(self.input_names) | set(arrays)
         self._steps: list[tuple[ops.OpFn, ops.Node]] = []
         nodes = list(graph.node)
         for i in _topological(nodes, available):
             node = nodes[i]
             n = self._node(node, i)
+            const_check = ops.CONST_CHECKS.get(node.op_type)
+            if const_check is not None:
+                const_check(n, arrays)
             if node.op_type == "Constant":
                 arrays[node.output[0]] = ops.tensor_of_attr(n)
                 continue

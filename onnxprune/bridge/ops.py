@@ -13,7 +13,10 @@ before opset 13, GroupNormalization's per-group affine before opset 21.
 
 Some ops need a look at their attributes before anything runs (an unsupported mode, an output we do
 not produce): :data:`CHECKS` maps such op types to a validator that raises :class:`OnnxPruneError` when
-the module is built, not in the middle of a training run.
+the module is built, not in the middle of a training run; :data:`CONST_CHECKS` validators also see
+the graph's constant tensors (a Dropout's ``training_mode``). Semantics follow the ONNX spec and its
+reference implementation (``onnx.reference``), checked case by case by
+:mod:`onnxprune.bridge.conformance`.
 """
 from __future__ import annotations
 
@@ -63,15 +66,21 @@ OpFn = Callable[..., Any]
 TABLE: dict[str, OpFn] = {}
 #: op type -> construction-time validator (raises :class:`OnnxPruneError` for what the function can't do).
 CHECKS: dict[str, Callable[[Node], None]] = {}
+#: op type -> construction-time validator that also sees the graph's constant tensors (initializers and
+#: Constant outputs, by name): for refusals that depend on an input's value, not only on attributes.
+CONST_CHECKS: dict[str, Callable[[Node, dict[str, np.ndarray]], None]] = {}
 
 
-def op(*names: str, check: Callable[[Node], None] | None = None) -> Callable[[OpFn], OpFn]:
-    """Register the decorated function for ``names`` (and its validator)."""
+def op(*names: str, check: Callable[[Node], None] | None = None,
+       const_check: Callable[[Node, dict[str, np.ndarray]], None] | None = None) -> Callable[[OpFn], OpFn]:
+    """Register the decorated function for ``names`` (and its validators)."""
     def deco(fn: OpFn) -> OpFn:
         for name in names:
             TABLE[name] = fn
             if check is not None:
                 CHECKS[name] = check
+            if const_check is not None:
+                CONST_CHECKS[name] = const_check
         return fn
     return deco
 
@@ -85,12 +94,16 @@ TORCH_DTYPES: dict[int, torch.dtype] = {
     onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.UINT8: torch.uint8, onnx.TensorProto.INT16: torch.int16,
     onnx.TensorProto.INT32: torch.int32, onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.BOOL: torch.bool,
 }
+#: element types torch can store but not compute with (no add, compare, remainder, topk on CPU).
+_NO_ARITHMETIC = {onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
 
 
 def torch_dtype(elem_type: int, n: Node | None = None) -> torch.dtype:
     if elem_type not in TORCH_DTYPES:
         name = onnx.TensorProto.DataType.Name(elem_type) if elem_type in onnx.TensorProto.DataType.values() else elem_type
         msg = f"element type {name} is not supported by the bridge"
+        if elem_type in _NO_ARITHMETIC:
+            msg += " (torch has no arithmetic for unsigned 16/32/64-bit integers)"
         raise n.fail(msg) if n else OnnxPruneError(f"bridge: {msg}")
     return TORCH_DTYPES[elem_type]
 
@@ -363,6 +376,22 @@ def layer_norm(n: Node, x, scale, bias=None):
     return y, mean, inv
 
 
+def _check_rms_norm(n: Node) -> None:
+    if n.attr("stash_type", 1) != 1:
+        raise n.fail(f"with stash_type={n.attr('stash_type')} is not supported by the bridge (float32 statistics only)")
+
+
+@op("RMSNormalization", check=_check_rms_norm)
+def rms_norm(n: Node, x, scale):
+    """``x / sqrt(mean(x^2 over dims axis..) + epsilon) * scale`` (opset 23), statistics in float32
+    (``stash_type=1``) whatever the input's precision."""
+    axis = axis_of(n.attr("axis", -1), x.dim())
+    dims = tuple(range(axis, x.dim()))
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    inv = torch.rsqrt((xf * xf).mean(dim=dims, keepdim=True) + n.attr("epsilon", 1e-5))
+    return ((xf * inv).to(x.dtype) * scale).to(x.dtype)
+
+
 @op("LRN")
 def lrn(n: Node, x):
     """Local response norm across channels: window ``[c - floor((size-1)/2), c + ceil((size-1)/2)]``,
@@ -488,10 +517,36 @@ def div(n: Node, a, b):
     return a / b
 
 
+def _fmod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """C ``fmod``, exact. torch's vectorized kernel computes through ``a / b`` and returns NaN when
+    that quotient overflows (a tiny divisor): 16/32-bit floats go through float64 (where it cannot
+    overflow; the remainder is exact in the input type), float64's rare NaNs are redone by numpy."""
+    if not a.is_floating_point():
+        return torch.fmod(a, b)
+    if a.dtype != torch.float64:
+        return torch.fmod(a.double(), b.double()).to(a.dtype)
+    r = torch.fmod(a, b)
+    bad = torch.isnan(r) & torch.isfinite(a) & torch.isfinite(b) & (b != 0)
+    if bool(bad.any()):
+        a, b = torch.broadcast_tensors(a, b)
+        r = r.clone()
+        r[bad] = torch.from_numpy(np.fmod(a[bad].detach().cpu().numpy(), b[bad].detach().cpu().numpy())).to(r.device)
+    return r
+
+
 @op("Mod")
 def mod(n: Node, a, b):
-    """Remainder with the divisor's sign (``fmod=0``) or the dividend's (``fmod=1``)."""
-    return torch.fmod(a, b) if n.attr("fmod", 0) else torch.remainder(a, b)
+    """Remainder with the divisor's sign (``fmod=0``, Python/numpy ``mod``) or the dividend's
+    (``fmod=1``, C ``fmod``). Float ``fmod=0`` is built from ``fmod`` as numpy does: a nonzero
+    remainder whose sign differs from the divisor's gets the divisor added, and a zero remainder takes
+    the divisor's sign (``torch.remainder`` gives +0 there, and NaN for tiny divisors)."""
+    if n.attr("fmod", 0):
+        return _fmod(a, b)
+    if not (a.is_floating_point() or b.is_floating_point()):
+        return torch.remainder(a, b)
+    r = _fmod(a, b)
+    r = torch.where((r != 0) & (torch.signbit(r) != torch.signbit(b)), r + b, r)
+    return torch.where(r == 0, torch.copysign(torch.zeros_like(r), b), r)
 
 
 @op("Pow")
@@ -539,9 +594,7 @@ _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 def _check_pool(n: Node) -> None:
     _check_spatial_rank(n)
-    if n.op_type in ("AveragePool", "LpPool") and any(d != 1 for d in n.attr("dilations") or []):
-        raise n.fail("with dilations is not supported by the bridge")
-    _check_outputs(1)(n)
+    _check_outputs(2 if n.op_type == "MaxPool" else 1)(n)
 
 
 def _native_pads_ok(begin: list[int], end: list[int], kernel: list[int], dil: list[int]) -> bool:
@@ -549,56 +602,106 @@ def _native_pads_ok(begin: list[int], end: list[int], kernel: list[int], dil: li
     return begin == end and all(2 * p <= (k - 1) * d + 1 for p, k, d in zip(begin, kernel, dil))
 
 
+def _ceil_extra(sizes: list[int], begin: list[int], end: list[int], kernel: list[int], strides: list[int],
+                dil: list[int], ceil: bool) -> list[int]:
+    """Per spatial dim, how many positions past the end pad ONNX's output length reads: its length is
+    ``(len + pads - span) / stride + 1`` rounded up with ``ceil_mode``, less a last window that would
+    start in the end padding. Padding that much more and pooling without ceil mode gives exactly
+    ONNX's output (torch's own ceil rule, applied to an already padded input, keeps such windows)."""
+    extra = []
+    for i in range(len(kernel)):
+        span = (kernel[i] - 1) * dil[i] + 1
+        padded = sizes[i] + begin[i] + end[i]
+        steps = (padded - span) / strides[i] + 1
+        out = math.ceil(steps) if ceil else math.floor(steps)
+        if ceil and (out - 1) * strides[i] >= sizes[i] + begin[i]:
+            out -= 1
+        extra.append(max(0, (out - 1) * strides[i] + span - padded))
+    return extra
+
+
 @op("MaxPool", check=_check_pool)
 def max_pool(n: Node, x):
     """Max pooling with pads (asymmetric ones applied as -inf padding), strides, dilations, ceil_mode.
-    The ``Indices`` output is not supported."""
+    The optional ``Indices`` output: flat positions in the whole input (batch and channel included),
+    row-major or, with ``storage_order=1``, column-major over the spatial dims; ties keep the first."""
     kernel = list(n.attr("kernel_shape"))
     d = len(kernel)
     strides, dil, begin, end = _geometry(n, x, kernel)
     ceil = bool(n.attr("ceil_mode", 0))
-    if not _native_pads_ok(begin, end, kernel, dil):
-        x = F.pad(x, torch_pad(begin, end), value=-math.inf)
-        begin = [0] * d
-    return _MAX_POOL[d](x, kernel, strides, begin, dil, ceil_mode=ceil)
+    want_indices = len([o for o in n.outputs if o]) > 1
+    if not want_indices and _native_pads_ok(begin, end, kernel, dil):
+        return _MAX_POOL[d](x, kernel, strides, begin, dil, ceil_mode=ceil)
+    sizes = [int(v) for v in x.shape[2:]]
+    end = [e + x_ for e, x_ in zip(end, _ceil_extra(sizes, begin, end, kernel, strides, dil, ceil))]
+    xp = F.pad(x, torch_pad(begin, end), value=-math.inf)  # torch's indices then address the padded plane
+    if not want_indices:
+        return _MAX_POOL[d](xp, kernel, strides, 0, dil)
+    y, flat = _MAX_POOL[d](xp, kernel, strides, 0, dil, return_indices=True)
+    padded = [s + b + e for s, b, e in zip(sizes, begin, end)]
+    coords = []
+    for i in reversed(range(d)):
+        coords.append(flat % padded[i] - begin[i])
+        flat = flat // padded[i]
+    coords.reverse()  # spatial coordinates in the unpadded input
+    order = range(d) if not n.attr("storage_order", 0) else reversed(range(d))
+    index = torch.zeros_like(coords[0])
+    for i in order:
+        index = index * sizes[i] + coords[i]
+    plane = math.prod(sizes)
+    offset = torch.arange(x.shape[0] * x.shape[1], device=x.device).reshape(x.shape[0], x.shape[1], *([1] * d)) * plane
+    return y, index + offset
+
+
+def _dilated_window_sums(n: Node, x: torch.Tensor, kernel: list[int], include_pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of ``x`` over every (dilated) pooling window, and how many positions each counts (real
+    ones, plus pads with ``include_pad``): for pools torch has no form of (dilated averages, pads
+    torch refuses). Output lengths as :func:`_ceil_extra`; the positions ceil mode adds past the
+    pads count nowhere. Windows are ``unfold`` views, one axis at a time, then every
+    ``dilation``-th tap."""
+    d = len(kernel)
+    strides, dil, begin, end = _geometry(n, x, kernel)
+    sizes = [int(v) for v in x.shape[2:]]
+    extra = _ceil_extra(sizes, begin, end, kernel, strides, dil, bool(n.attr("ceil_mode", 0)))
+    inner = torch.ones((1, 1) + tuple(sizes), dtype=x.dtype, device=x.device)
+    if include_pad:
+        inner = F.pad(inner, torch_pad(begin, end), value=1.0)
+        counts = F.pad(inner, torch_pad([0] * d, extra))
+    else:
+        counts = F.pad(inner, torch_pad(begin, [e + x_ for e, x_ in zip(end, extra)]))
+    xs = F.pad(x, torch_pad(begin, [e + x_ for e, x_ in zip(end, extra)]))
+
+    def sums(t: torch.Tensor) -> torch.Tensor:
+        for i in range(d):
+            t = t.unfold(2 + i, (kernel[i] - 1) * dil[i] + 1, strides[i])
+        taps = (Ellipsis,) + tuple(slice(None, None, dl) for dl in dil)
+        return t[taps].sum(dim=tuple(range(-d, 0)))
+
+    return sums(xs), sums(counts)
 
 
 @op("AveragePool", check=_check_pool)
 def avg_pool(n: Node, x):
-    """Average pooling with pads, strides, ceil_mode and ``count_include_pad``. Pads torch cannot
-    take are applied with ``F.pad``; without ``count_include_pad`` the sum is then divided by the
-    pooled count of real (unpadded) positions."""
+    """Average pooling with pads, strides, ceil_mode and ``count_include_pad``: torch's pool where
+    it takes the pads (symmetric, at most half the kernel), else explicit window sums divided by
+    the count of real (or, with ``count_include_pad``, real and padded) positions; dilated windows
+    (opset 19) likewise."""
     kernel = list(n.attr("kernel_shape"))
     d = len(kernel)
-    strides, dil, begin, end = _geometry(n, x, kernel)
-    ceil = bool(n.attr("ceil_mode", 0))
     include = bool(n.attr("count_include_pad", 0))
-    if _native_pads_ok(begin, end, kernel, dil):
-        return _AVG_POOL[d](x, kernel, strides, begin, ceil, include)
-    tp = torch_pad(begin, end)
-    y = _AVG_POOL[d](F.pad(x, tp), kernel, strides, 0, ceil, True)
-    if not include:
-        ones = F.pad(torch.ones((1, 1) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device), tp)
-        y = y / _AVG_POOL[d](ones, kernel, strides, 0, ceil, True)
-    return y
-
-
-def _sum_pool(x: torch.Tensor, kernel: list[int], strides: list[int], ceil: bool) -> torch.Tensor:
-    """Window sums (no padding): average pooling with ``divisor_override=1`` (1-d through 2-d)."""
-    if len(kernel) == 1:
-        return F.avg_pool2d(x.unsqueeze(2), [1] + kernel, [1] + strides, 0, ceil, True, 1).squeeze(2)
-    pool = F.avg_pool2d if len(kernel) == 2 else F.avg_pool3d
-    return pool(x, kernel, strides, 0, ceil, True, 1)
+    strides, dil, begin, end = _geometry(n, x, kernel)
+    if all(v == 1 for v in dil) and _native_pads_ok(begin, end, kernel, dil):
+        return _AVG_POOL[d](x, kernel, strides, begin, bool(n.attr("ceil_mode", 0)), include)
+    total, count = _dilated_window_sums(n, x, kernel, include)
+    return total / count
 
 
 @op("LpPool", check=_check_pool)
 def lp_pool(n: Node, x):
-    """``(sum over the window of |x|^p)^(1/p)`` (p default 2), zero padding."""
+    """``(sum over the window of |x|^p)^(1/p)`` (p default 2), zero padding, dilations, ceil_mode."""
     kernel = list(n.attr("kernel_shape"))
     p = n.attr("p", 2)
-    strides, _, begin, end = _geometry(n, x, kernel)
-    xp = F.pad(torch.abs(x) ** p, torch_pad(begin, end))
-    return _sum_pool(xp, kernel, strides, bool(n.attr("ceil_mode", 0))) ** (1.0 / p)
+    return _dilated_window_sums(n, torch.abs(x) ** p, kernel, True)[0] ** (1.0 / p)
 
 
 @op("GlobalAveragePool")
@@ -659,23 +762,38 @@ def _check_resize(n: Node) -> None:
     if mode not in ("nearest", "linear", "bilinear", "cubic"):
         raise n.fail(f"mode {mode!r} is not supported by the bridge")
     ctm = n.attr("coordinate_transformation_mode", "half_pixel")
-    if ctm not in _COORD:
+    if ctm not in _COORD and ctm != "tf_crop_and_resize":
         raise n.fail(f"coordinate_transformation_mode {ctm!r} is not supported by the bridge")
-    if n.attr("antialias", 0):
-        raise n.fail("with antialias=1 is not supported by the bridge")
-    if n.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
-        raise n.fail("keep_aspect_ratio_policy other than 'stretch' is not supported by the bridge")
+    if n.attr("keep_aspect_ratio_policy", "stretch") not in ("stretch", "not_larger", "not_smaller"):
+        raise n.fail(f"keep_aspect_ratio_policy {n.attr('keep_aspect_ratio_policy')!r} is not supported by the bridge")
 
 
-#: Resize coordinate transforms: output index (float32 array), scale, in/out lengths -> input coordinate.
+def _check_resize_consts(n: Node, consts: dict[str, np.ndarray]) -> None:
+    """``tf_crop_and_resize`` from ``scales``: the spec sizes the output ``floor(len * (roi_end -
+    roi_start) * scale)``, its reference implementation ``floor(len * scale)``. Refused rather than
+    guessed; with ``sizes`` (what TensorFlow exports write) both agree."""
+    if n.opset < 11 or n.attr("coordinate_transformation_mode", "half_pixel") != "tf_crop_and_resize":
+        return
+    scales = n.inputs[2] if len(n.inputs) > 2 else ""
+    if scales and not (scales in consts and np.asarray(consts[scales]).size == 0):
+        raise n.fail("with coordinate_transformation_mode 'tf_crop_and_resize' and scales (not sizes) is not "
+                     "supported by the bridge: the spec and its reference implementation size the output differently")
+
+
+#: Resize coordinate transforms: output index (float32 array), scale, input length, output length
+#: (the integer one) and output width (``scale * length``, fractional when it comes from ``scales``)
+#: -> input coordinate. ``align_corners`` and ``pytorch_half_pixel`` use the fractional width, as the
+#: spec's ``length_resized`` and ONNX's reference implementation do (ONNX Runtime uses the integer
+#: length there: the two differ only when downsampling by a scale whose product is not an integer,
+#: and the bridge follows the spec; ``check_bridge`` reports such a node as diverging from ORT).
 _COORD: dict[str, Callable] = {
-    "half_pixel": lambda i, s, lin, lout: (i + np.float32(0.5)) / s - np.float32(0.5),
-    "pytorch_half_pixel": lambda i, s, lin, lout: (i + np.float32(0.5)) / s - np.float32(0.5) if lout > 1 else np.zeros_like(i),
-    "align_corners": lambda i, s, lin, lout: i * np.float32(lin - 1) / np.float32(lout - 1) if lout > 1 else np.zeros_like(i),
-    "asymmetric": lambda i, s, lin, lout: i / s,
-    "tf_half_pixel_for_nn": lambda i, s, lin, lout: (i + np.float32(0.5)) / s,
-    "half_pixel_symmetric": lambda i, s, lin, lout: (
-        np.float32(lin / 2) * (1 - np.float32(lout) / (s * np.float32(lin))) + (i + np.float32(0.5)) / s - np.float32(0.5)),
+    "half_pixel": lambda i, s, lin, lout, w: (i + np.float32(0.5)) / s - np.float32(0.5),
+    "pytorch_half_pixel": lambda i, s, lin, lout, w: (i + np.float32(0.5)) / s - np.float32(0.5) if w > 1 else np.zeros_like(i),
+    "align_corners": lambda i, s, lin, lout, w: i * np.float32(lin - 1) / np.float32(w - 1) if w != 1 else np.zeros_like(i),
+    "asymmetric": lambda i, s, lin, lout, w: i / s,
+    "tf_half_pixel_for_nn": lambda i, s, lin, lout, w: (i + np.float32(0.5)) / s,
+    "half_pixel_symmetric": lambda i, s, lin, lout, w: (
+        np.float32(lin / 2) * (1 - np.float32(lout) / np.float32(w)) + (i + np.float32(0.5)) / s - np.float32(0.5)),
 }
 
 _NEAREST: dict[str, Callable[[np.ndarray, bool], np.ndarray]] = {
@@ -688,79 +806,133 @@ _NEAREST: dict[str, Callable[[np.ndarray, bool], np.ndarray]] = {
 }
 
 
-def _resize_axis(x: torch.Tensor, axis: int, out_len: int, scale: float, mode: str, ctm: str, nearest: str,
-                 cubic_a: float, exclude_outside: bool) -> torch.Tensor:
+def _kernel_taps(coord: np.ndarray, lin: int, scale: float, mode: str, cubic_a: float, exclude_outside: bool,
+                 antialias: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input index, weight) per tap of a linear or cubic kernel, as ONNX's reference computes them:
+    taps at ``base + j`` with ``base = ceil(c) - 1`` (the pixel left of ``c``, ratio in (0, 1]),
+    weights ``kernel(|j - ratio| * s)``. ``antialias`` stretches the kernel by ``1 / scale`` when
+    downsampling (``s = min(scale, 1)``, more taps) and normalizes the weights; ``exclude_outside``
+    drops taps outside the input and renormalizes; border taps read the edge pixel."""
+    a = np.float32(cubic_a)
+    s = np.float32(min(float(scale), 1.0)) if antialias else np.float32(1.0)
+    support = 1 if mode in ("linear", "bilinear") else 2
+    first = int(math.floor(-support / float(s))) + 1
+    base = np.ceil(coord).astype(np.int64) - 1
+    ratio = (coord - base).astype(np.float32)
+    taps = []
+    for j in range(first, 2 - first):
+        d = np.abs((np.float32(j) - ratio) * s).astype(np.float32)
+        if support == 1:
+            w = np.maximum(np.float32(1) - d, 0)
+        else:
+            w = np.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1,
+                         np.where(d < 2, ((a * d - 5 * a) * d + 8 * a) * d - 4 * a, 0))
+        idx = base + j
+        if exclude_outside:
+            w = np.where((idx < 0) | (idx >= lin), 0, w)
+        taps.append((np.clip(idx, 0, lin - 1), w.astype(np.float32)))
+    if antialias or exclude_outside:
+        total = sum(w for _, w in taps)
+        taps = [(i, (w / total).astype(np.float32)) for i, w in taps]
+    return taps
+
+
+def _crop_coord(i: np.ndarray, lin: int, width: float, start: float, end: float) -> np.ndarray:
+    """``tf_crop_and_resize``: output index -> input coordinate inside the normalized ``roi`` box."""
+    if width == 1:
+        return np.full(i.shape, 0.5 * (start + end) * (lin - 1))
+    return start * (lin - 1) + i.astype(np.float64) * (end - start) * (lin - 1) / (width - 1)
+
+
+def _resize_axis(x: torch.Tensor, axis: int, out_len: int, out_width: float, scale: float, mode: str, ctm: str,
+                 nearest: str, n: Node, roi: tuple[float, float] | None = None) -> torch.Tensor:
     """Resample ``x`` along one axis (multilinear/cubic resizing in ONNX is separable)."""
     lin = int(x.shape[axis])
-    s = np.float32(scale)
-    coord = _COORD[ctm](np.arange(out_len, dtype=np.float32), s, lin, out_len).astype(np.float32)
+    index = np.arange(out_len, dtype=np.float32)
+    outside = None
+    if ctm == "tf_crop_and_resize":
+        coord = _crop_coord(index, lin, out_width, *roi)
+        outside = (coord < 0) | (coord > lin - 1)
+    else:
+        coord = _COORD[ctm](index, np.float32(scale), lin, out_len, out_width).astype(np.float32)
     dev = x.device
-    if mode == "nearest":
-        idx = np.clip(_NEAREST[nearest](coord, scale < 1), 0, lin - 1).astype(np.int64)
-        return x.index_select(axis, torch.from_numpy(idx).to(dev))
     shape = [1] * x.dim()
     shape[axis] = out_len
-    if mode in ("linear", "bilinear"):
+    antialias = bool(n.attr("antialias", 0)) and mode != "nearest" and scale < 1
+    if mode == "nearest":
+        idx = np.clip(_NEAREST[nearest](coord, scale < 1), 0, lin - 1).astype(np.int64)
+        y = x.index_select(axis, torch.from_numpy(idx).to(dev))
+    elif mode in ("linear", "bilinear") and not antialias:
         c = np.clip(coord, 0, lin - 1)
         i0 = np.floor(c).astype(np.int64)
         i1 = np.minimum(i0 + 1, lin - 1)
         w1 = torch.from_numpy((c - i0).astype(np.float32)).to(dev, x.dtype).reshape(shape)
         a = x.index_select(axis, torch.from_numpy(i0).to(dev))
         b = x.index_select(axis, torch.from_numpy(i1).to(dev))
-        return a + (b - a) * w1
-    # cubic: 4 taps at floor(c) - 1 .. floor(c) + 2, border taps clamped (or dropped with exclude_outside)
-    a_ = np.float32(cubic_a)
-    base = np.floor(coord).astype(np.int64)
-    t = (coord - base).astype(np.float32)
-    out = None
-    taps = []
-    for k in range(-1, 3):
-        dist = np.abs(t - k).astype(np.float32)
-        w = np.where(dist <= 1, ((a_ + 2) * dist - (a_ + 3)) * dist * dist + 1,
-                     np.where(dist < 2, ((a_ * dist - 5 * a_) * dist + 8 * a_) * dist - 4 * a_, 0)).astype(np.float32)
-        idx = base + k
-        if exclude_outside:
-            w = np.where((idx < 0) | (idx >= lin), 0, w).astype(np.float32)
-        taps.append((np.clip(idx, 0, lin - 1), w))
-    if exclude_outside:
-        total = sum(w for _, w in taps)
-        taps = [(i, (w / total).astype(np.float32)) for i, w in taps]
-    for idx, w in taps:
-        term = x.index_select(axis, torch.from_numpy(idx).to(dev)) * torch.from_numpy(w).to(dev, x.dtype).reshape(shape)
-        out = term if out is None else out + term
-    return out
+        y = a + (b - a) * w1
+    else:
+        y = None
+        for idx, w in _kernel_taps(coord, lin, scale, mode, n.attr("cubic_coeff_a", -0.75),
+                                   bool(n.attr("exclude_outside", 0)), antialias):
+            term = x.index_select(axis, torch.from_numpy(idx).to(dev)) * torch.from_numpy(w).to(dev, x.dtype).reshape(shape)
+            y = term if y is None else y + term
+    if outside is not None and outside.any():
+        fill = torch.tensor(float(n.attr("extrapolation_value", 0.0)), dtype=y.dtype, device=dev)
+        y = torch.where(torch.from_numpy(outside).to(dev).reshape(shape), fill, y)
+    return y
 
 
 def _resample(n: Node, x: torch.Tensor, scales: list[float] | None, sizes: list[int] | None, axes: list[int] | None,
-              mode: str, ctm: str, nearest: str) -> torch.Tensor:
+              mode: str, ctm: str, nearest: str, roi: list[float] | None = None) -> torch.Tensor:
+    """Resize axis by axis. With ``sizes``, ``keep_aspect_ratio_policy`` not_larger/not_smaller
+    uses one scale for every resized axis (the min/max of ``sizes / len``) and sizes the output
+    ``round_half_up(scale * len)``; ``roi`` (``[starts..., ends...]`` of the resized axes) is read by
+    ``tf_crop_and_resize`` only."""
     r = x.dim()
     axes = [axis_of(a, r) for a in axes] if axes else list(range(r))
+    policy = n.attr("keep_aspect_ratio_policy", "stretch")
+    common = None
+    if sizes is not None and policy != "stretch":
+        ratios = [sizes[j] / int(x.shape[a]) for j, a in enumerate(axes)]
+        common = min(ratios) if policy == "not_larger" else max(ratios)
     for j, axis in enumerate(axes):
         lin = int(x.shape[axis])
-        if sizes is not None:
+        if common is not None:
+            scale = common
+            out_len = int(common * lin + 0.5)
+            width = common * lin
+        elif sizes is not None:
             out_len = sizes[j]
             scale = float(np.float32(out_len) / np.float32(lin))
+            width = float(out_len)
         else:
             scale = scales[j]
             out_len = int(math.floor(lin * scale))
-        if out_len == lin and scale == 1.0:  # ONNX Runtime leaves such axes alone whatever the transform
-            continue
-        x = _resize_axis(x, axis, out_len, scale, mode, ctm, nearest, n.attr("cubic_coeff_a", -0.75),
-                         bool(n.attr("exclude_outside", 0)))
+            width = float(np.float32(lin) * np.float32(scale))
+        box = (roi[j], roi[j + len(axes)]) if ctm == "tf_crop_and_resize" else None
+        if out_len == lin and scale == 1.0 and box in (None, (0.0, 1.0)):
+            continue  # ONNX Runtime leaves such axes alone whatever the transform
+        x = _resize_axis(x, axis, out_len, width, scale, mode, ctm, nearest, n, box)
     return x
 
 
-@op("Resize", check=_check_resize)
+@op("Resize", check=_check_resize, const_check=_check_resize_consts)
 def resize(n: Node, x, roi=None, scales=None, sizes=None):
-    """Nearest/linear/cubic resizing from ``scales`` or ``sizes`` with every coordinate transform but
-    ``tf_crop_and_resize``; ``nearest_mode`` as given (PyTorch exports ``floor`` with ``asymmetric``).
-    Opset 10's Resize (``X, scales``) uses asymmetric coordinates like Upsample."""
+    """Nearest/linear/cubic resizing from ``scales`` or ``sizes`` with every coordinate transform,
+    ``antialias`` (linear/cubic downsampling), ``exclude_outside``, ``keep_aspect_ratio_policy`` and
+    ``tf_crop_and_resize`` (with ``sizes``) with its ``extrapolation_value``; ``nearest_mode`` as given
+    (PyTorch exports ``floor`` with ``asymmetric``). Opset 10's Resize (``X, scales``) uses
+    asymmetric coordinates like Upsample."""
     if n.opset < 11:
         return _resample(n, x, floats(roi), None, None, n.attr("mode", "nearest"), "asymmetric", "simple")
     sz = ints(sizes) if sizes is not None and sizes.numel() else None
     sc = floats(scales) if sz is None else None
-    return _resample(n, x, sc, sz, n.attr("axes"), n.attr("mode", "nearest"),
-                     n.attr("coordinate_transformation_mode", "half_pixel"), n.attr("nearest_mode", "round_prefer_floor"))
+    ctm = n.attr("coordinate_transformation_mode", "half_pixel")
+    box = floats(roi) if ctm == "tf_crop_and_resize" else None
+    if ctm == "tf_crop_and_resize" and (box is None or not box):
+        raise n.fail("tf_crop_and_resize needs its roi input")
+    return _resample(n, x, sc, sz, n.attr("axes"), n.attr("mode", "nearest"), ctm,
+                     n.attr("nearest_mode", "round_prefer_floor"), box)
 
 
 @op("Upsample", check=_check_resize)
@@ -784,10 +956,12 @@ def depth_to_space(n: Node, x):
 
 @op("SpaceToDepth")
 def space_to_depth(n: Node, x):
-    """Move ``blocksize x blocksize`` spatial blocks into channels."""
+    """Move ``blocksize x blocksize`` spatial blocks into channels: block offset outermost (``DCR``,
+    the default) or channel outermost (``CRD``, opset 25's ``mode``)."""
     b, c, h, w = x.shape
     bs = n.attr("blocksize")
-    y = x.reshape(b, c, h // bs, bs, w // bs, bs).permute(0, 3, 5, 1, 2, 4)
+    perm = (0, 3, 5, 1, 2, 4) if n.attr("mode", "DCR") == "DCR" else (0, 1, 3, 5, 2, 4)
+    y = x.reshape(b, c, h // bs, bs, w // bs, bs).permute(*perm)
     return y.reshape(b, c * bs * bs, h // bs, w // bs)
 
 
@@ -890,6 +1064,40 @@ def gather(n: Node, x, idx):
     return out.reshape(tuple(x.shape[:axis]) + tuple(idx.shape) + tuple(x.shape[axis + 1:]))
 
 
+#: ScatterND ``reduction`` -> ``Tensor.scatter_reduce`` mode (None: plain assignment).
+_SCATTER_REDUCE = {"none": None, "add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
+
+
+def _check_scatter(n: Node) -> None:
+    red = n.attr("reduction", "none")
+    if red not in _SCATTER_REDUCE:
+        raise n.fail(f"with reduction {red!r} is not supported by the bridge (none, add, mul, max, min)")
+
+
+@op("ScatterND", check=_check_scatter)
+def scatter_nd(n: Node, data, indices, updates):
+    """A copy of ``data`` with ``updates`` written (or combined by ``reduction``) at the k-tuples of
+    ``indices`` (negative entries count from the end). The leading k dims of ``data`` are flattened so
+    each k-tuple becomes one row index, then rows are assigned (``none``; duplicate indices leave an
+    unspecified winner, as ONNX says) or reduced with ``scatter_reduce`` including the old value."""
+    k = int(indices.shape[-1])
+    lead = [int(d) for d in data.shape[:k]]
+    idx = indices.long().reshape(-1, k)
+    dims = torch.tensor(lead, dtype=torch.long, device=data.device)
+    idx = torch.where(idx < 0, idx + dims, idx)
+    strides = [math.prod(lead[i + 1:]) for i in range(k)]
+    rows = (idx * torch.tensor(strides, dtype=torch.long, device=data.device)).sum(-1)
+    flat = data.reshape((math.prod(lead),) + tuple(data.shape[k:]))
+    upd = updates.reshape((rows.numel(),) + tuple(data.shape[k:]))
+    mode = _SCATTER_REDUCE[n.attr("reduction", "none")]
+    if mode is None:
+        out = flat.index_put((rows,), upd)
+    else:
+        index = rows.reshape((-1,) + (1,) * (flat.dim() - 1)).expand_as(upd)
+        out = flat.scatter_reduce(0, index, upd, reduce=mode, include_self=True)
+    return out.reshape(data.shape)
+
+
 @op("GatherElements")
 def gather_elements(n: Node, x, idx):
     """``torch.gather`` along ``axis`` with negative indices wrapped."""
@@ -933,7 +1141,22 @@ def identity(n: Node, x):
     return x
 
 
-@op("Dropout")
+def _check_dropout(n: Node, consts: dict[str, np.ndarray]) -> None:
+    """Refuse a Dropout that may run in training mode (opset 12's ``training_mode`` input, unless it
+    is a constant false or ``ratio`` is a constant 0): its output is random, the bridge's pass-through
+    would be a different function."""
+    mode = n.inputs[2] if len(n.inputs) > 2 else ""
+    if not mode or (mode in consts and not np.asarray(consts[mode]).any()):
+        return
+    ratio = n.inputs[1] if len(n.inputs) > 1 else ""
+    if ratio and ratio in consts and not np.asarray(consts[ratio]).any():
+        return
+    why = "is true" if mode in consts else "is not a constant"
+    raise n.fail(f"in training mode (its training_mode input {mode!r} {why}) is not supported by the bridge: "
+                 "random dropout is not the inference function; export the model in eval mode")
+
+
+@op("Dropout", const_check=_check_dropout)
 def dropout(n: Node, x, ratio=None, training_mode=None):
     """Always a no-op: exported inference graphs hold Dropout only as a pass-through, and the
     bridge fine-tunes the deployed graph as it is. An optional mask output is what ONNX Runtime
@@ -978,7 +1201,7 @@ def cumsum(n: Node, x, axis):
     a = axis_of(int(axis.item()), x.dim())
     if n.attr("reverse", 0):
         x = x.flip(a)
-    y = torch.cumsum(x, a)
+    y = torch.cumsum(x, a, dtype=x.dtype)  # torch would widen int32 to int64
     if n.attr("exclusive", 0):
         y = y - x
     return y.flip(a) if n.attr("reverse", 0) else y
@@ -1006,7 +1229,16 @@ def _hardmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     return F.one_hot(x.argmax(dim), x.shape[dim]).movedim(-1, dim).to(x.dtype)
 
 
-op("Softmax")(_softmax_like(lambda x, d: torch.softmax(x, d)))
+def _softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch.softmax``; 16-bit floats step by step in their own precision (``exp(x - max) / sum``),
+    as ONNX specifies it: the fused kernel computes in float32 and rounds once, an ULP away."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        e = torch.exp(x - x.amax(dim, keepdim=True))
+        return e / e.sum(dim, keepdim=True)
+    return torch.softmax(x, dim)
+
+
+op("Softmax")(_softmax_like(_softmax))
 op("LogSoftmax")(_softmax_like(lambda x, d: torch.log_softmax(x, d)))
 op("Hardmax")(_softmax_like(_hardmax))
 TABLE["Softmax"].__doc__ = "Softmax over ``axis`` (opset < 13: over the 2-D coercion at ``axis``, default 1)."
@@ -1014,7 +1246,25 @@ TABLE["LogSoftmax"].__doc__ = "Log-softmax, axis semantics as Softmax."
 TABLE["Hardmax"].__doc__ = "One-hot of the first maximum, axis semantics as Softmax."
 
 
-def _reduce(fn: Callable[[torch.Tensor, tuple[int, ...], bool], torch.Tensor], doc: str) -> OpFn:
+def _empty_reduce(x: torch.Tensor, dims: tuple[int, ...], keep: bool, value: float) -> torch.Tensor:
+    """A reduction over an empty set: the operation's identity (ONNX: -inf for max, +inf for min;
+    the dtype's lowest/highest value for integers, False/True for bool)."""
+    shape = [1 if d in dims else s for d, s in enumerate(x.shape)] if keep else \
+        [s for d, s in enumerate(x.shape) if d not in dims]
+    if x.dtype == torch.bool:
+        fill = value > 0
+    elif x.is_floating_point():
+        fill = value
+    else:
+        info = torch.iinfo(x.dtype)
+        fill = info.max if value > 0 else info.min
+    return torch.full(shape, fill, dtype=x.dtype, device=x.device)
+
+
+def _reduce(fn: Callable[[torch.Tensor, tuple[int, ...], bool], torch.Tensor], doc: str,
+            empty: float | None = None) -> OpFn:
+    """``empty``: the result of reducing an empty set where torch refuses to (max, min); the other
+    reductions already give ONNX's identity (0 for sums, 1 for products, -inf for log-sum)."""
     def f(n: Node, x, axes=None):
         ax = ints_input_or_attr(n, axes, "axes")
         keep = bool(n.attr("keepdims", 1))
@@ -1022,7 +1272,10 @@ def _reduce(fn: Callable[[torch.Tensor, tuple[int, ...], bool], torch.Tensor], d
             if n.attr("noop_with_empty_axes", 0):
                 return x
             ax = list(range(x.dim()))
-        return fn(x, tuple(sorted(axis_of(a, x.dim()) for a in ax)), keep)
+        dims = tuple(sorted(axis_of(a, x.dim()) for a in ax))
+        if empty is not None and any(x.shape[d] == 0 for d in dims):
+            return _empty_reduce(x, dims, keep, empty)
+        return fn(x, dims, keep)
     f.__doc__ = doc + " Over ``axes`` (attribute or input by opset; empty: all dims unless ``noop_with_empty_axes``), ``keepdims``."
     return f
 
@@ -1035,8 +1288,8 @@ def _prod(x: torch.Tensor, dims: tuple[int, ...], keep: bool) -> torch.Tensor:
 
 op("ReduceMean")(_reduce(lambda x, d, k: x.mean(dim=d, keepdim=k), "Mean."))
 op("ReduceSum")(_reduce(lambda x, d, k: x.sum(dim=d, keepdim=k), "Sum."))
-op("ReduceMax")(_reduce(lambda x, d, k: x.amax(dim=d, keepdim=k), "Maximum."))
-op("ReduceMin")(_reduce(lambda x, d, k: x.amin(dim=d, keepdim=k), "Minimum."))
+op("ReduceMax")(_reduce(lambda x, d, k: x.amax(dim=d, keepdim=k), "Maximum.", empty=-math.inf))
+op("ReduceMin")(_reduce(lambda x, d, k: x.amin(dim=d, keepdim=k), "Minimum.", empty=math.inf))
 op("ReduceProd")(_reduce(_prod, "Product."))
 op("ReduceL1")(_reduce(lambda x, d, k: x.abs().sum(dim=d, keepdim=k), "Sum of absolute values."))
 op("ReduceL2")(_reduce(lambda x, d, k: (x * x).sum(dim=d, keepdim=k).sqrt(), "Euclidean norm."))
@@ -1063,11 +1316,13 @@ TABLE["ArgMin"].__doc__ = "Index of the first (or last, ``select_last_index``) m
 
 @op("TopK")
 def topk(n: Node, x, k=None):
-    """The ``k`` largest (or smallest) values and their indices along ``axis`` (default -1)."""
+    """The ``k`` largest (or smallest) values and their indices along ``axis`` (default -1). Equal
+    values keep the lower index first, as ONNX requires (``torch.topk`` orders ties arbitrarily, so
+    this is a stable sort cut to ``k``)."""
     axis = axis_of(n.attr("axis", -1), x.dim())
     kk = int(k.reshape(-1)[0].item()) if k is not None else int(n.attr("k"))
-    values, indices = torch.topk(x, kk, dim=axis, largest=bool(n.attr("largest", 1)), sorted=True)
-    return values, indices
+    values, indices = torch.sort(x, dim=axis, descending=bool(n.attr("largest", 1)), stable=True)
+    return values.narrow(axis, 0, kk), indices.narrow(axis, 0, kk)
 
 
 def onnx_attrs(node: onnx.NodeProto) -> dict[str, Any]:
