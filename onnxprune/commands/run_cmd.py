@@ -73,16 +73,23 @@ def _shipped_epilog() -> str:
               help="Hardware profile name or YAML path (repeatable; replaces the recipe's hw list).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe field, YAML value, dotted path (repeatable): --set retrain.epochs=3 --set sweep.seeds=[0,1]")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+              help="Where the operating points run: here, one after another (local), or as Ray tasks (ray; needs "
+                   "onnxprune[ray]). Default: the recipe's executor, else local.")
+@click.option("--ray-address", "ray_address", default=None, metavar="ADDR",
+              help="Ray cluster to run on (HOST:6379, ray://HOST:10001 or auto; implies --executor ray). "
+                   "Default: RAY_ADDRESS, else a Ray instance started on this machine.")
 @json_option
 def run_cmd(recipe: str, model: str, outdir: str, data_spec: str | None, hw: tuple[str, ...],
-            overrides: tuple[str, ...], as_json: bool) -> None:
+            overrides: tuple[str, ...], executor: str | None, ray_address: str | None, as_json: bool) -> None:
     """Run RECIPE (a shipped name such as demo, or a YAML path) on MODEL and write the report.
 
     Re-running with the same OUTDIR skips every step that already finished with the same inputs.
     """
     from ..pipeline.run import run_recipe
 
-    report = run_recipe(recipe, model, outdir, data=data_spec, hw=hw, overrides=overrides, progress=not as_json)
+    report = run_recipe(recipe, model, outdir, data=data_spec, hw=hw, overrides=overrides, progress=not as_json,
+                        executor=executor, ray_address=ray_address)
     if as_json:
         emit_json(report)
         return
