@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from cli_util import run_cli
+from cli_util import run_cli, subprocess_env
 from onnxprune.errors import OnnxPruneError
 
 RECIPE = """
@@ -33,7 +36,7 @@ FAULTS_ENV = "ONNXPRUNE_TEST_FAULTS"
 def inject_faults() -> None:
     """Ray worker setup hook: ``prune_stage`` fails as the JSON file named by $ONNXPRUNE_TEST_FAULTS says,
     per target label: "crash-once" kills the worker process once, "raise" raises every time (attempts
-    are counted in the file)."""
+    are counted in the file), "hang" sleeps for a minute."""
     from onnxprune.pipeline import steps
 
     real = steps.prune_stage
@@ -43,6 +46,8 @@ def inject_faults() -> None:
         faults = json.loads(path.read_text()) if path.is_file() else {}
         label = stage.target.label() if stage.target is not None else ""
         action = faults.get(label)
+        if action == "hang":
+            time.sleep(60)
         if action in ("crash-once", "raise"):
             faults[f"{label} attempts"] = faults.get(f"{label} attempts", 0) + 1
             if action == "crash-once":
@@ -56,6 +61,13 @@ def inject_faults() -> None:
     steps.prune_stage = prune_stage
 
 
+def worker_env(faults: Path) -> dict:
+    """The runtime_env of every driver here: workers import this checkout and read the fault file."""
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")]), FAULTS_ENV: str(faults)}
+    return {"env_vars": env, "worker_process_setup_hook": inject_faults}
+
+
 @pytest.fixture(scope="module")
 def ray_faults(tmp_path_factory):
     """One local Ray instance for the module; yields the fault-injection file its workers read."""
@@ -63,10 +75,8 @@ def ray_faults(tmp_path_factory):
     from onnxprune.pipeline.executor import PROFILE_RESOURCE
 
     faults = tmp_path_factory.mktemp("faults") / "faults.json"
-    root = Path(__file__).resolve().parents[1]
-    env = {"PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")]), FAULTS_ENV: str(faults)}
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2, resources={PROFILE_RESOURCE: 1},
-             runtime_env={"env_vars": env, "worker_process_setup_hook": inject_faults}, log_to_driver=False)
+             runtime_env=worker_env(faults), log_to_driver=False)
     yield faults
     ray.shutdown()
 
@@ -185,3 +195,51 @@ def test_ray_cluster_without_the_profile_resource_is_refused():
                                   "retrain": {"epochs": 1, "device": "cuda"}}, "r")
     with pytest.raises(OnnxPruneError, match="no GPU"):
         RayExecutor()._needs(Cluster, Ctx)
+
+
+DRIVER = """
+import sys, ray
+from test_ray_executor import worker_env
+from pathlib import Path
+address, faults, recipe, model, out = sys.argv[1:]
+ray.init(address=address, runtime_env=worker_env(Path(faults)), log_to_driver=False)
+from onnxprune.pipeline.run import run_recipe
+run_recipe(recipe, model, out, executor="ray")
+"""
+
+
+@pytest.mark.slow
+def test_killed_driver_loses_no_finished_point(ray_faults, sweep, tmp_path):
+    """A driver killed while one point hangs: the finished point and the dense control are in the cache,
+    and a re-run runs only the point that was in flight."""
+    import ray
+
+    from onnxprune.pipeline.run import run_recipe
+
+    d, model, recipe, local = sweep
+    out = tmp_path / "run"
+    ray_faults.write_text(json.dumps({"sparsity0.6": "hang"}))
+    env = subprocess_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env["PYTHONPATH"]])
+    args = [ray.get_runtime_context().gcs_address, ray_faults, recipe, model, out]
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, *map(str, args)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and driver.poll() is None:
+            state = json.loads((out / "state.json").read_text()) if (out / "state.json").is_file() else {"steps": {}}
+            names = [r["step"] for r in state["steps"].values()]
+            if names.count("profile") >= 2 and "speedup-vs-dense" in names:  # dense and l1 measured: l1 is done
+                break
+            time.sleep(0.5)
+        assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+        driver.kill()
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    ray_faults.write_text("{}")
+    assert (out / "models" / "l1-ratio0.5-s0.onnx").is_file() and not (out / "report.json").exists()
+    rep = run_recipe(recipe, model, out, executor="ray")
+    assert rep["steps"]["executed"] == POINT_STEPS
+    assert [figures(p) for p in rep["points"]] == [figures(p) for p in local["points"]]
