@@ -176,6 +176,21 @@ def test_executor_settings_in_recipe_and_flags():
         make_executor(cfg, kind="local", address="head:6379")
 
 
+def test_unreachable_ray_address_fails_before_any_work():
+    import socket
+
+    from onnxprune.pipeline.executor import check_reachable
+
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(OnnxPruneError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
+        check_reachable(f"127.0.0.1:{port}")
+    with pytest.raises(OnnxPruneError, match="expected HOST:PORT"):
+        check_reachable("nonsense")
+    check_reachable("auto")  # Ray finds a cluster started on this machine itself
+
+
 def test_ray_cluster_without_the_profile_resource_is_refused():
     from onnxprune.pipeline.executor import RayExecutor
     from onnxprune.recipes import validate_recipe

@@ -56,7 +56,25 @@ def make_executor(cfg: Any, kind: str | None = None, address: str | None = None)
     if kind != "ray":
         raise OnnxPruneError(f"unknown executor {kind!r}: expected local or ray")
     import_ray()
-    return RayExecutor(address=address or cfg.address, max_retries=cfg.max_retries)
+    address = address or cfg.address
+    check_reachable(address or os.environ.get("RAY_ADDRESS"))
+    return RayExecutor(address=address, max_retries=cfg.max_retries)
+
+
+def check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Fail in one line, before any work, when a HOST:PORT (or ray://HOST:PORT) address does not answer:
+    Ray itself keeps retrying for minutes."""
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise OnnxPruneError(f"Ray address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise OnnxPruneError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start it with "
+                             "ray start --head, or check the address") from None
 
 
 def import_ray():
@@ -161,7 +179,9 @@ class RayExecutor:
                          runtime_env={"env_vars": {"PYTHONPATH": path}}, **kw)
         except Exception as exc:  # noqa: BLE001 - any connection failure is the user's setup, said in one line
             where = self.address or os.environ.get("RAY_ADDRESS") or "a local Ray instance"
-            raise OnnxPruneError(f"cannot start or reach Ray ({where}): {_first_line(exc)}") from None
+            hint = ("; a cluster with token authentication also needs RAY_AUTH_MODE=token and its token here"
+                    if where != "a local Ray instance" and not os.environ.get("RAY_AUTH_MODE") else "")
+            raise OnnxPruneError(f"cannot start or reach Ray ({where}): {_first_line(exc)}{hint}") from None
         return True
 
     def _needs(self, ray, ctx) -> tuple[int, int]:
