@@ -228,7 +228,7 @@ def build_report(ctx, model_path: Path, dense: Mapping[str, Any], dense_ft: Sequ
         "guidance": guidance(points, dense_point, ctx.profiles),
         "plots": {},
         "notes": list(dict.fromkeys(ctx.notes)),
-        "versions": versions(),
+        "versions": {**ctx.worker_versions, **versions()},
         "steps": {**ctx.cache.counts(), "seconds": int(round(seconds))},
     }
     report["pareto"] = {p.name: latency_pareto(report, p.name) for p in ctx.profiles}

@@ -110,7 +110,8 @@ class Shared:
     data_desc: Any
     profiles: list[Any]
     sens: Any
-    dense: bytes
+    dense: dict[str, bytes]  # models/dense.onnx (and its external data files)
+    records: dict[str, Any]  # the run's step records when the tasks were submitted
 
 
 def jobs_of(ctx, plan) -> list[Job]:
@@ -175,7 +176,7 @@ class RayExecutor:
             else:  # this machine only: it may measure, and its workers import this very onnxprune
                 root = str(Path(__file__).resolve().parents[2])
                 path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH", "")]))
-                ray.init(include_dashboard=False, resources={PROFILE_RESOURCE: 1},
+                ray.init(address="local", include_dashboard=False, resources={PROFILE_RESOURCE: 1},
                          runtime_env={"env_vars": {"PYTHONPATH": path}}, **kw)
         except Exception as exc:  # noqa: BLE001 - any connection failure is the user's setup, said in one line
             where = self.address or os.environ.get("RAY_ADDRESS") or "a local Ray instance"
@@ -201,7 +202,8 @@ class RayExecutor:
     def _fill(self, ray, ctx, model_path: Path, plan, dense: Path, sens) -> None:
         train_gpus, lat_gpus = self._needs(ray, ctx)
         shared = ray.put(Shared(recipe=ctx.recipe, data=ctx.data, data_desc=ctx.data_desc, profiles=list(ctx.profiles),
-                                sens=sens, dense=dense.read_bytes()))
+                                sens=sens, dense=payload(ctx.outdir, [ctx.rel(dense)]),
+                                records=dict(ctx.cache.state["steps"])))
         task = ray.remote(run_task)
         common = {"max_retries": self.max_retries, "retry_exceptions": True}
         pending: dict[Any, tuple[Job, str, bool]] = {}
@@ -238,6 +240,7 @@ class RayExecutor:
                 failures.setdefault(job.label, res["error"])
                 continue
             ctx.cache.merge(res["records"], res["files"], res["executed"], res["skipped"])
+            self._versions(ctx, res)
             ctx.progress.step(f"{job.label}: {phase} done on {res['node']['host']}")
             if last and job.kind != "dense":
                 ctx.progress.advance()
@@ -246,9 +249,24 @@ class RayExecutor:
             raise OnnxPruneError(f"{len(failures)} of {len(jobs)} jobs failed on Ray ({detail}); the finished ones are "
                                  f"recorded in {ctx.cache.path} and a re-run of the same command runs only what is missing")
 
+    @staticmethod
+    def _versions(ctx, res: Mapping[str, Any]) -> None:
+        """Library versions a worker used that this process did not load go to the report; versions that
+        differ from this process's are said in a note."""
+        from .run import versions
+
+        mine = versions()
+        for key, value in res.get("versions", {}).items():
+            if key in ("platform",):
+                continue
+            if key not in mine:
+                ctx.worker_versions.setdefault(key, value)
+            elif value != mine[key]:
+                ctx.notes.append(f"{res['node']['host']} ran {key} {value}, this machine {mine[key]}")
+
     def _missing(self, ctx, job: Job, model_path: Path, dense: Path, sens) -> tuple[tuple[str, ...], dict] | None:
         """None when every step of ``job`` is recorded (those count as reused), else the task phases it
-        needs and the records (with their files) it can start from."""
+        needs and the files of the recorded steps it can start from."""
         with ctx.cache.replay() as hits:
             try:
                 _chain(ctx, job, model_path, dense, sens, "full")
@@ -269,9 +287,19 @@ class RayExecutor:
             return None
         if phases == ("latency",):
             ctx.cache.skipped.extend(n for n in names if n not in LATENCY_STEPS)
-        files = {rel: (ctx.outdir / rel).read_bytes() for r in records.values() for rel in r.get("files", {})
-                 if rel != "models/dense.onnx"}
-        return phases, {"records": records, "files": files}
+        files = payload(ctx.outdir, [rel for r in records.values() for rel in r.get("files", {}) if rel != ctx.rel(dense)])
+        return phases, {"files": files}
+
+
+def payload(root: Path, rels: list[str]) -> dict[str, bytes]:
+    """The bytes of files under ``root`` by relative path; a model brings its external data files along."""
+    from ..model_io import model_files
+
+    out: dict[str, bytes] = {}
+    for rel in rels:
+        for f in model_files(root / rel) if rel.endswith(".onnx") else [root / rel]:
+            out[str(f.relative_to(root))] = f.read_bytes()
+    return out
 
 
 def _latency_target(spec) -> bool:
@@ -289,11 +317,11 @@ def run_task(shared: Shared, job: Job, phase: str, seed: Mapping[str, Any], prio
 
     if prior is not None and "error" in prior:
         return dict(prior)
-    records = {**seed["records"], **((prior or {}).get("records") or {})}
+    records = {**shared.records, **((prior or {}).get("records") or {})}
     files = {**seed["files"], **((prior or {}).get("files") or {})}
     with tempfile.TemporaryDirectory(prefix="onnxprune-task-") as tmp:
         out = Path(tmp)
-        for rel, data in {f"{pipeline.MODELS}/dense.onnx": shared.dense, **files}.items():
+        for rel, data in {**shared.dense, **files}.items():
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             (out / rel).write_bytes(data)
         (out / pipeline.WORK).mkdir(exist_ok=True)
@@ -305,9 +333,9 @@ def run_task(shared: Shared, job: Job, phase: str, seed: Mapping[str, Any], prio
         except OnnxPruneError as exc:
             return {"error": str(exc)}
         new = {k: v for k, v in cache.state["steps"].items() if k not in records}
-        written = {rel: (out / rel).read_bytes() for r in new.values() for rel in r["files"]}
+        written = payload(out, [rel for r in new.values() for rel in r["files"]])
         return {"records": new, "files": written, "executed": cache.executed, "skipped": cache.skipped,
-                "node": node_info(), "version": __version__}
+                "node": node_info(), "version": __version__, "versions": pipeline.versions()}
 
 
 def _first_line(exc: BaseException) -> str:

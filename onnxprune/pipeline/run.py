@@ -48,6 +48,7 @@ class Context:
     notes: list[str] = field(default_factory=list)
     recipe_source: str | None = None
     overrides: list[str] = field(default_factory=list)
+    worker_versions: dict[str, Any] = field(default_factory=dict)  # what remote workers ran that this process did not
 
     def path(self, *parts: str) -> Path:
         return self.outdir.joinpath(*parts)
