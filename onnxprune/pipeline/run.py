@@ -19,7 +19,7 @@ import os
 import platform
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -86,9 +86,9 @@ class Progress:
         if self._p is not None and not self.frozen:
             self._p.update(self._task, step=text)
 
-    def advance(self) -> None:
+    def advance(self, n: int = 1) -> None:
         if self._p is not None and not self.frozen:
-            self._p.advance(self._task)
+            self._p.advance(self._task, n)
 
 
 # ----------------------------------------------------------------------------------------------- entry
@@ -147,31 +147,29 @@ def run_recipe(recipe: "Recipe | str | os.PathLike", model_path: str | os.PathLi
         ctx.notes.append("no hardware profile: latency was not measured (pass --hw PROFILE, e.g. --hw x86-server-cpu)")
     t0 = time.perf_counter()
     total = len(plan.runs) + 1 + (len(plan.seeds) if _finetune_dense(recipe) else 0) + (1 if recipe.sensitivity.enabled else 0)
-    with ctx.progress.running(total, recipe.name):
+    with ctx.progress.running(total, recipe.name), ExitStack() as replaying:
         if runner.remote:  # the driver's own steps, then every point's chain on the executor into the cache
             dense = dense_control(ctx, model_path, latency=False)
-            ctx.progress.advance()
             sens = sensitivity_step(ctx, dense["path"]) if recipe.sensitivity.enabled else None
-            if sens is not None:
-                ctx.progress.advance()
+            ctx.progress.advance(2 if sens is not None else 1)
             runner.fill(ctx, model_path, plan, dense["path"], sens)
             ctx.progress.frozen = True
-        with ctx.cache.replay() if runner.remote else nullcontext():
-            dense = dense_control(ctx, model_path)
+            replaying.enter_context(ctx.cache.replay())  # below: the report's inputs, all from the cache
+        dense = dense_control(ctx, model_path)
+        ctx.progress.advance()
+        sens = None
+        if recipe.sensitivity.enabled:
+            sens = sensitivity_step(ctx, dense["path"])
             ctx.progress.advance()
-            sens = None
-            if recipe.sensitivity.enabled:
-                sens = sensitivity_step(ctx, dense["path"])
+        runs = {}
+        for spec in plan.runs:
+            runs[spec.id] = run_one(ctx, spec, dense["path"], sens)
+            ctx.progress.advance()
+        dense_ft = []
+        if _finetune_dense(recipe):
+            for seed in plan.seeds:
+                dense_ft.append(dense_finetune(ctx, dense["path"], seed))
                 ctx.progress.advance()
-            runs = {}
-            for spec in plan.runs:
-                runs[spec.id] = run_one(ctx, spec, dense["path"], sens)
-                ctx.progress.advance()
-            dense_ft = []
-            if _finetune_dense(recipe):
-                for seed in plan.seeds:
-                    dense_ft.append(dense_finetune(ctx, dense["path"], seed))
-                    ctx.progress.advance()
     from .aggregate import build_report
 
     report = build_report(ctx, model_path, dense, dense_ft, plan, runs, sens, seconds=time.perf_counter() - t0)
