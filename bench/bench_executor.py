@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
         t0 = time.perf_counter()
         root = str(Path(__file__).resolve().parents[1])
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2, log_to_driver=False,
-                 resources={PROFILE_RESOURCE: 1}, runtime_env={"env_vars": {"PYTHONPATH": root}})
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2,
+                 log_to_driver=False, resources={PROFILE_RESOURCE: 1}, runtime_env={"env_vars": {"PYTHONPATH": root}})
         t_init = time.perf_counter() - t0
         try:
             t0 = time.perf_counter()

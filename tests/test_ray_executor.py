@@ -75,7 +75,8 @@ def ray_faults(tmp_path_factory):
     from onnxprune.pipeline.executor import PROFILE_RESOURCE
 
     faults = tmp_path_factory.mktemp("faults") / "faults.json"
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2, resources={PROFILE_RESOURCE: 1},
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2,
+             resources={PROFILE_RESOURCE: 1},
              runtime_env=worker_env(faults), log_to_driver=False)
     yield faults
     ray.shutdown()
