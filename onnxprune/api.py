@@ -118,12 +118,14 @@ def compare(a: "str | os.PathLike", b: "str | os.PathLike", profile: str | None 
 
 
 def run(recipe: Any, model: "str | os.PathLike", outdir: "str | os.PathLike", *, data: Any = None,
-        hw: Sequence[str] = (), overrides: Iterable[str] = (), progress: bool = False) -> dict[str, Any]:
+        hw: Sequence[str] = (), overrides: Iterable[str] = (), progress: bool = False, executor: str | None = None,
+        ray_address: str | None = None) -> dict[str, Any]:
     """Run a recipe (shipped name, YAML path or :class:`~onnxprune.recipes.Recipe`) end to end; the
-    report (also written to ``outdir/report.json``, ``.md``, ``.html``)."""
+    report (also written to ``outdir/report.json``, ``.md``, ``.html``). ``executor``: local or ray."""
     from .pipeline.run import run_recipe
 
-    return run_recipe(recipe, model, outdir, data=data, hw=hw, overrides=overrides, progress=progress)
+    return run_recipe(recipe, model, outdir, data=data, hw=hw, overrides=overrides, progress=progress,
+                      executor=executor, ray_address=ray_address)
 
 
 def report(outdir: "str | os.PathLike") -> dict[str, Any]:

@@ -73,10 +73,17 @@ def _shipped_epilog() -> str:
               help="Hardware profile name or YAML path (repeatable; replaces the recipe's hw list).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe field, YAML value, dotted path (repeatable): --set retrain.epochs=3 --set sweep.seeds=[0,1]")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+              help="Where the operating points run: here, one after another (local), or as Ray tasks (ray; needs "
+                   "onnxprune[ray]). Default: the recipe's executor, else local.")
+@click.option("--ray-address", "ray_address", default=None, metavar="ADDR",
+              help="Ray cluster to run on (HOST:6379, ray://HOST:10001 or auto; implies --executor ray). "
+                   "Default: RAY_ADDRESS, else a Ray instance started on this machine.")
 @remote_options
 @json_option
 def run_cmd(recipe: str, model: str, outdir: str, data_spec: str | None, hw: tuple[str, ...],
-            overrides: tuple[str, ...], remote: str | None, ssh_options: tuple[str, ...], as_json: bool) -> None:
+            overrides: tuple[str, ...], executor: str | None, ray_address: str | None, remote: str | None,
+            ssh_options: tuple[str, ...], as_json: bool) -> None:
     """Run RECIPE (a shipped name such as demo, or a YAML path) on MODEL and write the report.
 
     Re-running with the same OUTDIR skips every step that already finished with the same inputs.
@@ -84,7 +91,7 @@ def run_cmd(recipe: str, model: str, outdir: str, data_spec: str | None, hw: tup
     from ..pipeline.run import run_recipe
 
     report = run_recipe(recipe, model, outdir, data=data_spec, hw=hw, overrides=overrides, progress=not as_json,
-                        remote=remote, ssh_options=ssh_options)
+                        executor=executor, ray_address=ray_address, remote=remote, ssh_options=ssh_options)
     if as_json:
         emit_json(report)
         return

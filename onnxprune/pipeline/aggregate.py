@@ -1,6 +1,7 @@
 """Turn the per-run step results into ``report.json`` (schema: :mod:`onnxprune.report.schema`)."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -60,12 +61,19 @@ def _profiles(measured: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str,
                 "meets_latency_budget": first.get("meets_latency_budget") if len(rs) == 1 else
                 (all(r.get("meets_latency_budget") for r in rs) if first.get("meets_latency_budget") is not None else None),
                 "runs": first.get("runs"), "threads": first.get("threads"), "versions": first.get("versions", {}),
+                "nodes": _nodes(measured, name),
                 "notes": list(dict.fromkeys(n for r in rs for n in r.get("notes", []))),
                 **({"remote": {k: v for k, v in first["remote"].items() if k not in ("workdir", "model_copied")}}
                    if first.get("remote") else {}),  # the device it was measured on, over SSH
             })
         out[name] = recs
     return out
+
+
+def _nodes(measured: Sequence[Mapping[str, Any]], profile: str) -> list[dict[str, Any]]:
+    """The machines (host, CPU, GPU) the seeds were measured on, each once: an executor may spread them."""
+    nodes = [(m["profiles"].get(profile) or {}).get("node") for m in measured]
+    return [dict(n) for n in {json.dumps(n, sort_keys=True): n for n in nodes if n}.values()]
 
 
 def _interleaved_speedup(measured: Sequence[Mapping[str, Any]], profile: str, batch: int) -> dict[str, Any]:
@@ -232,7 +240,7 @@ def build_report(ctx, model_path: Path, dense: Mapping[str, Any], dense_ft: Sequ
         "guidance": guidance(points, dense_point, ctx.profiles),
         "plots": {},
         "notes": list(dict.fromkeys(ctx.notes)),
-        "versions": versions(),
+        "versions": {**ctx.worker_versions, **versions()},
         "steps": {**ctx.cache.counts(), "seconds": int(round(seconds))},
     }
     report["pareto"] = {p.name: latency_pareto(report, p.name) for p in ctx.profiles}

@@ -14,9 +14,10 @@ import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from ..errors import OnnxPruneError
 from ..model_io import write_text_atomic
@@ -25,6 +26,14 @@ STATE_FILE = "state.json"
 STATE_VERSION = 1
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+class CacheMiss(Exception):
+    """Raised in :meth:`StepCache.replay` mode by the first step that has no valid record."""
+
+    def __init__(self, step: str):
+        super().__init__(step)
+        self.step = step
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -82,6 +91,7 @@ class StepCache:
     state: dict[str, Any] = field(default_factory=dict)
     executed: list[str] = field(default_factory=list)  # step names run in this process, in order
     skipped: list[str] = field(default_factory=list)  # step names answered from the record
+    replayed: list[str] | None = None  # in replay mode: keys of the records answered so far
 
     @classmethod
     def open(cls, outdir: str | os.PathLike) -> "StepCache":
@@ -118,6 +128,11 @@ class StepCache:
         inputs, outputs = list(inputs), [Path(o) for o in outputs]
         key = step_key(step, config, inputs)
         hit = self.lookup(key)
+        if self.replayed is not None:
+            if hit is None:
+                raise CacheMiss(step)
+            self.replayed.append(key)
+            return hit
         if hit is not None:
             self.skipped.append(step)
             return hit
@@ -132,6 +147,33 @@ class StepCache:
         self.executed.append(step)
         self.save()
         return self.state["steps"][key]["result"]
+
+    @contextmanager
+    def replay(self) -> Iterator[list[str]]:
+        """Answer steps only from the record, counting nothing: a step without a valid record raises
+        :class:`CacheMiss` instead of running. Yields the keys answered so far (what a remote executor
+        ships to the task that runs the rest, and how it finds which steps are missing)."""
+        self.replayed = []
+        try:
+            yield self.replayed
+        finally:
+            self.replayed = None
+
+    def merge(self, records: Mapping[str, Any], files: Mapping[str, bytes], executed: Iterable[str] = (),
+              skipped: Iterable[str] = ()) -> None:
+        """Take step records computed elsewhere (another machine's cache): their output files are
+        written first (each atomically), then the records, so a crash in between loses only records."""
+        from ..model_io import atomic_path
+
+        for rel, data in files.items():
+            dest = self.outdir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(dest) as tmp:
+                Path(tmp).write_bytes(data)
+        self.state["steps"].update(records)
+        self.executed.extend(executed)
+        self.skipped.extend(skipped)
+        self.save()
 
     def save(self) -> None:
         self.outdir.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,9 @@
 load -> analyze -> (sensitivity) -> prune (per stage / schedule) -> retrain -> write ONNX -> evaluate
 -> profile -> report. Every operating point's model is kept as ``OUTDIR/models/<run-id>.onnx`` (the
 dense control as ``models/dense.onnx``). Every step goes through :class:`~.cache.StepCache`, so a
-re-run (after a crash, or with one thing changed) runs only what is new.
+re-run (after a crash, or with one thing changed) runs only what is new. With a remote executor
+(:mod:`.executor`), the points' steps run elsewhere and fill the cache first; the same sequence then
+replays from the cache, so the report is built by the same code whichever executor ran it.
 
 Fairness: one retraining config per run, the same for every method (gradual schedules split its
 epochs over their steps, stated in the report); seeds aggregated as mean ± std; checkpoints are
@@ -17,7 +19,7 @@ import os
 import platform
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -46,6 +48,7 @@ class Context:
     notes: list[str] = field(default_factory=list)
     recipe_source: str | None = None
     overrides: list[str] = field(default_factory=list)
+    worker_versions: dict[str, Any] = field(default_factory=dict)  # what remote workers ran that this process did not
 
     def path(self, *parts: str) -> Path:
         return self.outdir.joinpath(*parts)
@@ -59,6 +62,7 @@ class Progress:
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
+        self.frozen = False  # while the pipeline replays what an executor already reported
         self._p = None
         self._task = None
 
@@ -79,12 +83,12 @@ class Progress:
                 self._p = None
 
     def step(self, text: str) -> None:
-        if self._p is not None:
+        if self._p is not None and not self.frozen:
             self._p.update(self._task, step=text)
 
-    def advance(self) -> None:
-        if self._p is not None:
-            self._p.advance(self._task)
+    def advance(self, n: int = 1) -> None:
+        if self._p is not None and not self.frozen:
+            self._p.advance(self._task, n)
 
 
 # ----------------------------------------------------------------------------------------------- entry
@@ -107,12 +111,18 @@ def resolve(recipe: "Recipe | str | os.PathLike", overrides: Iterable[str] = ())
 
 def run_recipe(recipe: "Recipe | str | os.PathLike", model_path: str | os.PathLike, outdir: str | os.PathLike,
                data: "str | Mapping[str, Any] | None" = None, hw: Sequence[str] = (), overrides: Iterable[str] = (),
-               *, progress: bool = False, remote: str | None = None, ssh_options: Sequence[str] = ()) -> dict[str, Any]:
+               *, progress: bool = False, executor: str | None = None, ray_address: str | None = None,
+               remote: str | None = None, ssh_options: Sequence[str] = ()) -> dict[str, Any]:
     """Run ``recipe`` on ``model_path`` into ``outdir``; returns the report (also in OUTDIR/report.json).
+
+    ``executor`` (``local`` or ``ray``) and ``ray_address`` replace the recipe's ``executor:`` settings;
     ``remote`` (``USER@HOST[:PORT]``) measures every profile on that device over SSH."""
+    from .executor import make_executor
+
     overrides = list(overrides)
     source = None if isinstance(recipe, Recipe) else str(resolve_recipe(recipe))
     recipe = resolve(recipe, overrides)
+    runner = make_executor(recipe.executor, kind=executor, address=ray_address)
     model_path = _check_model(model_path)
     outdir = _check_outdir(outdir, model_path)
     profiles = steps.load_profiles(list(hw) or recipe.hw, remote, ssh_options)
@@ -141,7 +151,15 @@ def run_recipe(recipe: "Recipe | str | os.PathLike", model_path: str | os.PathLi
     total = len(plan.runs) + 1 + (len(plan.seeds) if _finetune_dense(recipe) else 0) + (1 if recipe.sensitivity.enabled else 0)
     from ..profiling.remote import sessions as remote_sessions
 
-    with remote_sessions(), ctx.progress.running(total, recipe.name):  # a device keeps its copies for the whole run
+    # a device keeps its copies for the whole run
+    with remote_sessions(), ctx.progress.running(total, recipe.name), ExitStack() as replaying:
+        if runner.remote:  # the driver's own steps, then every point's chain on the executor into the cache
+            dense = dense_control(ctx, model_path, latency=False)
+            sens = sensitivity_step(ctx, dense["path"]) if recipe.sensitivity.enabled else None
+            ctx.progress.advance(2 if sens is not None else 1)
+            runner.fill(ctx, model_path, plan, dense["path"], sens)
+            ctx.progress.frozen = True
+            replaying.enter_context(ctx.cache.replay())  # below: the report's inputs, all from the cache
         dense = dense_control(ctx, model_path)
         ctx.progress.advance()
         sens = None
@@ -204,9 +222,8 @@ def _check_outdir(outdir: str | os.PathLike, model_path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ steps
 
-def _measure(ctx: Context, path: Path, label: str, dense: Path | None = None) -> dict[str, Any]:
-    """figures + evaluate + profile of one written model, each a cached step; with ``dense``, also its
-    speedup over the dense model timed interleaved with it on every profile."""
+def _measure(ctx: Context, path: Path, label: str, dense: Path | None = None, latency: bool = True) -> dict[str, Any]:
+    """figures + evaluate (+ profile, with ``latency``) of one written model, each a cached step."""
     ctx.progress.step(f"{label}: figures")
     figures = ctx.cache.run("figures", {}, lambda: steps.model_figures(path), inputs=[path])
     acc = None
@@ -220,22 +237,32 @@ def _measure(ctx: Context, path: Path, label: str, dense: Path | None = None) ->
                             lambda: steps.evaluate(path, ctx.data, splits, ctx.recipe.evaluation.batch_size,
                                                    reference=ref, metric=metric),
                             inputs=[path] + ([ref] if ref is not None and ref != path else []))
+    out = {"figures": figures, "accuracy": acc, "profiles": {}, "speedups": {}}
+    return {**out, **measure_latency(ctx, path, label, dense)} if latency else out
+
+
+def measure_latency(ctx: Context, path: Path, label: str, dense: Path | None = None) -> dict[str, Any]:
+    """Profile one written model on every profile (recording the node it ran on); with ``dense``, also
+    its speedup over the dense model timed interleaved with it. Remote executors run this part alone,
+    holding a machine's measuring slot."""
+    from .executor import node_info
+
     profs = {}
     for p in ctx.profiles:
         ctx.progress.step(f"{label}: profile {p.name}")
         cfg = {"profile": p.model_dump(), "memory": ctx.recipe.profiling.memory}
-        profs[p.name] = ctx.cache.run("profile", cfg, lambda p=p: steps.profile(path, p, memory=ctx.recipe.profiling.memory),
-                                      inputs=[path])
+        profs[p.name] = ctx.cache.run("profile", cfg, lambda p=p: {**steps.profile(path, p, memory=ctx.recipe.profiling.memory),
+                                                                   "node": node_info()}, inputs=[path])
     speedups = {}
     if dense is not None:
         for p in ctx.profiles:
             ctx.progress.step(f"{label}: interleaved with dense on {p.name}")
             speedups[p.name] = ctx.cache.run("speedup-vs-dense", {"profile": p.model_dump()},
                                              lambda p=p: steps.speedup_vs(dense, path, p), inputs=[dense, path])
-    return {"figures": figures, "accuracy": acc, "profiles": profs, "speedups": speedups}
+    return {"profiles": profs, "speedups": speedups}
 
 
-def dense_control(ctx: Context, model_path: Path) -> dict[str, Any]:
+def dense_control(ctx: Context, model_path: Path, latency: bool = True) -> dict[str, Any]:
     """The input model, copied to models/dense.onnx, analysed, evaluated and profiled as is."""
     dest = ctx.path(MODELS, "dense.onnx")
     ctx.progress.step("dense: copy")
@@ -249,12 +276,18 @@ def dense_control(ctx: Context, model_path: Path) -> dict[str, Any]:
 
     ctx.cache.run("copy-input", {"dest": ctx.rel(dest) if dest.exists() else "models/dense.onnx"}, copy,
                   inputs=[model_path], outputs=[dest])
-    analysis = None
-    try:
-        analysis = ctx.cache.run("analyze", {}, lambda: steps.analyze(dest), inputs=[dest])
-    except OnnxPruneError as exc:
-        ctx.notes.append(f"channel analysis: {exc}")
-    return {"path": dest, "analysis": analysis, **_measure(ctx, dest, "dense")}
+
+    def analyze() -> dict[str, Any]:  # a refusal is a result too (recorded, so a replay finds it)
+        try:
+            return steps.analyze(dest)
+        except OnnxPruneError as exc:
+            return {"error": str(exc)}
+
+    analysis = ctx.cache.run("analyze", {}, analyze, inputs=[dest])
+    if "error" in analysis:
+        ctx.notes.append(f"channel analysis: {analysis['error']}")
+        analysis = None
+    return {"path": dest, "analysis": analysis, **_measure(ctx, dest, "dense", latency=latency)}
 
 
 def sensitivity_step(ctx: Context, dense: Path) -> dict[str, Any]:
@@ -284,8 +317,8 @@ def _train_config(ctx: Context, seed: int, steps_count: int = 1):
     return steps.train_config(d)
 
 
-def run_one(ctx: Context, spec: RunSpec, dense: Path, sens: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Prune (one shot or gradually), retrain, write, then measure one run."""
+def run_one(ctx: Context, spec: RunSpec, dense: Path, sens: Mapping[str, Any] | None, latency: bool = True) -> dict[str, Any]:
+    """Prune (one shot or gradually), retrain, write, then measure one run (profile it with ``latency``)."""
     rt = ctx.recipe.retrain
     final = ctx.path(MODELS, f"{spec.id}.onnx")
     retraining = rt.epochs > 0 and ctx.data is not None
@@ -333,7 +366,7 @@ def run_one(ctx: Context, spec: RunSpec, dense: Path, sens: Mapping[str, Any] | 
 
             train_hist = ctx.cache.run("retrain", tkey, retrain_work, inputs=[pruned] + ([teacher] if teacher else []),
                                        outputs=[final])
-    measured = _measure(ctx, final, spec.id, dense)
+    measured = _measure(ctx, final, spec.id, dense, latency=latency)
     return {"spec": spec, "path": final, "prune": prune_info, "train": train_hist, **measured}
 
 
@@ -393,10 +426,10 @@ def _merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def dense_finetune(ctx: Context, dense: Path, seed: int) -> dict[str, Any]:
+def dense_finetune(ctx: Context, dense: Path, seed: int, latency: bool = True) -> dict[str, Any]:
     """The dense model fine-tuned with the same budget (the control for 'is it the retraining?')."""
     rt = ctx.recipe.retrain
-    final = ctx.path(MODELS, f"dense-finetuned-s{seed}.onnx")
+    final = ctx.path(MODELS, dense_finetuned_name(seed))
     ctx.progress.step(f"dense fine-tune s{seed}")
 
     def work() -> dict[str, Any]:
@@ -406,7 +439,12 @@ def dense_finetune(ctx: Context, dense: Path, seed: int) -> dict[str, Any]:
 
     hist = ctx.cache.run("retrain", {"train": rt.model_dump(), "seed": seed, "data": ctx.data_desc, "dense": True}, work,
                          inputs=[dense], outputs=[final])
-    return {"seed": seed, "path": final, "train": hist, **_measure(ctx, final, f"dense-finetuned-s{seed}", dense)}
+    return {"seed": seed, "path": final, "train": hist,
+            **_measure(ctx, final, f"dense-finetuned-s{seed}", dense, latency=latency)}
+
+
+def dense_finetuned_name(seed: int) -> str:
+    return f"dense-finetuned-s{seed}.onnx"
 
 
 def _small_history(hist: Mapping[str, Any]) -> dict[str, Any]:

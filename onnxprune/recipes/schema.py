@@ -18,6 +18,7 @@ silently falls back to a default). Shape of a recipe::
         - {name: global-magnitude, kind: unstructured, criterion: magnitude, scope: global}
       seeds: [0, 1]
     sensitivity: {enabled: true, ratios: [0.1, 0.3, 0.5]}
+    executor: local              # or ray, or {kind: ray, address: HOST:6379, max_retries: 2}
 
 Targets (exactly one field per target):
 - ``ratio``: fraction removed: channels per group (structured) or weights (unstructured).
@@ -270,6 +271,23 @@ class Sensitivity(_Strict):
         return sorted(set(v))
 
 
+class Executor(_Strict):
+    """Where the operating points run: ``local`` (this process, one after another) or ``ray`` (one Ray
+    task chain per point). ``executor: ray`` is short for ``executor: {kind: ray}``; ``--executor`` and
+    ``--ray-address`` override it."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="Ray cluster address (HOST:6379, ray://HOST:10001 or auto); "
+                                                  "none = RAY_ADDRESS, else a Ray instance started on this machine")
+    max_retries: int = Field(2, ge=0, description="Ray: retries of a task whose worker died or that raised an "
+                                                  "unexpected error (input errors are reported, not retried)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"kind": data} if isinstance(data, str) else data
+
+
 class Recipe(_Strict):
     """A whole run: methods x operating points x seeds, retrained alike, measured alike."""
 
@@ -286,6 +304,7 @@ class Recipe(_Strict):
     profiling: Profiling = Field(default_factory=Profiling)
     sweep: Sweep = Field(default_factory=Sweep)
     sensitivity: Sensitivity = Field(default_factory=Sensitivity)
+    executor: Executor = Field(default_factory=Executor)
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":

@@ -45,7 +45,7 @@ A Measurement (means over seeds of what :func:`onnxprune.profiling.profile_model
     speedup_vs_dense (dense p50 / this p50), speedup_timing ("interleaved": both models timed in
     alternation D P D P ... in one measurement, mean over seeds; "separate": from the two profiles,
     where no interleaved timing exists; null for the dense model, 1.0 by definition), meets_latency_budget,
-    versions, notes
+    versions, notes, nodes [{host, cpu, gpu}: the machines it was measured on, each once; gpu null without one]
 
 The standard deviation is the sample standard deviation over seeds (0 with one seed).
 """
