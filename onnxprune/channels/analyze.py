@@ -20,6 +20,7 @@ import onnx
 from ..graph import GraphView, build_view
 from ..normalize import fold_constants
 from .context import Context
+from .dims import follow_dims
 from .rules import rule_for
 from .types import Analysis, Group, Member, Positions
 
@@ -42,6 +43,7 @@ def analyze_channels(view: GraphView) -> Analysis:
             for o in node.output:
                 ctx.tracks.pop(o, None)
                 ctx.untrack(o, reason)
+    follow_dims(ctx)
     for out in view.output_names:
         tr = ctx.track(out)
         if tr is not None:
@@ -128,7 +130,8 @@ def _finalize(ctx: Context) -> Analysis:
                             inexact_reason=inexact.get(g), keep_one_of=list(keep_one[g])))
     shapes = {k: tuple(int(d) for d in v) for k, v in ctx.view.shapes.items()
               if v is not None and all(isinstance(d, int) for d in v) and k not in ctx.view.initializers}
-    return Analysis(groups=groups, shapes=shapes, values=dict(ctx.values))
+    return Analysis(groups=groups, shapes=shapes, values=dict(ctx.values), adaptive=dict(ctx.adaptive),
+                    pins=dict(ctx.pins))
 
 
 def _roots(parent: list[int]) -> np.ndarray:

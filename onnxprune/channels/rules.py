@@ -550,6 +550,19 @@ def rule_layernorm(ctx: Context, node: onnx.NodeProto) -> None:
             ctx.mark_bad(tr.atoms, f"{_where(node)}: statistics output {extra!r} is used")
 
 
+def rule_lrn(ctx: Context, node: onnx.NodeProto) -> None:
+    """LRN (Caffe AlexNet/ZFNet): each channel is divided by a sum of squares over a window of
+    neighbouring channels on axis 1. Channels pass through; removing some changes the windows of
+    the others, so the group is inexact (like LayerNorm), never unprunable."""
+    tr = ctx.track(node.input[0])
+    if tr is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    if tr.axis != 1:
+        return _opaque(ctx, node, f"channels on axis {tr.axis}, not the axis it normalizes over")
+    ctx.mark_inexact(tr.atoms, f"{_where(node)} normalizes over a window of neighbouring channels")
+    ctx.set_track(node.output[0], 1, tr.atoms, node)
+
+
 # ------------------------------------------------------------------------------------ index mapping
 def rule_concat(ctx: Context, node: onnx.NodeProto) -> None:
     """Concat on the channel axis: the output carries each input's channels at its offset (untracked
@@ -951,6 +964,7 @@ RULES: dict[str, Rule] = {
     "InstanceNormalization": rule_instancenorm,
     "GroupNormalization": rule_groupnorm,
     "LayerNormalization": rule_layernorm,
+    "LRN": _primary_only(rule_lrn),
     "Concat": rule_concat,
     "Split": _primary_only(rule_split),
     "Slice": _primary_only(rule_slice),
