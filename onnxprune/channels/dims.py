@@ -1,19 +1,22 @@
 """Run-time shape values that count channels: where a ``Shape`` of a tracked tensor's channel axis goes.
 
 Exporters compute Reshape/Expand targets at run time (``Shape -> Gather -> Unsqueeze -> Concat ->
-Reshape``, tf2onnx's ``BroadcastTo``). Such an entry reads the channel count of the tensor it was
-taken from, so after pruning it holds the *kept* count:
+Reshape``, tf2onnx's ``BroadcastTo``). An entry read from a channel axis holds the *kept* count
+after pruning, so where it goes decides what happens:
 
-- fed to a Reshape/Expand target on the axis where the output carries channels of the same count,
-  it adapts by itself (the channels are united so both keep the same count; the rewriter leaves
-  the target alone: :attr:`Context.adaptive`);
-- anywhere else (arithmetic such as ``C // heads`` in attention, the target of a tensor that does
-  not carry those channels, ConstantOfShape, Range, comparisons ...) it would change a size that
-  pruning does not change: the channels it counts are unprunable, with the place named.
+- a Reshape/Expand target entry on the axis where the output carries the same channels adapts by
+  itself: the rewriter leaves it alone (:attr:`Context.adaptive`), no folding needed;
+- a value computed only from channel counts and constants that sizes something pruning leaves
+  alone (Swin attention: ``C // heads`` in the qkv reshape, ``head_dim ** -0.5``, the ``attn @ v``
+  reshape to C) keeps its original value: the rewriter pins it (:attr:`Context.pins`); where the
+  output's own channels are pruned the rewriter still sets the entry to their new count;
+- anything else (ConstantOfShape, Range, comparisons, a count mixed with the batch size, an op
+  the walk does not know) is refused: the channels counted are unprunable, the node named.
 
 Walks the *original* graph after the channel rules ran (the analysed view has these chains folded
-into constants), reading the tracks the rules set. Each entry of a 1-D shape tensor is None (no
-channel count), the atoms whose count it equals, or :data:`MIXED` with the atoms it depends on.
+into constants), reading the tracks the rules set. Every shape value gets one entry per element:
+None (no channel count), the atoms whose count it equals, or ``(MIXED, atoms, static)`` for a
+value computed from channel counts (``static``: from channel counts and constants only).
 """
 from __future__ import annotations
 
@@ -45,21 +48,20 @@ def follow_dims(ctx: Context) -> None:
         if node.op_type == "Shape":
             _shape(ctx, node, dims)
             continue
-        if node.op_type == "Size" and ctx.track(node.input[0]) is not None:
-            dims[node.output[0]] = [(MIXED, ctx.track(node.input[0]).atoms)]
+        if node.op_type == "Size":
+            tr = ctx.track(node.input[0])
+            dims[node.output[0]] = [None if tr is None else (MIXED, tr.atoms, False)]
             continue
         reading = [(k, i) for k, i in enumerate(node.input) if i in dims]
         if not reading:
             continue
         if node.op_type in ("Reshape", "Expand") and [k for k, _ in reading] == [1]:
             _target(ctx, node, dims)
-        elif all(i in ctx.values for _, i in reading):
-            continue  # a rule read its analysed value (Slice bounds, Split sizes): the rewriter rewrites it
         elif node.op_type in PLUMBING and [k for k, _ in reading] == [0]:
             out = _plumb(ctx, node, dims[node.input[0]])
             if out is None:
                 _refuse_all(ctx, node, dims)
-            elif any(e is not None for e in out):
+            else:
                 dims[node.output[0]] = out
         elif node.op_type == "Concat" and all(k is not None for k in [_length(ctx, i, dims) for i in node.input]):
             out = []
@@ -70,7 +72,8 @@ def follow_dims(ctx: Context) -> None:
             _data_use(ctx, node, dims)
         elif node.op_type in ARITHMETIC:
             _taint(ctx, node, dims)
-        else:
+        elif not all(i in ctx.values for _, i in reading):
+            # (values a rule read, such as Slice bounds or Split sizes, the rewriter rewrites)
             _refuse_all(ctx, node, dims)
 
 
@@ -94,14 +97,13 @@ def _shape(ctx: Context, node: onnx.NodeProto, dims: dict) -> None:
     """``Shape(x)``: the entry of x's channel axis counts its channels (``start``/``end`` from opset 15)."""
     tr = ctx.track(node.input[0])
     rank = ctx.rank(node.input[0])
-    if tr is None or rank is None:
+    if rank is None:
         return
     entries: list = [None] * rank
-    entries[tr.axis] = tr.atoms
+    if tr is not None:
+        entries[tr.axis] = tr.atoms
     start, end = int(attr(node, "start", 0)), attr(node, "end", None)
     dims[node.output[0]] = entries[slice(start, None if end is None else int(end))]
-    if not any(e is not None for e in dims[node.output[0]]):
-        del dims[node.output[0]]
 
 
 def _length(ctx: Context, name: str, dims: dict) -> int | None:
@@ -151,11 +153,12 @@ def _taint(ctx: Context, node: onnx.NodeProto, dims: dict) -> None:
     """Arithmetic on shape entries: the result depends on channel counts without being one. It is
     *static* (may be pinned where used) when every operand is a channel count or a constant."""
     atoms = [a for i in node.input if i in dims for a in _atoms_of(dims[i])]
+    n = _length(ctx, node.output[0], dims) or 1
     if not atoms:
+        dims[node.output[0]] = [None] * n  # still a shape value
         return
     static = all((i in dims and all(e is not None and (not isinstance(e, tuple) or e[2]) for e in dims[i]))
                  or ctx.original.is_const(i) for i in node.input if i)
-    n = _length(ctx, node.output[0], dims) or 1
     dims[node.output[0]] = [(MIXED, np.concatenate(atoms), static)] * n
 
 
