@@ -68,13 +68,22 @@ def follow_dims(ctx: Context) -> None:
             for i in node.input:
                 out.extend(dims[i] if i in dims else [None] * _length(ctx, i, dims))
             dims[node.output[0]] = out
-        elif node.op_type in ARITHMETIC and any(i and i not in dims and not view.is_const(i) for i in node.input):
+        elif node.op_type in ARITHMETIC and any(_is_activation(view, i, dims) for i in node.input):
             _data_use(ctx, node, dims)
         elif node.op_type in ARITHMETIC:
             _taint(ctx, node, dims)
         elif not all(i in ctx.values for _, i in reading):
             # (values a rule read, such as Slice bounds or Split sizes, the rewriter rewrites)
             _refuse_all(ctx, node, dims)
+
+
+def _is_activation(view, name: str, dims: dict) -> bool:
+    """A floating-point tensor computed at run time that is not a shape value (an integer one of
+    unknown origin is not taken for data: the value is then refused where it goes, never pinned)."""
+    if not name or name in dims or view.is_const(name):
+        return False
+    return view.dtypes.get(name) in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                                     onnx.TensorProto.BFLOAT16)
 
 
 def _data_use(ctx: Context, node: onnx.NodeProto, dims: dict) -> None:
