@@ -315,3 +315,16 @@ def test_unfit_run_time_channel_counts_are_refused(case, op):
     an = analyze_channels(prep.view)
     g = next(g for g in an.groups if any(m.tensor == "w1" and m.role == "out" for m in g.members))
     assert not g.prunable and "read at run time" in g.reason and op in g.reason, g.reason
+
+
+def test_rewriter_folds_run_time_targets_with_the_constants_it_already_rewrote():
+    """Without the provenance above, the rewriter folds the pruned model's shape computations to
+    check a run-time target; that folding must see the Reshape target it rewrote earlier (it saw
+    the stale one, failed, and reported "cannot rewrite the run-time target shape of Expand")."""
+    prep = prepare(tf2onnx_layernorm(ln=False))
+    an = analyze_channels(prep.view)
+    an.adaptive.clear()
+    g = next(g for g in an.groups if any(m.tensor == "w1" for m in g.members))
+    pruned = apply_plan(prep.model, an, {g.id: np.array([0, 3, 5])})
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 4, 6)).astype(np.float32)}
+    assert run_ort(pruned, feeds)[0].shape == (2, 4, 3)

@@ -314,12 +314,19 @@ class _NodeFixer:
         self.replaced_inputs = False
         self._sym = None
         self._now = None
+        self._version = self._now_version = 0  # set_input calls (the folded copy is redone after one)
 
     def now(self, name: str) -> np.ndarray | None:
         """Static value a run-time tensor takes in the pruned model (weights already sliced), or None."""
-        if self._now is None:
-            c = _static_copy(self.m, self.shapes)
+        if self._now is None or self._now_version != self._version:
+            src = self.m
+            if self.arrays:  # constants rewritten so far are not in the model yet: fold with them
+                src = onnx.ModelProto()
+                src.CopyFrom(self.m)
+                _write_arrays(src, {i.name: i for i in src.graph.initializer}, self.arrays)
+            c = _static_copy(src, self.shapes)
             self._now = {} if c is None else {i.name: i for i in c.graph.initializer}
+            self._now_version = self._version
         t = self._now.get(name)
         return None if t is None else numpy_helper.to_array(t)
 
@@ -347,6 +354,7 @@ class _NodeFixer:
 
     def set_input(self, node: onnx.NodeProto, index: int, value: np.ndarray, suffix: str) -> None:
         """Give input ``index`` of ``node`` a new constant value (in place when only it reads it)."""
+        self._version += 1
         old = node.input[index] if index < len(node.input) else ""
         if old and old in self.inits and self.consumers.get(old, 0) == 1:
             self.arrays[old] = value
