@@ -4,7 +4,8 @@
   reads the embedding width ``C`` at run time (``Shape -> Gather``) to size tensors whose channels
   pruning leaves alone (``C // heads`` for the fused qkv split, ``head_dim ** -0.5``, the
   ``attn @ v`` reshape back to C). Those values are now pinned to their original value, while the
-  window partition/reverse reshapes (same channels) adapt by themselves. A mini Swin built like
+  window partition/reverse reshapes (same channels) adapt by themselves; the fused qkv split into
+  ``(3, heads, head_dim)`` is followed too, so whole heads are pruned. A mini Swin built like
   torchvision's swin_transformer.py (pad, roll, window partition, relative position bias, shift
   mask before softmax, window reverse, MLP, patch merging) is exported at opset 17 here.
 - tf2onnx's LayerNorm ``BroadcastTo`` became ``Expand(x, Shape(h))``: a target read from the same
@@ -184,6 +185,13 @@ def test_swin_prunes_with_structured_ratio(swin, tmp_path):
     assert residual.prunable and not residual.exact  # LayerNorm over the embedding
     assert any("attn" in node for node, _ in an.pins)  # qkv split, scale, attn @ v reshape
     assert any("attn" in node for node in an.adaptive)  # window partition / reverse
+    heads = [g for g in an.groups if any(m.tensor.endswith("attn/qkv/Transpose_output_0") and m.role == "out"
+                                         for m in g.members)]
+    assert sorted(g.size for g in heads) == [2, 2, 4] and all(g.prunable for g in heads)
+    # a head: its q, k and v columns (head_dim each) and its slice of the relative position bias
+    qkv = next(m for m in heads[0].members if m.role == "out")
+    assert [len(p) for p in qkv.positions] == [3 * 8, 3 * 8]
+    assert any(m.role == "param" and m.axis == 1 for m in heads[0].members)
 
 
 def test_swin_residual_stream_is_exact_through_attention(swin):
@@ -194,6 +202,15 @@ def test_swin_residual_stream_is_exact_through_attention(swin):
     residual = [g for g in an.groups if any(m.tensor == "patch.weight" for m in g.members)][0]
     assert residual.prunable and residual.exact
     _oracle(prep, an, batches=(None, 2), seeds=(0,))
+
+
+def test_reshape_mapping_three_way_split_tracks_the_middle_axis():
+    from onnxprune.channels.rules import reshape_mapping
+    kind, axis, chan = reshape_mapping((1, 4, 12), 2, (1, 4, 3, 2, 2))  # qkv -> (3, heads, head_dim)
+    assert (kind, axis) == ("split3", 3)
+    assert chan == [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10, 11]]  # head j: (i, j, k) for every i, k
+    assert reshape_mapping((1, 12), 1, (1, 2, 3, 2))[0] == "split3"
+    assert reshape_mapping((1, 4, 12), 2, (1, 3, 4, 4)) is None  # 12 -> (3, 4) with 4 from T: mixed
 
 
 # ------------------------------------------------------------------------------ helper graphs
