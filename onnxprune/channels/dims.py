@@ -94,6 +94,8 @@ def _data_use(ctx: Context, node: onnx.NodeProto, dims: dict) -> None:
         if i not in dims:
             continue
         value = ctx.view.const(i)
+        if not any(e is not None for e in dims[i]):
+            continue  # a batch or spatial size used as data: nothing to do with channels
         if value is not None and all(_static_entry(e) for e in dims[i]):
             ctx.pins[(node.name, k)] = np.asarray(value)
             continue
@@ -190,10 +192,11 @@ def _static_entry(e) -> bool:
 
 
 def _target(ctx: Context, node: onnx.NodeProto, dims: dict) -> None:
-    """Run-time Reshape/Expand target. A channel count landing on the output's channel axis (same
-    count) adapts by itself. One landing where the output carries no channels sizes a tensor that
-    pruning leaves alone: its original value is pinned (:attr:`Context.pins`) when it is static.
-    Anything else is refused."""
+    """Run-time Reshape/Expand target. A channel count landing on the output's channel axis, where
+    the output carries the same channels, adapts by itself. Any other static channel-derived entry
+    keeps its original value (:attr:`Context.pins`): where the output carries no channels pruning
+    leaves that size alone, and where it carries other channels the rewriter sets the entry to
+    their kept count when they go. Entries mixed with run-time sizes are refused."""
     y = node.output[0]
     tr = ctx.track(y)
     ro = ctx.rank(y)
