@@ -176,8 +176,10 @@ def caffe_alexnet(path):
              cv("r3", "c4", "a4", 2), helper.make_node("Relu", ["a4"], ["r4"]),
              cv("r4", "c5", "a5", 2), helper.make_node("Relu", ["a5"], ["r5"]),
              helper.make_node("Flatten", ["r5"], ["f"]),
-             helper.make_node("Gemm", ["f", "fc6", "fc6_b"], ["g6"], transB=1), helper.make_node("Relu", ["g6"], ["h6"]),
-             helper.make_node("Gemm", ["h6", "fc7", "fc7_b"], ["g7"], transB=1), helper.make_node("Relu", ["g7"], ["h7"]),
+             helper.make_node("Gemm", ["f", "fc6", "fc6_b"], ["g6"], transB=1),
+             helper.make_node("Relu", ["g6"], ["h6"]),
+             helper.make_node("Gemm", ["h6", "fc7", "fc7_b"], ["g7"], transB=1),
+             helper.make_node("Relu", ["g7"], ["h7"]),
              helper.make_node("Gemm", ["h7", "fc8", "fc8_b"], ["y"], transB=1)]
     inits = {}
     for k, (co, ci, g) in chans.items():
@@ -194,7 +196,8 @@ def caffe2_shuffle_unit(path):
     residual, explicit BN, constant 5-D shuffle targets) after a plain stem conv."""
     c, mid, h, w = 16, 32, 6, 6
     nodes = [conv("x", "stem", "s0", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["s0"], ["s"]),
-             conv("s", "g1", "a"), helper.make_node("BatchNormalization", ["a", "bn_s", "bn_b", "bn_m", "bn_v"], ["ab"]),
+             conv("s", "g1", "a"),
+             helper.make_node("BatchNormalization", ["a", "bn_s", "bn_b", "bn_m", "bn_v"], ["ab"]),
              helper.make_node("Relu", ["ab"], ["ar"]),
              helper.make_node("Reshape", ["ar", "shuf1"], ["t0"]),
              helper.make_node("Transpose", ["t0"], ["t1"], perm=[0, 2, 1, 3, 4]),

@@ -165,8 +165,8 @@ def _oracle(prep, an, batches=(None,), seeds=(0, 1)):
         assert any(len(k) < an.group(gid).size for gid, k in plan.items())
         pruned = apply_plan(prep.model, an, plan)
         for batch in batches:
-            shapes = None if batch is None else {
-                i.name: [batch] + [d.dim_value for d in i.type.tensor_type.shape.dim[1:]] for i in graph_inputs(prep.model)}
+            shapes = None if batch is None else {i.name: [batch] + [d.dim_value for d in i.type.tensor_type.shape.dim[1:]]
+                                                 for i in graph_inputs(prep.model)}
             feeds = random_feeds(prep.model, shapes, seed=seed)
             ref, out = run_ort(zero_removed_inputs(prep.model, an, plan), feeds), run_ort(pruned, feeds)
             for a, b in zip(ref, out):

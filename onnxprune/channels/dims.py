@@ -210,8 +210,8 @@ def _target(ctx: Context, node: onnx.NodeProto, dims: dict) -> None:
             continue
         if _pin(ctx, node, i, dims):  # the rewriter still sets it when the output's own channels go
             continue
-        what = (f"the target shape of {node.name} ({node.op_type}), whose output {y!r} "
-                f"{'carries other channels there' if tr is not None and tr.axis == oax else 'carries no channels there'}")
+        there = "carries other channels there" if tr is not None and tr.axis == oax else "carries no channels there"
+        what = f"the target shape of {node.name} ({node.op_type}), whose output {y!r} {there}"
         _refuse(ctx, e, what)
 
 
