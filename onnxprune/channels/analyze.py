@@ -7,6 +7,10 @@ state into :class:`~onnxprune.channels.types.Group` objects:
 - group channel ``k`` = one class of united atoms; classes are numbered by their first atom, so a
   plain conv's group channel ``k`` is its output channel ``k``; groups with a ``blocks`` constraint
   (grouped convs, GroupNorm) are numbered block by block instead;
+- grouped nodes whose channels are spread over their groups (a channel shuffle or a Concat in
+  front) have channel ``j`` of every group united first (:func:`_balance_constraints`), so they
+  keep ``group`` with equal counts per group;
+- run-time shape values read from channels are followed by :mod:`onnxprune.channels.dims`;
 - a group is unprunable if any of its atoms was marked bad (first reason wins), or if it reaches a
   model output; it is inexact if a normalization computes statistics across its channels.
 """
