@@ -248,7 +248,7 @@ def test_pooling_pad_resize_pass():
 
 
 @pytest.mark.parametrize("case", ["pad_channels", "resize_channels", "softmax_channels", "softmax_old_opset",
-                                  "argmax_channels", "lrn", "unknown_op", "custom_domain", "slice_step2",
+                                  "argmax_channels", "unknown_op", "custom_domain", "slice_step2",
                                   "depth_to_space"])
 def test_unprunable_cases_name_node_and_op(case):
     opset, domains = 17, ()
@@ -265,8 +265,6 @@ def test_unprunable_cases_name_node_and_op(case):
         n, opset = helper.make_node("Softmax", ["c0"], ["z"], axis=1, name="thepad"), 11
     elif case == "argmax_channels":
         n = helper.make_node("ArgMax", ["c0"], ["z0"], axis=1, name="thepad")
-    elif case == "lrn":
-        n = helper.make_node("LRN", ["c0"], ["z"], size=3, name="thepad")
     elif case == "unknown_op":
         n = helper.make_node("DepthToSpace", ["c0"], ["z"], blocksize=2, name="thepad")
     elif case == "custom_domain":

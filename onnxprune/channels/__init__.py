@@ -14,6 +14,7 @@ Usage::
 - :mod:`.context`: atoms (channels as first produced), tracks (which axis of a tensor carries
   which channels), members and unprunable marks;
 - :mod:`.analyze`: the walk over the graph and the groups it yields (:mod:`.types`);
+- :mod:`.dims`: run-time shape values read from channels (adapt, keep their value, or refuse);
 - :mod:`.rewrite`: slicing initializers and rewriting channel counts in attributes/constants;
 - :mod:`.slices`: reading/zeroing one group channel of a member (grouped conv weights included).
 """

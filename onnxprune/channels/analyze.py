@@ -7,6 +7,10 @@ state into :class:`~onnxprune.channels.types.Group` objects:
 - group channel ``k`` = one class of united atoms; classes are numbered by their first atom, so a
   plain conv's group channel ``k`` is its output channel ``k``; groups with a ``blocks`` constraint
   (grouped convs, GroupNorm) are numbered block by block instead;
+- grouped nodes whose channels are spread over their groups (a channel shuffle or a Concat in
+  front) have channel ``j`` of every group united first (:func:`_balance_constraints`), so they
+  keep ``group`` with equal counts per group;
+- run-time shape values read from channels are followed by :mod:`onnxprune.channels.dims`;
 - a group is unprunable if any of its atoms was marked bad (first reason wins), or if it reaches a
   model output; it is inexact if a normalization computes statistics across its channels.
 """
@@ -20,6 +24,7 @@ import onnx
 from ..graph import GraphView, build_view, subgraph_reads
 from ..normalize import fold_constants
 from .context import Context
+from .dims import follow_dims
 from .rules import rule_for
 from .types import Analysis, Group, Member, Positions
 
@@ -42,6 +47,7 @@ def analyze_channels(view: GraphView) -> Analysis:
             for o in node.output:
                 ctx.tracks.pop(o, None)
                 ctx.untrack(o, reason)
+    follow_dims(ctx)
     for out in view.output_names:
         tr = ctx.track(out)
         if tr is not None:
@@ -63,6 +69,7 @@ def _leave_subgraph_reads_whole(analysis: Analysis, view: GraphView) -> Analysis
 
 
 def _finalize(ctx: Context) -> Analysis:
+    _balance_constraints(ctx)
     n = len(ctx._parent)
     root = _roots(ctx._parent)
     src_root = _roots(ctx._src_parent)
@@ -140,7 +147,8 @@ def _finalize(ctx: Context) -> Analysis:
                             inexact_reason=inexact.get(g), keep_one_of=list(keep_one[g])))
     shapes = {k: tuple(int(d) for d in v) for k, v in ctx.view.shapes.items()
               if v is not None and all(isinstance(d, int) for d in v) and k not in ctx.view.initializers}
-    return Analysis(groups=groups, shapes=shapes, values=dict(ctx.values))
+    return Analysis(groups=groups, shapes=shapes, values=dict(ctx.values), adaptive=dict(ctx.adaptive),
+                    pins=dict(ctx.pins))
 
 
 def _roots(parent: list[int]) -> np.ndarray:
@@ -171,45 +179,115 @@ def _static_view(view: GraphView) -> GraphView:
         return view
 
 
+def block_layout(classes: np.ndarray, blocks: int) -> np.ndarray | None:
+    """How the channel classes at the positions of a grouped node (``blocks`` contiguous blocks of
+    positions) constrain removal:
+
+    - an empty array when every class has as many positions in every block (removing any class
+      removes the same count from each block: nothing to constrain, e.g. a shuffle's coupled lanes);
+    - a ``[blocks, n]`` array of the distinct classes of each block when every class lies in one
+      block only, with the same number of positions each (keep equal class counts per block);
+    - None otherwise (the counts per block would depend on which classes go).
+    """
+    if len(classes) % blocks:
+        return None
+    uniq, inv = np.unique(classes, return_inverse=True)
+    block_of = np.repeat(np.arange(blocks), len(classes) // blocks)
+    cnt = np.zeros((blocks, len(uniq)), dtype=np.int64)
+    np.add.at(cnt, (block_of, inv), 1)
+    if (cnt == cnt[:1]).all():
+        return np.zeros((blocks, 0), dtype=np.int64)
+    present = cnt > 0
+    mult = cnt.max(axis=0)
+    per_block = present.sum(axis=1)
+    if (present.sum(axis=0) != 1).any() or (mult != mult[0]).any() or (per_block != per_block[0]).any():
+        return None
+    first = np.unique(classes, return_index=True)[1]  # classes in order of first position
+    ordered = classes[np.sort(first)]
+    return ordered.reshape(blocks, -1)
+
+
+def _balance_constraints(ctx: Context) -> None:
+    """Make every block constraint (grouped convs, GroupNorm) one the groups can express.
+
+    A grouped node whose channels cannot be kept as equal per-block counts of whole group channels
+    (a channel shuffle before it spreads each class over several blocks, a Concat feeds it channels
+    of two producers, two grouped nodes need blocks that do not nest) has the ``j``-th position of
+    every block united: removing one class then removes the same number of positions from each
+    block, so the node keeps its ``group`` exactly (importance is summed over the united positions).
+    Repeats until every constraint is either free or clean blocks covering its whole group."""
+    for _ in range(len(ctx.constraints) + 1):
+        root = _roots(ctx._parent)
+        src_root = _roots(ctx._src_parent)
+        group_of_atom = src_root[np.asarray(ctx._source, dtype=np.int64)]
+        class_roots = np.flatnonzero(root == np.arange(len(root)))
+        classes_per_group = np.bincount(group_of_atom[class_roots], minlength=len(src_root))
+        to_unite: list[int] = []
+        clean: dict[int, list[tuple[int, np.ndarray, int]]] = {}
+        for idx, (atoms, g, _) in enumerate(ctx.constraints):
+            if g <= 1 or not len(atoms) or len(atoms) % g:
+                continue
+            layout = block_layout(root[atoms], g)
+            if layout is not None and not layout.size:
+                continue  # free
+            gids = np.unique(group_of_atom[atoms])
+            if layout is None or len(gids) > 1 or layout.size != classes_per_group[gids[0]]:
+                to_unite.append(idx)
+                continue
+            clean.setdefault(int(gids[0]), []).append((g, layout, idx))
+        for plist in clean.values():
+            plist.sort(key=lambda t: -t[0])
+            big, fine, _ = plist[0]
+            for g2, coarse, idx in plist[1:]:
+                if not _nests(fine, coarse):
+                    to_unite.append(idx)
+        if not to_unite:
+            return
+        for idx in to_unite:
+            atoms, g, _ = ctx.constraints[idx]
+            cols = np.asarray(atoms, dtype=np.int64).reshape(g, -1)
+            for r in range(1, g):
+                ctx.unite(cols[0], cols[r])
+
+
+def _nests(fine: np.ndarray, coarse: np.ndarray) -> bool:
+    """True when each block of ``coarse`` is a run of whole blocks of ``fine`` (same classes)."""
+    big, g2 = len(fine), len(coarse)
+    if big % g2:
+        return False
+    r = big // g2
+    return all(set(coarse[j].tolist()) == set(fine[j * r:(j + 1) * r].ravel().tolist()) for j in range(g2))
+
+
 def _apply_constraints(ctx: Context, classes: dict[int, list[int]], group_of_atom: np.ndarray,
                        class_of_atom: np.ndarray, bad: dict[int, str]) -> dict[int, int]:
     """Block constraints (grouped convs, GroupNorm) -> ``blocks`` per group, renumbering the group's
-    channels block by block (in ``classes``); incompatible constraints make the group unprunable."""
+    channels block by block (in ``classes``); constraints :func:`_balance_constraints` could not
+    make expressible make the group unprunable."""
     parts: dict[int, list[tuple[int, np.ndarray, str]]] = {}
     for atoms, g, node in ctx.constraints:
         if g <= 1 or not len(atoms):
             continue
         gids = set(group_of_atom[atoms].tolist())
+        layout = block_layout(class_of_atom[atoms], g)
+        if layout is not None and not layout.size:
+            continue  # every class spans all blocks equally: nothing to constrain
         if len(gids) > 1:
             for gid in gids:
                 bad.setdefault(gid, f"grouped node {node} reads channels of several groups")
             continue
         gid = gids.pop()
-        ks = class_of_atom[atoms]
-        size = len(classes[gid])
-        if len(atoms) % g or len(set(ks.tolist())) != len(ks) or len(ks) != size:
+        if layout is None or layout.size != len(classes[gid]):
             bad.setdefault(gid, f"grouped node {node}: channels do not map one-to-one onto its {g} groups")
             continue
-        parts.setdefault(gid, []).append((g, ks.reshape(g, -1), node))
+        parts.setdefault(gid, []).append((g, layout, node))
     blocks: dict[int, int] = {}
     for gid, plist in parts.items():
         if gid in bad:
             continue
         plist.sort(key=lambda t: -t[0])
         big, fine, _ = plist[0]
-        ok = True
-        for g2, coarse, node in plist[1:]:
-            if big % g2:
-                ok = False
-                break
-            r = big // g2
-            for j in range(g2):
-                if set(coarse[j].tolist()) != set(fine[j * r:(j + 1) * r].ravel().tolist()):
-                    ok = False
-                    break
-            if not ok:
-                break
-        if not ok:
+        if not all(_nests(fine, coarse) for _, coarse, _ in plist[1:]):
             bad[gid] = f"grouped nodes {', '.join(sorted({p[2] for p in plist}))} need incompatible channel blocks"
             continue
         order = fine.ravel()  # new channel k = old class order[k]

@@ -76,6 +76,12 @@ class Context:
         self.members: list[RawMember] = []
         self.constraints: list[tuple[np.ndarray, int, str]] = []  # (atoms by position, blocks, node)
         self.skip: set[str] = set()  # nodes a rule already handled as part of a pattern
+        #: node -> entries of its run-time Reshape/Expand target that count the channels of its
+        #: output (read by Shape from the same channels): they adapt by themselves (see dims.py)
+        self.adaptive: dict[str, set[int]] = {}
+        #: (node, input index) -> constant the rewriter puts there: a run-time value computed from
+        #: channel counts that sizes a tensor pruning leaves alone keeps its original value
+        self.pins: dict[tuple[str, int], np.ndarray] = {}
         self._const_users: dict[str, set[str]] = {}
         for name, users in view.consumers.items():
             if name in view.initializers:

@@ -141,6 +141,7 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
         for i in node.input:
             consumers[i] = consumers.get(i, 0) + 1
     fixer = _NodeFixer(m, analysis, act, inits, arrays, consumers)
+    fixer.pin(analysis.pins)  # first: a fix of the same entry (its output lost channels) wins
     for node in list(m.graph.node):
         fixer.fix(node)
     fresh.update(dict.fromkeys(arrays, False))
@@ -307,17 +308,25 @@ class _NodeFixer:
 
     def __init__(self, m, analysis, act, inits, arrays, consumers):
         self.m, self.shapes, self.act, self.values = m, analysis.shapes, act, analysis.values
+        self.adaptive, self.analysis_pins = analysis.adaptive, analysis.pins
         self.inits, self.arrays, self.consumers = inits, arrays, consumers
         self.opset = opset_of(m)
         self.replaced_inputs = False
         self._sym = None
         self._now = None
+        self._version = self._now_version = 0  # set_input calls (the folded copy is redone after one)
 
     def now(self, name: str) -> np.ndarray | None:
         """Static value a run-time tensor takes in the pruned model (weights already sliced), or None."""
-        if self._now is None:
-            c = _static_copy(self.m, self.shapes)
+        if self._now is None or self._now_version != self._version:
+            src = self.m
+            if self.arrays:  # constants rewritten so far are not in the model yet: fold with them
+                src = onnx.ModelProto()
+                src.CopyFrom(self.m)
+                _write_arrays(src, {i.name: i for i in src.graph.initializer}, self.arrays)
+            c = _static_copy(src, self.shapes)
             self._now = {} if c is None else {i.name: i for i in c.graph.initializer}
+            self._now_version = self._version
         t = self._now.get(name)
         return None if t is None else numpy_helper.to_array(t)
 
@@ -345,6 +354,7 @@ class _NodeFixer:
 
     def set_input(self, node: onnx.NodeProto, index: int, value: np.ndarray, suffix: str) -> None:
         """Give input ``index`` of ``node`` a new constant value (in place when only it reads it)."""
+        self._version += 1
         old = node.input[index] if index < len(node.input) else ""
         if old and old in self.inits and self.consumers.get(old, 0) == 1:
             self.arrays[old] = value
@@ -360,6 +370,14 @@ class _NodeFixer:
                 node.input.append("")
             node.input.append(name)
         self.replaced_inputs = True
+
+    def pin(self, pins: dict[tuple[str, int], np.ndarray]) -> None:
+        """Run-time values computed from channel counts that size tensors pruning leaves alone
+        (attention internals reading the embedding width) keep their original value."""
+        nodes = {n.name: n for n in self.m.graph.node}
+        for (name, index), value in pins.items():
+            if name in nodes and index < len(nodes[name].input):
+                self.set_input(nodes[name], index, np.asarray(value), "pinned")
 
     def fix(self, node: onnx.NodeProto) -> None:
         if node.domain not in ("", "ai.onnx"):
@@ -405,6 +423,10 @@ class _NodeFixer:
                 self.set_input(node, 1, t, "shape")
             return
         # run-time target (Shape -> Gather -> Concat ...): pin only the entry of the channel axis
+        if u in self.adaptive.get(node.name, ()):
+            return  # read by Shape from these very channels: adapts by itself
+        if self._patch_pinned(node, u, new_u):
+            return
         static = self.values.get(node.input[1])
         if static is not None and int(static[u]) == -1:
             return
@@ -442,6 +464,19 @@ class _NodeFixer:
             return
         if not self._patch_concat_entry(node.input[1], 2, new_x):
             raise OnnxPruneError(f"cannot rewrite the run-time target shape of Reshape {node.name}")
+
+    def _patch_pinned(self, node: onnx.NodeProto, index: int, value: int) -> bool:
+        """Set entry ``index`` of a run-time target that :meth:`pin` made (partly) constant."""
+        pins = self.analysis_pins
+        if (node.name, 1) in pins:
+            t = self.const(node.input[1], model_only=True).astype(np.int64).copy()
+            t[index] = value
+            self.set_input(node, 1, t, "shape")
+            return True
+        producer = next((n for n in self.m.graph.node if node.input[1] in n.output), None)
+        if producer is None or not any((producer.name, j) in pins for j in range(len(producer.input))):
+            return False
+        return self._patch_concat_entry(node.input[1], index, value)
 
     def _patch_concat_entry(self, name: str, index: int, value: int) -> bool:
         """Set entry ``index`` of a run-time 1-D shape built by a Concat of pieces to ``value`` by
@@ -574,13 +609,15 @@ class _NodeFixer:
         if shp is None:
             raise OnnxPruneError(f"cannot rewrite the target shape of Expand {node.name}")
         i = u - (len(self.shapes[y]) - len(shp))
-        if i < 0 or int(shp[i]) == 1:
-            return
+        if i < 0 or int(shp[i]) == 1 or i in self.adaptive.get(node.name, ()):
+            return  # broadcast, or read by Shape from these very channels: adapts by itself
         want = int(shp[i]) - len(rem)
         if self.const(shp_name, model_only=True) is not None:
             new = shp.astype(np.int64).copy()
             new[i] = want
             self.set_input(node, 1, new, "shape")
+            return
+        if self._patch_pinned(node, i, want):
             return
         now = self.now(shp_name)
         if now is not None and int(now.reshape(-1)[i]) in (1, want):

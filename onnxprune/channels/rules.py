@@ -550,6 +550,19 @@ def rule_layernorm(ctx: Context, node: onnx.NodeProto) -> None:
             ctx.mark_bad(tr.atoms, f"{_where(node)}: statistics output {extra!r} is used")
 
 
+def rule_lrn(ctx: Context, node: onnx.NodeProto) -> None:
+    """LRN (Caffe AlexNet/ZFNet): each channel is divided by a sum of squares over a window of
+    neighbouring channels on axis 1. Channels pass through; removing some changes the windows of
+    the others, so the group is inexact (like LayerNorm), never unprunable."""
+    tr = ctx.track(node.input[0])
+    if tr is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    if tr.axis != 1:
+        return _opaque(ctx, node, f"channels on axis {tr.axis}, not the axis it normalizes over")
+    ctx.mark_inexact(tr.atoms, f"{_where(node)} normalizes over a window of neighbouring channels")
+    ctx.set_track(node.output[0], 1, tr.atoms, node)
+
+
 # ------------------------------------------------------------------------------------ index mapping
 def rule_concat(ctx: Context, node: onnx.NodeProto) -> None:
     """Concat on the channel axis: the output carries each input's channels at its offset (untracked
@@ -695,7 +708,9 @@ def reshape_mapping(in_shape: tuple[int, ...], axis: int, out_shape: tuple[int, 
     ``chan[q]`` (identity, Flatten expansion ``c -> c*S..``, merges), ``("split", out_axis, chan)``
     when the channel axis is split into two adjacent output axes ``(a, b)`` (channel ``i*b + j``):
     then ``chan[j]`` lists, for minor position ``j``, the ``a`` channels ``[j, b+j, ...]`` that must
-    go together; or None when channels are mixed irregularly.
+    go together; the same for three adjacent axes ``(a, b, d)`` (a fused qkv split into ``(3,
+    heads, head_dim)``) as ``("split3", middle_axis, chan)``: ``chan[j]`` = every channel ``(i, j, k)``; or
+    None when channels are mixed irregularly.
     """
     c = in_shape[axis]
     n = math.prod(in_shape)
@@ -714,6 +729,13 @@ def reshape_mapping(in_shape: tuple[int, ...], axis: int, out_shape: tuple[int, 
         a, b = out_shape[u1], out_shape[u2]
         if a * b == c and np.array_equal(_plane(out, u1, u2), np.arange(c).reshape(a, b)):
             return ("split", u2, [list(range(j, c, b)) for j in range(b)])
+    if len(dependent) == 3 and dependent == list(range(dependent[0], dependent[0] + 3)):
+        u1, u2, u3 = dependent
+        a, b, d = out_shape[u1], out_shape[u2], out_shape[u3]
+        block = out[tuple(slice(None) if i in dependent else 0 for i in range(out.ndim))]
+        if a * b * d == c and np.array_equal(block, np.arange(c).reshape(a, b, d)):
+            cube = np.arange(c).reshape(a, b, d)
+            return ("split3", u2, [cube[:, j, :].reshape(-1).tolist() for j in range(b)])
     return None
 
 
@@ -754,6 +776,9 @@ def rule_reshape(ctx: Context, node: onnx.NodeProto) -> None:
     - it is split into two axes ``(a, b)`` (channel shuffle, heads): the ``a`` channels ``j, b+j,
       2b+j ...`` are united and the minor axis ``b`` carries them — exact for a following
       Transpose + Reshape shuffle, which then maps them back by the first case;
+    - it is split into three axes ``(a, b, d)`` (Swin's fused ``qkv -> (3, heads, head_dim)``): the
+      middle axis carries whole heads (channels ``(i, j, k)`` for every ``i, k`` go with head ``j``),
+      the other two are ordinary axes afterwards (Gather of q/k/v, head_dim contracted);
     - anything else mixes channels irregularly: unprunable.
     """
     x, y = node.input[0], node.output[0]
@@ -771,7 +796,7 @@ def rule_reshape(ctx: Context, node: onnx.NodeProto) -> None:
     kind, u, chan = m
     if kind == "map":
         return ctx.set_track(y, u, tr.atoms[np.asarray(chan)], node)
-    if _leads_to_attention(ctx, y):  # heads: track the major axis, a head's channels go together
+    if kind == "split" and _leads_to_attention(ctx, y):  # heads: track the major axis, a head's channels go together
         a, b = len(chan[0]), len(chan)
         heads = [tr.atoms[i * b:(i + 1) * b] for i in range(a)]
         first = np.array([h[0] for h in heads], dtype=np.int64)
@@ -951,6 +976,7 @@ RULES: dict[str, Rule] = {
     "InstanceNormalization": rule_instancenorm,
     "GroupNormalization": rule_groupnorm,
     "LayerNormalization": rule_layernorm,
+    "LRN": _primary_only(rule_lrn),
     "Concat": rule_concat,
     "Split": _primary_only(rule_split),
     "Slice": _primary_only(rule_slice),

@@ -200,6 +200,12 @@ class Analysis:
     #: static values of tensors computed at run time in the model (shape computations feeding Reshape
     #: targets, Slice bounds, Split sizes) that the analysis relied on; the rewriter pins them
     values: dict[str, np.ndarray] = field(default_factory=dict)
+    #: node name -> entries of its run-time Reshape/Expand target that are the channel count of the
+    #: output's own channels, read at run time by Shape: they adapt by themselves (never rewritten)
+    adaptive: dict[str, set[int]] = field(default_factory=dict)
+    #: (node name, input index) -> the constant that input gets when channels are removed: a
+    #: run-time value computed from channel counts that sizes a tensor pruning leaves alone
+    pins: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
 
     def group(self, gid: int) -> Group:
         for g in self.groups:
