@@ -19,6 +19,8 @@ STRUCTURED_SCOPES = ("local", "global")
 UNSTRUCTURED_CRITERIA = ("magnitude", "random", "lamp", "magnitude_x_gradient")
 UNSTRUCTURED_SCOPES = ("global", "layer")
 GRADIENT_CRITERIA = ("taylor", "magnitude_x_gradient")
+#: modes whose summary has gzip sizes unless --no-gzip: zeros compress, so gzip is their size gain
+GZIP_BY_DEFAULT = ("unstructured", "nm")
 BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "torch-cpu", "torch-cuda")
 
 # flag -> modes that accept it (click parameter name, shown name)
@@ -68,6 +70,9 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
 @click.option("--seed", default=None, metavar="S", help="Seed of the random criterion (default 0).")
 @click.option("--hw", default=None, metavar="PROFILE", help="Hardware profile or backend the speed note is about (default ort-cpu).")
 @click.option("--data", default=None, metavar="SPEC", help="Dataset for gradient criteria (taylor, magnitude_x_gradient).")
+@click.option("--gzip/--no-gzip", "gzip", default=None,
+              help="Measure gzip sizes of input and output (default: on for --unstructured/--nm, where zeros "
+                   "compress; off for --structured, where it says nothing and costs seconds on large models).")
 @json_option
 def prune_cmd(model: str, output: str | None, structured: bool, unstructured: bool, nm: str | None, as_json: bool,
               **opts: Any) -> None:
@@ -96,17 +101,13 @@ def prune_cmd(model: str, output: str | None, structured: bool, unstructured: bo
     else:
         result = _nm(model, nm or "", opts, backend, cc, precision, sparse_weights)
 
-    from concurrent.futures import ThreadPoolExecutor
-
     from ..model_io import file_bytes, save_model
-    from ..sparsity.storage import gzip_file_bytes
 
     save_model(result.model, output)
     summary = dict(result.summary)
-    with ThreadPoolExecutor(2) as pool:  # zlib releases the GIL: both files compress at once
-        gz_out, gz_in = pool.submit(gzip_file_bytes, output), pool.submit(gzip_file_bytes, model)
-        summary.update(output=str(output), file_bytes=file_bytes(output), gzip_bytes=gz_out.result(),
-                       input_file_bytes=file_bytes(model), input_gzip_bytes=gz_in.result())
+    summary.update(output=str(output), file_bytes=file_bytes(output), input_file_bytes=file_bytes(model))
+    want_gzip = opts["gzip"] if opts["gzip"] is not None else mode in GZIP_BY_DEFAULT
+    summary.update(zip(("gzip_bytes", "input_gzip_bytes"), _gzip_sizes(output, model) if want_gzip else (None, None)))
     if as_json:
         emit_json({"input": str(model), **summary})
     else:
@@ -197,6 +198,17 @@ def _refine_guidance(summary: dict[str, Any], method: str, backend: str, cc, pre
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+def _gzip_sizes(output: str, model: str) -> tuple[int, int]:
+    """gzip sizes of the output and input files, compressed at once (zlib releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..sparsity.storage import gzip_file_bytes
+
+    with ThreadPoolExecutor(2) as pool:
+        gz_out, gz_in = pool.submit(gzip_file_bytes, output), pool.submit(gzip_file_bytes, model)
+        return gz_out.result(), gz_in.result()
+
 
 def _reject_foreign(mode: str, opts: dict[str, Any]) -> None:
     """A flag of another mode is an error, not silently ignored."""
@@ -332,8 +344,11 @@ def _print_human(model: str, s: dict[str, Any]) -> None:
             con.print(f"  left whole: group {g.get('id')} ({escape(nodes)}): {escape(str(g.get('reason')))}")
         if len(unprunable) > 10:
             con.print(f"  ... and {len(unprunable) - 10} more groups left whole (see --json)")
-    con.print(f"size: {human(s['file_bytes'], 'B')} (gzip {human(s['gzip_bytes'], 'B')}); input "
-              f"{human(s['input_file_bytes'], 'B')} (gzip {human(s['input_gzip_bytes'], 'B')})")
+    def gz(key: str) -> str:
+        return "" if s.get(key) is None else f" (gzip {human(s[key], 'B')})"
+
+    con.print(f"size: {human(s['file_bytes'], 'B')}{gz('gzip_bytes')}; input {human(s['input_file_bytes'], 'B')}"
+              f"{gz('input_gzip_bytes')}")
     for note in s.get("notes", []):
         con.print(f"[dim]{escape(note)}[/dim]")
     for line in s.get("guidance", []):
