@@ -39,3 +39,57 @@ def test_human_structured_output_without_gzip(model_path, tmp_path):
     code, stdout, err = run_cli("prune", model_path, "-o", tmp_path / "a.onnx", "--structured", "--ratio", "0.5")
     assert code == 0, err
     assert "size:" in stdout and "gzip" not in stdout
+
+
+# ---- channel multiples from the hardware profile ------------------------------------------------
+
+def test_shipped_profiles_have_channel_multiples():
+    from onnxprune.profiling.hw_profile import load_hw_profile, shipped_profiles
+
+    for name in shipped_profiles():
+        prof = load_hw_profile(name)
+        if prof.backend == "ort-cpu":
+            assert prof.channel_multiple == 8, name
+        elif prof.backend == "tensorrt" and prof.precision == "fp16":
+            assert prof.channel_multiple in (16, 32), name
+
+
+def test_channel_multiple_is_validated(tmp_path):
+    from onnxprune.errors import OnnxPruneError
+    from onnxprune.profiling.hw_profile import load_hw_profile
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nbackend: ort-cpu\nchannel_multiple: 0\n")
+    with pytest.raises(OnnxPruneError, match="channel_multiple"):
+        load_hw_profile(bad)
+
+
+def _kept(summary):
+    return [g["kept"] for g in summary["groups"]]
+
+
+def test_prune_hw_profile_sets_round_to_and_explicit_round_to_wins(model_path, tmp_path):
+    prof = tmp_path / "p.yaml"
+    prof.write_text("name: quad\nbackend: ort-cpu\nchannel_multiple: 4\n")
+    s = _prune(model_path, "-o", tmp_path / "a.onnx", "--structured", "--ratio", "0.3", "--hw", prof)
+    assert s["limits"]["round_to"] == 4
+    assert all(k % 4 == 0 or k == t for k, t in zip(_kept(s), [g["total"] for g in s["groups"]]))
+    assert any("channel_multiple of hardware profile quad" in n for n in s["notes"])
+    plain = _prune(model_path, "-o", tmp_path / "b.onnx", "--structured", "--ratio", "0.3")
+    assert plain["limits"]["round_to"] == 1 and _kept(plain) != _kept(s)
+    s = _prune(model_path, "-o", tmp_path / "c.onnx", "--structured", "--ratio", "0.3", "--hw", prof, "--round-to", "1")
+    assert s["limits"]["round_to"] == 1 and _kept(s) == _kept(plain)
+    s = _prune(model_path, "-o", tmp_path / "d.onnx", "--structured", "--ratio", "0.3", "--hw", "ort-cpu")
+    assert s["limits"]["round_to"] == 1  # a backend name is not a profile: no multiple
+
+
+def test_recipe_stage_naming_a_profile_rounds_to_its_multiple():
+    from onnxprune.pipeline.steps import stage_options
+    from onnxprune.recipes.schema import Stage
+
+    assert stage_options(Stage(kind="structured", hw="ci-cpu", target={"ratio": 0.5}))["round_to"] == 8
+    assert stage_options(Stage(kind="structured", hw="ci-cpu", options={"round_to": 2}))["round_to"] == 2
+    lat = Stage(kind="structured", target={"latency": {"profile": "nvidia-tensorrt-fp16", "budget_ms": 1}})
+    assert stage_options(lat)["round_to"] == 32
+    assert "round_to" not in stage_options(Stage(kind="structured", target={"ratio": 0.5}))
+    assert "round_to" not in stage_options(Stage(kind="unstructured", hw="ci-cpu", target={"sparsity": 0.5}))

@@ -68,7 +68,9 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
 @click.option("--ignore", multiple=True, metavar="PATTERN", help="Leave layers whose node name matches this glob (repeatable).")
 @click.option("--sparse-storage", is_flag=True, help="[unstructured, N:M] store weights as sparse initializers where smaller.")
 @click.option("--seed", default=None, metavar="S", help="Seed of the random criterion (default 0).")
-@click.option("--hw", default=None, metavar="PROFILE", help="Hardware profile or backend the speed note is about (default ort-cpu).")
+@click.option("--hw", default=None, metavar="PROFILE",
+              help="Hardware profile or backend the speed note is about (default ort-cpu); with --structured, the "
+                   "profile's channel_multiple is the default --round-to.")
 @click.option("--data", default=None, metavar="SPEC", help="Dataset for gradient criteria (taylor, magnitude_x_gradient).")
 @click.option("--gzip/--no-gzip", "gzip", default=None,
               help="Measure gzip sizes of input and output (default: on for --unstructured/--nm, where zeros "
@@ -133,6 +135,14 @@ def _structured(model: str, opts: dict[str, Any]):
                               "ignore": tuple(opts["ignore"]), "seed": _int(opts["seed"], "--seed", 0)}
     if opts["round_to"] is not None:
         kwargs["round_to"] = _int(opts["round_to"], "--round-to", 1, minimum=1)
+    else:  # the profile's kernel-friendly channel multiple (an explicit --round-to wins)
+        from ..profiling.hw_profile import profile_channel_multiple
+
+        multiple, prof_name = profile_channel_multiple(opts["hw"])
+        if prof_name:
+            kwargs["round_to"] = multiple
+            opts["_round_to_note"] = (f"kept channel counts rounded to multiples of {multiple}: channel_multiple of "
+                                      f"hardware profile {prof_name} (--round-to N overrides)")
     if opts["min_keep"] is not None:
         kwargs["min_keep"] = _int(opts["min_keep"], "--min-keep", 1, minimum=1)
     if opts["max_ratio"] is not None:
@@ -151,7 +161,10 @@ def _structured(model: str, opts: dict[str, Any]):
         if exc.name and exc.name.startswith("onnxprune"):
             raise OnnxPruneError("structured pruning is not implemented in this version") from exc
         raise
-    return prune_structured(model, **kwargs)
+    result = prune_structured(model, **kwargs)
+    if "_round_to_note" in opts:
+        result.summary.setdefault("notes", []).append(opts["_round_to_note"])
+    return result
 
 
 def _unstructured(model: str, opts: dict[str, Any], backend: str, cc, precision, sparse_weights):
