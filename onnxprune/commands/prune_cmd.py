@@ -28,6 +28,8 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
     "ratio": ("--ratio", ("structured",)),
     "target_macs": ("--target-macs", ("structured",)),
     "target_params": ("--target-params", ("structured",)),
+    "target_latency": ("--target-latency", ("structured",)),
+    "target_speedup": ("--target-speedup", ("structured",)),
     "round_to": ("--round-to", ("structured",)),
     "min_keep": ("--min-keep", ("structured",)),
     "max_ratio": ("--max-ratio", ("structured",)),
@@ -53,6 +55,10 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
 @click.option("--ratio", default=None, metavar="R", help="[structured] fraction of channels removed.")
 @click.option("--target-macs", default=None, metavar="F", help="[structured] fraction of MACs kept.")
 @click.option("--target-params", default=None, metavar="F", help="[structured] fraction of params kept.")
+@click.option("--target-latency", default=None, metavar="MS",
+              help="[structured] p50 latency to reach on the --hw profile (latency-aware allocation, measured).")
+@click.option("--target-speedup", default=None, metavar="X",
+              help="[structured] speedup over the dense model to reach on the --hw profile (measured, interleaved).")
 @click.option("--round-to", default=None, metavar="N", help="[structured] kept channel counts are multiples of N.")
 @click.option("--min-keep", default=None, metavar="K", help="[structured] keep at least K channels per group.")
 @click.option("--max-ratio", default=None, metavar="F", help="[structured] remove at most this fraction of any group.")
@@ -119,12 +125,16 @@ def prune_cmd(model: str, output: str | None, structured: bool, unstructured: bo
 # ------------------------------------------------------------------------------------------ modes
 
 def _structured(model: str, opts: dict[str, Any]):
-    targets = {k: opts[k] for k in ("ratio", "target_macs", "target_params") if opts[k] is not None}
+    targets = {k: opts[k] for k in ("ratio", "target_macs", "target_params", "target_latency", "target_speedup")
+               if opts[k] is not None}
     if len(targets) != 1:
-        raise OnnxPruneError("--structured needs exactly one of --ratio R, --target-macs F, --target-params F")
+        raise OnnxPruneError("--structured needs exactly one of --ratio R, --target-macs F, --target-params F, "
+                             "--target-latency MS, --target-speedup X")
     (kind, raw), = targets.items()
     flag = _ONLY[kind][0]
     value = _number(raw, flag)
+    if kind in ("target_latency", "target_speedup"):
+        return _latency_target(model, opts, kind, value)
     if kind == "ratio" and not 0 <= value < 1:
         raise OnnxPruneError(f"{flag} must be in [0, 1) (fraction of channels removed), not {raw}")
     if kind != "ratio" and not 0 < value <= 1:
@@ -165,6 +175,35 @@ def _structured(model: str, opts: dict[str, Any]):
     if "_round_to_note" in opts:
         result.summary.setdefault("notes", []).append(opts["_round_to_note"])
     return result
+
+
+def _latency_target(model: str, opts: dict[str, Any], kind: str, value: float):
+    """Latency-aware allocation on the --hw profile (``structured/latency_alloc.py``)."""
+    flag = _ONLY[kind][0]
+    if opts["hw"] is None or opts["hw"] in BACKENDS:
+        raise OnnxPruneError(f"{flag} needs --hw PROFILE: the hardware profile it is measured on (e.g. --hw ci-cpu)")
+    if opts["scope"] is not None:
+        raise OnnxPruneError(f"--scope does not apply to {flag}: the allocation ranks all groups together")
+    criterion = _choice(opts["criterion"], STRUCTURED_CRITERIA, "l1", "--criterion", "--structured")
+    kwargs: dict[str, Any] = {"criterion": criterion, "ignore": tuple(opts["ignore"]), "seed": _int(opts["seed"], "--seed", 0)}
+    if opts["round_to"] is not None:  # else the profile's channel_multiple
+        kwargs["round_to"] = _int(opts["round_to"], "--round-to", 1, minimum=1)
+    if opts["min_keep"] is not None:
+        kwargs["min_keep"] = _int(opts["min_keep"], "--min-keep", 1, minimum=1)
+    if opts["max_ratio"] is not None:
+        mr = _number(opts["max_ratio"], "--max-ratio")
+        if not 0 < mr < 1:
+            raise OnnxPruneError(f"--max-ratio must be in (0, 1), not {opts['max_ratio']}")
+        kwargs["max_ratio"] = mr
+    if opts["input_shape"]:
+        from ..shapes import parse_input_shapes
+
+        kwargs["input_shapes"] = parse_input_shapes(opts["input_shape"])
+    kwargs["gradients"] = _gradients(model, opts["data"], criterion)
+    from ..structured.latency_alloc import prune_for_latency
+
+    target = {"target_speedup": value} if kind == "target_speedup" else {"target_latency_ms": value}
+    return prune_for_latency(model, opts["hw"], **target, **kwargs)
 
 
 def _unstructured(model: str, opts: dict[str, Any], backend: str, cc, precision, sparse_weights):
