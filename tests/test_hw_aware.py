@@ -93,3 +93,27 @@ def test_recipe_stage_naming_a_profile_rounds_to_its_multiple():
     assert stage_options(lat)["round_to"] == 32
     assert "round_to" not in stage_options(Stage(kind="structured", target={"ratio": 0.5}))
     assert "round_to" not in stage_options(Stage(kind="unstructured", hw="ci-cpu", target={"sparsity": 0.5}))
+
+
+# ---- honest report latency -------------------------------------------------------------------------
+
+def _pt(pid, p50, acc, speedup=None, timing="interleaved"):
+    rec = {"batch_size": 1, "latency_ms": {"p50": p50}, "speedup_vs_dense": speedup, "speedup_timing": timing}
+    return {"id": pid, "method": pid.split("-")[0], "profiles": {"cpu": [rec]},
+            "accuracy": {"test": {"top1": {"mean": acc, "std": 0.0}}}}
+
+
+def test_pareto_and_latency_plot_use_the_interleaved_speedup():
+    from onnxprune.report.plots import latency_pareto, point_latency
+
+    # the sparse point's own profile happens to read faster than dense (0.024 vs 0.031 ms, separate runs),
+    # but interleaved with dense it is 1.00x: it must not be the fastest point of the front
+    report = {"dense": _pt("dense", 0.031, 0.95, 1.0),
+              "points": [_pt("unstructured-0.8", 0.024, 0.94, 1.0), _pt("structured-0.5", 0.020, 0.90, 1.6),
+                         _pt("structured-sep", 0.001, 0.99, 50.0, timing="separate")],
+              "dense_finetuned": None}
+    assert point_latency(report, report["dense"], "cpu") == 0.031
+    assert point_latency(report, report["points"][0], "cpu") == pytest.approx(0.031)
+    assert point_latency(report, report["points"][1], "cpu") == pytest.approx(0.031 / 1.6)
+    assert point_latency(report, report["points"][2], "cpu") is None  # separate profiles: not ranked
+    assert latency_pareto(report, "cpu") == ["structured-0.5", "dense"]

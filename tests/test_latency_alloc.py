@@ -133,3 +133,13 @@ def test_cli_latency_target_errors(tiny, tmp_path, args, msg):
     out = tmp_path / "x.onnx"
     code, _, err = run_cli("prune", tiny, "-o", out, "--structured", *args)
     assert code == 1 and msg in err and "Traceback" not in err and not out.exists()
+
+
+def test_next_budget_rescales_then_follows_the_secant():
+    from onnxprune.structured.latency_alloc import next_budget
+
+    assert next_budget([(0.5, 1.0)], 0.5) == pytest.approx(0.25)  # measured twice the estimate: ask half
+    # measured = 0.4 + 0.6 * estimated: the secant lands on the estimate that measures 0.5
+    hist = [(0.5, 0.7), (0.25, 0.55)]
+    assert next_budget(hist, 0.5) == pytest.approx(1 / 6)
+    assert next_budget([(0.5, 0.01)], 0.5) == 1.0  # bounded (and never above the dense model)

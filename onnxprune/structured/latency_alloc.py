@@ -90,6 +90,22 @@ def knapsack(choices: Sequence[Choice], latency: Callable[[Mapping[int, int]], f
     return state, lat
 
 
+def next_budget(history: Sequence[tuple[float, float]], goal: float) -> float:
+    """The estimated latency fraction to ask for next, from (estimated, measured) fractions so far.
+
+    One point: rescale by its measured error. Two or more: the secant through the last two (the
+    measured fraction is roughly affine in the estimate: layers the table does not see are a fixed
+    part). Bounded to a factor 4 of the last estimate, so one noisy measurement cannot swing the
+    budget to nothing or to the dense model."""
+    e, m = history[-1]
+    guess = e * goal / m
+    if len(history) >= 2:
+        e0, m0 = history[-2]
+        if e != e0 and (m - m0) / (e - e0) > 0:
+            guess = e + (goal - m) * (e - e0) / (m - m0)
+    return min(1.0, max(e / 4, min(e * 4, guess)))
+
+
 def _goal(target_speedup: float | None, target_latency_ms: float | None) -> Callable[[float], float]:
     """dense p50 -> the pruned/dense latency fraction the target asks for."""
     if target_speedup is not None:
@@ -230,9 +246,8 @@ def _allocate(prep, analysis, groups: list[Group], scores: dict[int, np.ndarray]
         plans.append(plan)
         if measured <= goal and measured >= goal * (1.0 - tolerance):
             break  # met, without pruning much more than asked
-        # rescale by the measured error of this candidate's own estimate (bounded: one noisy
-        # measurement must not swing the next budget to nothing or to the dense model)
-        next_fraction = (est / table.dense_ms) * min(2.0, max(0.5, goal / measured))
+        next_fraction = next_budget([(it["estimated_ms"] / table.dense_ms, it["pruned_p50_ms"] / it["dense_p50_ms"])
+                                     for it in iterations], goal)
         if abs(next_fraction - budget_fraction) < 1e-6:
             break
         budget_fraction = next_fraction
