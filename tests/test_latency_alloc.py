@@ -15,7 +15,7 @@ from cli_util import run_cli
 from conftest import random_feeds, run_ort
 from onnxprune.structured.allocate import Limits
 from onnxprune.structured.latency_alloc import Choice, knapsack, valid_counts
-from onnxprune.structured.latency_table import Layer, _interp, monotone
+from onnxprune.structured.latency_table import LatencyTable, Layer, line_fit
 
 
 def _additive(ms_per_channel):
@@ -61,15 +61,18 @@ def test_valid_counts_follow_round_to_and_limits():
     assert valid_counts(6, 1, Limits(max_ratio=0.5, round_to=8)) == [6, 5, 4, 3]  # no multiple of 8 fits
 
 
-def test_curves_are_made_monotone_and_interpolated():
-    assert monotone([(8, 1.0), (16, 0.8), (32, 2.0)]) == [(8, 0.8), (16, 0.8), (32, 2.0)]
-    curve = [(8, 1.0), (16, 2.0)]
-    assert _interp(curve, 12) == pytest.approx(1.5) and _interp(curve, 4) == pytest.approx(0.5)
+def test_curves_are_robust_lines_and_layers_separable():
+    a, b = line_fit([(8, 1.0), (16, 2.0), (24, 3.0), (32, 40.0)])  # one pre-empted run at full width
+    assert (a, b) == (pytest.approx(0.0), pytest.approx(0.125))
+    assert line_fit([(8, 2.0), (16, 1.0)])[1] == 0.0  # never a negative slope
     layer = Layer("n", "Conv", out_full=16, in_full=16, out_parts=[(0, 1)], in_parts=[(1, 1)],
                   out_curve=[(8, 1.0), (16, 2.0)], in_curve=[(8, 0.5), (16, 2.0)])
     sizes = {0: 16, 1: 16}
-    assert layer.ms({}, sizes) == pytest.approx(2.0)
+    assert layer.dense_ms == pytest.approx(2.0) and layer.ms({}, sizes) == pytest.approx(2.0)
     assert layer.ms({0: 8, 1: 8}, sizes) == pytest.approx(1.0 * 0.5 / 2.0)  # separable out x in
+    # layers timed alone add up to more than the whole model: savings are scaled to the whole
+    table = LatencyTable("p", dense_ms=1.0, layers=[layer], sizes=sizes)
+    assert table.scale == pytest.approx(0.5) and table.estimate({0: 8, 1: 8}) == pytest.approx(1.0 - 0.5 * 1.75)
 
 
 @pytest.fixture(scope="module")

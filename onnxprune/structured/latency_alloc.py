@@ -215,7 +215,7 @@ def _allocate(prep, analysis, groups: list[Group], scores: dict[int, np.ndarray]
 
     def saving(counts: Mapping[int, int], gid: int, new: int) -> float:
         after = {**counts, gid: new}
-        return sum(l.ms(counts, table.sizes) - l.ms(after, table.sizes) for l in by_group.get(gid, ()))
+        return table.scale * sum(l.ms(counts, table.sizes) - l.ms(after, table.sizes) for l in by_group.get(gid, ()))
 
     def plan_for(counts: Mapping[int, int]) -> KeepPlan:
         return {g.id: select(scores[g.id], counts[g.id], g.blocks, window_needs(g, limits)) for g in groups}

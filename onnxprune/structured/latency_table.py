@@ -7,7 +7,8 @@ any (out, in) width is then read off the two curves, assumed separable::
 
     t(out, in) = t_out(out) * t_in(in) / t(full, full)
 
-and a pruned model's latency is estimated as the measured dense latency minus what its layers save.
+each curve a robust line through its points (:func:`line_fit`), and a pruned model's latency is
+estimated as the measured dense latency minus what its layers save.
 The estimate guides the allocator; the result is always verified by an interleaved measurement.
 
 Measuring is cheap on purpose: the layers' width variants are packed as independent nodes into a
@@ -79,37 +80,35 @@ class Layer:
 
     @property
     def dense_ms(self) -> float:
-        return self.out_curve[-1][1] if self.out_curve else 0.0
+        return _at(self.out_curve, self.out_full)
 
     def ms(self, counts: Mapping[int, int], sizes: Mapping[int, int]) -> float:
         """Estimated latency at the groups' kept ``counts`` (absent groups: full)."""
         if not self.out_curve:
             return 0.0
-        t = _interp(self.out_curve, self.width("out", counts, sizes))
+        t = _at(self.out_curve, self.width("out", counts, sizes))
         if self.in_curve and not self.depthwise:
-            dense = self.dense_ms
-            t = t * _interp(self.in_curve, self.width("in", counts, sizes)) / dense if dense > 0 else t
+            full = _at(self.in_curve, self.in_full)
+            t = t * _at(self.in_curve, self.width("in", counts, sizes)) / full if full > 0 else t
         return t
 
 
-def _interp(curve: Sequence[tuple[int, float]], w: float) -> float:
-    """Piecewise-linear in the width; below the narrowest point, proportional to the width."""
-    xs = [c[0] for c in curve]
-    ys = [c[1] for c in curve]
-    if w <= xs[0]:
-        return ys[0] * w / xs[0]
-    return float(np.interp(w, xs, ys))
+def line_fit(curve: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """(a, b) of t = a + b * width through the measured points, Siegel's repeated median (each
+    point's median slope to the others, their median; then the median intercept): one pre-empted
+    measurement among four cannot bend it, and a conv's time is close to affine in its channel
+    count. The slope is never negative."""
+    per_point = [np.median([(t2 - t1) / (w2 - w1) for w2, t2 in curve if w2 != w1]) for w1, t1 in curve
+                 if any(w2 != w1 for w2, _ in curve)]
+    b = max(0.0, float(np.median(per_point))) if per_point else (curve[0][1] / curve[0][0] if curve else 0.0)
+    a = float(np.median([t - b * w for w, t in curve])) if curve else 0.0
+    return a, b
 
 
-def monotone(curve: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
-    """Measurement noise must not make a narrower layer slower than a wider one (the allocator
-    would see negative savings): each point is at most the next wider one's time."""
-    out: list[tuple[int, float]] = []
-    best = math.inf
-    for w, t in sorted(curve, key=lambda c: -c[0]):
-        best = min(best, t)
-        out.append((w, best))
-    return sorted(out)
+def _at(curve: Sequence[tuple[int, float]], w: float) -> float:
+    """The fitted time at width ``w`` (never below 0)."""
+    a, b = line_fit(curve)
+    return max(0.0, a + b * w)
 
 
 # ---- which layers --------------------------------------------------------------------------------
@@ -228,8 +227,8 @@ def _chunks(view, layers, variants, opset) -> list[tuple[onnx.ModelProto, dict[s
             cur = ([], [], [], [], {})
             models.append(cur)
             size = 0
-        for lst, item in zip(cur[:2], parts[:2]):
-            lst.append(item)
+        cur[0].append(parts[0])
+        cur[1].append(parts[1])
         cur[2].extend(parts[2])
         cur[3].append(parts[3])
         cur[4][tag] = (i, side, w)
@@ -306,7 +305,7 @@ def _dense_ms(path: str | os.PathLike, profile, input_shapes) -> float:
     return float(per_node.get("kernel_ms_min", per_node["kernel_ms_per_run"]))
 
 
-def by_name_input(view: GraphView, layer: Layer) -> str:
+def _activation_input(view: GraphView, layer: Layer) -> str:
     """The activation input of ``layer``'s node."""
     return next(n.input[0] for n in view.nodes if n.name == layer.node)
 
@@ -335,9 +334,16 @@ class LatencyTable:
     cached: bool = False
     path: str | None = None
 
+    @property
+    def scale(self) -> float:
+        """ms of the whole model per ms of the layers timed alone: 1 while the layers add up to less
+        than the whole (the rest is a fixed part), below 1 when alone they add up to more."""
+        layers = sum(layer.dense_ms for layer in self.layers)
+        return min(1.0, self.dense_ms / layers) if layers > 0 else 1.0
+
     def estimate(self, counts: Mapping[int, int]) -> float:
         """Estimated latency (ms) of the model pruned to ``counts`` (group id -> kept channels)."""
-        return self.dense_ms - sum(layer.dense_ms - layer.ms(counts, self.sizes) for layer in self.layers)
+        return self.dense_ms - self.scale * sum(layer.dense_ms - layer.ms(counts, self.sizes) for layer in self.layers)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": TABLE_VERSION, "profile": self.profile, "dense_ms": self.dense_ms, "measure_s": self.measure_s,
@@ -379,7 +385,7 @@ def latency_table(view: GraphView, analysis: Analysis, group_ids: Sequence[int],
     if not layers:
         raise OnnxPruneError("latency-aware allocation: no prunable group resizes a Conv/Gemm/MatMul weight here")
     tprof = table_profile(profile)
-    batch = int(view.shape(by_name_input(view, layers[0]))[0])
+    batch = int(view.shape(_activation_input(view, layers[0]))[0])
     opset = [o for o in view.model.opset_import if o.domain in ("", "ai.onnx")]
     variants = _plan_variants(layers)
     with tempfile.TemporaryDirectory(prefix="onnxprune-lat-") as tmp:
@@ -390,9 +396,9 @@ def latency_table(view: GraphView, analysis: Analysis, group_ids: Sequence[int],
                 i, side, w = tags[tag]
                 (layers[i].out_curve if side == "out" else layers[i].in_curve).append((w, ms))
     for layer in layers:
-        layer.out_curve = monotone(layer.out_curve)
-        if layer.in_curve:  # the full width is the out curve's last point
-            layer.in_curve = monotone(layer.in_curve + [(layer.in_full, layer.dense_ms)])
+        layer.out_curve.sort()
+        if layer.in_curve:  # the full width is the out curve's widest point
+            layer.in_curve = sorted(layer.in_curve + [(layer.in_full, layer.out_curve[-1][1])])
     dense = _dense_ms(dense_path, tprof, input_shapes)
     table = LatencyTable(profile=profile.name, dense_ms=float(dense), layers=layers, sizes=sizes,
                          measure_s=time.perf_counter() - start)
