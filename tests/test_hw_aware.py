@@ -117,3 +117,18 @@ def test_pareto_and_latency_plot_use_the_interleaved_speedup():
     assert point_latency(report, report["points"][1], "cpu") == pytest.approx(0.031 / 1.6)
     assert point_latency(report, report["points"][2], "cpu") is None  # separate profiles: not ranked
     assert latency_pareto(report, "cpu") == ["structured-0.5", "dense"]
+
+
+def test_per_node_summary_keeps_each_kernels_fastest_run():
+    from onnx import TensorProto, helper
+
+    from onnxprune.profiling.pernode import summarize
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="A"), helper.make_node("Relu", ["y"], ["z"], name="B")],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1])])
+    kernels = [{"node": "A", "op_type": "Relu", "provider": "cpu", "us": us} for us in (100.0, 900.0)]
+    kernels += [{"node": "B", "op_type": "Relu", "provider": "cpu", "us": us} for us in (50.0, 30.0)]
+    s = summarize(kernels, 2, helper.make_model(g), top=1)  # a pre-empted run of A: 900 us
+    assert s["kernel_ms_per_run"] == pytest.approx(0.54) and s["kernel_ms_min"] == pytest.approx(0.13)
+    assert s["top_nodes"][0]["ms_per_run"] == pytest.approx(0.5) and s["top_nodes"][0]["ms_min"] == pytest.approx(0.1)
