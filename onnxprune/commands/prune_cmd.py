@@ -19,6 +19,8 @@ STRUCTURED_SCOPES = ("local", "global")
 UNSTRUCTURED_CRITERIA = ("magnitude", "random", "lamp", "magnitude_x_gradient")
 UNSTRUCTURED_SCOPES = ("global", "layer")
 GRADIENT_CRITERIA = ("taylor", "magnitude_x_gradient")
+#: modes whose summary has gzip sizes unless --no-gzip: zeros compress, so gzip is their size gain
+GZIP_BY_DEFAULT = ("unstructured", "nm")
 BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "torch-cpu", "torch-cuda")
 
 # flag -> modes that accept it (click parameter name, shown name)
@@ -26,6 +28,8 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
     "ratio": ("--ratio", ("structured",)),
     "target_macs": ("--target-macs", ("structured",)),
     "target_params": ("--target-params", ("structured",)),
+    "target_latency": ("--target-latency", ("structured",)),
+    "target_speedup": ("--target-speedup", ("structured",)),
     "round_to": ("--round-to", ("structured",)),
     "min_keep": ("--min-keep", ("structured",)),
     "max_ratio": ("--max-ratio", ("structured",)),
@@ -50,6 +54,10 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
 @click.option("--ratio", default=None, metavar="R", help="[structured] fraction of channels removed.")
 @click.option("--target-macs", default=None, metavar="F", help="[structured] fraction of MACs kept.")
 @click.option("--target-params", default=None, metavar="F", help="[structured] fraction of params kept.")
+@click.option("--target-latency", default=None, metavar="MS",
+              help="[structured] p50 latency to reach on the --hw profile (latency-aware allocation, measured).")
+@click.option("--target-speedup", default=None, metavar="X",
+              help="[structured] speedup over the dense model to reach on the --hw profile (measured, interleaved).")
 @click.option("--round-to", default=None, metavar="N", help="[structured] kept channel counts are multiples of N.")
 @click.option("--min-keep", default=None, metavar="K", help="[structured] keep at least K channels per group.")
 @click.option("--max-ratio", default=None, metavar="F", help="[structured] remove at most this fraction of any group.")
@@ -65,8 +73,13 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
 @click.option("--ignore", multiple=True, metavar="PATTERN", help="Leave layers whose node name matches this glob (repeatable).")
 @click.option("--sparse-storage", is_flag=True, help="[unstructured, N:M] store weights as sparse initializers where smaller.")
 @click.option("--seed", default=None, metavar="S", help="Seed of the random criterion (default 0).")
-@click.option("--hw", default=None, metavar="PROFILE", help="Hardware profile or backend the speed note is about (default ort-cpu).")
+@click.option("--hw", default=None, metavar="PROFILE",
+              help="Hardware profile or backend the speed note is about (default ort-cpu); with --structured, the "
+                   "profile's channel_multiple is the default --round-to.")
 @click.option("--data", default=None, metavar="SPEC", help="Dataset for gradient criteria (taylor, magnitude_x_gradient).")
+@click.option("--gzip/--no-gzip", "gzip", default=None,
+              help="Measure gzip sizes of input and output (default: on for --unstructured/--nm, where zeros "
+                   "compress; off for --structured, where it says nothing and costs seconds on large models).")
 @json_option
 def prune_cmd(model: str, output: str | None, structured: bool, unstructured: bool, nm: str | None, as_json: bool,
               **opts: Any) -> None:
@@ -95,17 +108,13 @@ def prune_cmd(model: str, output: str | None, structured: bool, unstructured: bo
     else:
         result = _nm(model, nm or "", opts, backend, cc, precision, sparse_weights)
 
-    from concurrent.futures import ThreadPoolExecutor
-
     from ..model_io import file_bytes, save_model
-    from ..sparsity.storage import gzip_file_bytes
 
     save_model(result.model, output)
     summary = dict(result.summary)
-    with ThreadPoolExecutor(2) as pool:  # zlib releases the GIL: both files compress at once
-        gz_out, gz_in = pool.submit(gzip_file_bytes, output), pool.submit(gzip_file_bytes, model)
-        summary.update(output=str(output), file_bytes=file_bytes(output), gzip_bytes=gz_out.result(),
-                       input_file_bytes=file_bytes(model), input_gzip_bytes=gz_in.result())
+    summary.update(output=str(output), file_bytes=file_bytes(output), input_file_bytes=file_bytes(model))
+    want_gzip = opts["gzip"] if opts["gzip"] is not None else mode in GZIP_BY_DEFAULT
+    summary.update(zip(("gzip_bytes", "input_gzip_bytes"), _gzip_sizes(output, model) if want_gzip else (None, None)))
     if as_json:
         emit_json({"input": str(model), **summary})
     else:
@@ -115,12 +124,16 @@ def prune_cmd(model: str, output: str | None, structured: bool, unstructured: bo
 # ------------------------------------------------------------------------------------------ modes
 
 def _structured(model: str, opts: dict[str, Any]):
-    targets = {k: opts[k] for k in ("ratio", "target_macs", "target_params") if opts[k] is not None}
+    targets = {k: opts[k] for k in ("ratio", "target_macs", "target_params", "target_latency", "target_speedup")
+               if opts[k] is not None}
     if len(targets) != 1:
-        raise OnnxPruneError("--structured needs exactly one of --ratio R, --target-macs F, --target-params F")
+        raise OnnxPruneError("--structured needs exactly one of --ratio R, --target-macs F, --target-params F, "
+                             "--target-latency MS, --target-speedup X")
     (kind, raw), = targets.items()
     flag = _ONLY[kind][0]
     value = _number(raw, flag)
+    if kind in ("target_latency", "target_speedup"):
+        return _latency_target(model, opts, kind, value)
     if kind == "ratio" and not 0 <= value < 1:
         raise OnnxPruneError(f"{flag} must be in [0, 1) (fraction of channels removed), not {raw}")
     if kind != "ratio" and not 0 < value <= 1:
@@ -131,6 +144,14 @@ def _structured(model: str, opts: dict[str, Any]):
                               "ignore": tuple(opts["ignore"]), "seed": _int(opts["seed"], "--seed", 0)}
     if opts["round_to"] is not None:
         kwargs["round_to"] = _int(opts["round_to"], "--round-to", 1, minimum=1)
+    else:  # the profile's kernel-friendly channel multiple (an explicit --round-to wins)
+        from ..profiling.hw_profile import profile_channel_multiple
+
+        multiple, prof_name = profile_channel_multiple(opts["hw"])
+        if prof_name:
+            kwargs["round_to"] = multiple
+            opts["_round_to_note"] = (f"kept channel counts rounded to multiples of {multiple}: channel_multiple of "
+                                      f"hardware profile {prof_name} (--round-to N overrides)")
     if opts["min_keep"] is not None:
         kwargs["min_keep"] = _int(opts["min_keep"], "--min-keep", 1, minimum=1)
     if opts["max_ratio"] is not None:
@@ -149,7 +170,39 @@ def _structured(model: str, opts: dict[str, Any]):
         if exc.name and exc.name.startswith("onnxprune"):
             raise OnnxPruneError("structured pruning is not implemented in this version") from exc
         raise
-    return prune_structured(model, **kwargs)
+    result = prune_structured(model, **kwargs)
+    if "_round_to_note" in opts:
+        result.summary.setdefault("notes", []).append(opts["_round_to_note"])
+    return result
+
+
+def _latency_target(model: str, opts: dict[str, Any], kind: str, value: float):
+    """Latency-aware allocation on the --hw profile (``structured/latency_alloc.py``)."""
+    flag = _ONLY[kind][0]
+    if opts["hw"] is None or opts["hw"] in BACKENDS:
+        raise OnnxPruneError(f"{flag} needs --hw PROFILE: the hardware profile it is measured on (e.g. --hw ci-cpu)")
+    if opts["scope"] is not None:
+        raise OnnxPruneError(f"--scope does not apply to {flag}: the allocation ranks all groups together")
+    criterion = _choice(opts["criterion"], STRUCTURED_CRITERIA, "l1", "--criterion", "--structured")
+    kwargs: dict[str, Any] = {"criterion": criterion, "ignore": tuple(opts["ignore"]), "seed": _int(opts["seed"], "--seed", 0)}
+    if opts["round_to"] is not None:  # else the profile's channel_multiple
+        kwargs["round_to"] = _int(opts["round_to"], "--round-to", 1, minimum=1)
+    if opts["min_keep"] is not None:
+        kwargs["min_keep"] = _int(opts["min_keep"], "--min-keep", 1, minimum=1)
+    if opts["max_ratio"] is not None:
+        mr = _number(opts["max_ratio"], "--max-ratio")
+        if not 0 < mr < 1:
+            raise OnnxPruneError(f"--max-ratio must be in (0, 1), not {opts['max_ratio']}")
+        kwargs["max_ratio"] = mr
+    if opts["input_shape"]:
+        from ..shapes import parse_input_shapes
+
+        kwargs["input_shapes"] = parse_input_shapes(opts["input_shape"])
+    kwargs["gradients"] = _gradients(model, opts["data"], criterion)
+    from ..structured.latency_alloc import prune_for_latency
+
+    target = {"target_speedup": value} if kind == "target_speedup" else {"target_latency_ms": value}
+    return prune_for_latency(model, opts["hw"], **target, **kwargs)
 
 
 def _unstructured(model: str, opts: dict[str, Any], backend: str, cc, precision, sparse_weights):
@@ -198,6 +251,17 @@ def _refine_guidance(summary: dict[str, Any], method: str, backend: str, cc, pre
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+def _gzip_sizes(output: str, model: str) -> tuple[int, int]:
+    """gzip sizes of the output and input files, compressed at once (zlib releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..sparsity.storage import gzip_file_bytes
+
+    with ThreadPoolExecutor(2) as pool:
+        gz_out, gz_in = pool.submit(gzip_file_bytes, output), pool.submit(gzip_file_bytes, model)
+        return gz_out.result(), gz_in.result()
+
 
 def _reject_foreign(mode: str, opts: dict[str, Any]) -> None:
     """A flag of another mode is an error, not silently ignored."""
@@ -333,8 +397,11 @@ def _print_human(model: str, s: dict[str, Any]) -> None:
             con.print(f"  left whole: group {g.get('id')} ({escape(nodes)}): {escape(str(g.get('reason')))}")
         if len(unprunable) > 10:
             con.print(f"  ... and {len(unprunable) - 10} more groups left whole (see --json)")
-    con.print(f"size: {human(s['file_bytes'], 'B')} (gzip {human(s['gzip_bytes'], 'B')}); input "
-              f"{human(s['input_file_bytes'], 'B')} (gzip {human(s['input_gzip_bytes'], 'B')})")
+    def gz(key: str) -> str:
+        return "" if s.get(key) is None else f" (gzip {human(s[key], 'B')})"
+
+    con.print(f"size: {human(s['file_bytes'], 'B')}{gz('gzip_bytes')}; input {human(s['input_file_bytes'], 'B')}"
+              f"{gz('input_gzip_bytes')}")
     for note in s.get("notes", []):
         con.print(f"[dim]{escape(note)}[/dim]")
     for line in s.get("guidance", []):

@@ -62,6 +62,8 @@ def prune_to_latency(source: str | os.PathLike, stage: Stage, hw_profile, seed: 
                              f"(profiles: {hw_profile.name}); add it with --hw {lt.profile}")
     measure = measure or _measure_percentile(lt.percentile)
     results: dict[float, Any] = {}
+    if stage.hw is None:  # the probes' ratio targets drop the latency target: keep its profile's channel multiple
+        stage = stage.model_copy(update={"hw": lt.profile})
 
     def at(r: float) -> float:
         if r == 0.0:

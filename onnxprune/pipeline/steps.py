@@ -143,10 +143,25 @@ def is_identity(stage: Stage) -> bool:
                               or (t.kind in ("macs", "params") and t.value == 1))
 
 
+def stage_options(stage: Stage) -> dict[str, Any]:
+    """The stage's ``options``; for structured stages that name a hardware profile (``hw:``, or a
+    latency target's ``profile``), ``round_to`` defaults to the profile's ``channel_multiple``."""
+    kw = dict(stage.options)
+    t = stage.target
+    name = stage.hw or (t.latency.profile if t is not None and t.kind == "latency" else None)
+    if stage.kind == "structured" and "round_to" not in kw and name:
+        from ..profiling.hw_profile import profile_channel_multiple
+
+        multiple, from_profile = profile_channel_multiple(name)
+        if from_profile:
+            kw["round_to"] = multiple
+    return kw
+
+
 def prune_stage(source: str | os.PathLike | onnx.ModelProto, stage: Stage, seed: int,
                 gradients: Mapping[str, Any] | None = None, per_layer: Mapping[str, float] | None = None):
     """One stage, one shot: returns the owner's :class:`~onnxprune.pruning_result.PruneResult`."""
-    kw = dict(stage.options)
+    kw = stage_options(stage)
     if stage.ignore:
         kw["ignore"] = list(stage.ignore)
     if stage.kind == "nm":
@@ -207,7 +222,7 @@ def prune_gradually(source, data, stage: Stage, schedule_kind: str, steps: int, 
     if stage.kind == "nm":
         raise OnnxPruneError("N:M pruning is one shot (the pattern is fixed); use schedule kind one-shot")
     t = stage.target
-    kw: dict[str, Any] = {"criterion": stage.criterion, "ignore": list(stage.ignore), **stage.options}
+    kw: dict[str, Any] = {"criterion": stage.criterion, "ignore": list(stage.ignore), **stage_options(stage)}
     if stage.kind == "structured":
         kw.update(scope="local" if stage.scope == "layer" else "global", seed=seed)
         if t.kind == "macs":

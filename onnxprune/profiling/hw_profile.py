@@ -86,6 +86,10 @@ class HwProfile(_Strict):
     #: measured on another architecture are labelled ``emulated``
     arch: str | None = None
     gpu: GpuSpec | None = None
+    #: kept channel counts are multiples of this when structured pruning targets the profile (the
+    #: default ``--round-to``): the runtime's fast kernels work on channel blocks (ONNX Runtime CPU's
+    #: NCHWc convs on 8; fp16 tensor cores want 8-16, TensorRT picks best on 16-32); None = any count
+    channel_multiple: int | None = Field(None, ge=1)
     notes: list[str] = Field(default_factory=list)
     #: measure on this device over SSH (``USER@HOST[:PORT]`` or a ``~/.ssh/config`` alias; see profiling.remote)
     remote: str | None = None
@@ -174,6 +178,15 @@ class HwProfile(_Strict):
 
     def label(self) -> str:
         return f"{self.name} ({self.source})" if self.source else self.name
+
+
+def profile_channel_multiple(name_or_path: "str | os.PathLike | HwProfile | None") -> tuple[int, str | None]:
+    """(kept-channel multiple, profile name) of a profile; ``(1, None)`` for ``None``, a plain backend
+    name, or a profile without ``channel_multiple``."""
+    if name_or_path is None or str(name_or_path) in PRECISIONS:
+        return 1, None
+    prof = load_hw_profile(name_or_path)
+    return (prof.channel_multiple, prof.name) if prof.channel_multiple else (1, None)
 
 
 def shipped_profiles() -> dict[str, Path]:

@@ -128,6 +128,8 @@ class Stage(_Strict):
         None, description="explicit per-layer/group ratios, or 'sensitivity' to derive them from the sensitivity analysis")
     ignore: list[str] = Field(default_factory=list, description="node names never pruned")
     options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the pruning function")
+    hw: str | None = Field(None, description="hardware profile the stage prunes for: its channel_multiple is the default "
+                                            "round_to of structured pruning (a latency target's profile counts too)")
 
     @field_validator("criterion")
     @classmethod

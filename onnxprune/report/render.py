@@ -99,7 +99,7 @@ def blocks(report: Mapping[str, Any]) -> list[Block]:
         out.append(("h", 2, "What gets faster, and what does not"))
         out.append(("list", list(report["guidance"])))
     if report.get("pareto"):
-        out.append(("h", 2, "Pareto front (accuracy vs measured p50 latency)"))
+        out.append(("h", 2, "Pareto front (accuracy vs measured latency: dense p50 / interleaved speedup)"))
         out.append(("list", [f"{prof}: {' → '.join(ids) or 'n/a'}" for prof, ids in report["pareto"].items()]))
     if report.get("plots"):
         out.append(("h", 2, "Plots"))

@@ -15,7 +15,8 @@ Top level::
     dense               Point: the input model evaluated and profiled as is (the control)
     dense_finetuned     Point or null: the dense model fine-tuned with the same budget (retrain.finetune_dense)
     points              [Point]: one per method x operating point, seeds aggregated
-    pareto              {profile: [point ids on the accuracy-vs-latency Pareto front, dense included]}
+    pareto              {profile: [point ids on the accuracy-vs-latency Pareto front, dense included; latency =
+                         dense p50 / speedup timed interleaved with the dense model]}
     sensitivity         null or {kind, criterion, ratios, baseline_top1, csv, rows [{group, nodes, channels,
                          ratio, top1, drop, latency_ms {profile: p50}}], per_layer_ratios {group: ratio}}
     guidance            [statements on what will and will not get faster, e.g. unstructured on CPU]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -154,7 +154,10 @@ def prune_structured(source: str | os.PathLike | onnx.ModelProto, *, ratio: floa
 
 def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: float, criterion: str, scope: str,
                     limits: Limits, ignore: tuple[str, ...], seed: int,
-                    gradients: Mapping[str, np.ndarray] | None) -> PruneResult:
+                    gradients: Mapping[str, np.ndarray] | None,
+                    plan_of: "Callable[[list[Group], dict[int, np.ndarray]], KeepPlan] | None" = None) -> PruneResult:
+    """``plan_of(groups, scores)``, when given, chooses the kept channels itself (latency-aware
+    allocation) instead of the ratio / target search."""
     notes = list(prep.notes)
     params_before, macs_before = _measure(prep.view)
     if kind == "macs" and not macs_before:
@@ -186,7 +189,9 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
         groups = [g for g in groups if g.id not in dropped]
 
     search = None
-    if kind == "ratio":
+    if plan_of is not None:
+        plan, used_ratio = plan_of(groups, scores), value
+    elif kind == "ratio":
         if value > limits.max_ratio:
             notes.append(f"ratio {value:g} is above the per-group maximum {limits.max_ratio:g}: groups stop there")
         plan, used_ratio = plan_for(value), value
