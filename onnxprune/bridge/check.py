@@ -67,7 +67,7 @@ def ort_session(model: onnx.ModelProto, *, optimize: bool = True):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # its error is raised with the reason: nothing extra on stderr
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
