@@ -28,7 +28,7 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     """A copy of ``model`` whose graph also outputs ``names`` (intermediate tensors)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
+    have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}  # inputs: read from the feed
     dtypes = value_dtypes(onnx.shape_inference.infer_shapes(_skeleton(m)))
     for name in names:
         if name not in have:
@@ -118,7 +118,8 @@ def collect_stats(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], laye
     graph_outs = [o.name for o in model.graph.output]
     tensors = list(dict.fromkeys([t for l in layers for t in (l.x, l.y)]))
     sess = session(with_outputs(model, tensors))
-    names = list(dict.fromkeys(graph_outs + tensors))
+    feeds = {i.name for i in model.graph.input}
+    names = [t for t in dict.fromkeys(graph_outs + tensors) if t not in feeds]
     stats = {}
     for l in layers:
         w = shapes[l.weight]
@@ -130,7 +131,7 @@ def collect_stats(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], laye
     done = 0
     with progress_bar(n, "calibration: collecting activations", progress) as advance:
         for b in batches(inputs, bs):
-            got = dict(zip(names, sess.run(names, b)))
+            got = {**b, **dict(zip(names, sess.run(names, b)))}
             for l in layers:
                 x, y = l.rows(got[l.x], got[l.y], per_sample, rng)
                 stats[l.node].add(x, y)

@@ -34,9 +34,9 @@ class ModelEditor:
             name, k = f"{base}_{k}", k + 1
         return name
 
-    def add_bias(self, node_name: str, bias: np.ndarray, dtype) -> None:
+    def add_bias(self, node: onnx.NodeProto, bias: np.ndarray, dtype) -> None:
         """Give a Conv/Gemm (as input 2) or MatMul (an Add after it) the bias ``bias``."""
-        node = self.nodes[node_name]
+        node_name = node.name or node.output[0]
         name = self.fresh_name(f"{node_name}.calibration_bias")
         t = numpy_helper.from_array(np.ascontiguousarray(bias.astype(dtype)), name)
         self.model.graph.initializer.append(t)
@@ -54,3 +54,14 @@ class ModelEditor:
         at = nodes.index(node) + 1
         self.model.graph.node.insert(at, add)
         self.nodes[add.name] = self.model.graph.node[at]
+
+
+def write_layer(ed: ModelEditor, layer, node: onnx.NodeProto, a: np.ndarray, shape: tuple[int, ...], dtype) -> None:
+    """Write the affine map ``a`` (weights transposed, bias last row; see :mod:`.fit`) into ``layer``'s
+    weight (of ``shape``) and bias, adding a bias where the layer had none and one is needed."""
+    ed.set(layer.weight, layer.weight_from(a[:-1].T, shape, dtype))
+    bias = a[-1] / layer.beta
+    if layer.bias is not None and layer.bias in ed.inits:
+        ed.set(layer.bias, bias.reshape(tuple(ed.inits[layer.bias].dims)))
+    elif np.any(bias != 0):
+        ed.add_bias(node, bias, dtype)

@@ -10,8 +10,8 @@ import numpy as np
 
 from .stats import RowStats
 
-#: ridge strength relative to the mean input energy: enough to keep a fit from a few thousand rows
-#: well-posed, small enough not to bias it (errors are reported, so a bad fit shows)
+#: ridge strength relative to each input column's energy (scale-invariant): enough to keep a fit
+#: from a few thousand rows well-posed, small enough not to bias it (errors are reported)
 DEFAULT_RIDGE = 1e-3
 
 
@@ -27,8 +27,8 @@ def ridge_fit(st: RowStats, cols: np.ndarray, outs: np.ndarray, ridge: float = D
     idx = np.append(cols, st.d)
     s = st.s[np.ix_(idx, idx)].copy()
     k = len(cols)
-    scale = float(np.trace(st.covariance(cols))) / max(k, 1) * st.n if k else 0.0
-    s[np.arange(k), np.arange(k)] += ridge * (scale if scale > 0 else 1.0)
+    diag = s[np.arange(k), np.arange(k)]
+    s[np.arange(k), np.arange(k)] = np.where(diag > 0, diag * (1 + ridge), 1.0)
     rhs = st.p[np.ix_(idx, outs)]
     try:
         return np.linalg.solve(s, rhs)

@@ -18,7 +18,7 @@ from ..channels.rewrite import validate_plan
 from ..channels.types import Analysis, KeepPlan
 from ..graph import GraphView
 from .collect import DEFAULT_ROWS, collect_stats, run
-from .edit import ModelEditor
+from .edit import ModelEditor, write_layer
 from .fit import DEFAULT_RIDGE, as_affine, channel_energy, rel_error, ridge_fit, shift_fit
 from .layers import Layer, layer_of
 from .stats import RowStats
@@ -176,7 +176,7 @@ class StructuredCalibration:
             return entry
         if method == "refit":
             a = ridge_fit(st, cols, outs, self.ridge)
-            self._write(l, ed, a, pshape, wdense.dtype)
+            write_layer(ed, l, ed.nodes[l.node], a, pshape, wdense.dtype)
             entry.update(method="refit")
         else:
             bn = self._bn_after(l, ed)
@@ -185,7 +185,7 @@ class StructuredCalibration:
                 self._shift_bn(ed, bn, r, c)
                 entry.update(method="bn_shift", bn=bn.name)
             else:
-                self._write(l, ed, np.vstack([a0[:-1], a[-1:]]), pshape, wdense.dtype)
+                write_layer(ed, l, ed.nodes[l.node], a, pshape, wdense.dtype)
                 entry.update(method="bias_shift")
         entry["error_after"] = rel_error(st, cols, outs, a)
         return entry
@@ -207,16 +207,6 @@ class StructuredCalibration:
         # gamma * (r x + c - mean) / sigma + beta = (gamma r) (x - mean) / sigma + beta + gamma (c + (r - 1) mean) / sigma
         ed.set(bn.input[1], gamma * r)
         ed.set(bn.input[2], beta + gamma * (c + (r - 1) * mean) / sigma)
-
-    @staticmethod
-    def _write(l: Layer, ed: ModelEditor, a: np.ndarray, pshape, dtype) -> None:
-        ed.set(l.weight, l.weight_from(a[:-1].T, pshape, dtype))
-        bias = a[-1]
-        if l.bias is not None and l.bias in ed.inits:
-            old = ed.inits[l.bias]
-            ed.set(l.bias, (bias / l.beta).reshape(tuple(old.dims)))
-        elif np.any(bias != 0):
-            ed.add_bias(l.node, bias / l.beta if l.op_type == "Gemm" else bias, dtype)
 
 
 def _columns(wshape, l: Layer) -> int:
