@@ -19,6 +19,9 @@ from ..shapes import value_dtypes
 from .layers import Layer
 from .stats import RowStats
 
+#: activations one batch may expose (bytes): the batch size follows from the layers' tensor sizes
+BATCH_BYTES = 256 * 2**20
+
 #: total sampled rows per layer (spread over the samples); enough for a well-posed ridge fit of the
 #: usual layer widths, small enough that collecting stays a fraction of one forward pass
 DEFAULT_ROWS = 4096
@@ -104,6 +107,20 @@ def run(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], *, batch_size:
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def _batch_size(model: onnx.ModelProto, tensors: Sequence[str], inputs: Mapping[str, np.ndarray], most: int) -> int:
+    """Samples per batch such that the exposed activations of one batch stay within :data:`BATCH_BYTES`
+    (shapes inferred for one sample of the calibration data's size)."""
+    from ..shapes import fix_input_shapes, infer_value_shapes
+
+    try:
+        fixed = fix_input_shapes(_skeleton(model), {k: (1,) + tuple(v.shape[1:]) for k, v in inputs.items()})
+        shapes = infer_value_shapes(fixed)
+    except Exception:  # noqa: BLE001 - sizing is a heuristic: fall back to the default
+        return most
+    per = sum(4 * math.prod(int(d) for d in shapes[t] if isinstance(d, int)) for t in tensors if shapes.get(t))
+    return max(1, min(most, BATCH_BYTES // max(per, 1)))
+
+
 def collect_stats(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], layers: Sequence[Layer],
                   shapes: Mapping[str, tuple[int, ...]], *, full: bool = True, rows: int = DEFAULT_ROWS,
                   keep_outputs: int = 0, batch_size: int = 16, seed: int = 0,
@@ -127,7 +144,7 @@ def collect_stats(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], laye
         stats[l.node] = RowStats(d=int(d), out=int(w[l.out_axis]), full=full)
     kept: dict[str, list[np.ndarray]] = {k: [] for k in graph_outs}
     rng = np.random.default_rng(seed)
-    bs = fixed_batch(model) or batch_size
+    bs = fixed_batch(model) or _batch_size(model, tensors, inputs, batch_size)
     done = 0
     with progress_bar(n, "calibration: collecting activations", progress) as advance:
         for b in batches(inputs, bs):
