@@ -62,7 +62,8 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
               help="[unstructured, global] every layer keeps at least this fraction of its weights.")
 @click.option("--scope", default=None, metavar="SCOPE", help="structured: local|global; unstructured: global|layer.")
 @click.option("--criterion", default=None, metavar="NAME",
-              help="structured: l1|l2|bn|fpgm|lamp|random|taylor; unstructured: magnitude|random|lamp|magnitude_x_gradient.")
+              help="structured: l1|l2|bn|fpgm|lamp|random|taylor|activation; unstructured: "
+                   "magnitude|random|lamp|magnitude_x_gradient|wanda; N:M: magnitude|wanda.")
 @click.option("--exclude-first", is_flag=True, help="[unstructured, N:M] leave the first layer(s) dense.")
 @click.option("--exclude-last", is_flag=True, help="[unstructured, N:M] leave the last layer(s) (classifier) dense.")
 @click.option("--ignore", multiple=True, metavar="PATTERN", help="Leave layers whose node name matches this glob (repeatable).")
