@@ -263,17 +263,3 @@ def test_constant_of_a_removed_channel_moves_into_the_consumer_bias(method):
 
     assert rel(plain.model) > 0.05
     assert rel(r.model) < (1e-5 if method == "bn" else 3e-3)  # refit: only the ridge's slight shrinkage
-
-
-def test_row_stats_gram_is_full_whenever_read():
-    from onnxprune.calibration.stats import RowStats
-
-    rng = np.random.default_rng(0)
-    st = RowStats(d=5, out=2)
-    xs = [rng.normal(size=(7, 5)) for _ in range(3)]
-    st.add(xs[0], xs[0][:, :2])
-    _ = st.s  # read mid-way
-    for x in xs[1:]:
-        st.add(x, x[:, :2])
-    z = np.c_[np.concatenate(xs), np.ones(21)]
-    assert np.allclose(st.s, z.T @ z, atol=1e-4)

@@ -158,6 +158,4 @@ def collect_stats(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], laye
             done += len(next(iter(b.values())))
             del got
             advance(len(next(iter(b.values()))))
-    for st in stats.values():
-        st.finish()
     return stats, {k: np.concatenate(v) for k, v in kept.items() if v}

@@ -11,22 +11,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-def _syrk():
-    try:  # scipy (installed with the [train] extra) has BLAS syrk: Z^T Z at half the work of a matmul
-        from scipy.linalg.blas import ssyrk
-    except ImportError:
-        return None
-    return ssyrk
-
-
-_SYRK = _syrk()
-
-
-def _gram(z: np.ndarray) -> np.ndarray:
-    """``z.T @ z`` (upper triangle only when BLAS syrk is available)."""
-    return _SYRK(1.0, z, trans=1) if _SYRK is not None else z.T @ z
-
-
 @dataclass
 class RowStats:
     """Running ``S``, ``P``, ``yy`` and row count of one layer (float64)."""
@@ -35,14 +19,13 @@ class RowStats:
     out: int  # output channels
     full: bool = True  # False: only the diagonal of S (wanda needs no more; d may be huge)
     n: int = 0
-    _s: np.ndarray = field(init=False, repr=False)
+    s: np.ndarray = field(init=False)
     p: np.ndarray = field(init=False)
     yy: np.ndarray = field(init=False)
     xsum: np.ndarray = field(init=False)
-    _upper: bool = field(init=False, default=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._s = np.zeros((self.d + 1, self.d + 1) if self.full else (self.d + 1,))
+        self.s = np.zeros((self.d + 1, self.d + 1) if self.full else (self.d + 1,))
         self.p = np.zeros((self.d + 1, self.out)) if self.full else np.zeros((1, self.out))
         self.yy = np.zeros(self.out)
         self.xsum = np.zeros(self.d)
@@ -50,37 +33,17 @@ class RowStats:
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float32)
         y = np.asarray(y, dtype=np.float32)
-        first = self.n == 0
         self.n += len(x)
         if self.full:
-            z = np.empty((len(x), self.d + 1), np.float32, order="F")  # column-major: what BLAS syrk reads
-            z[:, :-1] = x
-            z[:, -1] = 1.0
-            g = _gram(z)  # float32 products per batch, accumulated in float64
-            if _SYRK is not None and not first and not self._upper:  # S was completed already: keep it full
-                g = np.triu(g) + np.triu(g, 1).T
-            elif first:
-                self._upper = _SYRK is not None
-            self._s += g
+            z = np.concatenate([x, np.ones((len(x), 1), np.float32)], axis=1)
+            self.s += z.T @ z  # float32 products per batch, accumulated in float64
             self.p += z.T @ y
         else:
-            self._s[:-1] += np.einsum("ij,ij->j", x, x, dtype=np.float64)
-            self._s[-1] += len(x)
+            self.s[:-1] += np.einsum("ij,ij->j", x, x, dtype=np.float64)
+            self.s[-1] += len(x)
             self.p[0] += y.sum(0, dtype=np.float64)
         self.xsum += x.sum(0, dtype=np.float64)
         self.yy += np.einsum("ij,ij->j", y, y, dtype=np.float64)
-
-    def finish(self) -> None:
-        """Complete ``S`` (the fast Gram fills its upper triangle only); done on first read anyway."""
-        if self._upper:
-            self._s = np.triu(self._s) + np.triu(self._s, 1).T
-            self._upper = False
-
-    @property
-    def s(self) -> np.ndarray:
-        """``Z.T Z`` (full, symmetric), or its diagonal when not ``full``."""
-        self.finish()
-        return self._s
 
     # ---- views
     @property
