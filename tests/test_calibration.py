@@ -263,3 +263,44 @@ def test_constant_of_a_removed_channel_moves_into_the_consumer_bias(method):
 
     assert rel(plain.model) > 0.05
     assert rel(r.model) < (1e-5 if method == "bn" else 3e-3)  # refit: only the ridge's slight shrinkage
+
+
+def test_recipe_recover_stage_calibrates_structured_points(tmp_path):
+    """``recover: {calibrate: true}`` in a recipe: the structured point is calibrated on the data's inputs
+    (labels unused) and its report entry carries the before/after output error."""
+    import torch
+
+    from onnxprune.demo_model import build_digits_cnn
+    from onnxprune.pipeline.run import run_recipe
+    from onnxprune.recipes import load_recipe
+    from onnxprune.torch_export import export_torch
+
+    torch.manual_seed(0)
+    model = tmp_path / "m.onnx"
+    export_torch(build_digits_cnn(width=4), [torch.zeros(1, 1, 8, 8)], model)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: rec\ndata: digits\nrecover: {calibrate: true, samples: 64}\n"
+                      "sweep: {methods: [{name: l1, kind: structured, points: [{ratio: 0.5}]}]}\n")
+    assert load_recipe(recipe).recover.samples == 64
+    rep = run_recipe(recipe, model, tmp_path / "out")
+    (point,) = rep["points"]
+    found = []
+
+    def walk(o):
+        if isinstance(o, dict):
+            if "calibration" in o and isinstance(o["calibration"], dict) and "outputs" in o["calibration"]:
+                found.append(o["calibration"])
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+
+    walk(point)
+    assert found and found[0]["samples"] == 64
+    for out in found[0]["outputs"].values():
+        assert out["rel_l2_after"] < out["rel_l2_before"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: b\nrecover: {calibrate: true, samplez: 3}\nstages: [{kind: structured, target: {ratio: 0.5}}]\n")
+    with pytest.raises(OnnxPruneError, match="samplez"):
+        load_recipe(bad)

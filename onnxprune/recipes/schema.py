@@ -268,6 +268,16 @@ class Sensitivity(_Strict):
         return sorted(set(v))
 
 
+class Recover(_Strict):
+    """Recovering accuracy without training (``prune --calibrate``): after each structured stage the
+    layers reading pruned channels are re-fitted toward the dense model on unlabeled inputs taken
+    from the recipe's data (labels unused). Runs before any retraining, which then starts closer."""
+
+    calibrate: bool = Field(False, description="calibrate structured stages on the data (numpy + ONNX Runtime)")
+    samples: int = Field(256, ge=1, description="calibration samples taken from the data's training split")
+    method: Literal["refit", "bn"] = Field("refit", description="refit: least squares; bn: relative BN/bias shift only")
+
+
 class Recipe(_Strict):
     """A whole run: methods x operating points x seeds, retrained alike, measured alike."""
 
@@ -284,6 +294,7 @@ class Recipe(_Strict):
     profiling: Profiling = Field(default_factory=Profiling)
     sweep: Sweep = Field(default_factory=Sweep)
     sensitivity: Sensitivity = Field(default_factory=Sensitivity)
+    recover: Recover = Field(default_factory=Recover)
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
