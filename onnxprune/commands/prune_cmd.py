@@ -14,9 +14,10 @@ import click
 from ..errors import OnnxPruneError
 from .common import emit_json, human, json_option, model_argument
 
-STRUCTURED_CRITERIA = ("l1", "l2", "bn", "fpgm", "lamp", "random", "taylor")
+STRUCTURED_CRITERIA = ("l1", "l2", "bn", "fpgm", "lamp", "random", "taylor", "activation")
 STRUCTURED_SCOPES = ("local", "global")
-UNSTRUCTURED_CRITERIA = ("magnitude", "random", "lamp", "magnitude_x_gradient")
+UNSTRUCTURED_CRITERIA = ("magnitude", "random", "lamp", "magnitude_x_gradient", "wanda")
+NM_CRITERIA = ("magnitude", "wanda")
 UNSTRUCTURED_SCOPES = ("global", "layer")
 GRADIENT_CRITERIA = ("taylor", "magnitude_x_gradient")
 #: modes whose summary has gzip sizes unless --no-gzip: zeros compress, so gzip is their size gain
@@ -36,12 +37,13 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
     "sparsity": ("--sparsity", ("unstructured",)),
     "min_threshold": ("--min-threshold", ("unstructured",)),
     "scope": ("--scope", ("structured", "unstructured")),
-    "criterion": ("--criterion", ("structured", "unstructured")),
+    "criterion": ("--criterion", ("structured", "unstructured", "nm")),
     "seed": ("--seed", ("structured", "unstructured")),
     "data": ("--data", ("structured", "unstructured")),
     "exclude_first": ("--exclude-first", ("unstructured", "nm")),
     "exclude_last": ("--exclude-last", ("unstructured", "nm")),
     "sparse_storage": ("--sparse-storage", ("unstructured", "nm")),
+    "reconstruct": ("--reconstruct", ("unstructured", "nm")),
 }
 
 
@@ -67,7 +69,8 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
               help="[unstructured, global] every layer keeps at least this fraction of its weights.")
 @click.option("--scope", default=None, metavar="SCOPE", help="structured: local|global; unstructured: global|layer.")
 @click.option("--criterion", default=None, metavar="NAME",
-              help="structured: l1|l2|bn|fpgm|lamp|random|taylor; unstructured: magnitude|random|lamp|magnitude_x_gradient.")
+              help="structured: l1|l2|bn|fpgm|lamp|random|taylor|activation; unstructured: "
+                   "magnitude|random|lamp|magnitude_x_gradient|wanda; N:M: magnitude|wanda.")
 @click.option("--exclude-first", is_flag=True, help="[unstructured, N:M] leave the first layer(s) dense.")
 @click.option("--exclude-last", is_flag=True, help="[unstructured, N:M] leave the last layer(s) (classifier) dense.")
 @click.option("--ignore", multiple=True, metavar="PATTERN", help="Leave layers whose node name matches this glob (repeatable).")
@@ -80,6 +83,12 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
 @click.option("--gzip/--no-gzip", "gzip", default=None,
               help="Measure gzip sizes of input and output (default: on for --unstructured/--nm, where zeros "
                    "compress; off for --structured, where it says nothing and costs seconds on large models).")
+@click.option("--calibrate", default=None, metavar="SPEC",
+              help="Unlabeled data: structured: re-fit the layers reading pruned channels toward the dense model; "
+                   "enables --criterion activation|wanda and --reconstruct.")
+@click.option("--calibration-samples", default=None, metavar="N", help="Samples taken from --calibrate (default 256).")
+@click.option("--reconstruct", is_flag=True,
+              help="[unstructured, N:M] with --calibrate: update the remaining weights to compensate the zeroed ones.")
 @json_option
 def prune_cmd(model: str, output: str | None, structured: bool, unstructured: bool, nm: str | None, as_json: bool,
               **opts: Any) -> None:
@@ -97,6 +106,7 @@ def prune_cmd(model: str, output: str | None, structured: bool, unstructured: bo
     from ..model_io import refuse_overwrite_input
 
     refuse_overwrite_input(model, output)
+    opts["progress"] = not as_json
 
     if mode == "structured":
         result = _structured(model, opts)
@@ -164,6 +174,11 @@ def _structured(model: str, opts: dict[str, Any]):
 
         kwargs["input_shapes"] = parse_input_shapes(opts["input_shape"])
     kwargs["gradients"] = _gradients(model, opts["data"], criterion)
+    inputs = _calibration_inputs(model, opts, criterion)
+    if inputs is not None:
+        from ..calibration import StructuredCalibration
+
+        kwargs["calibration"] = StructuredCalibration(inputs, progress=opts["progress"])
     try:
         from ..structured.prune import prune_structured
     except ModuleNotFoundError as exc:
@@ -217,17 +232,23 @@ def _unstructured(model: str, opts: dict[str, Any], backend: str, cc, precision,
         if not 0 <= min_threshold <= 1:
             raise OnnxPruneError(f"--min-threshold must be in [0, 1] (fraction of each layer kept), not {opts['min_threshold']}")
     criterion = _choice(opts["criterion"], UNSTRUCTURED_CRITERIA, "magnitude", "--criterion", "--unstructured")
-    scope = _choice(opts["scope"], UNSTRUCTURED_SCOPES, "global", "--scope", "--unstructured")
+    # wanda compares weights within a layer (activation norms differ in scale between layers)
+    scope = _choice(opts["scope"], UNSTRUCTURED_SCOPES, "layer" if criterion == "wanda" else "global", "--scope",
+                    "--unstructured")
     seed = _int(opts["seed"], "--seed", 0)
     gradients = _gradients(model, opts["data"], criterion)
+    cal = _weight_calibration(model, opts, criterion)
     from ..sparsity.prune import prune_unstructured
     from ..shapes import parse_input_shapes
 
     result = prune_unstructured(model, sparsity=sparsity, scope=scope, min_threshold=min_threshold, criterion=criterion,
                                 exclude_first=opts["exclude_first"], exclude_last=opts["exclude_last"],
                                 ignore=tuple(opts["ignore"]), seed=seed, gradients=gradients,
-                                sparse_storage=opts["sparse_storage"], backend=backend, gpu_compute_capability=cc,
-                                measure_size=False, input_shapes=parse_input_shapes(opts["input_shape"]))
+                                sparse_storage=opts["sparse_storage"] and cal is None, backend=backend,
+                                gpu_compute_capability=cc, measure_size=False,
+                                input_shapes=parse_input_shapes(opts["input_shape"]),
+                                activations=cal.norms() if criterion == "wanda" else None)
+    _reconstruct(result, cal, opts)
     _refine_guidance(result.summary, "unstructured", backend, cc, precision, sparse_weights)
     return result
 
@@ -237,9 +258,14 @@ def _nm(model: str, spec: str, opts: dict[str, Any], backend: str, cc, precision
     from ..sparsity.prune import parse_nm, prune_nm
 
     n, m = parse_nm(spec)
+    criterion = _choice(opts["criterion"], NM_CRITERIA, "magnitude", "--criterion", "--nm")
+    cal = _weight_calibration(model, opts, criterion)
     result = prune_nm(model, n=n, m=m, exclude_first=opts["exclude_first"], exclude_last=opts["exclude_last"],
-                      ignore=tuple(opts["ignore"]), sparse_storage=opts["sparse_storage"], backend=backend,
-                      gpu_compute_capability=cc, measure_size=False, input_shapes=parse_input_shapes(opts["input_shape"]))
+                      ignore=tuple(opts["ignore"]), sparse_storage=opts["sparse_storage"] and cal is None,
+                      backend=backend, gpu_compute_capability=cc, measure_size=False,
+                      input_shapes=parse_input_shapes(opts["input_shape"]),
+                      activations=cal.norms() if criterion == "wanda" else None)
+    _reconstruct(result, cal, opts)
     _refine_guidance(result.summary, "nm", backend, cc, precision, sparse_weights, nm=(n, m))
     return result
 
@@ -344,6 +370,66 @@ def _gradients(model: str, data: str | None, criterion: str):
     return weight_gradients(model, load_dataset(data))
 
 
+def _calibration_inputs(model: str, opts: dict[str, Any], criterion: str):
+    """The ``--calibrate`` samples (None without it); criteria that need them ask for it."""
+    if opts["calibrate"] is None:
+        if criterion in ("activation", "wanda") or opts.get("reconstruct"):
+            what = "--reconstruct" if opts.get("reconstruct") else f"criterion {criterion}"
+            raise OnnxPruneError(f"{what} needs calibration data: pass --calibrate SPEC (unlabeled inputs)")
+        if opts["calibration_samples"] is not None:
+            raise OnnxPruneError("--calibration-samples needs --calibrate SPEC")
+        return None
+    from ..calibration import calibration_inputs
+    from ..model_io import load_graph
+
+    n = _int(opts["calibration_samples"], "--calibration-samples", 256, minimum=1)
+    return calibration_inputs(opts["calibrate"], load_graph(model), n)
+
+
+def _weight_calibration(model: str, opts: dict[str, Any], criterion: str):
+    inputs = _calibration_inputs(model, opts, criterion)
+    if inputs is None:
+        return None
+    if criterion != "wanda" and not opts["reconstruct"]:
+        raise OnnxPruneError("--calibrate with --unstructured or --nm is used by --criterion wanda and --reconstruct: "
+                             "pass one of them")
+    from ..calibration.weights import WeightCalibration
+
+    return WeightCalibration(model, inputs, progress=opts["progress"])
+
+
+def _reconstruct(result, cal, opts: dict[str, Any]) -> None:
+    """``--reconstruct``: the pruned weights re-fitted in ``result`` (in place), then the sparse storage."""
+    if cal is None:
+        return
+    if opts["reconstruct"]:
+        result.model, result.summary["calibration"] = cal.reconstruct(result.model)
+    if opts["sparse_storage"]:
+        from ..sparsity.storage import to_sparse_storage
+
+        result.model, moved, storage_notes = to_sparse_storage(result.model, cal.weights)
+        result.summary.update(storage="sparse" if moved else "dense", sparse_initializers=moved)
+        result.summary.setdefault("notes", []).extend(storage_notes)
+
+
+def _print_calibration(con, cal: dict[str, Any]) -> None:
+    """Each re-fitted layer's output error relative to the dense model, before and after."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"calibration ({cal['method']}, {cal['samples']} samples, {cal['seconds']:.1f} s): "
+                        "output error relative to the dense model")
+    for col in ("node", "fix", "before", "after"):
+        table.add_column(col, justify="left" if col in ("node", "fix") else "right")
+    for layer in cal.get("layers", []):
+        table.add_row(escape(layer["node"]), layer["method"], f"{layer['error_before']:.4f}", f"{layer['error_after']:.4f}")
+    for name, o in cal.get("outputs", {}).items():
+        table.add_row(f"[bold]output {escape(name)}[/bold]", "", f"{o['rel_l2_before']:.4f}", f"{o['rel_l2_after']:.4f}")
+    con.print(table)
+    for sk in cal.get("skipped", []):
+        con.print(f"  {escape(sk['node'])}: {escape(sk['reason'])}")
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
@@ -397,6 +483,9 @@ def _print_human(model: str, s: dict[str, Any]) -> None:
             con.print(f"  left whole: group {g.get('id')} ({escape(nodes)}): {escape(str(g.get('reason')))}")
         if len(unprunable) > 10:
             con.print(f"  ... and {len(unprunable) - 10} more groups left whole (see --json)")
+    if s.get("calibration"):
+        _print_calibration(con, s["calibration"])
+
     def gz(key: str) -> str:
         return "" if s.get(key) is None else f" (gzip {human(s[key], 'B')})"
 

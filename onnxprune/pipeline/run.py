@@ -189,6 +189,8 @@ def _needs_data(recipe: Recipe) -> str:
         return "retraining"
     if recipe.sensitivity.enabled:
         return "sensitivity analysis"
+    if recipe.recover.calibrate:
+        return "calibration (recover.calibrate)"
     if any(s.criterion in steps.GRADIENT_CRITERIA for m in recipe.methods() for s in m.stages):
         return "gradient criteria"
     return ""
@@ -350,7 +352,9 @@ def run_one(ctx: Context, spec: RunSpec, dense: Path, sens: Mapping[str, Any] | 
         ctx.progress.step(f"{spec.id}: prune")
         key = {**cfg, "data": ctx.data_desc if _uses_data(spec) else None,
                "per_layer": per_layer if any(s.per_layer == "sensitivity" for s in spec.stages) else None,
-               "profiles": [p.model_dump() for p in ctx.profiles] if any(is_latency(s) for s in spec.stages) else None}
+               "profiles": [p.model_dump() for p in ctx.profiles] if any(is_latency(s) for s in spec.stages) else None,
+               **({"recover": ctx.recipe.recover.model_dump(), "recover_data": ctx.data_desc}
+                  if ctx.recipe.recover.calibrate else {})}
         prune_info = ctx.cache.run("prune", key, lambda: _prune_work(ctx, spec, dense, pruned, per_layer),
                                    inputs=[dense], outputs=[pruned])
         if spec.schedule.kind != "one-shot" and not retraining:
@@ -397,7 +401,8 @@ def _prune_work(ctx: Context, spec: RunSpec, dense: Path, out: Path, per_layer: 
                 pl = per_layer
             elif isinstance(stage.per_layer, dict):
                 pl = stage.per_layer
-            res = steps.prune_stage(source, stage, spec.seed, gradients=grads, per_layer=pl)
+            cal = None if pl is not None else steps.calibration_for(ctx.recipe.recover, ctx.data, stage, source, spec.seed)
+            res = steps.prune_stage(source, stage, spec.seed, gradients=grads, per_layer=pl, calibration=cal)
         summaries.append(steps.prune_summary(res.summary))
         source = res.model
     if isinstance(source, onnx.ModelProto):

@@ -158,9 +158,37 @@ def stage_options(stage: Stage) -> dict[str, Any]:
     return kw
 
 
+def calibration_for(recover, data, stage: Stage, source: str | os.PathLike | onnx.ModelProto, seed: int = 0):
+    """The ``recover: {calibrate: true}`` calibration of a structured stage on ``source`` (None
+    otherwise): up to ``recover.samples`` unlabeled inputs from the data's training split."""
+    if not recover.calibrate or stage.kind != "structured" or data is None:
+        return None
+    import numpy as np
+
+    from ..calibration import StructuredCalibration, calibration_inputs
+    from ..model_io import load_graph
+
+    split = data.split("train")
+    if split.x is not None:
+        x = split.x
+    else:
+        parts, n = [], 0
+        for xb, _ in split.batches():
+            parts.append(np.asarray(xb))
+            n += len(xb)
+            if n >= recover.samples:
+                break
+        x = np.concatenate(parts)
+    model = source if isinstance(source, onnx.ModelProto) else load_graph(source)
+    return StructuredCalibration(calibration_inputs(x, model, recover.samples, seed=seed), method=recover.method,
+                                 seed=seed)
+
+
 def prune_stage(source: str | os.PathLike | onnx.ModelProto, stage: Stage, seed: int,
-                gradients: Mapping[str, Any] | None = None, per_layer: Mapping[str, float] | None = None):
-    """One stage, one shot: returns the owner's :class:`~onnxprune.pruning_result.PruneResult`."""
+                gradients: Mapping[str, Any] | None = None, per_layer: Mapping[str, float] | None = None,
+                calibration: Any = None):
+    """One stage, one shot: returns the owner's :class:`~onnxprune.pruning_result.PruneResult`.
+    ``calibration``: see :func:`calibration_for` (structured stages)."""
     kw = stage_options(stage)
     if stage.ignore:
         kw["ignore"] = list(stage.ignore)
@@ -177,6 +205,8 @@ def prune_stage(source: str | os.PathLike | onnx.ModelProto, stage: Stage, seed:
         raise OnnxPruneError(f"stage {stage.kind} has no target")
     if stage.kind == "structured":
         st = _need("..structured.prune", "structured pruning")
+        if calibration is not None:
+            kw["calibration"] = calibration
         return st.prune_structured(source, criterion=stage.criterion, scope="local" if stage.scope == "layer" else "global",
                                    seed=seed, **structured_kwargs(stage.target), **kw)
     sp = _need("..sparsity.prune", "unstructured pruning")
@@ -200,6 +230,9 @@ def prune_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
                          for g in summary["groups"]]
     elif "layers" in summary:
         out["layers"] = [{"name": l["node"], "kept": 1.0 - l["sparsity"]} for l in summary["layers"]]
+    cal = summary.get("calibration")
+    if cal:  # recover.calibrate: the output error against the dense model before/after, and the cost
+        out["calibration"] = {k: cal[k] for k in ("method", "samples", "outputs", "seconds") if k in cal}
     return out
 
 

@@ -290,6 +290,16 @@ class Executor(_Strict):
         return {"kind": data} if isinstance(data, str) else data
 
 
+class Recover(_Strict):
+    """Recovering accuracy without training (``prune --calibrate``): after each structured stage the
+    layers reading pruned channels are re-fitted toward the dense model on unlabeled inputs taken
+    from the recipe's data (labels unused). Runs before any retraining, which then starts closer."""
+
+    calibrate: bool = Field(False, description="calibrate structured stages on the data (numpy + ONNX Runtime)")
+    samples: int = Field(256, ge=1, description="calibration samples taken from the data's training split")
+    method: Literal["refit", "bn"] = Field("refit", description="refit: least squares; bn: relative BN/bias shift only")
+
+
 class Recipe(_Strict):
     """A whole run: methods x operating points x seeds, retrained alike, measured alike."""
 
@@ -307,6 +317,7 @@ class Recipe(_Strict):
     sweep: Sweep = Field(default_factory=Sweep)
     sensitivity: Sensitivity = Field(default_factory=Sensitivity)
     executor: Executor = Field(default_factory=Executor)
+    recover: Recover = Field(default_factory=Recover)
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":

@@ -24,7 +24,7 @@ from ..prepare import Prepared, prepare
 from ..pruning_result import PruneResult
 from .allocate import floors, global_masks, layer_masks
 from .nm import nm_ineligible_reason, nm_keep_mask, satisfies_nm
-from .scores import CRITERIA, score_weights
+from .scores import CRITERIA, score_weights, wanda_products
 from .select import Prunable, select_weights
 from .storage import densify, serialized_sizes, to_sparse_storage
 
@@ -38,7 +38,8 @@ def prune_unstructured(source: Source, *, sparsity: float, scope: str = "global"
                        ignore: Iterable[str] = (), seed: int = 0, gradients: Mapping[str, np.ndarray] | None = None,
                        sparse_storage: bool = False, backend: str = "ort-cpu",
                        gpu_compute_capability: float | str | None = None, measure_size: bool = True,
-                       input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> PruneResult:
+                       input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                       activations: Mapping[str, np.ndarray] | None = None) -> PruneResult:
     """Zero the fraction ``sparsity`` of the prunable weights with the lowest ``criterion`` scores.
 
     ``scope="global"`` ranks all prunable weights together (``min_threshold``: every layer keeps at
@@ -61,7 +62,7 @@ def prune_unstructured(source: Source, *, sparsity: float, scope: str = "global"
     prunable, excluded = select_weights(p.view, exclude_first=exclude_first, exclude_last=exclude_last, ignore=ignore)
     _require(prunable, excluded)
     weights = [p.view.const(w.weight) for w in prunable]
-    scores = score_weights(criterion, prunable, weights, seed=int(seed), gradients=gradients)
+    scores = score_weights(criterion, prunable, weights, seed=int(seed), gradients=gradients, activations=activations)
     if scope == "global":
         keeps = global_masks(scores, sparsity, min_threshold)
     else:
@@ -94,8 +95,10 @@ def prune_unstructured(source: Source, *, sparsity: float, scope: str = "global"
 def prune_nm(source: Source, *, n: int, m: int, exclude_first: bool = False, exclude_last: bool = False,
              ignore: Iterable[str] = (), sparse_storage: bool = False, backend: str = "ort-cpu",
              gpu_compute_capability: float | str | None = None, measure_size: bool = True,
-             input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> PruneResult:
-    """Keep the ``n`` largest-magnitude weights in every run of ``m`` along each weight's reduction axis.
+             input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+             activations: Mapping[str, np.ndarray] | None = None) -> PruneResult:
+    """Keep the ``n`` largest-magnitude weights in every run of ``m`` along each weight's reduction axis
+    (with ``activations``, the ``n`` largest wanda scores ``|w| * ||X_j||``: see :func:`scores.wanda`).
 
     Layers whose reduction length is not a multiple of ``m`` stay dense and are listed in ``skipped``.
     """
@@ -108,7 +111,8 @@ def prune_nm(source: Source, *, n: int, m: int, exclude_first: bool = False, exc
     for pw, w in zip(prunable, weights):
         why = nm_ineligible_reason(pw, m)
         if why is None:
-            a = np.where(nm_keep_mask(w, n, m, pw.reduction_axis), w, np.zeros((), dtype=w.dtype))
+            ranked = w if activations is None else wanda_products([w], prunable=[pw], activations=activations)[0]
+            a = np.where(nm_keep_mask(ranked, n, m, pw.reduction_axis), w, np.zeros((), dtype=w.dtype))
         else:
             a = w
             skipped.append({"node": pw.node, "weight": pw.weight, "reason": why})
@@ -122,7 +126,7 @@ def prune_nm(source: Source, *, n: int, m: int, exclude_first: bool = False, exc
     eligible_size = sum(pw.size for pw, _ in eligible)
     eligible_zeros = sum(pw.size - s["nonzero"] for pw, s in eligible)
     summary: dict[str, Any] = {
-        "method": "nm", "criterion": "magnitude", "scope": "group", "pattern": f"{n}:{m}", "n": n, "m": m,
+        "method": "nm", "criterion": "magnitude" if activations is None else "wanda", "scope": "group", "pattern": f"{n}:{m}", "n": n, "m": m,
         "target_sparsity": 1 - n / m,
         "achieved_sparsity_eligible": eligible_zeros / eligible_size if eligible_size else 0.0,
     }

@@ -67,21 +67,56 @@ def magnitude_x_gradient(weights: Sequence[np.ndarray], *, prunable: Sequence[Pr
     return out
 
 
+def wanda(weights: Sequence[np.ndarray], *, prunable: Sequence[Prunable] = (),
+          activations: Mapping[str, np.ndarray] | None = None, **_: object) -> list[np.ndarray]:
+    """Wanda (Sun et al. 2023): ``|w| * ||X_j||_2``, the weight times the norm of the input channel it
+    reads on calibration data (``onnxprune.calibration.weights.input_norms``; ``--calibrate SPEC``),
+    compared within each output (its comparison group): the score is the weight's rank quantile in its
+    output row, so every output keeps the same share (a BatchNorm after the layer rescales outputs,
+    making magnitudes of different rows incomparable)."""
+    return [_row_quantiles(s, p) for s, p in zip(wanda_products(weights, prunable=prunable, activations=activations), prunable)]
+
+
+def wanda_products(weights: Sequence[np.ndarray], *, prunable: Sequence[Prunable] = (),
+                   activations: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """``|w| * ||X_j||_2`` per weight (the raw wanda metric, for ranking within N:M runs)."""
+    if activations is None:
+        raise OnnxPruneError("criterion wanda needs calibration data: pass --calibrate SPEC")
+    out = []
+    for p, w in zip(prunable, weights):
+        if p.weight not in activations:
+            raise OnnxPruneError(f"criterion wanda: no activations for layer {p.node!r} ({p.op_type})")
+        out.append(np.abs(w).astype(np.float64) * activations[p.weight])
+    return out
+
+
+def _row_quantiles(score: np.ndarray, p: Prunable) -> np.ndarray:
+    """Each score's rank in its output row, in (0, 1]."""
+    out_axis = 1 if p.reduction_axis == 0 else 0
+    rows = np.moveaxis(score, out_axis, 0)
+    flat = rows.reshape(rows.shape[0], -1)
+    q = np.empty_like(flat)
+    np.put_along_axis(q, np.argsort(flat, axis=1, kind="stable"), (np.arange(flat.shape[1]) + 1.0) / flat.shape[1], axis=1)
+    return np.moveaxis(q.reshape(rows.shape), 0, out_axis)
+
+
 #: criterion name -> score function
 CRITERIA: dict[str, ScoreFn] = {
     "magnitude": magnitude,
     "random": random,
     "lamp": lamp,
     "magnitude_x_gradient": magnitude_x_gradient,
+    "wanda": wanda,
 }
 
 
 def score_weights(criterion: str, prunable: Sequence[Prunable], weights: Sequence[np.ndarray], *, seed: int = 0,
-                  gradients: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+                  gradients: Mapping[str, np.ndarray] | None = None,
+                  activations: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
     """Scores of ``weights`` under ``criterion``; exact zeros get ``-inf``."""
     if criterion not in CRITERIA:
         raise OnnxPruneError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    scores = CRITERIA[criterion](weights, seed=seed, prunable=prunable, gradients=gradients)
+    scores = CRITERIA[criterion](weights, seed=seed, prunable=prunable, gradients=gradients, activations=activations)
     for s, w in zip(scores, weights):
         s[w == 0] = -np.inf
     return scores

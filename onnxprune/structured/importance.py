@@ -42,14 +42,19 @@ class ScoreInputs:
     node_inputs: Mapping[str, Sequence[str]] = field(default_factory=dict)  # node name -> input names
     gradients: Mapping[str, np.ndarray] | None = None  # initializer name -> dLoss/dW (taylor)
     seed: int = 0
+    #: consumer weight name -> per input-channel position, its contribution to the layer's outputs
+    #: on calibration data (``activation``; :meth:`onnxprune.calibration.StructuredCalibration.channel_energies`)
+    activations: Mapping[str, np.ndarray] | None = None
     #: per-position |w|**p sums already computed (see :func:`_power_sums`); filled by the scoring
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_view(cls, view, *, gradients: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> "ScoreInputs":
+    def from_view(cls, view, *, gradients: Mapping[str, np.ndarray] | None = None, seed: int = 0,
+                  activations: Mapping[str, np.ndarray] | None = None) -> "ScoreInputs":
         nodes = view.nodes
         return cls(const=view.const, ops={n.name: n.op_type for n in nodes},
-                   node_inputs={n.name: list(n.input) for n in nodes}, gradients=gradients, seed=seed)
+                   node_inputs={n.name: list(n.input) for n in nodes}, gradients=gradients, seed=seed,
+                   activations=activations)
 
     def is_scale(self, m: Member) -> bool:
         """True when ``m`` is the gamma of a normalization op."""
@@ -281,6 +286,20 @@ def taylor(group: Group, inp: ScoreInputs) -> np.ndarray:
     return aggregate(per_member, group.size)
 
 
+def activation(group: Group, inp: ScoreInputs) -> np.ndarray:
+    """Data-driven: the output variance each channel contributes to the layers consuming it, on
+    calibration data (their weights times the channel's activations; Luo et al. 2017, He et al. 2017),
+    per consumer normalized and averaged. Channels of a group no linear layer consumes cannot be scored."""
+    if inp.activations is None:
+        raise OnnxPruneError("criterion activation needs calibration data (--calibrate SPEC)")
+    per_member = [(per_channel_sum(inp.activations[m.tensor], m), coverage(m)) for m in group.members
+                  if m.role == "in" and m.groups == 1 and m.tensor in inp.activations
+                  and len(inp.activations[m.tensor]) > int(m.positions.flat.max(initial=-1))]
+    if not per_member:
+        raise CriterionUnavailable(f"group {group.id}: no re-fittable linear layer consumes its channels")
+    return aggregate(per_member, group.size)
+
+
 Criterion = Callable[[Group, ScoreInputs], np.ndarray]
 
 IMPORTANCE: dict[str, Criterion] = {
@@ -291,6 +310,7 @@ IMPORTANCE: dict[str, Criterion] = {
     "lamp": lamp,
     "random": random,
     "taylor": taylor,
+    "activation": activation,
 }
 
 #: Criteria whose scores are already comparable across groups (global ranking uses them as they are).

@@ -135,12 +135,14 @@ def prune_structured(source: str | os.PathLike | onnx.ModelProto, *, ratio: floa
                      criterion: str = "l1", scope: str = "local", round_to: int = 1, min_keep: int = 1,
                      max_ratio: float = 0.9, ignore: Sequence[str] = (), seed: int = 0,
                      input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-                     gradients: Mapping[str, np.ndarray] | None = None) -> PruneResult:
+                     gradients: Mapping[str, np.ndarray] | None = None, calibration: Any = None) -> PruneResult:
     """Prune channels of ``source`` (a path or ModelProto) and return the model and a JSON summary.
 
     Exactly one target: ``ratio`` (fraction of channels removed per group, or overall with
     ``scope="global"``), ``target_macs`` or ``target_params`` (fraction of MACs/params *kept*,
     reached by searching the ratio). See :mod:`onnxprune.structured.allocate` for the limits.
+    ``calibration``: a :class:`onnxprune.calibration.StructuredCalibration` (data-driven criterion
+    ``activation`` and re-fit of the pruned model toward the dense one; summary key ``calibration``).
     """
     kind, value = _check_args(ratio, target_macs, target_params, criterion, scope, seed)
     limits = Limits(max_ratio=float(max_ratio), min_keep=min_keep, round_to=round_to)
@@ -149,12 +151,12 @@ def prune_structured(source: str | os.PathLike | onnx.ModelProto, *, ratio: floa
     prep = prepare(source, input_shapes)
     analysis = analyze_channels(prep.view)
     return _prune_prepared(prep, analysis, kind=kind, value=value, criterion=criterion, scope=scope, limits=limits,
-                           ignore=tuple(ignore), seed=int(seed), gradients=gradients)
+                           ignore=tuple(ignore), seed=int(seed), gradients=gradients, calibration=calibration)
 
 
 def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: float, criterion: str, scope: str,
                     limits: Limits, ignore: tuple[str, ...], seed: int,
-                    gradients: Mapping[str, np.ndarray] | None,
+                    gradients: Mapping[str, np.ndarray] | None, calibration: Any = None,
                     plan_of: "Callable[[list[Group], dict[int, np.ndarray]], KeepPlan] | None" = None) -> PruneResult:
     """``plan_of(groups, scores)``, when given, chooses the kept channels itself (latency-aware
     allocation) instead of the ratio / target search."""
@@ -166,7 +168,13 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
 
     skipped = ignored_groups(analysis.prunable, ignore)
     candidates = [g for g in analysis.prunable if g.id not in skipped]
-    scores, unavailable = score_groups(candidates, criterion, ScoreInputs.from_view(prep.view, gradients=gradients, seed=seed))
+    activations = None
+    if criterion == "activation":
+        if calibration is None:
+            raise OnnxPruneError("criterion activation needs calibration data: pass --calibrate SPEC")
+        activations = calibration.channel_energies(prep.view, prep.model, analysis)
+    scores, unavailable = score_groups(candidates, criterion, ScoreInputs.from_view(prep.view, gradients=gradients, seed=seed,
+                                                                                   activations=activations))
     if candidates and not scores:
         raise OnnxPruneError(f"criterion {criterion} cannot score any group ({next(iter(unavailable.values()))})")
     for gid, why in unavailable.items():
@@ -217,6 +225,9 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
     if dropped:
         notes.append(f"{len(dropped)} group(s) left whole because pruning them breaks the model (see 'dropped_groups'); "
                      "the others are pruned")
+    calibrated = None
+    if calibration is not None:
+        pruned, calibrated = calibration.apply(prep.view, prep.model, analysis, plan, pruned)
     after_view = _counting_view(pruned, prep.concrete_shapes)
     params_after, macs_after = _measure(after_view)
 
@@ -252,4 +263,6 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
         "dropped_groups": [_group_entry(by_id[gid], reason=why) for gid, why in dropped.items()],
         "notes": notes,
     }
+    if calibrated is not None:
+        summary["calibration"] = calibrated
     return PruneResult(model=pruned, summary=summary)

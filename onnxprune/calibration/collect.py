@@ -1,0 +1,161 @@
+"""Run the dense model with ONNX Runtime and reduce the layers' inputs/outputs to :class:`RowStats`.
+
+The layers' input and output activations are exposed as extra graph outputs on a *copy* of the
+model; each batch's activations are reduced to sampled rows, added to the statistics and dropped, so
+memory is bounded by one batch of activations plus ``O(d^2)`` per layer, whatever the sample count.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import OnnxPruneError
+from ..shapes import value_dtypes
+from .layers import Layer
+from .stats import RowStats
+
+#: activations one batch may expose (bytes): the batch size follows from the layers' tensor sizes
+BATCH_BYTES = 256 * 2**20
+
+#: total sampled rows per layer (spread over the samples); enough for a well-posed ridge fit of the
+#: usual layer widths, small enough that collecting stays a fraction of one forward pass
+DEFAULT_ROWS = 4096
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs ``names`` (intermediate tensors)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}  # inputs: read from the feed
+    dtypes = value_dtypes(onnx.shape_inference.infer_shapes(_skeleton(m)))
+    for name in names:
+        if name not in have:
+            m.graph.output.append(helper.make_tensor_value_info(name, dtypes.get(name, onnx.TensorProto.FLOAT), None))
+            have.add(name)
+    return m
+
+
+def _skeleton(m: onnx.ModelProto) -> onnx.ModelProto:
+    from ..shapes import skeleton
+
+    return skeleton(m)
+
+
+def session(model: onnx.ModelProto):
+    """An ONNX Runtime CPU session of ``model``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        raise OnnxPruneError(f"ONNX Runtime cannot run the model for calibration: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size every input declares, when it is a fixed number (None: dynamic)."""
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            return int(dims[0].dim_value)
+    return None
+
+
+def batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    n = len(next(iter(inputs.values())))
+    for i in range(0, n, batch_size):
+        yield {k: v[i:i + batch_size] for k, v in inputs.items()}
+
+
+@contextmanager
+def progress_bar(total: int, what: str, enabled: bool):
+    """A rich progress bar on stderr (nothing when disabled); yields ``advance(n)``."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def run(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], *, batch_size: int = 32,
+        progress: bool = False, what: str = "running") -> dict[str, np.ndarray]:
+    """The graph outputs of ``model`` on ``inputs``, batched."""
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    bs = fixed_batch(model) or batch_size
+    n = len(next(iter(inputs.values())))
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    with progress_bar(n, what, progress) as advance:
+        for b in batches(inputs, bs):
+            for k, v in zip(names, sess.run(names, b)):
+                parts[k].append(v)
+            advance(len(next(iter(b.values()))))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _batch_size(model: onnx.ModelProto, tensors: Sequence[str], inputs: Mapping[str, np.ndarray], most: int) -> int:
+    """Samples per batch such that the exposed activations of one batch stay within :data:`BATCH_BYTES`
+    (shapes inferred for one sample of the calibration data's size)."""
+    from ..shapes import fix_input_shapes, infer_value_shapes
+
+    try:
+        fixed = fix_input_shapes(_skeleton(model), {k: (1,) + tuple(v.shape[1:]) for k, v in inputs.items()})
+        shapes = infer_value_shapes(fixed)
+    except Exception:  # noqa: BLE001 - sizing is a heuristic: fall back to the default
+        return most
+    per = sum(4 * math.prod(int(d) for d in shapes[t] if isinstance(d, int)) for t in tensors if shapes.get(t))
+    return max(1, min(most, BATCH_BYTES // max(per, 1)))
+
+
+def collect_stats(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], layers: Sequence[Layer],
+                  shapes: Mapping[str, tuple[int, ...]], *, full: bool = True, rows: int = DEFAULT_ROWS,
+                  keep_outputs: int = 0, batch_size: int = 16, seed: int = 0,
+                  progress: bool = False) -> tuple[dict[str, RowStats], dict[str, np.ndarray]]:
+    """Statistics of every layer on ``inputs`` (one pass of ``model``), and the graph outputs of the
+    first ``keep_outputs`` samples (the reference that errors after calibration are measured on).
+
+    ``shapes``: initializer name -> dims, for the layers' weights. ``full=False`` keeps only what
+    wanda needs (column norms)."""
+    n = len(next(iter(inputs.values())))
+    per_sample = max(1, math.ceil(rows / max(n, 1)))
+    graph_outs = [o.name for o in model.graph.output]
+    tensors = list(dict.fromkeys([t for l in layers for t in (l.x, l.y)]))
+    sess = session(with_outputs(model, tensors))
+    feeds = {i.name for i in model.graph.input}
+    names = [t for t in dict.fromkeys(graph_outs + tensors) if t not in feeds]
+    stats = {}
+    for l in layers:
+        w = shapes[l.weight]
+        d = (w[1] * math.prod(w[2:])) if l.op_type == "Conv" else w[l.in_axis]
+        stats[l.node] = RowStats(d=int(d), out=int(w[l.out_axis]), full=full)
+    kept: dict[str, list[np.ndarray]] = {k: [] for k in graph_outs}
+    rng = np.random.default_rng(seed)
+    bs = fixed_batch(model) or _batch_size(model, tensors, inputs, batch_size)
+    done = 0
+    with progress_bar(n, "calibration: collecting activations", progress) as advance:
+        for b in batches(inputs, bs):
+            got = {**b, **dict(zip(names, sess.run(names, b)))}
+            for l in layers:
+                x, y = l.rows(got[l.x], got[l.y], per_sample, rng)
+                stats[l.node].add(x, y)
+            if done < keep_outputs:
+                for k in graph_outs:
+                    kept[k].append(got[k][:keep_outputs - done])
+            done += len(next(iter(b.values())))
+            del got
+            advance(len(next(iter(b.values()))))
+    return stats, {k: np.concatenate(v) for k, v in kept.items() if v}

@@ -1,0 +1,75 @@
+"""Calibration inputs: ONE function, so the source of unlabeled data can be switched in one place.
+
+Uses ``onnxprune.datasets.load_inputs`` (unlabeled specs, one array per model input) when this
+version has it; otherwise the labeled dataset loaders, labels ignored, for single-input models.
+Arrays (or a dict of arrays per input name) are taken as they are.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+
+from ..errors import OnnxPruneError
+from ..shapes import graph_inputs
+
+
+def calibration_inputs(spec: Any, model: onnx.ModelProto, n: int | None, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Up to ``n`` samples per real input of ``model``, as ``{input name: array}`` (batch first, in
+    the input's dtype). ``spec``: a data spec string, an array, or a dict of arrays by input name."""
+    inputs = graph_inputs(model)
+    names = [i.name for i in inputs]
+    if isinstance(spec, np.ndarray):
+        if len(names) != 1:
+            raise OnnxPruneError(f"calibration data: the model has {len(names)} inputs ({', '.join(names)}); pass one "
+                                 "array per input name")
+        arrays = {names[0]: spec}
+    elif isinstance(spec, Mapping) and all(isinstance(v, np.ndarray) for v in spec.values()) and spec:
+        arrays = dict(spec)
+    else:
+        arrays = _from_spec(spec, model, n, seed, names)
+    missing = [k for k in names if k not in arrays]
+    if missing:
+        raise OnnxPruneError(f"calibration data has no array for input(s) {', '.join(missing)} (has {', '.join(arrays)})")
+    lengths = {len(arrays[k]) for k in names}
+    if len(lengths) != 1 or 0 in lengths:
+        raise OnnxPruneError(f"calibration data: inputs need the same, non-zero number of samples; got "
+                             f"{ {k: len(arrays[k]) for k in names} }")
+    count = lengths.pop()
+    take = np.arange(count) if n is None or n >= count else np.sort(np.random.default_rng(seed).permutation(count)[:n])
+    out = {}
+    for vi in inputs:
+        a = np.asarray(arrays[vi.name])[take]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        if dims and (len(dims) != a.ndim or any(d and d != s for d, s in zip(dims[1:], a.shape[1:]))):
+            raise OnnxPruneError(f"calibration data for input {vi.name!r} has samples of shape {list(a.shape[1:])}; "
+                                 f"the model expects {['?' if d is None else d for d in dims[1:]]}")
+        out[vi.name] = np.ascontiguousarray(a.astype(dtype, copy=False))
+    return out
+
+
+def _from_spec(spec: Any, model: onnx.ModelProto, n: int | None, seed: int, names: list[str]) -> dict[str, np.ndarray]:
+    try:
+        from ..datasets import load_inputs  # type: ignore[attr-defined]
+    except ImportError:
+        load_inputs = None
+    if load_inputs is not None:
+        return load_inputs(spec, model, n, seed=seed)
+    from ..datasets import load_dataset
+
+    if len(names) != 1:
+        raise OnnxPruneError(f"calibration data spec {spec!r}: the model has {len(names)} inputs; this version reads "
+                             "specs for single-input models only")
+    ds = load_dataset(spec, seed=seed)
+    split = ds.split("train")
+    if split.x is not None:
+        return {names[0]: split.x}
+    xs, count = [], 0
+    for x, _ in split.batches():
+        xs.append(np.asarray(x))
+        count += len(x)
+        if n is not None and count >= n:
+            break
+    return {names[0]: np.concatenate(xs)}

@@ -1,0 +1,85 @@
+"""Closed-form fits on :class:`~onnxprune.calibration.stats.RowStats` (pure numpy).
+
+Matrices ``a`` are ``[len(cols) + 1, len(outs)]``: the weights of the kept input columns for the kept
+outputs, transposed, with the bias as the last row, so ``Z[:, cols + [intercept]] @ a`` is the layer's
+output on the sampled rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .stats import RowStats
+
+#: ridge strength relative to each input column's energy (scale-invariant): enough to keep a fit
+#: from a few thousand rows well-posed, small enough not to bias it (errors are reported)
+DEFAULT_RIDGE = 1e-3
+
+
+def as_affine(m: np.ndarray, b: np.ndarray, cols: np.ndarray, outs: np.ndarray) -> np.ndarray:
+    """``a`` of the layer as it is: weight matrix ``m`` [out, d] and bias ``b`` restricted to ``cols``/``outs``."""
+    return np.vstack([m[np.ix_(outs, cols)].T, b[outs][None, :]])
+
+
+def ridge_fit(st: RowStats, cols: np.ndarray, outs: np.ndarray, ridge: float = DEFAULT_RIDGE) -> np.ndarray:
+    """Least squares of the dense outputs ``outs`` on the input columns ``cols`` and an intercept,
+    ridge-regularized on the weights only (the intercept carries what removed channels contributed
+    on average)."""
+    idx = np.append(cols, st.d)
+    s = st.s[np.ix_(idx, idx)].copy()
+    k = len(cols)
+    diag = s[np.arange(k), np.arange(k)]
+    s[np.arange(k), np.arange(k)] = np.where(diag > 0, diag * (1 + ridge), 1.0)
+    rhs = st.p[np.ix_(idx, outs)]
+    try:
+        return np.linalg.solve(s, rhs)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(s, rhs, rcond=None)[0]
+
+
+def moments(st: RowStats, cols: np.ndarray, outs: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per output: mean and standard deviation of ``Z[:, cols] @ a`` on the rows."""
+    mu = st.x_mean[cols]
+    mean = mu @ a[:-1] + a[-1]
+    var = np.einsum("io,ij,jo->o", a[:-1], st.covariance(cols), a[:-1])
+    return mean, np.sqrt(np.maximum(var, 0.0))
+
+
+def dense_moments(st: RowStats, outs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per output: mean and standard deviation of the dense outputs."""
+    n = max(st.n, 1)
+    mean = st.y_sum[outs] / n
+    return mean, np.sqrt(np.maximum(st.yy[outs] / n - mean ** 2, 0.0))
+
+
+def shift_fit(st: RowStats, cols: np.ndarray, outs: np.ndarray, a0: np.ndarray, *, scale: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The relative shift correction of ``a0``: per output a factor ``r`` (dense std / pruned std when
+    ``scale``, else 1) and an offset ``c`` so that ``r * (output) + c`` has the dense mean (and std).
+    Returns (``a`` of the corrected output, ``r``, ``c``)."""
+    mp, sp = moments(st, cols, outs, a0)
+    md, sd = dense_moments(st, outs)
+    r = np.where(sp > 1e-12, sd / np.maximum(sp, 1e-12), 1.0) if scale else np.ones_like(mp)
+    c = md - r * mp
+    a = a0 * r[None, :]
+    a[-1] += c
+    return a, r, c
+
+
+def rel_error(st: RowStats, cols: np.ndarray, outs: np.ndarray, a: np.ndarray) -> float:
+    """``||Z a - Y|| / ||Y||`` over the kept outputs on the sampled rows (relative L2)."""
+    ref = float(st.yy[outs].sum())
+    return float(np.sqrt(st.sq_error(cols, outs, a).sum() / ref)) if ref > 0 else 0.0
+
+
+def channel_energy(st: RowStats, m: np.ndarray, taps: int) -> np.ndarray:
+    """Per input channel, the variance it contributes to the layer's outputs on the data:
+    ``sum_o w_oc C_cc w_oc`` over its ``taps`` columns (centered: a constant goes to the bias)."""
+    out, d = m.shape
+    c = d // taps
+    if st.full:
+        cov = st.covariance(np.arange(d)).reshape(c, taps, c, taps)
+        blocks = cov[np.arange(c), :, np.arange(c), :]  # [c, taps, taps]
+        m3 = m.reshape(out, c, taps)
+        return np.einsum("oct,ctu,ocu->c", m3, blocks, m3)
+    n = max(st.n, 1)
+    var = np.maximum(st.x_sq / n - st.x_mean ** 2, 0.0)
+    return (np.square(m) * var[None, :]).sum(0).reshape(c, taps).sum(1)

@@ -1,0 +1,220 @@
+"""Calibrate a channel-pruned model toward the dense one: least-squares re-fit of the consumers of
+pruned tensors (He et al. 2017; ThiNet), or the relative BN / bias shift (adaptive BN made relative).
+
+Both are fitted layer by layer on the *dense* model's activations: a consumer's kept inputs in the
+pruned model equal the dense ones once everything upstream is calibrated, so one pass of the dense
+model on the data gives every fit, and every fit targets the dense model's output, never the data.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+
+from ..channels.rewrite import validate_plan
+from ..channels.types import Analysis, KeepPlan
+from ..graph import GraphView
+from .collect import DEFAULT_ROWS, collect_stats, run
+from .edit import ModelEditor, write_layer
+from .fit import DEFAULT_RIDGE, as_affine, channel_energy, rel_error, ridge_fit, shift_fit
+from .layers import Layer, layer_of
+from .stats import RowStats
+
+METHODS = ("refit", "bn", "none")
+#: widest layer (input columns) re-fitted by least squares; wider ones get the shift correction
+#: (their d x d statistics would not fit the memory budget)
+MAX_FIT_COLUMNS = 8192
+#: samples whose graph outputs are compared before and after calibration
+CHECK_SAMPLES = 64
+
+
+def removed_positions(analysis: Analysis, plan: KeepPlan) -> tuple[dict[tuple[str, int], np.ndarray], set[str]]:
+    """Removed positions per (constant tensor, axis), and the tensors cut as grouped conv weights."""
+    removed = validate_plan(analysis, plan)
+    groups = {g.id: g for g in analysis.groups}
+    cuts: dict[tuple[str, int], list[np.ndarray]] = {}
+    grouped: set[str] = set()
+    for gid, rem in removed.items():
+        for m in groups[gid].members:
+            if m.role == "act":
+                continue
+            if m.groups > 1:
+                grouped.add(m.tensor)
+            cuts.setdefault((m.tensor, m.axis), []).append(m.positions.of_channels(rem))
+    return {k: np.unique(np.concatenate(v)) for k, v in cuts.items()}, grouped
+
+
+def consumer_layers(view: GraphView, analysis: Analysis, groups=None) -> tuple[list[Layer], list[dict[str, str]]]:
+    """The linear layers reading channels of ``groups`` (default: all prunable) through their weight's
+    input axis, and the consumers that cannot be re-fitted (with why)."""
+    groups = analysis.prunable if groups is None else groups
+    wanted: dict[str, str] = {}
+    for g in groups:
+        for m in g.members:
+            if m.role == "in":
+                wanted.setdefault(m.node, m.tensor)
+    by_name = {n.name: n for n in view.nodes}
+    layers, skipped = [], []
+    for name in wanted:
+        node = by_name.get(name)
+        if node is None:
+            continue
+        layer, why = layer_of(node, view)
+        if layer is not None and len(view.consumers.get(layer.weight, [])) > 1:
+            layer, why = None, "its weight is shared with another node"
+        if layer is None:
+            skipped.append({"node": name, "reason": f"not re-fitted: {why}"})
+        else:
+            layers.append(layer)
+    return layers, skipped
+
+
+@dataclass
+class StructuredCalibration:
+    """Calibration of one structured pruning run (``prune_structured(..., calibration=...)``).
+
+    ``inputs``: calibration samples per model input. ``method``: ``refit`` (least squares, the
+    default), ``bn`` (relative BN / bias shift only) or ``none`` (statistics and errors only)."""
+
+    inputs: Mapping[str, np.ndarray]
+    method: str = "refit"
+    rows: int = DEFAULT_ROWS
+    ridge: float = DEFAULT_RIDGE
+    seed: int = 0
+    progress: bool = False
+    stats: dict[str, RowStats] = field(default_factory=dict)
+    reference: dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def _collect(self, view: GraphView, model: onnx.ModelProto, layers: list[Layer]) -> None:
+        need = [l for l in layers if l.node not in self.stats]
+        if not need and self.reference:
+            return
+        t = time.perf_counter()
+        shapes = {l.weight: tuple(view.initializers[l.weight].dims) for l in need}
+        # layers wider than MAX_FIT_COLUMNS keep only column norms and means
+        wide = [l for l in need if _columns(shapes[l.weight], l) > MAX_FIT_COLUMNS]
+        narrow = [l for l in need if l not in wide]
+        for part, full in ((narrow, True), (wide, False)):
+            if part or not self.reference:
+                stats, ref = collect_stats(model, self.inputs, part, shapes, full=full, rows=self.rows,
+                                           keep_outputs=0 if self.reference else CHECK_SAMPLES, seed=self.seed,
+                                           progress=self.progress)
+                self.stats.update(stats)
+                self.reference = self.reference or ref
+        self.seconds += time.perf_counter() - t
+
+    def channel_energies(self, view: GraphView, model: onnx.ModelProto, analysis: Analysis) -> dict[str, np.ndarray]:
+        """``--criterion activation``: per consumer weight, each input channel's contribution to its outputs."""
+        layers, _ = consumer_layers(view, analysis)
+        self._collect(view, model, layers)
+        return {l.weight: channel_energy(self.stats[l.node], l.matrix(view.const(l.weight)), l.taps) for l in layers}
+
+    def apply(self, view: GraphView, dense: onnx.ModelProto, analysis: Analysis, plan: KeepPlan,
+              pruned: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
+        """``pruned`` calibrated (a new model) and the ``calibration`` summary entry."""
+        if self.method not in METHODS:
+            raise ValueError(f"calibration method must be one of {METHODS}, not {self.method!r}")
+        t0, collected_before = time.perf_counter(), self.seconds  # (collecting for the criterion came earlier)
+        cuts, grouped = removed_positions(analysis, plan)
+        layers, skipped = consumer_layers(view, analysis)
+        touched = [l for l in layers if (l.weight, l.in_axis) in cuts]
+        skipped = [s for s in skipped if any(m.node == s["node"] and (m.tensor, m.axis) in cuts
+                                             for g in analysis.groups for m in g.members if m.role == "in")]
+        for l in [l for l in touched if l.weight in grouped]:
+            touched.remove(l)
+            skipped.append({"node": l.node, "reason": "not re-fitted: grouped weight"})
+        self._collect(view, dense, touched)
+        out = onnx.ModelProto()
+        out.CopyFrom(pruned)
+        ed = ModelEditor(out)
+        entries = []
+        for l in touched:
+            entry = self._calibrate_layer(l, view, ed, cuts)
+            if "reason" in entry:
+                skipped.append(entry)
+            else:
+                entries.append(entry)
+        summary: dict[str, Any] = {"method": self.method, "samples": int(len(next(iter(self.inputs.values())))),
+                                   "rows_per_layer": self.rows, "ridge": self.ridge, "layers": entries,
+                                   "skipped": skipped}
+        if self.reference:
+            n = len(next(iter(self.reference.values())))
+            sub = {k: v[:n] for k, v in self.inputs.items()}
+            before, after = run(pruned, sub), (run(out, sub) if entries else None)
+            summary["outputs"] = {k: {"rel_l2_before": _rel(ref, before[k]),
+                                      "rel_l2_after": _rel(ref, (after or before)[k])}
+                                  for k, ref in self.reference.items()}
+            summary["check_samples"] = n
+        summary["seconds"] = round(collected_before + time.perf_counter() - t0, 3)
+        return out, summary
+
+    def _calibrate_layer(self, l: Layer, view: GraphView, ed: ModelEditor, cuts) -> dict[str, Any]:
+        st = self.stats[l.node]
+        wdense = view.const(l.weight)
+        m = l.matrix(wdense)
+        b = np.zeros(m.shape[0]) if l.bias is None else np.asarray(view.const(l.bias), np.float64).reshape(-1) * l.beta
+        keep_in = np.setdiff1d(np.arange(wdense.shape[l.in_axis]), cuts.get((l.weight, l.in_axis), []))
+        outs = np.setdiff1d(np.arange(m.shape[0]), cuts.get((l.weight, l.out_axis), []))
+        cols = l.columns(keep_in)
+        pshape = tuple(ed.inits[l.weight].dims) if l.weight in ed.inits else None
+        expect = list(wdense.shape)
+        expect[l.in_axis], expect[l.out_axis] = len(keep_in), len(outs)
+        if pshape != tuple(expect) or l.node not in ed.nodes:
+            return {"node": l.node, "reason": "not re-fitted: the pruned layer is not the dense one sliced"}
+        a0 = as_affine(m, b, cols, outs)
+        entry = {"node": l.node, "op_type": l.op_type, "error_before": rel_error(st, cols, outs, a0)}
+        method = self.method
+        if method == "refit" and not st.full:
+            method = "bn"
+            entry["note"] = f"wider than {MAX_FIT_COLUMNS} input columns: shift correction instead of a re-fit"
+        if method == "none":
+            entry.update(method="none", error_after=entry["error_before"])
+            return entry
+        if method == "refit":
+            a = ridge_fit(st, cols, outs, self.ridge)
+            write_layer(ed, l, ed.nodes[l.node], a, pshape, wdense.dtype)
+            entry.update(method="refit")
+        else:
+            bn = self._bn_after(l, ed)
+            a, r, c = shift_fit(st, cols, outs, a0, scale=bn is not None)
+            if bn is not None:
+                self._shift_bn(ed, bn, r, c)
+                entry.update(method="bn_shift", bn=bn.name)
+            else:
+                write_layer(ed, l, ed.nodes[l.node], a, pshape, wdense.dtype)
+                entry.update(method="bias_shift")
+        entry["error_after"] = rel_error(st, cols, outs, a)
+        return entry
+
+    @staticmethod
+    def _bn_after(l: Layer, ed: ModelEditor) -> onnx.NodeProto | None:
+        readers = ed.readers.get(l.y, [])
+        if len(readers) == 1 and readers[0].op_type == "BatchNormalization" and all(i in ed.inits for i in readers[0].input[1:5]):
+            return readers[0]
+        return None
+
+    @staticmethod
+    def _shift_bn(ed: ModelEditor, bn: onnx.NodeProto, r: np.ndarray, c: np.ndarray) -> None:
+        """BN of ``r * x + c`` expressed as a BN of ``x``: new gamma and beta, statistics unchanged."""
+        gamma, beta, mean, var = (ed.array(n).astype(np.float64) for n in bn.input[1:5])
+        from ..graph import attr
+
+        sigma = np.sqrt(var + float(attr(bn, "epsilon", 1e-5)))
+        # gamma * (r x + c - mean) / sigma + beta = (gamma r) (x - mean) / sigma + beta + gamma (c + (r - 1) mean) / sigma
+        ed.set(bn.input[1], gamma * r)
+        ed.set(bn.input[2], beta + gamma * (c + (r - 1) * mean) / sigma)
+
+
+def _columns(wshape, l: Layer) -> int:
+    return int(wshape[1] * int(np.prod(wshape[2:]))) if l.op_type == "Conv" else int(wshape[l.in_axis])
+
+
+def _rel(ref: np.ndarray, out: np.ndarray) -> float:
+    ref = np.asarray(ref, np.float64)
+    den = float(np.linalg.norm(ref))
+    num = float(np.linalg.norm(np.asarray(out, np.float64) - ref))
+    return num / den if den > 0 else num
