@@ -1,8 +1,7 @@
 """Calibration inputs: ONE function, so the source of unlabeled data can be switched in one place.
 
-Uses ``onnxprune.datasets.load_inputs`` (unlabeled specs, one array per model input) when this
-version has it; otherwise the labeled dataset loaders, labels ignored, for single-input models.
-Arrays (or a dict of arrays per input name) are taken as they are.
+Specs go through ``onnxprune.datasets.load_inputs`` (unlabeled or labeled specs, labels dropped, one
+array per model input); arrays (or a dict of arrays per input name) are taken as they are.
 """
 from __future__ import annotations
 
@@ -11,6 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
+from ..datasets import load_inputs
 from ..errors import OnnxPruneError
 from ..shapes import graph_inputs
 
@@ -28,7 +28,7 @@ def calibration_inputs(spec: Any, model: onnx.ModelProto, n: int | None, *, seed
     elif isinstance(spec, Mapping) and all(isinstance(v, np.ndarray) for v in spec.values()) and spec:
         arrays = dict(spec)
     else:
-        arrays = _from_spec(spec, model, n, seed, names)
+        arrays = load_inputs(spec, model, n, seed=seed)
     missing = [k for k in names if k not in arrays]
     if missing:
         raise OnnxPruneError(f"calibration data has no array for input(s) {', '.join(missing)} (has {', '.join(arrays)})")
@@ -48,28 +48,3 @@ def calibration_inputs(spec: Any, model: onnx.ModelProto, n: int | None, *, seed
                                  f"the model expects {['?' if d is None else d for d in dims[1:]]}")
         out[vi.name] = np.ascontiguousarray(a.astype(dtype, copy=False))
     return out
-
-
-def _from_spec(spec: Any, model: onnx.ModelProto, n: int | None, seed: int, names: list[str]) -> dict[str, np.ndarray]:
-    try:
-        from ..datasets import load_inputs  # type: ignore[attr-defined]
-    except ImportError:
-        load_inputs = None
-    if load_inputs is not None:
-        return load_inputs(spec, model, n, seed=seed)
-    from ..datasets import load_dataset
-
-    if len(names) != 1:
-        raise OnnxPruneError(f"calibration data spec {spec!r}: the model has {len(names)} inputs; this version reads "
-                             "specs for single-input models only")
-    ds = load_dataset(spec, seed=seed)
-    split = ds.split("train")
-    if split.x is not None:
-        return {names[0]: split.x}
-    xs, count = [], 0
-    for x, _ in split.batches():
-        xs.append(np.asarray(x))
-        count += len(x)
-        if n is not None and count >= n:
-            break
-    return {names[0]: np.concatenate(xs)}
