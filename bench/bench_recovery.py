@@ -11,8 +11,9 @@
    channels. Reported: top-1 (classifier) or pixel accuracy + relative L2 error of every output
    against the dense model, the time of the whole prune call and its peak RSS (each run in a fresh
    process). Calibration uses 256 unlabeled samples that are not the test samples.
-   "+ one epoch of label-free distillation" needs ``finetune --objective distill``: run when this
-   version has it, else a TODO line says so.
+   Then, from the reconstructed model, one epoch of label-free distillation (``finetune --teacher
+   DENSE --objective distill``) on the same samples, and for the classifier one epoch of label-based
+   finetuning (``--objective labels``) on the same samples with their labels: the same budget.
 2. Cost of calibrating ResNet-50 (bench/nets.py, seeded weights) with 256 samples at 224x224:
    wall time of the calibration (the whole prune call too) and peak RSS, on this machine's cores.
    Targets: < 60 s and < 4 GB on 2 cores.
@@ -76,20 +77,14 @@ def rel(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-def has_distill() -> bool:
-    try:
-        from onnxprune.commands.finetune_cmd import finetune_cmd
-    except ImportError:
-        return False
-    return any(p.name == "objective" for p in getattr(finetune_cmd, "params", []))
-
-
-def distill_epoch(pruned: Path, dense: Path, calib: Path, out: Path) -> tuple[float, str | None]:
-    """One epoch of label-free distillation through the CLI (when this version has it)."""
+def finetune_epoch(pruned: Path, data: Path, out: Path, objective: str, dense: Path | None = None
+                   ) -> tuple[float, str | None]:
+    """One epoch of ``onnxprune finetune --objective OBJECTIVE`` through the CLI, as a user runs it."""
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "onnxprune", "finetune", str(pruned), "-o", str(out), "--teacher", str(dense),
-                        "--data", f"npz:{calib}", "--objective", "distill", "--epochs", "1"], capture_output=True, text=True,
-                       cwd=ROOT)
+    teacher = ["--teacher", str(dense)] if dense is not None else []
+    r = subprocess.run([sys.executable, "-m", "onnxprune", "finetune", str(pruned), "-o", str(out), *teacher,
+                        "--data", f"npz:{data}", "--objective", objective, "--epochs", "1"], capture_output=True,
+                       text=True, cwd=ROOT)
     return time.perf_counter() - t, (None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["?"])[-1])
 
 
@@ -101,13 +96,13 @@ def trained_models(tmp: Path) -> None:
 
     print("== 1. trained models: recovery at 2x / 4x fewer MACs (256 unlabeled calibration samples)")
     cases = []
-    model, xtr, xte, yte = train_digits_cnn()
-    cases.append(("digits CNN (BN)", model, {"x": xtr[:256]}, {"x": xte}, lambda o: ("top-1", float((o["y"].argmax(1) == yte).mean()))))
+    model, xtr, xte, yte, ytr = train_digits_cnn(with_train_labels=True)
+    cases.append(("digits CNN (BN)", model, {"x": xtr[:256]}, {"x": xte}, lambda o: ("top-1", float((o["y"].argmax(1) == yte).mean())),
+                  ytr[:256]))
     model, xc, xt, mask = train_dense_prediction()
     cases.append(("dense prediction, 2 outputs (BN folded)", model, {"x": xc}, {"x": xt},
-                  lambda o: ("pixel acc", float((o["seg"].argmax(1) == mask).mean()))))
-    distill = has_distill()
-    for name, model, calib, test, metric in cases:
+                  lambda o: ("pixel acc", float((o["seg"].argmax(1) == mask).mean())), None))
+    for name, model, calib, test, metric, labels in cases:
         mpath, cpath, tpath = tmp / "m.onnx", tmp / "calib.npz", tmp / "test.npz"
         onnx.save(model, str(mpath))
         np.savez(cpath, **calib)
@@ -126,17 +121,18 @@ def trained_models(tmp: Path) -> None:
                 errs = ", ".join(f"{k} {rel(got[k], dense[k]):.3f}" for k in dense)
                 print(f"  {res['achieved']:5.3f} {shown:<16} {metric(got)[1]:9.4f}  {errs:<36} {res['wall_s']:7.2f} "
                       f"{res['peak_rss_mb']:8.0f}")
-            if distill:
-                secs, failed = distill_epoch(tmp / "p_refit.onnx", mpath, cpath, tmp / "d.onnx")
+            runs = [("+ 1 ep. distill", cpath, "distill", mpath)]
+            if labels is not None:  # the same samples with their labels, the same budget
+                np.savez(tmp / "labeled.npz", x=calib["x"], y=labels)
+                runs.append(("+ 1 ep. labels", tmp / "labeled.npz", "labels", None))
+            for shown, data, objective, teacher in runs:
+                secs, failed = finetune_epoch(tmp / "p_refit.onnx", data, tmp / "d.onnx", objective, teacher)
                 if failed:
-                    print(f"  {'':5} + 1 epoch distill: failed: {failed}")
-                else:
-                    got = run(onnx.load(str(tmp / "d.onnx")), test)
-                    errs = ", ".join(f"{k} {rel(got[k], dense[k]):.3f}" for k in dense)
-                    print(f"  {'':5} {'+ 1 ep. distill':<16} {metric(got)[1]:9.4f}  {errs:<36} {secs:7.2f} {'':>8}")
-    if not distill:
-        print("\nTODO: '+ one epoch of label-free distillation' needs `onnxprune finetune --objective distill` "
-              "(issue 12 item 3), not in this version; rerun this bench once it lands.")
+                    print(f"  {'':5} {shown}: failed: {failed}")
+                    continue
+                got = run(onnx.load(str(tmp / "d.onnx")), test)
+                errs = ", ".join(f"{k} {rel(got[k], dense[k]):.3f}" for k in dense)
+                print(f"  {'':5} {shown:<16} {metric(got)[1]:9.4f}  {errs:<36} {secs:7.2f} {'':>8}")
 
 
 def resnet50(tmp: Path, samples: int) -> None:

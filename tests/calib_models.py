@@ -27,8 +27,8 @@ def digits():
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
 
 
-def train_digits_cnn(seed: int = 0, epochs: int = 6, fold_bn: bool = False):
-    """A BN CNN trained on digits: (onnx model, x_train, x_test, y_test)."""
+def train_digits_cnn(seed: int = 0, epochs: int = 6, fold_bn: bool = False, with_train_labels: bool = False):
+    """A BN CNN trained on digits: (onnx model, x_train, x_test, y_test[, y_train])."""
     import torch
     from torch import nn
 
@@ -56,7 +56,7 @@ def train_digits_cnn(seed: int = 0, epochs: int = 6, fold_bn: bool = False):
         from onnxprune.normalize import normalize
 
         model = normalize(model, fold_bn=True)
-    return model, x[tr], x[te], y[te]
+    return (model, x[tr], x[te], y[te]) + ((y[tr],) if with_train_labels else ())
 
 
 def _fit(net, inputs, target_fn, epochs: int, lr: float = 3e-3, batch: int = 64, seed: int = 0):
