@@ -34,3 +34,14 @@ def ort_run():
 @pytest.fixture
 def feeds_for():
     return random_feeds
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one torch thread is fastest and immune to a busy machine's spin-waits."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -32,13 +32,7 @@ def _outcome(name: str):
     return run_case(_claimed_cases()[name])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread is fastest and immune to a busy machine's spin-waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("name", list(_claimed_cases()))

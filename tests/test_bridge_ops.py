@@ -12,13 +12,7 @@ from onnxprune.bridge import TABLE, OnnxModule  # noqa: E402
 from onnxprune.bridge.check import compare, ort_session  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread is fastest and immune to a busy machine's spin-waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class In:
