@@ -34,6 +34,15 @@ def test_pareto_front_known_points():
     assert pareto_front([(1.0, 0.5)]) == [0]
 
 
+def test_pareto_front_gain_inside_the_noise_is_no_gain():
+    # dense (index 0) at 2.0 ms; a sparse point 2% faster (timing noise) with the same accuracy; a
+    # structured point 30% faster but less accurate; a point 2% faster and more accurate
+    pts = [(2.0, 0.95), (2.0 / 1.02, 0.95), (2.0 / 1.3, 0.90), (2.0 / 1.02, 0.96)]
+    assert pareto_front(pts[:3]) == [2, 1]  # without a reference, 2% is a gain over dense
+    assert pareto_front(pts[:3], reference=0, rel_tol=0.03) == [2, 0]
+    assert pareto_front(pts, reference=0, rel_tol=0.03) == [2, 3]  # more accurate: on the front
+
+
 def test_stat():
     s = stat([0.5, 0.7])
     assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1414213, rel=1e-5) and s["n"] == 2

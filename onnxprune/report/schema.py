@@ -185,18 +185,27 @@ def stat(values: Sequence[float | None]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "n": len(vals), "values": [None if v is None else float(v) for v in values]}
 
 
-def pareto_front(points: Sequence[tuple[float | None, float | None]]) -> list[int]:
+def pareto_front(points: Sequence[tuple[float | None, float | None]], *, reference: int | None = None,
+                 rel_tol: float = 0.0) -> list[int]:
     """Indices of the points not dominated when minimizing ``x`` (latency) and maximizing ``y`` (accuracy).
 
     A point is dominated when another is at least as good on both axes and better on one. Points
-    with a missing coordinate are never on the front. Ties (equal x and y) are all kept. Returned
-    in increasing ``x``.
+    with a missing coordinate are never on the front. Ties (equal x and y) are all kept. Against
+    ``reference`` (the dense control), a latency gain under ``rel_tol`` (relative) is timing noise,
+    not a gain: the reference wins such ties and is beaten only by a point faster beyond the noise or
+    more accurate. Returned in increasing ``x``.
     """
     valid = [(i, float(x), float(y)) for i, (x, y) in enumerate(points) if x is not None and y is not None]
+
+    def dominates(j: int, xj: float, yj: float, i: int, xi: float, yi: float) -> bool:
+        tol = rel_tol if reference in (i, j) else 0.0
+        if j == reference:
+            return xj <= xi * (1 + tol) and yj >= yi
+        return xj <= xi and yj >= yi and (xj * (1 + tol) < xi or yj > yi)
+
     front = []
     for i, x, y in valid:
-        dominated = any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, x2, y2 in valid if j != i)
-        if not dominated:
+        if not any(dominates(j, x2, y2, i, x, y) for j, x2, y2 in valid if j != i):
             front.append((x, -y, i))
     return [i for _, _, i in sorted(front)]
 
