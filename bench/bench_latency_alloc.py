@@ -5,9 +5,10 @@
 
 For each model (bench/nets.py, seeded weights), on ONNX Runtime CPU with one thread:
 
-- latency-aware: ``prune_for_latency(..., target_speedup=2.0)`` (per-layer latency tables measured on
-  the profile, greedy knapsack over the groups keeping the most L1 importance, verified and
-  corrected by interleaved measurements);
+- latency-aware: ``prune_for_latency(..., target_speedup=2.0, macs_weight=W)`` for each W of
+  ``--macs-weights`` (per-layer latency tables measured on the profile, greedy knapsack over the
+  groups charging each step the L1 importance it loses plus W x the fraction of MACs it removes,
+  per ms saved; verified and corrected by interleaved measurements);
 - uniform-MACs: ``prune_structured(target_macs=0.5, round_to=8)`` (the same ratio in every group,
   searched to halve the MACs): what one asks for without latency tables.
 
@@ -40,7 +41,7 @@ from onnxprune.profiling import compare_models  # noqa: E402
 from onnxprune.profiling.hw_profile import profile_from_dict  # noqa: E402
 from onnxprune.structured.allocate import global_scores  # noqa: E402
 from onnxprune.structured.importance import ScoreInputs, score_groups  # noqa: E402
-from onnxprune.structured.latency_alloc import prune_for_latency  # noqa: E402
+from onnxprune.structured.latency_alloc import MACS_WEIGHT, prune_for_latency  # noqa: E402
 from onnxprune.structured.prune import prune_structured  # noqa: E402
 from onnxprune.torch_export import export_torch  # noqa: E402
 
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--speedup", type=float, default=2.0, help="target measured speedup")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--macs-weights", default=str(MACS_WEIGHT),
+                    help="comma list of macs_weight values to run latency-aware allocation with (0: importance only)")
     args = ap.parse_args(argv)
     prof = profile_from_dict({"name": "bench-ort-cpu-1t", "backend": "ort-cpu", "threads": {"intra_op": 1, "inter_op": 1},
                               "channel_multiple": 8, "warmup_runs": 3, "min_runs": 20, "min_duration_s": 2.0})
@@ -88,24 +91,28 @@ def main(argv: list[str] | None = None) -> int:
             if name not in MODELS:
                 ap.error(f"unknown model {name!r} (have: {', '.join(MODELS)})")
             dense = export_torch(build(name), (torch.randn(1, 3, args.size, args.size),), tmp_p / f"{name}.onnx")
-            t = time.perf_counter()
-            ours = prune_for_latency(dense, prof, target_speedup=args.speedup)
-            t_ours = time.perf_counter() - t
+            rows = {}
+            print(f"\n{name}:")
+            for w in [float(x) for x in args.macs_weights.split(",")]:
+                t = time.perf_counter()
+                ours = prune_for_latency(dense, prof, target_speedup=args.speedup, macs_weight=w)
+                t_ours = time.perf_counter() - t
+                p_ours = save_model(ours.model, tmp_p / f"{name}_latency_{w:g}.onnx")
+                la = ours.summary["latency_allocation"]
+                rows[f"latency-aware w={w:g}"] = {
+                    **measure(dense, p_ours, prof), "importance_kept": importance_kept(dense, ours.summary),
+                    "macs_weight": w, "allocation_s": t_ours, "table_s": la["table"]["measure_s"],
+                    "table_cached": la["table"]["cached"], "iterations": la["iterations"]}
+                internal = ", ".join(f"{i['measured_speedup']:.2f}x" for i in la["iterations"])
+                print(f"  macs_weight {w:g}: allocation {t_ours:.1f} s (tables {la['table']['measure_s']:.1f} s"
+                      f"{', cached' if la['table']['cached'] else ''}; {len(la['iterations'])} measured candidate(s), "
+                      f"internal speedups {internal})")
             uni = prune_structured(dense, target_macs=1.0 / args.speedup, round_to=8)
-            p_ours = save_model(ours.model, tmp_p / f"{name}_latency.onnx")
             p_uni = save_model(uni.model, tmp_p / f"{name}_uniform.onnx")
-            la = ours.summary["latency_allocation"]
-            rows = {"latency-aware": {**measure(dense, p_ours, prof), "importance_kept": importance_kept(dense, ours.summary),
-                                      "allocation_s": t_ours, "table_s": la["table"]["measure_s"],
-                                      "table_cached": la["table"]["cached"], "iterations": la["iterations"]},
-                    "uniform-MACs": {**measure(dense, p_uni, prof), "importance_kept": importance_kept(dense, uni.summary)}}
+            rows["uniform-MACs"] = {**measure(dense, p_uni, prof), "importance_kept": importance_kept(dense, uni.summary)}
             report["models"][name] = rows
-            internal = ", ".join(f"{i['measured_speedup']:.2f}x" for i in la["iterations"])
-            print(f"\n{name}: latency-aware allocation {t_ours:.1f} s (tables {la['table']['measure_s']:.1f} s"
-                  f"{', cached' if la['table']['cached'] else ''}; {len(la['iterations'])} measured candidate(s), "
-                  f"internal speedups {internal})")
             for label, r in rows.items():
-                print(f"  {label:14s} importance kept {r['importance_kept']:6.1%}  MACs / {r['macs_reduction']:4.2f}  "
+                print(f"  {label:20s} importance kept {r['importance_kept']:6.1%}  MACs / {r['macs_reduction']:4.2f}  "
                       f"p50 {r['p50_ms_dense']:7.2f} -> {r['p50_ms_pruned']:7.2f} ms  speedup {r['speedup_p50']:4.2f}x  "
                       f"speedup / MACs reduction {r['speedup_over_macs_reduction']:4.2f}")
     if args.json:

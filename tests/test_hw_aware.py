@@ -43,6 +43,34 @@ def test_human_structured_output_without_gzip(model_path, tmp_path):
 
 # ---- channel multiples from the hardware profile ------------------------------------------------
 
+def test_recipe_gzips_only_unstructured_points_and_their_dense_control(model_path, tmp_path):
+    """`onnxprune run`: structured points get gzip_bytes null (and the report, run table and
+    compare-runs show n/a); unstructured/N:M points and the dense control keep a size."""
+    from onnxprune.pipeline.run import run_recipe
+    from onnxprune.report.schema import validate_report
+
+    mixed = ("sweep.methods=[{name: l1, kind: structured, points: [{ratio: 0.5}]},"
+             " {name: mag, kind: unstructured, points: [{sparsity: 0.8}]}, {name: nm, kind: nm}]")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages: [{kind: structured, target: {ratio: 0.5}}]\n")
+    rep = run_recipe(recipe, model_path, tmp_path / "mixed", overrides=[mixed])
+    validate_report(rep)
+    pts = {p["method"]: p for p in rep["points"]}
+    assert pts["l1"]["gzip_bytes"] is None and pts["l1"]["runs"][0]["figures"]["gzip_bytes"] is None
+    assert 0 < pts["mag"]["gzip_bytes"] < rep["dense"]["gzip_bytes"] == rep["model"]["gzip_bytes"]
+    assert 0 < pts["nm"]["gzip_bytes"] < rep["dense"]["gzip_bytes"]
+    md = (tmp_path / "mixed" / "report.md").read_text()
+    assert "n/a" in next(line for line in md.splitlines() if line.startswith("| l1"))
+    code, out, err = run_cli("compare-runs", str(tmp_path / "mixed"), str(tmp_path / "mixed"), "--json")
+    assert code == 0, err
+    rows = {r["id"]: r for r in json.loads(out)["rows"]}
+    assert rows["l1-ratio0.5"]["a"]["gzip_bytes"] is None
+    # structured only: nothing to compare a gzip size with, the dense control skips it too
+    rep = run_recipe(recipe, model_path, tmp_path / "structured")
+    validate_report(rep)
+    assert rep["dense"]["gzip_bytes"] is None and rep["points"][0]["gzip_bytes"] is None
+
+
 def test_shipped_profiles_have_channel_multiples():
     from onnxprune.profiling.hw_profile import load_hw_profile, shipped_profiles
 

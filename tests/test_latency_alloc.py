@@ -73,6 +73,24 @@ def test_curves_are_robust_lines_and_layers_separable():
     # layers timed alone add up to more than the whole model: savings are scaled to the whole
     table = LatencyTable("p", dense_ms=1.0, layers=[layer], sizes=sizes)
     assert table.scale == pytest.approx(0.5) and table.estimate({0: 8, 1: 8}) == pytest.approx(1.0 - 0.5 * 1.75)
+    # ... and to less: the untimed rest (activations, adds) shrinks with the layers around it
+    table = LatencyTable("p", dense_ms=4.0, layers=[layer], sizes=sizes)
+    assert table.estimate({0: 8, 1: 8}) == pytest.approx(4.0 * (0.25 / 2.0))
+    # MACs kept: out x in widths (a depthwise layer's in side is its out side)
+    assert layer.kept_fraction({0: 8, 1: 4}, sizes) == pytest.approx(0.5 * 0.25)
+    dw = Layer("d", "Conv", out_full=16, in_full=16, out_parts=[(0, 1)], depthwise=True)
+    assert dw.kept_fraction({0: 4}, sizes) == pytest.approx(0.25)
+
+
+def test_knapsack_penalty_buys_time_with_fewer_macs():
+    # both groups save 1 ms per channel at equal importance; group 0's channels carry 4x the MACs
+    latency, saving = _additive({0: 1.0, 1: 1.0})
+    choices = [_choice(0, 16, 4, 1.0), _choice(1, 16, 4, 1.0)]
+    macs = {0: 4.0, 1: 1.0}
+    counts, _ = knapsack(choices, latency, saving, budget=24.0,
+                         penalty=lambda c, gid, new: macs[gid] * (c[gid] - new))
+    assert counts == {0: 16, 1: 8}
+    assert knapsack(choices, latency, saving, budget=24.0)[0] == {0: 8, 1: 16}  # no penalty: a tie, the first group
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +134,7 @@ def test_cli_target_speedup_end_to_end(tiny, tmp_path, monkeypatch):
     la = s["latency_allocation"]
     assert s["target"]["kind"] == "speedup" and s["target"]["value"] == 1.2
     assert la["profile"] == "ci-cpu" and la["timing"] == "interleaved" and 1 <= len(la["iterations"]) <= 3
+    assert la["macs_weight"] == 4.0  # the default: MACs removed count beside importance lost
     assert isinstance(la["met"], bool) and 0 < la["importance_kept"] <= 1
     assert s["target"]["achieved"] == la["chosen"]["measured_speedup"]
     assert s["limits"]["round_to"] == 8  # ci-cpu's channel_multiple

@@ -224,10 +224,13 @@ def _check_outdir(outdir: str | os.PathLike, model_path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ steps
 
-def _measure(ctx: Context, path: Path, label: str, dense: Path | None = None, latency: bool = True) -> dict[str, Any]:
-    """figures + evaluate (+ profile, with ``latency``) of one written model, each a cached step."""
+def _measure(ctx: Context, path: Path, label: str, dense: Path | None = None, latency: bool = True,
+             gzip: bool = True) -> dict[str, Any]:
+    """figures (gzip size with ``gzip``) + evaluate (+ profile, with ``latency``) of one written model,
+    each a cached step."""
     ctx.progress.step(f"{label}: figures")
-    figures = ctx.cache.run("figures", {}, lambda: steps.model_figures(path), inputs=[path])
+    figures = ctx.cache.run("figures", {} if gzip else {"gzip": False}, lambda: steps.model_figures(path, gzip=gzip),
+                            inputs=[path])
     acc = None
     if ctx.data is not None:
         ctx.progress.step(f"{label}: evaluate")
@@ -289,7 +292,12 @@ def dense_control(ctx: Context, model_path: Path, latency: bool = True) -> dict[
     if "error" in analysis:
         ctx.notes.append(f"channel analysis: {analysis['error']}")
         analysis = None
-    return {"path": dest, "analysis": analysis, **_measure(ctx, dest, "dense", latency=latency)}
+    return {"path": dest, "analysis": analysis, **_measure(ctx, dest, "dense", latency=latency, gzip=_gzip_dense(ctx))}
+
+
+def _gzip_dense(ctx: Context) -> bool:
+    """The dense control gets a gzip size where some point has one to compare with."""
+    return any(steps.gzip_meaningful(m.stages) for m in ctx.recipe.methods())
 
 
 def sensitivity_step(ctx: Context, dense: Path) -> dict[str, Any]:
@@ -370,7 +378,7 @@ def run_one(ctx: Context, spec: RunSpec, dense: Path, sens: Mapping[str, Any] | 
 
             train_hist = ctx.cache.run("retrain", tkey, retrain_work, inputs=[pruned] + ([teacher] if teacher else []),
                                        outputs=[final])
-    measured = _measure(ctx, final, spec.id, dense, latency=latency)
+    measured = _measure(ctx, final, spec.id, dense, latency=latency, gzip=steps.gzip_meaningful(spec.stages))
     return {"spec": spec, "path": final, "prune": prune_info, "train": train_hist, **measured}
 
 
@@ -445,7 +453,7 @@ def dense_finetune(ctx: Context, dense: Path, seed: int, latency: bool = True) -
     hist = ctx.cache.run("retrain", {"train": rt.model_dump(), "seed": seed, "data": ctx.data_desc, "dense": True}, work,
                          inputs=[dense], outputs=[final])
     return {"seed": seed, "path": final, "train": hist,
-            **_measure(ctx, final, f"dense-finetuned-s{seed}", dense, latency=latency)}
+            **_measure(ctx, final, f"dense-finetuned-s{seed}", dense, latency=latency, gzip=_gzip_dense(ctx))}
 
 
 def dense_finetuned_name(seed: int) -> str:

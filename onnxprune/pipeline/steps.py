@@ -51,8 +51,15 @@ def load_data(spec: str | Mapping[str, Any]):
     return ds.load_dataset(spec, seed=0)
 
 
-def model_figures(path: str | os.PathLike) -> dict[str, Any]:
-    """Params, nonzero params, MACs, MACs of nonzero weights, file and gzip sizes, per-layer sparsity."""
+def gzip_meaningful(stages: Sequence[Stage]) -> bool:
+    """Whether a gzip size says something about these stages' models: zeros compress (unstructured,
+    N:M), while structured pruning shrinks the file itself, so gzipping it is only wasted time."""
+    return any(s.kind in ("unstructured", "nm") for s in stages)
+
+
+def model_figures(path: str | os.PathLike, gzip: bool = True) -> dict[str, Any]:
+    """Params, nonzero params, MACs, MACs of nonzero weights, file size, per-layer sparsity, and with
+    ``gzip`` the gzip size (else ``gzip_bytes`` is None: see :func:`gzip_meaningful`)."""
     from ..inspection import inspect_model
 
     info = inspect_model(path)
@@ -65,10 +72,10 @@ def model_figures(path: str | os.PathLike) -> dict[str, Any]:
             nonzero_macs += n["macs"] * (1.0 - n.get("sparsity", 0.0))
         if "sparsity" in n:
             layers.append({"name": n["name"], "kept": 1.0 - n["sparsity"]})
-    storage = _need("..sparsity.storage", "gzip size")
+    gz = _need("..sparsity.storage", "gzip size").gzip_file_bytes(path) if gzip else None
     return {"params": info["params"], "nonzero_params": info["nonzero_params"], "sparsity": info["sparsity"],
             "macs": info["macs"], "nonzero_macs": nonzero_macs, "file_bytes": info["file_bytes"],
-            "gzip_bytes": storage.gzip_file_bytes(path), "layers": layers}
+            "gzip_bytes": gz, "layers": layers}
 
 
 def analyze(path: str | os.PathLike) -> dict[str, Any]:

@@ -31,7 +31,8 @@ A Point::
     seeds [int], models [paths relative to the run directory, one per seed],
     params, nonzero_params, sparsity, compression_ratio (dense params / nonzero params),
     macs (executed by dense kernels), nonzero_macs (MACs of nonzero weights), theoretical_speedup
-    (dense MACs / nonzero MACs), macs_reduction (dense MACs / macs), file_bytes, gzip_bytes,
+    (dense MACs / nonzero MACs), macs_reduction (dense MACs / macs), file_bytes, gzip_bytes (null
+    unless a point has unstructured/N:M stages, or is the dense control of a run with such points),
     accuracy {val|test: {top1: Stat, top5: Stat | null, samples}}   Stat = {mean, std, n, values}
              (+ mean_rel_l2, top1_agreement: Stat, fidelity to the dense model with unlabeled data;
               + metric {name: Stat} with the recipe's evaluation.metric)
@@ -132,7 +133,7 @@ class Point(_M):
     theoretical_speedup: float | None
     macs_reduction: float | None
     file_bytes: float
-    gzip_bytes: float
+    gzip_bytes: float | None  # null where it says nothing (structured points; dense without such points)
     accuracy: dict[Literal["val", "test"], SplitAccuracy] = Field(default_factory=dict)
     profiles: dict[str, list[Measurement]] = Field(default_factory=dict)
     runs: list[RunRecord] = Field(default_factory=list)

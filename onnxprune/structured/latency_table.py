@@ -19,6 +19,7 @@ latency), under :func:`cache_dir`.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -82,6 +83,13 @@ class Layer:
     def dense_ms(self) -> float:
         return _at(self.out_curve, self.out_full)
 
+    def kept_fraction(self, counts: Mapping[int, int], sizes: Mapping[int, int]) -> float:
+        """The fraction of the layer's MACs kept at the groups' ``counts``."""
+        f = self.width("out", counts, sizes) / self.out_full
+        if self.in_parts and not self.depthwise:
+            f *= self.width("in", counts, sizes) / self.in_full
+        return f
+
     def ms(self, counts: Mapping[int, int], sizes: Mapping[int, int]) -> float:
         """Estimated latency at the groups' kept ``counts`` (absent groups: full)."""
         if not self.out_curve:
@@ -91,6 +99,21 @@ class Layer:
             full = _at(self.in_curve, self.in_full)
             t = t * _at(self.in_curve, self.width("in", counts, sizes)) / full if full > 0 else t
         return t
+
+
+def layer_macs(view: GraphView, layer: Layer) -> float:
+    """MACs of ``layer``'s node at full width (weight elements x output positions), or 0 when the
+    output shape is not static: with :meth:`Layer.macs` it lets the allocator prefer the channels
+    that buy the most time per MAC removed (the weights of a table read from the cache are not
+    needed: only shapes)."""
+    node = next(n for n in view.nodes if n.name == layer.node)
+    w = int(np.prod(view.initializers[node.input[1]].dims))
+    y = view.shape(node.output[0])
+    if y is None or any(not isinstance(d, int) or d < 1 for d in y):
+        return 0.0
+    if layer.op == "Conv":  # w = [out, in/group, k...]: one MAC per weight per output position
+        return float(w * int(np.prod(y[2:], dtype=np.int64)) * y[0])
+    return float(w * int(np.prod(y[:-1], dtype=np.int64)))
 
 
 def line_fit(curve: Sequence[tuple[int, float]]) -> tuple[float, float]:
@@ -105,9 +128,14 @@ def line_fit(curve: Sequence[tuple[int, float]]) -> tuple[float, float]:
     return a, b
 
 
+@functools.lru_cache(maxsize=4096)
+def _fit(curve: tuple[tuple[int, float], ...]) -> tuple[float, float]:
+    return line_fit(curve)
+
+
 def _at(curve: Sequence[tuple[int, float]], w: float) -> float:
-    """The fitted time at width ``w`` (never below 0)."""
-    a, b = line_fit(curve)
+    """The fitted time at width ``w`` (never below 0; fits are memoized: the knapsack asks often)."""
+    a, b = _fit(tuple(map(tuple, curve)))
     return max(0.0, a + b * w)
 
 
@@ -336,10 +364,13 @@ class LatencyTable:
 
     @property
     def scale(self) -> float:
-        """ms of the whole model per ms of the layers timed alone: 1 while the layers add up to less
-        than the whole (the rest is a fixed part), below 1 when alone they add up to more."""
+        """ms of the whole model per ms of the layers timed alone. The whole model's time is taken
+        to shrink in proportion to its layers' time: the ops the table does not time (activations,
+        adds, pooling, layout reorders) sit between the layers and shrink with their channels.
+        (A fixed rest underestimated savings: on ResNet-50 an estimated 2.00x measured 2.45x and
+        1.63x measured 1.97x; in proportion they read 2.59x and 1.91x.)"""
         layers = sum(layer.dense_ms for layer in self.layers)
-        return min(1.0, self.dense_ms / layers) if layers > 0 else 1.0
+        return self.dense_ms / layers if layers > 0 else 1.0
 
     def estimate(self, counts: Mapping[int, int]) -> float:
         """Estimated latency (ms) of the model pruned to ``counts`` (group id -> kept channels)."""
