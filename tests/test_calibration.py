@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from cli_util import run_cli
 from onnxprune.calibration import StructuredCalibration, calibration_inputs
 from onnxprune.calibration.collect import collect_stats, run
-from onnxprune.calibration.fit import as_affine, rel_error, ridge_fit
-from onnxprune.calibration.layers import layer_of
+from onnxprune.calibration.fit import as_affine, rel_error, ridge_fit, ridge_refit
+from onnxprune.calibration.layers import dense_affine, layer_of
 from onnxprune.calibration.weights import obs_update, refit_rows
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph import build_view
@@ -70,6 +70,13 @@ def test_sampled_rows_reproduce_onnxruntime_outputs():
         a = as_affine(l.matrix(view.const(l.weight)), b, np.arange(st.d), np.arange(st.out))
         assert st.n > 0
         assert rel_error(st, np.arange(st.d), np.arange(st.out), a) < 2e-3, l.node  # float32 products: ~1e-4
+    # output rows computed from the input rows and the weights (what calibration uses): the same statistics
+    fast, _ = collect_stats(m, {"x": x}, layers, shapes, rows=20, affine=dense_affine(layers, view))
+    for l in layers:
+        assert fast[l.node].n == stats[l.node].n
+        scale = np.abs(stats[l.node].p).max()  # float32 rounding, relative to the largest entry
+        assert np.allclose(fast[l.node].p, stats[l.node].p, rtol=0, atol=1e-5 * scale), l.node
+        assert np.allclose(fast[l.node].yy, stats[l.node].yy, rtol=1e-4), l.node
 
 
 def test_ridge_fit_finds_the_least_squares_map():
@@ -89,6 +96,22 @@ def test_ridge_fit_finds_the_least_squares_map():
     z = np.c_[x[:, kept], np.ones(len(x))]
     best = np.linalg.lstsq(z, x @ w.T + b, rcond=None)[0]
     assert np.allclose(a, best, atol=1e-3)
+
+
+def test_ridge_refit_error_from_the_normal_equations_is_the_direct_error():
+    """The error ridge_refit derives from the solve equals rel_error's direct ``a'Sa - 2a'P + yy``,
+    with a strong ridge (so the shrinkage term matters), with and without a prior."""
+    from onnxprune.calibration.stats import RowStats
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 8)) @ rng.normal(size=(8, 8))
+    st = RowStats(d=8, out=4)
+    st.add(x, np.tanh(x @ rng.normal(size=(8, 4))))
+    cols, outs = np.array([0, 2, 3, 5, 7]), np.array([0, 1, 3])
+    for prior in (None, rng.normal(size=(5, 3))):
+        a, err = ridge_refit(st, cols, outs, ridge=0.3, prior=prior)
+        assert err == pytest.approx(rel_error(st, cols, outs, a), rel=1e-6)
+        assert np.array_equal(a, ridge_fit(st, cols, outs, ridge=0.3, prior=prior))
 
 
 def test_reconstruction_keeps_zeros_and_is_the_per_row_optimum():
