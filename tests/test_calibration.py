@@ -288,6 +288,34 @@ def test_constant_of_a_removed_channel_moves_into_the_consumer_bias(method):
     assert rel(r.model) < (1e-5 if method == "bn" else 3e-3)  # refit: only the ridge's slight shrinkage
 
 
+def test_refit_keeps_the_original_weights_of_a_channel_dead_on_the_data():
+    """The ridge shrinks toward the layer's original weights, not zero: a channel that is zero on the
+    calibration data (ReLU of a very negative bias) keeps its consumer weights exactly, so the
+    calibrated model still uses it where it fires (and finetune does not take those weights for a
+    pruning mask)."""
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    w0[3] = 0  # constant channel (ReLU(2)): the one magnitude pruning removes
+    b0 = np.array([0.1, -0.2, -100.0, 2.0], np.float32)  # channel 2: dead on N(0, 1) inputs
+    w1 = rng.normal(size=(5, 4, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+             helper.make_node("Conv", ["r0", "w1"], ["y"], name="conv1")]
+    m = _graph_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 6, 6])],
+                     [_init("w0", w0), _init("b0", b0), _init("w1", w1)])
+    x = rng.normal(size=(32, 3, 6, 6)).astype(np.float32)
+    r = prune_structured(m, ratio=0.25, calibration=StructuredCalibration({"x": x}, method="refit"))
+    assert [g["kept"] for g in r.summary["groups"]] == [3]
+    new = numpy_helper.to_array(next(t for t in r.model.graph.initializer if t.name == "w1"))
+    assert new.shape == (5, 3, 1, 1)
+    np.testing.assert_allclose(new[:, 2], w1[:, 2], rtol=1e-6)  # the dead channel: as it was
+    fires = (30 * rng.normal(size=(8, 3, 6, 6))).astype(np.float32)  # inputs where channel 2 is alive
+    dense = run(m, {"x": fires})["y"]
+    got = run(r.model, {"x": fires})["y"]
+    assert np.linalg.norm(got - dense) / np.linalg.norm(dense) < 3e-3
+
+
 def test_recipe_recover_stage_calibrates_structured_points(tmp_path):
     """``recover: {calibrate: true}`` in a recipe: the structured point is calibrated on the data's inputs
     (labels unused) and its report entry carries the before/after output error."""

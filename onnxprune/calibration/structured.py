@@ -176,7 +176,7 @@ class StructuredCalibration:
             entry.update(method="none", error_after=entry["error_before"])
             return entry
         if method == "refit":
-            a, err = ridge_refit(st, cols, outs, self.ridge)
+            a, err = ridge_refit(st, cols, outs, self.ridge, prior=a0[:-1])  # shrink toward the dense weights
             write_layer(ed, l, ed.nodes[l.node], a, pshape, wdense.dtype)
             entry.update(method="refit", error_after=err)
             return entry
