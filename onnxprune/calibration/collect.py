@@ -1,8 +1,9 @@
 """Run the dense model with ONNX Runtime and reduce the layers' inputs/outputs to :class:`RowStats`.
 
-The layers' input and output activations are exposed as extra graph outputs on a *copy* of the
-model; each batch's activations are reduced to sampled rows, added to the statistics and dropped, so
-memory is bounded by one batch of activations plus ``O(d^2)`` per layer, whatever the sample count.
+The layers' input activations (and their outputs, unless computed from the weights) are exposed as
+extra graph outputs on a *copy* of the model; each batch's activations are reduced to sampled rows,
+buffered (:data:`PENDING_BYTES` per layer), added to the statistics and dropped, so memory is bounded
+by one batch of activations plus ``O(d^2)`` per layer, whatever the sample count.
 """
 from __future__ import annotations
 

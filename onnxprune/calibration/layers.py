@@ -80,7 +80,7 @@ class Layer:
         return xs[b, pos].reshape(-1, k), ys[b, pos].reshape(-1, ys.shape[-1])
 
 
-def dense_affine(layers: "list[Layer]", view: GraphView) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def dense_affine(layers: list[Layer], view: GraphView) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per layer node, its dense ``M`` [out, d] and bias in float32: collecting computes the layers'
     output rows from these instead of exposing their outputs."""
     out = {}
