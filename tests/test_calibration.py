@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from cli_util import run_cli
 from onnxprune.calibration import StructuredCalibration, calibration_inputs
 from onnxprune.calibration.collect import collect_stats, run
-from onnxprune.calibration.fit import as_affine, rel_error, ridge_fit
-from onnxprune.calibration.layers import layer_of
+from onnxprune.calibration.fit import as_affine, rel_error, ridge_fit, ridge_refit
+from onnxprune.calibration.layers import dense_affine, layer_of
 from onnxprune.calibration.weights import obs_update, refit_rows
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph import build_view
@@ -70,6 +70,13 @@ def test_sampled_rows_reproduce_onnxruntime_outputs():
         a = as_affine(l.matrix(view.const(l.weight)), b, np.arange(st.d), np.arange(st.out))
         assert st.n > 0
         assert rel_error(st, np.arange(st.d), np.arange(st.out), a) < 2e-3, l.node  # float32 products: ~1e-4
+    # output rows computed from the input rows and the weights (what calibration uses): the same statistics
+    fast, _ = collect_stats(m, {"x": x}, layers, shapes, rows=20, affine=dense_affine(layers, view))
+    for l in layers:
+        assert fast[l.node].n == stats[l.node].n
+        scale = np.abs(stats[l.node].p).max()  # float32 rounding, relative to the largest entry
+        assert np.allclose(fast[l.node].p, stats[l.node].p, rtol=0, atol=1e-5 * scale), l.node
+        assert np.allclose(fast[l.node].yy, stats[l.node].yy, rtol=1e-4), l.node
 
 
 def test_ridge_fit_finds_the_least_squares_map():
@@ -89,6 +96,22 @@ def test_ridge_fit_finds_the_least_squares_map():
     z = np.c_[x[:, kept], np.ones(len(x))]
     best = np.linalg.lstsq(z, x @ w.T + b, rcond=None)[0]
     assert np.allclose(a, best, atol=1e-3)
+
+
+def test_ridge_refit_error_from_the_normal_equations_is_the_direct_error():
+    """The error ridge_refit derives from the solve equals rel_error's direct ``a'Sa - 2a'P + yy``,
+    with a strong ridge (so the shrinkage term matters), with and without a prior."""
+    from onnxprune.calibration.stats import RowStats
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 8)) @ rng.normal(size=(8, 8))
+    st = RowStats(d=8, out=4)
+    st.add(x, np.tanh(x @ rng.normal(size=(8, 4))))
+    cols, outs = np.array([0, 2, 3, 5, 7]), np.array([0, 1, 3])
+    for prior in (None, rng.normal(size=(5, 3))):
+        a, err = ridge_refit(st, cols, outs, ridge=0.3, prior=prior)
+        assert err == pytest.approx(rel_error(st, cols, outs, a), rel=1e-6)
+        assert np.array_equal(a, ridge_fit(st, cols, outs, ridge=0.3, prior=prior))
 
 
 def test_reconstruction_keeps_zeros_and_is_the_per_row_optimum():
@@ -263,6 +286,34 @@ def test_constant_of_a_removed_channel_moves_into_the_consumer_bias(method):
 
     assert rel(plain.model) > 0.05
     assert rel(r.model) < (1e-5 if method == "bn" else 3e-3)  # refit: only the ridge's slight shrinkage
+
+
+def test_refit_keeps_the_original_weights_of_a_channel_dead_on_the_data():
+    """The ridge shrinks toward the layer's original weights, not zero: a channel that is zero on the
+    calibration data (ReLU of a very negative bias) keeps its consumer weights exactly, so the
+    calibrated model still uses it where it fires (and finetune does not take those weights for a
+    pruning mask)."""
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    w0[3] = 0  # constant channel (ReLU(2)): the one magnitude pruning removes
+    b0 = np.array([0.1, -0.2, -100.0, 2.0], np.float32)  # channel 2: dead on N(0, 1) inputs
+    w1 = rng.normal(size=(5, 4, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+             helper.make_node("Conv", ["r0", "w1"], ["y"], name="conv1")]
+    m = _graph_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 6, 6])],
+                     [_init("w0", w0), _init("b0", b0), _init("w1", w1)])
+    x = rng.normal(size=(32, 3, 6, 6)).astype(np.float32)
+    r = prune_structured(m, ratio=0.25, calibration=StructuredCalibration({"x": x}, method="refit"))
+    assert [g["kept"] for g in r.summary["groups"]] == [3]
+    new = numpy_helper.to_array(next(t for t in r.model.graph.initializer if t.name == "w1"))
+    assert new.shape == (5, 3, 1, 1)
+    np.testing.assert_allclose(new[:, 2], w1[:, 2], rtol=1e-6)  # the dead channel: as it was
+    fires = (30 * rng.normal(size=(8, 3, 6, 6))).astype(np.float32)  # inputs where channel 2 is alive
+    dense = run(m, {"x": fires})["y"]
+    got = run(r.model, {"x": fires})["y"]
+    assert np.linalg.norm(got - dense) / np.linalg.norm(dense) < 3e-3
 
 
 def test_recipe_recover_stage_calibrates_structured_points(tmp_path):

@@ -20,20 +20,41 @@ def as_affine(m: np.ndarray, b: np.ndarray, cols: np.ndarray, outs: np.ndarray) 
     return np.vstack([m[np.ix_(outs, cols)].T, b[outs][None, :]])
 
 
-def ridge_fit(st: RowStats, cols: np.ndarray, outs: np.ndarray, ridge: float = DEFAULT_RIDGE) -> np.ndarray:
+def ridge_fit(st: RowStats, cols: np.ndarray, outs: np.ndarray, ridge: float = DEFAULT_RIDGE,
+              prior: np.ndarray | None = None) -> np.ndarray:
     """Least squares of the dense outputs ``outs`` on the input columns ``cols`` and an intercept,
     ridge-regularized on the weights only (the intercept carries what removed channels contributed
-    on average)."""
+    on average): ``min ||Z a - Y||^2 + sum_j lam_j ||a_j - prior_j||^2``, ``lam_j`` = ``ridge`` times
+    column j's energy. ``prior`` ([len(cols), len(outs)], default zero) is what the weights shrink
+    toward: the layer's original weights keep a column with no signal on the data (a dead channel)
+    as it was, where shrinking toward zero would zero it (and ``finetune`` would keep it zero)."""
+    return ridge_refit(st, cols, outs, ridge, prior)[0]
+
+
+def ridge_refit(st: RowStats, cols: np.ndarray, outs: np.ndarray, ridge: float = DEFAULT_RIDGE,
+                prior: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """:func:`ridge_fit` and its :func:`rel_error`, the error from the normal equations
+    (``S a = P + lam (prior - a)``) instead of another ``d^2 x out`` product."""
     idx = np.append(cols, st.d)
-    s = st.s[np.ix_(idx, idx)].copy()
+    s = st.s[np.ix_(idx, idx)]
     k = len(cols)
-    diag = s[np.arange(k), np.arange(k)]
-    s[np.arange(k), np.arange(k)] = np.where(diag > 0, diag * (1 + ridge), 1.0)
-    rhs = st.p[np.ix_(idx, outs)]
+    diag = s[np.arange(k), np.arange(k)].copy()
+    lam = np.where(diag > 0, diag * ridge, 1.0)
+    s[np.arange(k), np.arange(k)] += lam  # (s is a copy: fancy indexing)
+    p = st.p[np.ix_(idx, outs)]
+    rhs = p.copy()
+    if prior is not None:
+        rhs[:k] += lam[:, None] * prior
     try:
-        return np.linalg.solve(s, rhs)
+        a = np.linalg.solve(s, rhs)
     except np.linalg.LinAlgError:
-        return np.linalg.lstsq(s, rhs, rcond=None)[0]
+        a = np.linalg.lstsq(s, rhs, rcond=None)[0]
+    # sum (Za - Y)^2 = a'Sa - 2a'P + yy with S a = rhs - lam a (no ridge on the intercept)
+    shrink = rhs - p
+    shrink[:k] -= lam[:, None] * a[:k]
+    err = np.maximum(st.yy[outs] - np.einsum("ij,ij->j", a, p) + np.einsum("ij,ij->j", a, shrink), 0.0)
+    ref = float(st.yy[outs].sum())
+    return a, (float(np.sqrt(err.sum() / ref)) if ref > 0 else 0.0)
 
 
 def moments(st: RowStats, cols: np.ndarray, outs: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

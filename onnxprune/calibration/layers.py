@@ -64,16 +64,32 @@ class Layer:
         channels = np.asarray(channels, dtype=np.int64)
         return (channels[:, None] * t + np.arange(t)[None, :]).reshape(-1)
 
-    def rows(self, x: np.ndarray, y: np.ndarray, per_sample: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """(X rows, Y rows) at up to ``per_sample`` random output positions of each sample of a batch."""
+    def rows(self, x: np.ndarray, y: np.ndarray | None, per_sample: int, rng: np.random.Generator
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(X rows, Y rows) at up to ``per_sample`` random output positions of each sample of a batch
+        (Y rows None when ``y`` is: the caller computes them from the weights)."""
         if self.op_type == "Conv":
             return _conv_rows(self, x, y, per_sample, rng)
         k = x.shape[-1]
         xs = x.reshape(x.shape[0], -1, k)
-        ys = y.reshape(y.shape[0], -1, y.shape[-1])
         pos = _positions(xs.shape[1], per_sample, xs.shape[0], rng)
         b = np.arange(xs.shape[0])[:, None]
+        if y is None:
+            return xs[b, pos].reshape(-1, k), None
+        ys = y.reshape(y.shape[0], -1, y.shape[-1])
         return xs[b, pos].reshape(-1, k), ys[b, pos].reshape(-1, ys.shape[-1])
+
+
+def dense_affine(layers: list[Layer], view: GraphView) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per layer node, its dense ``M`` [out, d] and bias in float32: collecting computes the layers'
+    output rows from these instead of exposing their outputs."""
+    out = {}
+    for l in layers:
+        m = l.matrix(view.const(l.weight)).astype(np.float32)
+        b = np.zeros(m.shape[0], np.float32) if l.bias is None else \
+            (np.asarray(view.const(l.bias), np.float64).reshape(-1) * l.beta).astype(np.float32)
+        out[l.node] = (m, b)
+    return out
 
 
 def _positions(total: int, per_sample: int, batch: int, rng: np.random.Generator) -> np.ndarray:
@@ -83,10 +99,11 @@ def _positions(total: int, per_sample: int, batch: int, rng: np.random.Generator
     return np.argsort(rng.random((batch, total)), axis=1)[:, :per_sample]
 
 
-def _conv_rows(layer: Layer, x: np.ndarray, y: np.ndarray, per_sample: int, rng) -> tuple[np.ndarray, np.ndarray]:
+def _conv_rows(layer: Layer, x: np.ndarray, y: np.ndarray | None, per_sample: int, rng
+               ) -> tuple[np.ndarray, np.ndarray | None]:
     nd = len(layer.kernel)
     if nd == 1:  # 1-D conv as 2-D with height 1
-        x, y = x[:, :, None, :], y[:, :, None, :]
+        x, y = x[:, :, None, :], (None if y is None else y[:, :, None, :])
         kh, kw = 1, layer.kernel[0]
         sh, sw = 1, layer.strides[0]
         dh, dw = 1, layer.dilations[0]
@@ -97,7 +114,8 @@ def _conv_rows(layer: Layer, x: np.ndarray, y: np.ndarray, per_sample: int, rng)
         dh, dw = layer.dilations
         ph0, pw0, ph1, pw1 = layer.pads
     b, c = x.shape[:2]
-    ho, wo = y.shape[2:]
+    ho = (x.shape[2] + ph0 + ph1 - dh * (kh - 1) - 1) // sh + 1
+    wo = (x.shape[3] + pw0 + pw1 - dw * (kw - 1) - 1) // sw + 1
     xp = np.pad(x, ((0, 0), (0, 0), (ph0, ph1), (pw0, pw1))) if (ph0 or pw0 or ph1 or pw1) else x
     pos = _positions(ho * wo, per_sample, b, rng)  # [b, p]
     oy, ox = pos // wo, pos % wo
@@ -107,6 +125,8 @@ def _conv_rows(layer: Layer, x: np.ndarray, y: np.ndarray, per_sample: int, rng)
     # xp[b, :, iy, ix] -> [b, p, kh, kw, c] (advanced indices first), then channel-major columns
     patches = xp.transpose(0, 2, 3, 1)[bi, iy[..., :, None], ix[..., None, :]]
     xr = patches.transpose(0, 1, 4, 2, 3).reshape(-1, c * kh * kw)
+    if y is None:
+        return xr, None
     yr = y.transpose(0, 2, 3, 1).reshape(b, ho * wo, -1)[np.arange(b)[:, None], pos].reshape(-1, y.shape[1])
     return xr, yr
 

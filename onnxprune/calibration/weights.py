@@ -20,7 +20,7 @@ from ..graph import GraphView, attr
 from .collect import DEFAULT_ROWS, batches, collect_stats, fixed_batch, progress_bar, run, session, with_outputs
 from .edit import ModelEditor, write_layer
 from .fit import rel_error
-from .layers import layer_of
+from .layers import dense_affine, layer_of
 from .structured import CHECK_SAMPLES, _rel
 
 #: damping of the Hessian, relative to each diagonal entry (scale-invariant: input channels of very
@@ -152,7 +152,7 @@ def reconstruct(view: GraphView, dense: onnx.ModelProto, pruned: onnx.ModelProto
             layers.append(layer)
     shapes = {l.weight: tuple(view.initializers[l.weight].dims) for l in layers}
     stats, ref = collect_stats(dense, inputs, layers, shapes, rows=rows, keep_outputs=CHECK_SAMPLES, seed=seed,
-                               progress=progress)
+                               progress=progress, affine=dense_affine(layers, view))
     entries = []
     for l in layers:
         st = stats[l.node]
