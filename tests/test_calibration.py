@@ -183,6 +183,30 @@ def test_calibration_cuts_error_on_a_random_net():
     assert errs["refit"] < errs["none"] / 3 and errs["bn"] < errs["none"], errs
 
 
+def test_a_fit_that_moves_the_outputs_away_from_dense_is_not_used(monkeypatch):
+    """Each layer's fit is checked on the whole model: a re-fit that makes the outputs worse (collinear
+    inputs amplified layer after layer, here forced) falls back to the shift, then to no change."""
+    import onnxprune.calibration.structured as structured
+
+    m = _cnn()
+    x = np.random.default_rng(5).normal(size=(64, 3, 8, 8)).astype(np.float32)
+    honest = structured.ridge_refit
+
+    def wild(*args, **kwargs):
+        a, err = honest(*args, **kwargs)
+        return a * 50.0, err
+
+    monkeypatch.setattr(structured, "ridge_refit", wild)
+    cal = prune_structured(m, ratio=0.5, calibration=StructuredCalibration({"x": x})).summary["calibration"]
+    assert [r["method"] for r in cal["rejected"]] == ["refit"] and cal["method"] == "bn", cal
+    out = cal["outputs"]["y"]
+    assert out["rel_l2_after"] < out["rel_l2_before"]
+    monkeypatch.setattr(structured, "shift_fit", lambda st, cols, outs, a0, scale: (a0 * 50.0, 50.0, 0.0))
+    cal = prune_structured(m, ratio=0.5, calibration=StructuredCalibration({"x": x})).summary["calibration"]
+    assert [r["method"] for r in cal["rejected"]] == ["refit", "bn"] and cal["method"] == "none", cal
+    assert cal["outputs"]["y"]["rel_l2_after"] == cal["outputs"]["y"]["rel_l2_before"]
+
+
 def test_calibration_inputs_checks_shapes():
     m = _cnn()
     with pytest.raises(OnnxPruneError, match=r"shape \[3, 9, 9\].*expects \[3, 8, 8\]"):

@@ -129,31 +129,44 @@ class StructuredCalibration:
             touched.remove(l)
             skipped.append({"node": l.node, "reason": "not re-fitted: grouped weight"})
         self._collect(view, dense, touched)
-        out = onnx.ModelProto()
-        out.CopyFrom(pruned)
-        ed = ModelEditor(out)
-        entries = []
-        for l in touched:
-            entry = self._calibrate_layer(l, view, ed, cuts)
-            if "reason" in entry:
-                skipped.append(entry)
-            else:
-                entries.append(entry)
-        summary: dict[str, Any] = {"method": self.method, "samples": int(len(next(iter(self.inputs.values())))),
+        n = len(next(iter(self.reference.values()))) if self.reference else 0
+        sub = {k: v[:n] for k, v in self.inputs.items()}
+        before = run(pruned, sub) if n else {}
+        rejected = []
+        for method in METHODS[METHODS.index(self.method):]:  # refit, then the shift, then nothing
+            out, entries, failed = self._edited(pruned, touched, view, cuts, method)
+            after = run(out, sub) if n and entries and method != "none" else before
+            errors = {k: (_rel(ref, before[k]), _rel(ref, after[k])) for k, ref in self.reference.items()}
+            worse = float(np.mean([a for _, a in errors.values()])) > float(np.mean([b for b, _ in errors.values()])) \
+                if errors else False
+            if not worse:
+                break
+            rejected.append({"method": method, "mean_rel_l2_after": float(np.mean([a for _, a in errors.values()])),
+                             "reason": "the outputs moved further from the dense model's on the check samples"})
+        summary: dict[str, Any] = {"method": method, "samples": int(len(next(iter(self.inputs.values())))),
                                    "rows_per_layer": self.rows, "ridge": self.ridge, "layers": entries,
-                                   "skipped": skipped}
-        if self.reference:
-            n = len(next(iter(self.reference.values())))
-            sub = {k: v[:n] for k, v in self.inputs.items()}
-            before, after = run(pruned, sub), (run(out, sub) if entries else None)
-            summary["outputs"] = {k: {"rel_l2_before": _rel(ref, before[k]),
-                                      "rel_l2_after": _rel(ref, (after or before)[k])}
-                                  for k, ref in self.reference.items()}
+                                   "skipped": skipped + failed}
+        if rejected:
+            summary["rejected"] = rejected
+        if n:
+            summary["outputs"] = {k: {"rel_l2_before": b, "rel_l2_after": a} for k, (b, a) in errors.items()}
             summary["check_samples"] = n
         summary["seconds"] = round(collected_before + time.perf_counter() - t0, 3)
         return out, summary
 
-    def _calibrate_layer(self, l: Layer, view: GraphView, ed: ModelEditor, cuts) -> dict[str, Any]:
+    def _edited(self, pruned: onnx.ModelProto, touched: list[Layer], view: GraphView, cuts,
+                method: str) -> tuple[onnx.ModelProto, list[dict[str, Any]], list[dict[str, Any]]]:
+        """A copy of ``pruned`` with every touched layer calibrated by ``method``: (model, entries, skipped)."""
+        out = onnx.ModelProto()
+        out.CopyFrom(pruned)
+        ed = ModelEditor(out)
+        entries, failed = [], []
+        for l in touched:
+            entry = self._calibrate_layer(l, view, ed, cuts, method)
+            (failed if "reason" in entry else entries).append(entry)
+        return out, entries, failed
+
+    def _calibrate_layer(self, l: Layer, view: GraphView, ed: ModelEditor, cuts, method: str) -> dict[str, Any]:
         st = self.stats[l.node]
         wdense = view.const(l.weight)
         m = l.matrix(wdense)
@@ -168,7 +181,6 @@ class StructuredCalibration:
             return {"node": l.node, "reason": "not re-fitted: the pruned layer is not the dense one sliced"}
         a0 = as_affine(m, b, cols, outs)
         entry = {"node": l.node, "op_type": l.op_type, "error_before": rel_error(st, cols, outs, a0)}
-        method = self.method
         if method == "refit" and not st.full:
             method = "bn"
             entry["note"] = f"wider than {MAX_FIT_COLUMNS} input columns: shift correction instead of a re-fit"

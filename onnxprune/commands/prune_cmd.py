@@ -434,6 +434,9 @@ def _print_calibration(con, cal: dict[str, Any]) -> None:
     con.print(table)
     for sk in cal.get("skipped", []):
         con.print(f"  {escape(sk['node'])}: {escape(sk['reason'])}")
+    for rj in cal.get("rejected", []):
+        con.print(f"  {rj['method']} not used: {escape(rj['reason'])} (mean rel_l2 {rj['mean_rel_l2_after']:.4g}); "
+                  f"kept: {cal['method']}")
 
 
 def _pct(x: float | None) -> str:
