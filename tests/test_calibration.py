@@ -243,6 +243,20 @@ def test_cli_structured_calibrate_json(cnn_files):
     onnx.checker.check_model(onnx.load(str(d / "o.onnx")))
 
 
+def test_a_reconstruction_that_moves_the_outputs_away_from_dense_is_not_used(cnn_files, monkeypatch):
+    import onnxprune.calibration.weights as weights
+
+    honest = weights.refit_rows
+    monkeypatch.setattr(weights, "refit_rows", lambda *a, **k: honest(*a, **k) * 50.0)
+    d = cnn_files
+    code, out, err = run_cli("prune", d / "m.onnx", "-o", d / "r.onnx", "--unstructured", "--sparsity", "0.5",
+                             "--reconstruct", "--calibrate", f"npz:{d / 'cal.npz'}", "--json")
+    assert code == 0, err
+    cal = json.loads(out)["calibration"]
+    assert cal["method"] == "none" and [r["method"] for r in cal["rejected"]] == ["reconstruct"], cal
+    assert cal["outputs"]["y"]["rel_l2_after"] == cal["outputs"]["y"]["rel_l2_before"]
+
+
 def test_cli_unstructured_wanda_reconstruct_keeps_zeros(cnn_files):
     d = cnn_files
     args = ("--calibrate", f"npz:{d / 'cal.npz'}", "--json")
