@@ -15,13 +15,14 @@ import onnx_graphs  # noqa: E402
 import zoo  # noqa: E402
 from cli_util import run_cli, subprocess_env  # noqa: E402
 from conftest import random_feeds, run_ort  # noqa: E402
-from test_bridge_ops import _one_thread  # noqa: E402,F401 - autouse fixture: one torch thread
 
 from onnxprune.bridge import (TABLE, apply_masks, assert_bridge_faithful, check_bridge,  # noqa: E402
                               to_torch, write_back)
 from onnxprune.errors import OnnxPruneError  # noqa: E402
 from onnxprune.model_io import load_model  # noqa: E402
 from onnxprune.normalize import normalize  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 try:
     import arch_zoo  # the structured-pruning test architectures
