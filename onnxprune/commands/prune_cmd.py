@@ -153,30 +153,16 @@ def _structured(model: str, opts: dict[str, Any]):
         raise OnnxPruneError(f"{flag} must be in (0, 1] (fraction kept), not {raw}")
     criterion = _choice(opts["criterion"], STRUCTURED_CRITERIA, "l1", "--criterion", "--structured")
     scope = _choice(opts["scope"], STRUCTURED_SCOPES, "local", "--scope", "--structured")
-    kwargs: dict[str, Any] = {kind: value, "criterion": criterion, "scope": scope,
-                              "ignore": tuple(opts["ignore"]), "seed": _int(opts["seed"], "--seed", 0)}
-    if opts["round_to"] is not None:
-        kwargs["round_to"] = _int(opts["round_to"], "--round-to", 1, minimum=1)
-    else:  # the profile's kernel-friendly channel multiple (an explicit --round-to wins)
+    kwargs: dict[str, Any] = {kind: value, "scope": scope, **_structured_options(model, opts, criterion, max_ratio_one=True)}
+    note = None
+    if "round_to" not in kwargs:  # the profile's kernel-friendly channel multiple (an explicit --round-to wins)
         from ..profiling.hw_profile import profile_channel_multiple
 
         multiple, prof_name = profile_channel_multiple(opts["hw"])
         if prof_name:
             kwargs["round_to"] = multiple
-            opts["_round_to_note"] = (f"kept channel counts rounded to multiples of {multiple}: channel_multiple of "
-                                      f"hardware profile {prof_name} (--round-to N overrides)")
-    if opts["min_keep"] is not None:
-        kwargs["min_keep"] = _int(opts["min_keep"], "--min-keep", 1, minimum=1)
-    if opts["max_ratio"] is not None:
-        mr = _number(opts["max_ratio"], "--max-ratio")
-        if not 0 < mr <= 1:
-            raise OnnxPruneError(f"--max-ratio must be in (0, 1], not {opts['max_ratio']}")
-        kwargs["max_ratio"] = mr
-    if opts["input_shape"]:
-        from ..shapes import parse_input_shapes
-
-        kwargs["input_shapes"] = parse_input_shapes(opts["input_shape"])
-    kwargs["gradients"] = _gradients(model, opts["data"], criterion)
+            note = (f"kept channel counts rounded to multiples of {multiple}: channel_multiple of hardware profile "
+                    f"{prof_name} (--round-to N overrides)")
     inputs = _calibration_inputs(model, opts, criterion)
     if inputs is not None:
         from ..calibration import StructuredCalibration
@@ -192,38 +178,47 @@ def _structured(model: str, opts: dict[str, Any]):
             raise OnnxPruneError("structured pruning is not implemented in this version") from exc
         raise
     result = prune_structured(model, **kwargs)
-    if "_round_to_note" in opts:
-        result.summary.setdefault("notes", []).append(opts["_round_to_note"])
+    if note:
+        result.summary.setdefault("notes", []).append(note)
     return result
 
 
 def _latency_target(model: str, opts: dict[str, Any], kind: str, value: float):
-    """Latency-aware allocation on the --hw profile (``structured/latency_alloc.py``)."""
+    """Latency-aware allocation on the --hw profile (``structured/latency_alloc.py``); without
+    --round-to it rounds to the profile's channel_multiple itself."""
     flag = _ONLY[kind][0]
     if opts["hw"] is None or opts["hw"] in BACKENDS:
         raise OnnxPruneError(f"{flag} needs --hw PROFILE: the hardware profile it is measured on (e.g. --hw ci-cpu)")
     if opts["scope"] is not None:
         raise OnnxPruneError(f"--scope does not apply to {flag}: the allocation ranks all groups together")
     criterion = _choice(opts["criterion"], STRUCTURED_CRITERIA, "l1", "--criterion", "--structured")
-    kwargs: dict[str, Any] = {"criterion": criterion, "ignore": tuple(opts["ignore"]), "seed": _int(opts["seed"], "--seed", 0)}
-    if opts["round_to"] is not None:  # else the profile's channel_multiple
+    kwargs = _structured_options(model, opts, criterion, max_ratio_one=False)
+    from ..structured.latency_alloc import prune_for_latency
+
+    target = {"target_speedup": value} if kind == "target_speedup" else {"target_latency_ms": value}
+    return prune_for_latency(model, opts["hw"], **target, **kwargs)
+
+
+def _structured_options(model: str, opts: dict[str, Any], criterion: str, *, max_ratio_one: bool) -> dict[str, Any]:
+    """The options every structured target takes: criterion (and its gradients), --ignore, --seed,
+    --round-to, --min-keep, --max-ratio (``max_ratio_one``: 1 allowed) and --input-shape."""
+    kwargs: dict[str, Any] = {"criterion": criterion, "ignore": tuple(opts["ignore"]),
+                              "seed": _int(opts["seed"], "--seed", 0)}
+    if opts["round_to"] is not None:
         kwargs["round_to"] = _int(opts["round_to"], "--round-to", 1, minimum=1)
     if opts["min_keep"] is not None:
         kwargs["min_keep"] = _int(opts["min_keep"], "--min-keep", 1, minimum=1)
     if opts["max_ratio"] is not None:
         mr = _number(opts["max_ratio"], "--max-ratio")
-        if not 0 < mr < 1:
-            raise OnnxPruneError(f"--max-ratio must be in (0, 1), not {opts['max_ratio']}")
+        if not (0 < mr <= 1 if max_ratio_one else 0 < mr < 1):
+            raise OnnxPruneError(f"--max-ratio must be in (0, {'1]' if max_ratio_one else '1)'}, not {opts['max_ratio']}")
         kwargs["max_ratio"] = mr
     if opts["input_shape"]:
         from ..shapes import parse_input_shapes
 
         kwargs["input_shapes"] = parse_input_shapes(opts["input_shape"])
     kwargs["gradients"] = _gradients(model, opts["data"], criterion)
-    from ..structured.latency_alloc import prune_for_latency
-
-    target = {"target_speedup": value} if kind == "target_speedup" else {"target_latency_ms": value}
-    return prune_for_latency(model, opts["hw"], **target, **kwargs)
+    return kwargs
 
 
 def _unstructured(model: str, opts: dict[str, Any], backend: str, cc, precision, sparse_weights):
