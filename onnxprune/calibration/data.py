@@ -17,7 +17,8 @@ from ..shapes import graph_inputs
 
 def calibration_inputs(spec: Any, model: onnx.ModelProto, n: int | None, *, seed: int = 0) -> dict[str, np.ndarray]:
     """Up to ``n`` samples per real input of ``model``, as ``{input name: array}`` (batch first, in
-    the input's dtype). ``spec``: a data spec string, an array, or a dict of arrays by input name."""
+    the input's dtype). ``spec``: a data spec string, loaded DatasetSplits, an array, or a dict of
+    arrays by input name."""
     inputs = graph_inputs(model)
     names = [i.name for i in inputs]
     if isinstance(spec, np.ndarray):

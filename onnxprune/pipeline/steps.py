@@ -170,24 +170,14 @@ def calibration_for(recover, data, stage: Stage, source: str | os.PathLike | onn
     otherwise): up to ``recover.samples`` unlabeled inputs from the data's training split."""
     if not recover.calibrate or stage.kind != "structured" or data is None:
         return None
-    import numpy as np
+    from dataclasses import replace
 
     from ..calibration import StructuredCalibration, calibration_inputs
     from ..model_io import load_graph
 
-    split = data.split("train")
-    if split.x is not None:
-        x = split.x
-    else:
-        parts, n = [], 0
-        for xb, _ in split.batches():
-            parts.append(np.asarray(xb))
-            n += len(xb)
-            if n >= recover.samples:
-                break
-        x = np.concatenate(parts)
+    train = replace(data, val=None, test=None)  # calibration never sees the splits that are scored
     model = source if isinstance(source, onnx.ModelProto) else load_graph(source)
-    return StructuredCalibration(calibration_inputs(x, model, recover.samples, seed=seed), method=recover.method,
+    return StructuredCalibration(calibration_inputs(train, model, recover.samples, seed=seed), method=recover.method,
                                  seed=seed)
 
 
