@@ -311,3 +311,14 @@ def test_external_data_models_are_copied_with_every_file(sshd, tmp_path):
         remote.close_all()
     assert res["remote"]["model_copied"] == {str(a): False, str(b): False}  # already there, by hash
     assert res["a"]["params"] == 16 * 27 and res["b"]["params"] == 12 * 27
+
+
+def test_a_model_named_like_an_option_is_profiled_locally_with_memory(tmp_path, monkeypatch):
+    """The memory probe child gets the model after ``--``, as an absolute path."""
+    monkeypatch.chdir(tmp_path)
+    conv_model(tmp_path / "-oX.onnx")
+    hw = tmp_path / "fast.yaml"
+    hw.write_text(yaml.safe_dump(FAST))
+    code, out, err = run_cli("profile", "./-oX.onnx", "--hw", hw, "--json")
+    assert code == 0, err
+    assert json.loads(out)["results"][0]["peak_rss_bytes"] > 0
