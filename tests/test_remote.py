@@ -196,6 +196,17 @@ def test_targets_parse_and_refuse_option_lookalikes():
             ssh_target.parse_target(bad)
 
 
+def test_hw_profile_and_remote_share_ssh_target_and_do_not_import_each_other():
+    import ast
+
+    for mod, other in (("hw_profile", "remote"), ("remote", "hw_profile")):
+        tree = ast.parse((ROOT / "onnxprune" / "profiling" / f"{mod}.py").read_text())
+        imported = {(n.module or "") + ":" + ",".join(a.name for a in n.names) for n in ast.walk(tree)
+                    if isinstance(n, ast.ImportFrom) and n.level == 1}
+        assert not any(i.split(":")[0] == other or other in i.split(":")[1].split(",") for i in imported), (mod, imported)
+        assert any(i.startswith("ssh_target:") for i in imported)
+
+
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
 def test_batchmode_cannot_be_overridden_and_user_options_win_over_defaults():
     """``ssh -G`` prints the options ssh would use, without connecting."""
