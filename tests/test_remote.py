@@ -12,6 +12,7 @@ import contextlib
 import getpass
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -32,7 +33,7 @@ from cli_util import run_cli, subprocess_env
 from onnxprune import __version__
 from onnxprune.errors import OnnxPruneError, UnavailableError
 from onnxprune.pipeline.cache import file_sha256
-from onnxprune.profiling import compare_models, profile_model, remote
+from onnxprune.profiling import compare_models, profile_model, remote, ssh_target
 from onnxprune.profiling.hw_profile import profile_from_dict
 from onnxprune.torch_export import export_torch
 
@@ -50,6 +51,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def device_python(path: Path, pythonpath: str | None, *args: str) -> str:
+    """A wrapper script at ``path`` that runs this Python with ``PYTHONPATH`` (and ``args``) set: what a
+    device's venv python is to remote_python, which takes a path and never a shell fragment."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = f"PYTHONPATH={shlex.quote(pythonpath)} " if pythonpath is not None else ""
+    path.write_text(f"#!/bin/sh\n{env}exec {shlex.join([sys.executable, *args])} \"$@\"\n")
+    path.chmod(0o755)
+    return str(path)
 
 
 def _keygen(path: Path) -> None:
@@ -78,14 +89,15 @@ class Sshd:
         no_torch = d / "no_torch" / "torch"  # the device has no torch (pip install onnxprune, nothing more)
         no_torch.mkdir(parents=True)
         (no_torch / "__init__.py").write_text("raise ImportError('torch is not installed on this device')\n")
-        self.python = f"env PYTHONPATH={ROOT}:{no_torch.parent} {sys.executable}"
+        # remote_python is a path, here one with a space in it (a venv under "my venv" must work)
+        self.python = device_python(d / "my venv" / "bin" / "python", f"{ROOT}:{no_torch.parent}")
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 break
-            argv = remote.ssh_argv(remote.parse_target(self.target), self.options, "true")
+            argv = ssh_target.ssh_argv(ssh_target.parse_target(self.target), self.options, "true")
             if subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True).returncode == 0:
                 return
             time.sleep(0.2)
@@ -175,23 +187,35 @@ def _one_error_line(err: str) -> str:
 # ----------------------------------------------------------------------------------------- transport
 
 def test_targets_parse_and_refuse_option_lookalikes():
-    assert str(remote.parse_target("pi@board.local:2222")) == "pi@board.local:2222"
-    t = remote.parse_target("[::1]:22")
+    assert str(ssh_target.parse_target("pi@board.local:2222")) == "pi@board.local:2222"
+    t = ssh_target.parse_target("[::1]:22")
     assert (t.user, t.host, t.port, t.scp_path("/tmp/x")) == (None, "::1", 22, "[::1]:/tmp/x")
-    assert remote.parse_target("jetson").destination == "jetson"  # a ~/.ssh/config alias
+    assert ssh_target.parse_target("jetson").destination == "jetson"  # a ~/.ssh/config alias
     for bad in ("-oProxyCommand=x", "pi@", "pi@host:0", "pi@host:70000", "a b"):
         with pytest.raises(ValueError, match="USER@HOST"):
-            remote.parse_target(bad)
+            ssh_target.parse_target(bad)
+
+
+def test_hw_profile_and_remote_share_ssh_target_and_do_not_import_each_other():
+    import ast
+
+    for mod, other in (("hw_profile", "remote"), ("remote", "hw_profile")):
+        tree = ast.parse((ROOT / "onnxprune" / "profiling" / f"{mod}.py").read_text())
+        imported = {(n.module or "") + ":" + ",".join(a.name for a in n.names) for n in ast.walk(tree)
+                    if isinstance(n, ast.ImportFrom) and n.level == 1}
+        assert not any(i.split(":")[0] == other or other in i.split(":")[1].split(",") for i in imported), (mod, imported)
+        assert any(i.startswith("ssh_target:") for i in imported)
 
 
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
 def test_batchmode_cannot_be_overridden_and_user_options_win_over_defaults():
     """``ssh -G`` prints the options ssh would use, without connecting."""
-    argv = remote.ssh_argv(remote.parse_target("pi@board:2222"), ["BatchMode=no", "ConnectTimeout=3"], "true")
+    argv = ssh_target.ssh_argv(ssh_target.parse_target("pi@board:2222"), ["BatchMode=no", "ConnectTimeout=3"], "true")
     effective = subprocess.run([argv[0], "-G", *argv[1:-1]], capture_output=True, text=True, check=True).stdout.splitlines()
     assert {"batchmode yes", "connecttimeout 3", "serveraliveinterval 5", "port 2222", "user pi"} <= set(effective)
-    scp = remote.scp_argv(remote.parse_target("pi@board:2222"), [], "m.onnx", "/tmp/d/x.onnx")
-    assert scp[-2:] == ["m.onnx", "pi@board:/tmp/d/x.onnx"] and scp[scp.index("-P") + 1] == "2222"
+    scp = ssh_target.scp_argv(ssh_target.parse_target("pi@board:2222"), [], "m.onnx", "/tmp/d/x.onnx")
+    assert scp[-3:] == ["--", str(Path("m.onnx").resolve()), "pi@board:/tmp/d/x.onnx"] and scp[scp.index("-P") + 1] == "2222"
+    assert argv[-3:] == ["--", "pi@board", "true"]
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -220,7 +244,7 @@ def test_sha256_skip_within_a_session_and_clean_up_after(sshd, models):
     with remote.sessions():
         first = profile_model(models["a"], [prof], memory=False)["results"][0]["remote"]
         workdir = Path(first["workdir"])
-        assert (workdir / f"{file_sha256(models['a'])}.onnx").is_file()
+        assert [p.name for p in workdir.glob("*/*.onnx")] == [f"{file_sha256(models['a'])}.onnx"]
         cmp = compare_models(models["a"], models["b"], prof)
         assert workdir.is_dir()
     assert first["model_copied"] == {str(models["a"]): True} and cmp["remote"]["workdir"] == str(workdir)
@@ -292,10 +316,10 @@ def test_version_mismatch_names_both_versions(sshd, models, tmp_path):
     other = tmp_path / "other" / "onnxprune"  # a device with another onnxprune release installed
     other.mkdir(parents=True)
     (other / "__init__.py").write_text('__version__ = "0.0.1-device"\n')
-    prof = profile_from_dict(sshd.profile(remote_python=f"env PYTHONPATH={other.parent} {sys.executable}"))
+    prof = profile_from_dict(sshd.profile(remote_python=device_python(tmp_path / "other_python", str(other.parent))))
     with pytest.raises(UnavailableError, match=rf"version mismatch: {__version__} here, 0\.0\.1-device on the device"):
         profile_model(models["a"], [prof], memory=False)
-    no_site = profile_from_dict(sshd.profile(remote_python=f"{sys.executable} -S"))  # no site-packages: no onnxprune
+    no_site = profile_from_dict(sshd.profile(remote_python=device_python(tmp_path / "no_site", None, "-S")))  # no onnxprune
     with pytest.raises(UnavailableError, match="onnxprune is not installed"):
         profile_model(models["a"], [no_site], memory=False)
 

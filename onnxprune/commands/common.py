@@ -58,10 +58,26 @@ def human(n: float | int | None, unit: str = "") -> str:
     return f"{n:g} {unit}".strip()
 
 
+def _checked(check: str) -> Callable:
+    """A click callback that refuses a bad ``--remote``/``--ssh-option`` in one line, before any work
+    (``check`` names the function of :mod:`onnxprune.profiling.ssh_target` that validates one value)."""
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        from ..profiling import ssh_target
+
+        for v in (value if isinstance(value, tuple) else () if value is None else (value,)):
+            try:
+                getattr(ssh_target, check)(v)
+            except ValueError as exc:
+                raise OnnxPruneError(f"{param.opts[0]}: {exc}") from None
+        return value
+    return callback
+
+
 def remote_options(f: Callable) -> Callable:
     """``--remote USER@HOST[:PORT]`` and ``--ssh-option KEY=VALUE``: measure on a device over SSH."""
-    f = click.option("--ssh-option", "ssh_options", multiple=True, metavar="KEY=VALUE",
-                     help="Passed to ssh/scp as -o KEY=VALUE (repeatable), e.g. IdentityFile=~/.ssh/board.")(f)
-    return click.option("--remote", default=None, metavar="USER@HOST[:PORT]",
+    f = click.option("--ssh-option", "ssh_options", multiple=True, metavar="KEY=VALUE", callback=_checked("check_ssh_option"),
+                     help="Passed to ssh/scp as -o KEY=VALUE (repeatable), e.g. IdentityFile=~/.ssh/board; options "
+                          "that run programs (ProxyCommand...) belong in ~/.ssh/config.")(f)
+    return click.option("--remote", default=None, metavar="USER@HOST[:PORT]", callback=_checked("parse_target"),
                         help="Measure on this device over SSH (it needs 'pip install onnxprune'); replaces the "
                              "profiles' remote:.")(f)

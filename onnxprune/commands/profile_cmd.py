@@ -9,8 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..profiling.api import DEFAULT_PROFILE, compare_models, profile_model
-from ..profiling.hw_profile import load_hw_profile
-from ..profiling.remote import with_remote
+from ..profiling.hw_profile import load_hw_profile, with_remote
 from .common import emit_json, human, input_shape_option, json_option, model_argument, remote_options
 
 _hw_help = ("Hardware profile: a shipped name (x86-server-cpu, edge-arm-4t, microserver-1t, nvidia-server-cuda, "

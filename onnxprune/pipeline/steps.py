@@ -300,7 +300,7 @@ def load_profiles(names: Sequence[str], remote: str | None = None, ssh_options: 
     """Load and check every profile before any work: a missing GPU fails here, in one line
     (with ``remote``, ``--remote``, they are measured on that device and checked there)."""
     prof = _need("..profiling", "hardware profiling")
-    from ..profiling.remote import with_remote
+    from ..profiling.hw_profile import with_remote
     from ..profiling.runners import check_available
 
     loaded = [with_remote(prof.load_hw_profile(n), remote, ssh_options) for n in names]

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import OnnxPruneError
+from .ssh_target import check_remote_python, check_ssh_option, parse_target
 
 Backend = Literal["ort-cpu", "ort-cuda", "tensorrt", "torch-cpu", "torch-cuda"]
 Precision = Literal["fp32", "fp16", "int8"]
@@ -93,9 +94,11 @@ class HwProfile(_Strict):
     notes: list[str] = Field(default_factory=list)
     #: measure on this device over SSH (``USER@HOST[:PORT]`` or a ``~/.ssh/config`` alias; see profiling.remote)
     remote: str | None = None
-    #: the Python on the device that has onnxprune installed (e.g. a venv's ``/home/pi/venv/bin/python``)
+    #: the Python on the device that has onnxprune installed: a bare command name or a path (e.g. a
+    #: venv's ``/home/pi/venv/bin/python``); never a shell fragment (see profiling.ssh_target)
     remote_python: str = Field("python3", min_length=1)
-    #: ``KEY=VALUE`` options passed to ssh and scp as ``-o KEY=VALUE`` (e.g. ``IdentityFile=~/.ssh/board``)
+    #: ``KEY=VALUE`` options passed to ssh and scp as ``-o KEY=VALUE`` (e.g. ``IdentityFile=~/.ssh/board``),
+    #: from an allowlist; options that run programs belong in ~/.ssh/config (see profiling.ssh_target)
     ssh_options: list[str] = Field(default_factory=list)
     #: seconds one remote profile or compare may take before it is killed on the device
     remote_timeout_s: float = Field(900.0, gt=0)
@@ -115,19 +118,18 @@ class HwProfile(_Strict):
     @classmethod
     def _remote(cls, v: str | None) -> str | None:
         if v is not None:
-            from .remote import parse_target
-
             parse_target(v)  # raises ValueError with the expected form
         return v
+
+    @field_validator("remote_python")
+    @classmethod
+    def _remote_python(cls, v: str) -> str:
+        return check_remote_python(v)
 
     @field_validator("ssh_options")
     @classmethod
     def _ssh_options(cls, v: list[str]) -> list[str]:
-        from .remote import check_ssh_option
-
-        for opt in v:
-            check_ssh_option(opt)
-        return v
+        return [check_ssh_option(opt) for opt in v]
 
     @field_validator("cpu_affinity")
     @classmethod
@@ -178,6 +180,22 @@ class HwProfile(_Strict):
 
     def label(self) -> str:
         return f"{self.name} ({self.source})" if self.source else self.name
+
+
+def with_remote(profile: HwProfile, remote: str | None = None, options: Sequence[str] = ()) -> HwProfile:
+    """``profile`` measured on ``remote`` (when given) with ``options`` added (``--remote``, ``--ssh-option``),
+    validated as a profile's own ``remote``/``ssh_options`` are."""
+    if not remote and not options:
+        return profile
+    data = profile.model_dump()
+    if remote:
+        data["remote"] = remote
+    data["ssh_options"] = [*data.get("ssh_options", []), *options]
+    try:
+        new = HwProfile.model_validate(data)
+    except ValidationError as exc:
+        raise OnnxPruneError(f"--remote/--ssh-option: {_first_error(exc)}") from None
+    return new.model_copy(update={"source": profile.source})
 
 
 def profile_channel_multiple(name_or_path: "str | os.PathLike | HwProfile | None") -> tuple[int, str | None]:

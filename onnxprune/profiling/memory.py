@@ -112,8 +112,9 @@ def nvml_process_gpu_memory(pid: int, device_index: int = 0) -> int | None:
 def probe_command(model: str | os.PathLike, profile: HwProfile, feeds_path: str | os.PathLike, *,
                   arena: bool = True, runs: int = 3) -> list[str]:
     """The command line of a memory probe (the profile travels as JSON, so unsaved profiles work too)."""
-    return [sys.executable, "-m", "onnxprune.profiling.memprobe", str(model), "--profile-json", profile.model_dump_json(),
-            "--feeds", str(feeds_path), "--arena", "on" if arena else "off", "--runs", str(runs)]
+    return [sys.executable, "-m", "onnxprune.profiling.memprobe", "--profile-json", profile.model_dump_json(),
+            "--feeds", str(feeds_path), "--arena", "on" if arena else "off", "--runs", str(runs),
+            "--", str(Path(model).resolve())]  # a model named -x.onnx is a file, not an option
 
 
 def measure_memory(model: str | os.PathLike, profile: HwProfile, feeds: Mapping[str, np.ndarray], *, arena: bool = True,

@@ -1,15 +1,18 @@
 """Profiling on the real device over SSH: the host side (transport, sessions, clean-up).
 
 A hardware profile with ``remote: USER@HOST[:PORT]`` (or ``--remote``) is measured *on that device*:
-the model is copied with ``scp`` into a temporary directory there (named by its SHA-256, and not
-copied again while a file with that hash is already there), the device's own onnxprune runs the
+the model and its external data files are copied with ``scp`` into a temporary directory there
+(the data files under the names the model gives them; not copied again while files with the same
+SHA-256 are already there), the device's own onnxprune runs the
 same torch-free profiler (:mod:`.remote_agent`) and prints the usual result as JSON, and the
 directory is removed when the session ends (at the end of the ``profile``/``compare`` call, or of
 the recipe run, whichever scope opened it; see :func:`sessions`).
 
 Transport is the system OpenSSH client, so ``~/.ssh/config``, the agent, keys and ProxyJump all
 work. ``BatchMode=yes`` always (it comes first, and ssh keeps the first value of an option), so a
-missing key or unknown host fails in one line instead of prompting.
+missing key or unknown host fails in one line instead of prompting. What a profile may say about
+the device (destination, ssh options, ``remote_python``) is checked in :mod:`.ssh_target` when the
+profile is loaded; every word that reaches the device's shell is quoted there.
 
 Nothing is left running on the device: the agent runs as its own process group and kills that
 group when its stdin (the SSH channel) reaches EOF, i.e. when the connection drops or the host side
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import hashlib
 import json
 import os
 import re
@@ -33,91 +37,15 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..errors import OnnxPruneError, UnavailableError
+from .ssh_target import Target, parse_target, remote_command, scp_argv, ssh_argv
 
 AGENT_MODULE = "onnxprune.profiling.remote_agent"
-#: ssh options set unless the user sets them (ssh keeps the first value given); BatchMode is forced
-DEFAULT_SSH_OPTIONS = ("ConnectTimeout=15", "ServerAliveInterval=5", "ServerAliveCountMax=3")
 #: seconds allowed for the short calls (version check, clean-up); copies get this plus 1 s per MB
 SHORT_TIMEOUT_S = 60.0
 #: the agent kills itself this long after the host's own timeout, should both the EOF and the kill miss
 AGENT_GRACE_S = 30.0
-_TARGET = re.compile(r"^(?:(?P<user>[^@\s:/]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9_.-]*)(?::(?P<port>\d{1,5}))?$")
-_OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9]*=\S.*$")
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_./-]+$")
-
-
-@dataclass(frozen=True)
-class Target:
-    """``USER@HOST[:PORT]`` split; ``host`` without IPv6 brackets."""
-
-    user: str | None
-    host: str
-    port: int | None
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return (f"{self.user}@" if self.user else "") + host + (f":{self.port}" if self.port else "")
-
-    @property
-    def destination(self) -> str:
-        """What ssh takes (the port goes to ``-p``)."""
-        return (f"{self.user}@" if self.user else "") + self.host
-
-    def scp_path(self, path: str) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return (f"{self.user}@" if self.user else "") + f"{host}:{path}"
-
-
-def parse_target(text: str) -> Target:
-    """``USER@HOST[:PORT]`` (user and port optional, IPv6 in brackets); ValueError says the form."""
-    m = _TARGET.match(text.strip())
-    port = int(m["port"]) if m and m["port"] else None
-    if not m or (port is not None and not 0 < port < 65536):
-        raise ValueError(f"{text!r} is not USER@HOST[:PORT] (e.g. pi@raspberrypi.local:22)")
-    return Target(m["user"], m["host"].strip("[]"), port)
-
-
-def check_ssh_option(text: str) -> str:
-    """An ``--ssh-option`` must be ``KEY=VALUE`` (it becomes ``ssh -o KEY=VALUE``)."""
-    if not _OPTION.match(text):
-        raise ValueError(f"ssh option {text!r} is not KEY=VALUE (e.g. IdentityFile=~/.ssh/board)")
-    return text
-
-
-def ssh_options(options: Sequence[str]) -> list[str]:
-    """``-o`` arguments: BatchMode first (cannot be overridden), then the user's, then the defaults."""
-    given = {o.split("=", 1)[0].lower() for o in options}
-    opts = ["BatchMode=yes", *options, *(d for d in DEFAULT_SSH_OPTIONS if d.split("=", 1)[0].lower() not in given)]
-    return [arg for o in opts for arg in ("-o", o)]
-
-
-def ssh_argv(target: Target, options: Sequence[str], command: str) -> list[str]:
-    port = ["-p", str(target.port)] if target.port else []
-    return ["ssh", *ssh_options(options), *port, target.destination, command]
-
-
-def scp_argv(target: Target, options: Sequence[str], src: str | os.PathLike, dest: str) -> list[str]:
-    port = ["-P", str(target.port)] if target.port else []
-    return ["scp", "-q", *ssh_options(options), *port, str(src), target.scp_path(dest)]
-
-
-def with_remote(profile: Any, remote: str | None = None, options: Sequence[str] = ()) -> Any:
-    """``profile`` measured on ``remote`` (when given) with ``options`` added (``--remote``, ``--ssh-option``)."""
-    if not remote and not options:
-        return profile
-    from pydantic import ValidationError
-
-    from .hw_profile import HwProfile, _first_error
-
-    data = profile.model_dump()
-    if remote:
-        data["remote"] = remote
-    data["ssh_options"] = [*data.get("ssh_options", []), *options]
-    try:
-        new = HwProfile.model_validate(data)
-    except ValidationError as exc:
-        raise OnnxPruneError(f"--remote/--ssh-option: {_first_error(exc)}") from None
-    return new.model_copy(update={"source": profile.source})
+_DATA_NAME_PART = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
 def device_profile(profile: Any) -> dict[str, Any]:
@@ -132,6 +60,45 @@ def device_profile(profile: Any) -> dict[str, Any]:
                                           f"itself over SSH, so it is labelled real"]
         data["provenance"], data["emulates"] = "real", None
     return data
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model as the device gets it: the ``.onnx`` (as ``SHA.onnx``) and its external data files
+    under the names the model gives them, all in one directory named by a hash of the lot, so two
+    models whose data files share a name never meet."""
+
+    key: str
+    #: (absolute local path, name on the device, SHA-256); the model file first
+    files: tuple[tuple[Path, str, str], ...]
+
+    @classmethod
+    def of(cls, path: Path) -> "ModelFiles":
+        from ..model_io import model_files
+        from ..pipeline.cache import file_sha256
+
+        path = Path(path).resolve()
+        model, *data = model_files(path)
+        sha = file_sha256(model)
+        files = [(model, f"{sha}.onnx", sha)]
+        for f in data:
+            files.append((f.resolve(), _data_name(path, f), file_sha256(f)))
+        key = hashlib.sha256(json.dumps([[n, h] for _, n, h in files]).encode()).hexdigest()[:32]
+        return cls(key, tuple(files))
+
+
+def _data_name(model: Path, data: Path) -> str:
+    """An external data file's name relative to its model, as the model names it; refused unless it
+    is a plain relative path that the copy can keep (scp then needs no quoting on the device)."""
+    try:
+        parts = data.relative_to(model.parent).parts
+    except ValueError:
+        parts = ()
+    if not parts or any(p in (".", "..") or p.startswith("-") or not _DATA_NAME_PART.fullmatch(p) for p in parts):
+        raise OnnxPruneError(f"{model}: external data file {str(data)!r} cannot be copied to the device under the "
+                             "name the model gives it (only letters, digits and _ . + - inside the model's folder); "
+                             "save the model with a plain external data name (onnx.save_model(..., location=NAME))")
+    return "/".join(parts)
 
 
 # --------------------------------------------------------------------------------------------- session
@@ -153,19 +120,25 @@ try:  # the version line, without importing the package (seconds on a small boar
         out["version"] = onnxprune.__version__
 except Exception as exc:
     out["import_error"] = "%s: %s" % (type(exc).__name__, exc)
+
+def same(p, sha):
+    if not os.path.isfile(p):
+        return False
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest() == sha
+
 if out["version"] == req["version"]:
     d = os.path.join(tempfile.gettempdir(), req["dirname"])
     os.makedirs(d, mode=0o700, exist_ok=True)
     out["workdir"], out["have"] = d, []
-    for sha in req["sha256"]:
-        p = os.path.join(d, sha + ".onnx")
-        if os.path.isfile(p):
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            if h.hexdigest() == sha:
-                out["have"].append(sha)
+    for key, files in req["models"].items():
+        for name, sha in files:
+            os.makedirs(os.path.dirname(os.path.join(d, key, name)), mode=0o700, exist_ok=True)
+        if all(same(os.path.join(d, key, name), sha) for name, sha in files):
+            out["have"].append(key)
 print(json.dumps(out))
 """
 
@@ -247,14 +220,14 @@ class RemoteSession:
 
     # ---- steps -------------------------------------------------------------------------------
     def upload(self, paths: Sequence[Path]) -> dict[Path, tuple[str, bool]]:
-        """Each local model's path on the device and whether it was copied (False: a file with the
-        same SHA-256 was already there). Checks the device's onnxprune version first."""
+        """Each local model's path on the device and whether it was copied (False: its files, with
+        the same SHA-256, were already there). Checks the device's onnxprune version first."""
         from .. import __version__
-        from ..pipeline.cache import file_sha256
 
-        shas = {p: file_sha256(p) for p in paths}
-        req = {"version": __version__, "dirname": self.dirname, "sha256": sorted(set(shas.values()))}
-        rc, out, err = self._ssh(f"{self.python} -c {shlex.quote(_HELLO)} {_b64(req)}", SHORT_TIMEOUT_S, "connecting")
+        bundles = {p: ModelFiles.of(p) for p in paths}
+        req = {"version": __version__, "dirname": self.dirname,
+               "models": {b.key: [[name, sha] for _, name, sha in b.files] for b in bundles.values()}}
+        rc, out, err = self._ssh(remote_command(self.python, "-c", _HELLO, _b64(req)), SHORT_TIMEOUT_S, "connecting")
         hello = _last_json(out)
         if hello is None:
             last = (err.strip().splitlines() or [f"exit status {rc}"])[-1]
@@ -273,12 +246,14 @@ class RemoteSession:
             raise UnavailableError(f"{self}: the device's temporary directory {self.workdir!r} has characters scp "
                                    "would need quoted; set TMPDIR there to a plain path")
         placed: dict[Path, tuple[str, bool]] = {}
-        for p, sha in shas.items():
-            dest = f"{self.workdir}/{sha}.onnx"
-            copy = sha not in hello["have"] and not any(d == dest and c for d, c in placed.values())
+        copied: set[str] = set()
+        for p, b in bundles.items():
+            copy = b.key not in hello["have"] and b.key not in copied
             if copy:
-                self._scp(p, dest)
-            placed[p] = (dest, copy)
+                for local, name, _ in b.files:
+                    self._scp(local, f"{self.workdir}/{b.key}/{name}")
+                copied.add(b.key)
+            placed[p] = (f"{self.workdir}/{b.key}/{b.files[0][1]}", copy)
         return placed
 
     def _scp(self, src: Path, dest: str) -> None:
@@ -297,7 +272,7 @@ class RemoteSession:
         """Run the agent's ``verb`` on the device; its JSON result, or its error raised here."""
         tag = f"onnxprune-agent-{uuid.uuid4().hex}"
         req = {**request, "deadline_s": timeout + AGENT_GRACE_S, "workdir": self.workdir}
-        cmd = f"exec {self.python} -m {AGENT_MODULE} {tag} {verb} {_b64(req)}"
+        cmd = "exec " + remote_command(self.python, "-m", AGENT_MODULE, tag, verb, _b64(req))
         rc, out, err = self._ssh(cmd, timeout, verb, tag=tag)
         res = _last_json(out)
         if res is None:
