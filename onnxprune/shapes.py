@@ -130,7 +130,8 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
         n = 1
         for d in init.dims:
             n *= d
-        if n < _SKELETON_MIN_ELEMENTS or init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+        small = n < _SKELETON_MIN_ELEMENTS or init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+        if small and init.data_location != onnx.TensorProto.EXTERNAL:  # external data would be read from the cwd
             lg.initializer.append(init)
         elif init.name not in declared:  # (= make_tensor_value_info(name, type, dims), built in place: faster)
             vi = lg.input.add()

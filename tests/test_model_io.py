@@ -193,3 +193,26 @@ def test_save_model_writes_what_onnx_writes(tmp_path, good):
     as_json = save_model(m, tmp_path / "ours.json")
     assert as_json.read_text(encoding="utf-8").lstrip().startswith("{")
     assert onnx.load(str(as_json)).SerializeToString() == m.SerializeToString()
+
+
+def test_small_external_weights_are_checked_from_any_working_directory(tmp_path, monkeypatch):
+    """A model whose small weights (bias, scales) live in an external file passes the checker
+    whatever the current directory: the checker's weight-free copy never reads external data."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    b = numpy_helper.from_array(np.ones(4, np.float32), "b")
+    g = helper.make_graph([helper.make_node("Add", ["x", "b"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [b])
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(model_dir / "m.onnx"),
+              save_as_external_data=True, location="m.data", size_threshold=0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    unread = onnx.load(str(model_dir / "m.onnx"), load_external_data=False)
+    assert unread.graph.initializer[0].data_location == TensorProto.EXTERNAL
+    model_io.check_model(unread, "m.onnx")
+    assert load_model(model_dir / "m.onnx").graph.node[0].op_type == "Add"
