@@ -246,12 +246,28 @@ def test_sigkill_at_random_moments_of_continuous_saves(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the lock
 
-def test_locked_refuses_a_second_holder_in_one_line(tmp_path):
-    with locked(tmp_path):
+_HOLDER = textwrap.dedent("""
+    import sys
+    from onnxprune.pipeline.cache import locked
+    with locked(sys.argv[1]):
+        print("held", flush=True)
+        sys.stdin.read()
+""")
+
+
+def test_locked_refuses_another_process_in_one_line_and_nests_in_one(tmp_path):
+    with locked(tmp_path), locked(tmp_path):  # the same process (demo around run): re-entrant
+        pass
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)], env=subprocess_env(),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
         with pytest.raises(OnnxPruneError, match="another onnxprune run is using this directory") as exc:
             with locked(tmp_path):
                 pass
         assert "\n" not in str(exc.value)
+    finally:
+        holder.communicate("", timeout=30)
     with locked(tmp_path):  # released: the next run goes ahead
         pass
 

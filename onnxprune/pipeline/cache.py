@@ -228,7 +228,13 @@ def _set_aside(path: Path) -> Path:
         except FileExistsError:
             n += 1
             continue
-        os.unlink(path)
+        except OSError:  # no hard links on this filesystem: a checked rename (the run holds the lock)
+            if bak.exists():
+                n += 1
+                continue
+            os.rename(path, bak)
+        else:
+            os.unlink(path)
         _fsync_dir(path.parent)
         return bak
 
@@ -257,22 +263,27 @@ def _fsync_dir(d: Path) -> None:
     fd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError as exc:  # some network filesystems cannot fsync a directory: the file itself was
+    except OSError as exc:  # some network filesystems cannot fsync a directory (the file was fsynced)
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
             raise
     finally:
         os.close(fd)
 
 
+_LOCKS: dict[str, Any] = {}  # lock path -> this process's FileLock (re-entrant: ``demo`` wraps ``run``)
+
+
 @contextmanager
 def locked(outdir: str | os.PathLike) -> Iterator[None]:
-    """Hold ``OUTDIR/.onnxprune.lock`` for a run: a second run on the same directory is refused in
-    one line instead of interleaving (two writers of ``state.json`` drop each other's records)."""
+    """Hold ``OUTDIR/.onnxprune.lock`` for a run: another process's run on the same directory is
+    refused in one line instead of interleaving (two writers of ``state.json`` drop each other's
+    records). The kernel releases it when its holder dies, so a killed run never blocks the next."""
     from filelock import FileLock, Timeout
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(outdir / LOCK_FILE), timeout=0)
+    path = str((outdir / LOCK_FILE).resolve())
+    lock = _LOCKS.setdefault(path, FileLock(path, timeout=0, thread_local=False))
     try:
         lock.acquire()
     except Timeout:
