@@ -93,6 +93,17 @@ def test_unusable_state_is_moved_to_the_first_free_bak(tmp_path, capsys, content
     assert (tmp_path / "state.json.bak-2").read_text() == content
 
 
+def test_set_aside_without_hard_links_still_keeps_every_backup(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(cache_mod.os, "link", no_links)
+    for n, content in enumerate(["{one", "{two"], start=1):
+        (tmp_path / "state.json").write_text(content)
+        assert "state.json.bak-%d" % n in StepCache.open(tmp_path).warnings[0]
+    assert [(tmp_path / f"state.json.bak-{n}").read_text() for n in (1, 2)] == ["{one", "{two"]
+
+
 def test_a_valid_state_is_kept_without_a_word(tmp_path, capsys):
     _record_one(tmp_path, "a", "1")
     c = StepCache.open(tmp_path)
