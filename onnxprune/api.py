@@ -163,7 +163,7 @@ def demo(outdir: "str | os.PathLike" = "demo_out", *, quick: bool = False, progr
 
         raise UnavailableError("onnxprune demo trains a CNN and needs torch: pip install 'onnxprune[train]'")
     from .demo_model import train_demo_model
-    from .pipeline.cache import StepCache
+    from .pipeline.cache import StepCache, locked
     from .pipeline.run import run_recipe
 
     outdir = Path(outdir)
@@ -172,12 +172,13 @@ def demo(outdir: "str | os.PathLike" = "demo_out", *, quick: bool = False, progr
     outdir.mkdir(parents=True, exist_ok=True)
     epochs, width, quick_overrides = DEMO_QUICK if quick else DEMO_FULL
     model_path = outdir / "digits_cnn.onnx"
-    cache = StepCache.open(outdir)
-    cache.run("demo-train", {"epochs": epochs, "width": width, "seed": 0, "data": DEMO_DATA},
-              lambda: train_demo_model(model_path, DEMO_DATA, epochs=epochs, width=width, progress=progress),
-              outputs=[model_path])
-    return run_recipe("demo", model_path, outdir, data=DEMO_DATA, overrides=[*quick_overrides, *overrides],
-                      progress=progress)
+    with locked(outdir):  # the training step's record too: one run per OUTDIR
+        cache = StepCache.open(outdir)
+        cache.run("demo-train", {"epochs": epochs, "width": width, "seed": 0, "data": DEMO_DATA},
+                  lambda: train_demo_model(model_path, DEMO_DATA, epochs=epochs, width=width, progress=progress),
+                  outputs=[model_path])
+        return run_recipe("demo", model_path, outdir, data=DEMO_DATA, overrides=[*quick_overrides, *overrides],
+                          progress=progress)
 
 
 __all__ = ["inspect", "analyze", "prune", "finetune", "evaluate", "profile", "compare", "run", "report",

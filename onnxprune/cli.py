@@ -32,9 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-#: Optional packages -> the extra that installs them (a missing one is exit 3, not a crash).
+#: Optional packages (import name) -> the extra that installs them (a missing one is exit 3, not a
+#: crash). Any other missing module, onnxprune's own above all, is a bug and says so (exit 70).
 OPTIONAL_PACKAGES = {"torch": "train", "torch_pruning": "train", "sklearn": "train", "matplotlib": "report",
-                     "tensorrt": "tensorrt", "pynvml": "gpu"}
+                     "PIL": "images", "ray": "ray", "tensorrt": "tensorrt", "pynvml": "gpu"}
 
 
 class LazyGroup(click.Group):
@@ -54,22 +55,10 @@ class LazyGroup(click.Group):
             return self.commands[name]
         if name not in COMMANDS:
             return None
-        target, help_text = COMMANDS[name]
-        module, attr = target.split(":")
-        try:
-            mod = importlib.import_module(f"onnxprune.commands.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("onnxprune"):
-                return _unavailable(name, help_text, "is not implemented in this version")
-            return _unavailable(name, help_text, f"needs the Python package {exc.name!r} (pip install 'onnxprune[train]')")
-        return getattr(mod, attr)
-
-
-def _unavailable(name: str, help_text: str, why: str) -> click.Command:
-    def run() -> None:
-        raise OnnxPruneError(f"onnxprune {name} {why}")
-    return click.Command(name, callback=run, help=f"{help_text} (unavailable: {why})",
-                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+        module, attr = COMMANDS[name][0].split(":")
+        # no guard: a missing optional package is exit 3 with its install line (main), and a
+        # missing onnxprune module is a bug (exit 70), never a command reported as unavailable
+        return getattr(importlib.import_module(f"onnxprune.commands.{module}"), attr)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -24,10 +24,7 @@ from onnxprune.normalize import normalize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-try:
-    import arch_zoo  # the structured-pruning test architectures
-except ImportError:  # pragma: no cover - arrives with the structured-pruning tests
-    arch_zoo = None
+import arch_zoo  # noqa: E402 - the structured-pruning test architectures
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +71,7 @@ def _fixed_shapes(model):
             for i in graph_inputs(model)}
 
 
-def _arch_params():
-    if arch_zoo is None:
-        return [pytest.param(None, marks=pytest.mark.skip(reason="tests/arch_zoo.py not present yet"))]
-    return sorted(arch_zoo.ARCHS)
-
-
-@pytest.mark.parametrize("arch", _arch_params())
+@pytest.mark.parametrize("arch", sorted(arch_zoo.ARCHS))
 def test_every_structured_pruning_architecture(arch, tmp_path):
     """Acceptance: the bridge check passes on every test architecture from the structured-pruning tests."""
     model = normalize(load_model(arch_zoo.export_arch(arch, tmp_path)))
@@ -91,8 +82,6 @@ def test_every_structured_pruning_architecture(arch, tmp_path):
 @pytest.mark.parametrize("arch,opset", [("fpn", 9), ("fpn", 11), ("attention", 11), ("convnext", 9), ("densenet", 11)])
 def test_older_opset_exports(arch, opset, tmp_path):
     """Upsample/Resize-11, Softmax's 2-D coercion, attribute-style Squeeze/Unsqueeze/Split/Slice."""
-    if arch_zoo is None:
-        pytest.skip("tests/arch_zoo.py not present yet")
     model = load_model(arch_zoo.export_arch(arch, tmp_path, opset=opset))
     report = check_bridge(model, _fixed_shapes(model))
     assert report["ok"], report
@@ -111,8 +100,6 @@ def test_unnamed_nodes_get_normalize_names(monkeypatch):
 @pytest.mark.parametrize("arch", ["resnet_bottleneck", "shufflenet", "attention"])
 def test_structurally_pruned_architectures(arch, tmp_path):
     """What finetune receives after structured pruning: sliced weights, rewritten Reshape targets."""
-    if arch_zoo is None:
-        pytest.skip("tests/arch_zoo.py not present yet")
     from onnxprune.structured.prune import prune_structured
 
     pruned = prune_structured(str(arch_zoo.export_arch(arch, tmp_path)), ratio=0.5).model
@@ -121,13 +108,7 @@ def test_structurally_pruned_architectures(arch, tmp_path):
     assert report["ok"], report
 
 
-def _helper_graph_params():
-    if arch_zoo is None or not getattr(arch_zoo, "HELPER_GRAPHS", None):
-        return [pytest.param(None, marks=pytest.mark.skip(reason="tests/arch_zoo.py not present yet"))]
-    return sorted(arch_zoo.HELPER_GRAPHS)
-
-
-@pytest.mark.parametrize("graph", _helper_graph_params())
+@pytest.mark.parametrize("graph", sorted(arch_zoo.HELPER_GRAPHS))
 def test_every_structured_pruning_helper_graph(graph, tmp_path):
     model = normalize(load_model(arch_zoo.HELPER_GRAPHS[graph](tmp_path)))
     report = check_bridge(model, _fixed_shapes(model))

@@ -1,7 +1,6 @@
 """``onnxprune prune``: JSON fields, the speed note, and one-line errors that write nothing."""
 from __future__ import annotations
 
-import importlib
 import json
 import os
 
@@ -73,7 +72,6 @@ def test_nm_json_and_tensorrt_note(model_path, tmp_path):
 
 
 def test_hw_profile_file_sets_the_backend(model_path, tmp_path):
-    pytest.importorskip("onnxprune.profiling.hw_profile")
     prof = tmp_path / "orin.yaml"
     prof.write_text("name: orin\nbackend: tensorrt\nprecision: fp16\nsparse_weights: true\n"
                     "gpu: {compute_capability: '8.7'}\n")
@@ -138,15 +136,6 @@ def test_bad_input_is_one_line_and_writes_nothing(model_path, tmp_path, args, me
     assert model.read_bytes() == model_path.read_bytes()
 
 
-def _structured_available() -> bool:
-    try:
-        importlib.import_module("onnxprune.structured.prune")
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _structured_available(), reason="onnxprune.structured.prune (issue 3) is not importable yet")
 def test_structured_branch(model_path, tmp_path):
     out = tmp_path / "s.onnx"
     code, stdout, err = run_cli("prune", model_path, "-o", out, "--structured", "--ratio", "0.5", "--json")
@@ -163,7 +152,6 @@ def test_structured_branch(model_path, tmp_path):
 
 def test_gradient_criterion_with_data(tmp_path):
     torch = pytest.importorskip("torch")
-    pytest.importorskip("onnxprune.training")
     from onnxprune.torch_export import export_torch
 
     torch.manual_seed(0)

@@ -67,3 +67,5 @@ def _print(model: str, spec: str, res: dict[str, Any]) -> None:
                   f"  (vs {res['reference']})")
     for k, v in (res.get("metric") or {}).items():
         con.print(f"  {k}: {v:.6g}")
+    for k, why in (res.get("missing") or {}).items():
+        con.print(f"  {k}: not measured: {why}", markup=False, highlight=False)

@@ -171,12 +171,8 @@ def _structured(model: str, opts: dict[str, Any]):
         if "input_shapes" not in kwargs:  # the data's shapes fix symbolic dims (batch 1 for the figures)
             kwargs["input_shapes"] = data_input_shapes(inputs, batch=1)
         kwargs["calibration"] = StructuredCalibration(inputs, progress=opts["progress"])
-    try:
-        from ..structured.prune import prune_structured
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("onnxprune"):
-            raise OnnxPruneError("structured pruning is not implemented in this version") from exc
-        raise
+    from ..structured.prune import prune_structured
+
     result = prune_structured(model, **kwargs)
     if note:
         result.summary.setdefault("notes", []).append(note)
@@ -336,13 +332,8 @@ def _backend(hw: str | None) -> tuple[str, str | None, str | None, bool | None]:
         return "ort-cpu", None, None, None
     if hw in BACKENDS:
         return hw, None, None, None
-    try:
-        from ..profiling.hw_profile import load_hw_profile
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("onnxprune"):
-            raise OnnxPruneError(f"--hw {hw!r}: not a backend ({', '.join(BACKENDS)}) and hardware profiles are not "
-                                 "available in this version") from exc
-        raise
+    from ..profiling.hw_profile import load_hw_profile
+
     prof = load_hw_profile(hw)
     gpu = getattr(prof, "gpu", None)
     return (prof.backend, getattr(gpu, "compute_capability", None) if gpu else None,
@@ -358,16 +349,9 @@ def _gradients(model: str, data: str | None, criterion: str):
         return None
     if data is None:
         raise OnnxPruneError(f"criterion {criterion} needs gradients: pass --data SPEC (e.g. --data digits)")
-    try:
-        from ..datasets import load_dataset
-        from ..training import weight_gradients
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("onnxprune"):
-            raise OnnxPruneError(f"criterion {criterion} needs retraining support, not implemented in this version") from exc
-        raise OnnxPruneError(f"criterion {criterion} needs the Python package {exc.name!r} "
-                             "(pip install 'onnxprune[train]')") from exc
-    except ImportError as exc:
-        raise OnnxPruneError(f"criterion {criterion} needs retraining support ({exc})") from exc
+    from ..datasets import load_dataset
+    from ..training import weight_gradients  # without torch: the CLI's exit 3 and install line
+
     return weight_gradients(model, load_dataset(data))
 
 

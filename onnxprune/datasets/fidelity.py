@@ -66,6 +66,20 @@ def top1_agreement(ref: np.ndarray, out: np.ndarray) -> float | None:
     return float(np.mean(np.argmax(r, axis=1) == np.argmax(o, axis=1)))
 
 
+def why_no_top1_agreement(ref: np.ndarray, out: np.ndarray, scores: bool = True) -> str | None:
+    """Why :func:`output_fidelity` has no ``top1_agreement`` for this pair (None when it has one):
+    a missing figure says why, so an absent number is never mistaken for one not asked for."""
+    if not scores:
+        return "not taken as class scores (no Softmax/LogSoftmax behind it, and the model has several outputs)"
+    r, o = class_scores(ref), class_scores(out)
+    if r is None or o is None:
+        a = np.asarray(ref)
+        return f"outputs are not class scores (shape {list(a.shape)}, {a.dtype}; need N x classes floats)"
+    if len(r) == 0:
+        return "no samples"
+    return None
+
+
 def output_fidelity(ref: np.ndarray, out: np.ndarray, scores: bool = True) -> dict[str, float]:
     """``rel_l2``, ``cosine``, ``max_abs_diff`` and, when ``scores`` and the arrays are N x classes,
     ``top1_agreement``."""
@@ -155,19 +169,25 @@ def evaluate_fidelity(model: "str | os.PathLike | onnx.ModelProto", reference: "
                       batch_size: int = 256) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Both models on the same inputs; per graph output :func:`output_fidelity` of ``model``
     against ``reference`` (``top1_agreement`` for :func:`class_score_outputs` of the reference). Returns ``{"outputs": {name: {...}}, "samples": N}`` and the model's
-    outputs (for a user metric) as a second value."""
+    outputs (for a user metric) as a second value. ``"missing"`` (when any) names each output without
+    ``top1_agreement`` and why (:func:`why_no_top1_agreement`)."""
     sm, sr = session(model), session(reference)
     mo, ro = [o.name for o in sm.get_outputs()], [o.name for o in sr.get_outputs()]
     if mo != ro:
         raise OnnxPruneError(f"the model's outputs {mo} are not the reference's {ro}: fidelity compares outputs by name")
     outs, refs = run_onnx(sm, inputs, batch_size), run_onnx(sr, inputs, batch_size)
     classes = class_score_outputs(reference)
-    per = {}
+    per, missing = {}, {}
     for k in mo:
         if outs[k].shape != refs[k].shape:
             raise OnnxPruneError(f"output {k!r} has shape {list(outs[k].shape)}, the reference's is {list(refs[k].shape)}")
         per[k] = output_fidelity(refs[k], outs[k], k in classes)
-    return {"outputs": per, "samples": int(len(next(iter(inputs.values()))))}, outs
+        if "top1_agreement" not in per[k]:
+            missing[k] = why_no_top1_agreement(refs[k], outs[k], k in classes)
+    res = {"outputs": per, "samples": int(len(next(iter(inputs.values()))))}
+    if missing:
+        res["missing"] = missing
+    return res, outs
 
 
 def call_metric(spec: str, outputs: Mapping[str, np.ndarray], labels: np.ndarray | None) -> dict[str, float]:
@@ -206,7 +226,8 @@ def evaluate_outputs(model: "str | os.PathLike | onnx.ModelProto", data: Any, sp
 
     Returns ``{"split", "samples"}`` plus ``top1``/``top5`` (labeled data, one-input classifiers),
     ``fidelity`` (per graph output :func:`output_fidelity` against ``reference``) and
-    ``mean_rel_l2``, and ``metric`` (the user's ``fn(outputs, labels or None)``).
+    ``mean_rel_l2``, and ``metric`` (the user's ``fn(outputs, labels or None)``). ``missing`` (when
+    any) says why a figure is absent: ``{"top1": reason, "fidelity.OUTPUT.top1_agreement": reason}``.
     """
     from .core import load_dataset
     from .evaluate import evaluate_onnx
@@ -223,17 +244,25 @@ def evaluate_outputs(model: "str | os.PathLike | onnx.ModelProto", data: Any, sp
         x = {k: np.concatenate([g[0][k] for g in got]) for k in got[0][0]}
         y = np.concatenate([g[1] for g in got]) if got[0][1] is not None else None
     res: dict[str, Any] = {"split": split, "samples": int(len(next(iter(x.values()))))}
-    if data.labeled and len(inputs) == 1 and y is not None:
+    missing: dict[str, str] = {}
+    if not data.labeled or y is None:
+        missing["top1"] = f"data {data.spec!r} has no labels"
+    elif len(inputs) != 1:
+        missing["top1"] = f"top-1 scores one-input classifiers; this model has {len(inputs)} inputs"
+    else:
         try:
             acc = evaluate_onnx(model, data, split=split, batch_size=batch_size)
             res.update(top1=acc["top1"], top5=acc["top5"])
-        except OnnxPruneError:
-            pass  # labels that are not classes of the first output: the user's metric scores them
+        except OnnxPruneError as exc:  # labels that are not classes of the first output: the user's metric scores them
+            missing["top1"] = str(exc)
     outs = None
     if reference is not None:
         fid, outs = evaluate_fidelity(model, reference, x, batch_size)
         res.update(reference=str(reference) if not isinstance(reference, onnx.ModelProto) else "(model)",
                    fidelity=fid["outputs"], mean_rel_l2=mean_rel_l2(fid["outputs"]))
+        missing.update({f"fidelity.{k}.top1_agreement": why for k, why in fid.get("missing", {}).items()})
+    if missing:
+        res["missing"] = missing
     if metric:
         if outs is None:
             outs = run_onnx(model, x, batch_size)

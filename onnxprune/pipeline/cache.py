@@ -2,17 +2,22 @@
 
 A step's key is the SHA-256 of its name, its configuration (canonical JSON), the bytes of its input
 files and the onnxprune version. A finished step's result (JSON) and the hashes of the files it
-wrote are recorded in ``OUTDIR/state.json`` (rewritten atomically after every step, so a crash
-loses at most the step that was running). On a re-run a step is skipped when its key is recorded
+wrote are recorded in ``OUTDIR/state.json`` (rewritten atomically and fsynced after every step, so
+a crash loses at most the step that was running; a run holds ``OUTDIR/.onnxprune.lock`` so that two
+runs never interleave their writes; a record it cannot read is set aside as ``state.json.bak-N``,
+never overwritten). On a re-run a step is skipped when its key is recorded
 and its output files still hold the recorded bytes; otherwise it runs again. Changing one point's
 configuration changes only the keys of that point's steps (and of the steps that read their
 outputs), so only those run again.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import secrets
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,10 +25,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from ..errors import OnnxPruneError
-from ..model_io import write_text_atomic
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
+LOCK_FILE = ".onnxprune.lock"
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
@@ -92,20 +97,28 @@ class StepCache:
     executed: list[str] = field(default_factory=list)  # step names run in this process, in order
     skipped: list[str] = field(default_factory=list)  # step names answered from the record
     replayed: list[str] | None = None  # in replay mode: keys of the records answered so far
+    warnings: list[str] = field(default_factory=list)  # records set aside on open (one line each)
 
     @classmethod
     def open(cls, outdir: str | os.PathLike) -> "StepCache":
+        """The records of ``outdir`` (call it holding :func:`locked`). A ``state.json`` that cannot be
+        read, or one of another state version, is moved to ``state.json.bak-N`` with a warning: the
+        run starts without its records but never overwrites them."""
         outdir = Path(outdir)
         path = outdir / STATE_FILE
         state: dict[str, Any] = {"version": STATE_VERSION, "steps": {}}
+        warnings = []
+        for stale in outdir.glob(f".{STATE_FILE}.*.tmp"):  # a save killed before its rename
+            stale.unlink(missing_ok=True)
         if path.exists():
-            try:
-                loaded = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                loaded = None  # a damaged record only costs re-running the steps
-            if isinstance(loaded, dict) and loaded.get("version") == STATE_VERSION and isinstance(loaded.get("steps"), dict):
+            loaded, why = _read_state(path)
+            if loaded is not None:
                 state = loaded
-        return cls(outdir=outdir, state=state)
+            else:
+                bak = _set_aside(path)
+                warnings.append(f"{path} {why}: moved to {bak.name}; this run starts without its records")
+                print(f"warning: {warnings[-1]}", file=sys.stderr)
+        return cls(outdir=outdir, state=state, warnings=warnings)
 
     @property
     def path(self) -> Path:
@@ -177,7 +190,7 @@ class StepCache:
 
     def save(self) -> None:
         self.outdir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.path, json.dumps(self.state, indent=1, sort_keys=True))
+        write_durable(self.path, json.dumps(self.state, indent=1, sort_keys=True).encode())
 
     def _rel(self, p: Path) -> str:
         try:
@@ -187,3 +200,98 @@ class StepCache:
 
     def counts(self) -> Mapping[str, int]:
         return {"executed": len(self.executed), "skipped": len(self.skipped)}
+
+
+# ------------------------------------------------------------------------------------ the record on disk
+
+def _read_state(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """This version's state record in ``path``, or None and why it is not one."""
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return None, f"cannot be read ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})"
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("steps"), dict):
+        return None, "is not a step record"
+    if loaded.get("version") != STATE_VERSION:
+        return None, f"has state version {loaded.get('version')!r}, this onnxprune reads version {STATE_VERSION}"
+    return loaded, ""
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename ``path`` to ``<name>.bak-N``, N the first free number (a link refuses an existing name,
+    so no earlier backup is ever replaced)."""
+    n = 1
+    while True:
+        bak = path.with_name(f"{path.name}.bak-{n}")
+        try:
+            os.link(path, bak)
+        except FileExistsError:
+            n += 1
+            continue
+        except OSError:  # no hard links on this filesystem: a checked rename (the run holds the lock)
+            if bak.exists():
+                n += 1
+                continue
+            os.rename(path, bak)
+        else:
+            os.unlink(path)
+        _fsync_dir(path.parent)
+        return bak
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash or power loss leaves the old or the new bytes,
+    never a mix: a temporary file in the same directory, fsynced, renamed over ``path``, then the
+    directory fsynced (the rename itself is only durable once the directory entry is)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    if os.name != "posix":  # Windows cannot open a directory; its renames are journaled by NTFS
+        return
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some network filesystems cannot fsync a directory (the file was fsynced)
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+_LOCKS: dict[str, Any] = {}  # lock path -> this process's FileLock (re-entrant: ``demo`` wraps ``run``)
+
+
+@contextmanager
+def locked(outdir: str | os.PathLike) -> Iterator[None]:
+    """Hold ``OUTDIR/.onnxprune.lock`` for a run: another process's run on the same directory is
+    refused in one line instead of interleaving (two writers of ``state.json`` drop each other's
+    records). The kernel releases it when its holder dies, so a killed run never blocks the next."""
+    from filelock import FileLock, Timeout
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    path = str((outdir / LOCK_FILE).resolve())
+    lock = _LOCKS.setdefault(path, FileLock(path, timeout=0, thread_local=False))
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OnnxPruneError(f"{outdir}: another onnxprune run is using this directory ({LOCK_FILE} is held); "
+                             "wait for it to finish or choose another -o") from None
+    except OSError as exc:
+        raise OnnxPruneError(f"{outdir}: cannot create the run lock {LOCK_FILE} ({exc.strerror or exc})") from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -28,7 +28,7 @@ from ..errors import OnnxPruneError
 from ..recipes import Recipe, load_recipe
 from ..recipes.loader import check_key, parse_override, resolve_recipe, set_path, validate_recipe
 from . import steps
-from .cache import StepCache, file_sha256
+from .cache import StepCache, file_sha256, locked
 from .latency_target import is_latency, prune_to_latency
 from .sweep import Plan, RunSpec, expand
 
@@ -138,11 +138,19 @@ def run_recipe(recipe: "Recipe | str | os.PathLike", model_path: str | os.PathLi
         raise OnnxPruneError(f"recipe {recipe.name!r} needs data ({needs}): pass --data SPEC (e.g. --data digits) "
                              "or set data in the recipe")
     ds = steps.load_data(data_spec) if data_spec is not None else None
+    with locked(outdir):  # from the first write on: a second run on OUTDIR is refused
+        return _run_locked(recipe, model_path, outdir, ds, profiles, plan, runner, source, overrides, progress)
+
+
+def _run_locked(recipe: Recipe, model_path: Path, outdir: Path, ds: Any, profiles: list, plan: Plan, runner: Any,
+                source: str | None, overrides: list[str], progress: bool) -> dict[str, Any]:
+    """The run proper, every input checked, holding OUTDIR's lock."""
     for sub in (MODELS, WORK):
         (outdir / sub).mkdir(parents=True, exist_ok=True)
     ctx = Context(recipe=recipe, outdir=outdir, cache=StepCache.open(outdir), data=ds,
                   data_desc=ds.describe() if ds is not None else None, profiles=profiles, progress=Progress(progress),
                   recipe_source=source, overrides=list(overrides))
+    ctx.notes.extend(ctx.cache.warnings)  # a state.json set aside
     if ds is None:
         ctx.notes.append("no data: accuracy was not measured (pass --data SPEC)")
     if not profiles:

@@ -19,22 +19,19 @@ GRADIENT_CRITERIA = ("taylor", "magnitude_x_gradient")
 
 
 def _need(module: str, what: str, attr: str | None = None):
-    """Import an owner module (and ``attr`` from it), or say clearly that this step is not available."""
+    """Import an owner module (and ``attr`` from it); a missing optional package says how to install
+    it (exit 3). A missing onnxprune module or name is a bug and raises as one, never "not available"."""
     import importlib
 
     try:
         mod = importlib.import_module(module, __package__)
-        return getattr(mod, attr) if attr else mod
     except ImportError as exc:
-        if exc.name and exc.name.startswith("onnxprune"):
-            raise OnnxPruneError(f"{what} is not available in this version of onnxprune ({exc.name} is missing)") from None
         if exc.name in ("torch", "torch_pruning", "sklearn"):
             from ..errors import UnavailableError
 
             raise UnavailableError(f"{what} needs the Python package {exc.name!r}: pip install 'onnxprune[train]'") from None
         raise
-    except AttributeError:
-        raise OnnxPruneError(f"{what} is not available in this version of onnxprune ({module}.{attr} is missing)") from None
+    return getattr(mod, attr) if attr else mod
 
 
 # ------------------------------------------------------------------------------------------ data / model
@@ -288,8 +285,9 @@ def evaluate(path: str | os.PathLike, data, splits: Sequence[str], batch_size: i
             agree = [f["top1_agreement"] for f in r["fidelity"].values() if "top1_agreement" in f]
             rec.update(mean_rel_l2=r["mean_rel_l2"], top1_agreement=sum(agree) / len(agree) if agree else None,
                        fidelity=r["fidelity"])
-        if "metric" in r:
-            rec["metric"] = r["metric"]
+        for key in ("metric", "missing"):  # missing: why a figure is absent (top1 without labels, ...)
+            if key in r:
+                rec[key] = r[key]
         out[s] = rec
     return out
 

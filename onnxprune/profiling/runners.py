@@ -128,11 +128,11 @@ def check_available(profile: HwProfile) -> None:
 
 
 def _bridge(where: str) -> Callable:
-    try:
-        from ..bridge import to_torch  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise UnavailableError(f"{where}: the torch backends need onnxprune's ONNX->torch bridge "
-                               f"(onnxprune.bridge.to_torch), which is not importable here ({exc})") from exc
+    """The ONNX->torch bridge (torch first: without it, one line and exit 3; the bridge itself is
+    onnxprune's own, so a failure to import it is a bug and raises as one)."""
+    _import("torch", f"{where} (the torch backends)", "pip install 'onnxprune[train]'")
+    from ..bridge import to_torch
+
     return to_torch
 
 

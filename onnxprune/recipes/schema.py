@@ -43,18 +43,15 @@ DEFAULT_CRITERION: dict[str, str] = {"structured": "l1", "unstructured": "magnit
 
 
 def criteria_of(kind: str) -> tuple[str, ...]:
-    """Criteria the pruning functions of ``kind`` accept (empty when that module is not installed)."""
-    try:
-        if kind == "structured":
-            from ..structured.importance import IMPORTANCE
+    """Criteria the pruning functions of ``kind`` accept."""
+    if kind == "structured":
+        from ..structured.importance import IMPORTANCE
 
-            return tuple(IMPORTANCE)
-        if kind == "unstructured":
-            from ..sparsity.scores import CRITERIA
+        return tuple(IMPORTANCE)
+    if kind == "unstructured":
+        from ..sparsity.scores import CRITERIA
 
-            return tuple(CRITERIA)
-    except ImportError:
-        return ()
+        return tuple(CRITERIA)
     return ("magnitude",)
 
 
