@@ -18,7 +18,6 @@ with a one-line message. See ``examples/api_example.py`` for a runnable example.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import OnnxPruneError
