@@ -18,7 +18,6 @@ with a one-line message. See ``examples/api_example.py`` for a runnable example.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import OnnxPruneError
@@ -144,41 +143,15 @@ def compare_runs(dir_a: "str | os.PathLike", dir_b: "str | os.PathLike") -> dict
 
 #: The demo's settings: (dense training epochs, CNN width, recipe overrides). --quick trades accuracy for time;
 #: its half-width CNN keeps channels in multiples of 4 (multiples of 8 leave too few choices to reach 2x MACs).
-DEMO_FULL = (10, 32, [])
-DEMO_QUICK = (4, 16, ["retrain.epochs=1", "profiling.min_runs=5", "profiling.min_duration_s=0.05", "profiling.memory=false",
-                      "sweep.methods.0.options.round_to=4"])
-DEMO_DATA = "digits"
-
-
 def demo(outdir: "str | os.PathLike" = "demo_out", *, quick: bool = False, progress: bool = False,
          overrides: Iterable[str] = ()) -> dict[str, Any]:
     """Train a small CNN on digits, export it, run ``recipes/demo.yaml`` on it, write the report.
 
     The trained model is ``outdir/digits_cnn.onnx``; a re-run reuses it and every finished step.
     """
-    import importlib.util
+    from .demo_model import run_demo
 
-    if importlib.util.find_spec("torch") is None:
-        from .errors import UnavailableError
-
-        raise UnavailableError("onnxprune demo trains a CNN and needs torch: pip install 'onnxprune[train]'")
-    from .demo_model import train_demo_model
-    from .pipeline.cache import StepCache, locked
-    from .pipeline.run import run_recipe
-
-    outdir = Path(outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise OnnxPruneError(f"{outdir}: exists and is not a directory; choose another -o")
-    outdir.mkdir(parents=True, exist_ok=True)
-    epochs, width, quick_overrides = DEMO_QUICK if quick else DEMO_FULL
-    model_path = outdir / "digits_cnn.onnx"
-    with locked(outdir):  # the training step's record too: one run per OUTDIR
-        cache = StepCache.open(outdir)
-        cache.run("demo-train", {"epochs": epochs, "width": width, "seed": 0, "data": DEMO_DATA},
-                  lambda: train_demo_model(model_path, DEMO_DATA, epochs=epochs, width=width, progress=progress),
-                  outputs=[model_path])
-        return run_recipe("demo", model_path, outdir, data=DEMO_DATA, overrides=[*quick_overrides, *overrides],
-                          progress=progress)
+    return run_demo(outdir, quick=quick, progress=progress, overrides=overrides)
 
 
 __all__ = ["inspect", "analyze", "prune", "finetune", "evaluate", "profile", "compare", "run", "report",

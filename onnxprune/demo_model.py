@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+from .errors import OnnxPruneError, UnavailableError
 
 
 def build_digits_cnn(width: int = 32, classes: int = 10, in_channels: int = 1):
@@ -45,3 +47,37 @@ def train_demo_model(path: str | os.PathLike, data: Any = "digits", *, epochs: i
     example = torch.from_numpy(np.zeros((1, *ds.input_shape), dtype=np.float32))
     export_torch(module.eval(), [example], Path(path))
     return {"path": str(path), "epochs": epochs, "best_val_top1": hist.get("best_val_top1"), "seconds": hist.get("seconds")}
+
+
+DEMO_FULL = (10, 32, [])
+DEMO_QUICK = (4, 16, ["retrain.epochs=1", "profiling.min_runs=5", "profiling.min_duration_s=0.05", "profiling.memory=false",
+                      "sweep.methods.0.options.round_to=4"])
+DEMO_DATA = "digits"
+
+
+def run_demo(outdir: "str | os.PathLike" = "demo_out", *, quick: bool = False, progress: bool = False,
+             overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Train a small CNN on digits, export it, run ``recipes/demo.yaml`` on it, write the report.
+
+    The trained model is ``outdir/digits_cnn.onnx``; a re-run reuses it and every finished step.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise UnavailableError("onnxprune demo trains a CNN and needs torch: pip install 'onnxprune[train]'")
+    from .pipeline.cache import StepCache, locked
+    from .pipeline.run import run_recipe
+
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise OnnxPruneError(f"{outdir}: exists and is not a directory; choose another -o")
+    outdir.mkdir(parents=True, exist_ok=True)
+    epochs, width, quick_overrides = DEMO_QUICK if quick else DEMO_FULL
+    model_path = outdir / "digits_cnn.onnx"
+    with locked(outdir):  # the training step's record too: one run per OUTDIR
+        cache = StepCache.open(outdir)
+        cache.run("demo-train", {"epochs": epochs, "width": width, "seed": 0, "data": DEMO_DATA},
+                  lambda: train_demo_model(model_path, DEMO_DATA, epochs=epochs, width=width, progress=progress),
+                  outputs=[model_path])
+        return run_recipe("demo", model_path, outdir, data=DEMO_DATA, overrides=[*quick_overrides, *overrides],
+                          progress=progress)

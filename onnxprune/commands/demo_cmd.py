@@ -18,7 +18,7 @@ from .common import emit_json, json_option
 def demo_cmd(outdir: str, quick: bool, overrides: tuple[str, ...], as_json: bool) -> None:
     """Train a small CNN on scikit-learn's digits, export it to ONNX, prune it structured and unstructured
     at two operating points each, retrain, profile on the CPU profile and write the report."""
-    from ..api import demo
+    from ..demo_model import run_demo
     from .run_cmd import print_summary
 
     con = Console(stderr=as_json)
@@ -26,7 +26,7 @@ def demo_cmd(outdir: str, quick: bool, overrides: tuple[str, ...], as_json: bool
     if not as_json:
         con.print(f"[bold]onnxprune demo[/bold]{' (quick)' if quick else ''}: training a small CNN on digits, then "
                   "running recipes/demo.yaml (structured vs unstructured, retrained, profiled on ci-cpu)")
-    report = demo(outdir, quick=quick, progress=not as_json, overrides=overrides)
+    report = run_demo(outdir, quick=quick, progress=not as_json, overrides=overrides)
     if as_json:
         emit_json(report)
         return
