@@ -1343,3 +1343,6 @@ def onnx_attrs(node: onnx.NodeProto) -> dict[str, Any]:
                 v = [s.decode("utf-8") for s in v]
             out[a.name] = v
     return out
+
+
+from . import rnn as _rnn  # noqa: E402,F401 - registers LSTM, GRU and RNN (recurrent loops live in their own module)
