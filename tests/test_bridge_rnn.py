@@ -179,12 +179,14 @@ def _crnn():
     return CRNN().eval()
 
 
-def _export(module, path):
+def _export(module, path, example=None):
+    """``torch.onnx.export`` as a user calls it (constant folding on, dynamic batch)."""
     import warnings
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.randn(2, 1, 8, 16),), str(path), dynamo=False, opset_version=17,
+        example = torch.randn(2, 1, 8, 16) if example is None else example
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["output"],
                           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     return path
@@ -194,6 +196,39 @@ def _lstm_weights(model):
     node = next(n for n in model.graph.node if n.op_type == "LSTM")
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     return {slot: inits[name] for slot, name in zip("WRB", node.input[1:4])}
+
+
+@pytest.mark.parametrize("layer", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "torch-weights"])
+def test_torch_exported_recurrent_layers_match_onnxruntime(tmp_path, layer, fold):
+    """nn.LSTM/GRU/RNN (2 layers, bidirectional, batch_first) as torch exports them: folded into
+    ONNX-layout initializers, or (onnxprune's export_torch, no constant folding) torch's own weights
+    reordered by Slice/Concat in the graph, which then are the trained parameters. torch's GRU is
+    ONNX's linear_before_reset=1."""
+    from onnxprune.torch_export import export_torch
+
+    torch.manual_seed(0)
+    rnn = getattr(torch.nn, layer)(6, 5, num_layers=2, bidirectional=True, batch_first=True)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnn
+
+        def forward(self, x):
+            return self.rnn(x)[0]
+
+    path = tmp_path / "rnn.onnx"
+    if fold:
+        _export(Wrap().eval(), path, example=torch.randn(2, 7, 6))
+    else:
+        export_torch(Wrap(), (torch.randn(2, 7, 6),), path)
+    model = onnx.load(str(path))
+    assert sum(n.op_type == layer for n in model.graph.node) == 2
+    report = check_bridge(model, {"input": (3, 7, 6)})
+    assert report["status"] == "ok" and report["max_rel_diff"] < 1e-5
+    if not fold:
+        assert "rnn.weight_hh_l1_reverse" in OnnxModule(model).trainable_names
 
 
 def test_crnn_bridge_check_and_finetune_with_teacher_cli(tmp_path):
@@ -239,3 +274,4 @@ def test_crnn_bridge_check_and_finetune_with_teacher_cli(tmp_path):
     assert rel_err(out_path) < 0.7 * rel_err(student)
     code, _, err = run_cli("bridge-check", out_path, "--input-shape", "input=2x1x8x16")
     assert code == 0, err
+
