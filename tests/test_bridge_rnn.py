@@ -155,6 +155,18 @@ def test_weights_train_and_write_back_into_the_same_initializers():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_cuda():
+    """sequence_lens and the states follow the input onto the GPU."""
+    model, x = rnn_model("LSTM", direction="bidirectional", lens=True, init=True, peephole=True)
+    module = OnnxModule(model).cuda().eval()
+    with torch.no_grad():
+        outs = [o.cpu().numpy() for o in module(torch.from_numpy(x).cuda())]
+    for a, b in zip(outs, run_ort(model, {"x": x})):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------- CRNN end to end
 
 def _crnn():
