@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 import traceback
+import warnings
 
 import click
 
@@ -69,9 +70,21 @@ def cli(debug: bool) -> None:
     """onnxprune: make ONNX models smaller and faster for deployment, and measure it honestly."""
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """onnxprune's own warnings as one ``warning: ...`` line on stderr (others as Python shows them)."""
+    if category.__module__.startswith("onnxprune"):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one clear error line and a non-zero exit instead of tracebacks."""
     args = list(sys.argv[1:] if argv is None else argv)
+    warnings.showwarning = _show_warning
     debug = "--debug" in args
     try:
         rv = cli.main(args=args, prog_name="onnxprune", standalone_mode=False)

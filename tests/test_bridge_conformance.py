@@ -50,6 +50,14 @@ def test_most_claimed_cases_pass():
     assert passed >= 0.75 * len(outcomes), f"only {passed} of {len(outcomes)} claimed cases pass"
 
 
+def test_recurrent_op_cases_are_claimed_and_pass():
+    """ONNX's lstm/gru/rnn cases (batchwise = layout 1, peepholes, reverse, bidirectional) stay
+    claimed: a regression dropping the ops from the table would otherwise just leave them unclaimed."""
+    names = [n for n, c in _claimed_cases().items() if c.model.graph.node[0].op_type in ("LSTM", "GRU", "RNN")]
+    assert len(names) >= 18
+    assert [(n, _outcome(n).detail) for n in names if _outcome(n).status != PASS] == []
+
+
 # ------------------------------------------------------------------------------- helper graphs
 
 def _model(nodes, inputs, outputs, inits=(), opset=17):

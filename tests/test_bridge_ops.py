@@ -327,6 +327,16 @@ case("ReduceL2", [X4], opset=13, axes=[2, 3])
 case("ReduceSumSquare", [X4], opset=13, axes=[1])
 case("ReduceLogSum", [Pos(2, 3, 4)], opset=13, axes=[2])
 case("ReduceLogSumExp", [X4], opset=13, axes=[1])
+# recurrent ops (the full grid of attributes against ONNX Runtime is in test_bridge_rnn.py)
+SEQ = (5, 2, 3)  # [T, N, I]
+case("LSTM", [SEQ, w(2, 16, 3), w(2, 16, 4), w(2, 32), In(np.array([5, 3], np.int32)), w(2, 2, 4), w(2, 2, 4),
+              w(2, 12)], outputs=3, opset=14, tag="bidir-lens-peephole", hidden_size=4, direction="bidirectional")
+case("GRU", [SEQ, w(1, 12, 3), w(1, 12, 4), w(1, 24)], outputs=2, opset=14, tag="reverse", hidden_size=4,
+     direction="reverse")
+case("GRU", [SEQ, w(1, 12, 3), w(1, 12, 4), w(1, 24)], outputs=2, opset=14, tag="linear-before-reset", hidden_size=4,
+     linear_before_reset=1)
+case("RNN", [SEQ, w(1, 4, 3), w(1, 4, 4), w(1, 8), None, w(1, 2, 4)], outputs=2, opset=14, tag="initial-h-clip",
+     hidden_size=4, clip=0.5)
 
 
 @pytest.mark.parametrize("op_type,inputs,attrs,opset,outputs", CASES)
@@ -348,7 +358,8 @@ GRAD_CASES = ["Conv-op17-group-dil-asym", "ConvTranspose-op17-asym", "Gemm-op17-
               "LRN-op9", "PRelu-op17", "AveragePool-op17-asym", "MaxPool-op17-ceil-pad", "LpPool-op17",
               "Pad-op13-reflect", "Resize-op13-linear-half-pixel", "Resize-op13-cubic", "Resize-op11-pytorch-nearest",
               "Slice-op13-negative-steps", "Split-op18-num-outputs", "Softmax-op11-coerce-axis1", "ReduceL2-op13",
-              "Where-op17", "Expand-op17", "Mish-op18", "HardSigmoid-op17", "Selu-op17", "Einsum-op12"]
+              "Where-op17", "Expand-op17", "Mish-op18", "HardSigmoid-op17", "Selu-op17", "Einsum-op12",
+              "LSTM-op14-bidir-lens-peephole", "GRU-op14-reverse", "GRU-op14-linear-before-reset"]
 
 
 @pytest.mark.parametrize("case_id", GRAD_CASES)

@@ -34,11 +34,13 @@ WEIGHT_SLOTS: dict[str, set[int]] = {
     "Conv": {1, 2}, "ConvTranspose": {1, 2}, "Gemm": {0, 1, 2}, "MatMul": {0, 1}, "Einsum": set(range(16)),
     "BatchNormalization": {1, 2}, "InstanceNormalization": {1, 2}, "GroupNormalization": {1, 2},
     "LayerNormalization": {1, 2}, "RMSNormalization": {1}, "PRelu": {1},
+    "LSTM": {1, 2, 3, 7}, "GRU": {1, 2, 3}, "RNN": {1, 2, 3},
 }
 #: (op type -> input positions) that are never trained, whatever their size.
 FROZEN_SLOTS: dict[str, set[int]] = {
     "BatchNormalization": {3, 4}, "Resize": {1, 2, 3}, "Upsample": {1}, "Clip": {1, 2}, "Pow": {1},
     "Pad": {1, 2, 3}, "Range": {0, 1, 2}, "ConstantOfShape": {0}, "Dropout": {1, 2},
+    "LSTM": {5, 6}, "GRU": {5}, "RNN": {5},  # initial states: inputs of the recurrence, not weights
 }
 #: BatchNormalization inputs that hold running statistics (written back when ``train_bn``).
 BN_STAT_SLOTS = {3, 4}

@@ -1,4 +1,5 @@
-"""ONNX operators implemented with torch: one small function per op type, registered in :data:`TABLE`.
+"""ONNX operators implemented with torch: one small function per op type, registered in :data:`TABLE`
+(the recurrent LSTM/GRU/RNN in :mod:`onnxprune.bridge.rnn`, registered from here).
 
 Every function has the signature ``fn(n: Node, *inputs) -> Tensor | tuple[Tensor, ...]``: ``n`` holds
 the node's attributes, name, opset and declared outputs; ``inputs`` are the node's input tensors in
@@ -1343,3 +1344,6 @@ def onnx_attrs(node: onnx.NodeProto) -> dict[str, Any]:
                 v = [s.decode("utf-8") for s in v]
             out[a.name] = v
     return out
+
+
+from . import rnn as _rnn  # noqa: E402,F401 - registers LSTM, GRU and RNN (recurrent loops live in their own module)

@@ -135,8 +135,9 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
     from .config import resolve_objective
 
     resolve_objective(config.objective, data.labeled, t_model is not None)  # one clear error before any work
+    bridge_report = None
     if check:
-        check_bridge(original, data)
+        bridge_report = check_bridge(original, data)
         if t_model is not None:
             check_bridge(t_model, data, "teacher")
     n_outputs = len(original.graph.output)
@@ -163,6 +164,9 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
     sparsity = _sparsity_report(trained, mask_arrays)
     history: dict[str, Any] = {"config": config.to_dict(), "data": data.describe(), "teacher": teacher_name, **hist,
                                "sparsity": sparsity}
+    if bridge_report is not None:  # the pre-training check's figures (onnxprune.bridge.check)
+        history["bridge_check"] = {k: bridge_report[k] for k in ("status", "max_rel_diff", "noise_floor_rel",
+                                                                  "tolerance_rel", "worst_output")}
     if config.distill_features:
         history["distill_features"] = features
     if data.labeled and n_inputs == 1:
