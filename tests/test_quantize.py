@@ -107,7 +107,7 @@ def _integer_model(op: str) -> onnx.ModelProto:
                  helper.make_node("QLinearConv", ["xq", "s", "z", "w", "ws", "wz", "s", "z"], ["y"])]
         out_type = TensorProto.INT8
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                          [helper.make_tensor_value_info("y", out_type, None)],
+                          [helper.make_tensor_value_info("y", out_type, [1, 4, 6, 6])],
                           [w] + ([] if op == "ConvInteger" else consts))
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -127,3 +127,12 @@ def _float_model() -> onnx.ModelProto:
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("mode", [["--unstructured", "--sparsity", "0.5"], ["--nm", "2:4"]])
+def test_prune_refuses_an_integer_model_in_one_line(tmp_path, mode):
+    path = tmp_path / "dyn.onnx"
+    onnx.save(_integer_model("ConvInteger"), str(path))
+    code, _, err = run_cli("prune", path, "-o", tmp_path / "out.onnx", *mode)
+    assert code == 1 and "then run onnxprune quantize" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.onnx").exists()

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..core.quantized import refuse_integer_ops
 from ..errors import OnnxPruneError
 from ..guidance import speedup_guidance
 from ..model_io import load_model, without_initializers
@@ -191,13 +192,16 @@ class _Input:
 
 
 def _prepare(source: Source, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> tuple[_Input, Prepared]:
-    """The input model (sparse initializers densified) and its prepared view."""
+    """The input model (sparse initializers densified) and its prepared view; integer-quantized
+    models are refused (their weights are fused into integer ops)."""
     if isinstance(source, onnx.ModelProto):
+        refuse_integer_ops(source, "pruning")
         original = densify(source)
         inits = original.graph.initializer
         return _Input(without_initializers(original), [t.name for t in inits], {t.name: t for t in inits}), \
             prepare(original, input_shapes)
     loaded = densify(load_model(source))
+    refuse_integer_ops(loaded, f"{source}")
     inp = _Input(without_initializers(loaded), [t.name for t in loaded.graph.initializer], {}, Path(source))
     p = prepare(loaded, input_shapes, consume=True)
     del loaded
