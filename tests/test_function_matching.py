@@ -155,3 +155,50 @@ def test_digits_cnn_at_4x_fewer_macs_recovers_from_a_few_hundred_unlabeled_sampl
     assert reduction >= 3.5 and h["function_matching"] and h["augment"] == ["crop", "jitter", "mixup"]
     assert a["function matching"] >= a["dense"] - 0.04
     assert a["function matching"] >= a["old path"] + 0.05
+
+
+def _tiny_cnn(path, seed: int) -> None:
+    from onnxprune.torch_export import export_torch
+
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    export_torch(net.eval(), (torch.zeros(1, 1, 8, 8),), path)
+
+
+def test_finetune_cli_function_matching_flags(tmp_path):
+    import json
+
+    from cli_util import run_cli
+
+    _tiny_cnn(tmp_path / "t.onnx", 0)
+    _tiny_cnn(tmp_path / "s.onnx", 1)
+    np.savez(tmp_path / "u.npz", x=np.random.default_rng(0).random((60, 1, 8, 8), dtype=np.float32))
+    base = ["finetune", tmp_path / "s.onnx", "-o", tmp_path / "o.onnx", "--teacher", tmp_path / "t.onnx",
+            "--data", f"npz:{tmp_path / 'u.npz'}", "--no-progress"]
+    code, out, err = run_cli(*base, "--steps", "20", "--augment", "crop,hflip", "--output-kind", "output=scores", "--json")
+    assert code == 0, err
+    h = json.loads(out)
+    assert h["steps"] == 20 and h["augment"] == ["crop", "hflip"] and h["output_kinds"] == {"output": "scores"}
+    assert "top1_agreement" in h["val_fidelity"]["output"] and 0 <= h["best_step"] <= 20
+    code, out, err = run_cli(*base, "--steps", "3", "--json")  # undeclared logits without labels: a value, said so
+    assert code == 0, err
+    h = json.loads(out)
+    assert h["output_kinds"] == {"output": "value"} and any("--output-kind output=scores" in n for n in h["notes"])
+    for extra, msg in ((["--augment", "zoom"], "augment must be"), (["--output-kind", "z=scores"], "does not output"),
+                       (["--output-kind", "output=logits"], "must be one of")):
+        code, out, err = run_cli(*base, *extra)
+        assert code != 0 and msg in err and "Traceback" not in err, err
+
+
+def test_checkpoint_selection_never_averages_agreement_with_relative_error():
+    """Two outputs: class scores (error 1 - agreement) and a box head in large units (rel_l2). Fixing
+    every disagreement must count as much as cutting the box error by the same fraction; a plain
+    mean of the two would let the box head's units decide."""
+    from onnxprune.training.loop import selection_score
+
+    start = [0.10, 50.0]
+    fixed_classes, shaved_boxes = [0.0, 50.0], [0.10, 45.0]
+    assert selection_score(fixed_classes, start) < selection_score(shaved_boxes, start) < selection_score(start, start)
+    assert np.mean(fixed_classes) > np.mean(shaved_boxes)  # what averaging the units would have chosen
+    assert selection_score([0.05, 25.0], start) == pytest.approx(0.5, rel=0.02)

@@ -76,7 +76,7 @@ def _print(model: str, spec: str, res: dict[str, Any]) -> None:
             agree += f"  mean cosine {f['mean_cosine']:.6f}"
         if "nn_agreement" in f:
             agree += f"  nearest-neighbour agreement {f['nn_agreement']:.2%}"
-        kind = f" [{res['output_kinds'][name]}]" if name in (res.get("output_kinds") or {}) else ""
+        kind = f" ({res['output_kinds'][name]})" if name in (res.get("output_kinds") or {}) else ""
         con.print(f"  {name}{kind}: rel_l2 {f['rel_l2']:.4g}  cosine {f['cosine']:.6f}  max_abs_diff {f['max_abs_diff']:.4g}"
                   f"{agree}  (vs {res['reference']})")
     for k, v in (res.get("metric") or {}).items():

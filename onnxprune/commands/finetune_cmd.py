@@ -226,4 +226,4 @@ def _fig_text(name: str, f: dict, kind: str | None) -> str:
         parts.append(f"mean cosine {f['mean_cosine']:.4f}")
     if "nn_agreement" in f:
         parts.append(f"nearest-neighbour agreement {f['nn_agreement']:.2%}")
-    return f"{name}{f' [{kind}]' if kind else ''}: " + ", ".join(parts)
+    return f"{name}{f' ({kind})' if kind else ''}: " + ", ".join(parts)
