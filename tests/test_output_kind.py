@@ -144,8 +144,8 @@ def _export(net) -> onnx.ModelProto:
 
 @pytest.fixture(scope="module")
 def embed_models(tmp_path_factory):
-    """A trained embedding net (cosine to class prototypes on generated sequences), a copy with a
-    third of its FFN removed, and unlabeled inputs."""
+    """A trained embedding net (cosine to class prototypes on generated sequences), a copy with 60 %
+    of its FFN hidden channels removed, and unlabeled inputs."""
     from onnxprune.structured.prune import prune_structured
 
     prev = torch.get_num_threads()
