@@ -162,7 +162,7 @@ def test_train_module_is_deterministic_and_learns(digits):
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert [e["train_loss"] for e in h1["epochs"]] == [e["train_loss"] for e in h2["epochs"]]
     assert h1["best_val_top1"] > 0.5 and h1["config"]["seed"] == 3 and len(h1["epochs"]) == 2
-    assert set(h1["epochs"][0]) == {"epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1"}
+    assert set(h1["epochs"][0]) == {"epoch", "step", "lr", "train_loss", "train_top1", "val_loss", "val_top1"}
 
 
 class _Forbidden(Split):

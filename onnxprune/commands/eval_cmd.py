@@ -30,11 +30,19 @@ from .common import emit_json, json_option, model_argument
                    "top1_agreement for class scores) per graph output. Needs no labels.")
 @click.option("--metric", "metric_spec", default=None, metavar="python:MODULE:FUNCTION",
               help="Your metric: FUNCTION(outputs: dict name -> array, labels or None) -> dict of named numbers.")
+@click.option("--output-kind", "output_kind", multiple=True, metavar="NAME=KIND",
+              help="What an output is (scores, probs, embedding, value; repeatable): scores/probs get top1_agreement, "
+                   "an embedding mean_cosine and nn_agreement. Inferred from the graph otherwise.")
 @json_option
 def eval_cmd(model: str, data_spec: str, split: str, batch_size: int, seed: int, reference: str | None,
-             metric_spec: str | None, as_json: bool) -> None:
+             metric_spec: str | None, output_kind: tuple[str, ...], as_json: bool) -> None:
     """Top-1 (and top-5 above 5 classes) accuracy of MODEL, run by ONNX Runtime as it will be deployed;
     fidelity against --reference and your own --metric, with or without labels."""
+    from ..datasets.output_kind import parse_output_kinds
+
+    kinds = parse_output_kinds(output_kind)
+    if kinds and reference is None:
+        raise OnnxPruneError("--output-kind decides the fidelity figures: it goes with --reference DENSE")
     load_model(model)  # one clear error for a missing or corrupt file before touching the data
     if reference:
         load_model(reference)
@@ -47,7 +55,8 @@ def eval_cmd(model: str, data_spec: str, split: str, batch_size: int, seed: int,
     else:
         from ..datasets.fidelity import evaluate_outputs
 
-        res = evaluate_outputs(model, data, split, batch_size, reference=reference, metric=metric_spec)
+        res = evaluate_outputs(model, data, split, batch_size, reference=reference, metric=metric_spec,
+                               output_kinds=kinds)
     if as_json:
         emit_json(res)
         return
@@ -63,8 +72,13 @@ def _print(model: str, spec: str, res: dict[str, Any]) -> None:
     con.print(head)
     for name, f in (res.get("fidelity") or {}).items():
         agree = f"  top-1 agreement {f['top1_agreement']:.2%}" if "top1_agreement" in f else ""
-        con.print(f"  {name}: rel_l2 {f['rel_l2']:.4g}  cosine {f['cosine']:.6f}  max_abs_diff {f['max_abs_diff']:.4g}{agree}"
-                  f"  (vs {res['reference']})")
+        if "mean_cosine" in f:
+            agree += f"  mean cosine {f['mean_cosine']:.6f}"
+        if "nn_agreement" in f:
+            agree += f"  nearest-neighbour agreement {f['nn_agreement']:.2%}"
+        kind = f" ({res['output_kinds'][name]})" if name in (res.get("output_kinds") or {}) else ""
+        con.print(f"  {name}{kind}: rel_l2 {f['rel_l2']:.4g}  cosine {f['cosine']:.6f}  max_abs_diff {f['max_abs_diff']:.4g}"
+                  f"{agree}  (vs {res['reference']})")
     for k, v in (res.get("metric") or {}).items():
         con.print(f"  {k}: {v:.6g}")
     for k, why in (res.get("missing") or {}).items():

@@ -30,7 +30,17 @@ def _config(**kw):
 @click.option("--data", "data_spec", default="digits", show_default=True, metavar="SPEC",
               help="Dataset spec: digits, npz:PATH, imagefolder:PATH, images:DIR, cifar10:PATH, python:module:function. "
                    "Unlabeled data (npz with only x or one array per input, images:DIR) need --teacher.")
-@click.option("--epochs", type=click.IntRange(min=0), default=None, help="Epochs (default 10).")
+@click.option("--epochs", type=click.IntRange(min=0), default=None,
+              help="Epochs (default 10). With function matching an epoch is at least 200 steps of augmented views.")
+@click.option("--steps", type=click.IntRange(min=0), default=None,
+              help="Size the run in optimizer steps instead of epochs (checkpoints evaluated 20 times over the run).")
+@click.option("--augment", default=None, metavar="auto|none|LIST",
+              help="Function matching when distilling without labels: teacher and student see the same augmented "
+                   "batch. LIST of crop,hflip,vflip,jitter,mixup,noise; auto (default): crop,jitter,mixup for image "
+                   "inputs, mixup,noise for other float inputs, none for integer inputs. Flips only when listed.")
+@click.option("--output-kind", "output_kind", multiple=True, metavar="NAME=KIND",
+              help="What an output is: scores, probs, embedding or value (repeatable). Decides its distillation loss "
+                   "(KL, KL, 1-cosine, per-channel smooth-L1) and its figures; inferred from the graph otherwise.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default 0.01).")
 @click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default=None, help="LR schedule (default cosine).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default=None, help="Optimizer (default sgd, momentum 0.9).")
@@ -69,19 +79,24 @@ def _config(**kw):
 def finetune_cmd(model: str | None, output: str, data_spec: str, no_keep_sparsity: bool, history_path: str | None,
                  no_progress: bool, teacher: str | None, torch_factory: str | None, state_dict: str | None,
                  torch_input_shape: str | None, prune_ratio: float | None, target_macs: float | None, as_json: bool,
-                 **train_kw) -> None:
+                 output_kind: tuple[str, ...], **train_kw) -> None:
     """Retrain MODEL (e.g. after pruning) on --data and write it to OUT, sparsity kept exactly.
 
     Checkpoint selection uses the validation split; the test split is scored once at the end, on the
     written ONNX file with ONNX Runtime.
     """
     cfg = _config(**train_kw)
+    from ..datasets.output_kind import parse_output_kinds
+
+    kinds = parse_output_kinds(output_kind)
     from ..training.ddp import init_from_env
 
     ctx = init_from_env(cfg.device)
     if torch_factory:
         if model:
             raise OnnxPruneError("give either MODEL or --torch, not both")
+        if kinds:
+            raise OnnxPruneError("--output-kind names graph outputs of an ONNX MODEL; it does not go with --torch")
         result = _torch_path(torch_factory, state_dict, torch_input_shape, prune_ratio, target_macs, data_spec, cfg,
                              output, teacher, not no_progress and not as_json, ctx.is_main)
     else:
@@ -97,7 +112,7 @@ def finetune_cmd(model: str | None, output: str, data_spec: str, no_keep_sparsit
 
         src = load_model(model)
         trained, history = finetune(src, data_spec, cfg, teacher=teacher, progress=not no_progress and not as_json,
-                                    keep_sparsity=not no_keep_sparsity)
+                                    keep_sparsity=not no_keep_sparsity, output_kinds=kinds)
         history["model"] = model
         result = history
         if ctx.is_main:
@@ -156,32 +171,41 @@ def _torch_path(factory: str, state_dict: str | None, shape: str | None, ratio: 
 def _print(h: dict) -> None:
     con = Console()
     cfg = h["config"]
+    size = (f"{h['steps']} steps" if cfg.get("steps") or h.get("function_matching") else f"{cfg['epochs']} epochs")
+    fm = f", function matching ({','.join(h['augment'])})" if h.get("function_matching") else ""
     con.print(f"[bold]{h.get('model') or h.get('source')}[/bold] -> [bold]{h['output']}[/bold]  "
-              f"({cfg['epochs']} epochs, {cfg['optimizer']} lr {cfg['lr']:g} {cfg['schedule']}, "
+              f"({size}, {cfg['optimizer']} lr {cfg['lr']:g} {cfg['schedule']}, "
               f"batch {cfg['batch_size']}, seed {cfg['seed']}{', teacher ' + str(h['teacher']) if h.get('teacher') else ''}"
-              f"{', objective ' + h['objective'] if h.get('objective') else ''})")
+              f"{', objective ' + h['objective'] if h.get('objective') else ''}{fm})")
+    for note in h.get("notes") or []:
+        con.print(f"[yellow]note:[/yellow] {note}")
     labeled = h.get("selection", "val_top1") == "val_top1"
-    t = Table(title="epochs")
-    cols = (("epoch", "lr", "train loss", "train top-1", "val top-1") if labeled
-            else ("epoch", "lr", "train loss", "val rel_l2", "val agreement"))
+    t = Table(title="evaluations on the held-out val split (never augmented)")
+    cols = (("epoch", "step", "lr", "train loss", "train top-1", "val top-1") if labeled
+            else ("epoch", "step", "lr", "train loss", "val rel_l2", "val agreement", "val cosine"))
     for col in cols:
         t.add_column(col, justify="right")
+    best_step = h.get("best_step")
     for e in h["epochs"]:
-        mark = " *" if e["epoch"] == h["best_epoch"] else ""
+        mark = " *" if e.get("step") == best_step else ""
+        head = (str(e["epoch"]), str(e.get("step", "")), f"{e['lr']:.2e}", f"{e['train_loss']:.4f}")
         if labeled:
             tr = f"{e['train_top1']:.2%}" if e.get("train_top1") is not None else "-"
-            t.add_row(str(e["epoch"]), f"{e['lr']:.2e}", f"{e['train_loss']:.4f}", tr, f"{e['val_top1']:.2%}{mark}")
+            t.add_row(*head, tr, f"{e['val_top1']:.2%}{mark}")
         else:
             agree = f"{e['val_top1_agreement']:.2%}" if e.get("val_top1_agreement") is not None else "-"
-            t.add_row(str(e["epoch"]), f"{e['lr']:.2e}", f"{e['train_loss']:.4f}", f"{e['val_rel_l2']:.4f}", f"{agree}{mark}")
+            cos = f"{e['val_mean_cosine']:.4f}" if e.get("val_mean_cosine") is not None else "-"
+            t.add_row(*head, f"{e['val_rel_l2']:.4f}", agree, f"{cos}{mark}")
     con.print(t)
-    kept = " (the starting weights were kept)" if h["best_epoch"] == 0 else ""
+    kept = " (the starting weights were kept)" if not best_step else ""
     if labeled:
-        con.print(f"start val top-1 {h['initial_val_top1']:.2%}; best val top-1 {h['best_val_top1']:.2%} at epoch "
-                  f"{h['best_epoch']}{kept}")
+        con.print(f"start val top-1 {h['initial_val_top1']:.2%}; best val top-1 {h['best_val_top1']:.2%} at step "
+                  f"{best_step} (epoch {h['best_epoch']}){kept}")
     else:
-        con.print(f"start val rel_l2 {h['initial_val_rel_l2']:.4f}; chosen (closest to the teacher on val: top-1 agreement "
-                  f"for class scores, rel_l2 otherwise) at epoch {h['best_epoch']}{kept}: rel_l2 {h['best_val_rel_l2']:.4f}")
+        kinds = h.get("output_kinds") or {}
+        figs = "; ".join(_fig_text(name, f, f.get("kind")) for name, f in zip(kinds, h.get("best_val") or []))
+        con.print(f"start val rel_l2 {h['initial_val_rel_l2']:.4f}; selected step {best_step} of {h.get('steps')} "
+                  f"(closest to the teacher on val, each output by its kind){kept}: {figs or h['best_val_rel_l2']}")
     sp = h.get("sparsity")
     if sp and sp.get("masked_tensors"):
         con.print(f"sparsity kept: {sp['pruned_weights']} pruned weights in {sp['masked_tensors']} tensors, "
@@ -190,5 +214,16 @@ def _print(h: dict) -> None:
         top5 = f", top-5 {h['test']['top5']:.2%}" if h["test"].get("top5") is not None else ""
         con.print(f"[bold]test top-1 {h['test']['top1']:.2%}{top5}[/bold] ({h['test']['samples']} samples, ONNX Runtime)")
     for name, f in (h.get("test_fidelity") or {}).items():
-        agree = f", top-1 agreement {f['top1_agreement']:.2%}" if "top1_agreement" in f else ""
-        con.print(f"test fidelity {name}: rel_l2 {f['rel_l2']:.4f}, cosine {f['cosine']:.5f}{agree} (vs teacher, ONNX Runtime)")
+        con.print(f"test fidelity {_fig_text(name, f, (h.get('output_kinds') or {}).get(name))} (vs teacher, ONNX Runtime)")
+
+
+def _fig_text(name: str, f: dict, kind: str | None) -> str:
+    """One output's figures, in its kind's units (agreement and cosine never mixed with rel_l2)."""
+    parts = [f"rel_l2 {f['rel_l2']:.4f}"]
+    if "top1_agreement" in f:
+        parts.append(f"top-1 agreement {f['top1_agreement']:.2%}")
+    if "mean_cosine" in f:
+        parts.append(f"mean cosine {f['mean_cosine']:.4f}")
+    if "nn_agreement" in f:
+        parts.append(f"nearest-neighbour agreement {f['nn_agreement']:.2%}")
+    return f"{name}{f' ({kind})' if kind else ''}: " + ", ".join(parts)

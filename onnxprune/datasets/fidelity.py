@@ -66,9 +66,13 @@ def top1_agreement(ref: np.ndarray, out: np.ndarray) -> float | None:
     return float(np.mean(np.argmax(r, axis=1) == np.argmax(o, axis=1)))
 
 
-def why_no_top1_agreement(ref: np.ndarray, out: np.ndarray, scores: bool = True) -> str | None:
+def why_no_top1_agreement(ref: np.ndarray, out: np.ndarray, scores: bool = True, kind: str | None = None) -> str | None:
     """Why :func:`output_fidelity` has no ``top1_agreement`` for this pair (None when it has one):
     a missing figure says why, so an absent number is never mistaken for one not asked for."""
+    if kind == "embedding":
+        return "an embedding: compared by mean_cosine and nn_agreement, never by top-1"
+    if kind == "value":
+        return "a value output, not class scores (declare --output-kind NAME=scores for a classifier's logits)"
     if not scores:
         return "not taken as class scores (no Softmax/LogSoftmax behind it, and the model has several outputs)"
     r, o = class_scores(ref), class_scores(out)
@@ -80,13 +84,56 @@ def why_no_top1_agreement(ref: np.ndarray, out: np.ndarray, scores: bool = True)
     return None
 
 
-def output_fidelity(ref: np.ndarray, out: np.ndarray, scores: bool = True) -> dict[str, float]:
+def mean_cosine(ref: np.ndarray, out: np.ndarray) -> float:
+    """Per-sample cosine along the last axis (one embedding per row), averaged."""
+    ref, out = _pair(ref, out)
+    a, b = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    dot = np.einsum("ij,ij->i", a, b)
+    cos = np.where((na > 0) & (nb > 0), dot / np.maximum(na * nb, 1e-300), (na == nb).astype(np.float64))
+    return float(cos.mean()) if len(cos) else 1.0
+
+
+def nn_agreement(ref: np.ndarray, out: np.ndarray, limit: int = 4096) -> float | None:
+    """Share of samples whose nearest neighbour (by cosine, among the other samples, at most
+    ``limit`` of them) is the same sample under both embeddings: whether retrieval still finds the
+    same thing. None with fewer than 3 samples."""
+    ref, out = _pair(ref, out)
+    n = min(len(ref), limit)
+    if n < 3:
+        return None
+
+    def nearest(e: np.ndarray) -> np.ndarray:
+        e = e[:n].reshape(n, -1)
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-300)
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(1)
+
+    return float(np.mean(nearest(ref) == nearest(out)))
+
+
+def output_fidelity(ref: np.ndarray, out: np.ndarray, scores: bool = True, kind: str | None = None) -> dict[str, Any]:
     """``rel_l2``, ``cosine``, ``max_abs_diff`` and, when ``scores`` and the arrays are N x classes,
-    ``top1_agreement``."""
-    res = {"rel_l2": rel_l2(ref, out), "cosine": cosine(ref, out), "max_abs_diff": max_abs_diff(ref, out)}
-    agree = top1_agreement(ref, out) if scores else None
-    if agree is not None:
-        res["top1_agreement"] = agree
+    ``top1_agreement``. With ``kind`` (:mod:`~onnxprune.datasets.output_kind`) the figures follow it
+    instead: ``top1_agreement`` (arg-max over axis 1) for scores/probs, ``mean_cosine`` and
+    ``nn_agreement`` for an embedding (never a top-1), nothing more for a value."""
+    res: dict[str, Any] = {"rel_l2": rel_l2(ref, out), "cosine": cosine(ref, out), "max_abs_diff": max_abs_diff(ref, out)}
+    if kind is None:
+        agree = top1_agreement(ref, out) if scores else None
+        if agree is not None:
+            res["top1_agreement"] = agree
+        return res
+    r, o = np.asarray(ref), np.asarray(out)
+    if kind in ("scores", "probs"):
+        agree = top1_agreement(r, o)  # None unless N x classes (trailing 1-dims squeezed): see why_no_top1_agreement
+        if agree is not None:
+            res["top1_agreement"] = agree
+    elif kind == "embedding" and r.ndim >= 1 and r.size:
+        res["mean_cosine"] = mean_cosine(r, o)
+        nn = nn_agreement(r, o)
+        if nn is not None:
+            res["nn_agreement"] = nn
     return res
 
 
@@ -165,26 +212,31 @@ def run_onnx(model: "str | os.PathLike | onnx.ModelProto | Any", inputs: Mapping
 
 
 def evaluate_fidelity(model: "str | os.PathLike | onnx.ModelProto", reference: "str | os.PathLike | onnx.ModelProto",
-                      inputs: Mapping[str, np.ndarray],
-                      batch_size: int = 256) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                      inputs: Mapping[str, np.ndarray], batch_size: int = 256, *, labeled: bool = False,
+                      output_kinds: Mapping[str, str] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Both models on the same inputs; per graph output :func:`output_fidelity` of ``model``
-    against ``reference`` (``top1_agreement`` for :func:`class_score_outputs` of the reference). Returns ``{"outputs": {name: {...}}, "samples": N}`` and the model's
-    outputs (for a user metric) as a second value. ``"missing"`` (when any) names each output without
-    ``top1_agreement`` and why (:func:`why_no_top1_agreement`)."""
+    against ``reference``, by the output's kind (:func:`~onnxprune.datasets.output_kind.infer_output_kinds`
+    on the reference: ``labeled`` data make the first output a classifier's scores; ``output_kinds``
+    declares kinds by name). Returns ``{"outputs": {name: {...}}, "output_kinds": {name: kind}, "samples": N}``
+    and the model's outputs (for a user metric) as a second value. ``"missing"`` (when any) names each
+    output without ``top1_agreement`` and why (:func:`why_no_top1_agreement`)."""
     sm, sr = session(model), session(reference)
     mo, ro = [o.name for o in sm.get_outputs()], [o.name for o in sr.get_outputs()]
     if mo != ro:
         raise OnnxPruneError(f"the model's outputs {mo} are not the reference's {ro}: fidelity compares outputs by name")
     outs, refs = run_onnx(sm, inputs, batch_size), run_onnx(sr, inputs, batch_size)
-    classes = class_score_outputs(reference)
+    from .output_kind import infer_output_kinds
+
+    kinds = infer_output_kinds(reference if isinstance(reference, onnx.ModelProto) else str(reference),
+                               labeled=labeled, declared=output_kinds)
     per, missing = {}, {}
     for k in mo:
         if outs[k].shape != refs[k].shape:
             raise OnnxPruneError(f"output {k!r} has shape {list(outs[k].shape)}, the reference's is {list(refs[k].shape)}")
-        per[k] = output_fidelity(refs[k], outs[k], k in classes)
+        per[k] = output_fidelity(refs[k], outs[k], kind=kinds[k])
         if "top1_agreement" not in per[k]:
-            missing[k] = why_no_top1_agreement(refs[k], outs[k], k in classes)
-    res = {"outputs": per, "samples": int(len(next(iter(inputs.values()))))}
+            missing[k] = why_no_top1_agreement(refs[k], outs[k], kind=kinds[k])
+    res = {"outputs": per, "output_kinds": kinds, "samples": int(len(next(iter(inputs.values()))))}
     if missing:
         res["missing"] = missing
     return res, outs
@@ -221,13 +273,16 @@ def call_metric(spec: str, outputs: Mapping[str, np.ndarray], labels: np.ndarray
 
 def evaluate_outputs(model: "str | os.PathLike | onnx.ModelProto", data: Any, split: str = "test",
                      batch_size: int = 256, *, reference: "str | os.PathLike | onnx.ModelProto | None" = None,
-                     metric: str | None = None, seed: int = 0) -> dict[str, Any]:
+                     metric: str | None = None, seed: int = 0,
+                     output_kinds: Mapping[str, str] | None = None) -> dict[str, Any]:
     """``onnxprune eval`` with ``--reference`` and/or ``--metric``, labeled data or not.
 
     Returns ``{"split", "samples"}`` plus ``top1``/``top5`` (labeled data, one-input classifiers),
     ``fidelity`` (per graph output :func:`output_fidelity` against ``reference``) and
-    ``mean_rel_l2``, and ``metric`` (the user's ``fn(outputs, labels or None)``). ``missing`` (when
-    any) says why a figure is absent: ``{"top1": reason, "fidelity.OUTPUT.top1_agreement": reason}``.
+    ``mean_rel_l2``, and ``metric`` (the user's ``fn(outputs, labels or None)``). Fidelity figures
+    follow each output's kind (``output_kinds``: declared ``{name: kind}``; the rest inferred).
+    ``missing`` (when any) says why a figure is absent: ``{"top1": reason,
+    "fidelity.OUTPUT.top1_agreement": reason}``.
     """
     from .core import load_dataset
     from .evaluate import evaluate_onnx
@@ -257,9 +312,9 @@ def evaluate_outputs(model: "str | os.PathLike | onnx.ModelProto", data: Any, sp
             missing["top1"] = str(exc)
     outs = None
     if reference is not None:
-        fid, outs = evaluate_fidelity(model, reference, x, batch_size)
+        fid, outs = evaluate_fidelity(model, reference, x, batch_size, labeled=data.labeled, output_kinds=output_kinds)
         res.update(reference=str(reference) if not isinstance(reference, onnx.ModelProto) else "(model)",
-                   fidelity=fid["outputs"], mean_rel_l2=mean_rel_l2(fid["outputs"]))
+                   fidelity=fid["outputs"], output_kinds=fid["output_kinds"], mean_rel_l2=mean_rel_l2(fid["outputs"]))
         missing.update({f"fidelity.{k}.top1_agreement": why for k, why in fid.get("missing", {}).items()})
     if missing:
         res["missing"] = missing

@@ -11,6 +11,8 @@ SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("cpu", "cuda", "auto")
 OBJECTIVES = ("auto", "labels", "distill", "both")
+#: with function matching, an epoch is at least this many steps (of augmented views)
+FM_STEPS_PER_EPOCH = 200
 
 
 @dataclass
@@ -35,6 +37,14 @@ class TrainConfig:
     ``auto`` picks both with labels and a teacher, labels without a teacher, distill without labels.
     ``distill_features`` also matches intermediate features at the pruned layers (those whose
     outputs keep the dense model's shape).
+
+    Function matching (objective ``distill``, :mod:`onnxprune.training.augment`): ``augment``
+    (``auto``, ``none`` or a list such as ``crop,jitter,mixup``) augments every batch, and teacher and
+    student see the same augmented batch. With it an epoch is at least
+    :data:`FM_STEPS_PER_EPOCH` steps (augmented views of the data, however few samples there are),
+    the learning rate warms up over the first 5 % of the run unless ``warmup_epochs`` is set, and
+    the held-out split (never augmented) picks the checkpoint. ``steps`` > 0 sizes any run in
+    optimizer steps instead of epochs (0: by ``epochs``).
     """
 
     epochs: int = 10
@@ -58,6 +68,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     objective: str = "auto"
     distill_features: bool = False
+    steps: int = 0
+    augment: str = "auto"
 
     def __post_init__(self) -> None:
         self.step_milestones = tuple(float(m) for m in self.step_milestones)
@@ -69,6 +81,13 @@ class TrainConfig:
 
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             bad(f"epochs must be a non-negative integer, got {self.epochs!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            bad(f"steps must be a non-negative integer (0: size the run by epochs), got {self.steps!r}")
+        from .augment import OPS
+        aug = str(self.augment).strip().lower()
+        if not isinstance(self.augment, str) or (aug not in ("auto", "none") and (
+                not aug or any(o.strip() not in OPS for o in aug.split(",")))):
+            bad(f"augment must be auto, none or a comma-separated list of {', '.join(OPS)}, got {self.augment!r}")
         for name in ("lr", "momentum", "weight_decay", "label_smoothing", "distill_alpha", "distill_temperature",
                      "warmup_epochs", "step_gamma", "grad_clip"):
             v = getattr(self, name)

@@ -151,25 +151,30 @@ def evaluate_module(module, data: DatasetSplits, split: str = "val", batch_size:
 
 def fidelity_module(module, teacher, data: DatasetSplits, split: str = "val", batch_size: int = 256, *,
                     device: str = "cpu", n_outputs: int | None = None,
-                    classes: "Sequence[int] | None" = None) -> dict[str, Any]:
+                    classes: "Sequence[int] | None" = None, kinds: "Sequence[str] | None" = None,
+                    probs: Sequence[int] = ()) -> dict[str, Any]:
     """How closely ``module`` follows ``teacher`` on a split (no labels needed), streaming.
 
-    Per graph output: ``||s - t|| / ||t||`` over the whole split; for class-score outputs also the
-    share of samples with the teacher's arg-max class. ``error`` (what checkpoints minimise without
-    labels) averages ``1 - top1_agreement`` for class scores (output indices ``classes``; None: any
-    N x C output) (KL distillation matches the softmax,
-    not the logits' offset and scale) and ``rel_l2`` for every other output; ``rel_l2`` is the mean
-    relative L2 error over all outputs."""
+    Per graph output, by its kind (``kinds``; None: :func:`~onnxprune.training.distill.legacy_kinds`
+    from ``probs``/``classes``): ``rel_l2`` (``||s - t|| / ||t||`` over the split) always;
+    ``top1_agreement`` (arg-max over axis 1) for scores/probs; ``mean_cosine`` and ``nn_agreement``
+    for embeddings. ``errors`` holds each output's error in its own unit (``1 - top1_agreement``,
+    ``1 - mean_cosine``, ``rel_l2``): they are never averaged with each other (see :func:`selection_score`).
+    ``rel_l2`` is the mean relative L2 error over all outputs (one unit)."""
     import torch
 
-    from .distill import is_class_scores
+    from ..datasets.fidelity import nn_agreement
+    from .distill import legacy_kinds
 
     part = data.split(split)
     was_training = module.training
     module.eval()
     num: list[float] = []
     den: list[float] = []
-    agree: list[int | None] = []
+    agree: list[int] = []
+    cos: list[float] = []
+    rows: list[int] = []
+    emb: dict[int, tuple[list, list]] = {}
     n = 0
     with torch.no_grad():
         for x, _ in part.batches(batch_size):
@@ -177,22 +182,93 @@ def fidelity_module(module, teacher, data: DatasetSplits, split: str = "val", ba
             so, to = outputs_of(module(*xs)), outputs_of(teacher(*xs))
             so, to = so[:n_outputs or len(so)], to[:n_outputs or len(to)]
             if not num:
-                num, den = [0.0] * len(so), [0.0] * len(so)
-                agree = [0 if is_class_scores(t) and (classes is None or i in classes) else None
-                         for i, t in enumerate(to)]
+                num, den, agree, cos, rows = ([0.0] * len(so), [0.0] * len(so), [0] * len(so), [0.0] * len(so),
+                                              [0] * len(so))
+                kinds = list(kinds) if kinds is not None else legacy_kinds(to, probs, classes)
+                emb = {i: ([], []) for i, k in enumerate(kinds) if k == "embedding"}
             for i, (a, b) in enumerate(zip(so, to)):
-                num[i] += float(((a.double() - b.double()) ** 2).sum())
-                den[i] += float((b.double() ** 2).sum())
-                if agree[i] is not None:
-                    agree[i] += int((a.reshape(len(a), -1).argmax(1) == b.reshape(len(b), -1).argmax(1)).sum())
+                a64, b64 = a.double(), b.double()
+                num[i] += float(((a64 - b64) ** 2).sum())
+                den[i] += float((b64 ** 2).sum())
+                if kinds[i] in ("scores", "probs") and a.dim() >= 2:
+                    agree[i] += int((a.argmax(1) == b.argmax(1)).sum())
+                    rows[i] += a.numel() // a.shape[1]
+                elif kinds[i] == "embedding":
+                    fa, fb = a64.reshape(-1, a.shape[-1]), b64.reshape(-1, b.shape[-1])
+                    cos[i] += float(torch.nn.functional.cosine_similarity(fa, fb, dim=1, eps=1e-12).sum())
+                    rows[i] += len(fa)
+                    if sum(len(e) for e in emb[i][0]) < 4096:
+                        emb[i][0].append(b64.reshape(len(b), -1).cpu().numpy())
+                        emb[i][1].append(a64.reshape(len(a), -1).cpu().numpy())
             n += len(xs[0])
     module.train(was_training)
     rel = [(a ** 0.5) / (b ** 0.5) if b > 0 else (0.0 if a == 0 else math.inf) for a, b in zip(num, den)]
-    agreement = [None if c is None else c / max(n, 1) for c in agree]
-    err = [r if g is None else 1.0 - g for r, g in zip(rel, agreement)]
-    scored = [g for g in agreement if g is not None]
-    return {"rel_l2": float(np.mean(rel)) if rel else 0.0, "error": float(np.mean(err)) if err else 0.0,
-            "top1_agreement": float(np.mean(scored)) if scored else None, "per_output_rel_l2": rel, "samples": n}
+    per: list[dict[str, Any]] = []
+    for i, k in enumerate(kinds if num else []):
+        d: dict[str, Any] = {"kind": k, "rel_l2": rel[i]}
+        if k in ("scores", "probs") and rows[i]:
+            d["top1_agreement"] = agree[i] / rows[i]
+            d["error"] = 1.0 - d["top1_agreement"]
+        elif k == "embedding" and rows[i]:
+            d["mean_cosine"] = cos[i] / rows[i]
+            d["error"] = 1.0 - d["mean_cosine"]
+            nn = nn_agreement(np.concatenate(emb[i][0]), np.concatenate(emb[i][1]))
+            if nn is not None:
+                d["nn_agreement"] = nn
+        else:
+            d["error"] = rel[i]
+        per.append(d)
+    scored = [d["top1_agreement"] for d in per if "top1_agreement" in d]
+    cosines = [d["mean_cosine"] for d in per if "mean_cosine" in d]
+    return {"rel_l2": float(np.mean(rel)) if rel else 0.0, "errors": [d["error"] for d in per],
+            "top1_agreement": float(np.mean(scored)) if scored else None,
+            "mean_cosine": float(np.mean(cosines)) if cosines else None,
+            "per_output_rel_l2": rel, "per_output": per, "samples": n}
+
+
+def selection_score(errors: Sequence[float], initial: Sequence[float]) -> float:
+    """One unit-free number to pick a checkpoint by over outputs of different kinds: each output's
+    error as a fraction of its error at the start (+1e-3 so a perfect start is no division by 0),
+    averaged. An agreement is never averaged with a relative error, only with its own improvement."""
+    if not errors:
+        return 0.0
+    return float(np.mean([(e + 1e-3) / (e0 + 1e-3) for e, e0 in zip(errors, initial)]))
+
+
+def teacher_channel_scales(teacher, data: DatasetSplits, kinds: Sequence[str], *, batch_size: int = 256,
+                           device: str = "cpu", max_batches: int = 32) -> list:
+    """Per output of kind ``value``: the teacher's standard deviation per channel (axis 1) on the
+    training data (float64, centred: Chan's parallel update), at most ``max_batches`` batches;
+    None for other kinds. The distillation loss divides each channel by it."""
+    import torch
+
+    need = [i for i, k in enumerate(kinds) if k == "value"]
+    if not need:
+        return [None] * len(kinds)
+    stats: dict[int, tuple] = {}
+    with torch.no_grad():
+        for b, (x, _) in enumerate(data.split("train").batches(batch_size)):
+            if b >= max_batches:
+                break
+            to = outputs_of(teacher(*as_tensors(x, device)))
+            for i in need:
+                if i >= len(to) or not to[i].is_floating_point():
+                    continue
+                t = to[i].double()
+                flat = t.reshape(-1, 1) if t.dim() < 2 else t.movedim(1, -1).reshape(-1, t.shape[1])
+                cnt, mean = flat.shape[0], flat.mean(0)
+                m2 = ((flat - mean) ** 2).sum(0)
+                if i in stats:
+                    c0, mu0, s0 = stats[i]
+                    tot = c0 + cnt
+                    delta = mean - mu0
+                    stats[i] = (tot, mu0 + delta * cnt / tot, s0 + m2 + delta ** 2 * c0 * cnt / tot)
+                else:
+                    stats[i] = (cnt, mean, m2)
+    out: list = [None] * len(kinds)
+    for i, (cnt, _, m2) in stats.items():
+        out[i] = torch.sqrt(m2 / max(cnt - 1, 1))
+    return out
 
 
 def _scores(logits, output_is_prob: bool):
@@ -254,26 +330,32 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
                  after_step: Callable[[], None] | None = None, progress: bool = True,
                  output_is_prob: bool = False, dist: DistContext | None = None,
                  description: str = "retrain", prob_outputs: Sequence[int] = (),
-                 n_outputs: int | None = None, class_outputs: Sequence[int] | None = None) -> dict[str, Any]:
+                 n_outputs: int | None = None, class_outputs: Sequence[int] | None = None,
+                 output_kinds: Sequence[str] | None = None) -> dict[str, Any]:
     """Train ``module`` in place with ``config``; load the best-on-validation weights; return the history.
 
     ``teacher``: a module distilled into ``module`` (``config.objective``, ``config.distill_alpha``):
-    every graph output is matched (:func:`~onnxprune.training.distill.outputs_distill_loss`); outputs
-    past ``n_outputs`` are intermediate features (``--distill-features``), matched by smooth-L1.
-    ``prob_outputs``: indices of outputs that are probabilities (``output_is_prob`` means output 0);
-    ``class_outputs``: indices of class-score outputs (KL; None: every N x C output), the rest are
-    matched by value.
+    every graph output is matched by its kind (``output_kinds``, one per graph output:
+    :func:`~onnxprune.training.distill.kind_loss`; None: ``prob_outputs`` are probabilities,
+    ``class_outputs`` (None: every N x C output) class scores, the rest values); outputs past
+    ``n_outputs`` are intermediate features (``--distill-features``), matched as values. Values are
+    divided per channel by the teacher's std on the training data.
+    ``output_is_prob`` means output 0 is probabilities.
+    Function matching: with objective ``distill`` and ``config.augment`` not ``none``, every batch is
+    augmented (:mod:`onnxprune.training.augment`) and teacher and student both see it; the run is
+    sized in steps (see :class:`~onnxprune.training.config.TrainConfig`).
     ``after_step``: called after every optimizer step (e.g. re-applying pruning masks).
     ``dist``: the data-parallel context (default: from ``torch.distributed`` if initialised).
-    Checkpoints: best validation top-1 with labels; without, the closest to the teacher on
-    validation (:func:`fidelity_module`'s ``error``: top-1 agreement for class scores, ``rel_l2``
-    for other outputs).
+    Checkpoints: best validation top-1 with labels; without, the closest to the teacher on the
+    validation split, never augmented (:func:`selection_score` over :func:`fidelity_module`'s
+    per-output errors). ``best_step`` and ``best_val`` say which step was kept and its figures.
     """
     import torch
     import torch.nn.functional as F
 
-    from .config import resolve_objective
-    from .distill import outputs_distill_loss, regression_distill_loss
+    from .augment import BatchAugment, input_signature
+    from .config import FM_STEPS_PER_EPOCH, resolve_objective
+    from .distill import legacy_kinds, outputs_distill_loss, shape_scale
 
     config = config or TrainConfig()
     data = load_dataset(data)
@@ -285,6 +367,12 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
     device = resolve_device(config.device)
     if device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    first_x = next(iter(data.split("train").batches(2)), (None, None))[0]
+    signature = input_signature(list(first_x.values()) if isinstance(first_x, Mapping) else [first_x]) \
+        if first_x is not None else []
+    aug_ops = _augment_ops(config.augment, objective, signature)
+    fm = objective == "distill" and bool(aug_ops)
+    augment = BatchAugment(aug_ops, seed=config.seed)
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.manual_seed(config.seed)
@@ -304,34 +392,72 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
         trainable = [p for p in module.parameters() if p.requires_grad]
         n_batches = _n_train_batches(data, config, dist)
         by_labels = data.labeled
+        # the run, in optimizer steps: an epoch is a pass over the data, or with function matching at
+        # least FM_STEPS_PER_EPOCH steps of augmented views; --steps sizes it directly
+        per_epoch = max(n_batches, FM_STEPS_PER_EPOCH) if fm and n_batches else n_batches
+        total = config.steps if config.steps > 0 else (config.epochs * per_epoch if per_epoch else 0)
+        eval_every = per_epoch if config.steps == 0 else max(1, math.ceil(total / 20))
+        unit = per_epoch or 1
+        total_epochs = total / unit if total else float(config.epochs)
+        warmup = config.warmup_epochs if config.warmup_epochs > 0 else (0.05 * total_epochs if fm else 0.0)
+
+        kinds: list[str] | None = None
+        scales: list | None = None
 
         def validate() -> dict[str, Any]:
             if by_labels:
                 return evaluate_module(module, data, "val", batch_size=config.eval_batch_size, device=device,
                                        output_is_prob=output_is_prob)
             return fidelity_module(module, teacher, data, "val", config.eval_batch_size, device=device,
-                                   n_outputs=n_outputs, classes=class_outputs)
+                                   n_outputs=n_outputs, classes=class_outputs, probs=tuple(probs),
+                                   kinds=None if output_kinds is None else list(output_kinds)[:n_outputs or None])
+
+        initial = validate()
 
         def better(v: dict, best: dict) -> bool:
             if by_labels:
                 return v["top1"] > best["top1"] or (v["top1"] == best["top1"] and v["loss"] < best["loss"])
-            return (v["error"], v["rel_l2"]) < (best["error"], best["rel_l2"])
+            return ((selection_score(v["errors"], initial["errors"]), v["rel_l2"])
+                    < (selection_score(best["errors"], initial["errors"]), best["rel_l2"]))
 
-        initial = validate()
-        best, best_epoch = initial, 0
+        best, best_step = initial, 0
         best_state = _snapshot(module)
         epochs: list[dict[str, Any]] = []
-        bar = _Progress(progress and dist.is_main, config.epochs * max(n_batches, 1), description)
+        bar = _Progress(progress and dist.is_main, total or config.epochs * max(n_batches, 1), description)
         bar.info(_val_text(initial))
+        step, loss_sum, seen, correct, lr = 0, 0.0, 0, 0, config.lr
+
+        def record(epoch_mark: float) -> None:
+            nonlocal best, best_step, best_state, loss_sum, seen, correct
+            val = validate()
+            entry = {"epoch": round(epoch_mark, 3) if epoch_mark % 1 else int(epoch_mark), "step": step, "lr": lr,
+                     "train_loss": loss_sum / max(seen, 1)}
+            if by_labels:
+                entry.update(train_top1=correct / max(seen, 1) if objective != "distill" else None,
+                             val_loss=val["loss"], val_top1=val["top1"])
+            else:
+                entry.update(val_rel_l2=val["rel_l2"], val_top1_agreement=val["top1_agreement"],
+                             val_mean_cosine=val["mean_cosine"])
+            epochs.append(entry)
+            if better(val, best):
+                best, best_step = val, step
+                best_state = _snapshot(module)
+            bar.info(f"step {step}/{total or '?'} loss {entry['train_loss']:.4f} {_val_text(val)} "
+                     f"(best {_val_text(best)} @ step {best_step})")
+            loss_sum, seen, correct = 0.0, 0, 0
+
         try:
-            for epoch in range(config.epochs):
+            for epoch in range(10 ** 9):
+                if (total and step >= total) or (not total and epoch >= config.epochs):
+                    break
                 module.train()
-                loss_sum, seen, correct, lr = 0.0, 0, 0, config.lr
-                for i, (x, y) in enumerate(_train_batches(data, config, epoch, dist)):
-                    lr = lr_at(config, epoch + i / max(n_batches, 1))
+                for x, y in _train_batches(data, config, epoch, dist):
+                    if total and step >= total:
+                        break
+                    lr = lr_at(config, step / unit, total_epochs, warmup)
                     for g in opt.param_groups:
                         g["lr"] = lr
-                    xs = as_tensors(x, device)
+                    xs = augment(as_tensors(x, device))
                     s_outs = outputs_of(train_model(*xs))
                     k = n_outputs or len(s_outs)
                     loss = None
@@ -343,15 +469,23 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
                     if objective in ("distill", "both"):
                         with torch.no_grad():
                             t_outs = outputs_of(teacher(*xs))
-                        kd = outputs_distill_loss(s_outs[:k], t_outs[:k], temperature=config.distill_temperature,
-                                                  probs=probs, classes=class_outputs)
+                        if kinds is None:
+                            head = (list(output_kinds)[:k] if output_kinds is not None
+                                    else legacy_kinds(t_outs[:k], probs, class_outputs))
+                            kinds = head + ["value"] * (len(t_outs) - k)
+                            raw = teacher_channel_scales(teacher, data, kinds, batch_size=config.eval_batch_size,
+                                                         device=device)
+                            scales = [None if r is None else shape_scale(r, t) for r, t in zip(raw, t_outs)]
+                        loss_kd = outputs_distill_loss(s_outs[:k], t_outs[:k], temperature=config.distill_temperature,
+                                                       kinds=kinds[:k], scales=scales[:k])
                         if len(s_outs) > k:
-                            kd = kd + torch.stack([regression_distill_loss(a, b)
-                                                   for a, b in zip(s_outs[k:], t_outs[k:])]).mean()
-                        loss = kd if loss is None else (1.0 - config.distill_alpha) * loss + config.distill_alpha * kd
+                            loss_kd = loss_kd + outputs_distill_loss(s_outs[k:], t_outs[k:], kinds=kinds[k:],
+                                                                     scales=scales[k:])
+                        loss = loss_kd if loss is None else ((1.0 - config.distill_alpha) * loss
+                                                             + config.distill_alpha * loss_kd)
                     if not torch.isfinite(loss):
-                        raise OnnxPruneError(f"training diverged (loss {float(loss.detach())}) at epoch {epoch + 1}, "
-                                             f"batch {i + 1}; lower the learning rate (now {config.lr:g})")
+                        raise OnnxPruneError(f"training diverged (loss {float(loss.detach())}) at step {step + 1} "
+                                             f"(epoch {epoch + 1}); lower the learning rate (now {config.lr:g})")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if config.grad_clip > 0:
@@ -362,20 +496,13 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
                     nb = len(xs[0])
                     loss_sum += float(loss.detach()) * nb
                     seen += nb
-                    bar.advance(f"epoch {epoch + 1}/{config.epochs} loss {loss_sum / seen:.4f}")
-                val = validate()
-                entry = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1)}
-                if by_labels:
-                    entry.update(train_top1=correct / max(seen, 1) if objective != "distill" else None,
-                                 val_loss=val["loss"], val_top1=val["top1"])
-                else:
-                    entry.update(val_rel_l2=val["rel_l2"], val_top1_agreement=val["top1_agreement"])
-                epochs.append(entry)
-                if better(val, best):
-                    best, best_epoch = val, epoch + 1
-                    best_state = _snapshot(module)
-                bar.info(f"epoch {epoch + 1}/{config.epochs} loss {entry['train_loss']:.4f} "
-                         f"{_val_text(val)} (best {_val_text(best)} @ {best_epoch})")
+                    step += 1
+                    bar.advance(f"step {step}/{total or '?'} loss {loss_sum / max(seen, 1):.4f}")
+                    if total and (step % eval_every == 0 or step == total):
+                        record(step / unit)
+                        module.train()
+                if not total:  # a loader of unknown length: one evaluation per pass
+                    record(epoch + 1)
         finally:
             bar.close()
         module.load_state_dict(best_state)
@@ -384,22 +511,43 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
         module.eval()
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+    best_epoch = next((e["epoch"] for e in epochs if e["step"] == best_step), 0) if best_step else 0
     out = {"config": config.to_dict(), "objective": objective, "selection": "val_top1" if by_labels else "val_fidelity",
            "device": device, "world_size": dist.world_size, "epochs": epochs, "best_epoch": best_epoch,
+           "best_step": best_step, "steps": step, "steps_per_epoch": per_epoch, "warmup_epochs": warmup,
+           "function_matching": fm, "augment": list(aug_ops),
            "train_batches_per_epoch": n_batches, "seconds": round(time.perf_counter() - t0, 3)}
     if by_labels:
         out.update(initial_val_top1=initial["top1"], initial_val_loss=initial["loss"], best_val_top1=best["top1"])
     else:
         out.update(initial_val_rel_l2=initial["rel_l2"], best_val_rel_l2=best["rel_l2"],
-                   initial_val_top1_agreement=initial["top1_agreement"], best_val_top1_agreement=best["top1_agreement"])
+                   initial_val_top1_agreement=initial["top1_agreement"], best_val_top1_agreement=best["top1_agreement"],
+                   initial_val=initial["per_output"], best_val=best["per_output"])
     return out
+
+
+def _augment_ops(spec: str, objective: str, signature: list) -> tuple[str, ...]:
+    """Function matching's ops for label-free distillation; with labels ``auto`` means none (a
+    mixed sample has no one label) and an explicit list may not mix."""
+    from .augment import resolve_augment
+
+    if objective == "distill":
+        return resolve_augment(spec, signature)
+    if spec.strip().lower() in ("auto", "none"):
+        return ()
+    ops = resolve_augment(spec, signature)
+    if "mixup" in ops:
+        raise OnnxPruneError(f"--augment {spec}: mixup blends samples, and a blended sample has no one label; it goes "
+                             "with label-free distillation (objective distill) only")
+    return ops
 
 
 def _val_text(v: dict) -> str:
     if "top1" in v:
         return f"val {v['top1']:.2%}"
     agree = f" agreement {v['top1_agreement']:.2%}" if v.get("top1_agreement") is not None else ""
-    return f"val rel_l2 {v['rel_l2']:.4f}{agree}"
+    cos = f" cosine {v['mean_cosine']:.4f}" if v.get("mean_cosine") is not None else ""
+    return f"val rel_l2 {v['rel_l2']:.4f}{agree}{cos}"
 
 
 def _snapshot(module) -> dict:

@@ -102,7 +102,8 @@ def resolve_masks(model: onnx.ModelProto, masks: Mapping[str, np.ndarray] | None
 def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: TrainConfig | None = None,
              teacher: "Source | None" = None, masks: Mapping[str, np.ndarray] | None = None, progress: bool = True,
              *, keep_sparsity: bool = True, check: bool = True, evaluate_test: bool = True,
-             dist: DistContext | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+             dist: DistContext | None = None,
+             output_kinds: Mapping[str, str] | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Retrain ``model`` on ``data`` with ``config``; return the retrained ModelProto and its history.
 
     ``teacher``: a dense ONNX model distilled into the student (``config.objective``,
@@ -113,6 +114,9 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
     or ``val_rel_l2`` (no labels), ``best_epoch``, ``sparsity`` (masks and whether the zeros survived
     exactly), ``test`` (top-1 with ONNX Runtime, once, with labels) and, with a teacher,
     ``test_fidelity`` (per graph output against the teacher, ONNX Runtime).
+    ``output_kinds``: ``{output name: scores|probs|embedding|value}`` declared (``--output-kind``);
+    the rest are inferred from the graph (:func:`~onnxprune.datasets.output_kind.infer_output_kinds`)
+    and decide each output's loss and figures (history ``output_kinds``).
     """
     t0 = time.perf_counter()
     config = config or TrainConfig()
@@ -141,6 +145,9 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
         if t_model is not None:
             check_bridge(t_model, data, "teacher")
     n_outputs = len(original.graph.output)
+    from ..datasets.output_kind import infer_output_kinds, kinds_note
+
+    kinds = infer_output_kinds(t_model if t_model is not None else original, labeled=data.labeled, declared=output_kinds)
     features: list[str] = []
     student_src, teacher_src = original, t_model
     if config.distill_features and t_model is not None:
@@ -156,17 +163,21 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
         after_step = module.enforce_masks
     t_module = torch_module(teacher_src, train_bn=False) if teacher_src is not None else None
     hist = train_module(module, data, config, teacher=t_module, after_step=after_step, progress=progress,
-                        output_is_prob=outputs_probabilities(original), prob_outputs=probability_outputs(original),
-                        dist=dist, n_outputs=n_outputs, class_outputs=class_output_indices(original))
+                        output_is_prob=outputs_probabilities(original), dist=dist, n_outputs=n_outputs,
+                        output_kinds=list(kinds.values()))
     from ..bridge import write_back
 
     trained = write_back(original, module)
     sparsity = _sparsity_report(trained, mask_arrays)
     history: dict[str, Any] = {"config": config.to_dict(), "data": data.describe(), "teacher": teacher_name, **hist,
-                               "sparsity": sparsity}
+                               "sparsity": sparsity, "output_kinds": kinds}
     if bridge_report is not None:  # the pre-training check's figures (onnxprune.bridge.check)
         history["bridge_check"] = {k: bridge_report[k] for k in ("status", "max_rel_diff", "noise_floor_rel",
                                                                   "tolerance_rel", "worst_output")}
+    if t_model is not None and hist["objective"] != "labels":
+        shapes = {o.name: tuple(d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim)
+                  for o in original.graph.output if o.type.tensor_type.HasField("shape")}
+        history["notes"] = kinds_note(kinds, output_kinds, shapes)
     if config.distill_features:
         history["distill_features"] = features
     if data.labeled and n_inputs == 1:
@@ -181,25 +192,11 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
             part = getattr(data, split)
             if (split == "test" and not evaluate_test) or part is None or part.x is None or not len(part):
                 continue
-            fid, _ = evaluate_fidelity(trained, t_model, part.x, config.eval_batch_size)
+            fid, _ = evaluate_fidelity(trained, t_model, part.x, config.eval_batch_size, output_kinds=kinds)
             history[f"{split}_fidelity"] = fid["outputs"]
             history[f"{split}_mean_rel_l2"] = mean_rel_l2(fid["outputs"])
     history["seconds"] = round(time.perf_counter() - t0, 3)
     return trained, history
-
-
-def class_output_indices(model: onnx.ModelProto) -> list[int]:
-    """Indices of the class-score outputs (:func:`onnxprune.datasets.fidelity.class_score_outputs`)."""
-    from ..datasets.fidelity import class_score_outputs
-
-    names = set(class_score_outputs(model))
-    return [i for i, o in enumerate(model.graph.output) if o.name in names]
-
-
-def probability_outputs(model: onnx.ModelProto) -> list[int]:
-    """Indices of graph outputs produced by a Softmax (probabilities: distilled through their log)."""
-    producers = {o: n.op_type for n in model.graph.node for o in n.output}
-    return [i for i, o in enumerate(model.graph.output) if producers.get(o.name) == "Softmax"]
 
 
 _LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}

@@ -35,14 +35,18 @@ def step_factor(t: float, total: float, milestones: tuple[float, ...] = (0.5, 0.
     return gamma ** k
 
 
-def lr_factor(config: TrainConfig, t: float) -> float:
-    """The schedule's multiplier of ``config.lr`` at fractional epoch ``t``."""
+def lr_factor(config: TrainConfig, t: float, total: float | None = None, warmup: float | None = None) -> float:
+    """The schedule's multiplier of ``config.lr`` at fractional epoch ``t`` of a run of ``total``
+    epochs (default ``config.epochs``; a run sized in steps passes ``steps / steps_per_epoch``) with
+    ``warmup`` epochs of linear warm-up (default ``config.warmup_epochs``)."""
+    total = config.epochs if total is None else total
+    warmup = config.warmup_epochs if warmup is None else warmup
     if config.schedule == "cosine":
-        return cosine_factor(t, config.epochs, config.warmup_epochs)
+        return cosine_factor(t, total, warmup)
     if config.schedule == "step":
-        return step_factor(t, config.epochs, config.step_milestones, config.step_gamma, config.warmup_epochs)
-    return warmup_factor(t, config.warmup_epochs)
+        return step_factor(t, total, config.step_milestones, config.step_gamma, warmup)
+    return warmup_factor(t, warmup)
 
 
-def lr_at(config: TrainConfig, t: float) -> float:
-    return config.lr * lr_factor(config, t)
+def lr_at(config: TrainConfig, t: float, total: float | None = None, warmup: float | None = None) -> float:
+    return config.lr * lr_factor(config, t, total, warmup)
