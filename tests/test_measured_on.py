@@ -309,3 +309,13 @@ def test_cache_cli_info_and_clear(tmp_path, monkeypatch):
     monkeypatch.setenv("ONNXPRUNE_CACHE_MAX_MB", "lots")
     code, out, err = run_cli("cache", "info")
     assert code == 1 and err.count("\n") == 1 and "ONNXPRUNE_CACHE_MAX_MB" in err
+
+
+def test_sensitivity_latency_says_where(model):
+    from onnxprune.pipeline.sensitivity import run_sensitivity
+    from onnxprune.recipes.schema import Sensitivity
+
+    cfg = Sensitivity(enabled=True, latency=True, ratios=[0.5], max_layers=1)
+    res = run_sensitivity(model, None, cfg, profiles=[profile_from_dict(FAST)], evaluate=lambda m: 1.0)
+    assert res["rows"] and res["rows"][0]["latency_ms"]["fast"] > 0
+    assert res["measured_on"]["fast"]["host"] == provenance.machine_facts()["host"]

@@ -169,12 +169,15 @@ def _loadavg() -> float | None:
 
 
 def _gpu_others() -> int | None:
-    """Processes other than this one (and its children) holding GPU 0, from NVML; None when NVML cannot say."""
+    """Processes other than this one holding GPU 0, from NVML; None when NVML cannot say (no NVML, or
+    its pids are not this container's)."""
     from .memory import _nvml_query
 
-    def query(nvml: Any, handle: Any) -> int:
-        procs = list(nvml.nvmlDeviceGetComputeRunningProcesses(handle))
-        return sum(1 for p in procs if p.pid != os.getpid())
+    def query(nvml: Any, handle: Any) -> int | None:
+        pids = [p.pid for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle)]
+        if os.getpid() not in pids:  # we hold the GPU, so NVML sees another pid namespace (a container)
+            return None
+        return sum(1 for pid in pids if pid != os.getpid())
     return _nvml_query(query)
 
 

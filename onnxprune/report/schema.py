@@ -18,7 +18,8 @@ Top level::
     pareto              {profile: [point ids on the accuracy-vs-latency Pareto front, dense included; latency =
                          dense p50 / speedup timed interleaved with the dense model]}
     sensitivity         null or {kind, criterion, ratios, baseline_top1, csv, rows [{group, nodes, channels,
-                         ratio, top1, drop, latency_ms {profile: p50}}], per_layer_ratios {group: ratio}}
+                         ratio, top1, drop, latency_ms {profile: p50}}], per_layer_ratios {group: ratio},
+                         measured_on {profile: measured_on record} when latency was measured}
     guidance            [statements on what will and will not get faster, e.g. unstructured on CPU]
     plots               {name: path relative to the run directory}
     notes               [str]
