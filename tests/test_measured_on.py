@@ -240,6 +240,7 @@ def test_latency_table_cache_is_per_machine(model, tmp_path, monkeypatch):
     monkeypatch.setenv("ONNXPRUNE_CACHE_DIR", str(tmp_path / "c"))
     first = _table(model)
     assert not first.cached and first.measured_on["host"] == provenance.machine_facts()["host"]
+    assert first.measured_on["threads"]["intra_op"] == 1  # from the per-node sessions the kernel times come from
     assert Path(first.path).parent == tmp_path / "c" / "latency"
     assert json.loads(Path(first.path).read_text())["measured_on"]["fingerprint"] == provenance.machine_fingerprint()
     measured = []

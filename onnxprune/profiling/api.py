@@ -13,7 +13,7 @@ and each record holds::
     latency_ms {min, mean, p50, p90, p95, p99, max, std}, runs, warmup_runs, duration_s, throughput_per_s,
     peak_rss_bytes, rss_before_load_bytes, memory_method, [peak_rss_bytes_arena_off],
     [gpu_memory_bytes, gpu_memory_method], [engine_device_memory_bytes | torch_cuda_max_allocated_bytes], latency_budget_ms, meets_latency_budget, memory_limit_mb, meets_memory_limit,
-    file_bytes, params, macs, sparsity, versions {...}, notes [...], [per_node {...}],
+    file_bytes, params, macs, sparsity, versions {...}, notes [...], [per_node {..., measured_on}],
     measured_on {host, cpu_model, cores {logical, physical, usable}, gpu, gpu_driver, onnxruntime, tensorrt,
                  [torch], backend, threads {intra_op, inter_op, source}, co_tenancy (exclusive | shared),
                  co_tenancy_basis {method, window_s, others_cores, threshold_cores, load_avg_1m, busy_processes,

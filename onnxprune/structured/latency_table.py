@@ -294,7 +294,7 @@ def _measure_chunk(path: Path, profile, tags: Mapping[str, Any], batch: int,
     if profile.backend in ORT_PROVIDER:
         rec = profile_model(path, [profile], per_node=True, memory=False, batch_sizes=[batch],
                             top_nodes=10 * len(tags) + 100)["results"][0]
-        where.append(rec.get("measured_on"))
+        where.append(rec["per_node"].get("measured_on"))  # the kernel times below come from the per-node run
         times: dict[str, float] = {}
         for entry in rec["per_node"]["top_nodes"]:  # each kernel's fastest run (a busy machine pre-empts some)
             if entry.get("model_node") in tags:
@@ -340,7 +340,7 @@ def _dense_ms(path: str | os.PathLike, profile, input_shapes, where: list | None
         where.append(rec.get("measured_on"))
         return float(rec["latency_ms"]["p50"])
     rec = profile_model(path, [profile], per_node=True, memory=False, input_shapes=input_shapes, top_nodes=1)["results"][0]
-    where.append(rec.get("measured_on"))
+    where.append(rec["per_node"].get("measured_on"))
     per_node = rec["per_node"]
     return float(per_node.get("kernel_ms_min", per_node["kernel_ms_per_run"]))
 
@@ -421,6 +421,8 @@ def latency_table(view: GraphView, analysis: Analysis, group_ids: Sequence[int],
     from ..profiling.provenance import machine_fingerprint, merge_measured_on
 
     bounded = cache is None  # the shared platform cache is size-bounded; a folder the caller names is theirs
+    if bounded:
+        diskcache.max_bytes()  # a bad ONNXPRUNE_CACHE_MAX_MB fails now, not after the measuring
     cache = cache_dir() if cache is None else Path(cache)
     file = cache / f"{profile.name}-{table_key(view, profile, group_ids)}.json"
     if file.exists():
