@@ -79,6 +79,13 @@ def test_threads_are_read_from_the_runtime(model):
     assert two["results"][0]["measured_on"]["threads"]["intra_op"] == 2
 
 
+def test_torch_threads_are_read_from_torch(model):
+    pytest.importorskip("torch", reason="the torch backends need torch: pip install 'onnxprune[train]'")
+    prof = profile_from_dict({**FAST, "name": "t", "backend": "torch-cpu", "threads": {"intra_op": 2}})
+    on = profile_model(model, [prof], memory=False)["results"][0]["measured_on"]
+    assert on["threads"]["intra_op"] == 2 and "torch" in on["threads"]["source"] and on["torch"]
+
+
 def test_compare_says_where_each_interleaved_timing_ran(model):
     res = compare_models(model, model, profile_from_dict({**FAST, "batch_sizes": [1]}))
     assert RECORD <= set(res["measured_on"])

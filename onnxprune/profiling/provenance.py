@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,8 +128,8 @@ def runner_threads(runner: Any, profile: Any) -> dict[str, Any]:
         return {"intra_op": intra or default, "inter_op": inter or 1,
                 "source": "onnxruntime session options" + (f" (0 = default: {default} physical core(s) usable here)"
                                                             if not intra else "")}
-    torch = getattr(runner, "_torch", None)
-    if torch is not None:
+    torch = sys.modules.get("torch") if str(getattr(profile, "backend", "")).startswith("torch") else None
+    if torch is not None:  # torch's thread pool is per process: what the runner set is what this reads
         return {"intra_op": int(torch.get_num_threads()), "inter_op": int(torch.get_num_interop_threads()),
                 "source": "torch.get_num_threads() during the timing"}
     if getattr(runner, "backend", None) == "tensorrt" or getattr(profile, "backend", None) == "tensorrt":
