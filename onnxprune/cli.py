@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare-runs": ("run_cmd:compare_runs_cmd", "Put two run directories side by side."),
     "quantize": ("quantize_cmd:quantize_cmd", "INT8 (QDQ) or FP16 quantization, checked against the float model."),
     "demo": ("demo_cmd:demo_cmd", "Train a small CNN on digits, prune, retrain, profile and report."),
+    "cache": ("cache_cmd:cache_cmd", "Show (info) or empty (clear) the cache of measured latency tables."),
 }
 
 

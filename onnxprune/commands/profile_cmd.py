@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..profiling.api import DEFAULT_PROFILE, compare_models, profile_model
 from ..profiling.hw_profile import load_hw_profile, with_remote
+from ..profiling.provenance import measured_on_line, merge_measured_on
 from .common import emit_json, human, input_shape_option, json_option, model_argument, remote_options
 
 _hw_help = ("Hardware profile: a shipped name (x86-server-cpu, edge-arm-4t, microserver-1t, nvidia-server-cuda, "
@@ -66,6 +67,8 @@ def profile_cmd(model: str, hw: tuple[str, ...], batch_sizes: tuple[int, ...], i
                       + (f" (emulates {r['emulates']})" if r["provenance"] == "emulated" and r["emulates"] else ""))
             if "remote" in r:
                 con.print(_device_line(r["remote"]))
+            con.print("  " + measured_on_line(merge_measured_on([x.get("measured_on") for x in result["results"]
+                                                                 if x["profile"] == r["profile"]])), markup=False)
     table = Table(title="latency (ms) per profile and batch size", box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("profile", "batch", "p50", "p90", "p99", "mean", "runs", "items/s", "peak RSS"):
         table.add_column(col, justify="left" if col == "profile" else "right")
@@ -135,6 +138,7 @@ def compare_cmd(model_a: str, model_b: str, hw: str, batch_sizes: tuple[int, ...
               f"runs interleaved A B A B")
     if "remote" in result:
         con.print(_device_line(result["remote"]))
+    con.print(measured_on_line(result.get("measured_on")), markup=False)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("", "A", "B", "B/A"):
         table.add_column(col, justify="left" if not col else "right")

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..profiling.provenance import merge_measured_on
 from ..report.schema import SCHEMA_VERSION, stat
 from .cache import file_sha256
 
@@ -62,6 +63,7 @@ def _profiles(measured: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str,
                 (all(r.get("meets_latency_budget") for r in rs) if first.get("meets_latency_budget") is not None else None),
                 "runs": first.get("runs"), "threads": first.get("threads"), "versions": first.get("versions", {}),
                 "nodes": _nodes(measured, name),
+                "measured_on": merge_measured_on([r.get("measured_on") for r in rs]),
                 "notes": list(dict.fromkeys(n for r in rs for n in r.get("notes", []))),
                 **({"remote": {k: v for k, v in first["remote"].items() if k not in ("workdir", "model_copied")}}
                    if first.get("remote") else {}),  # the device it was measured on, over SSH
@@ -80,8 +82,9 @@ def _interleaved_speedup(measured: Sequence[Mapping[str, Any]], profile: str, ba
     """Mean over seeds of the speedup timed interleaved with the dense model, when every seed has one."""
     vals = [(m.get("speedups") or {}).get(profile, {}).get(str(batch)) for m in measured]
     if vals and all(v is not None for v in vals):
-        return {"speedup_vs_dense": _mean(vals), "speedup_timing": "interleaved"}
-    return {"speedup_vs_dense": None, "speedup_timing": None}
+        where = merge_measured_on([((m.get("speedups") or {}).get(profile) or {}).get("measured_on") for m in measured])
+        return {"speedup_vs_dense": _mean(vals), "speedup_timing": "interleaved", "speedup_measured_on": where}
+    return {"speedup_vs_dense": None, "speedup_timing": None, "speedup_measured_on": None}
 
 
 def make_point(pid: str, method: str, kind: str, settings: dict[str, Any], measured: Sequence[Mapping[str, Any]],

@@ -76,6 +76,14 @@ def json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def _host(profile: Any) -> str:
+    """The machine a measuring step runs on, for people reading ``state.json``."""
+    import socket
+
+    remote = getattr(profile, "remote", None)
+    return f"{remote} (remote)" if remote else socket.gethostname()
+
+
 def step_key(step: str, config: Any, inputs: Iterable[str | os.PathLike] = ()) -> str:
     """The content hash identifying one execution of ``step``."""
     from .. import __version__
@@ -98,6 +106,9 @@ class StepCache:
     skipped: list[str] = field(default_factory=list)  # step names answered from the record
     replayed: list[str] | None = None  # in replay mode: keys of the records answered so far
     warnings: list[str] = field(default_factory=list)  # records set aside on open (one line each)
+    machine: str | None = None  # this process's machine fingerprint (computed when first needed)
+    accepted: list[str] = field(default_factory=list)  # other machines whose measurements this run made (workers)
+    remeasured: list[str] = field(default_factory=list)  # records from other machines measured again here
 
     @classmethod
     def open(cls, outdir: str | os.PathLike) -> "StepCache":
@@ -136,11 +147,21 @@ class StepCache:
         return rec.get("result")
 
     def run(self, step: str, config: Any, fn: Callable[[], dict[str, Any]], *,
-            inputs: Iterable[str | os.PathLike] = (), outputs: Iterable[str | os.PathLike] = ()) -> dict[str, Any]:
-        """Run ``fn`` (which writes ``outputs`` and returns a JSON-able dict) unless already done."""
+            inputs: Iterable[str | os.PathLike] = (), outputs: Iterable[str | os.PathLike] = (),
+            measures: Any = None) -> dict[str, Any]:
+        """Run ``fn`` (which writes ``outputs`` and returns a JSON-able dict) unless already done.
+
+        ``measures``: the hardware profile the step times on (``True``: this machine) -- its key then
+        holds the machine fingerprint, so only a record of this machine (or of this run's workers) is reused."""
         inputs, outputs = list(inputs), [Path(o) for o in outputs]
-        key = step_key(step, config, inputs)
-        hit = self.lookup(key)
+        machines = self.machines(measures) if measures is not None else [None]
+        keys = [step_key(step, config if m is None else {"config": config, "machine": m}, inputs) for m in machines]
+        key, hit = keys[0], None
+        for k in keys:
+            hit = self.lookup(k)
+            if hit is not None:
+                key = k
+                break
         if self.replayed is not None:
             if hit is None:
                 raise CacheMiss(step)
@@ -149,6 +170,9 @@ class StepCache:
         if hit is not None:
             self.skipped.append(step)
             return hit
+        base = step_key(step, config, inputs) if measures is not None else None
+        if base is not None:
+            self._note_foreign(step, base, machines)
         started = time.time()
         result = fn()
         missing = [str(o) for o in outputs if not o.is_file()]
@@ -157,9 +181,40 @@ class StepCache:
         files = {self._rel(o): file_sha256(o) for o in outputs}
         self.state["steps"][key] = {"step": step, "files": files, "result": json.loads(canonical_json(result)),
                                     "seconds": round(time.time() - started, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if base is not None:
+            self.state["steps"][key].update(base=base, machine=machines[0], host=_host(measures))
         self.executed.append(step)
         self.save()
         return self.state["steps"][key]["result"]
+
+    def own_machine(self) -> str:
+        """This process's machine fingerprint."""
+        if self.machine is None:
+            from ..profiling.provenance import machine_fingerprint
+
+            self.machine = machine_fingerprint()
+        return self.machine
+
+    def machines(self, profile: Any = True) -> list[str]:
+        """Fingerprints whose measurements on ``profile`` count as this run's, this machine first (a
+        ``remote:`` profile's device has one fingerprint wherever the run is)."""
+        if getattr(profile, "remote", None):
+            from ..profiling.provenance import machine_fingerprint
+
+            return [machine_fingerprint(profile)]
+        return list(dict.fromkeys([self.own_machine(), *self.accepted]))
+
+    def accept(self, machine: str | None) -> None:
+        """Count measurements of ``machine`` as this run's (an executor's worker that measured for it)."""
+        if machine and machine not in self.accepted:
+            self.accepted.append(machine)
+
+    def _note_foreign(self, step: str, base: str, machines: list[str]) -> None:
+        for rec in self.state["steps"].values():
+            if isinstance(rec, dict) and rec.get("base") == base and rec.get("machine") not in machines:
+                self.remeasured.append(f"step {step}: the record measured on {rec.get('host') or 'another machine'} "
+                                       f"(machine {rec.get('machine')}) is not reused; measured again on this machine")
+                return
 
     @contextmanager
     def replay(self) -> Iterator[list[str]]:
@@ -184,6 +239,8 @@ class StepCache:
             with atomic_path(dest) as tmp:
                 Path(tmp).write_bytes(data)
         self.state["steps"].update(records)
+        for rec in records.values():  # the workers' machines measured for this run
+            self.accept(rec.get("machine") if isinstance(rec, dict) else None)
         self.executed.extend(executed)
         self.skipped.extend(skipped)
         self.save()

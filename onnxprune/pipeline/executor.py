@@ -240,6 +240,7 @@ class RayExecutor:
                 failures.setdefault(job.label, res["error"])
                 continue
             ctx.cache.merge(res["records"], res["files"], res["executed"], res["skipped"])
+            ctx.cache.accept(res.get("machine"))  # its measurements (new or reused) are this run's
             self._versions(ctx, res)
             ctx.progress.step(f"{job.label}: {phase} done on {res['node']['host']}")
             if last and job.kind != "dense":
@@ -335,7 +336,8 @@ def run_task(shared: Shared, job: Job, phase: str, seed: Mapping[str, Any], prio
         new = {k: v for k, v in cache.state["steps"].items() if k not in records}
         written = payload(out, [rel for r in new.values() for rel in r["files"]])
         return {"records": new, "files": written, "executed": cache.executed, "skipped": cache.skipped,
-                "node": node_info(), "version": __version__, "versions": pipeline.versions()}
+                "node": node_info(), "version": __version__, "versions": pipeline.versions(),
+                "machine": cache.own_machine()}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -60,7 +60,8 @@ def prune_to_latency(source: str | os.PathLike, stage: Stage, hw_profile, seed: 
     if lt.profile != hw_profile.name:
         raise OnnxPruneError(f"latency target names profile {lt.profile!r}, which this run does not measure on "
                              f"(profiles: {hw_profile.name}); add it with --hw {lt.profile}")
-    measure = measure or _measure_percentile(lt.percentile)
+    where: list = []  # measured_on of each probe (when the default measure runs them)
+    measure = measure or _measure_percentile(lt.percentile, where)
     results: dict[float, Any] = {}
     if stage.hw is None:  # the probes' ratio targets drop the latency target: keep its profile's channel multiple
         stage = stage.model_copy(update={"hw": lt.profile})
@@ -82,14 +83,20 @@ def prune_to_latency(source: str | os.PathLike, stage: Stage, hw_profile, seed: 
         res = results[ratio]
     res.summary["latency_search"] = {"profile": lt.profile, "percentile": lt.percentile, "budget_ms": lt.budget_ms,
                                      "ratio": ratio, "probes": probes}
+    if where:
+        from ..profiling.provenance import merge_measured_on
+
+        res.summary["latency_search"]["measured_on"] = merge_measured_on(where)
     return res
 
 
-def _measure_percentile(percentile: str) -> Callable[[str, Any], float]:
+def _measure_percentile(percentile: str, where: list | None = None) -> Callable[[str, Any], float]:
     def measure(path: str, hw_profile) -> float:
         from . import steps
 
         rec = steps.profile(path, hw_profile, memory=False)["results"][0]
+        if where is not None:
+            where.append(rec.get("measured_on"))
         return float(rec["latency_ms"][percentile])
 
     return measure

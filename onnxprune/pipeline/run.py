@@ -185,6 +185,7 @@ def _run_locked(recipe: Recipe, model_path: Path, outdir: Path, ds: Any, profile
                 ctx.progress.advance()
     from .aggregate import build_report
 
+    ctx.notes.extend(ctx.cache.remeasured)  # measurements recorded on another machine were taken again here
     report = build_report(ctx, model_path, dense, dense_ft, plan, runs, sens, seconds=time.perf_counter() - t0)
     from ..report.render import write_report
 
@@ -265,13 +266,14 @@ def measure_latency(ctx: Context, path: Path, label: str, dense: Path | None = N
         ctx.progress.step(f"{label}: profile {p.name}")
         cfg = {"profile": p.model_dump(), "memory": ctx.recipe.profiling.memory}
         profs[p.name] = ctx.cache.run("profile", cfg, lambda p=p: {**steps.profile(path, p, memory=ctx.recipe.profiling.memory),
-                                                                   "node": node_info()}, inputs=[path])
+                                                                   "node": node_info()}, inputs=[path], measures=p)
     speedups = {}
     if dense is not None:
         for p in ctx.profiles:
             ctx.progress.step(f"{label}: interleaved with dense on {p.name}")
             speedups[p.name] = ctx.cache.run("speedup-vs-dense", {"profile": p.model_dump()},
-                                             lambda p=p: steps.speedup_vs(dense, path, p), inputs=[dense, path])
+                                             lambda p=p: steps.speedup_vs(dense, path, p), inputs=[dense, path],
+                                             measures=p)
     return {"profiles": profs, "speedups": speedups}
 
 
@@ -323,7 +325,7 @@ def sensitivity_step(ctx: Context, dense: Path) -> dict[str, Any]:
         return res
 
     key = {"cfg": cfg.model_dump(), "data": ctx.data_desc, "profiles": [p.model_dump() for p in profs]}
-    res = ctx.cache.run("sensitivity", key, work, inputs=[dense], outputs=[csv_path])
+    res = ctx.cache.run("sensitivity", key, work, inputs=[dense], outputs=[csv_path], measures=True if profs else None)
     return {**res, "csv": ctx.rel(csv_path)}
 
 
@@ -371,8 +373,9 @@ def run_one(ctx: Context, spec: RunSpec, dense: Path, sens: Mapping[str, Any] | 
                "profiles": [p.model_dump() for p in ctx.profiles] if any(is_latency(s) for s in spec.stages) else None,
                **({"recover": ctx.recipe.recover.model_dump(), "recover_data": ctx.data_desc}
                   if ctx.recipe.recover.calibrate else {})}
+        timed = next((p for s in spec.stages if is_latency(s) for p in ctx.profiles if p.name == s.target.latency.profile), None)
         prune_info = ctx.cache.run("prune", key, lambda: _prune_work(ctx, spec, dense, pruned, per_layer),
-                                   inputs=[dense], outputs=[pruned])
+                                   inputs=[dense], outputs=[pruned], measures=timed)
         if spec.schedule.kind != "one-shot" and not retraining:
             ctx.notes.append(f"{spec.id}: {spec.schedule.kind} schedule without retraining is one-shot pruning")
         if retraining:

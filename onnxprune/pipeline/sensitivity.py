@@ -98,6 +98,7 @@ def run_sensitivity(source: str | os.PathLike, data, cfg: Sensitivity, *, profil
     base = val_top1(str(source))
     rows: list[dict[str, Any]] = []
     units = _units(source, cfg, criterion)
+    where: dict[str, list] = {}  # profile -> measured_on of each latency probe
     for key, name, size, prune_at in units:
         for r in cfg.ratios:
             if progress:
@@ -106,11 +107,16 @@ def run_sensitivity(source: str | os.PathLike, data, cfg: Sensitivity, *, profil
             top1 = val_top1(model)
             row = {"group": key, "name": name, "channels": size, "ratio": r, "kept": kept, "top1": top1, "drop": base - top1}
             if cfg.latency and profiles:
-                row["latency_ms"] = _latency(model, profiles)
+                row["latency_ms"] = _latency(model, profiles, where)
             rows.append(row)
     per_layer = derive_ratios(rows, cfg.max_drop)
-    return {"kind": cfg.kind, "criterion": criterion, "ratios": list(cfg.ratios), "max_drop": cfg.max_drop,
-            "baseline_top1": base, "rows": rows, "per_layer_ratios": per_layer}
+    out = {"kind": cfg.kind, "criterion": criterion, "ratios": list(cfg.ratios), "max_drop": cfg.max_drop,
+           "baseline_top1": base, "rows": rows, "per_layer_ratios": per_layer}
+    if where:
+        from ..profiling.provenance import merge_measured_on
+
+        out["measured_on"] = {name: merge_measured_on(recs) for name, recs in where.items()}
+    return out
 
 
 def _units(source, cfg: Sensitivity, criterion: str) -> list[tuple[str, str, int, Callable[[float], tuple[Any, int]]]]:
@@ -148,7 +154,7 @@ def _escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
 
 
-def _latency(model, profiles: Sequence[Any]) -> dict[str, float]:
+def _latency(model, profiles: Sequence[Any], where: dict[str, list] | None = None) -> dict[str, float]:
     from . import steps
 
     out = {}
@@ -156,7 +162,10 @@ def _latency(model, profiles: Sequence[Any]) -> dict[str, float]:
         path = Path(tmp) / "probe.onnx"
         steps.save(model, path)
         for p in profiles:
-            out[p.name] = float(steps.profile(path, p, memory=False)["results"][0]["latency_ms"]["p50"])
+            rec = steps.profile(path, p, memory=False)["results"][0]
+            out[p.name] = float(rec["latency_ms"]["p50"])
+            if where is not None:
+                where.setdefault(p.name, []).append(rec.get("measured_on"))
     return out
 
 

@@ -316,9 +316,11 @@ def profile(path: str | os.PathLike, hw_profile, *, batch_sizes: Sequence[int] |
     return prof.profile_model(path, [hw_profile], batch_sizes=batch_sizes, memory=memory)
 
 
-def speedup_vs(dense: str | os.PathLike, path: str | os.PathLike, hw_profile) -> dict[str, float]:
+def speedup_vs(dense: str | os.PathLike, path: str | os.PathLike, hw_profile) -> dict[str, Any]:
     """Dense p50 / ``path`` p50 per batch size (keys are strings: JSON), timed interleaved (D P D P ...)
-    so drift on a busy machine hits both models alike; separate profiles can differ by 10% on their own."""
+    so drift on a busy machine hits both models alike; separate profiles can differ by 10% on their own.
+    ``measured_on`` says where and how the interleaved timing ran."""
     prof = _need("..profiling", "hardware profiling")
     res = prof.compare_models(dense, path, hw_profile)
-    return {str(c["batch_size"]): c["ratios"]["speedup_p50"] for c in res["comparisons"]}
+    return {**{str(c["batch_size"]): c["ratios"]["speedup_p50"] for c in res["comparisons"]},
+            "measured_on": res.get("measured_on")}

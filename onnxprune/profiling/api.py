@@ -13,7 +13,11 @@ and each record holds::
     latency_ms {min, mean, p50, p90, p95, p99, max, std}, runs, warmup_runs, duration_s, throughput_per_s,
     peak_rss_bytes, rss_before_load_bytes, memory_method, [peak_rss_bytes_arena_off],
     [gpu_memory_bytes, gpu_memory_method], [engine_device_memory_bytes | torch_cuda_max_allocated_bytes], latency_budget_ms, meets_latency_budget, memory_limit_mb, meets_memory_limit,
-    file_bytes, params, macs, sparsity, versions {...}, notes [...], [per_node {...}]
+    file_bytes, params, macs, sparsity, versions {...}, notes [...], [per_node {..., measured_on}],
+    measured_on {host, cpu_model, cores {logical, physical, usable}, gpu, gpu_driver, onnxruntime, tensorrt,
+                 [torch], backend, threads {intra_op, inter_op, source}, co_tenancy (exclusive | shared),
+                 co_tenancy_basis {method, window_s, others_cores, threshold_cores, load_avg_1m, busy_processes,
+                 reason}, fingerprint, at}   (where and how it was measured: :mod:`.provenance`)
 
 Memory keys are absent with ``memory=False``. ``meets_latency_budget`` compares p90 (MLPerf's
 single-stream percentile) with the budget; ``meets_memory_limit`` compares peak RSS plus GPU memory
@@ -40,6 +44,7 @@ from .hw_profile import HwProfile, load_hw_profile
 from .measure import Timing, cpu_affinity, measure, measure_interleaved
 from .memory import measure_memory
 from .pernode import per_node_profile
+from .provenance import machine_facts, measured_on, merge_measured_on, observe, runner_threads
 from .provider import ORT_PROVIDER
 from .remote import compare_remote, profile_remote, sessions
 from .runners import BatchSizeError, batch_input_shapes, check_available, make_feeds, make_runner
@@ -96,6 +101,7 @@ class _ModelFigures:
 
 
 def _profile_context(profile: HwProfile) -> dict[str, Any]:
+    machine_facts()  # read once, before any cpu_affinity pinning narrows the usable cores
     vers = versions(profile)
     provenance, notes = effective_provenance(profile, vers)
     return {"profile": profile.name, "profile_source": profile.source, "description": profile.description,
@@ -188,11 +194,14 @@ def _measure_one(path: Path, prof: HwProfile, feeds: Mapping[str, Any], batch: i
     with cpu_affinity(prof.cpu_affinity, f"profile {prof.name}") as affinity_notes, contextlib.ExitStack() as stack:
         runner = make_runner(prof, path, feeds)
         stack.callback(runner.close)
-        timing = measure(runner, warmup_runs=prof.warmup_runs, min_runs=prof.min_runs, min_duration_s=prof.min_duration_s)
+        with observe(prof) as seen:
+            timing = measure(runner, warmup_runs=prof.warmup_runs, min_runs=prof.min_runs, min_duration_s=prof.min_duration_s)
         info = runner.info()
+        threads = runner_threads(runner, prof)
     notes.extend(affinity_notes)
     notes.extend(n for n in runner.notes if n not in notes)
-    return {"provider": runner.provider, **_timing_figures(timing, batch), **info}
+    return {"provider": runner.provider, **_timing_figures(timing, batch), **info,
+            "measured_on": measured_on(prof, threads, seen)}
 
 
 def compare_models(a: str | os.PathLike, b: str | os.PathLike, profile: ProfileArg | None = None, *,
@@ -206,6 +215,8 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike, profile: ProfileA
     "b": timing, "ratios": {latency_p50_b_over_a, latency_mean_b_over_a, speedup_p50, speedup_mean}}]}``
     where ``timing`` holds ``latency_ms``, ``runs``, ``duration_s``, ``throughput_per_s`` (and the
     memory keys with ``memory=True``). ``speedup = a / b`` latency; ``macs_reduction = a / b`` MACs.
+    Each comparison has its ``measured_on`` (:mod:`.provenance`); the top-level ``measured_on`` merges
+    them (``shared`` if any timing was).
     """
     prof = load_profiles(profile)[0]
     check_available(prof)
@@ -235,8 +246,10 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike, profile: ProfileA
             stack.callback(ra.close)
             rb = make_runner(prof, pb, feeds)
             stack.callback(rb.close)
-            ta, tb = measure_interleaved([ra, rb], warmup_runs=prof.warmup_runs, min_runs=prof.min_runs,
-                                         min_duration_s=prof.min_duration_s)
+            with observe(prof) as seen:
+                ta, tb = measure_interleaved([ra, rb], warmup_runs=prof.warmup_runs, min_runs=prof.min_runs,
+                                             min_duration_s=prof.min_duration_s)
+            where = measured_on(prof, runner_threads(ra, prof), seen)
         provider = ra.provider
         context["notes"].extend(n for n in [*affinity_notes, *ra.notes] if n not in context["notes"])
         xa, xb = _timing_figures(ta, batch), _timing_figures(tb, batch)
@@ -245,6 +258,7 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike, profile: ProfileA
             xb.update(_memory(pb, prof, feeds))
         la, lb = xa["latency_ms"], xb["latency_ms"]
         comparisons.append({"batch_size": batch, "input_shapes": {k: list(v) for k, v in sa.items()}, "a": xa, "b": xb,
+                            "measured_on": where,
                             "ratios": {"latency_p50_b_over_a": lb["p50"] / la["p50"],
                                        "latency_mean_b_over_a": lb["mean"] / la["mean"],
                                        "speedup_p50": la["p50"] / lb["p50"], "speedup_mean": la["mean"] / lb["mean"]}})
@@ -253,6 +267,7 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike, profile: ProfileA
     if not comparisons:
         raise OnnxPruneError("nothing compared: " + "; ".join(s["reason"] for s in skipped))
     return {**context, "provider": provider, "interleaved": True,
+            "measured_on": merge_measured_on([c["measured_on"] for c in comparisons]),
             "a": {"model": str(pa), **static_a}, "b": {"model": str(pb), **static_b},
             "ratios": _static_ratios(static_a, static_b), "comparisons": comparisons, "skipped": skipped}
 

@@ -103,11 +103,17 @@ def per_node_profile(path: str | os.PathLike, profile: HwProfile, feeds: Mapping
 
     runs = runs or max(1, min(profile.min_runs, 50))
     warmup = max(1, min(profile.warmup_runs, 10))
+    from types import SimpleNamespace
+
+    from .provenance import measured_on, observe, runner_threads
+
     with tempfile.TemporaryDirectory(prefix="onnxprune-prof-") as tmp:
         sess = ort_session(path, profile, profiling_prefix=str(Path(tmp) / "ort"))
-        for _ in range(warmup + runs):
-            sess.run(None, dict(feeds))
+        with observe(profile) as seen:  # these kernel times are figures of their own (latency tables use them)
+            for _ in range(warmup + runs):
+                sess.run(None, dict(feeds))
+        threads = runner_threads(SimpleNamespace(session=sess), profile)
         trace = Path(sess.end_profiling())
         events = json.loads(trace.read_text(encoding="utf-8"))
     kernels = parse_trace(events, skip_runs=warmup)
-    return summarize(kernels, runs, load_graph(path), top=top)
+    return {**summarize(kernels, runs, load_graph(path), top=top), "measured_on": measured_on(profile, threads, seen)}

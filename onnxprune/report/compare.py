@@ -23,6 +23,19 @@ def _delta(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else b - a
 
 
+def _machines(report: Mapping[str, Any]) -> dict[str, str]:
+    """Fingerprint -> host of the machines a run's latencies were measured on (its measured_on records)."""
+    out: dict[str, str] = {}
+    for p in all_points(report):
+        for recs in (p.get("profiles") or {}).values():
+            for r in recs:
+                on = r.get("measured_on") or {}
+                for fp in on.get("fingerprints") or [on.get("fingerprint")]:
+                    if fp:
+                        out.setdefault(fp, on.get("host") or "?")
+    return out
+
+
 def compare_runs(dir_a: str | os.PathLike, dir_b: str | os.PathLike) -> dict[str, Any]:
     """Matched points (id) with their accuracy, size and latency in both runs and the differences B - A."""
     a, b = load_report(dir_a), load_report(dir_b)
@@ -47,6 +60,12 @@ def compare_runs(dir_a: str | os.PathLike, dir_b: str | os.PathLike) -> dict[str
     same_retrain = (ra or {}).get("config") == (rb or {}).get("config")
     if not same_retrain:
         notes.append("the runs used different retraining configs: accuracy differences may come from that")
+    ma, mb = _machines(a), _machines(b)
+    if ma and mb and set(ma) != set(mb):
+        def names(m: dict[str, str]) -> str:
+            return ", ".join(f"{host} ({fp})" for fp, host in sorted(m.items()))
+        notes.append(f"the runs measured latency on different machines ({names(ma)} vs {names(mb)}): "
+                     "latency differences may come from that")
     if (a.get("model") or {}).get("sha256") != (b.get("model") or {}).get("sha256"):
         notes.append("the runs started from different input models")
     return {"a": str(dir_a), "b": str(dir_b), "recipe_a": a["recipe"].get("name"), "recipe_b": b["recipe"].get("name"),

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from ..model_io import write_text_atomic
 from .plots import accuracy_split, all_points, write_all
 from ..pipeline.cache import json_default
+from ..profiling.provenance import measured_on_line, merge_measured_on
 from .schema import load_report, validate_report
 
 Block = tuple  # ("h", level, text) | ("p", text) | ("list", [text]) | ("table", headers, rows) | ("img", title, path) | ("code", text)
@@ -180,6 +181,9 @@ def _latency(report: Mapping[str, Any]) -> list[Block]:
             out.append(("h", 3, f"Latency on {name}"))
             if prof.get("description"):
                 out.append(("p", prof["description"]))
+            where = [r.get("measured_on") for p in all_points(report) for r in p["profiles"].get(name) or []]
+            line = measured_on_line(merge_measured_on(where))
+            out.append(("p", line[:1].upper() + line[1:]))
             out.append(("table", ["point", "batch", "p50 ms", "p90 ms", "p99 ms", "throughput/s", "peak RSS",
                                   "speedup", "provider", "provenance"], rows))
     if out:

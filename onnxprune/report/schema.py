@@ -18,7 +18,8 @@ Top level::
     pareto              {profile: [point ids on the accuracy-vs-latency Pareto front, dense included; latency =
                          dense p50 / speedup timed interleaved with the dense model]}
     sensitivity         null or {kind, criterion, ratios, baseline_top1, csv, rows [{group, nodes, channels,
-                         ratio, top1, drop, latency_ms {profile: p50}}], per_layer_ratios {group: ratio}}
+                         ratio, top1, drop, latency_ms {profile: p50}}], per_layer_ratios {group: ratio},
+                         measured_on {profile: measured_on record} when latency was measured}
     guidance            [statements on what will and will not get faster, e.g. unstructured on CPU]
     plots               {name: path relative to the run directory}
     notes               [str]
@@ -47,7 +48,11 @@ A Measurement (means over seeds of what :func:`onnxprune.profiling.profile_model
     speedup_vs_dense (dense p50 / this p50), speedup_timing ("interleaved": both models timed in
     alternation D P D P ... in one measurement, mean over seeds; "separate": from the two profiles,
     where no interleaved timing exists; null for the dense model, 1.0 by definition), meets_latency_budget,
-    versions, notes, nodes [{host, cpu, gpu}: the machines it was measured on, each once; gpu null without one]
+    versions, notes, nodes [{host, cpu, gpu}: the machines it was measured on, each once; gpu null without one],
+    measured_on (where and how: host, cpu_model, cores, gpu, gpu_driver, onnxruntime, tensorrt, threads,
+    co_tenancy exclusive | shared with co_tenancy_basis, fingerprint; over seeds the first one's, shared if
+    any was, with hosts/fingerprints when they differ: see onnxprune.profiling.provenance),
+    speedup_measured_on (the same for the interleaved speedup timing; null for "separate")
 
 The standard deviation is the sample standard deviation over seeds (0 with one seed).
 """
@@ -86,6 +91,24 @@ class SplitAccuracy(_M):
     metric: dict[str, Stat] | None = None  # the recipe's evaluation.metric
 
 
+class MeasuredOn(_M):
+    """Where and how a figure was measured (:func:`onnxprune.profiling.provenance.measured_on`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    host: str | None
+    cpu_model: str | None
+    cores: dict[str, int | None]
+    gpu: str | None = None
+    gpu_driver: str | None = None
+    onnxruntime: str | None = None
+    tensorrt: str | None = None
+    threads: dict[str, Any]
+    co_tenancy: Literal["exclusive", "shared"]
+    co_tenancy_basis: dict[str, Any]
+    fingerprint: str
+
+
 class Measurement(_M):
     model_config = ConfigDict(extra="allow")
 
@@ -105,6 +128,8 @@ class Measurement(_M):
     meets_latency_budget: bool | None = None
     versions: dict[str, Any] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
+    measured_on: "MeasuredOn | None" = None
+    speedup_measured_on: "MeasuredOn | None" = None
 
 
 class RunRecord(_M):

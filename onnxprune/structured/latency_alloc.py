@@ -269,7 +269,7 @@ def _allocate(prep, analysis, groups: list[Group], scores: dict[int, np.ndarray]
         iterations.append({"budget_fraction": budget_fraction, "estimated_ms": est, "estimated_speedup": table.dense_ms / est,
                            "dense_p50_ms": dense_ms, "pruned_p50_ms": pruned_ms, "measured_speedup": dense_ms / pruned_ms,
                            "goal_fraction": goal, "met": measured <= goal, "importance_kept": kept,
-                           "channels_kept": int(sum(counts.values()))})
+                           "channels_kept": int(sum(counts.values())), "measured_on": cmp.get("measured_on")})
         plans.append(plan)
         if measured <= goal and measured >= goal * (1.0 - tolerance):
             break  # met, without pruning much more than asked
@@ -284,4 +284,4 @@ def _allocate(prep, analysis, groups: list[Group], scores: dict[int, np.ndarray]
     return {"plan": plans[best], "met": bool(met), "chosen": {"iteration": best, **iterations[best]},
             "iterations": iterations, "importance_kept": iterations[best]["importance_kept"],
             "table": {"cached": table.cached, "path": table.path, "layers": len(table.layers),
-                      "measure_s": table.measure_s, "dense_ms": table.dense_ms}}
+                      "measure_s": table.measure_s, "dense_ms": table.dense_ms, "measured_on": table.measured_on}}

@@ -14,8 +14,10 @@ The estimate guides the allocator; the result is always verified by an interleav
 Measuring is cheap on purpose: the layers' width variants are packed as independent nodes into a
 few small models and timed with ONNX Runtime's per-node profiler through the central profiling API
 (:func:`onnxprune.profiling.profile_model`, so a profile that runs on a remote device works as is),
-with few runs. Tables are cached as JSON per profile and model structure (weights do not change
-latency), under :func:`cache_dir`.
+with few runs. Tables are cached as JSON per profile, model structure (weights do not change
+latency) and machine fingerprint (a table measured on another machine is measured again, never
+reused), under :func:`cache_dir`, bounded in size (:mod:`onnxprune.profiling.diskcache`). A table
+carries ``measured_on``: where and how its timings were taken.
 """
 from __future__ import annotations
 
@@ -43,14 +45,16 @@ from ..shapes import skeleton
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
 #: bytes of weights per packed measurement model (keeps the variant models small)
 CHUNK_BYTES = 48 << 20
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: measured_on, machine-keyed
 _OPS = ("Conv", "Gemm", "MatMul")
 
 
 def cache_dir() -> Path:
-    """Where tables are cached: ``$ONNXPRUNE_CACHE_DIR/latency`` or ``~/.cache/onnxprune/latency``."""
-    root = os.environ.get("ONNXPRUNE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "onnxprune")
-    return Path(root) / "latency"
+    """Where tables are cached: ``$ONNXPRUNE_CACHE_DIR/latency``, else ``latency/`` in the platform's
+    user cache directory (``$XDG_CACHE_HOME/onnxprune/latency`` on Linux)."""
+    from ..profiling.diskcache import kind_dir
+
+    return kind_dir("latency")
 
 
 @dataclass
@@ -279,15 +283,18 @@ def table_profile(profile):
                                       "memory_limit_mb": None})
 
 
-def _measure_chunk(path: Path, profile, tags: Mapping[str, Any], batch: int) -> dict[str, float]:
+def _measure_chunk(path: Path, profile, tags: Mapping[str, Any], batch: int,
+                   where: list | None = None) -> dict[str, float]:
     """ms per run of each variant node: ONNX Runtime's per-node times where the backend has them,
-    else one model per variant (p50)."""
+    else one model per variant (p50). Each timing's ``measured_on`` is appended to ``where``."""
+    where = [] if where is None else where
     from ..profiling import profile_model
     from ..profiling.provider import ORT_PROVIDER
 
     if profile.backend in ORT_PROVIDER:
         rec = profile_model(path, [profile], per_node=True, memory=False, batch_sizes=[batch],
                             top_nodes=10 * len(tags) + 100)["results"][0]
+        where.append(rec["per_node"].get("measured_on"))  # the kernel times below come from the per-node run
         times: dict[str, float] = {}
         for entry in rec["per_node"]["top_nodes"]:  # each kernel's fastest run (a busy machine pre-empts some)
             if entry.get("model_node") in tags:
@@ -315,21 +322,26 @@ def _measure_chunk(path: Path, profile, tags: Mapping[str, Any], batch: int) -> 
         single = path.with_name(f"{node.name}.onnx")
         onnx.save(one, str(single))
         rec = profile_model(single, [profile], memory=False, batch_sizes=[batch])["results"][0]
+        where.append(rec.get("measured_on"))
         times[node.name] = float(rec["latency_ms"]["p50"])
     return times
 
 
-def _dense_ms(path: str | os.PathLike, profile, input_shapes) -> float:
+def _dense_ms(path: str | os.PathLike, profile, input_shapes, where: list | None = None) -> float:
     """The whole model's time measured the way the layers are (the sum of each ONNX Runtime
     kernel's fastest run; p50 on other backends), so the layers' share of it is not blurred by the
     scheduling noise a wall-clock figure carries on a busy machine."""
     from ..profiling import profile_model
     from ..profiling.provider import ORT_PROVIDER
 
+    where = [] if where is None else where
     if profile.backend not in ORT_PROVIDER:
-        return float(profile_model(path, [profile], memory=False, input_shapes=input_shapes)["results"][0]["latency_ms"]["p50"])
-    per_node = profile_model(path, [profile], per_node=True, memory=False, input_shapes=input_shapes,
-                             top_nodes=1)["results"][0]["per_node"]
+        rec = profile_model(path, [profile], memory=False, input_shapes=input_shapes)["results"][0]
+        where.append(rec.get("measured_on"))
+        return float(rec["latency_ms"]["p50"])
+    rec = profile_model(path, [profile], per_node=True, memory=False, input_shapes=input_shapes, top_nodes=1)["results"][0]
+    where.append(rec["per_node"].get("measured_on"))
+    per_node = rec["per_node"]
     return float(per_node.get("kernel_ms_min", per_node["kernel_ms_per_run"]))
 
 
@@ -339,13 +351,15 @@ def _activation_input(view: GraphView, layer: Layer) -> str:
 
 
 def table_key(view: GraphView, profile, group_ids: Sequence[int]) -> str:
-    """Cache key: the model's structure and shapes (no weights), the profile, the runtime version."""
-    import onnxruntime
+    """Cache key: the model's structure and shapes (no weights), the profile, and the machine
+    fingerprint (host, CPU, cores, GPU and driver, runtime versions, default threads)."""
+    from ..profiling.provenance import machine_fingerprint
 
     h = hashlib.sha256()
     h.update(skeleton(view.model).SerializeToString(deterministic=True))
-    h.update(json.dumps({"profile": profile.model_dump(mode="json"), "ort": onnxruntime.__version__, "widths": WIDTHS,
-                         "groups": sorted(group_ids), "v": TABLE_VERSION}, sort_keys=True, default=str).encode())
+    h.update(json.dumps({"profile": profile.model_dump(mode="json"), "machine": machine_fingerprint(profile),
+                         "widths": WIDTHS, "groups": sorted(group_ids), "v": TABLE_VERSION},
+                        sort_keys=True, default=str).encode())
     return h.hexdigest()[:20]
 
 
@@ -361,6 +375,8 @@ class LatencyTable:
     measure_s: float = 0.0
     cached: bool = False
     path: str | None = None
+    #: where and how the table's timings were taken (merged over them: ``shared`` if any was)
+    measured_on: dict[str, Any] | None = None
 
     @property
     def scale(self) -> float:
@@ -378,6 +394,7 @@ class LatencyTable:
 
     def to_json(self) -> dict[str, Any]:
         return {"version": TABLE_VERSION, "profile": self.profile, "dense_ms": self.dense_ms, "measure_s": self.measure_s,
+                "measured_on": self.measured_on,
                 "sizes": {str(k): v for k, v in self.sizes.items()},
                 "layers": [{"node": l.node, "op": l.op, "out_full": l.out_full, "in_full": l.in_full,
                             "out_parts": l.out_parts, "in_parts": l.in_parts, "depthwise": l.depthwise,
@@ -390,7 +407,8 @@ class LatencyTable:
                         depthwise=l["depthwise"], out_curve=[tuple(c) for c in l["out_curve"]],
                         in_curve=[tuple(c) for c in l["in_curve"]]) for l in d["layers"]]
         return cls(profile=d["profile"], dense_ms=float(d["dense_ms"]), layers=layers,
-                   sizes={int(k): int(v) for k, v in d["sizes"].items()}, measure_s=float(d.get("measure_s", 0.0)))
+                   sizes={int(k): int(v) for k, v in d["sizes"].items()}, measure_s=float(d.get("measure_s", 0.0)),
+                   measured_on=d.get("measured_on"))
 
 
 def latency_table(view: GraphView, analysis: Analysis, group_ids: Sequence[int], profile, dense_path: str | os.PathLike,
@@ -399,16 +417,26 @@ def latency_table(view: GraphView, analysis: Analysis, group_ids: Sequence[int],
     the cache when this model structure was measured there before. ``dense_path`` is the model's
     file (its whole-model latency anchors the estimate), ``input_shapes`` its concrete input shapes."""
     from ..model_io import atomic_path
-    from ..profiling import profile_model
+    from ..profiling import diskcache
+    from ..profiling.provenance import machine_fingerprint, merge_measured_on
 
+    bounded = cache is None  # the shared platform cache is size-bounded; a folder the caller names is theirs
+    if bounded:
+        diskcache.max_bytes()  # a bad ONNXPRUNE_CACHE_MAX_MB fails now, not after the measuring
     cache = cache_dir() if cache is None else Path(cache)
     file = cache / f"{profile.name}-{table_key(view, profile, group_ids)}.json"
     if file.exists():
         try:
-            table = LatencyTable.from_json(json.loads(file.read_text(encoding="utf-8")))
-            table.cached, table.path = True, str(file)
-            return table
-        except (ValueError, KeyError, TypeError):
+            data = json.loads(file.read_text(encoding="utf-8"))
+            if data.get("version") != TABLE_VERSION:
+                raise ValueError("older table")
+            table = LatencyTable.from_json(data)
+            if profile.remote or (table.measured_on or {}).get("fingerprint") == machine_fingerprint():
+                table.cached, table.path = True, str(file)
+                diskcache.touch(file)
+                return table
+            # a file copied from another machine under this key: measured again here, never reused
+        except (ValueError, KeyError, TypeError, AttributeError):
             pass  # a corrupt or older cache file is measured again and replaced
     start = time.perf_counter()
     layers = find_layers(view, analysis, group_ids)
@@ -419,25 +447,28 @@ def latency_table(view: GraphView, analysis: Analysis, group_ids: Sequence[int],
     batch = int(view.shape(_activation_input(view, layers[0]))[0])
     opset = [o for o in view.model.opset_import if o.domain in ("", "ai.onnx")]
     variants = _plan_variants(layers)
+    where: list = []
     with tempfile.TemporaryDirectory(prefix="onnxprune-lat-") as tmp:
         for k, (model, tags) in enumerate(_chunks(view, layers, variants, opset)):
             path = Path(tmp) / f"chunk{k}.onnx"
             onnx.save(model, str(path))
-            for tag, ms in _measure_chunk(path, tprof, tags, int(batch)).items():
+            for tag, ms in _measure_chunk(path, tprof, tags, int(batch), where).items():
                 i, side, w = tags[tag]
                 (layers[i].out_curve if side == "out" else layers[i].in_curve).append((w, ms))
     for layer in layers:
         layer.out_curve.sort()
         if layer.in_curve:  # the full width is the out curve's widest point
             layer.in_curve = sorted(layer.in_curve + [(layer.in_full, layer.out_curve[-1][1])])
-    dense = _dense_ms(dense_path, tprof, input_shapes)
+    dense = _dense_ms(dense_path, tprof, input_shapes, where)
     table = LatencyTable(profile=profile.name, dense_ms=float(dense), layers=layers, sizes=sizes,
-                         measure_s=time.perf_counter() - start)
+                         measure_s=time.perf_counter() - start, measured_on=merge_measured_on(where))
     try:
         cache.mkdir(parents=True, exist_ok=True)
         with atomic_path(file) as tmp_file:
             tmp_file.write_text(json.dumps(table.to_json()), encoding="utf-8")
         table.path = str(file)
+        if bounded:
+            diskcache.enforce_bound("latency", keep=file)
     except OSError:
         pass  # an unwritable cache costs time next run, never the result
     return table
