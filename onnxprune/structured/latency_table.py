@@ -10,6 +10,8 @@ any (out, in) width is then read off the two curves, assumed separable::
 each curve a robust line through its points (:func:`line_fit`), and a pruned model's latency is
 estimated as the measured dense latency minus what its layers save.
 The estimate guides the allocator; the result is always verified by an interleaved measurement.
+A layer with a variant the profiler did not time (:attr:`LatencyTable.untimed`) is a *fixed* cost:
+it is never credited a saving, and never counted as 0 ms.
 
 Measuring is cheap on purpose: the layers' width variants are packed as independent nodes into a
 few small models and timed with ONNX Runtime's per-node profiler through the central profiling API
@@ -43,7 +45,7 @@ from ..shapes import skeleton
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
 #: bytes of weights per packed measurement model (keeps the variant models small)
 CHUNK_BYTES = 48 << 20
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: untimed variants are fixed costs (1 recorded them as 0 ms)
 _OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -67,6 +69,8 @@ class Layer:
     out_parts: list[tuple[int, int]] = field(default_factory=list)
     in_parts: list[tuple[int, int]] = field(default_factory=list)
     depthwise: bool = False
+    #: a variant of this layer was not timed: its latency is fixed (no saving at any width)
+    fixed: bool = False
     #: (kept width, ms) measured, ascending width, per side
     out_curve: list[tuple[int, float]] = field(default_factory=list)
     in_curve: list[tuple[int, float]] = field(default_factory=list)
@@ -81,6 +85,10 @@ class Layer:
 
     @property
     def dense_ms(self) -> float:
+        """The layer's time at full width; for a fixed layer the slowest variant that was timed (0 when
+        none was: its time is then only inside the whole model's measured latency)."""
+        if self.fixed:
+            return max((t for _, t in self.out_curve + self.in_curve), default=0.0)
         return _at(self.out_curve, self.out_full)
 
     def kept_fraction(self, counts: Mapping[int, int], sizes: Mapping[int, int]) -> float:
@@ -91,9 +99,10 @@ class Layer:
         return f
 
     def ms(self, counts: Mapping[int, int], sizes: Mapping[int, int]) -> float:
-        """Estimated latency at the groups' kept ``counts`` (absent groups: full)."""
-        if not self.out_curve:
-            return 0.0
+        """Estimated latency at the groups' kept ``counts`` (absent groups: full); a fixed layer's
+        time does not change with its widths."""
+        if self.fixed or not self.out_curve:
+            return self.dense_ms
         t = _at(self.out_curve, self.width("out", counts, sizes))
         if self.in_curve and not self.depthwise:
             full = _at(self.in_curve, self.in_full)
@@ -293,10 +302,7 @@ def _measure_chunk(path: Path, profile, tags: Mapping[str, Any], batch: int) -> 
             if entry.get("model_node") in tags:
                 ms = float(entry.get("ms_min", entry["ms_per_run"]))
                 times[entry["model_node"]] = times.get(entry["model_node"], 0.0) + ms
-        missing = set(tags) - set(times)
-        if missing:  # e.g. a kernel the runtime folded away: count it as free, never as a guess
-            times.update({t: 0.0 for t in missing})
-        return times
+        return times  # a variant absent here (a kernel folded away, a cut top list) is untimed, not free
     model = onnx.load(str(path))
     times = {}
     for node in model.graph.node:
@@ -361,6 +367,8 @@ class LatencyTable:
     measure_s: float = 0.0
     cached: bool = False
     path: str | None = None
+    #: variants the profiler gave no time for, ``{"node", "side", "width"}``; their layers are fixed
+    untimed: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def scale(self) -> float:
@@ -378,19 +386,20 @@ class LatencyTable:
 
     def to_json(self) -> dict[str, Any]:
         return {"version": TABLE_VERSION, "profile": self.profile, "dense_ms": self.dense_ms, "measure_s": self.measure_s,
-                "sizes": {str(k): v for k, v in self.sizes.items()},
+                "sizes": {str(k): v for k, v in self.sizes.items()}, "untimed": self.untimed,
                 "layers": [{"node": l.node, "op": l.op, "out_full": l.out_full, "in_full": l.in_full,
                             "out_parts": l.out_parts, "in_parts": l.in_parts, "depthwise": l.depthwise,
-                            "out_curve": l.out_curve, "in_curve": l.in_curve} for l in self.layers]}
+                            "fixed": l.fixed, "out_curve": l.out_curve, "in_curve": l.in_curve} for l in self.layers]}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "LatencyTable":
         layers = [Layer(node=l["node"], op=l["op"], out_full=l["out_full"], in_full=l["in_full"],
                         out_parts=[tuple(p) for p in l["out_parts"]], in_parts=[tuple(p) for p in l["in_parts"]],
-                        depthwise=l["depthwise"], out_curve=[tuple(c) for c in l["out_curve"]],
+                        depthwise=l["depthwise"], fixed=bool(l["fixed"]), out_curve=[tuple(c) for c in l["out_curve"]],
                         in_curve=[tuple(c) for c in l["in_curve"]]) for l in d["layers"]]
         return cls(profile=d["profile"], dense_ms=float(d["dense_ms"]), layers=layers,
-                   sizes={int(k): int(v) for k, v in d["sizes"].items()}, measure_s=float(d.get("measure_s", 0.0)))
+                   sizes={int(k): int(v) for k, v in d["sizes"].items()}, measure_s=float(d.get("measure_s", 0.0)),
+                   untimed=list(d["untimed"]))
 
 
 def latency_table(view: GraphView, analysis: Analysis, group_ids: Sequence[int], profile, dense_path: str | os.PathLike,
@@ -419,20 +428,26 @@ def latency_table(view: GraphView, analysis: Analysis, group_ids: Sequence[int],
     batch = int(view.shape(_activation_input(view, layers[0]))[0])
     opset = [o for o in view.model.opset_import if o.domain in ("", "ai.onnx")]
     variants = _plan_variants(layers)
+    untimed: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="onnxprune-lat-") as tmp:
         for k, (model, tags) in enumerate(_chunks(view, layers, variants, opset)):
             path = Path(tmp) / f"chunk{k}.onnx"
             onnx.save(model, str(path))
-            for tag, ms in _measure_chunk(path, tprof, tags, int(batch)).items():
-                i, side, w = tags[tag]
-                (layers[i].out_curve if side == "out" else layers[i].in_curve).append((w, ms))
+            times = _measure_chunk(path, tprof, tags, int(batch))
+            for tag, (i, side, w) in tags.items():
+                if tag in times:
+                    (layers[i].out_curve if side == "out" else layers[i].in_curve).append((w, float(times[tag])))
+                else:
+                    layers[i].fixed = True
+                    untimed.append({"node": layers[i].node, "side": side, "width": w})
     for layer in layers:
         layer.out_curve.sort()
-        if layer.in_curve:  # the full width is the out curve's widest point
+        if layer.in_curve and not layer.fixed:  # the full width is the out curve's widest point
             layer.in_curve = sorted(layer.in_curve + [(layer.in_full, layer.out_curve[-1][1])])
+        layer.in_curve.sort()
     dense = _dense_ms(dense_path, tprof, input_shapes)
     table = LatencyTable(profile=profile.name, dense_ms=float(dense), layers=layers, sizes=sizes,
-                         measure_s=time.perf_counter() - start)
+                         measure_s=time.perf_counter() - start, untimed=untimed)
     try:
         cache.mkdir(parents=True, exist_ok=True)
         with atomic_path(file) as tmp_file:
