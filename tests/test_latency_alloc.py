@@ -303,3 +303,15 @@ def test_measure_chunk_leaves_a_variant_the_profiler_missed_untimed(monkeypatch,
     monkeypatch.setattr(profiling, "profile_model", lambda *a, **k: {"results": [rec]})
     times = lt._measure_chunk(tmp_path / "chunk.onnx", load_hw_profile("ci-cpu"), {"v0": (0, "out", 8), "v1": (0, "out", 4)}, 1)
     assert times == {"v0": 0.4}  # v1 is absent (untimed), not 0.0 ms
+
+
+def test_recipe_latency_search_keeps_the_selecting_probe_as_selection_estimate(tiny):
+    from onnxprune.pipeline.latency_target import prune_to_latency
+    from onnxprune.profiling.hw_profile import load_hw_profile
+    from onnxprune.recipes.schema import Stage
+
+    stage = Stage(kind="structured", target={"latency": {"profile": "ci-cpu", "budget_ms": 0.7 * FakeTimer.cost(tiny)}})
+    res = prune_to_latency(tiny, stage, load_hw_profile("ci-cpu"), 0, measure=lambda path, prof: FakeTimer.cost(path))
+    search = res.summary["latency_search"]
+    chosen = [p for p in search["probes"] if p["ratio"] == search["ratio"]]
+    assert 0 < search["ratio"] < 1 and search["selection_estimate_ms"] == chosen[-1]["latency_ms"] <= search["budget_ms"]
