@@ -8,8 +8,9 @@ model while holding the node's one ``onnxprune_profile`` resource *and every CPU
 its GPUs when it measures on one), so nothing else Ray schedules runs beside a measurement
 (:func:`measure_options`). A build task whose target is a latency budget measures too, and
 reserves the node the same way. The runners set their thread counts from the profile, never from
-the ``OMP_NUM_THREADS`` Ray gives its workers. Each task works in a scratch directory laid out like OUTDIR, with a step cache seeded from
-the run's own records, so it computes the same content-hashed keys a local run would.
+the ``OMP_NUM_THREADS`` Ray gives its workers. Each task works in a scratch directory laid out
+like OUTDIR, with a step cache seeded from the run's own records, so it computes the same
+content-hashed keys a local run would.
 
 Results reach OUTDIR by *driver write-back*, not through a shared filesystem: a finished task
 returns its new step records and the bytes of the files they wrote; the driver writes the files
