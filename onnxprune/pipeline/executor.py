@@ -4,9 +4,13 @@ tasks across a cluster (``ray``).
 With Ray, every job (a sweep run, a dense fine-tune, the dense model's latency) is a chain of two
 tasks. The *build* task prunes, retrains, counts and evaluates (asking for a GPU when the recipe
 retrains on CUDA); the *latency* task profiles the result and times it interleaved with the dense
-model while holding the node's one ``onnxprune_profile`` resource, so no two measurements share a
-machine. Each task works in a scratch directory laid out like OUTDIR, with a step cache seeded from
-the run's own records, so it computes the same content-hashed keys a local run would.
+model while holding the node's one ``onnxprune_profile`` resource *and every CPU of that node* (and
+its GPUs when it measures on one), so nothing else Ray schedules runs beside a measurement
+(:func:`measure_options`). A build task whose target is a latency budget measures too, and
+reserves the node the same way. The runners set their thread counts from the profile, never from
+the ``OMP_NUM_THREADS`` Ray gives its workers. Each task works in a scratch directory laid out
+like OUTDIR, with a step cache seeded from the run's own records, so it computes the same
+content-hashed keys a local run would.
 
 Results reach OUTDIR by *driver write-back*, not through a shared filesystem: a finished task
 returns its new step records and the bytes of the files they wrote; the driver writes the files
@@ -14,7 +18,9 @@ returns its new step records and the bytes of the files they wrote; the driver w
 not share a filesystem with the machine that starts the run (autoscaled cloud nodes rarely do),
 ``state.json`` keeps a single writer (concurrent writers on NFS would lose each other's records), and
 a task that dies half-way leaves nothing in OUTDIR. The cost is that each model crosses the network
-to the driver once. So a crashed worker's task is retried by Ray (``executor.max_retries``), a killed
+to the driver once. So a crashed worker's task is retried by Ray (``executor.max_retries``; an
+exception raised in a task is never retried: an input error, bad data or a version mismatch fails
+the same way every time, and a task checks its onnxprune version before any work), a killed
 driver loses only the tasks still in flight, and a re-run asks the cache what is missing and submits
 only that. Once everything is in the cache the pipeline replays it to build the report, with the same
 code a local run uses.
@@ -26,7 +32,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..errors import OnnxPruneError, UnavailableError
 from .cache import STATE_VERSION, CacheMiss, StepCache
@@ -36,6 +42,45 @@ PROFILE_RESOURCE = "onnxprune_profile"
 #: steps that measure time (they run in the latency task, holding PROFILE_RESOURCE)
 LATENCY_STEPS = ("profile", "speedup-vs-dense")
 INSTALL = "pip install 'onnxprune[ray]'"
+
+
+class VersionMismatchError(OnnxPruneError):
+    """A Ray worker imports another onnxprune than the driver: its results would not be comparable."""
+
+
+def check_version(driver: str) -> None:
+    """Raise :class:`VersionMismatchError` when this process's onnxprune is not the driver's."""
+    from .. import __version__
+
+    if __version__ != driver:
+        raise VersionMismatchError(f"the worker on {socket.gethostname()} runs onnxprune {__version__}, the driver "
+                                   f"{driver}: install the same version on every node")
+
+
+def measuring_nodes(nodes: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``{"node_id", "cpus", "gpus"}`` of every live node offering the profile resource (from ``ray.nodes()``)."""
+    out = []
+    for n in nodes:
+        res = n.get("Resources") or {}
+        if n.get("Alive", True) and res.get(PROFILE_RESOURCE, 0) >= 1:
+            out.append({"node_id": n["NodeID"], "cpus": int(res.get("CPU", 0)), "gpus": int(res.get("GPU", 0))})
+    return out
+
+
+def measure_options(nodes: Sequence[Mapping[str, Any]], gpu: bool, index: int) -> dict[str, Any]:
+    """Ray options that reserve a whole measuring node for one task: all its CPUs, its GPUs when
+    ``gpu``, and its profile resource. When the measuring nodes all have the same size any of them
+    may take the task; otherwise the ``index``-th task is pinned to node ``index`` mod their number
+    (a request sized for one node would leave CPUs free on a larger one, or never fit a smaller one)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    sizes = {(n["cpus"], n["gpus"]) for n in nodes}
+    node = nodes[index % len(nodes)]
+    opts: dict[str, Any] = {"num_cpus": node["cpus"], "num_gpus": node["gpus"] if gpu else 0,
+                            "resources": {PROFILE_RESOURCE: 1}}
+    if len(sizes) > 1:
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node["node_id"], soft=False)
+    return opts
 
 
 def node_info() -> dict[str, Any]:
@@ -112,6 +157,7 @@ class Shared:
     sens: Any
     dense: dict[str, bytes]  # models/dense.onnx (and its external data files)
     records: dict[str, Any]  # the run's step records when the tasks were submitted
+    version: str = ""  # the driver's onnxprune: a task checks it before any work
 
 
 def jobs_of(ctx, plan) -> list[Job]:
@@ -186,7 +232,7 @@ class RayExecutor:
         return True
 
     def _needs(self, ray, ctx) -> tuple[int, int]:
-        """GPUs a build task and a latency task ask for; refuses a cluster that cannot run them."""
+        """GPUs a build task and a latency task ask for (0 or 1); refuses a cluster that cannot run them."""
         have = ray.cluster_resources()
         rt = ctx.recipe.retrain
         train_gpus = 1 if rt.epochs > 0 and (rt.device == "cuda" or (rt.device == "auto" and have.get("GPU", 0) >= 1)) else 0
@@ -197,15 +243,23 @@ class RayExecutor:
             raise OnnxPruneError(f"no node of the Ray cluster offers the {PROFILE_RESOURCE!r} resource that latency "
                                  "measurements hold: start the nodes that may measure with ray start ... "
                                  f"--resources='{{\"{PROFILE_RESOURCE}\": 1}}'")
+        if lat_gpus and ctx.profiles and not any(n["gpus"] for n in measuring_nodes(ray.nodes())):
+            raise UnavailableError(f"the recipe measures on CUDA but no node offering {PROFILE_RESOURCE!r} has a GPU")
         return train_gpus, lat_gpus
 
     def _fill(self, ray, ctx, model_path: Path, plan, dense: Path, sens) -> None:
         train_gpus, lat_gpus = self._needs(ray, ctx)
+        from .. import __version__
+
         shared = ray.put(Shared(recipe=ctx.recipe, data=ctx.data, data_desc=ctx.data_desc, profiles=list(ctx.profiles),
                                 sens=sens, dense=payload(ctx.outdir, [ctx.rel(dense)]),
-                                records=dict(ctx.cache.state["steps"])))
+                                records=dict(ctx.cache.state["steps"]), version=__version__))
         task = ray.remote(run_task)
-        common = {"max_retries": self.max_retries, "retry_exceptions": True}
+        # retries are for a worker that died (crash, lost node); an exception raised in a task is not
+        # retried: it comes from the input, the data or the versions and would fail the same way again
+        common = {"max_retries": self.max_retries, "retry_exceptions": False}
+        nodes = measuring_nodes(ray.nodes()) if ctx.profiles else []
+        measured = 0
         pending: dict[Any, tuple[Job, str, bool]] = {}
         jobs = jobs_of(ctx, plan)
         for job in jobs:
@@ -219,13 +273,15 @@ class RayExecutor:
             prev = None
             for phase in phases:
                 measures = phase == "latency" or (job.spec is not None and _latency_target(job.spec))
-                opts = {"num_cpus": 1, "num_gpus": lat_gpus if phase == "latency" else train_gpus,
-                        "resources": {PROFILE_RESOURCE: 1} if measures else {}, **common}
+                if measures and nodes:
+                    gpu = bool(lat_gpus if phase == "latency" else (lat_gpus or train_gpus))
+                    opts = {**measure_options(nodes, gpu, measured), **common}
+                    measured += 1
+                else:
+                    opts = {"num_cpus": 1, "num_gpus": train_gpus if phase == "build" else 0, **common}
                 prev = task.options(**opts).remote(shared, job, phase, seed_ref, prev)
                 pending[prev] = (job, phase, phase == phases[-1])
         failures: dict[str, str] = {}
-        from .. import __version__
-
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             job, phase, last = pending.pop(done[0])
@@ -233,9 +289,6 @@ class RayExecutor:
                 res = ray.get(done[0])
             except Exception as exc:  # noqa: BLE001 - a task's failure (retries spent) is reported with the others
                 res = {"error": _task_error(exc)}
-            if "error" not in res and res.get("version") != __version__:
-                res = {"error": f"the worker on {res['node']['host']} runs onnxprune {res.get('version')}, this "
-                                f"machine {__version__}: install the same version on every node"}
             if "error" in res:
                 failures.setdefault(job.label, res["error"])
                 continue
@@ -311,13 +364,17 @@ def _latency_target(spec) -> bool:
 
 def run_task(shared: Shared, job: Job, phase: str, seed: Mapping[str, Any], prior: Mapping[str, Any] | None) -> dict[str, Any]:
     """One phase of one job on a Ray worker, in a scratch copy of the run directory; returns the new step
-    records and the bytes of the files they wrote. An input error (OnnxPruneError) is returned, not
-    raised: it would fail the same way on every retry."""
-    from .. import __version__
+    records and the bytes of the files they wrote. The onnxprune version is checked first, before any
+    work. An input error (OnnxPruneError, a version mismatch included) is returned, not raised: it
+    would fail the same way on every retry."""
     from . import run as pipeline
 
     if prior is not None and "error" in prior:
         return dict(prior)
+    try:
+        check_version(shared.version)
+    except VersionMismatchError as exc:
+        return {"error": str(exc)}
     records = {**shared.records, **((prior or {}).get("records") or {})}
     files = {**seed["files"], **((prior or {}).get("files") or {})}
     with tempfile.TemporaryDirectory(prefix="onnxprune-task-") as tmp:
@@ -336,8 +393,7 @@ def run_task(shared: Shared, job: Job, phase: str, seed: Mapping[str, Any], prio
         new = {k: v for k, v in cache.state["steps"].items() if k not in records}
         written = payload(out, [rel for r in new.values() for rel in r["files"]])
         return {"records": new, "files": written, "executed": cache.executed, "skipped": cache.skipped,
-                "node": node_info(), "version": __version__, "versions": pipeline.versions(),
-                "machine": cache.own_machine()}
+                "node": node_info(), "versions": pipeline.versions(), "machine": cache.own_machine()}
 
 
 def _first_line(exc: BaseException) -> str:

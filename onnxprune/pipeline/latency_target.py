@@ -5,7 +5,9 @@ in ``[0, max_ratio]``: every probe prunes the dense model at a ratio, writes it,
 chosen latency percentile on the profile; the search keeps the smallest ratio that met the budget
 once the interval is narrower than ``tolerance``. Latency is noisy and not strictly monotone in the
 ratio, so the final model's latency is measured again (after retraining) by the pipeline, and the
-report states both.
+report states both: the probe that chose the ratio is ``latency_search.selection_estimate_ms`` (the
+best of several noisy draws, so optimistic), the pipeline's own fresh measurement is the figure of
+record.
 """
 from __future__ import annotations
 
@@ -81,8 +83,10 @@ def prune_to_latency(source: str | os.PathLike, stage: Stage, hw_profile, seed: 
         res = steps.prune_stage(source, stage.model_copy(update={"target": Target(ratio=0.0)}), seed)
     else:
         res = results[ratio]
+    chosen = [p["latency_ms"] for p in probes if p["ratio"] == ratio]
     res.summary["latency_search"] = {"profile": lt.profile, "percentile": lt.percentile, "budget_ms": lt.budget_ms,
-                                     "ratio": ratio, "probes": probes}
+                                     "ratio": ratio, "selection_estimate_ms": chosen[-1] if chosen else None,
+                                     "probes": probes}
     if where:
         from ..profiling.provenance import merge_measured_on
 

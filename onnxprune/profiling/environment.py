@@ -136,14 +136,15 @@ def thread_notes(profile: HwProfile) -> list[str]:
     return notes
 
 
-def effective_threads(profile: HwProfile) -> dict[str, Any]:
-    """Threads asked for, and what the runtime uses when the profile leaves it at 0 (its default)."""
-    intra = profile.threads.intra_op
-    if not intra:
-        if profile.backend.startswith("torch"):
-            import torch
+def resolved_threads(profile: HwProfile) -> tuple[int, int]:
+    """(intra-op, inter-op) thread counts the runners set: the profile's, with 0 ("all cores") read
+    as the physical cores this process may use. Always a concrete number, so a measurement never
+    inherits OMP_NUM_THREADS (Ray sets it to a task's CPU count) or a runtime's own default."""
+    cores = max(1, min(physical_cores(), len(usable_cores())))
+    return profile.threads.intra_op or cores, profile.threads.inter_op or cores
 
-            intra = torch.get_num_threads()
-        else:
-            intra = min(physical_cores(), len(usable_cores()))
-    return {"intra_op": profile.threads.intra_op, "inter_op": profile.threads.inter_op, "intra_op_effective": intra}
+
+def effective_threads(profile: HwProfile) -> dict[str, Any]:
+    """Threads asked for, and what the runners use (:func:`resolved_threads`)."""
+    return {"intra_op": profile.threads.intra_op, "inter_op": profile.threads.inter_op,
+            "intra_op_effective": resolved_threads(profile)[0]}

@@ -11,6 +11,8 @@
 Every GPU package is imported only when its backend is asked for; when it (or the GPU) is missing
 the runner raises :class:`UnavailableError` saying what to install. A runner call returns only when
 the inference has finished (GPU runners synchronize), so wall-clock timing around it is honest.
+Every CPU-side runtime gets explicit thread counts (:func:`~.environment.resolved_threads`), never
+the environment's (Ray sets ``OMP_NUM_THREADS`` in its workers).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import onnx
 
 from ..errors import OnnxPruneError, UnavailableError, ort_error_text
 from ..shapes import _shape_of, graph_inputs
+from .environment import resolved_threads
 from .hw_profile import HwProfile
 from .provider import ORT_PROVIDER, check_active_provider, require_ort_provider
 
@@ -147,8 +150,7 @@ def ort_session(path: str | os.PathLike, profile: HwProfile, *, arena: bool = Tr
     provider = ORT_PROVIDER[profile.backend]
     require_ort_provider(provider, f"profile {profile.name!r}")
     so = ort.SessionOptions()
-    so.intra_op_num_threads = profile.threads.intra_op
-    so.inter_op_num_threads = profile.threads.inter_op
+    so.intra_op_num_threads, so.inter_op_num_threads = resolved_threads(profile)
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.enable_cpu_mem_arena = arena
@@ -290,8 +292,7 @@ class TorchRunner:
         if self._cuda:
             _torch_cuda(profile.backend)
         self._threads = torch.get_num_threads()
-        if profile.threads.intra_op:
-            torch.set_num_threads(profile.threads.intra_op)
+        torch.set_num_threads(resolved_threads(profile)[0])  # the inter-op pool is fixed once torch has run
         from ..model_io import load_model
         from ..normalize import normalize
 

@@ -10,6 +10,8 @@ any (out, in) width is then read off the two curves, assumed separable::
 each curve a robust line through its points (:func:`line_fit`), and a pruned model's latency is
 estimated as the measured dense latency minus what its layers save.
 The estimate guides the allocator; the result is always verified by an interleaved measurement.
+A layer with a variant the profiler did not time (:attr:`LatencyTable.untimed`) is a *fixed* cost:
+it is never credited a saving, and never counted as 0 ms.
 
 Measuring is cheap on purpose: the layers' width variants are packed as independent nodes into a
 few small models and timed with ONNX Runtime's per-node profiler through the central profiling API
@@ -24,7 +26,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -45,7 +46,7 @@ from ..shapes import skeleton
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
 #: bytes of weights per packed measurement model (keeps the variant models small)
 CHUNK_BYTES = 48 << 20
-TABLE_VERSION = 2  # 2: measured_on, machine-keyed
+TABLE_VERSION = 3  # 2: measured_on, machine-keyed; 3: untimed variants are fixed costs (earlier: 0 ms)
 _OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -71,6 +72,8 @@ class Layer:
     out_parts: list[tuple[int, int]] = field(default_factory=list)
     in_parts: list[tuple[int, int]] = field(default_factory=list)
     depthwise: bool = False
+    #: a variant of this layer was not timed: its latency is fixed (no saving at any width)
+    fixed: bool = False
     #: (kept width, ms) measured, ascending width, per side
     out_curve: list[tuple[int, float]] = field(default_factory=list)
     in_curve: list[tuple[int, float]] = field(default_factory=list)
@@ -85,6 +88,10 @@ class Layer:
 
     @property
     def dense_ms(self) -> float:
+        """The layer's time at full width; for a fixed layer the slowest variant that was timed (0 when
+        none was: its time is then only inside the whole model's measured latency)."""
+        if self.fixed:
+            return max((t for _, t in self.out_curve + self.in_curve), default=0.0)
         return _at(self.out_curve, self.out_full)
 
     def kept_fraction(self, counts: Mapping[int, int], sizes: Mapping[int, int]) -> float:
@@ -95,9 +102,10 @@ class Layer:
         return f
 
     def ms(self, counts: Mapping[int, int], sizes: Mapping[int, int]) -> float:
-        """Estimated latency at the groups' kept ``counts`` (absent groups: full)."""
-        if not self.out_curve:
-            return 0.0
+        """Estimated latency at the groups' kept ``counts`` (absent groups: full); a fixed layer's
+        time does not change with its widths."""
+        if self.fixed or not self.out_curve:
+            return self.dense_ms
         t = _at(self.out_curve, self.width("out", counts, sizes))
         if self.in_curve and not self.depthwise:
             full = _at(self.in_curve, self.in_full)
@@ -300,10 +308,7 @@ def _measure_chunk(path: Path, profile, tags: Mapping[str, Any], batch: int,
             if entry.get("model_node") in tags:
                 ms = float(entry.get("ms_min", entry["ms_per_run"]))
                 times[entry["model_node"]] = times.get(entry["model_node"], 0.0) + ms
-        missing = set(tags) - set(times)
-        if missing:  # e.g. a kernel the runtime folded away: count it as free, never as a guess
-            times.update({t: 0.0 for t in missing})
-        return times
+        return times  # a variant absent here (a kernel folded away, a cut top list) is untimed, not free
     model = onnx.load(str(path))
     times = {}
     for node in model.graph.node:
@@ -377,6 +382,8 @@ class LatencyTable:
     path: str | None = None
     #: where and how the table's timings were taken (merged over them: ``shared`` if any was)
     measured_on: dict[str, Any] | None = None
+    #: variants the profiler gave no time for, ``{"node", "side", "width"}``; their layers are fixed
+    untimed: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def scale(self) -> float:
@@ -395,20 +402,20 @@ class LatencyTable:
     def to_json(self) -> dict[str, Any]:
         return {"version": TABLE_VERSION, "profile": self.profile, "dense_ms": self.dense_ms, "measure_s": self.measure_s,
                 "measured_on": self.measured_on,
-                "sizes": {str(k): v for k, v in self.sizes.items()},
+                "sizes": {str(k): v for k, v in self.sizes.items()}, "untimed": self.untimed,
                 "layers": [{"node": l.node, "op": l.op, "out_full": l.out_full, "in_full": l.in_full,
                             "out_parts": l.out_parts, "in_parts": l.in_parts, "depthwise": l.depthwise,
-                            "out_curve": l.out_curve, "in_curve": l.in_curve} for l in self.layers]}
+                            "fixed": l.fixed, "out_curve": l.out_curve, "in_curve": l.in_curve} for l in self.layers]}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "LatencyTable":
         layers = [Layer(node=l["node"], op=l["op"], out_full=l["out_full"], in_full=l["in_full"],
                         out_parts=[tuple(p) for p in l["out_parts"]], in_parts=[tuple(p) for p in l["in_parts"]],
-                        depthwise=l["depthwise"], out_curve=[tuple(c) for c in l["out_curve"]],
+                        depthwise=l["depthwise"], fixed=bool(l["fixed"]), out_curve=[tuple(c) for c in l["out_curve"]],
                         in_curve=[tuple(c) for c in l["in_curve"]]) for l in d["layers"]]
         return cls(profile=d["profile"], dense_ms=float(d["dense_ms"]), layers=layers,
                    sizes={int(k): int(v) for k, v in d["sizes"].items()}, measure_s=float(d.get("measure_s", 0.0)),
-                   measured_on=d.get("measured_on"))
+                   measured_on=d.get("measured_on"), untimed=list(d.get("untimed", [])))
 
 
 def latency_table(view: GraphView, analysis: Analysis, group_ids: Sequence[int], profile, dense_path: str | os.PathLike,
@@ -448,20 +455,26 @@ def latency_table(view: GraphView, analysis: Analysis, group_ids: Sequence[int],
     opset = [o for o in view.model.opset_import if o.domain in ("", "ai.onnx")]
     variants = _plan_variants(layers)
     where: list = []
+    untimed: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="onnxprune-lat-") as tmp:
         for k, (model, tags) in enumerate(_chunks(view, layers, variants, opset)):
             path = Path(tmp) / f"chunk{k}.onnx"
             onnx.save(model, str(path))
-            for tag, ms in _measure_chunk(path, tprof, tags, int(batch), where).items():
-                i, side, w = tags[tag]
-                (layers[i].out_curve if side == "out" else layers[i].in_curve).append((w, ms))
+            times = _measure_chunk(path, tprof, tags, int(batch), where)
+            for tag, (i, side, w) in tags.items():
+                if tag in times:
+                    (layers[i].out_curve if side == "out" else layers[i].in_curve).append((w, float(times[tag])))
+                else:
+                    layers[i].fixed = True
+                    untimed.append({"node": layers[i].node, "side": side, "width": w})
     for layer in layers:
         layer.out_curve.sort()
-        if layer.in_curve:  # the full width is the out curve's widest point
+        if layer.in_curve and not layer.fixed:  # the full width is the out curve's widest point
             layer.in_curve = sorted(layer.in_curve + [(layer.in_full, layer.out_curve[-1][1])])
+        layer.in_curve.sort()
     dense = _dense_ms(dense_path, tprof, input_shapes, where)
     table = LatencyTable(profile=profile.name, dense_ms=float(dense), layers=layers, sizes=sizes,
-                         measure_s=time.perf_counter() - start, measured_on=merge_measured_on(where))
+                         measure_s=time.perf_counter() - start, measured_on=merge_measured_on(where), untimed=untimed)
     try:
         cache.mkdir(parents=True, exist_ok=True)
         with atomic_path(file) as tmp_file:
