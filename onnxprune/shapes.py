@@ -124,7 +124,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     lg.node.extend(g.node)
     lg.input.extend(g.input)
     lg.output.extend(g.output)
-    lg.value_info.extend(g.value_info)
+    lg.value_info.extend(_declarations_to_keep(g))
     declared = {i.name for i in g.input}
     for init in g.initializer:
         n = 1
@@ -145,6 +145,18 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
             lg.input.append(onnx.helper.make_tensor_value_info(sp.values.name, sp.values.data_type, list(sp.dims)))
     light.ir_version = max(light.ir_version, 4)
     return light
+
+
+def _declarations_to_keep(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """The intermediate declarations inference should start from: only those of outputs of ops in
+    other domains (which ONNX cannot infer). ONNX keeps a declared dim over the one it infers, so an
+    exporter's (or an earlier inference's) ``unk__3`` batch would stay unknown after
+    ``--input-shape`` fixed the inputs and hide every size computed from it (a head split's run-time
+    target, a MatMul's MACs); default-domain outputs are re-derived from the inputs instead."""
+    custom = {o for n in graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
+    if not custom:
+        return []
+    return [vi for vi in graph.value_info if vi.name in custom]
 
 
 def infer_shapes(model: onnx.ModelProto, *, inplace: bool = False, strict: bool = False) -> onnx.ModelProto:

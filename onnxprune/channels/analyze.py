@@ -145,8 +145,9 @@ def _finalize(ctx: Context) -> Analysis:
         groups.append(Group(id=new_id, size=len(classes[g]), members=mems, prunable=g not in bad, reason=bad.get(g),
                             blocks=blocks.get(g, 1), nodes=nodes, exact=g not in inexact,
                             inexact_reason=inexact.get(g), keep_one_of=list(keep_one[g])))
-    shapes = {k: tuple(int(d) for d in v) for k, v in ctx.view.shapes.items()
-              if v is not None and all(isinstance(d, int) for d in v) and k not in ctx.view.initializers}
+    # static dims as ints; symbolic ones (batch, sequence: never a channel axis) as their names
+    shapes = {k: tuple(d if isinstance(d, int) else str(d) for d in v) for k, v in ctx.view.shapes.items()
+              if v is not None and all(isinstance(d, (int, str)) for d in v) and k not in ctx.view.initializers}
     return Analysis(groups=groups, shapes=shapes, values=dict(ctx.values), adaptive=dict(ctx.adaptive),
                     pins=dict(ctx.pins))
 

@@ -259,7 +259,8 @@ def _static_copy(m: onnx.ModelProto, shapes: dict) -> onnx.ModelProto | None:
     from ..normalize import fold_constants
     from ..shapes import fix_input_shapes, graph_inputs
     try:
-        fixed = {i.name: shapes[i.name] for i in graph_inputs(m) if i.name in shapes}
+        fixed = {i.name: shapes[i.name] for i in graph_inputs(m)
+                 if i.name in shapes and all(isinstance(d, int) for d in shapes[i.name])}
         c = fix_input_shapes(m, fixed)
         del c.graph.value_info[:]
         for _ in range(8):
@@ -339,7 +340,7 @@ class _NodeFixer:
 
     def dim(self, name: str, axis: int) -> int:
         s = self.shapes.get(name)
-        if s is None or axis >= len(s):
+        if s is None or axis >= len(s) or not isinstance(s[axis], int):
             raise OnnxPruneError(f"internal: static shape of {name!r} unknown to the rewriter")
         return s[axis]
 
@@ -413,7 +414,7 @@ class _NodeFixer:
             elif t[u] == 0 and not allowzero:
                 xs = self.shapes.get(x)
                 in_new = None
-                if xs is not None and u < len(xs):
+                if xs is not None and u < len(xs) and isinstance(xs[u], int):
                     in_new = xs[u] - len(self.cut(x, u))
                 if in_new != new_u:
                     t[u] = new_u
@@ -425,7 +426,7 @@ class _NodeFixer:
         # run-time target (Shape -> Gather -> Concat ...): pin only the entry of the channel axis
         if u in self.adaptive.get(node.name, ()):
             return  # read by Shape from these very channels: adapts by itself
-        if self._patch_pinned(node, u, new_u):
+        if self._patch_pinned(node, u, new_u, runtime=-1):
             return
         static = self.values.get(node.input[1])
         if static is not None and int(static[u]) == -1:
@@ -433,7 +434,7 @@ class _NodeFixer:
         now = self.now(node.input[1])
         if now is not None and int(now.reshape(-1)[u]) == new_u:
             return  # computed from the pruned shapes: adapts by itself
-        if self._patch_concat_entry(node.input[1], u, new_u):
+        if self._patch_concat_entry(node.input[1], u, new_u, runtime=-1):
             return
         sym = self._symbolic_shapes().get(y)
         if sym is None or len(sym) != len(self.shapes[y]):
@@ -465,7 +466,7 @@ class _NodeFixer:
         if not self._patch_concat_entry(node.input[1], 2, new_x):
             raise OnnxPruneError(f"cannot rewrite the run-time target shape of Reshape {node.name}")
 
-    def _patch_pinned(self, node: onnx.NodeProto, index: int, value: int) -> bool:
+    def _patch_pinned(self, node: onnx.NodeProto, index: int, value: int, runtime: int | None = None) -> bool:
         """Set entry ``index`` of a run-time target that :meth:`pin` made (partly) constant."""
         pins = self.analysis_pins
         if (node.name, 1) in pins:
@@ -476,14 +477,24 @@ class _NodeFixer:
         producer = next((n for n in self.m.graph.node if node.input[1] in n.output), None)
         if producer is None or not any((producer.name, j) in pins for j in range(len(producer.input))):
             return False
-        return self._patch_concat_entry(node.input[1], index, value)
+        return self._patch_concat_entry(node.input[1], index, value, runtime)
 
-    def _patch_concat_entry(self, name: str, index: int, value: int) -> bool:
+    def _patch_concat_entry(self, name: str, index: int, value: int, runtime: int | None = None) -> bool:
         """Set entry ``index`` of a run-time 1-D shape built by a Concat of pieces to ``value`` by
-        replacing the piece that holds it with a constant; False when the shape is built otherwise."""
+        replacing the piece that holds it with a constant; False when the shape is built otherwise.
+
+        ``runtime=-1`` (Reshape targets): a piece computed at run time becomes ``-1`` instead, when
+        no other entry is ``-1``: ``nn.MultiheadAttention`` views ``[S, B, D]`` as ``[S, B * heads,
+        dh]``, and the batch must stay free (``-1`` is exactly ``B * kept heads`` for every ``B``)."""
         producer = next((n for n in self.m.graph.node if name in n.output), None)
         if producer is None or producer.op_type != "Concat":
             return False
+        if runtime is not None:
+            whole = self.values.get(name)
+            consts = [self.const(p, model_only=True) for p in producer.input]
+            if (whole is not None and (np.asarray(whole) == runtime).sum() > 0) or any(
+                    c is not None and (np.asarray(c) == runtime).any() for c in consts):
+                runtime = None
         sym = None
         off = 0
         for idx, piece in enumerate(producer.input):
@@ -501,7 +512,7 @@ class _NodeFixer:
                     new = const.astype(np.int64).reshape(-1).copy()
                     new[index - off] = value
                 elif length == 1:
-                    new = np.array([value], dtype=np.int64)
+                    new = np.array([value if runtime is None else runtime], dtype=np.int64)
                 else:
                     return False
                 self.set_input(producer, idx, new, "dim")

@@ -739,6 +739,35 @@ def reshape_mapping(in_shape: tuple[int, ...], axis: int, out_shape: tuple[int, 
     return None
 
 
+def symbolic_reshape_mapping(in_shape: tuple | None, axis: int, out_shape: tuple | None):
+    """:func:`reshape_mapping` of a reshape whose symbolic dims (batch, sequence) it leaves alone:
+    the leading and trailing dims both shapes share (the same int or the same symbol) stay where
+    they are, and the dims in between, static on both sides and holding the channel axis, are
+    mapped as a static reshape (a head split ``[B, S, 768] -> [B, S, 12, 64]`` and its merge back).
+    None when the part that changes is not static or does not hold the channel axis."""
+    if in_shape is None or out_shape is None:
+        return None
+
+    def same(a, b) -> bool:
+        return a is not None and a == b and (isinstance(a, int) or isinstance(a, str))
+
+    lead = 0
+    while lead < min(len(in_shape), len(out_shape)) and same(in_shape[lead], out_shape[lead]):
+        lead += 1
+    trail = 0
+    while (trail < min(len(in_shape), len(out_shape)) - lead
+           and same(in_shape[-1 - trail], out_shape[-1 - trail])):
+        trail += 1
+    mid_in = in_shape[lead:len(in_shape) - trail]
+    mid_out = out_shape[lead:len(out_shape) - trail]
+    if not lead <= axis < len(in_shape) - trail or not mid_in or not mid_out:
+        return None
+    if not all(isinstance(d, int) and d >= 0 for d in (*mid_in, *mid_out)):
+        return None
+    m = reshape_mapping(tuple(mid_in), axis - lead, tuple(mid_out))
+    return None if m is None else (m[0], m[1] + lead, m[2])
+
+
 def _depends_on(arr: np.ndarray, u: int) -> bool:
     """True when values change along axis ``u``."""
     first = np.take(arr, [0], axis=u)
@@ -787,8 +816,11 @@ def rule_reshape(ctx: Context, node: onnx.NodeProto) -> None:
         return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
     si, so = ctx.static_shape(x), ctx.static_shape(y)
     if si is None or so is None:
-        return _opaque(ctx, node, "input or output shape is not static")
-    m = reshape_mapping(si, tr.axis, so)
+        m = symbolic_reshape_mapping(ctx.shape(x), tr.axis, ctx.shape(y))
+        if m is None:
+            return _opaque(ctx, node, "input or output shape is not static")
+    else:
+        m = reshape_mapping(si, tr.axis, so)
     if m is None and groupnorm_pattern(ctx, node) is not None:
         return _decomposed_groupnorm(ctx, node, tr, *groupnorm_pattern(ctx, node))
     if m is None:
@@ -812,7 +844,7 @@ def rule_reshape(ctx: Context, node: onnx.NodeProto) -> None:
 
 def _gap(ctx: Context, y: str, u: int) -> int:
     """Size-1 axes between the major and minor axis of a split (so the major axis is ``u - 1 - gap``)."""
-    shape = ctx.static_shape(y)
+    shape = ctx.shape(y)
     gap = 0
     while u - 1 - gap > 0 and shape[u - 1 - gap] == 1:
         gap += 1
@@ -820,21 +852,32 @@ def _gap(ctx: Context, y: str, u: int) -> int:
 
 
 def _leads_to_attention(ctx: Context, name: str, depth: int = 4) -> bool:
-    """True when ``name`` reaches, through Transposes and scalar scalings only, a MatMul of two
+    """True when ``name`` reaches, through Transposes, unit-axis reshapes and scalar scalings only, a MatMul of two
     activations (the multi-head attention layout: split D into (heads, head_dim), transpose, Q @ K^T)."""
-    for _ in range(depth):
+    for _ in range(depth + 1):
         users = ctx.view.consumers.get(name, [])
         if len(users) != 1:
             return False
         n = users[0]
         if n.op_type == "MatMul":
             return not any(ctx.view.is_const(i) for i in n.input)
-        if n.op_type == "Transpose" or (n.op_type in ("Mul", "Div") and all(
+        if n.op_type == "Transpose" or _only_unit_axes(ctx, n) or (n.op_type in ("Mul", "Div") and all(
                 i == name or (ctx.view.is_const(i) and ctx.view.const(i).size == 1) for i in n.input)):
             name = n.output[0]
             continue
         return False
     return False
+
+
+def _only_unit_axes(ctx: Context, node: onnx.NodeProto) -> bool:
+    """True for a Reshape/Squeeze/Unsqueeze that only adds or drops size-1 axes (``nn.MultiheadAttention``
+    views ``[B*H, S, dh]`` as ``[B, H, S, dh]`` before ``Q @ K^T``)."""
+    if node.op_type not in ("Reshape", "Squeeze", "Unsqueeze"):
+        return False
+    si, so = ctx.shape(node.input[0]), ctx.shape(node.output[0])
+    if si is None or so is None or any(d is None for d in (*si, *so)):
+        return False
+    return [d for d in si if d != 1] == [d for d in so if d != 1]
 
 
 def groupnorm_pattern(ctx, node: onnx.NodeProto):
