@@ -193,6 +193,24 @@ def _inferskeleton(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
         raise OnnxPruneError(f"shape inference failed: {str(exc).splitlines()[0][:300]}") from exc
 
 
+def symbolic_value_shapes(model: onnx.ModelProto) -> dict[str, Shape] | None:
+    """Shapes of every tensor by ONNX Runtime's symbolic shape inference (sympy over the symbolic
+    dims), or None when it fails. It solves what ONNX's data propagation leaves unknown with
+    symbolic inputs: a ``-1`` in a run-time target (``view(b, s, -1, dh)``), broadcasts of equal
+    symbols, rotary embeddings' run-time ranges. Runs on a weight-free copy."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:  # an ONNX Runtime without its tools
+        return None
+    light = skeleton(model)
+    del light.graph.value_info[:]
+    try:
+        out = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
+    except Exception:  # noqa: BLE001 - any failure: the ONNX shapes stand
+        return None
+    return None if out is None else value_shapes(out)
+
+
 def _shape_of(vi: onnx.ValueInfoProto) -> Shape | None:
     if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
         return None

@@ -24,6 +24,8 @@ from onnxprune.inspection import inspect_model
 from onnxprune.prepare import prepare
 from onnxprune.structured.prune import prune_structured
 
+pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+
 D, HEADS, FFN, LAYERS = 16, 4, 32, 2
 SHAPES = {"input_ids": (1, 8), "attention_mask": (1, 8)}
 
@@ -166,3 +168,61 @@ def test_fused_attention_is_left_whole_naming_the_op():
     an = analyze_channels(prepare(m).view)
     (g,) = [g for g in an.groups if any(mem.tensor == wi.name for mem in g.members)]
     assert not g.prunable and "com.microsoft::Attention" in g.reason
+
+
+# ------------------------------------------------------------------------- Llama/Qwen-style decoder
+KV = 2
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, one_torch_thread):
+    """Decoder-only, grouped-query attention (4 query heads sharing 2 KV heads), RoPE, SwiGLU."""
+    from transformer_models import TinyLlama, export_llama
+    d = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    plain = export_llama(TinyLlama(D, HEADS, KV, FFN, LAYERS).eval(), d / "llama.onnx")
+    torch.manual_seed(0)
+    cached = export_llama(TinyLlama(D, HEADS, KV, FFN, LAYERS, cache=True).eval(), d / "llama_kv.onnx")
+    return plain, cached
+
+
+def _llama_feeds(model, batch, seq, past=3, seed=0):
+    rng = np.random.default_rng(seed)
+    feeds = {"input_ids": rng.integers(1, 12, (batch, seq)).astype(np.int64)}
+    for i in model.graph.input[1:]:
+        feeds[i.name] = rng.standard_normal((batch, KV, past, D // HEADS)).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("shapes", [{"input_ids": (1, 6)}, None], ids=["1x6", "symbolic"])
+def test_gqa_kv_head_goes_with_the_query_heads_sharing_it(llama, shapes):
+    """A group channel is one KV head together with the query heads that read it (repeat_kv), so
+    removing it removes k/v columns of one head and q columns of HEADS // KV heads; RoPE's
+    rotate-half (run-time Slice bounds on head_dim) and the run-time expand/reshape follow."""
+    prep = prepare(llama[0], shapes)
+    an = analyze_channels(prep.view)
+    heads = [g for g in an.prunable if g.size == KV]
+    assert len(heads) == LAYERS and len([g for g in an.prunable if g.size == FFN]) == LAYERS
+    dh, rep = D // HEADS, HEADS // KV
+    for g in heads:
+        cols = {m.node.split("/")[-2]: sorted(len(p) for p in m.positions) for m in g.members_with_role("out")}
+        assert cols == {"q": [rep * dh] * KV, "k": [dh] * KV, "v": [dh] * KV}
+        assert {m.node.split("/")[-2] for m in g.members_with_role("in")} == {"o"}
+    pruned, plan = _oracle(prep, an, [_llama_feeds(prep.model, b, s) for b, s in ((1, 6), (3, 4), (2, 9))])
+    q = next(n for n in pruned.graph.node if n.name.endswith("/q/MatMul"))
+    kept = len(plan[next(g.id for g in heads if any("layers.0/q/" in m.node for m in g.members))])
+    assert next(i for i in pruned.graph.initializer if i.name == q.input[1]).dims[1] == kept * rep * dh
+
+
+def test_kv_cache_inputs_fix_the_kv_heads(llama):
+    """With past keys/values as graph inputs (and presents as outputs) the KV head count is part of
+    the interface: those head groups stay whole, the reason names the cache input; the FFN prunes."""
+    shapes = {"input_ids": (1, 6), **{f"past_key_values.{i}.{t}": (1, KV, 3, D // HEADS)
+                                      for i in range(LAYERS) for t in ("key", "value")}}
+    prep = prepare(llama[1], shapes)
+    an = analyze_channels(prep.view)
+    heads = [g for g in an.groups if g.size == KV]
+    assert len(heads) == LAYERS and not any(g.prunable for g in heads)
+    assert all("reaches model input 'past_key_values." in g.reason for g in heads)
+    assert len([g for g in an.prunable if g.size == FFN]) == LAYERS
+    _oracle(prep, an, [_llama_feeds(prep.model, b, s) for b, s in ((1, 6), (2, 1))])

@@ -152,3 +152,107 @@ class PackedViT(nn.Module):
         x = self.stem(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
         return self.head(self.ln(self.blocks(x))[:, 0])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class GQABlock(nn.Module):
+    """A Llama/Qwen decoder layer as Hugging Face writes it: RMSNorm, q/k/v projections with
+    grouped-query attention (``kv_heads`` shared by ``heads // kv_heads`` query heads, repeated with
+    ``repeat_kv``), rotary position embedding, causal mask, optional KV cache, SwiGLU MLP."""
+
+    def __init__(self, d: int, heads: int, kv_heads: int, ffn: int):
+        super().__init__()
+        self.heads, self.kv, self.dh = heads, kv_heads, d // heads
+        self.q = nn.Linear(d, heads * self.dh, bias=False)
+        self.k = nn.Linear(d, kv_heads * self.dh, bias=False)
+        self.v = nn.Linear(d, kv_heads * self.dh, bias=False)
+        self.o = nn.Linear(heads * self.dh, d, bias=False)
+        self.n1, self.n2 = RMSNorm(d), RMSNorm(d)
+        self.gate, self.up = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
+        self.down = nn.Linear(ffn, d, bias=False)
+
+    def repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, s, dh = x.shape
+        n = self.heads // self.kv
+        return x[:, :, None, :, :].expand(b, h, n, s, dh).reshape(b, h * n, s, dh)
+
+    def forward(self, x, cos, sin, mask, past=None):
+        b, s, _ = x.shape
+        h = self.n1(x)
+        q = self.q(h).view(b, s, -1, self.dh).transpose(1, 2)
+        k = self.k(h).view(b, s, -1, self.dh).transpose(1, 2)
+        v = self.v(h).view(b, s, -1, self.dh).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        present = (k, v)
+        att = torch.matmul(q, self.repeat_kv(k).transpose(2, 3)) / math.sqrt(self.dh) + mask
+        y = torch.matmul(torch.softmax(att, -1), self.repeat_kv(v)).transpose(1, 2).reshape(b, s, -1)
+        x = x + self.o(y)
+        h = self.n2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h)), present
+
+
+class TinyLlama(nn.Module):
+    """Decoder-only LM: ``input_ids -> logits`` (``cache=True``: past keys/values of every layer in,
+    present ones out, as Optimum's ``decoder_with_past`` exports)."""
+
+    def __init__(self, d: int = 16, heads: int = 4, kv_heads: int = 2, ffn: int = 32, layers: int = 2,
+                 cache: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d)
+        self.layers = nn.ModuleList(GQABlock(d, heads, kv_heads, ffn) for _ in range(layers))
+        self.norm, self.lm_head = RMSNorm(d), nn.Linear(d, VOCAB, bias=False)
+        self.dh, self.cache = d // heads, cache
+        inv = 1.0 / (10000 ** (torch.arange(0, self.dh, 2).float() / self.dh))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, input_ids, *past):
+        s = input_ids.shape[1]
+        p = past[0].shape[2] if past else 0
+        pos = torch.arange(p, p + s, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq)
+        emb = torch.cat((freqs, freqs), -1)
+        cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+        mask = torch.triu(torch.full((s, p + s), -1e4), diagonal=p + 1)[None, None]
+        x = self.embed(input_ids)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            x, pr = layer(x, cos, sin, mask, (past[2 * i], past[2 * i + 1]) if past else None)
+            presents.extend(pr)
+        logits = self.lm_head(self.norm(x))
+        return (logits, *presents) if self.cache else logits
+
+
+def export_llama(model: TinyLlama, path: str | Path, seq: int = 6, past_len: int = 3) -> Path:
+    """TorchScript export at opset 17, dynamic batch/sequence (and past length with a cache)."""
+    path = Path(path)
+    ids = torch.randint(1, VOCAB, (2, seq))
+    names, axes, args = ["input_ids"], {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}, [ids]
+    outs = ["logits"]
+    if model.cache:
+        kv = model.layers[0].kv
+        for i in range(len(model.layers)):
+            for t in ("key", "value"):
+                names.append(f"past_key_values.{i}.{t}")
+                outs.append(f"present.{i}.{t}")
+                axes[names[-1]] = {0: "batch", 2: "past_sequence"}
+                axes[outs[-1]] = {0: "batch", 2: "total_sequence"}
+                args.append(torch.randn(2, kv, past_len, model.dh))
+    with torch.no_grad():
+        torch.onnx.export(model, tuple(args), str(path), dynamo=False, opset_version=17, input_names=names,
+                          output_names=outs, dynamic_axes=axes)
+    return path

@@ -16,6 +16,7 @@ state into :class:`~onnxprune.channels.types.Group` objects:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -23,6 +24,7 @@ import onnx
 
 from ..graph import GraphView, build_view, subgraph_reads
 from ..normalize import fold_constants
+from ..shapes import symbolic_value_shapes
 from .context import Context
 from .dims import follow_dims
 from .rules import rule_for
@@ -166,7 +168,9 @@ def _roots(parent: list[int]) -> np.ndarray:
 def _static_view(view: GraphView) -> GraphView:
     """``view`` with its shape computations (Shape -> Gather -> Concat -> Reshape ...) folded into
     constants where the shapes are static, so run-time Reshape targets, Slice bounds and Split sizes
-    can be read. Node and tensor names of everything not folded are unchanged."""
+    can be read. Node and tensor names of everything not folded are unchanged. Where symbolic
+    inputs leave a reshape's output unknown, ONNX Runtime's symbolic shape inference fills in
+    (:func:`_with_symbolic_shapes`)."""
     if not any(n.op_type in ("Shape", "Size") for n in view.model.graph.node):
         return view
     m = onnx.ModelProto()
@@ -175,9 +179,36 @@ def _static_view(view: GraphView) -> GraphView:
         for _ in range(8):
             if not fold_constants(m):
                 break
-        return build_view(m)
+        folded = build_view(m)
     except Exception:  # noqa: BLE001 - folding is a convenience; the plain view is still correct
         return view
+    return _with_symbolic_shapes(folded)
+
+
+def _unresolved(shape) -> bool:
+    return shape is None or any(d is None or (isinstance(d, str) and d.startswith("unk__")) for d in shape)
+
+
+def _with_symbolic_shapes(view: GraphView) -> GraphView:
+    """``view`` with the shapes ONNX leaves unknown (a ``-1`` in a run-time head split between
+    symbolic batch and sequence dims) taken from ONNX Runtime's symbolic shape inference, run only
+    when a Reshape/Expand output is unresolved. Only shapes of the same rank with more known dims
+    replace ONNX's."""
+    if not any(n.op_type in ("Reshape", "Expand") and _unresolved(view.shapes.get(n.output[0]))
+               for n in view.model.graph.node):
+        return view
+    sym = symbolic_value_shapes(view.model)
+    if not sym:
+        return view
+    shapes = dict(view.shapes)
+    for name, s in sym.items():
+        old = shapes.get(name)
+        if name in view.initializers or s is None:
+            continue
+        known = sum(not _unresolved((d,)) for d in s)
+        if old is None or (len(old) == len(s) and known > sum(not _unresolved((d,)) for d in old)):
+            shapes[name] = s
+    return dataclasses.replace(view, shapes=shapes)
 
 
 def block_layout(classes: np.ndarray, blocks: int) -> np.ndarray | None:

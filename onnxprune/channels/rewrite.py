@@ -570,6 +570,11 @@ class _NodeFixer:
         dim = self.dim(x, ax)
         def newpos_count(b: int) -> int:  # kept positions before b
             return b - sum(1 for p in rem if p < b)
+        if self.opset >= 10 and (self.const(node.input[1]) is None or self.const(node.input[2]) is None):
+            axes_v = self.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            if axes_v is not None and ax not in [int(a) + rank if a < 0 else int(a) for a in axes_v.reshape(-1)]:
+                return  # run-time bounds on another axis (the analysis checked the same)
+            raise OnnxPruneError(f"cannot rewrite the run-time bounds of Slice {node.name}")
         if self.opset >= 10:
             starts = [int(v) for v in self.const(node.input[1]).reshape(-1)]
             ends = [int(v) for v in self.const(node.input[2]).reshape(-1)]
@@ -618,6 +623,10 @@ class _NodeFixer:
         shp_name = node.input[1]
         shp = self.const(shp_name)
         if shp is None:
+            n = self.shapes.get(shp_name)
+            if n is not None and len(n) == 1 and isinstance(n[0], int) and \
+                    u - (len(self.shapes[y]) - n[0]) in self.adaptive.get(node.name, ()):
+                return  # a run-time target reading these very channels: adapts by itself
             raise OnnxPruneError(f"cannot rewrite the target shape of Expand {node.name}")
         i = u - (len(self.shapes[y]) - len(shp))
         if i < 0 or int(shp[i]) == 1 or i in self.adaptive.get(node.name, ()):

@@ -662,6 +662,18 @@ def slice_window(start: int, end: int, step: int, dim: int) -> range:
     return range(dim)[slice(start, end, step)] if step else range(0)
 
 
+def _slice_axes(ctx: Context, node: onnx.NodeProto, rank: int) -> list[int] | None:
+    """The axes a Slice (opset 10+) cuts when they are known although its bounds are not: the
+    ``axes`` constant, or every leading axis as long as ``starts`` is."""
+    if ctx.opset < 10:
+        return None
+    if len(node.input) > 3 and node.input[3]:
+        v = ctx.const(node.input[3])
+        return None if v is None else [_norm_axis(int(a), rank) for a in np.asarray(v).reshape(-1)]
+    n = ctx.dim(node.input[1], 0)
+    return None if n is None else list(range(n))
+
+
 def rule_slice(ctx: Context, node: onnx.NodeProto) -> None:
     """Slice: on the channel axis with step 1 the output carries the window's channels (the rest of
     the producer's channels end here); other steps are unprunable. Other axes: pass-through."""
@@ -672,6 +684,9 @@ def rule_slice(ctx: Context, node: onnx.NodeProto) -> None:
     rank = ctx.rank(x)
     p = slice_params(ctx, node, rank)
     if p is None:
+        axes = _slice_axes(ctx, node, rank)
+        if axes is not None and tr.axis not in axes:  # run-time bounds elsewhere (rotate-half's h = dh // 2)
+            return ctx.set_track(node.output[0], tr.axis, tr.atoms, node)
         return _opaque(ctx, node, "slice bounds are computed at run time")
     starts, ends, axes, steps = p
     if tr.axis not in axes:
@@ -758,9 +773,16 @@ def symbolic_reshape_mapping(in_shape: tuple | None, axis: int, out_shape: tuple
     while (trail < min(len(in_shape), len(out_shape)) - lead
            and same(in_shape[-1 - trail], out_shape[-1 - trail])):
         trail += 1
+    c = in_shape[axis]
+    if not isinstance(c, int):
+        return None
+    if axis < lead:  # the channel axis is among the shared leading dims: it stays
+        return ("map", axis, np.arange(c))
+    if axis >= len(in_shape) - trail:  # among the shared trailing dims
+        return ("map", axis - len(in_shape) + len(out_shape), np.arange(c))
     mid_in = in_shape[lead:len(in_shape) - trail]
     mid_out = out_shape[lead:len(out_shape) - trail]
-    if not lead <= axis < len(in_shape) - trail or not mid_in or not mid_out:
+    if not mid_in or not mid_out:
         return None
     if not all(isinstance(d, int) and d >= 0 for d in (*mid_in, *mid_out)):
         return None
@@ -851,22 +873,42 @@ def _gap(ctx: Context, y: str, u: int) -> int:
     return gap
 
 
-def _leads_to_attention(ctx: Context, name: str, depth: int = 4) -> bool:
-    """True when ``name`` reaches, through Transposes, unit-axis reshapes and scalar scalings only, a MatMul of two
-    activations (the multi-head attention layout: split D into (heads, head_dim), transpose, Q @ K^T)."""
-    for _ in range(depth + 1):
-        users = ctx.view.consumers.get(name, [])
-        if len(users) != 1:
-            return False
-        n = users[0]
-        if n.op_type == "MatMul":
-            return not any(ctx.view.is_const(i) for i in n.input)
-        if n.op_type == "Transpose" or _only_unit_axes(ctx, n) or (n.op_type in ("Mul", "Div") and all(
-                i == name or (ctx.view.is_const(i) and ctx.view.const(i).size == 1) for i in n.input)):
-            name = n.output[0]
+#: Ops a head-split tensor passes on its way to ``Q @ K^T`` / ``attn @ V``: layout moves and unit-axis
+#: views, scalings, rotary embedding (rotate-half: Slice/Neg/Concat on head_dim, times cos/sin), a KV
+#: cache's Concat on the sequence axis, grouped-query attention's repeat_kv (Unsqueeze/Expand/Reshape).
+_TO_ATTENTION = frozenset({"Transpose", "Mul", "Div", "Add", "Sub", "Neg", "Slice", "Concat", "Cast", "Unsqueeze",
+                           "Squeeze", "Expand", "Reshape"})
+
+
+def _leads_to_attention(ctx: Context, name: str, budget: int = 64) -> bool:
+    """True when every path from ``name`` goes, through :data:`_TO_ATTENTION` ops only, into a MatMul
+    of two activations (or a model output: a KV cache): the multi-head layout, where a split of D
+    into ``(heads, head_dim)`` carries whole heads on the major axis. A path into anything else (a
+    Conv after a channel shuffle, a weight MatMul) means the split is not a head split."""
+    seen, stack, found = set(), [name], False
+    outputs = set(ctx.view.output_names)
+    while stack:
+        t = stack.pop()
+        if t in seen:
             continue
-        return False
-    return False
+        seen.add(t)
+        if len(seen) > budget:
+            return False
+        users = ctx.view.consumers.get(t, [])
+        if not users and t not in outputs:
+            return False
+        for n in users:
+            if n.op_type == "MatMul":
+                if any(ctx.view.is_const(i) for i in n.input):
+                    return False
+                found = True
+            elif n.op_type in ("Shape", "Size"):
+                continue  # reads sizes only (rotate-half's ``x.shape[-1] // 2``)
+            elif n.op_type in _TO_ATTENTION and n.domain in ("", "ai.onnx"):
+                stack.extend(o for o in n.output if o)
+            else:
+                return False
+    return found
 
 
 def _only_unit_axes(ctx: Context, node: onnx.NodeProto) -> bool:
@@ -953,9 +995,15 @@ def rule_expand(ctx: Context, node: onnx.NodeProto) -> None:
         return _elementwise(ctx, node, [x])
     shp = ctx.const(node.input[1])
     ri, ro = ctx.rank(x), ctx.rank(node.output[0])
-    if shp is None or ri is None or ro is None:
-        return _opaque(ctx, node, "target shape is computed at run time")
+    if ri is None or ro is None:
+        return _opaque(ctx, node, "unknown rank")
     oax = tr.axis + ro - ri
+    if shp is None:
+        # a run-time target (repeat_kv's ``expand(b, kv, n, s, dh)`` between symbolic dims): fine when
+        # the channel axis keeps its size; the entry itself is followed by dims.py (adapts or refused)
+        if ctx.dim(node.output[0], oax) != len(tr.atoms):
+            return _opaque(ctx, node, "target shape is computed at run time")
+        return ctx.set_track(node.output[0], oax, tr.atoms, node)
     sax = oax - (ro - len(shp))
     if 0 <= sax < len(shp) and int(shp[sax]) not in (1, len(tr.atoms)):
         return _opaque(ctx, node, "expands the channel axis")
