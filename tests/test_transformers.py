@@ -226,3 +226,29 @@ def test_kv_cache_inputs_fix_the_kv_heads(llama):
     assert all("reaches model input 'past_key_values." in g.reason for g in heads)
     assert len([g for g in an.prunable if g.size == FFN]) == LAYERS
     _oracle(prep, an, [_llama_feeds(prep.model, b, s) for b, s in ((1, 6), (2, 1))])
+
+
+@pytest.mark.parametrize("gelu", ["BiasGelu", "FastGelu"])
+def test_ort_fused_ffn_and_skip_layernorm_prune(gelu):
+    """An FFN after ONNX Runtime's transformer optimizer: MatMul -> com.microsoft BiasGelu/FastGelu
+    (bias fused in) -> MatMul -> SkipLayerNormalization (residual Add + bias + LayerNorm fused). The
+    FFN group prunes exactly (the fused bias is sliced with it); the residual stream, a model input
+    here, stays."""
+    rng = np.random.default_rng(0)
+    arr = {"w1": (D, FFN), "b1": (FFN,), "w2": (FFN, D), "gamma": (D,), "beta": (D,), "b2": (D,)}
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in arr.items()]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node(gelu, ["h", "b1"], ["a"], name="gelu", domain="com.microsoft"),
+             helper.make_node("MatMul", ["a", "w2"], ["f"], name="fc2"),
+             helper.make_node("SkipLayerNormalization", ["f", "x", "gamma", "beta", "b2"], ["y"], name="skip_ln",
+                              domain="com.microsoft", epsilon=1e-5)]
+    g = helper.make_graph(nodes, "fused_ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, D])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    prep = prepare(m)
+    an = analyze_channels(prep.view)
+    (ffn,) = an.prunable
+    assert ffn.size == FFN and ffn.exact and {(mm.tensor, mm.role) for mm in ffn.members if mm.role != "act"} == {
+        ("w1", "out"), ("b1", "param"), ("w2", "in")}
+    feeds = {"x": rng.standard_normal((3, 8, D)).astype(np.float32)}
+    _oracle(prep, an, [feeds])

@@ -172,7 +172,7 @@ def _static_view(view: GraphView) -> GraphView:
     inputs leave a reshape's output unknown, ONNX Runtime's symbolic shape inference fills in
     (:func:`_with_symbolic_shapes`)."""
     if not any(n.op_type in ("Shape", "Size") for n in view.model.graph.node):
-        return view
+        return _with_symbolic_shapes(view)
     m = onnx.ModelProto()
     m.CopyFrom(view.model)
     try:
@@ -192,10 +192,11 @@ def _unresolved(shape) -> bool:
 def _with_symbolic_shapes(view: GraphView) -> GraphView:
     """``view`` with the shapes ONNX leaves unknown (a ``-1`` in a run-time head split between
     symbolic batch and sequence dims) taken from ONNX Runtime's symbolic shape inference, run only
-    when a Reshape/Expand output is unresolved. Only shapes of the same rank with more known dims
+    when a Reshape/Expand output is unresolved or an ONNX Runtime contrib op's output (ONNX
+    does not know those ops) is unknown. Only shapes of the same rank with more known dims
     replace ONNX's."""
-    if not any(n.op_type in ("Reshape", "Expand") and _unresolved(view.shapes.get(n.output[0]))
-               for n in view.model.graph.node):
+    if not any((n.op_type in ("Reshape", "Expand") or n.domain == "com.microsoft")
+               and _unresolved(view.shapes.get(n.output[0])) for n in view.model.graph.node):
         return view
     sym = symbolic_value_shapes(view.model)
     if not sym:

@@ -10,7 +10,8 @@ and, in order of what it can do:
 - or marks channels **bad** with a reason naming the node when it cannot be exact.
 
 Ops without a rule go through :func:`rule_unknown`: every channel flowing into them is unprunable.
-Only the default ONNX domain has rules; custom domains are unknown by construction.
+Only the default ONNX domain and a few of ONNX Runtime's com.microsoft ops (:data:`CONTRIB_RULES`)
+have rules; other custom domains are unknown by construction.
 
 Axes are non-negative everywhere (rules normalize attribute axes with the tensor's rank).
 """
@@ -1087,8 +1088,59 @@ RULES: dict[str, Rule] = {
 }
 
 
+# ------------------------------------------------------------------------------------ ORT contrib ops
+def rule_bias_activation(ctx: Context, node: onnx.NodeProto) -> None:
+    """com.microsoft BiasGelu / FastGelu (``gelu(x + bias)``, bias optional) and Gelu: elementwise; a
+    bias is a per-channel "param" member."""
+    _elementwise(ctx, node, [i for i in node.input if i])
+
+
+def rule_skip_layernorm(ctx: Context, node: onnx.NodeProto) -> None:
+    """com.microsoft SkipLayerNormalization / SkipSimplifiedLayerNormalization (what ONNX Runtime's
+    transformer optimizer fuses a residual Add + LayerNorm into): ``LN(input + skip + bias)`` over
+    the last axis. Input and skip channels go together, gamma/beta/bias are "param" members, the
+    statistics span the channels (inexact); output 0 and the optional sum (output 3) carry them."""
+    ins = [i for i in node.input[:2] if i]
+    _elementwise(ctx, node, ins)
+    tr = ctx.track(node.output[0])
+    if tr is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    rank = ctx.rank(node.output[0])
+    if tr.axis != rank - 1:
+        return _opaque(ctx, node, "normalizes over an axis that does not hold the channels")
+    for p in node.input[2:5]:
+        if not p:
+            continue
+        if ctx.const(p) is None or ctx.const(p).shape[-1] != len(tr.atoms):
+            ctx.mark_bad(tr.atoms, f"{_where(node)}: parameter {p!r} is not a per-channel constant")
+            continue
+        ctx.add_member(p, ctx.const(p).ndim - 1, tr.atoms, "param", node)
+    ctx.mark_inexact(tr.atoms, f"{_where(node)} normalizes over the channel axis")
+    for k, o in enumerate(node.output[1:], start=1):
+        if not o:
+            continue
+        if k == 3:
+            ctx.set_track(o, tr.axis, tr.atoms, node)
+        elif ctx.view.consumers.get(o):
+            ctx.mark_bad(tr.atoms, f"{_where(node)}: statistics output {o!r} is used")
+
+
+#: com.microsoft op_type -> rule. Fused attention (Attention, MultiHeadAttention, GroupQueryAttention)
+#: and EmbedLayerNormalization have none: their channels stay whole, the reason names the op.
+CONTRIB_RULES: dict[str, Rule] = {
+    "BiasGelu": rule_bias_activation,
+    "FastGelu": rule_bias_activation,
+    "Gelu": rule_bias_activation,
+    "QuickGelu": rule_bias_activation,
+    "SkipLayerNormalization": rule_skip_layernorm,
+    "SkipSimplifiedLayerNormalization": rule_skip_layernorm,
+}
+
+
 def rule_for(node: onnx.NodeProto) -> Rule:
-    """The rule of ``node`` (unknown ops and custom domains: :func:`rule_unknown`)."""
+    """The rule of ``node`` (unknown ops and other custom domains: :func:`rule_unknown`)."""
+    if node.domain == "com.microsoft":
+        return CONTRIB_RULES.get(node.op_type, rule_unknown)
     if node.domain not in ("", "ai.onnx"):
         return rule_unknown
     return RULES.get(node.op_type, rule_unknown)
