@@ -252,3 +252,37 @@ def test_ort_fused_ffn_and_skip_layernorm_prune(gelu):
         ("w1", "out"), ("b1", "param"), ("w2", "in")}
     feeds = {"x": rng.standard_normal((3, 8, D)).astype(np.float32)}
     _oracle(prep, an, [feeds])
+
+
+def test_allow_io_change_prunes_kv_heads_through_the_cache(llama, tmp_path):
+    """--allow-io-change: the cache inputs and outputs shrink with the KV heads; the summary lists
+    every changed input/output shape. The pruned model, fed the kept heads' cache, gives the zeroed
+    original's logits and the kept heads' presents."""
+    shapes = {"input_ids": (1, 6), **{f"past_key_values.{i}.{t}": (1, KV, 3, D // HEADS)
+                                      for i in range(LAYERS) for t in ("key", "value")}}
+    prep = prepare(llama[1], shapes)
+    an = analyze_channels(prep.view, allow_io_change=True)
+    heads = [g for g in an.prunable if g.size == KV]
+    assert len(heads) == LAYERS and set(an.io) == {i.name for i in prep.model.graph.input[1:]} | {
+        o.name for o in prep.model.graph.output[1:]}
+    plan = {g.id: np.array([1]) for g in heads}
+    pruned = apply_plan(prep.model, an, plan)
+    zeroed = zero_removed_inputs(prep.model, an, plan)
+    kept = {m.tensor: m.positions.of_channels([1]) for g in heads for m in g.members if m.tensor in an.io}
+    for b, s in ((1, 6), (2, 3)):
+        feeds = _llama_feeds(prep.model, b, s, seed=b)
+        ref = run_ort(zeroed, feeds)
+        small = {k: (v[:, kept[k]] if k in kept else v) for k, v in feeds.items()}
+        out = run_ort(pruned, small)
+        np.testing.assert_allclose(out[0], ref[0], rtol=1e-5, atol=1e-5)
+        for o, r, p in zip(prep.model.graph.output[1:], ref[1:], out[1:]):
+            np.testing.assert_allclose(p, r[:, kept[o.name]], rtol=1e-5, atol=1e-5)
+
+    code, stdout, err = run_cli("prune", llama[1], "-o", tmp_path / "kv.onnx", "--structured", "--ratio", "0.5",
+                                "--allow-io-change", "--json",
+                                *[a for k, v in shapes.items() for a in ("--input-shape", f"{k}={'x'.join(map(str, v))}")])
+    assert code == 0, err
+    changes = {c["name"]: c for c in json.loads(stdout)["io_changes"]}
+    assert set(changes) == set(an.io)
+    assert changes["past_key_values.0.key"]["after"] == ["batch", 1, "past_sequence", D // HEADS]
+    assert changes["present.1.value"]["kind"] == "output" and changes["present.1.value"]["after"][1] == 1

@@ -31,10 +31,14 @@ from .rules import rule_for
 from .types import Analysis, Group, Member, Positions
 
 
-def analyze_channels(view: GraphView) -> Analysis:
+def analyze_channels(view: GraphView, *, allow_io_change: bool = False) -> Analysis:
     """Coupling groups of ``view`` (from :func:`onnxprune.prepare.prepare`; static shapes help:
-    reshapes are only followed on static shapes)."""
-    ctx = Context(_static_view(view), view)
+    reshapes are only followed on static shapes).
+
+    ``allow_io_change``: a model input concatenated with tracked channels (a KV cache) and an
+    output carrying only channels such an input also carries (the present keys/values) no longer
+    fix them; pruning then changes their declared shapes (see ``Analysis.io``)."""
+    ctx = Context(_static_view(view), view, allow_io_change=allow_io_change)
     for node in ctx.view.model.graph.node:
         if node.name in ctx.skip:
             continue
@@ -50,11 +54,19 @@ def analyze_channels(view: GraphView) -> Analysis:
                 ctx.tracks.pop(o, None)
                 ctx.untrack(o, reason)
     follow_dims(ctx)
+    io_roots = {ctx.find(a) for atoms in ctx.io_inputs.values() for a in atoms.tolist()}
+    io = {name: ctx.tracks[name].axis for name in ctx.io_inputs}
     for out in view.output_names:
         tr = ctx.track(out)
-        if tr is not None:
-            ctx.mark_bad(tr.atoms, f"reaches model output {out!r}")
-    return _leave_subgraph_reads_whole(_finalize(ctx), view)
+        if tr is None:
+            continue
+        if io_roots and all(ctx.find(a) in io_roots for a in tr.atoms.tolist()):
+            io[out] = tr.axis  # a cache output: shrinks with the cache input it extends
+            continue
+        ctx.mark_bad(tr.atoms, f"reaches model output {out!r}")
+    analysis = _leave_subgraph_reads_whole(_finalize(ctx), view)
+    analysis.io = io
+    return analysis
 
 
 def _leave_subgraph_reads_whole(analysis: Analysis, view: GraphView) -> Analysis:

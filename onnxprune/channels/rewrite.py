@@ -102,7 +102,7 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
         if pos and before is not None and ax < len(before) and len(pos) >= before[ax]:
             raise OnnxPruneError(f"plan removes every channel of {t!r}")
     src_inits = {i.name: i for i in model.graph.initializer}
-    produced = {o for n in model.graph.node for o in n.output}
+    produced = {o for n in model.graph.node for o in n.output} | set(analysis.io)
     for t in list(act) + [k[0] for k in cuts] + [k[0] for k in gcuts]:
         if t not in src_inits and t not in produced:
             raise OnnxPruneError(f"the analysis does not match this model: it has no tensor {t!r}")
@@ -149,6 +149,7 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
     if fixer.replaced_inputs:
         remove_dead(m)
     del m.graph.value_info[:]  # stale: channel counts changed
+    _shrink_io(m, analysis, act)
     try:
         infer_shapes(m, inplace=True, strict=True)
     except OnnxPruneError as exc:
@@ -161,6 +162,18 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
             if _passes_full_check(model):  # a model that never passed cannot be held to it
                 raise
     return m
+
+
+def _shrink_io(m: onnx.ModelProto, analysis: Analysis, act: dict[str, tuple[int, set[int]]]) -> None:
+    """(In place.) Declared sizes of the model inputs/outputs ``--allow-io-change`` let go
+    (``analysis.io``) shrink with the channels removed from them; symbolic sizes stay."""
+    for vi in list(m.graph.input) + list(m.graph.output):
+        if vi.name not in analysis.io or vi.name not in act:
+            continue
+        ax, pos = act[vi.name]
+        dims = vi.type.tensor_type.shape.dim
+        if pos and ax < len(dims) and dims[ax].HasField("dim_value"):
+            dims[ax].dim_value -= len(pos)
 
 
 def _check_pruned(m: onnx.ModelProto, fresh: dict[str, bool]) -> None:

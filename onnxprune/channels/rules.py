@@ -592,6 +592,8 @@ def rule_concat(ctx: Context, node: onnx.NodeProto) -> None:
             d = ctx.dim(i, primary.axis)
             if ctx.is_const(i) and d == len(atoms):
                 ctx.add_member(i, primary.axis, atoms, "param", node)
+            elif ctx.release_input(i, primary.axis, atoms, node):
+                continue  # --allow-io-change: a KV cache input shrinks with the heads
             elif not (d == 1 and len(atoms) == 1):
                 ctx.mark_bad(atoms, f"concatenated at {_where(node)} with {i!r}: {ctx.reason_of(i)}")
         elif t.axis != primary.axis:

@@ -208,6 +208,10 @@ class Analysis:
     #: run-time value computed from channel counts that sizes a tensor pruning leaves alone
     pins: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
 
+    #: ``allow_io_change`` only: model inputs/outputs (name -> channel axis) whose declared size
+    #: the rewriter shrinks with their channels (KV-cache inputs and outputs)
+    io: dict[str, int] = field(default_factory=dict)
+
     def group(self, gid: int) -> Group:
         for g in self.groups:
             if g.id == gid:
