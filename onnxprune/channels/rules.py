@@ -914,17 +914,6 @@ def _leads_to_attention(ctx: Context, name: str, budget: int = 64) -> bool:
     return found
 
 
-def _only_unit_axes(ctx: Context, node: onnx.NodeProto) -> bool:
-    """True for a Reshape/Squeeze/Unsqueeze that only adds or drops size-1 axes (``nn.MultiheadAttention``
-    views ``[B*H, S, dh]`` as ``[B, H, S, dh]`` before ``Q @ K^T``)."""
-    if node.op_type not in ("Reshape", "Squeeze", "Unsqueeze"):
-        return False
-    si, so = ctx.shape(node.input[0]), ctx.shape(node.output[0])
-    if si is None or so is None or any(d is None for d in (*si, *so)):
-        return False
-    return [d for d in si if d != 1] == [d for d in so if d != 1]
-
-
 def groupnorm_pattern(ctx, node: onnx.NodeProto):
     """GroupNorm as exporters spell it (PyTorch at every opset): ``Reshape [N,C,*] -> [N,G,-1]``,
     ``InstanceNormalization`` (per-group scale 1 / bias 0), ``Reshape`` back to ``[N,C,*]``.
