@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -80,8 +81,8 @@ def test_bert_heads_and_ffn_are_groups(bert, shapes):
         assert g.exact and _role_tensors(g, "out") == {"query", "key", "value"} and _role_tensors(g, "in") == {"dense"}
         q = next(m for m in g.members_with_role("out") if "query" in m.node)
         assert [len(p) for p in q.positions] == [D // HEADS] * HEADS  # a group channel is a whole head
-    hidden = [g for g in an.groups if not g.prunable]
-    assert len(hidden) == 1 and "reaches model input 'input_ids'" in hidden[0].reason  # the residual stream
+    hidden = [g for g in an.groups if not g.prunable]  # the residual stream, from the embedding tables
+    assert len(hidden) == 1 and "embedding table 'tok.weight'" in hidden[0].reason and "--prune-hidden" in hidden[0].reason
 
 
 @pytest.mark.parametrize("shapes", [SHAPES, None], ids=["1x8", "symbolic"])
@@ -285,3 +286,25 @@ def test_allow_io_change_prunes_kv_heads_through_the_cache(llama, tmp_path):
     assert set(changes) == set(an.io)
     assert changes["past_key_values.0.key"]["after"] == ["batch", 1, "past_sequence", D // HEADS]
     assert changes["present.1.value"]["kind"] == "output" and changes["present.1.value"]["after"][1] == 1
+
+
+def test_prune_hidden_is_opt_in(llama, tmp_path):
+    """The hidden size starts at the embedding table's columns and runs through every layer (RMSNorm
+    statistics span it: inexact). Left whole, saying so, unless --prune-hidden; then the table, every
+    projection and norm weight and the LM head's rows shrink, and the model runs at any length."""
+    prep = prepare(llama[0])
+    (hidden,) = [g for g in analyze_channels(prep.view).groups if g.size == D]
+    assert not hidden.prunable and "--prune-hidden" in hidden.reason
+    (hidden,) = [g for g in analyze_channels(prep.view, prune_hidden=True).groups if g.size == D]
+    assert hidden.prunable and not hidden.exact and ("embed.weight", 1, "out") in {
+        (m.tensor, m.axis, m.role) for m in hidden.members}
+    out = tmp_path / "hidden.onnx"
+    code, stdout, err = run_cli("prune", llama[0], "-o", out, "--structured", "--ratio", "0.5", "--prune-hidden",
+                                "--json", "--input-shape", "input_ids=1x8")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert any(g["total"] == D and g["kept"] == D // 2 and g["inexact"] for g in summary["groups"])
+    dims = {i.name: list(i.dims) for i in onnx.load(str(out)).graph.initializer}
+    assert dims["embed.weight"] == [12, D // 2]
+    for b, s in ((1, 8), (2, 3)):
+        assert run_ort(out, _llama_feeds(prep.model, b, s))[0].shape == (b, s, 12)

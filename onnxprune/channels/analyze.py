@@ -31,14 +31,16 @@ from .rules import rule_for
 from .types import Analysis, Group, Member, Positions
 
 
-def analyze_channels(view: GraphView, *, allow_io_change: bool = False) -> Analysis:
+def analyze_channels(view: GraphView, *, allow_io_change: bool = False, prune_hidden: bool = False) -> Analysis:
     """Coupling groups of ``view`` (from :func:`onnxprune.prepare.prepare`; static shapes help:
     reshapes are only followed on static shapes).
 
     ``allow_io_change``: a model input concatenated with tracked channels (a KV cache) and an
     output carrying only channels such an input also carries (the present keys/values) no longer
-    fix them; pruning then changes their declared shapes (see ``Analysis.io``)."""
-    ctx = Context(_static_view(view), view, allow_io_change=allow_io_change)
+    fix them; pruning then changes their declared shapes (see ``Analysis.io``). ``prune_hidden``:
+    the hidden size that embedding tables start (a transformer's residual stream) is prunable
+    where no model input/output fixes it; without it that group is unprunable, saying so."""
+    ctx = Context(_static_view(view), view, allow_io_change=allow_io_change, prune_hidden=prune_hidden)
     for node in ctx.view.model.graph.node:
         if node.name in ctx.skip:
             continue

@@ -60,7 +60,8 @@ def _find_root(parent: list[int], a: int) -> int:
 class Context:
     """Mutable state of one propagation over a :class:`~onnxprune.graph.GraphView`."""
 
-    def __init__(self, view: GraphView, original: GraphView | None = None, *, allow_io_change: bool = False):
+    def __init__(self, view: GraphView, original: GraphView | None = None, *, allow_io_change: bool = False,
+                 prune_hidden: bool = False):
         self.view = view  # shape computations folded where shapes are static (see analyze._static_view)
         self.original = original or view  # what the rewriter will see: run-time values it must be told
         self.values: dict[str, np.ndarray] = {}  # static values of run-time tensors the rules relied on
@@ -92,6 +93,8 @@ class Context:
         #: them (:meth:`release_input`), and outputs carrying only such channels may shrink too
         self.allow_io_change = allow_io_change
         self.io_inputs: dict[str, np.ndarray] = {}
+        #: ``--prune-hidden``: embedding tables' columns (the residual stream) may be pruned
+        self.prune_hidden = prune_hidden
 
     # ----------------------------------------------------------------- atoms
     def new_atoms(self, n: int) -> np.ndarray:

@@ -956,6 +956,8 @@ def rule_gather(ctx: Context, node: onnx.NodeProto) -> None:
     x, ind = node.input[0], node.input[1]
     tr = ctx.track(x)
     if tr is None:
+        if _embedding(ctx, node):
+            return None
         return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
     rank = ctx.rank(x)
     axis = _norm_axis(int(attr(node, "axis", 0)), rank)
@@ -976,6 +978,27 @@ def rule_gather(ctx: Context, node: onnx.NodeProto) -> None:
     if iv.ndim != 1:
         return _opaque(ctx, node, "gathers channels with multi-dimensional indices")
     ctx.set_track(node.output[0], axis, tr.atoms[iv], node)
+
+
+def _embedding(ctx: Context, node: onnx.NodeProto) -> bool:
+    """Gather of rows of a constant ``[V, D]`` table by run-time ids (token or position embedding):
+    the table's columns are new channels (an "out" member on its axis 1), carried on the output's
+    last axis: the hidden size. It reaches every layer, so it prunes only with ``--prune-hidden``
+    (else its group is unprunable, saying so). False for any other Gather."""
+    x, ind = node.input[0], node.input[1]
+    w = ctx.const(x)
+    if w is None or w.ndim != 2 or int(attr(node, "axis", 0)) not in (0, -2) or ctx.const(ind) is not None:
+        return False
+    ir = ctx.rank(ind)
+    if ir is None:
+        return False
+    out = ctx.new_atoms(int(w.shape[1]))
+    ctx.add_member(x, 1, out, "out", node)
+    if not ctx.prune_hidden:
+        ctx.mark_bad(out, f"{_where(node)}: the hidden size (columns of embedding table {x!r}) prunes only "
+                          "with --prune-hidden")
+    ctx.set_track(node.output[0], ir, out, node)
+    return True
 
 
 def rule_expand(ctx: Context, node: onnx.NodeProto) -> None:

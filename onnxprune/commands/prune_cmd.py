@@ -45,6 +45,7 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
     "sparse_storage": ("--sparse-storage", ("unstructured", "nm")),
     "reconstruct": ("--reconstruct", ("unstructured", "nm")),
     "allow_io_change": ("--allow-io-change", ("structured",)),
+    "prune_hidden": ("--prune-hidden", ("structured",)),
 }
 
 
@@ -76,6 +77,8 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
 @click.option("--exclude-last", is_flag=True, help="[unstructured, N:M] leave the last layer(s) (classifier) dense.")
 @click.option("--allow-io-change", is_flag=True, default=None,
               help="[structured] let KV-cache inputs/outputs shrink with the heads they carry (lists every changed shape).")
+@click.option("--prune-hidden", is_flag=True, default=None,
+              help="[structured] prune the hidden size (residual stream) that embedding tables start too.")
 @click.option("--ignore", multiple=True, metavar="PATTERN", help="Leave layers whose node name matches this glob (repeatable).")
 @click.option("--sparse-storage", is_flag=True, help="[unstructured, N:M] store weights as sparse initializers where smaller.")
 @click.option("--seed", default=None, metavar="S", help="Seed of the random criterion (default 0).")
@@ -180,8 +183,9 @@ def _structured(model: str, opts: dict[str, Any]):
         if exc.name and exc.name.startswith("onnxprune"):
             raise OnnxPruneError("structured pruning is not implemented in this version") from exc
         raise
-    if opts["allow_io_change"]:
-        kwargs["allow_io_change"] = True
+    for flag in ("allow_io_change", "prune_hidden"):
+        if opts[flag]:
+            kwargs[flag] = True
     result = prune_structured(model, **kwargs)
     if note:
         result.summary.setdefault("notes", []).append(note)
@@ -196,8 +200,9 @@ def _latency_target(model: str, opts: dict[str, Any], kind: str, value: float):
         raise OnnxPruneError(f"{flag} needs --hw PROFILE: the hardware profile it is measured on (e.g. --hw ci-cpu)")
     if opts["scope"] is not None:
         raise OnnxPruneError(f"--scope does not apply to {flag}: the allocation ranks all groups together")
-    if opts["allow_io_change"]:
-        raise OnnxPruneError(f"--allow-io-change does not apply to {flag} yet: use --ratio or --target-macs")
+    for key in ("allow_io_change", "prune_hidden"):
+        if opts[key]:
+            raise OnnxPruneError(f"{_ONLY[key][0]} does not apply to {flag} yet: use --ratio or --target-macs")
     criterion = _choice(opts["criterion"], STRUCTURED_CRITERIA, "l1", "--criterion", "--structured")
     kwargs = _structured_options(model, opts, criterion, max_ratio_one=False)
     from ..structured.latency_alloc import prune_for_latency

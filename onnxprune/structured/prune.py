@@ -145,7 +145,7 @@ def prune_structured(source: str | os.PathLike | onnx.ModelProto, *, ratio: floa
                      max_ratio: float = 0.9, ignore: Sequence[str] = (), seed: int = 0,
                      input_shapes: Mapping[str, tuple[int, ...]] | None = None,
                      gradients: Mapping[str, np.ndarray] | None = None, calibration: Any = None,
-                     allow_io_change: bool = False) -> PruneResult:
+                     allow_io_change: bool = False, prune_hidden: bool = False) -> PruneResult:
     """Prune channels of ``source`` (a path or ModelProto) and return the model and a JSON summary.
 
     Exactly one target: ``ratio`` (fraction of channels removed per group, or overall with
@@ -154,14 +154,15 @@ def prune_structured(source: str | os.PathLike | onnx.ModelProto, *, ratio: floa
     ``calibration``: a :class:`onnxprune.calibration.StructuredCalibration` (data-driven criterion
     ``activation`` and re-fit of the pruned model toward the dense one; summary key ``calibration``).
     ``allow_io_change``: KV-cache inputs/outputs no longer fix the heads they carry; every input or
-    output whose declared shape changes is listed (summary key ``io_changes``).
+    output whose declared shape changes is listed (summary key ``io_changes``). ``prune_hidden``:
+    the hidden size embedding tables start (a transformer's residual stream) is prunable too.
     """
     kind, value = _check_args(ratio, target_macs, target_params, criterion, scope, seed)
     limits = Limits(max_ratio=float(max_ratio), min_keep=min_keep, round_to=round_to)
     if isinstance(ignore, str):
         ignore = (ignore,)
     prep = prepare(source, input_shapes)
-    analysis = analyze_channels(prep.view, allow_io_change=allow_io_change)
+    analysis = analyze_channels(prep.view, allow_io_change=allow_io_change, prune_hidden=prune_hidden)
     return _prune_prepared(prep, analysis, kind=kind, value=value, criterion=criterion, scope=scope, limits=limits,
                            ignore=tuple(ignore), seed=int(seed), gradients=gradients, calibration=calibration)
 
