@@ -124,7 +124,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     lg.node.extend(g.node)
     lg.input.extend(g.input)
     lg.output.extend(g.output)
-    lg.value_info.extend(g.value_info)
+    lg.value_info.extend(_declarations_to_keep(g))
     declared = {i.name for i in g.input}
     for init in g.initializer:
         n = 1
@@ -146,6 +146,18 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
             lg.input.append(onnx.helper.make_tensor_value_info(sp.values.name, sp.values.data_type, list(sp.dims)))
     light.ir_version = max(light.ir_version, 4)
     return light
+
+
+def _declarations_to_keep(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """The intermediate declarations inference should start from: only those of outputs of ops in
+    other domains (which ONNX cannot infer). ONNX keeps a declared dim over the one it infers, so an
+    exporter's (or an earlier inference's) ``unk__3`` batch would stay unknown after
+    ``--input-shape`` fixed the inputs and hide every size computed from it (a head split's run-time
+    target, a MatMul's MACs); default-domain outputs are re-derived from the inputs instead."""
+    custom = {o for n in graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
+    if not custom:
+        return []
+    return [vi for vi in graph.value_info if vi.name in custom]
 
 
 def infer_shapes(model: onnx.ModelProto, *, inplace: bool = False, strict: bool = False) -> onnx.ModelProto:
@@ -180,6 +192,24 @@ def _inferskeleton(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(skeleton(model), check_type=strict, strict_mode=strict, data_prop=True)
     except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
         raise OnnxPruneError(f"shape inference failed: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def symbolic_value_shapes(model: onnx.ModelProto) -> dict[str, Shape] | None:
+    """Shapes of every tensor by ONNX Runtime's symbolic shape inference (sympy over the symbolic
+    dims), or None when it fails. It solves what ONNX's data propagation leaves unknown with
+    symbolic inputs: a ``-1`` in a run-time target (``view(b, s, -1, dh)``), broadcasts of equal
+    symbols, rotary embeddings' run-time ranges. Runs on a weight-free copy."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:  # an ONNX Runtime without its tools
+        return None
+    light = skeleton(model)
+    del light.graph.value_info[:]
+    try:
+        out = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
+    except Exception:  # noqa: BLE001 - any failure: the ONNX shapes stand
+        return None
+    return None if out is None else value_shapes(out)
 
 
 def _shape_of(vi: onnx.ValueInfoProto) -> Shape | None:

@@ -16,6 +16,7 @@ state into :class:`~onnxprune.channels.types.Group` objects:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -23,16 +24,23 @@ import onnx
 
 from ..graph import GraphView, build_view, subgraph_reads
 from ..normalize import fold_constants
+from ..shapes import symbolic_value_shapes
 from .context import Context
 from .dims import follow_dims
 from .rules import rule_for
 from .types import Analysis, Group, Member, Positions
 
 
-def analyze_channels(view: GraphView) -> Analysis:
+def analyze_channels(view: GraphView, *, allow_io_change: bool = False, prune_hidden: bool = False) -> Analysis:
     """Coupling groups of ``view`` (from :func:`onnxprune.prepare.prepare`; static shapes help:
-    reshapes are only followed on static shapes)."""
-    ctx = Context(_static_view(view), view)
+    reshapes are only followed on static shapes).
+
+    ``allow_io_change``: a model input concatenated with tracked channels (a KV cache) and an
+    output carrying only channels such an input also carries (the present keys/values) no longer
+    fix them; pruning then changes their declared shapes (see ``Analysis.io``). ``prune_hidden``:
+    the hidden size that embedding tables start (a transformer's residual stream) is prunable
+    where no model input/output fixes it; without it that group is unprunable, saying so."""
+    ctx = Context(_static_view(view), view, allow_io_change=allow_io_change, prune_hidden=prune_hidden)
     for node in ctx.view.model.graph.node:
         if node.name in ctx.skip:
             continue
@@ -48,11 +56,19 @@ def analyze_channels(view: GraphView) -> Analysis:
                 ctx.tracks.pop(o, None)
                 ctx.untrack(o, reason)
     follow_dims(ctx)
+    io_roots = {ctx.find(a) for atoms in ctx.io_inputs.values() for a in atoms.tolist()}
+    io = {name: ctx.tracks[name].axis for name in ctx.io_inputs}
     for out in view.output_names:
         tr = ctx.track(out)
-        if tr is not None:
-            ctx.mark_bad(tr.atoms, f"reaches model output {out!r}")
-    return _leave_subgraph_reads_whole(_finalize(ctx), view)
+        if tr is None:
+            continue
+        if io_roots and all(ctx.find(a) in io_roots for a in tr.atoms.tolist()):
+            io[out] = tr.axis  # a cache output: shrinks with the cache input it extends
+            continue
+        ctx.mark_bad(tr.atoms, f"reaches model output {out!r}")
+    analysis = _leave_subgraph_reads_whole(_finalize(ctx), view)
+    analysis.io = io
+    return analysis
 
 
 def _leave_subgraph_reads_whole(analysis: Analysis, view: GraphView) -> Analysis:
@@ -145,8 +161,9 @@ def _finalize(ctx: Context) -> Analysis:
         groups.append(Group(id=new_id, size=len(classes[g]), members=mems, prunable=g not in bad, reason=bad.get(g),
                             blocks=blocks.get(g, 1), nodes=nodes, exact=g not in inexact,
                             inexact_reason=inexact.get(g), keep_one_of=list(keep_one[g])))
-    shapes = {k: tuple(int(d) for d in v) for k, v in ctx.view.shapes.items()
-              if v is not None and all(isinstance(d, int) for d in v) and k not in ctx.view.initializers}
+    # static dims as ints; symbolic ones (batch, sequence: never a channel axis) as their names
+    shapes = {k: tuple(d if isinstance(d, int) else str(d) for d in v) for k, v in ctx.view.shapes.items()
+              if v is not None and all(isinstance(d, (int, str)) for d in v) and k not in ctx.view.initializers}
     return Analysis(groups=groups, shapes=shapes, values=dict(ctx.values), adaptive=dict(ctx.adaptive),
                     pins=dict(ctx.pins))
 
@@ -165,18 +182,48 @@ def _roots(parent: list[int]) -> np.ndarray:
 def _static_view(view: GraphView) -> GraphView:
     """``view`` with its shape computations (Shape -> Gather -> Concat -> Reshape ...) folded into
     constants where the shapes are static, so run-time Reshape targets, Slice bounds and Split sizes
-    can be read. Node and tensor names of everything not folded are unchanged."""
+    can be read. Node and tensor names of everything not folded are unchanged. Where symbolic
+    inputs leave a reshape's output unknown, ONNX Runtime's symbolic shape inference fills in
+    (:func:`_with_symbolic_shapes`)."""
     if not any(n.op_type in ("Shape", "Size") for n in view.model.graph.node):
-        return view
+        return _with_symbolic_shapes(view)
     m = onnx.ModelProto()
     m.CopyFrom(view.model)
     try:
         for _ in range(8):
             if not fold_constants(m):
                 break
-        return build_view(m)
+        folded = build_view(m)
     except Exception:  # noqa: BLE001 - folding is a convenience; the plain view is still correct
         return view
+    return _with_symbolic_shapes(folded)
+
+
+def _unresolved(shape) -> bool:
+    return shape is None or any(d is None or (isinstance(d, str) and d.startswith("unk__")) for d in shape)
+
+
+def _with_symbolic_shapes(view: GraphView) -> GraphView:
+    """``view`` with the shapes ONNX leaves unknown (a ``-1`` in a run-time head split between
+    symbolic batch and sequence dims) taken from ONNX Runtime's symbolic shape inference, run only
+    when a Reshape/Expand output is unresolved or an ONNX Runtime contrib op's output (ONNX
+    does not know those ops) is unknown. Only shapes of the same rank with more known dims
+    replace ONNX's."""
+    if not any((n.op_type in ("Reshape", "Expand") or n.domain == "com.microsoft")
+               and _unresolved(view.shapes.get(n.output[0])) for n in view.model.graph.node):
+        return view
+    sym = symbolic_value_shapes(view.model)
+    if not sym:
+        return view
+    shapes = dict(view.shapes)
+    for name, s in sym.items():
+        old = shapes.get(name)
+        if name in view.initializers or s is None:
+            continue
+        known = sum(not _unresolved((d,)) for d in s)
+        if old is None or (len(old) == len(s) and known > sum(not _unresolved((d,)) for d in old)):
+            shapes[name] = s
+    return dataclasses.replace(view, shapes=shapes)
 
 
 def block_layout(classes: np.ndarray, blocks: int) -> np.ndarray | None:

@@ -60,7 +60,8 @@ def _find_root(parent: list[int], a: int) -> int:
 class Context:
     """Mutable state of one propagation over a :class:`~onnxprune.graph.GraphView`."""
 
-    def __init__(self, view: GraphView, original: GraphView | None = None):
+    def __init__(self, view: GraphView, original: GraphView | None = None, *, allow_io_change: bool = False,
+                 prune_hidden: bool = False):
         self.view = view  # shape computations folded where shapes are static (see analyze._static_view)
         self.original = original or view  # what the rewriter will see: run-time values it must be told
         self.values: dict[str, np.ndarray] = {}  # static values of run-time tensors the rules relied on
@@ -88,6 +89,12 @@ class Context:
                 self._const_users[name] = {n.name for n in users}
         for name in view.input_names:
             self.untracked_reason[name] = f"reaches model input {name!r}"
+        #: ``--allow-io-change``: model inputs concatenated with tracked channels (a KV cache) take
+        #: them (:meth:`release_input`), and outputs carrying only such channels may shrink too
+        self.allow_io_change = allow_io_change
+        self.io_inputs: dict[str, np.ndarray] = {}
+        #: ``--prune-hidden``: embedding tables' columns (the residual stream) may be pruned
+        self.prune_hidden = prune_hidden
 
     # ----------------------------------------------------------------- atoms
     def new_atoms(self, n: int) -> np.ndarray:
@@ -199,6 +206,23 @@ class Context:
         if d is None:
             return None
         return self.bad_atoms(d, reason)
+
+    def release_input(self, name: str, axis: int, atoms: np.ndarray, node: onnx.NodeProto) -> bool:
+        """With ``allow_io_change``: model input ``name`` carries ``atoms`` on ``axis`` (it is
+        concatenated with them, as a KV cache with the new keys), so its declared size there shrinks
+        with them instead of fixing them. False (nothing recorded) otherwise."""
+        if not self.allow_io_change or name not in self.view.input_names or self.dim(name, axis) != len(atoms):
+            return False
+        prev = self.io_inputs.get(name)
+        if prev is not None:
+            if len(prev) != len(atoms) or self.tracks.get(name) is None or self.tracks[name].axis != axis:
+                return False
+            self.unite(prev, atoms)
+            return True
+        self.io_inputs[name] = np.asarray(atoms, dtype=np.int64)
+        self.tracks[name] = Track(axis, self.io_inputs[name])
+        self.members.append(RawMember(name, axis, self.io_inputs[name], "act", node.name))
+        return True
 
     # ----------------------------------------------------------------- members
     def add_member(self, tensor: str, axis: int, atoms: np.ndarray, role: Role, node: onnx.NodeProto,

@@ -68,6 +68,12 @@ def follow_dims(ctx: Context) -> None:
             for i in node.input:
                 out.extend(dims[i] if i in dims else [None] * _length(ctx, i, dims))
             dims[node.output[0]] = out
+        elif node.op_type == "Mul" and _scaled_count(ctx, node, dims):
+            continue
+        elif node.op_type == "Equal" and _is_minus_one_test(ctx, node, dims):
+            continue  # a count is never -1: the test does not depend on it (torch's expand)
+        elif node.op_type == "Where" and _where_minus_one(ctx, node, dims):
+            continue
         elif node.op_type in ARITHMETIC and any(_is_activation(view, i, dims) for i in node.input):
             _data_use(ctx, node, dims)
         elif node.op_type in ARITHMETIC:
@@ -75,6 +81,45 @@ def follow_dims(ctx: Context) -> None:
         elif not all(i in ctx.values for _, i in reading):
             # (values a rule read, such as Slice bounds or Split sizes, the rewriter rewrites)
             _refuse_all(ctx, node, dims)
+
+
+def _scaled_count(ctx: Context, node: onnx.NodeProto, dims: dict) -> bool:
+    """``count * k`` (a positive integer constant): the count of every channel repeated ``k`` times,
+    kept as such (``np.repeat(atoms, k)``) so that it adapts where the output carries each channel
+    ``k`` times (grouped-query attention's ``reshape(b, kv_heads * n_rep, s, dh)`` after repeat_kv)."""
+    ins = [i for i in node.input if i]
+    counted = [i for i in ins if i in dims]
+    other = [i for i in ins if i not in dims]
+    if len(counted) != 1 or len(other) != 1 or len(dims[counted[0]]) != 1:
+        return False
+    entry, k = dims[counted[0]][0], ctx.original.const(other[0])
+    if entry is None or isinstance(entry, tuple) or k is None or np.asarray(k).size != 1:
+        return False
+    k = np.asarray(k).reshape(-1)[0]
+    if not np.issubdtype(np.asarray(k).dtype, np.integer) or int(k) < 1:
+        return False
+    dims[node.output[0]] = [np.repeat(entry, int(k))]
+    return True
+
+
+def _is_minus_one_test(ctx: Context, node: onnx.NodeProto, dims: dict) -> bool:
+    """``Equal(shape, -1)``: how torch exports ``expand(sizes)`` (``Where(sizes == -1, 1, sizes)``)."""
+    other = [i for i in node.input if i not in dims]
+    value = ctx.original.const(other[0]) if len(other) == 1 else None
+    return value is not None and bool((np.asarray(value) == -1).all())
+
+
+def _where_minus_one(ctx: Context, node: onnx.NodeProto, dims: dict) -> bool:
+    """``Where(sizes == -1, ones, sizes)``: every entry holding a count (never -1) is taken from
+    ``sizes``, so the output's entries are those of ``sizes``. False for any other Where."""
+    cond = ctx.original.producer.get(node.input[0])
+    sizes = node.input[2]
+    if (cond is None or cond.op_type != "Equal" or sizes not in cond.input or sizes not in dims
+            or not _is_minus_one_test(ctx, cond, dims) or node.input[1] in dims and any(
+                e is not None for e in dims[node.input[1]])):
+        return False
+    dims[node.output[0]] = list(dims[sizes])
+    return True
 
 
 def _is_activation(view, name: str, dims: dict) -> bool:

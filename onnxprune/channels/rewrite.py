@@ -102,7 +102,7 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
         if pos and before is not None and ax < len(before) and len(pos) >= before[ax]:
             raise OnnxPruneError(f"plan removes every channel of {t!r}")
     src_inits = {i.name: i for i in model.graph.initializer}
-    produced = {o for n in model.graph.node for o in n.output}
+    produced = {o for n in model.graph.node for o in n.output} | set(analysis.io)
     for t in list(act) + [k[0] for k in cuts] + [k[0] for k in gcuts]:
         if t not in src_inits and t not in produced:
             raise OnnxPruneError(f"the analysis does not match this model: it has no tensor {t!r}")
@@ -149,6 +149,7 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
     if fixer.replaced_inputs:
         remove_dead(m)
     del m.graph.value_info[:]  # stale: channel counts changed
+    _shrink_io(m, analysis, act)
     try:
         infer_shapes(m, inplace=True, strict=True)
     except OnnxPruneError as exc:
@@ -161,6 +162,18 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
             if _passes_full_check(model):  # a model that never passed cannot be held to it
                 raise
     return m
+
+
+def _shrink_io(m: onnx.ModelProto, analysis: Analysis, act: dict[str, tuple[int, set[int]]]) -> None:
+    """(In place.) Declared sizes of the model inputs/outputs ``--allow-io-change`` let go
+    (``analysis.io``) shrink with the channels removed from them; symbolic sizes stay."""
+    for vi in list(m.graph.input) + list(m.graph.output):
+        if vi.name not in analysis.io or vi.name not in act:
+            continue
+        ax, pos = act[vi.name]
+        dims = vi.type.tensor_type.shape.dim
+        if pos and ax < len(dims) and dims[ax].HasField("dim_value"):
+            dims[ax].dim_value -= len(pos)
 
 
 def _check_pruned(m: onnx.ModelProto, fresh: dict[str, bool]) -> None:
@@ -259,7 +272,8 @@ def _static_copy(m: onnx.ModelProto, shapes: dict) -> onnx.ModelProto | None:
     from ..normalize import fold_constants
     from ..shapes import fix_input_shapes, graph_inputs
     try:
-        fixed = {i.name: shapes[i.name] for i in graph_inputs(m) if i.name in shapes}
+        fixed = {i.name: shapes[i.name] for i in graph_inputs(m)
+                 if i.name in shapes and all(isinstance(d, int) for d in shapes[i.name])}
         c = fix_input_shapes(m, fixed)
         del c.graph.value_info[:]
         for _ in range(8):
@@ -339,7 +353,7 @@ class _NodeFixer:
 
     def dim(self, name: str, axis: int) -> int:
         s = self.shapes.get(name)
-        if s is None or axis >= len(s):
+        if s is None or axis >= len(s) or not isinstance(s[axis], int):
             raise OnnxPruneError(f"internal: static shape of {name!r} unknown to the rewriter")
         return s[axis]
 
@@ -413,7 +427,7 @@ class _NodeFixer:
             elif t[u] == 0 and not allowzero:
                 xs = self.shapes.get(x)
                 in_new = None
-                if xs is not None and u < len(xs):
+                if xs is not None and u < len(xs) and isinstance(xs[u], int):
                     in_new = xs[u] - len(self.cut(x, u))
                 if in_new != new_u:
                     t[u] = new_u
@@ -425,7 +439,7 @@ class _NodeFixer:
         # run-time target (Shape -> Gather -> Concat ...): pin only the entry of the channel axis
         if u in self.adaptive.get(node.name, ()):
             return  # read by Shape from these very channels: adapts by itself
-        if self._patch_pinned(node, u, new_u):
+        if self._patch_pinned(node, u, new_u, runtime=-1):
             return
         static = self.values.get(node.input[1])
         if static is not None and int(static[u]) == -1:
@@ -433,7 +447,7 @@ class _NodeFixer:
         now = self.now(node.input[1])
         if now is not None and int(now.reshape(-1)[u]) == new_u:
             return  # computed from the pruned shapes: adapts by itself
-        if self._patch_concat_entry(node.input[1], u, new_u):
+        if self._patch_concat_entry(node.input[1], u, new_u, runtime=-1):
             return
         sym = self._symbolic_shapes().get(y)
         if sym is None or len(sym) != len(self.shapes[y]):
@@ -465,7 +479,7 @@ class _NodeFixer:
         if not self._patch_concat_entry(node.input[1], 2, new_x):
             raise OnnxPruneError(f"cannot rewrite the run-time target shape of Reshape {node.name}")
 
-    def _patch_pinned(self, node: onnx.NodeProto, index: int, value: int) -> bool:
+    def _patch_pinned(self, node: onnx.NodeProto, index: int, value: int, runtime: int | None = None) -> bool:
         """Set entry ``index`` of a run-time target that :meth:`pin` made (partly) constant."""
         pins = self.analysis_pins
         if (node.name, 1) in pins:
@@ -476,14 +490,24 @@ class _NodeFixer:
         producer = next((n for n in self.m.graph.node if node.input[1] in n.output), None)
         if producer is None or not any((producer.name, j) in pins for j in range(len(producer.input))):
             return False
-        return self._patch_concat_entry(node.input[1], index, value)
+        return self._patch_concat_entry(node.input[1], index, value, runtime)
 
-    def _patch_concat_entry(self, name: str, index: int, value: int) -> bool:
+    def _patch_concat_entry(self, name: str, index: int, value: int, runtime: int | None = None) -> bool:
         """Set entry ``index`` of a run-time 1-D shape built by a Concat of pieces to ``value`` by
-        replacing the piece that holds it with a constant; False when the shape is built otherwise."""
+        replacing the piece that holds it with a constant; False when the shape is built otherwise.
+
+        ``runtime=-1`` (Reshape targets): a piece computed at run time becomes ``-1`` instead, when
+        no other entry is ``-1``: ``nn.MultiheadAttention`` views ``[S, B, D]`` as ``[S, B * heads,
+        dh]``, and the batch must stay free (``-1`` is exactly ``B * kept heads`` for every ``B``)."""
         producer = next((n for n in self.m.graph.node if name in n.output), None)
         if producer is None or producer.op_type != "Concat":
             return False
+        if runtime is not None:
+            whole = self.values.get(name)
+            consts = [self.const(p, model_only=True) for p in producer.input]
+            if (whole is not None and (np.asarray(whole) == runtime).sum() > 0) or any(
+                    c is not None and (np.asarray(c) == runtime).any() for c in consts):
+                runtime = None
         sym = None
         off = 0
         for idx, piece in enumerate(producer.input):
@@ -501,7 +525,7 @@ class _NodeFixer:
                     new = const.astype(np.int64).reshape(-1).copy()
                     new[index - off] = value
                 elif length == 1:
-                    new = np.array([value], dtype=np.int64)
+                    new = np.array([value if runtime is None else runtime], dtype=np.int64)
                 else:
                     return False
                 self.set_input(producer, idx, new, "dim")
@@ -559,6 +583,11 @@ class _NodeFixer:
         dim = self.dim(x, ax)
         def newpos_count(b: int) -> int:  # kept positions before b
             return b - sum(1 for p in rem if p < b)
+        if self.opset >= 10 and (self.const(node.input[1]) is None or self.const(node.input[2]) is None):
+            axes_v = self.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            if axes_v is not None and ax not in [int(a) + rank if a < 0 else int(a) for a in axes_v.reshape(-1)]:
+                return  # run-time bounds on another axis (the analysis checked the same)
+            raise OnnxPruneError(f"cannot rewrite the run-time bounds of Slice {node.name}")
         if self.opset >= 10:
             starts = [int(v) for v in self.const(node.input[1]).reshape(-1)]
             ends = [int(v) for v in self.const(node.input[2]).reshape(-1)]
@@ -607,6 +636,10 @@ class _NodeFixer:
         shp_name = node.input[1]
         shp = self.const(shp_name)
         if shp is None:
+            n = self.shapes.get(shp_name)
+            if n is not None and len(n) == 1 and isinstance(n[0], int) and \
+                    u - (len(self.shapes[y]) - n[0]) in self.adaptive.get(node.name, ()):
+                return  # a run-time target reading these very channels: adapts by itself
             raise OnnxPruneError(f"cannot rewrite the target shape of Expand {node.name}")
         i = u - (len(self.shapes[y]) - len(shp))
         if i < 0 or int(shp[i]) == 1 or i in self.adaptive.get(node.name, ()):

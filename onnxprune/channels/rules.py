@@ -10,7 +10,8 @@ and, in order of what it can do:
 - or marks channels **bad** with a reason naming the node when it cannot be exact.
 
 Ops without a rule go through :func:`rule_unknown`: every channel flowing into them is unprunable.
-Only the default ONNX domain has rules; custom domains are unknown by construction.
+Only the default ONNX domain and a few of ONNX Runtime's com.microsoft ops (:data:`CONTRIB_RULES`)
+have rules; other custom domains are unknown by construction.
 
 Axes are non-negative everywhere (rules normalize attribute axes with the tensor's rank).
 """
@@ -591,6 +592,8 @@ def rule_concat(ctx: Context, node: onnx.NodeProto) -> None:
             d = ctx.dim(i, primary.axis)
             if ctx.is_const(i) and d == len(atoms):
                 ctx.add_member(i, primary.axis, atoms, "param", node)
+            elif ctx.release_input(i, primary.axis, atoms, node):
+                continue  # --allow-io-change: a KV cache input shrinks with the heads
             elif not (d == 1 and len(atoms) == 1):
                 ctx.mark_bad(atoms, f"concatenated at {_where(node)} with {i!r}: {ctx.reason_of(i)}")
         elif t.axis != primary.axis:
@@ -662,6 +665,18 @@ def slice_window(start: int, end: int, step: int, dim: int) -> range:
     return range(dim)[slice(start, end, step)] if step else range(0)
 
 
+def _slice_axes(ctx: Context, node: onnx.NodeProto, rank: int) -> list[int] | None:
+    """The axes a Slice (opset 10+) cuts when they are known although its bounds are not: the
+    ``axes`` constant, or every leading axis as long as ``starts`` is."""
+    if ctx.opset < 10:
+        return None
+    if len(node.input) > 3 and node.input[3]:
+        v = ctx.const(node.input[3])
+        return None if v is None else [_norm_axis(int(a), rank) for a in np.asarray(v).reshape(-1)]
+    n = ctx.dim(node.input[1], 0)
+    return None if n is None else list(range(n))
+
+
 def rule_slice(ctx: Context, node: onnx.NodeProto) -> None:
     """Slice: on the channel axis with step 1 the output carries the window's channels (the rest of
     the producer's channels end here); other steps are unprunable. Other axes: pass-through."""
@@ -672,6 +687,9 @@ def rule_slice(ctx: Context, node: onnx.NodeProto) -> None:
     rank = ctx.rank(x)
     p = slice_params(ctx, node, rank)
     if p is None:
+        axes = _slice_axes(ctx, node, rank)
+        if axes is not None and tr.axis not in axes:  # run-time bounds elsewhere (rotate-half's h = dh // 2)
+            return ctx.set_track(node.output[0], tr.axis, tr.atoms, node)
         return _opaque(ctx, node, "slice bounds are computed at run time")
     starts, ends, axes, steps = p
     if tr.axis not in axes:
@@ -739,6 +757,42 @@ def reshape_mapping(in_shape: tuple[int, ...], axis: int, out_shape: tuple[int, 
     return None
 
 
+def symbolic_reshape_mapping(in_shape: tuple | None, axis: int, out_shape: tuple | None):
+    """:func:`reshape_mapping` of a reshape whose symbolic dims (batch, sequence) it leaves alone:
+    the leading and trailing dims both shapes share (the same int or the same symbol) stay where
+    they are, and the dims in between, static on both sides and holding the channel axis, are
+    mapped as a static reshape (a head split ``[B, S, 768] -> [B, S, 12, 64]`` and its merge back).
+    None when the part that changes is not static or does not hold the channel axis."""
+    if in_shape is None or out_shape is None:
+        return None
+
+    def same(a, b) -> bool:
+        return a is not None and a == b and (isinstance(a, int) or isinstance(a, str))
+
+    lead = 0
+    while lead < min(len(in_shape), len(out_shape)) and same(in_shape[lead], out_shape[lead]):
+        lead += 1
+    trail = 0
+    while (trail < min(len(in_shape), len(out_shape)) - lead
+           and same(in_shape[-1 - trail], out_shape[-1 - trail])):
+        trail += 1
+    c = in_shape[axis]
+    if not isinstance(c, int):
+        return None
+    if axis < lead:  # the channel axis is among the shared leading dims: it stays
+        return ("map", axis, np.arange(c))
+    if axis >= len(in_shape) - trail:  # among the shared trailing dims
+        return ("map", axis - len(in_shape) + len(out_shape), np.arange(c))
+    mid_in = in_shape[lead:len(in_shape) - trail]
+    mid_out = out_shape[lead:len(out_shape) - trail]
+    if not mid_in or not mid_out:
+        return None
+    if not all(isinstance(d, int) and d >= 0 for d in (*mid_in, *mid_out)):
+        return None
+    m = reshape_mapping(tuple(mid_in), axis - lead, tuple(mid_out))
+    return None if m is None else (m[0], m[1] + lead, m[2])
+
+
 def _depends_on(arr: np.ndarray, u: int) -> bool:
     """True when values change along axis ``u``."""
     first = np.take(arr, [0], axis=u)
@@ -787,8 +841,11 @@ def rule_reshape(ctx: Context, node: onnx.NodeProto) -> None:
         return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
     si, so = ctx.static_shape(x), ctx.static_shape(y)
     if si is None or so is None:
-        return _opaque(ctx, node, "input or output shape is not static")
-    m = reshape_mapping(si, tr.axis, so)
+        m = symbolic_reshape_mapping(ctx.shape(x), tr.axis, ctx.shape(y))
+        if m is None:
+            return _opaque(ctx, node, "input or output shape is not static")
+    else:
+        m = reshape_mapping(si, tr.axis, so)
     if m is None and groupnorm_pattern(ctx, node) is not None:
         return _decomposed_groupnorm(ctx, node, tr, *groupnorm_pattern(ctx, node))
     if m is None:
@@ -812,29 +869,49 @@ def rule_reshape(ctx: Context, node: onnx.NodeProto) -> None:
 
 def _gap(ctx: Context, y: str, u: int) -> int:
     """Size-1 axes between the major and minor axis of a split (so the major axis is ``u - 1 - gap``)."""
-    shape = ctx.static_shape(y)
+    shape = ctx.shape(y)
     gap = 0
     while u - 1 - gap > 0 and shape[u - 1 - gap] == 1:
         gap += 1
     return gap
 
 
-def _leads_to_attention(ctx: Context, name: str, depth: int = 4) -> bool:
-    """True when ``name`` reaches, through Transposes and scalar scalings only, a MatMul of two
-    activations (the multi-head attention layout: split D into (heads, head_dim), transpose, Q @ K^T)."""
-    for _ in range(depth):
-        users = ctx.view.consumers.get(name, [])
-        if len(users) != 1:
-            return False
-        n = users[0]
-        if n.op_type == "MatMul":
-            return not any(ctx.view.is_const(i) for i in n.input)
-        if n.op_type == "Transpose" or (n.op_type in ("Mul", "Div") and all(
-                i == name or (ctx.view.is_const(i) and ctx.view.const(i).size == 1) for i in n.input)):
-            name = n.output[0]
+#: Ops a head-split tensor passes on its way to ``Q @ K^T`` / ``attn @ V``: layout moves and unit-axis
+#: views, scalings, rotary embedding (rotate-half: Slice/Neg/Concat on head_dim, times cos/sin), a KV
+#: cache's Concat on the sequence axis, grouped-query attention's repeat_kv (Unsqueeze/Expand/Reshape).
+_TO_ATTENTION = frozenset({"Transpose", "Mul", "Div", "Add", "Sub", "Neg", "Slice", "Concat", "Cast", "Unsqueeze",
+                           "Squeeze", "Expand", "Reshape"})
+
+
+def _leads_to_attention(ctx: Context, name: str, budget: int = 64) -> bool:
+    """True when every path from ``name`` goes, through :data:`_TO_ATTENTION` ops only, into a MatMul
+    of two activations (or a model output: a KV cache): the multi-head layout, where a split of D
+    into ``(heads, head_dim)`` carries whole heads on the major axis. A path into anything else (a
+    Conv after a channel shuffle, a weight MatMul) means the split is not a head split."""
+    seen, stack, found = set(), [name], False
+    outputs = set(ctx.view.output_names)
+    while stack:
+        t = stack.pop()
+        if t in seen:
             continue
-        return False
-    return False
+        seen.add(t)
+        if len(seen) > budget:
+            return False
+        users = ctx.view.consumers.get(t, [])
+        if not users and t not in outputs:
+            return False
+        for n in users:
+            if n.op_type == "MatMul":
+                if any(ctx.view.is_const(i) for i in n.input):
+                    return False
+                found = True
+            elif n.op_type in ("Shape", "Size"):
+                continue  # reads sizes only (rotate-half's ``x.shape[-1] // 2``)
+            elif n.op_type in _TO_ATTENTION and n.domain in ("", "ai.onnx"):
+                stack.extend(o for o in n.output if o)
+            else:
+                return False
+    return found
 
 
 def groupnorm_pattern(ctx, node: onnx.NodeProto):
@@ -879,6 +956,8 @@ def rule_gather(ctx: Context, node: onnx.NodeProto) -> None:
     x, ind = node.input[0], node.input[1]
     tr = ctx.track(x)
     if tr is None:
+        if _embedding(ctx, node):
+            return None
         return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
     rank = ctx.rank(x)
     axis = _norm_axis(int(attr(node, "axis", 0)), rank)
@@ -901,6 +980,27 @@ def rule_gather(ctx: Context, node: onnx.NodeProto) -> None:
     ctx.set_track(node.output[0], axis, tr.atoms[iv], node)
 
 
+def _embedding(ctx: Context, node: onnx.NodeProto) -> bool:
+    """Gather of rows of a constant ``[V, D]`` table by run-time ids (token or position embedding):
+    the table's columns are new channels (an "out" member on its axis 1), carried on the output's
+    last axis: the hidden size. It reaches every layer, so it prunes only with ``--prune-hidden``
+    (else its group is unprunable, saying so). False for any other Gather."""
+    x, ind = node.input[0], node.input[1]
+    w = ctx.const(x)
+    if w is None or w.ndim != 2 or int(attr(node, "axis", 0)) not in (0, -2) or ctx.const(ind) is not None:
+        return False
+    ir = ctx.rank(ind)
+    if ir is None:
+        return False
+    out = ctx.new_atoms(int(w.shape[1]))
+    ctx.add_member(x, 1, out, "out", node)
+    if not ctx.prune_hidden:
+        ctx.mark_bad(out, f"{_where(node)}: the hidden size (columns of embedding table {x!r}) prunes only "
+                          "with --prune-hidden")
+    ctx.set_track(node.output[0], ir, out, node)
+    return True
+
+
 def rule_expand(ctx: Context, node: onnx.NodeProto) -> None:
     """Expand: pass-through when the target shape leaves the channel axis alone (1, or the channel
     count, which the rewriter then updates)."""
@@ -910,9 +1010,15 @@ def rule_expand(ctx: Context, node: onnx.NodeProto) -> None:
         return _elementwise(ctx, node, [x])
     shp = ctx.const(node.input[1])
     ri, ro = ctx.rank(x), ctx.rank(node.output[0])
-    if shp is None or ri is None or ro is None:
-        return _opaque(ctx, node, "target shape is computed at run time")
+    if ri is None or ro is None:
+        return _opaque(ctx, node, "unknown rank")
     oax = tr.axis + ro - ri
+    if shp is None:
+        # a run-time target (repeat_kv's ``expand(b, kv, n, s, dh)`` between symbolic dims): fine when
+        # the channel axis keeps its size; the entry itself is followed by dims.py (adapts or refused)
+        if ctx.dim(node.output[0], oax) != len(tr.atoms):
+            return _opaque(ctx, node, "target shape is computed at run time")
+        return ctx.set_track(node.output[0], oax, tr.atoms, node)
     sax = oax - (ro - len(shp))
     if 0 <= sax < len(shp) and int(shp[sax]) not in (1, len(tr.atoms)):
         return _opaque(ctx, node, "expands the channel axis")
@@ -996,8 +1102,59 @@ RULES: dict[str, Rule] = {
 }
 
 
+# ------------------------------------------------------------------------------------ ORT contrib ops
+def rule_bias_activation(ctx: Context, node: onnx.NodeProto) -> None:
+    """com.microsoft BiasGelu / FastGelu (``gelu(x + bias)``, bias optional) and Gelu: elementwise; a
+    bias is a per-channel "param" member."""
+    _elementwise(ctx, node, [i for i in node.input if i])
+
+
+def rule_skip_layernorm(ctx: Context, node: onnx.NodeProto) -> None:
+    """com.microsoft SkipLayerNormalization / SkipSimplifiedLayerNormalization (what ONNX Runtime's
+    transformer optimizer fuses a residual Add + LayerNorm into): ``LN(input + skip + bias)`` over
+    the last axis. Input and skip channels go together, gamma/beta/bias are "param" members, the
+    statistics span the channels (inexact); output 0 and the optional sum (output 3) carry them."""
+    ins = [i for i in node.input[:2] if i]
+    _elementwise(ctx, node, ins)
+    tr = ctx.track(node.output[0])
+    if tr is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    rank = ctx.rank(node.output[0])
+    if tr.axis != rank - 1:
+        return _opaque(ctx, node, "normalizes over an axis that does not hold the channels")
+    for p in node.input[2:5]:
+        if not p:
+            continue
+        if ctx.const(p) is None or ctx.const(p).shape[-1] != len(tr.atoms):
+            ctx.mark_bad(tr.atoms, f"{_where(node)}: parameter {p!r} is not a per-channel constant")
+            continue
+        ctx.add_member(p, ctx.const(p).ndim - 1, tr.atoms, "param", node)
+    ctx.mark_inexact(tr.atoms, f"{_where(node)} normalizes over the channel axis")
+    for k, o in enumerate(node.output[1:], start=1):
+        if not o:
+            continue
+        if k == 3:
+            ctx.set_track(o, tr.axis, tr.atoms, node)
+        elif ctx.view.consumers.get(o):
+            ctx.mark_bad(tr.atoms, f"{_where(node)}: statistics output {o!r} is used")
+
+
+#: com.microsoft op_type -> rule. Fused attention (Attention, MultiHeadAttention, GroupQueryAttention)
+#: and EmbedLayerNormalization have none: their channels stay whole, the reason names the op.
+CONTRIB_RULES: dict[str, Rule] = {
+    "BiasGelu": rule_bias_activation,
+    "FastGelu": rule_bias_activation,
+    "Gelu": rule_bias_activation,
+    "QuickGelu": rule_bias_activation,
+    "SkipLayerNormalization": rule_skip_layernorm,
+    "SkipSimplifiedLayerNormalization": rule_skip_layernorm,
+}
+
+
 def rule_for(node: onnx.NodeProto) -> Rule:
-    """The rule of ``node`` (unknown ops and custom domains: :func:`rule_unknown`)."""
+    """The rule of ``node`` (unknown ops and other custom domains: :func:`rule_unknown`)."""
+    if node.domain == "com.microsoft":
+        return CONTRIB_RULES.get(node.op_type, rule_unknown)
     if node.domain not in ("", "ai.onnx"):
         return rule_unknown
     return RULES.get(node.op_type, rule_unknown)

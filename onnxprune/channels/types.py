@@ -195,8 +195,9 @@ class Analysis:
     """Result of the dependency analysis of one normalized model."""
 
     groups: list[Group]
-    #: static shapes (from the analysed view) of the tensors the rewriter needs to know
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: shapes (from the analysed view) of the tensors the rewriter needs to know: static dims as
+    #: ints, symbolic ones (a batch or sequence the inputs leave open) as their names
+    shapes: dict[str, tuple[int | str, ...]] = field(default_factory=dict)
     #: static values of tensors computed at run time in the model (shape computations feeding Reshape
     #: targets, Slice bounds, Split sizes) that the analysis relied on; the rewriter pins them
     values: dict[str, np.ndarray] = field(default_factory=dict)
@@ -206,6 +207,10 @@ class Analysis:
     #: (node name, input index) -> the constant that input gets when channels are removed: a
     #: run-time value computed from channel counts that sizes a tensor pruning leaves alone
     pins: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+
+    #: ``allow_io_change`` only: model inputs/outputs (name -> channel axis) whose declared size
+    #: the rewriter shrinks with their channels (KV-cache inputs and outputs)
+    io: dict[str, int] = field(default_factory=dict)
 
     def group(self, gid: int) -> Group:
         for g in self.groups:

@@ -44,6 +44,8 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
     "exclude_last": ("--exclude-last", ("unstructured", "nm")),
     "sparse_storage": ("--sparse-storage", ("unstructured", "nm")),
     "reconstruct": ("--reconstruct", ("unstructured", "nm")),
+    "allow_io_change": ("--allow-io-change", ("structured",)),
+    "prune_hidden": ("--prune-hidden", ("structured",)),
 }
 
 
@@ -73,6 +75,10 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
                    "magnitude|random|lamp|magnitude_x_gradient|wanda; N:M: magnitude|wanda.")
 @click.option("--exclude-first", is_flag=True, help="[unstructured, N:M] leave the first layer(s) dense.")
 @click.option("--exclude-last", is_flag=True, help="[unstructured, N:M] leave the last layer(s) (classifier) dense.")
+@click.option("--allow-io-change", is_flag=True, default=None,
+              help="[structured] let KV-cache inputs/outputs shrink with the heads they carry (lists every changed shape).")
+@click.option("--prune-hidden", is_flag=True, default=None,
+              help="[structured] prune the hidden size (residual stream) that embedding tables start too.")
 @click.option("--ignore", multiple=True, metavar="PATTERN", help="Leave layers whose node name matches this glob (repeatable).")
 @click.option("--sparse-storage", is_flag=True, help="[unstructured, N:M] store weights as sparse initializers where smaller.")
 @click.option("--seed", default=None, metavar="S", help="Seed of the random criterion (default 0).")
@@ -173,6 +179,9 @@ def _structured(model: str, opts: dict[str, Any]):
         kwargs["calibration"] = StructuredCalibration(inputs, progress=opts["progress"])
     from ..structured.prune import prune_structured
 
+    for flag in ("allow_io_change", "prune_hidden"):
+        if opts[flag]:
+            kwargs[flag] = True
     result = prune_structured(model, **kwargs)
     if note:
         result.summary.setdefault("notes", []).append(note)
@@ -187,6 +196,9 @@ def _latency_target(model: str, opts: dict[str, Any], kind: str, value: float):
         raise OnnxPruneError(f"{flag} needs --hw PROFILE: the hardware profile it is measured on (e.g. --hw ci-cpu)")
     if opts["scope"] is not None:
         raise OnnxPruneError(f"--scope does not apply to {flag}: the allocation ranks all groups together")
+    for key in ("allow_io_change", "prune_hidden"):
+        if opts[key]:
+            raise OnnxPruneError(f"{_ONLY[key][0]} does not apply to {flag} yet: use --ratio or --target-macs")
     criterion = _choice(opts["criterion"], STRUCTURED_CRITERIA, "l1", "--criterion", "--structured")
     kwargs = _structured_options(model, opts, criterion, max_ratio_one=False)
     from ..structured.latency_alloc import prune_for_latency

@@ -99,14 +99,23 @@ def _group_entry(g: Group, kept: int | None = None, reason: str | None = None) -
     return entry
 
 
-def _restore_io(pruned: onnx.ModelProto, original: onnx.ModelProto) -> None:
+def _restore_io(pruned: onnx.ModelProto, original: onnx.ModelProto, io: Mapping[str, int] | None = None) -> None:
     """Declare inputs and outputs exactly as the original file did (in place). Their channels are
-    never pruned, but normalization's shape inference may have made symbolic dims concrete."""
+    never pruned, but normalization's shape inference may have made symbolic dims concrete. The
+    ones ``--allow-io-change`` let go (``io``: name -> channel axis) keep their new size there."""
+    io = io or {}
     for declared, current in ((original.graph.input, pruned.graph.input), (original.graph.output, pruned.graph.output)):
         by_name = {v.name: v for v in declared}
         for v in current:
-            if v.name in by_name:
-                v.CopyFrom(by_name[v.name])
+            if v.name not in by_name:
+                continue
+            ax = io.get(v.name)
+            new = v.type.tensor_type.shape.dim
+            size = new[ax].dim_value if ax is not None and ax < len(new) and new[ax].HasField("dim_value") else None
+            v.CopyFrom(by_name[v.name])
+            dims = v.type.tensor_type.shape.dim
+            if size is not None and ax < len(dims) and dims[ax].HasField("dim_value"):
+                dims[ax].dim_value = size
 
 
 def validated_builder(prep: Prepared, analysis: Analysis):
@@ -117,7 +126,7 @@ def validated_builder(prep: Prepared, analysis: Analysis):
 
     def build(plan: KeepPlan) -> onnx.ModelProto:
         pruned = apply_plan(prep.model, analysis, plan, values=prep.view.const)  # same weights, decoded once
-        _restore_io(pruned, prep.original)
+        _restore_io(pruned, prep.original, analysis.io)
         why = ort_load_error(pruned)
         if why is not None:
             if not ort_usable:
@@ -135,7 +144,8 @@ def prune_structured(source: str | os.PathLike | onnx.ModelProto, *, ratio: floa
                      criterion: str = "l1", scope: str = "local", round_to: int = 1, min_keep: int = 1,
                      max_ratio: float = 0.9, ignore: Sequence[str] = (), seed: int = 0,
                      input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-                     gradients: Mapping[str, np.ndarray] | None = None, calibration: Any = None) -> PruneResult:
+                     gradients: Mapping[str, np.ndarray] | None = None, calibration: Any = None,
+                     allow_io_change: bool = False, prune_hidden: bool = False) -> PruneResult:
     """Prune channels of ``source`` (a path or ModelProto) and return the model and a JSON summary.
 
     Exactly one target: ``ratio`` (fraction of channels removed per group, or overall with
@@ -143,15 +153,46 @@ def prune_structured(source: str | os.PathLike | onnx.ModelProto, *, ratio: floa
     reached by searching the ratio). See :mod:`onnxprune.structured.allocate` for the limits.
     ``calibration``: a :class:`onnxprune.calibration.StructuredCalibration` (data-driven criterion
     ``activation`` and re-fit of the pruned model toward the dense one; summary key ``calibration``).
+    ``allow_io_change``: KV-cache inputs/outputs no longer fix the heads they carry; every input or
+    output whose declared shape changes is listed (summary key ``io_changes``). ``prune_hidden``:
+    the hidden size embedding tables start (a transformer's residual stream) is prunable too.
     """
     kind, value = _check_args(ratio, target_macs, target_params, criterion, scope, seed)
     limits = Limits(max_ratio=float(max_ratio), min_keep=min_keep, round_to=round_to)
     if isinstance(ignore, str):
         ignore = (ignore,)
     prep = prepare(source, input_shapes)
-    analysis = analyze_channels(prep.view)
+    analysis = analyze_channels(prep.view, allow_io_change=allow_io_change, prune_hidden=prune_hidden)
     return _prune_prepared(prep, analysis, kind=kind, value=value, criterion=criterion, scope=scope, limits=limits,
                            ignore=tuple(ignore), seed=int(seed), gradients=gradients, calibration=calibration)
+
+
+def _io_shapes_after(shapes: Mapping[str, tuple[int, ...]], pruned: onnx.ModelProto,
+                     io: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+    """``shapes`` (the analysed input shapes) with the inputs ``--allow-io-change`` shrank at their
+    new size on the channel axis (as the pruned model declares it)."""
+    out = dict(shapes)
+    for vi in pruned.graph.input:
+        ax = io.get(vi.name)
+        if ax is None or vi.name not in out:
+            continue
+        d = vi.type.tensor_type.shape.dim
+        if ax < len(d) and d[ax].HasField("dim_value"):
+            out[vi.name] = tuple(d[ax].dim_value if i == ax else v for i, v in enumerate(out[vi.name]))
+    return out
+
+
+def io_changes(before: onnx.ModelProto, after: onnx.ModelProto) -> list[dict[str, Any]]:
+    """Every model input/output whose declared shape differs between ``before`` and ``after``
+    (``--allow-io-change``): ``{"name", "kind": "input"|"output", "before", "after"}``."""
+    def declared(vis):
+        return {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in vis}
+
+    out = []
+    for kind, a, b in (("input", before.graph.input, after.graph.input), ("output", before.graph.output, after.graph.output)):
+        old, new = declared(a), declared(b)
+        out.extend({"name": n, "kind": kind, "before": old[n], "after": new[n]} for n in old if n in new and old[n] != new[n])
+    return out
 
 
 def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: float, criterion: str, scope: str,
@@ -228,13 +269,18 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
     calibrated = None
     if calibration is not None:
         pruned, calibrated = calibration.apply(prep.view, prep.model, analysis, plan, pruned)
-    after_view = _counting_view(pruned, prep.concrete_shapes)
+    after_view = _counting_view(pruned, _io_shapes_after(prep.concrete_shapes, pruned, analysis.io))
     params_after, macs_after = _measure(after_view)
 
     inexact = [g.id for g in groups if not g.exact and len(plan[g.id]) < g.size]
     if inexact:
         notes.append(f"{len(inexact)} pruned group(s) are normalized over their channels (LayerNorm/GroupNorm): "
                      "outputs change beyond the removed channels' contributions; fine-tune after pruning")
+    changed_io = io_changes(prep.model, pruned) if analysis.io else []
+    if changed_io:
+        notes.append(f"--allow-io-change: {len(changed_io)} model input(s)/output(s) change shape, feed and read them "
+                     "at their new sizes: " + "; ".join(f"{c['kind']} {c['name']} {c['before']} -> {c['after']}"
+                                                         for c in changed_io))
     target: dict[str, Any] = {"kind": kind, "value": value}
     if kind != "ratio":
         achieved = (macs_after / macs_before) if kind == "macs" else (params_after / params_before)
@@ -257,6 +303,7 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
         "channels_before": sum(g.size for g in groups if g.id not in dropped),
         "channels_after": sum(len(plan[g.id]) for g in groups if g.id not in dropped),
         "groups": [_group_entry(g, len(plan[g.id])) for g in groups if g.id not in dropped],
+        **({"io_changes": changed_io} if analysis.io else {}),
         "unprunable": [_group_entry(g, reason=g.reason or "unprunable") for g in analysis.unprunable]
         + [_group_entry(by_id[gid], reason=why) for gid, why in skipped.items()]
         + [_group_entry(by_id[gid], reason=f"pruning it breaks the model: {why}") for gid, why in dropped.items()],
