@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnxprune.demo_model import train_demo_model  # noqa: E402
+from onnxprune.commands.demo_model import train_demo_model  # noqa: E402
 from onnxprune.pipeline.executor import PROFILE_RESOURCE  # noqa: E402
 from onnxprune.pipeline.run import run_recipe  # noqa: E402
 

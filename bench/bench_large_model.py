@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnxprune.model_io import PROTOBUF_LIMIT, file_bytes, model_files, save_model  # noqa: E402
+from onnxprune.core.model_io import PROTOBUF_LIMIT, file_bytes, model_files, save_model  # noqa: E402
 
 
 def build(hidden: int, d_in: int = 8192, classes: int = 10, seed: int = 0) -> onnx.ModelProto:

@@ -28,11 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nets import MODELS, build  # noqa: E402 - bench/ is on sys.path when a script here runs
-from onnxprune.model_io import save_model  # noqa: E402
+from onnxprune.core.model_io import save_model  # noqa: E402
 from onnxprune.profiling import compare_models, profile_model  # noqa: E402
 from onnxprune.profiling.hw_profile import profile_from_dict  # noqa: E402
 from onnxprune.profiling.stats import relative_spread  # noqa: E402
-from onnxprune.torch_export import export_torch  # noqa: E402
+from onnxprune.bridge.torch_export import export_torch  # noqa: E402
 
 
 # ---- benchmark -------------------------------------------------------------------------------------

@@ -35,15 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nets import MODELS, build  # noqa: E402 - bench/ is on sys.path when a script here runs
 from onnxprune.channels.analyze import analyze_channels  # noqa: E402
-from onnxprune.model_io import save_model  # noqa: E402
-from onnxprune.prepare import prepare  # noqa: E402
+from onnxprune.core.model_io import save_model  # noqa: E402
+from onnxprune.core.prepare import prepare  # noqa: E402
 from onnxprune.profiling import compare_models  # noqa: E402
 from onnxprune.profiling.hw_profile import profile_from_dict  # noqa: E402
 from onnxprune.structured.allocate import global_scores  # noqa: E402
 from onnxprune.structured.importance import ScoreInputs, score_groups  # noqa: E402
 from onnxprune.structured.latency_alloc import MACS_WEIGHT, prune_for_latency  # noqa: E402
 from onnxprune.structured.prune import prune_structured  # noqa: E402
-from onnxprune.torch_export import export_torch  # noqa: E402
+from onnxprune.bridge.torch_export import export_torch  # noqa: E402
 
 
 def importance_kept(dense: Path, summary: dict) -> float:

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from nets import build
-    from onnxprune.torch_export import export_torch
+    from onnxprune.bridge.torch_export import export_torch
 
     with tempfile.TemporaryDirectory(prefix="onnxprune-bench-") as tmp:
         tmp_p = Path(tmp)

@@ -37,13 +37,13 @@ import onnx  # noqa: E402
 from nets import build  # noqa: E402 - bench/ is on sys.path when a script here runs
 from onnxprune.channels.analyze import analyze_channels  # noqa: E402
 from onnxprune.channels.rewrite import apply_plan  # noqa: E402
-from onnxprune.inspection import inspect_model  # noqa: E402
-from onnxprune.model_io import save_model  # noqa: E402
-from onnxprune.prepare import prepare  # noqa: E402
+from onnxprune.metrics.inspection import inspect_model  # noqa: E402
+from onnxprune.core.model_io import save_model  # noqa: E402
+from onnxprune.core.prepare import prepare  # noqa: E402
 from onnxprune.structured.allocate import allocate  # noqa: E402
 from onnxprune.structured.importance import ScoreInputs, score_groups  # noqa: E402
 from onnxprune.structured.prune import _counting_view, _measure, prune_structured  # noqa: E402
-from onnxprune.torch_export import export_torch  # noqa: E402
+from onnxprune.bridge.torch_export import export_torch  # noqa: E402
 
 
 class Clock:

@@ -189,10 +189,10 @@ def prepare_models(tmp: Path, size: int) -> dict[str, Any]:
     import torch
 
     from nets import build
-    from onnxprune.demo_model import train_demo_model
-    from onnxprune.model_io import save_model
+    from onnxprune.commands.demo_model import train_demo_model
+    from onnxprune.core.model_io import save_model
     from onnxprune.structured.prune import prune_structured
-    from onnxprune.torch_export import export_torch
+    from onnxprune.bridge.torch_export import export_torch
 
     dense = export_torch(build("resnet50"), (torch.randn(1, 3, size, size),), tmp / "resnet50.onnx")
     pruned = save_model(prune_structured(dense, target_macs=0.5, round_to=16).model, tmp / "resnet50_macs0.5.onnx")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from onnxprune import api
-from onnxprune.demo_model import train_demo_model
+from onnxprune.commands.demo_model import train_demo_model
 
 
 def main(workdir: str = "api_example_out") -> None:

@@ -4,11 +4,11 @@ The Python API mirrors the CLI; every function returns plain data (the ``--json`
 """
 from __future__ import annotations
 
-from .errors import OnnxPruneError, UnavailableError
-from .inspection import inspect_model
-from .model_io import load_model, save_model
-from .normalize import normalize
-from .prepare import prepare
+from .core.errors import OnnxPruneError, UnavailableError
+from .metrics.inspection import inspect_model
+from .core.model_io import load_model, save_model
+from .core.normalize import normalize
+from .core.prepare import prepare
 
 __version__ = "0.1.0"
 

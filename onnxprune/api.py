@@ -20,14 +20,14 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
-from .errors import OnnxPruneError
+from .core.errors import OnnxPruneError
 
 PathLike = "str | os.PathLike"
 
 
 def inspect(model: "str | os.PathLike", input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
     """Params, nonzero params, MACs, file size, I/O, op histogram and per-node figures (``inspect --json``)."""
-    from .inspection import inspect_model
+    from .metrics.inspection import inspect_model
 
     return inspect_model(model, {k: tuple(v) for k, v in (input_shapes or {}).items()} or None)
 
@@ -36,7 +36,7 @@ def analyze(model: "str | os.PathLike", input_shapes: Mapping[str, Sequence[int]
     """Channel-coupling groups and why any are unprunable (``analyze --json``)."""
     from .channels.analyze import analyze_channels
     from .commands.analyze_cmd import analysis_to_dict
-    from .prepare import prepare
+    from .core.prepare import prepare
 
     prep = prepare(model, {k: tuple(v) for k, v in (input_shapes or {}).items()} or None)
     out = analysis_to_dict(analyze_channels(prep.view))
@@ -64,7 +64,7 @@ def prune(model: "str | os.PathLike", output: "str | os.PathLike | None" = None,
     res = fn(model, **kwargs)
     summary = dict(res.summary)
     if output is not None:
-        from .model_io import refuse_overwrite_input, save_model
+        from .core.model_io import refuse_overwrite_input, save_model
 
         refuse_overwrite_input(model, output)
         save_model(res.model, output)
@@ -80,7 +80,7 @@ def finetune(model: "str | os.PathLike", data: Any = "digits", output: "str | os
 
     trained, hist = _finetune(model, data, TrainConfig.from_dict(config), teacher=teacher, progress=progress)
     if output is not None:
-        from .model_io import refuse_overwrite_input, save_model
+        from .core.model_io import refuse_overwrite_input, save_model
 
         refuse_overwrite_input(model, output)
         save_model(trained, output)
@@ -149,7 +149,7 @@ def demo(outdir: "str | os.PathLike" = "demo_out", *, quick: bool = False, progr
 
     The trained model is ``outdir/digits_cnn.onnx``; a re-run reuses it and every finished step.
     """
-    from .demo_model import run_demo
+    from .commands.demo_model import run_demo
 
     return run_demo(outdir, quick=quick, progress=progress, overrides=overrides)
 

@@ -14,7 +14,7 @@ import warnings
 
 import click
 
-from .errors import OnnxPruneError
+from .core.errors import OnnxPruneError
 
 #: command name -> "module:attribute" (relative to onnxprune.commands)
 COMMANDS: dict[str, tuple[str, str]] = {

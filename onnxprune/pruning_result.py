@@ -1,24 +1,7 @@
-"""What every pruning entry point returns: the pruned model and a JSON-ready summary.
+"""Deprecated path: onnxprune.core.pruning_result (moved in 0.2; this alias goes in the next release)."""
+import importlib
+import sys
+import warnings
 
-Shared by structured (:func:`onnxprune.structured.prune.prune_structured`) and unstructured / N:M
-(:func:`onnxprune.sparsity.prune.prune_unstructured`, :func:`onnxprune.sparsity.prune.prune_nm`)
-pruning, so the CLI, recipes and reports handle them alike.
-"""
-from __future__ import annotations
-
-from dataclasses import dataclass, field
-from typing import Any
-
-import onnx
-
-
-@dataclass
-class PruneResult:
-    """A pruned model and its summary (the ``--json`` object of ``onnxprune prune``)."""
-
-    model: onnx.ModelProto
-    summary: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The summary, plain JSON-serializable data."""
-        return self.summary
+warnings.warn("onnxprune.pruning_result moved to onnxprune.core.pruning_result; import it from there", DeprecationWarning, stacklevel=2)
+sys.modules[__name__] = importlib.import_module("onnxprune.core.pruning_result")

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.torch_export import export_torch
+from onnxprune.bridge.torch_export import export_torch
 
 # ----------------------------------------------------------------------------------- torch models
 

@@ -53,7 +53,7 @@ def train_digits_cnn(seed: int = 0, epochs: int = 6, fold_bn: bool = False, with
             opt.step()
     model = _export(net, torch.zeros(1, 1, 8, 8))
     if fold_bn:
-        from onnxprune.normalize import normalize
+        from onnxprune.core.normalize import normalize
 
         model = normalize(model, fold_bn=True)
     return (model, x[tr], x[te], y[te]) + ((y[tr],) if with_train_labels else ())
@@ -125,7 +125,7 @@ def train_dense_prediction(seed: int = 0, epochs: int = 6):
         return nn.functional.cross_entropy(seg, mt[b]) + 0.1 * nn.functional.mse_loss(cnt, ct[b])
 
     _fit(net, [x], loss, epochs, seed=seed)
-    from onnxprune.normalize import normalize
+    from onnxprune.core.normalize import normalize
 
     model = normalize(_export(net, torch.zeros(1, 1, 12, 12), outputs=("seg", "count")), fold_bn=True)
     xt, mt_test, _ = blobs(200, seed + 1, size=12)

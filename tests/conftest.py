@@ -17,7 +17,7 @@ def run_ort(model_or_path, feeds: dict) -> list[np.ndarray]:
 
 def random_feeds(model, shapes: dict | None = None, seed: int = 0) -> dict:
     """Random inputs for every graph input (symbolic dims -> 1, or as given in ``shapes``)."""
-    from onnxprune.shapes import graph_inputs
+    from onnxprune.core.shapes import graph_inputs
     rng = np.random.default_rng(seed)
     feeds = {}
     for inp in graph_inputs(model):

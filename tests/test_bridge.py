@@ -18,9 +18,9 @@ from conftest import random_feeds, run_ort  # noqa: E402
 
 from onnxprune.bridge import (TABLE, apply_masks, assert_bridge_faithful, check_bridge,  # noqa: E402
                               to_torch, write_back)
-from onnxprune.errors import OnnxPruneError  # noqa: E402
-from onnxprune.model_io import load_model  # noqa: E402
-from onnxprune.normalize import normalize  # noqa: E402
+from onnxprune.core.errors import OnnxPruneError  # noqa: E402
+from onnxprune.core.model_io import load_model  # noqa: E402
+from onnxprune.core.normalize import normalize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -65,7 +65,7 @@ def test_helper_graphs_match_onnxruntime(builder, normalized):
 
 def _fixed_shapes(model):
     """Symbolic dims (batch or not) -> 2, for models whose non-batch dims are symbolic too."""
-    from onnxprune.shapes import graph_inputs
+    from onnxprune.core.shapes import graph_inputs
 
     return {i.name: tuple(d.dim_value if d.HasField("dim_value") else 2 for d in i.type.tensor_type.shape.dim)
             for i in graph_inputs(model)}
@@ -127,7 +127,7 @@ def test_dynamic_reshape_follows_the_batch(tmp_path):
             y = self.conv(x)
             return self.fc(y.reshape(y.shape[0], -1))
 
-    from onnxprune.torch_export import export_torch
+    from onnxprune.bridge.torch_export import export_torch
 
     torch.manual_seed(0)
     path = export_torch(Net(), (torch.randn(1, 2, 5, 5),), tmp_path / "dyn.onnx")

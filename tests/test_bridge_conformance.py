@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 from cli_util import run_cli  # noqa: E402
 from onnxprune.bridge import OnnxModule  # noqa: E402
 from onnxprune.bridge.conformance import PASS, REFUSED, claimed, node_cases, refusal_reason, run_case  # noqa: E402
-from onnxprune.errors import OnnxPruneError  # noqa: E402
+from onnxprune.core.errors import OnnxPruneError  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)

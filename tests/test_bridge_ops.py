@@ -390,7 +390,7 @@ def test_every_table_op_has_a_case():
 
 
 def test_unknown_op_fails_at_construction():
-    from onnxprune.errors import OnnxPruneError
+    from onnxprune.core.errors import OnnxPruneError
 
     model, _ = build("Det", [(3, 3)], {}, 17, 1)
     with pytest.raises(OnnxPruneError, match=r"bridge: op Det \(node the_Det\) is not supported"):
@@ -398,7 +398,7 @@ def test_unknown_op_fails_at_construction():
 
 
 def test_unsupported_mode_fails_at_construction():
-    from onnxprune.errors import OnnxPruneError
+    from onnxprune.core.errors import OnnxPruneError
 
     model, _ = build("Resize", [R, None, f32(1, 1, 2, 2)], {"coordinate_transformation_mode": "tf_crop_and_resize"}, 13, 1)
     with pytest.raises(OnnxPruneError, match="coordinate_transformation_mode"):

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 from cli_util import run_cli  # noqa: E402
 from conftest import run_ort  # noqa: E402
 from onnxprune.bridge import OnnxModule, check_bridge, write_back  # noqa: E402
-from onnxprune.errors import OnnxPruneError  # noqa: E402
+from onnxprune.core.errors import OnnxPruneError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -217,7 +217,7 @@ def test_torch_exported_recurrent_layers_match_onnxruntime(tmp_path, layer, fold
     ONNX-layout initializers, or (onnxprune's export_torch, no constant folding) torch's own weights
     reordered by Slice/Concat in the graph, which then are the trained parameters. torch's GRU is
     ONNX's linear_before_reset=1."""
-    from onnxprune.torch_export import export_torch
+    from onnxprune.bridge.torch_export import export_torch
 
     torch.manual_seed(0)
     rnn = getattr(torch.nn, layer)(6, 5, num_layers=2, bidirectional=True, batch_first=True)

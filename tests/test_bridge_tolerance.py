@@ -15,9 +15,9 @@ torch = pytest.importorskip("torch")
 from cli_util import run_cli  # noqa: E402
 from onnxprune.bridge import TABLE, assert_bridge_faithful, check_bridge  # noqa: E402
 from onnxprune.bridge.check import BORDERLINE, NOISE_OK, BridgeToleranceWarning  # noqa: E402
-from onnxprune.errors import OnnxPruneError  # noqa: E402
-from onnxprune.model_io import load_model  # noqa: E402
-from onnxprune.torch_export import export_torch  # noqa: E402
+from onnxprune.core.errors import OnnxPruneError  # noqa: E402
+from onnxprune.core.model_io import load_model  # noqa: E402
+from onnxprune.bridge.torch_export import export_torch  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -16,8 +16,8 @@ from onnxprune.calibration.collect import collect_stats, run
 from onnxprune.calibration.fit import as_affine, rel_error, ridge_fit, ridge_refit
 from onnxprune.calibration.layers import dense_affine, layer_of
 from onnxprune.calibration.weights import obs_update, refit_rows
-from onnxprune.errors import OnnxPruneError
-from onnxprune.graph import build_view
+from onnxprune.core.errors import OnnxPruneError
+from onnxprune.core.graph import build_view
 from onnxprune.structured.prune import prune_structured
 
 
@@ -359,10 +359,10 @@ def test_recipe_recover_stage_calibrates_structured_points(tmp_path):
     (labels unused) and its report entry carries the before/after output error."""
     import torch
 
-    from onnxprune.demo_model import build_digits_cnn
+    from onnxprune.commands.demo_model import build_digits_cnn
     from onnxprune.pipeline.run import run_recipe
     from onnxprune.recipes import load_recipe
-    from onnxprune.torch_export import export_torch
+    from onnxprune.bridge.torch_export import export_torch
 
     torch.manual_seed(0)
     model = tmp_path / "m.onnx"

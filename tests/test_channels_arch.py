@@ -21,7 +21,7 @@ from arch_zoo import ARCHS, HELPER_GRAPHS, export_arch, random_plan, zero_remove
 from conftest import random_feeds, run_ort
 from onnxprune.channels.analyze import analyze_channels
 from onnxprune.channels.rewrite import apply_plan
-from onnxprune.prepare import prepare
+from onnxprune.core.prepare import prepare
 
 ALL = list(ARCHS) + list(HELPER_GRAPHS)
 INEXACT_ONLY = {"groupnorm"}
@@ -43,7 +43,7 @@ def prepared(tmp_path_factory):
 
 
 def _feeds(model, batch=None, seed=0):
-    from onnxprune.shapes import graph_inputs
+    from onnxprune.core.shapes import graph_inputs
     shapes = None
     if batch is not None:
         shapes = {i.name: [batch] + [d.dim_value for d in i.type.tensor_type.shape.dim[1:]] for i in graph_inputs(model)}
@@ -76,7 +76,7 @@ def test_oracle_equivalence(prepared, name):
 
 
 def _dynamic_batch(model):
-    from onnxprune.shapes import graph_inputs
+    from onnxprune.core.shapes import graph_inputs
     return all(not i.type.tensor_type.shape.dim[0].HasField("dim_value") for i in graph_inputs(model))
 
 

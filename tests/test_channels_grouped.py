@@ -25,8 +25,8 @@ from arch_zoo import randomize_norms
 from cli_util import run_cli
 from test_channels_rules import analyze, build, conv, group_of, member, oracle
 from onnxprune.channels.analyze import block_layout
-from onnxprune.macs import macs_by_node
-from onnxprune.torch_export import export_torch
+from onnxprune.metrics.macs import macs_by_node
+from onnxprune.bridge.torch_export import export_torch
 
 RNG = np.random.default_rng(0)
 
@@ -224,7 +224,7 @@ def caffe2_shuffle_unit(path):
 
 
 def test_alexnet_style_group2_blocks(exported):
-    from onnxprune.prepare import prepare
+    from onnxprune.core.prepare import prepare
     from onnxprune.channels.analyze import analyze_channels
     prep = prepare(exported["alexnet"])
     an = analyze_channels(prep.view)
@@ -235,7 +235,7 @@ def test_alexnet_style_group2_blocks(exported):
 
 @pytest.mark.parametrize("name", ["shufflenet_v1", "caffe2_shufflenet_v1"])
 def test_shufflenet_v1_prunes_group_wise(exported, name):
-    from onnxprune.prepare import prepare
+    from onnxprune.core.prepare import prepare
     from onnxprune.channels.analyze import analyze_channels
     prep = prepare(exported[name])
     an = analyze_channels(prep.view)
@@ -268,7 +268,7 @@ def _oracle_all(prep, an):
 def _uniform_expectation(path, ratio: float) -> float:
     """MACs kept if every channel count shrank by ``ratio`` except the image input and the logits:
     a layer keeps ``(1 - ratio)`` of its MACs per pruned side (a depthwise conv has one side)."""
-    from onnxprune.prepare import prepare
+    from onnxprune.core.prepare import prepare
     view = prepare(path).view
     first_input = set(view.input_names)
     outputs = set(view.output_names)

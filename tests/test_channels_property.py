@@ -12,7 +12,7 @@ from arch_zoo import random_plan, zero_removed_inputs
 from conftest import random_feeds, run_ort
 from onnxprune.channels.analyze import analyze_channels
 from onnxprune.channels.rewrite import apply_plan
-from onnxprune.prepare import prepare
+from onnxprune.core.prepare import prepare
 
 OPS = ["conv", "conv3", "depthwise", "relu", "bn", "add", "concat", "mul_const", "sigmoid_gate", "split", "maxpool",
        "slice", "grouped", "shuffle", "gather", "linear_nhwc", "upsample"]

@@ -15,8 +15,8 @@ from conftest import random_feeds, run_ort
 from onnxprune.channels.analyze import analyze_channels
 from onnxprune.channels.rewrite import apply_plan
 from onnxprune.channels.rules import RULES, reshape_mapping, rule_for
-from onnxprune.errors import OnnxPruneError
-from onnxprune.prepare import prepare
+from onnxprune.core.errors import OnnxPruneError
+from onnxprune.core.prepare import prepare
 
 RNG = np.random.default_rng(0)
 

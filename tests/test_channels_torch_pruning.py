@@ -21,7 +21,7 @@ import torch.nn as nn  # noqa: E402
 
 from arch_zoo import ARCHS, build_arch, export_arch  # noqa: E402
 from onnxprune.channels.analyze import analyze_channels  # noqa: E402
-from onnxprune.prepare import prepare  # noqa: E402
+from onnxprune.core.prepare import prepare  # noqa: E402
 
 LAYERS = (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
 BROADCAST_GATES = {"squeeze_excite": {"spatial"}}

@@ -31,9 +31,9 @@ from cli_util import run_cli
 from conftest import random_feeds, run_ort
 from onnxprune.channels.analyze import analyze_channels
 from onnxprune.channels.rewrite import apply_plan
-from onnxprune.prepare import prepare
-from onnxprune.shapes import graph_inputs
-from onnxprune.torch_export import export_torch
+from onnxprune.core.prepare import prepare
+from onnxprune.core.shapes import graph_inputs
+from onnxprune.bridge.torch_export import export_torch
 
 RNG = np.random.default_rng(0)
 

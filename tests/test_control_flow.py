@@ -150,8 +150,8 @@ def test_structured_leaves_channels_entering_subgraphs_whole(tmp_path):
 
 
 def test_normalize_hoists_subgraph_weights_exactly():
-    from onnxprune.graph import subgraphs
-    from onnxprune.normalize import normalize
+    from onnxprune.core.graph import subgraphs
+    from onnxprune.core.normalize import normalize
 
     m = control_flow_model()
     n = normalize(m)

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cli_util import run_cli, subprocess_env
 from onnxprune.datasets import Preprocess, evaluate_onnx, load_dataset, parse_spec, stratified_split
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 
 
 # --------------------------------------------------------------------------- digits and splits

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 
 torch = pytest.importorskip("torch")
 
@@ -158,7 +158,7 @@ def test_digits_cnn_at_4x_fewer_macs_recovers_from_a_few_hundred_unlabeled_sampl
 
 
 def _tiny_cnn(path, seed: int) -> None:
-    from onnxprune.torch_export import export_torch
+    from onnxprune.bridge.torch_export import export_torch
 
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),

@@ -21,7 +21,7 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from cli_util import run_cli
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 from onnxprune.pipeline.cache import file_sha256
 from onnxprune.profiling import remote, ssh_target
 from onnxprune.profiling.hw_profile import HwProfile, profile_from_dict, with_remote

@@ -83,7 +83,7 @@ def test_shipped_profiles_have_channel_multiples():
 
 
 def test_channel_multiple_is_validated(tmp_path):
-    from onnxprune.errors import OnnxPruneError
+    from onnxprune.core.errors import OnnxPruneError
     from onnxprune.profiling.hw_profile import load_hw_profile
 
     bad = tmp_path / "bad.yaml"

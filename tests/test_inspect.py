@@ -11,8 +11,8 @@ import torch.nn as nn
 
 import onnx_graphs
 from cli_util import run_cli
-from onnxprune.inspection import inspect_model
-from onnxprune.torch_export import export_torch
+from onnxprune.metrics.inspection import inspect_model
+from onnxprune.bridge.torch_export import export_torch
 
 
 def _export(module, shape, tmp_path, name="m"):

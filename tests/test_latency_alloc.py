@@ -100,7 +100,7 @@ def tiny(tmp_path_factory):
 
 def test_table_is_cached_per_profile_and_model(tiny, tmp_path, monkeypatch):
     from onnxprune.channels.analyze import analyze_channels
-    from onnxprune.prepare import prepare
+    from onnxprune.core.prepare import prepare
     from onnxprune.profiling.hw_profile import load_hw_profile
     from onnxprune.structured import latency_table as lt
 
@@ -183,8 +183,8 @@ MS_PER_MMAC, MS_PER_NODE = 1.0, 0.002
 
 def _cost_by_node(path) -> dict[str, float]:
     """The fake timer's ms per node: 1 ms per million MACs plus a fixed 2 us per node."""
-    from onnxprune.macs import macs_by_node, resolve_shapes_for_macs
-    from onnxprune.prepare import prepare
+    from onnxprune.metrics.macs import macs_by_node, resolve_shapes_for_macs
+    from onnxprune.core.prepare import prepare
 
     macs = macs_by_node(resolve_shapes_for_macs(prepare(path).view))  # (batch 1 where the batch is symbolic)
     return {name: MS_PER_MMAC * (m or 0) / 1e6 + MS_PER_NODE for name, m in macs.items()}
@@ -267,7 +267,7 @@ def test_achieved_comes_from_a_second_run_not_the_one_that_selected(tiny, tmp_pa
 
 def test_untimed_variants_are_a_fixed_cost_not_free(tiny, tmp_path, monkeypatch):
     from onnxprune.channels.analyze import analyze_channels
-    from onnxprune.prepare import prepare
+    from onnxprune.core.prepare import prepare
     from onnxprune.profiling.hw_profile import load_hw_profile
     from onnxprune.structured import latency_table as lt
 

@@ -231,7 +231,7 @@ def test_run_remeasures_on_another_machine(model, tmp_path, monkeypatch):
 # ---- latency tables -----------------------------------------------------------------------------
 def _table(model: Path, cache: Path | None = None):
     from onnxprune.channels.analyze import analyze_channels
-    from onnxprune.prepare import prepare
+    from onnxprune.core.prepare import prepare
     from onnxprune.structured import latency_table as lt
 
     prep = prepare(model)

@@ -8,9 +8,9 @@ from onnx import TensorProto, helper
 import onnx_graphs
 import zoo
 from cli_util import run_cli
-from onnxprune.errors import OnnxPruneError
-from onnxprune import model_io
-from onnxprune.model_io import (atomic_path, load_graph, load_model, model_files, proto_bytes, refuse_overwrite_input, save_model,
+from onnxprune.core.errors import OnnxPruneError
+from onnxprune.core import model_io
+from onnxprune.core.model_io import (atomic_path, load_graph, load_model, model_files, proto_bytes, refuse_overwrite_input, save_model,
                                 without_initializers)
 
 

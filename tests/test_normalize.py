@@ -8,8 +8,8 @@ import pytest
 import onnx_graphs
 import zoo
 from conftest import random_feeds, run_ort
-from onnxprune.model_io import load_model, save_model
-from onnxprune.normalize import fold_batchnorm, normalize
+from onnxprune.core.model_io import load_model, save_model
+from onnxprune.core.normalize import fold_batchnorm, normalize
 
 HELPER_MODELS = {
     "constant_node_weights": onnx_graphs.constant_node_weights,
@@ -117,7 +117,7 @@ def test_external_data_round_trip(tmp_path):
 
 
 def test_sparse_initializers_are_densified(tmp_path):
-    from onnxprune.inspection import inspect_model
+    from onnxprune.metrics.inspection import inspect_model
     from onnxprune.sparsity.storage import to_sparse_storage
 
     model = normalize(load_model(zoo.export("flatten_mlp", tmp_path)))
@@ -140,7 +140,7 @@ def test_prepare_from_a_file_holds_the_weights_once(name, tmp_path):
     """A file prepare loads itself is normalized in place (its ``original`` keeps the file's graph
     and metadata, not a second set of weights), and a model whose input shapes are already concrete
     is indexed without a shape-fixed copy. Either copy would double a large model's memory."""
-    from onnxprune.prepare import prepare
+    from onnxprune.core.prepare import prepare
 
     model = HELPER_MODELS[name]()
     path = tmp_path / "m.onnx"

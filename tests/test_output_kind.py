@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from onnxprune.datasets.fidelity import evaluate_fidelity, mean_cosine, nn_agreement, output_fidelity
 from onnxprune.datasets.output_kind import infer_output_kinds, parse_output_kinds
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 
 torch = pytest.importorskip("torch")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cli_util import run_cli
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 from onnxprune.pipeline.cache import StepCache
 from onnxprune.pipeline.latency_target import bisect_ratio
 from onnxprune.pipeline.sensitivity import derive_ratios
@@ -32,8 +32,8 @@ profiling: {min_runs: 3, warmup_runs: 1, min_duration_s: 0.0, memory: false}
 def tiny_model(path: Path, width: int = 4) -> Path:
     import torch
 
-    from onnxprune.demo_model import build_digits_cnn
-    from onnxprune.torch_export import export_torch
+    from onnxprune.commands.demo_model import build_digits_cnn
+    from onnxprune.bridge.torch_export import export_torch
 
     torch.manual_seed(0)
     module = build_digits_cnn(width=width)

@@ -19,14 +19,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 import zoo
 from cli_util import run_cli
-from onnxprune.errors import OnnxPruneError, UnavailableError
+from onnxprune.core.errors import OnnxPruneError, UnavailableError
 from onnxprune.profiling import compare_models, profile_model
 from onnxprune.profiling.hw_profile import load_hw_profile, profile_from_dict
 from onnxprune.profiling.memory import measure_memory
 from onnxprune.profiling.pernode import parse_trace, per_node_profile
 from onnxprune.profiling.provider import check_active_provider
 from onnxprune.profiling.runners import make_feeds, make_runner
-from onnxprune.torch_export import export_torch
+from onnxprune.bridge.torch_export import export_torch
 
 FAST = {"name": "fast", "backend": "ort-cpu", "threads": {"intra_op": 1}, "warmup_runs": 1, "min_runs": 5,
         "min_duration_s": 0.02}
@@ -275,7 +275,7 @@ def test_model_that_cannot_run_on_the_inputs_is_one_line(tmp_path):
 
 
 def test_ort_error_text_keeps_the_reason_not_the_cpp_location():
-    from onnxprune.errors import ort_error_text
+    from onnxprune.core.errors import ort_error_text
 
     raw = ("[ONNXRuntimeError] : 1 : FAIL : Load model from /m/a b.onnx failed:/onnxruntime_src/onnxruntime/core/graph/"
            "model.cc:256 onnxruntime::Model::Model(onnx::ModelProto&&, const PathString&, const logging::Logger&, "

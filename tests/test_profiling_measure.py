@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 from onnxprune.profiling.environment import effective_provenance
 from onnxprune.profiling.hw_profile import profile_from_dict
 from onnxprune.profiling.measure import cpu_affinity, measure, measure_interleaved, usable_cores

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 from onnxprune.profiling.hw_profile import HwProfile, load_hw_profile, profile_from_dict, shipped_profiles
 
 SHIPPED = shipped_profiles()

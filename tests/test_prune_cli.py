@@ -12,7 +12,7 @@ import zoo
 from cli_util import run_cli
 from conftest import random_feeds, run_ort
 from onnxprune.sparsity import satisfies_nm
-from onnxprune.graph import build_view
+from onnxprune.core.graph import build_view
 from onnxprune.sparsity.select import prunable_weights
 
 
@@ -152,7 +152,7 @@ def test_structured_branch(model_path, tmp_path):
 
 def test_gradient_criterion_with_data(tmp_path):
     torch = pytest.importorskip("torch")
-    from onnxprune.torch_export import export_torch
+    from onnxprune.bridge.torch_export import export_torch
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),

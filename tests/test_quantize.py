@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cli_util import run_cli
 from onnxprune.core.quantized import quantization_kind, refuse_integer_ops
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 from onnxprune.quantization.static import plan_for
 
 
@@ -19,7 +19,7 @@ from onnxprune.quantization.static import plan_for
 def trained(tmp_path_factory):
     """The demo's digits CNN, trained for a few epochs (seconds): quantization error shows on real weights."""
     pytest.importorskip("torch")
-    from onnxprune.demo_model import train_demo_model
+    from onnxprune.commands.demo_model import train_demo_model
 
     path = tmp_path_factory.mktemp("q") / "digits.onnx"
     train_demo_model(path, epochs=3, width=8)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cli_util import run_cli, subprocess_env
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 
 RECIPE = """
 name: raytiny
@@ -102,7 +102,7 @@ def ray_faults(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """A small trained digits CNN, the recipe and the local executor's report."""
-    from onnxprune.demo_model import train_demo_model
+    from onnxprune.commands.demo_model import train_demo_model
     from onnxprune.pipeline.run import run_recipe
 
     d = tmp_path_factory.mktemp("raysweep")

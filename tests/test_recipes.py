@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 from onnxprune.pipeline.sweep import expand
 from onnxprune.recipes import load_recipe, shipped_recipes
 from onnxprune.recipes.schema import Target

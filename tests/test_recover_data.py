@@ -17,7 +17,7 @@ from cli_util import run_cli
 from onnxprune.datasets import load_dataset, load_inputs
 from onnxprune.datasets.fidelity import (compare_outputs, cosine, max_abs_diff, output_fidelity, rel_l2,
                                          top1_agreement)
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 
 
 # --------------------------------------------------------------------------- tiny graphs (no torch)

@@ -31,11 +31,11 @@ import yaml
 import zoo
 from cli_util import run_cli, subprocess_env
 from onnxprune import __version__
-from onnxprune.errors import OnnxPruneError, UnavailableError
+from onnxprune.core.errors import OnnxPruneError, UnavailableError
 from onnxprune.pipeline.cache import file_sha256
 from onnxprune.profiling import compare_models, profile_model, remote, ssh_target
 from onnxprune.profiling.hw_profile import profile_from_dict
-from onnxprune.torch_export import export_torch
+from onnxprune.bridge.torch_export import export_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SSHD = shutil.which("sshd") or next((p for p in ("/usr/sbin/sshd", "/usr/local/sbin/sshd") if os.access(p, os.X_OK)), None)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from cli_util import run_cli
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 from onnxprune.report.schema import SCHEMA_VERSION, pareto_front, stat, validate_report
 from test_pipeline import TINY, tiny_model
 

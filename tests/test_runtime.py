@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.core.runtime import batches, fixed_batch, load_error, open_session, run_batched, session_options
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 
 
 def _scale_model(batch: int | str) -> onnx.ModelProto:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from onnxprune.errors import OnnxPruneError
-from onnxprune.guidance import BACKENDS, METHODS, speedup_guidance
+from onnxprune.core.errors import OnnxPruneError
+from onnxprune.report.guidance import BACKENDS, METHODS, speedup_guidance
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))

@@ -11,9 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_graphs
 import zoo
 from conftest import random_feeds, run_ort
-from onnxprune.errors import OnnxPruneError
-from onnxprune.graph import build_view
-from onnxprune.inspection import inspect_model
+from onnxprune.core.errors import OnnxPruneError
+from onnxprune.core.graph import build_view
+from onnxprune.metrics.inspection import inspect_model
 from onnxprune.sparsity import prune_nm, satisfies_nm
 from onnxprune.sparsity.nm import nm_keep_mask
 from onnxprune.sparsity.prune import parse_nm

@@ -10,10 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import zoo
 from conftest import random_feeds, run_ort
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 from onnxprune.sparsity import masks_of, prune_unstructured
 from onnxprune.sparsity.select import prunable_weights, select_weights
-from onnxprune.graph import build_view
+from onnxprune.core.graph import build_view
 
 ZOO_NAMES = ["conv_chain", "tiny_resnet", "flatten_mlp"]
 
@@ -319,7 +319,7 @@ def test_file_and_in_memory_inputs_give_the_same_model(prune, tmp_path):
     """A file's model is normalized in place and its weights are written back from the normalized
     model (initializers normalization dropped are read from the file again): the result is byte for
     byte what the same model given in memory yields, the input graph kept as it was."""
-    from onnxprune.model_io import save_model
+    from onnxprune.core.model_io import save_model
 
     model = _with_initializers_normalization_drops()
     path = tmp_path / "m.onnx"

@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from cli_util import run_cli, subprocess_env
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 from onnxprune.pipeline import cache as cache_mod
 from onnxprune.pipeline.cache import STATE_VERSION, StepCache, locked
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from onnxprune.channels.types import Group, Member
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 from onnxprune.structured.allocate import Limits, allocate, final_count, ignored_groups, select
 from onnxprune.structured.search import find_ratio
 

@@ -119,7 +119,7 @@ def test_per_layer_recipe_pruning_drops_the_broken_group(src, monkeypatch):
 def test_bisection_finds_single_and_combined_culprits():
     """Pure bisection logic: group 3 breaks alone, 5 and 7 only together; every other group is kept,
     and the validator is called far fewer times than once per subset."""
-    from onnxprune.errors import OnnxPruneError
+    from onnxprune.core.errors import OnnxPruneError
     from onnxprune.structured.fallback import prune_dropping_broken
 
     calls = []

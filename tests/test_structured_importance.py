@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from onnxprune.channels.types import Group, Member
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 from onnxprune.structured.importance import (IMPORTANCE, CriterionUnavailable, ScoreInputs, aggregate, lamp_transform,
                                              score_groups)
 

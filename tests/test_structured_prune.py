@@ -9,9 +9,9 @@ import pytest
 import arch_zoo
 import zoo
 from conftest import random_feeds, run_ort
-from onnxprune.errors import OnnxPruneError
-from onnxprune.inspection import inspect_model
-from onnxprune.normalize import normalize
+from onnxprune.core.errors import OnnxPruneError
+from onnxprune.metrics.inspection import inspect_model
+from onnxprune.core.normalize import normalize
 from onnxprune.structured.prune import prune_structured
 
 ZOO_NAMES = list(zoo.ZOO)

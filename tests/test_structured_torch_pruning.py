@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 
 import zoo
-from onnxprune.inspection import inspect_model
+from onnxprune.metrics.inspection import inspect_model
 from onnxprune.structured.prune import prune_structured
-from onnxprune.torch_export import export_torch
+from onnxprune.bridge.torch_export import export_torch
 
 tp = pytest.importorskip("torch_pruning")
 

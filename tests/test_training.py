@@ -16,8 +16,8 @@ nn = torch.nn
 
 from cli_util import run_cli  # noqa: E402
 from onnxprune.datasets import DatasetSplits, Split, evaluate_onnx, load_dataset  # noqa: E402
-from onnxprune.errors import OnnxPruneError  # noqa: E402
-from onnxprune.torch_export import export_torch  # noqa: E402
+from onnxprune.core.errors import OnnxPruneError  # noqa: E402
+from onnxprune.bridge.torch_export import export_torch  # noqa: E402
 from onnxprune.training import TrainConfig  # noqa: E402
 from onnxprune.training.distill import distillation_loss, training_loss  # noqa: E402
 from onnxprune.training.gradual import agp_schedule, linear_schedule  # noqa: E402

@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from onnxprune.datasets import evaluate_onnx, load_dataset  # noqa: E402
-from onnxprune.torch_export import export_torch  # noqa: E402
+from onnxprune.bridge.torch_export import export_torch  # noqa: E402
 from onnxprune.training import TrainConfig, finetune, train_module  # noqa: E402
 
 pytestmark = pytest.mark.slow

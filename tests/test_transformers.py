@@ -20,8 +20,8 @@ from cli_util import run_cli
 from conftest import run_ort
 from transformer_models import BertLike, PackedViT, bert_feeds, export_bert, train_bert
 from onnxprune.channels import analyze_channels, apply_plan
-from onnxprune.inspection import inspect_model
-from onnxprune.prepare import prepare
+from onnxprune.metrics.inspection import inspect_model
+from onnxprune.core.prepare import prepare
 from onnxprune.structured.prune import prune_structured
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")

@@ -1,8 +1,8 @@
 """import_callable: a user's module:function spec comes back as a function or as one error line."""
 import pytest
 
-from onnxprune.errors import OnnxPruneError
-from onnxprune.user_code import import_callable
+from onnxprune.core.errors import OnnxPruneError
+from onnxprune.core.user_code import import_callable
 
 
 def test_imports_from_file_and_from_module_name(tmp_path, monkeypatch):

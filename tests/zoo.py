@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from arch_zoo import ConvChain, FlattenHead, ResNetBasic as TinyResNet, randomize_norms
-from onnxprune.torch_export import export_torch
+from onnxprune.bridge.torch_export import export_torch
 
 
 ZOO: dict[str, tuple] = {

@@ -30,10 +30,10 @@ import numpy as np
 import onnx
 import torch
 
-from ..errors import OnnxPruneError, ort_error_text
-from ..model_io import PROTOBUF_LIMIT, proto_bytes
-from ..prepare import resolve_input_shapes
-from ..shapes import graph_inputs
+from ..core.errors import OnnxPruneError, ort_error_text
+from ..core.model_io import PROTOBUF_LIMIT, proto_bytes
+from ..core.prepare import resolve_input_shapes
+from ..core.shapes import graph_inputs
 from .module import BridgeRuntimeError, OnnxModule
 
 _NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
@@ -318,6 +318,6 @@ def assert_bridge_faithful(model: onnx.ModelProto, input_shapes: Mapping[str, tu
 def load_for_check(path: str | os.PathLike) -> onnx.ModelProto:
     """Load a model file as ``finetune`` does (no normalization: the check covers the exact graph
     that is trained and written back)."""
-    from ..model_io import load_model
+    from ..core.model_io import load_model
 
     return load_model(Path(path))

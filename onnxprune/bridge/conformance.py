@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import onnx
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 
 #: outcomes of one case
 PASS, REFUSED, UNCLAIMED, WRONG, ERROR = "pass", "refused", "unclaimed", "wrong", "error"

@@ -23,9 +23,9 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from ..errors import OnnxPruneError
-from ..graph import opset_of
-from ..shapes import graph_inputs
+from ..core.errors import OnnxPruneError
+from ..core.graph import opset_of
+from ..core.shapes import graph_inputs
 from ..sparsity.storage import sparse_to_dense
 from . import ops
 
@@ -338,7 +338,7 @@ def _unhooked(p: nn.Parameter | None) -> nn.Parameter | None:
 
 def to_torch(model: onnx.ModelProto, *, train_bn: bool = False) -> OnnxModule:
     """Build a trainable torch module executing ``model`` (ideally normalized with
-    :func:`onnxprune.normalize.normalize`; raw graphs with Constant/Identity/Dropout nodes run too).
+    :func:`onnxprune.core.normalize.normalize`; raw graphs with Constant/Identity/Dropout nodes run too).
 
     Unsupported ops raise :class:`OnnxPruneError` here, before anything runs. ``train_bn`` makes
     BatchNormalization use batch statistics and update its running ones in train mode (default:

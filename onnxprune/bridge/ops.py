@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 from ..sparsity.storage import sparse_to_dense
 
 

@@ -15,7 +15,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 from ..sparsity.storage import sparse_to_dense
 from .module import OnnxModule
 

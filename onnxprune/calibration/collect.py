@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import OnnxPruneError
-from ..shapes import value_dtypes
+from ..core.errors import OnnxPruneError
+from ..core.shapes import value_dtypes
 from .layers import Layer
 from .stats import RowStats
 
@@ -46,7 +46,7 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
 
 
 def _skeleton(m: onnx.ModelProto) -> onnx.ModelProto:
-    from ..shapes import skeleton
+    from ..core.shapes import skeleton
 
     return skeleton(m)
 
@@ -115,7 +115,7 @@ def run(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], *, batch_size:
 def _batch_size(model: onnx.ModelProto, tensors: Sequence[str], inputs: Mapping[str, np.ndarray], most: int) -> int:
     """Samples per batch such that the exposed activations of one batch stay within :data:`BATCH_BYTES`
     (shapes inferred for one sample of the calibration data's size)."""
-    from ..shapes import fix_input_shapes, infer_value_shapes
+    from ..core.shapes import fix_input_shapes, infer_value_shapes
 
     try:
         fixed = fix_input_shapes(_skeleton(model), {k: (1,) + tuple(v.shape[1:]) for k, v in inputs.items()})

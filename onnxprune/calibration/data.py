@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 
 from ..datasets import load_inputs
-from ..errors import OnnxPruneError
-from ..shapes import graph_inputs
+from ..core.errors import OnnxPruneError
+from ..core.shapes import graph_inputs
 
 
 def calibration_inputs(spec: Any, model: onnx.ModelProto, n: int | None, *, seed: int = 0) -> dict[str, np.ndarray]:

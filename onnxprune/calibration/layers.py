@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..graph import GraphView, attr
+from ..core.graph import GraphView, attr
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..graph import GraphView, attr
+from ..core.graph import GraphView, attr
 from .collect import DEFAULT_ROWS, batches, collect_stats, fixed_batch, progress_bar, run, session, with_outputs
 from .edit import ModelEditor, write_layer
 from .fit import rel_error
@@ -200,7 +200,7 @@ class WeightCalibration:
     norms and the reconstruction of a pruned copy."""
 
     def __init__(self, source, inputs: Mapping[str, np.ndarray], *, progress: bool = False, seed: int = 0):
-        from ..prepare import prepare
+        from ..core.prepare import prepare
         from ..sparsity.select import select_weights
 
         self.prep = prepare(source)

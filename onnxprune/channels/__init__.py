@@ -2,7 +2,7 @@
 
 Usage::
 
-    from onnxprune.prepare import prepare
+    from onnxprune.core.prepare import prepare
     from onnxprune.channels import analyze_channels, apply_plan
 
     prep = prepare("model.onnx")                      # normalized model + shape-fixed view

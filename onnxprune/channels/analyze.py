@@ -22,9 +22,9 @@ import math
 import numpy as np
 import onnx
 
-from ..graph import GraphView, build_view, subgraph_reads
-from ..normalize import fold_constants
-from ..shapes import symbolic_value_shapes
+from ..core.graph import GraphView, build_view, subgraph_reads
+from ..core.normalize import fold_constants
+from ..core.shapes import symbolic_value_shapes
 from .context import Context
 from .dims import follow_dims
 from .rules import rule_for
@@ -32,7 +32,7 @@ from .types import Analysis, Group, Member, Positions
 
 
 def analyze_channels(view: GraphView, *, allow_io_change: bool = False, prune_hidden: bool = False) -> Analysis:
-    """Coupling groups of ``view`` (from :func:`onnxprune.prepare.prepare`; static shapes help:
+    """Coupling groups of ``view`` (from :func:`onnxprune.core.prepare.prepare`; static shapes help:
     reshapes are only followed on static shapes).
 
     ``allow_io_change``: a model input concatenated with tracked channels (a KV cache) and an

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..graph import GraphView, opset_of
+from ..core.graph import GraphView, opset_of
 from .types import Role
 
 
@@ -58,7 +58,7 @@ def _find_root(parent: list[int], a: int) -> int:
 
 
 class Context:
-    """Mutable state of one propagation over a :class:`~onnxprune.graph.GraphView`."""
+    """Mutable state of one propagation over a :class:`~onnxprune.core.graph.GraphView`."""
 
     def __init__(self, view: GraphView, original: GraphView | None = None, *, allow_io_change: bool = False,
                  prune_hidden: bool = False):
@@ -253,7 +253,7 @@ class Context:
         if len(node.input) > index and node.input[index]:
             v = self.const(node.input[index])
             return None if v is None else [int(x) for x in np.asarray(v).reshape(-1)]
-        from ..graph import attr
+        from ..core.graph import attr
         val = attr(node, attr_name)
         return None if val is None else [int(x) for x in val]
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..graph import attr
+from ..core.graph import attr
 from .context import Context
 
 #: Marks an entry computed from a channel count by arithmetic (not the count itself).

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from ..graph import attr
+from ..core.graph import attr
 from .context import Context
 
 Rule = Callable[[Context, onnx.NodeProto], None]

@@ -7,7 +7,7 @@ import click
 
 from ..channels.analyze import analyze_channels
 from ..channels.types import Analysis
-from ..prepare import prepare
+from ..core.prepare import prepare
 from .common import emit_json, input_shape_option, json_option, model_argument
 
 

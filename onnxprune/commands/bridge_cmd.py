@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from ..errors import OnnxPruneError, UnavailableError, ort_error_text
+from ..core.errors import OnnxPruneError, UnavailableError, ort_error_text
 from .common import emit_json, input_shape_option, json_option, model_argument
 
 _SHOWN = {"ok": "ok", "borderline": "BORDERLINE", "diverges": "DIFFERS"}

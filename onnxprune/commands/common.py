@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 import click
 
-from ..errors import OnnxPruneError
-from ..shapes import parse_input_shapes
+from ..core.errors import OnnxPruneError
+from ..core.shapes import parse_input_shapes
 
 
 def _shapes_callback(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, tuple[int, ...]]:

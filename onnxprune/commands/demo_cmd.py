@@ -18,7 +18,7 @@ from .common import emit_json, json_option
 def demo_cmd(outdir: str, quick: bool, overrides: tuple[str, ...], as_json: bool) -> None:
     """Train a small CNN on scikit-learn's digits, export it to ONNX, prune it structured and unstructured
     at two operating points each, retrain, profile on the CPU profile and write the report."""
-    from ..demo_model import run_demo
+    from .demo_model import run_demo
     from .run_cmd import print_summary
 
     con = Console(stderr=as_json)

@@ -11,8 +11,8 @@ import click
 from rich.console import Console
 
 from ..datasets import evaluate_onnx, load_dataset
-from ..errors import OnnxPruneError
-from ..model_io import load_model
+from ..core.errors import OnnxPruneError
+from ..core.model_io import load_model
 from .common import emit_json, json_option, model_argument
 
 

@@ -12,8 +12,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import OnnxPruneError
-from ..model_io import refuse_overwrite_input, save_model, write_text_atomic
+from ..core.errors import OnnxPruneError
+from ..core.model_io import refuse_overwrite_input, save_model, write_text_atomic
 from .common import emit_json, json_option
 
 
@@ -107,7 +107,7 @@ def finetune_cmd(model: str | None, output: str, data_spec: str, no_keep_sparsit
         refuse_overwrite_input(model, output)
         if teacher:
             refuse_overwrite_input(teacher, output)
-        from ..model_io import load_model
+        from ..core.model_io import load_model
         from ..training.retrain import finetune
 
         src = load_model(model)
@@ -135,7 +135,7 @@ def _torch_path(factory: str, state_dict: str | None, shape: str | None, ratio: 
     import torch
 
     from ..datasets import load_dataset
-    from ..torch_export import export_torch
+    from ..bridge.torch_export import export_torch
     from ..training.loop import train_module
     from ..training.torch_source import count_macs_params, load_torch_factory, prune_torch_model
 

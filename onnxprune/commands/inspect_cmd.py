@@ -5,7 +5,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..inspection import inspect_model
+from ..metrics.inspection import inspect_model
 from .common import emit_json, human, input_shape_option, json_option, model_argument
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 from .common import emit_json, human, json_option, model_argument
 
 STRUCTURED_CRITERIA = ("l1", "l2", "bn", "fpgm", "lamp", "random", "taylor", "activation")
@@ -109,14 +109,14 @@ def prune_cmd(model: str, output: str | None, structured: bool, unstructured: bo
         raise OnnxPruneError("missing -o/--output OUT: where to write the pruned model")
     _reject_foreign(mode, opts)
     backend, cc, precision, sparse_weights = _backend(opts["hw"])
-    from ..model_io import refuse_overwrite_input
+    from ..core.model_io import refuse_overwrite_input
 
     refuse_overwrite_input(model, output)
     opts["progress"] = not as_json
 
     if mode == "structured":
         result = _structured(model, opts)
-        from ..guidance import speedup_guidance
+        from ..report.guidance import speedup_guidance
 
         lines = speedup_guidance("structured", backend, cc)
         if (result.summary.get("limits") or {}).get("round_to", 1) >= 8:  # already on kernel-friendly counts
@@ -127,7 +127,7 @@ def prune_cmd(model: str, output: str | None, structured: bool, unstructured: bo
     else:
         result = _nm(model, nm or "", opts, backend, cc, precision, sparse_weights)
 
-    from ..model_io import file_bytes, save_model
+    from ..core.model_io import file_bytes, save_model
 
     save_model(result.model, output)
     summary = dict(result.summary)
@@ -222,7 +222,7 @@ def _structured_options(model: str, opts: dict[str, Any], criterion: str, *, max
             raise OnnxPruneError(f"--max-ratio must be in (0, {'1]' if max_ratio_one else '1)'}, not {opts['max_ratio']}")
         kwargs["max_ratio"] = mr
     if opts["input_shape"]:
-        from ..shapes import parse_input_shapes
+        from ..core.shapes import parse_input_shapes
 
         kwargs["input_shapes"] = parse_input_shapes(opts["input_shape"])
     kwargs["gradients"] = _gradients(model, opts["data"], criterion)
@@ -248,7 +248,7 @@ def _unstructured(model: str, opts: dict[str, Any], backend: str, cc, precision,
     gradients = _gradients(model, opts["data"], criterion)
     cal = _weight_calibration(model, opts, criterion)
     from ..sparsity.prune import prune_unstructured
-    from ..shapes import parse_input_shapes
+    from ..core.shapes import parse_input_shapes
 
     result = prune_unstructured(model, sparsity=sparsity, scope=scope, min_threshold=min_threshold, criterion=criterion,
                                 exclude_first=opts["exclude_first"], exclude_last=opts["exclude_last"],
@@ -263,7 +263,7 @@ def _unstructured(model: str, opts: dict[str, Any], backend: str, cc, precision,
 
 
 def _nm(model: str, spec: str, opts: dict[str, Any], backend: str, cc, precision, sparse_weights):
-    from ..shapes import parse_input_shapes
+    from ..core.shapes import parse_input_shapes
     from ..sparsity.prune import parse_nm, prune_nm
 
     n, m = parse_nm(spec)
@@ -280,7 +280,7 @@ def _nm(model: str, spec: str, opts: dict[str, Any], backend: str, cc, precision
 
 
 def _refine_guidance(summary: dict[str, Any], method: str, backend: str, cc, precision, sparse_weights, nm=None) -> None:
-    from ..guidance import speedup_guidance
+    from ..report.guidance import speedup_guidance
 
     summary["guidance"] = speedup_guidance(method, backend, cc, nm=nm, precision=precision, sparse_weights=sparse_weights)
 
@@ -377,7 +377,7 @@ def _calibration_inputs(model: str, opts: dict[str, Any], criterion: str):
             raise OnnxPruneError("--calibration-samples needs --calibrate SPEC")
         return None
     from ..calibration import calibration_inputs
-    from ..model_io import load_graph
+    from ..core.model_io import load_graph
 
     n = _int(opts["calibration_samples"], "--calibration-samples", 256, minimum=1)
     return calibration_inputs(opts["calibrate"], load_graph(model), n)

@@ -13,7 +13,7 @@ from collections import Counter
 
 import onnx
 
-from ..errors import OnnxPruneError
+from .errors import OnnxPruneError
 
 #: integer-arithmetic ops: the model computes in int8/uint8 with fused scales
 QOPERATOR_OPS = {"QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearAveragePool",

@@ -16,8 +16,8 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..errors import OnnxPruneError, ort_error_text
-from ..model_io import PROTOBUF_LIMIT, proto_bytes
+from .errors import OnnxPruneError, ort_error_text
+from .model_io import PROTOBUF_LIMIT, proto_bytes
 
 CPU = ("CPUExecutionProvider",)
 

@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from ..errors import OnnxPruneError
-from ..user_code import import_callable
+from ..core.errors import OnnxPruneError
+from ..core.user_code import import_callable
 from .spec import ParsedSpec, Preprocess, parse_spec
 
 SPLITS = ("train", "val", "test")

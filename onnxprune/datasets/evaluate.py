@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..errors import OnnxPruneError, ort_error_text
+from ..core.errors import OnnxPruneError, ort_error_text
 from .core import DatasetSplits, load_dataset
 
 

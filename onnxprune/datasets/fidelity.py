@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 
 
 def _pair(ref: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -202,7 +202,7 @@ def run_onnx(model: "str | os.PathLike | onnx.ModelProto | Any", inputs: Mapping
         try:
             res = sess.run(names, feed)
         except Exception as exc:  # noqa: BLE001 - ORT raises assorted types
-            from ..errors import ort_error_text
+            from ..core.errors import ort_error_text
             raise OnnxPruneError(f"ONNX Runtime failed on inputs {({k: list(v.shape) for k, v in feed.items()})}: "
                                  f"{ort_error_text(exc)}") from None
         for k, r in zip(names, res):
@@ -245,7 +245,7 @@ def evaluate_fidelity(model: "str | os.PathLike | onnx.ModelProto", reference: "
 def call_metric(spec: str, outputs: Mapping[str, np.ndarray], labels: np.ndarray | None) -> dict[str, float]:
     """``python:module:function`` (or ``module:function``) called as ``fn(outputs, labels)``:
     outputs by graph-output name, labels or None; must return a dict of named numbers."""
-    from ..user_code import import_callable
+    from ..core.user_code import import_callable
 
     text = spec[len("python:"):] if spec.startswith("python:") else spec
     modname, _, fname = text.rpartition(":")

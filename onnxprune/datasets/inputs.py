@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 from .core import DatasetSplits, first_array, load_dataset
 
 _NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
@@ -40,7 +40,7 @@ class ModelInput:
 
 def model_inputs(model: "onnx.ModelProto | str | os.PathLike") -> list[ModelInput]:
     """The model's real inputs (initializers excluded), as :class:`ModelInput`."""
-    from ..shapes import graph_inputs
+    from ..core.shapes import graph_inputs
 
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)

@@ -27,7 +27,7 @@ from typing import Iterable, Mapping
 
 import onnx
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 
 KINDS = ("scores", "probs", "embedding", "value")
 #: ops that keep what an output is (walked through backwards from the output)

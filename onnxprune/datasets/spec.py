@@ -44,7 +44,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 
 KINDS = ("digits", "npz", "imagefolder", "images", "cifar10", "python")
 PREPROCESS_KEYS = ("resize", "size", "normalize", "mean", "std", "layout")

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 from .core import SPLITS, DatasetSplits, Split, first_array, take
 from .spec import ParsedSpec, Preprocess
 

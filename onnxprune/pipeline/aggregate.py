@@ -148,7 +148,7 @@ def set_speedups(points: Sequence[dict[str, Any]], dense: Mapping[str, Any]) -> 
 
 def guidance(points: Sequence[Mapping[str, Any]], dense: Mapping[str, Any], profiles: Sequence[Any]) -> list[str]:
     """Plain statements: which points did not get faster where, and why (B's speedup guidance)."""
-    from ..guidance import speedup_guidance
+    from ..report.guidance import speedup_guidance
 
     out: list[str] = []
     for prof in profiles:

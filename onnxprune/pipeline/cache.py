@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
@@ -231,7 +231,7 @@ class StepCache:
               skipped: Iterable[str] = ()) -> None:
         """Take step records computed elsewhere (another machine's cache): their output files are
         written first (each atomically), then the records, so a crash in between loses only records."""
-        from ..model_io import atomic_path
+        from ..core.model_io import atomic_path
 
         for rel, data in files.items():
             dest = self.outdir / rel

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..errors import OnnxPruneError, UnavailableError
+from ..core.errors import OnnxPruneError, UnavailableError
 from .cache import STATE_VERSION, CacheMiss, StepCache
 
 #: the custom Ray resource a latency measurement holds; give each node that may measure exactly 1
@@ -347,7 +347,7 @@ class RayExecutor:
 
 def payload(root: Path, rels: list[str]) -> dict[str, bytes]:
     """The bytes of files under ``root`` by relative path; a model brings its external data files along."""
-    from ..model_io import model_files
+    from ..core.model_io import model_files
 
     out: dict[str, bytes] = {}
     for rel in rels:

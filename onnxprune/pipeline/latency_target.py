@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 from ..recipes.schema import LatencyTarget, Stage, Target
 
 

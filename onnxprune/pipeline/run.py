@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 from ..recipes import Recipe, load_recipe
 from ..recipes.loader import check_key, parse_override, resolve_recipe, set_path, validate_recipe
 from . import steps
@@ -215,7 +215,7 @@ def _check_model(model_path: str | os.PathLike) -> Path:
         raise OnnxPruneError(f"{p}: no such model file")
     if p.is_dir():
         raise OnnxPruneError(f"{p}: is a directory, expected an .onnx file")
-    from ..model_io import load_model
+    from ..core.model_io import load_model
 
     load_model(p)  # one clear line for a corrupt or unsupported file, before any work
     return p
@@ -283,7 +283,7 @@ def dense_control(ctx: Context, model_path: Path, latency: bool = True) -> dict[
     ctx.progress.step("dense: copy")
 
     def copy() -> dict[str, Any]:
-        from ..model_io import atomic_path
+        from ..core.model_io import atomic_path
 
         with atomic_path(dest) as tmp:
             shutil.copyfile(model_path, tmp)
@@ -312,7 +312,7 @@ def _gzip_dense(ctx: Context) -> bool:
 
 def sensitivity_step(ctx: Context, dense: Path) -> dict[str, Any]:
     from .sensitivity import run_sensitivity, to_csv
-    from ..model_io import write_text_atomic
+    from ..core.model_io import write_text_atomic
 
     cfg = ctx.recipe.sensitivity
     profs = ctx.profiles if cfg.latency else []
@@ -427,7 +427,7 @@ def _prune_work(ctx: Context, spec: RunSpec, dense: Path, out: Path, per_layer: 
     if isinstance(source, onnx.ModelProto):
         steps.save(source, out)
     else:
-        from ..model_io import atomic_path
+        from ..core.model_io import atomic_path
 
         with atomic_path(out) as tmp:
             shutil.copyfile(source, tmp)

@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 from ..recipes.schema import Sensitivity, Stage
-from ..pruning_result import PruneResult
+from ..core.pruning_result import PruneResult
 
 CSV_COLUMNS = ("group", "name", "channels", "ratio", "kept", "top1", "drop")
 
@@ -32,7 +32,7 @@ class _Structured:
 
     def __init__(self, source, criterion: str, seed: int = 0, gradients=None):
         from ..channels.analyze import analyze_channels
-        from ..prepare import prepare
+        from ..core.prepare import prepare
         from ..structured.importance import ScoreInputs, score_groups
 
         self.prep = prepare(source)
@@ -215,7 +215,7 @@ def prune_per_layer(source, stage: Stage, ratios: Mapping[str, float], *, seed: 
                     chosen[g.id] = float(r)
                     break
         model, plan = st.prune(chosen)
-        from ..inspection import inspect_model
+        from ..metrics.inspection import inspect_model
 
         before, after = inspect_model(st.prep.model), inspect_model(model)
         summary = {"method": "structured", "criterion": stage.criterion, "scope": "per-layer", "per_layer": dict(ratios),

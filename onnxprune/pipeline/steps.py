@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import onnx
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 from ..recipes.schema import Stage, Target
 
 #: criteria that need loss gradients from the training data
@@ -27,7 +27,7 @@ def _need(module: str, what: str, attr: str | None = None):
         mod = importlib.import_module(module, __package__)
     except ImportError as exc:
         if exc.name in ("torch", "torch_pruning", "sklearn"):
-            from ..errors import UnavailableError
+            from ..core.errors import UnavailableError
 
             raise UnavailableError(f"{what} needs the Python package {exc.name!r}: pip install 'onnxprune[train]'") from None
         raise
@@ -57,7 +57,7 @@ def gzip_meaningful(stages: Sequence[Stage]) -> bool:
 def model_figures(path: str | os.PathLike, gzip: bool = True) -> dict[str, Any]:
     """Params, nonzero params, MACs, MACs of nonzero weights, file size, per-layer sparsity, and with
     ``gzip`` the gzip size (else ``gzip_bytes`` is None: see :func:`gzip_meaningful`)."""
-    from ..inspection import inspect_model
+    from ..metrics.inspection import inspect_model
 
     info = inspect_model(path)
     nonzero_macs: float | None = 0.0
@@ -78,7 +78,7 @@ def model_figures(path: str | os.PathLike, gzip: bool = True) -> dict[str, Any]:
 def analyze(path: str | os.PathLike) -> dict[str, Any]:
     """Channel groups of the model: how many can be pruned and why the others cannot."""
     channels = _need("..channels.analyze", "channel analysis")
-    from ..prepare import prepare
+    from ..core.prepare import prepare
 
     an = channels.analyze_channels(prepare(path).view)
     return {"groups": len(an.groups), "prunable_groups": len(an.prunable),
@@ -87,7 +87,7 @@ def analyze(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    from ..model_io import save_model
+    from ..core.model_io import save_model
 
     return save_model(model, path)
 
@@ -170,7 +170,7 @@ def calibration_for(recover, data, stage: Stage, source: str | os.PathLike | onn
     from dataclasses import replace
 
     from ..calibration import StructuredCalibration, calibration_inputs
-    from ..model_io import load_graph
+    from ..core.model_io import load_graph
 
     train = replace(data, val=None, test=None)  # calibration never sees the splits that are scored
     model = source if isinstance(source, onnx.ModelProto) else load_graph(source)
@@ -181,7 +181,7 @@ def calibration_for(recover, data, stage: Stage, source: str | os.PathLike | onn
 def prune_stage(source: str | os.PathLike | onnx.ModelProto, stage: Stage, seed: int,
                 gradients: Mapping[str, Any] | None = None, per_layer: Mapping[str, float] | None = None,
                 calibration: Any = None):
-    """One stage, one shot: returns the owner's :class:`~onnxprune.pruning_result.PruneResult`.
+    """One stage, one shot: returns the owner's :class:`~onnxprune.core.pruning_result.PruneResult`.
     ``calibration``: see :func:`calibration_for` (structured stages)."""
     kw = stage_options(stage)
     if stage.ignore:

@@ -72,7 +72,7 @@ def expand(recipe: Recipe) -> Plan:
     ids = [r.id for r in runs]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        from ..errors import OnnxPruneError
+        from ..core.errors import OnnxPruneError
 
         raise OnnxPruneError(f"recipe: field 'sweep': operating points repeat ({', '.join(dup)}); "
                              "expected distinct points per method")

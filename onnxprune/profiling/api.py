@@ -36,9 +36,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
-from ..errors import OnnxPruneError
-from ..inspection import inspect_model
-from ..model_io import load_graph
+from ..core.errors import OnnxPruneError
+from ..metrics.inspection import inspect_model
+from ..core.model_io import load_graph
 from .environment import effective_provenance, effective_threads, thread_notes, versions
 from .hw_profile import HwProfile, load_hw_profile
 from .measure import Timing, cpu_affinity, measure, measure_interleaved

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 
 ENV_DIR = "ONNXPRUNE_CACHE_DIR"
 ENV_MAX_MB = "ONNXPRUNE_CACHE_MAX_MB"

@@ -18,7 +18,7 @@ from typing import Literal, Sequence, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 from .ssh_target import check_remote_python, check_ssh_option, parse_target
 
 Backend = Literal["ort-cpu", "ort-cuda", "tensorrt", "torch-cpu", "torch-cuda"]

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ..errors import OnnxPruneError, UnavailableError
+from ..core.errors import OnnxPruneError, UnavailableError
 from .hw_profile import HwProfile
 
 #: seconds a probe may take (a TensorRT engine build can take minutes)

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from ..errors import OnnxPruneError
+    from ..core.errors import OnnxPruneError
     from .hw_profile import profile_from_dict
     from .memory import current_rss_bytes, nvml_process_gpu_memory, peak_rss_bytes
     from .runners import make_runner

@@ -98,7 +98,7 @@ def summarize(kernels: list[dict[str, Any]], runs: int, model: onnx.ModelProto, 
 def per_node_profile(path: str | os.PathLike, profile: HwProfile, feeds: Mapping[str, np.ndarray], *,
                      runs: int | None = None, top: int = 15) -> dict[str, Any]:
     """Run ``path`` with ONNX Runtime's profiler on and summarize the kernels (ORT backends only)."""
-    from ..model_io import load_graph
+    from ..core.model_io import load_graph
     from .runners import ort_session
 
     runs = runs or max(1, min(profile.min_runs, 50))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import UnavailableError
+from ..core.errors import UnavailableError
 
 #: ONNX Runtime backends -> the execution provider they must run on
 ORT_PROVIDER = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider"}
@@ -28,7 +28,7 @@ def require_ort_provider(provider: str, where: str) -> None:
 def check_active_provider(session: Any, expected: str, where: str) -> str:
     """The provider that runs ``session`` (first of ``session.get_providers()``), which must be ``expected``.
 
-    Raises :class:`UnavailableError` (an :class:`~onnxprune.errors.OnnxPruneError`, exit code 3)
+    Raises :class:`UnavailableError` (an :class:`~onnxprune.core.errors.OnnxPruneError`, exit code 3)
     when ONNX Runtime fell back to another provider.
     """
     active = list(session.get_providers())

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from ..errors import OnnxPruneError, UnavailableError
+from ..core.errors import OnnxPruneError, UnavailableError
 from .ssh_target import Target, parse_target, remote_command, scp_argv, ssh_argv
 
 AGENT_MODULE = "onnxprune.profiling.remote_agent"
@@ -74,7 +74,7 @@ class ModelFiles:
 
     @classmethod
     def of(cls, path: Path) -> "ModelFiles":
-        from ..model_io import model_files
+        from ..core.model_io import model_files
         from ..pipeline.cache import file_sha256
 
         path = Path(path).resolve()

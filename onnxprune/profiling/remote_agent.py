@@ -113,7 +113,7 @@ def main(argv: list[str]) -> int:
     _watch(req.get("deadline_s"), req.get("workdir"))
     out = os.dup(1)
     os.dup2(2, 1)  # stray prints go to stderr; stdout carries only the result line
-    from ..errors import OnnxPruneError
+    from ..core.errors import OnnxPruneError
 
     try:
         res: dict[str, Any] = {"device": device_facts(), "result": VERBS[argv[1]](req)}

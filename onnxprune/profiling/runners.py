@@ -23,8 +23,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import onnx
 
-from ..errors import OnnxPruneError, UnavailableError, ort_error_text
-from ..shapes import _shape_of, graph_inputs
+from ..core.errors import OnnxPruneError, UnavailableError, ort_error_text
+from ..core.shapes import _shape_of, graph_inputs
 from .environment import resolved_threads
 from .hw_profile import HwProfile
 from .provider import ORT_PROVIDER, check_active_provider, require_ort_provider
@@ -293,8 +293,8 @@ class TorchRunner:
             _torch_cuda(profile.backend)
         self._threads = torch.get_num_threads()
         torch.set_num_threads(resolved_threads(profile)[0])  # the inter-op pool is fixed once torch has run
-        from ..model_io import load_model
-        from ..normalize import normalize
+        from ..core.model_io import load_model
+        from ..core.normalize import normalize
 
         module = to_torch(normalize(load_model(path))).eval()
         device = "cuda" if self._cuda else "cpu"

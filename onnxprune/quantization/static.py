@@ -26,8 +26,8 @@ from ..calibration.data import calibration_inputs
 from ..core.quantized import quantization_kind
 from ..core.runtime import fixed_batch
 from ..datasets.fidelity import evaluate_fidelity, mean_rel_l2
-from ..errors import OnnxPruneError, ort_error_text
-from ..model_io import PROTOBUF_LIMIT, atomic_path, file_bytes, load_model, proto_bytes, refuse_overwrite_input, save_model
+from ..core.errors import OnnxPruneError, ort_error_text
+from ..core.model_io import PROTOBUF_LIMIT, atomic_path, file_bytes, load_model, proto_bytes, refuse_overwrite_input, save_model
 
 FORMATS = ("qdq", "qoperator", "fp16")
 METHODS = ("minmax", "entropy", "percentile")

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 from .schema import Method, Recipe, Stage
 
 

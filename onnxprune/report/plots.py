@@ -18,7 +18,7 @@ def _plt():
     try:
         import matplotlib
     except ImportError as exc:  # pragma: no cover - matplotlib is in the report extra
-        from ..errors import UnavailableError
+        from ..core.errors import UnavailableError
 
         raise UnavailableError("plots need matplotlib: pip install 'onnxprune[report]'") from exc
     matplotlib.use("Agg", force=True)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..model_io import write_text_atomic
+from ..core.model_io import write_text_atomic
 from .plots import accuracy_split, all_points, write_all
 from ..pipeline.cache import json_default
 from ..profiling.provenance import measured_on_line, merge_measured_on

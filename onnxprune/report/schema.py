@@ -66,7 +66,7 @@ from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 
 SCHEMA_VERSION = 1
 

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 
 
 def floors(sizes: Sequence[int], min_threshold: float) -> list[int]:

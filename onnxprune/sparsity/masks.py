@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..graph import build_view
+from ..core.graph import build_view
 from .select import prunable_weights
 from .storage import densify
 

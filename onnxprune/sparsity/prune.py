@@ -17,12 +17,12 @@ import onnx
 from onnx import numpy_helper
 
 from ..core.quantized import refuse_integer_ops
-from ..errors import OnnxPruneError
-from ..guidance import speedup_guidance
-from ..model_io import load_model, without_initializers
-from ..params import count_params
-from ..prepare import Prepared, prepare
-from ..pruning_result import PruneResult
+from ..core.errors import OnnxPruneError
+from ..report.guidance import speedup_guidance
+from ..core.model_io import load_model, without_initializers
+from ..metrics.params import count_params
+from ..core.prepare import Prepared, prepare
+from ..core.pruning_result import PruneResult
 from .allocate import floors, global_masks, layer_masks
 from .nm import nm_ineligible_reason, nm_keep_mask, satisfies_nm
 from .scores import CRITERIA, score_weights, wanda_products

@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 from .select import Prunable
 
 ScoreFn = Callable[..., list[np.ndarray]]

@@ -20,8 +20,8 @@ from typing import Iterable
 import numpy as np
 import onnx
 
-from ..graph import GraphView, attr, walk_nodes
-from ..params import FLOAT_TYPES
+from ..core.graph import GraphView, attr, walk_nodes
+from ..metrics.params import FLOAT_TYPES
 
 #: Ops whose constant weight weight-level pruning acts on.
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import ort_error_text
-from ..model_io import PROTOBUF_LIMIT, model_files, proto_bytes, serialize_within_limit, without_initializers
+from ..core.errors import ort_error_text
+from ..core.model_io import PROTOBUF_LIMIT, model_files, proto_bytes, serialize_within_limit, without_initializers
 
 #: gzip level used for the reported compressed size (gzip's own default).
 GZIP_LEVEL = 6

@@ -23,7 +23,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from ..channels.types import Group, KeepPlan
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 
 _EPS = 1e-9  # absorbs float noise in C * (1 - r) (10 * (1 - 0.7) = 2.9999999999999996)
 

@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 import onnx
 
 from ..channels.types import KeepPlan
-from ..errors import OnnxPruneError, ort_error_text
-from ..model_io import PROTOBUF_LIMIT, proto_bytes
+from ..core.errors import OnnxPruneError, ort_error_text
+from ..core.model_io import PROTOBUF_LIMIT, proto_bytes
 
 #: builds and validates the pruned model of a plan, raising on failure
 Build = Callable[[KeepPlan], onnx.ModelProto]

@@ -6,7 +6,7 @@ then :func:`aggregate` combines members. Each member's scores are first divided 
 member with big tensors (a 3x3 conv reading 512 channels) does not drown a small one (a BN scale).
 
 Higher score = more important = kept. Criteria read weights through :class:`ScoreInputs`, which a
-caller builds from a :class:`~onnxprune.graph.GraphView` (:meth:`ScoreInputs.from_view`) or, in
+caller builds from a :class:`~onnxprune.core.graph.GraphView` (:meth:`ScoreInputs.from_view`) or, in
 tests, from plain dicts.
 
 A criterion that cannot score a group (``bn`` on a group without BatchNormalization, ``taylor``
@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..channels.types import Group, Member
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 
 #: Normalization ops whose input 1 is a per-channel scale (gamma): the "param" members that carry
 #: a channel's magnitude. Biases, running statistics and other per-channel params are not scored

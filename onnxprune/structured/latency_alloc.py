@@ -32,8 +32,8 @@ import numpy as np
 import onnx
 
 from ..channels.types import Group, KeepPlan
-from ..errors import OnnxPruneError
-from ..pruning_result import PruneResult
+from ..core.errors import OnnxPruneError
+from ..core.pruning_result import PruneResult
 from .allocate import Limits, global_scores, lower_bound, select, window_needs
 
 #: default weight of the MACs a knapsack step removes against the importance it loses (both as
@@ -143,7 +143,7 @@ def prune_for_latency(source: str | os.PathLike | onnx.ModelProto, hw, *, target
     timing, met, achieved, selection_estimate, chosen, iterations, importance_kept, table} and a
     ``target`` of kind ``speedup`` or ``latency`` whose ``achieved`` comes from the fresh run."""
     from ..channels.analyze import analyze_channels
-    from ..prepare import prepare
+    from ..core.prepare import prepare
     from ..profiling.hw_profile import load_hw_profile
     from ..profiling.runners import check_available
     from .importance import SELF_NORMALIZED
@@ -172,7 +172,7 @@ def prune_for_latency(source: str | os.PathLike | onnx.ModelProto, hw, *, target
     with tempfile.TemporaryDirectory(prefix="onnxprune-halp-") as tmp:
         tmp_dir = Path(tmp)
         if isinstance(source, onnx.ModelProto):
-            from ..model_io import save_model
+            from ..core.model_io import save_model
 
             dense_path = save_model(source, tmp_dir / "dense.onnx")
         else:
@@ -234,7 +234,7 @@ def _allocate(prep, analysis, groups: list[Group], scores: dict[int, np.ndarray]
               tolerance: float, macs_weight: float = 0.0) -> dict[str, Any]:
     """Table -> knapsack -> measured check, repeated with a rescaled budget (module docstring)."""
     from ..channels.rewrite import apply_plan
-    from ..model_io import save_model
+    from ..core.model_io import save_model
     from .latency_table import latency_table, layer_macs
     from .prune import _restore_io
 

@@ -38,9 +38,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..channels.types import Analysis
-from ..errors import OnnxPruneError
-from ..graph import GraphView
-from ..shapes import skeleton
+from ..core.errors import OnnxPruneError
+from ..core.graph import GraphView
+from ..core.shapes import skeleton
 
 #: kept-width fractions each layer is timed at, per side (the full width is the shared point)
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
@@ -423,7 +423,7 @@ def latency_table(view: GraphView, analysis: Analysis, group_ids: Sequence[int],
     """The table of the groups ``group_ids`` of the model indexed by ``view`` on ``profile``, from
     the cache when this model structure was measured there before. ``dense_path`` is the model's
     file (its whole-model latency anchors the estimate), ``input_shapes`` its concrete input shapes."""
-    from ..model_io import atomic_path
+    from ..core.model_io import atomic_path
     from ..profiling import diskcache
     from ..profiling.provenance import machine_fingerprint, merge_measured_on
 

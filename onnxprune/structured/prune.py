@@ -17,13 +17,13 @@ import onnx
 from ..channels.analyze import analyze_channels
 from ..channels.rewrite import _copy_fields, apply_plan
 from ..channels.types import Analysis, Group, KeepPlan
-from ..errors import OnnxPruneError
-from ..graph import build_view
-from ..macs import node_macs, total_macs
-from ..params import parameter_names
-from ..prepare import Prepared, prepare
-from ..pruning_result import PruneResult
-from ..shapes import _SKELETON_MIN_ELEMENTS, fix_input_shapes
+from ..core.errors import OnnxPruneError
+from ..core.graph import build_view
+from ..metrics.macs import node_macs, total_macs
+from ..metrics.params import parameter_names
+from ..core.prepare import Prepared, prepare
+from ..core.pruning_result import PruneResult
+from ..core.shapes import _SKELETON_MIN_ELEMENTS, fix_input_shapes
 from .allocate import Limits, allocate, ignored_groups
 from .fallback import ort_load_error, prune_dropping_broken
 from .importance import IMPORTANCE, SELF_NORMALIZED, ScoreInputs, score_groups
@@ -55,7 +55,7 @@ def _check_args(ratio, target_macs, target_params, criterion, scope, seed) -> tu
 
 
 def _measure(view) -> tuple[int, int | None]:
-    """(params, MACs) of an indexed model; params as :func:`~onnxprune.params.count_params` counts
+    """(params, MACs) of an indexed model; params as :func:`~onnxprune.metrics.params.count_params` counts
     them, read off the initializer dims (no weight is decoded: the target search calls this often)."""
     params = sum(math.prod(view.initializers[n].dims) for n in parameter_names(view))
     return params, total_macs(view)

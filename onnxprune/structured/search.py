@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ..channels.types import KeepPlan
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 
 #: Bisection stops when the ratio bracket is this narrow (finer than one channel of a 4096-wide layer).
 RATIO_TOL = 1e-4

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 
 OPS = ("crop", "hflip", "vflip", "jitter", "mixup", "noise")
 _IMAGE_OPS = {"crop", "hflip", "vflip", "jitter"}

@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adamw")

@@ -76,7 +76,7 @@ def _worker(rank: int, world: int, port: int, model_path: str, data: Any, config
         weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         np.savez(Path(out_dir) / f"rank{rank}.npz", **{f"w{i}": w for i, w in enumerate(weights.values())})
         if rank == 0:
-            from ..model_io import save_model
+            from ..core.model_io import save_model
             import json
             save_model(model, Path(out_dir) / "model.onnx")
             (Path(out_dir) / "history.json").write_text(json.dumps(history, default=str))

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from ..datasets import DatasetSplits, load_dataset
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 
 
 def weight_gradients(model: "str | os.PathLike | onnx.ModelProto", data: "str | Mapping | DatasetSplits",

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import onnx
 
 from ..datasets import DatasetSplits, evaluate_onnx, load_dataset
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 from .config import TrainConfig
 
 METHODS = ("structured", "unstructured")
@@ -57,8 +57,8 @@ def _check_schedule(initial: float, final: float, steps: int) -> None:
 
 
 def _macs(model: onnx.ModelProto) -> int | None:
-    from ..macs import total_macs
-    from ..prepare import prepare
+    from ..metrics.macs import total_macs
+    from ..core.prepare import prepare
 
     return total_macs(prepare(model).view)
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..datasets import DatasetSplits, load_dataset
-from ..errors import OnnxPruneError
+from ..core.errors import OnnxPruneError
 from .config import TrainConfig
 from .schedules import lr_at
 
@@ -68,7 +68,7 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        from ..errors import UnavailableError
+        from ..core.errors import UnavailableError
         raise UnavailableError("device cuda requested but torch sees no CUDA GPU")
     return name
 

@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 
 from ..datasets import DatasetSplits, evaluate_onnx, load_dataset
-from ..errors import OnnxPruneError
-from ..model_io import load_model
+from ..core.errors import OnnxPruneError
+from ..core.model_io import load_model
 from .config import TrainConfig
 from .loop import DistContext, train_module
 

@@ -1,6 +1,6 @@
 """The PyTorch-source path: users who have the ``nn.Module`` prune it with torch-pruning's
 DependencyGraph (``MetaPruner``), retrain it with the same loop as the ONNX path, and export it to
-ONNX with :func:`onnxprune.torch_export.export_torch`; the exported file then goes through the same
+ONNX with :func:`onnxprune.bridge.torch_export.export_torch`; the exported file then goes through the same
 ``eval`` / ``profile`` / report as any other model. The ONNX-native path stays the default.
 
 Python API::
@@ -20,8 +20,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import OnnxPruneError, UnavailableError
-from ..user_code import import_callable
+from ..core.errors import OnnxPruneError, UnavailableError
+from ..core.user_code import import_callable
 
 CRITERIA = ("l1", "l2", "random", "fpgm", "lamp", "bn_scale")
 
