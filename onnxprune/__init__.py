@@ -5,12 +5,12 @@ The Python API mirrors the CLI; every function returns plain data (the ``--json`
 from __future__ import annotations
 
 from .core.errors import OnnxPruneError, UnavailableError
+from .core.version import __version__
 from .metrics.inspection import inspect_model
 from .core.model_io import load_model, save_model
 from .core.normalize import normalize
 from .core.prepare import prepare
 
-__version__ = "0.1.0"
 
 #: The Python API of :mod:`onnxprune.api` (imported on first use, so ``import onnxprune`` stays light):
 #: ``onnxprune.prune(...)``, ``onnxprune.run(...)`` ... (``onnxprune.api.report`` re-renders a run directory).

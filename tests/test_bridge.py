@@ -298,7 +298,7 @@ def test_write_back_into_constant_nodes_and_sparse_initializers():
         module.param(weight).add_(0.5)
     new = write_back(sparse, module, masks)
     assert len(new.graph.sparse_initializer) == 1 and not any(t.name == weight for t in new.graph.initializer)
-    from onnxprune.sparsity.storage import sparse_to_dense
+    from onnxprune.core.model_io import sparse_to_dense
     np.testing.assert_array_equal(sparse_to_dense(new.graph.sparse_initializer[0]), np.where(arr != 0, arr + 0.5, 0))
 
 

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cli_util import run_cli
 from onnxprune.core.errors import OnnxPruneError
-from onnxprune.pipeline.cache import file_sha256
+from onnxprune.core.model_io import file_sha256
 from onnxprune.profiling import remote, ssh_target
 from onnxprune.profiling.hw_profile import HwProfile, profile_from_dict, with_remote
 from test_remote import FAST, sshd  # noqa: F401 - sshd: the real OpenSSH server fixture

@@ -40,10 +40,10 @@ def inject_faults() -> None:
     per target label: "crash-once" kills the worker process once, "raise" raises a ValueError (bad
     data) every time (attempts are counted in the file), "hang" waits a minute (without its CPU). Every latency
     task appends the Ray resources it holds to ``held.jsonl`` beside that file."""
-    from onnxprune.pipeline import run, steps
+    from onnxprune.pipeline import steps, work
 
     real = steps.prune_stage
-    real_latency = run.measure_latency
+    real_latency = work.measure_latency
 
     def measure_latency(*args, **kw):
         import ray
@@ -53,7 +53,7 @@ def inject_faults() -> None:
             f.write(json.dumps(ray.get_runtime_context().get_assigned_resources()) + "\n")
         return real_latency(*args, **kw)
 
-    run.measure_latency = measure_latency
+    work.measure_latency = measure_latency
 
     def prune_stage(source, stage, seed, **kw):
         path = Path(os.environ.get(FAULTS_ENV, "/nonexistent"))
@@ -284,12 +284,12 @@ def test_killed_driver_loses_no_finished_point(ray_faults, sweep, tmp_path):
 
 @pytest.mark.slow
 def test_worker_of_another_version_is_refused_before_any_work(ray_faults, sweep, tmp_path, monkeypatch):
-    import onnxprune
+    from onnxprune.core import version
     from onnxprune.pipeline.run import run_recipe
 
     d, model, recipe, local = sweep
     ray_faults.write_text(json.dumps({"ratio0.5": "raise"}))  # counts an attempt if pruning ever starts
-    monkeypatch.setattr(onnxprune, "__version__", "0.0.0-driver")  # the driver's version; the workers keep theirs
+    monkeypatch.setattr(version, "__version__", "0.0.0-driver")  # the driver's version; the workers keep theirs
     with pytest.raises(OnnxPruneError, match=r"3 of 3 jobs failed.*runs onnxprune .*the driver 0\.0\.0-driver"):
         run_recipe(recipe, model, tmp_path / "run", executor="ray")
     assert "ratio0.5 attempts" not in json.loads(ray_faults.read_text())  # refused at the start, not after the work

@@ -32,7 +32,7 @@ import zoo
 from cli_util import run_cli, subprocess_env
 from onnxprune import __version__
 from onnxprune.core.errors import OnnxPruneError, UnavailableError
-from onnxprune.pipeline.cache import file_sha256
+from onnxprune.core.model_io import file_sha256
 from onnxprune.profiling import compare_models, profile_model, remote, ssh_target
 from onnxprune.profiling.hw_profile import profile_from_dict
 from onnxprune.bridge.torch_export import export_torch

@@ -12,7 +12,8 @@ import zoo
 from conftest import random_feeds, run_ort
 from onnxprune.sparsity import masks_of, prune_nm, prune_unstructured
 from onnxprune.sparsity.masks import apply_masks
-from onnxprune.sparsity.storage import densify, gzip_file_bytes, serialized_sizes, sparse_to_dense
+from onnxprune.core.model_io import sparse_to_dense
+from onnxprune.sparsity.storage import densify, gzip_file_bytes, serialized_sizes
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .check import assert_bridge_faithful, check_bridge
 from .module import OnnxModule, to_torch
+from . import rnn  # noqa: F401 - registers LSTM, GRU and RNN in ops.TABLE (their loops live in their own module)
 from .ops import TABLE
 from .writeback import apply_masks, write_back
 

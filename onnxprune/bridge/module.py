@@ -26,7 +26,7 @@ from torch import nn
 from ..core.errors import OnnxPruneError
 from ..core.graph import opset_of
 from ..core.shapes import graph_inputs
-from ..sparsity.storage import sparse_to_dense
+from ..core.model_io import sparse_to_dense
 from . import ops
 
 #: (op type -> input positions) that hold a layer's weights: trainable even when they hold one value.

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from ..core.errors import OnnxPruneError
-from ..sparsity.storage import sparse_to_dense
+from ..core.model_io import sparse_to_dense
 
 
 @dataclass
@@ -1344,6 +1344,3 @@ def onnx_attrs(node: onnx.NodeProto) -> dict[str, Any]:
                 v = [s.decode("utf-8") for s in v]
             out[a.name] = v
     return out
-
-
-from . import rnn as _rnn  # noqa: E402,F401 - registers LSTM, GRU and RNN (recurrent loops live in their own module)

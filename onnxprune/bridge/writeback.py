@@ -16,7 +16,7 @@ import torch
 from onnx import numpy_helper
 
 from ..core.errors import OnnxPruneError
-from ..sparsity.storage import sparse_to_dense
+from ..core.model_io import sparse_to_dense
 from .module import OnnxModule
 
 

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import click
 
 from ..core.errors import OnnxPruneError
+from ..core.jsonio import json_default
 from ..core.shapes import parse_input_shapes
 
 
@@ -33,19 +34,7 @@ model_argument = click.argument("model", type=click.Path(dir_okay=True, path_typ
 
 def emit_json(obj: Any) -> None:
     """Print ``obj`` as JSON on stdout (stable key order as built; numpy scalars converted)."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if hasattr(o, "__fspath__"):
-        return str(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+    sys.stdout.write(json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
 def human(n: float | int | None, unit: str = "") -> str:

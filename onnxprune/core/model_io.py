@@ -8,6 +8,7 @@ never touched.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import shutil
@@ -15,10 +16,15 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
+from onnx import numpy_helper
 
 from .errors import OnnxPruneError
+
+#: file_sha256's memo: (resolved path, size, mtime) -> digest
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 #: protobuf's hard limit; larger models must keep their weights in external data files.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -288,3 +294,29 @@ def _check_domains(model: onnx.ModelProto, p: Path) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
+
+
+def sparse_to_dense(sp: onnx.SparseTensorProto) -> np.ndarray:
+    """The dense array of a sparse tensor (linear ``[NNZ]`` or coordinate ``[NNZ, rank]`` indices)."""
+    values = numpy_helper.to_array(sp.values)
+    dims = tuple(int(d) for d in sp.dims)
+    idx = numpy_helper.to_array(sp.indices).astype(np.int64)
+    dense = np.zeros(int(np.prod(dims)) if dims else 1, dtype=values.dtype)
+    if idx.ndim == 2:
+        idx = np.ravel_multi_index(tuple(idx.T), dims) if idx.size else idx.reshape(-1)
+    dense[idx.reshape(-1)] = values.reshape(-1)
+    return dense.reshape(dims)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (memoized by path, size and modification time)."""
+    p = Path(path)
+    st = p.stat()
+    memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _FILE_HASHES[memo] = h.hexdigest()
+    return _FILE_HASHES[memo]

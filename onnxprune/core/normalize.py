@@ -68,7 +68,7 @@ def _name_nodes(m: onnx.ModelProto) -> None:
 
 def _densify_sparse_initializers(m: onnx.ModelProto) -> None:
     """Sparse initializers (``--sparse-storage`` output) are weights like any other for analysis."""
-    from ..sparsity.storage import sparse_to_dense
+    from .model_io import sparse_to_dense
 
     for sp in m.graph.sparse_initializer:
         m.graph.initializer.append(numpy_helper.from_array(sparse_to_dense(sp), sp.values.name))

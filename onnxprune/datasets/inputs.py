@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 
 from ..core.errors import OnnxPruneError
-from .core import DatasetSplits, first_array, load_dataset
+from .core import load_dataset
+from .types import DatasetSplits, first_array
 
 _NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
        onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8,
@@ -114,7 +115,7 @@ def bind_dataset(ds: DatasetSplits, model: "onnx.ModelProto | str | os.PathLike"
     """``ds`` with every in-memory split's ``x`` bound to ``model``'s inputs (a dict, checked)."""
     from dataclasses import replace
 
-    from .core import Split
+    from .types import Split
 
     inputs = model_inputs(model)
     source = f"data {ds.spec!r}"

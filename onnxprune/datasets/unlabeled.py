@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..core.errors import OnnxPruneError
-from .core import SPLITS, DatasetSplits, Split, first_array, take
+from .types import SPLITS, DatasetSplits, Split, _existing, first_array, take
 from .spec import ParsedSpec, Preprocess
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -197,7 +197,6 @@ def read_images(files: list[Path], *, color: str = "rgb", size: tuple[int, int] 
 def load_images(parsed: ParsedSpec, pre: Preprocess, seed: int, *, limit: int | None = None) -> DatasetSplits:
     """``images:DIR``: every image under DIR, no class folders, unlabeled. ``limit``: read only a
     seeded random subset of that many files (calibration needs a few hundred, not the folder)."""
-    from .core import _existing
 
     root = _existing(parsed.arg, parsed, want_dir=True)
     files = image_files(root)

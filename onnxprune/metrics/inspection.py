@@ -110,8 +110,7 @@ def macs_unknown_reason(p: Prepared, per_node_macs: Mapping[str, int | None]) ->
 def _nm_status(node: onnx.NodeProto, w: np.ndarray) -> dict[str, bool]:
     """``{"2:4": pattern holds, "eligible": reduction dim divisible by 4}`` for a weight node."""
     from ..core.graph import attr
-    from ..sparsity.nm import nm_status
-    from ..sparsity.select import reduction_axis
+    from .patterns import nm_status, reduction_axis
 
     if w.ndim == 0:
         return {"2:4": False, "eligible": False}

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 from ..profiling.provenance import merge_measured_on
 from ..report.schema import SCHEMA_VERSION, stat
-from .cache import file_sha256
+from ..core.model_io import file_sha256
 
 LATENCY_KEYS = ("p50", "p90", "p95", "p99", "mean", "min", "max", "std")
 
@@ -181,9 +181,9 @@ def guidance(points: Sequence[Mapping[str, Any]], dense: Mapping[str, Any], prof
 
 def build_report(ctx, model_path: Path, dense: Mapping[str, Any], dense_ft: Sequence[Mapping[str, Any]], plan,
                  runs: Mapping[str, Mapping[str, Any]], sens: Mapping[str, Any] | None, seconds: float) -> dict[str, Any]:
-    from .. import __version__
+    from ..core.version import __version__
     from ..report.plots import latency_pareto
-    from .run import versions
+    from .context import versions
 
     outdir = ctx.outdir
     recipe = ctx.recipe

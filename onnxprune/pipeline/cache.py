@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from ..core.errors import OnnxPruneError
+from ..core.jsonio import json_default
+from ..core.model_io import file_sha256
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
 LOCK_FILE = ".onnxprune.lock"
 
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
 class CacheMiss(Exception):
@@ -41,39 +42,8 @@ class CacheMiss(Exception):
         self.step = step
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (memoized by path, size and modification time)."""
-    p = Path(path)
-    st = p.stat()
-    memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if memo not in _FILE_HASHES:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _FILE_HASHES[memo] = h.hexdigest()
-    return _FILE_HASHES[memo]
-
-
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=json_default)
-
-
-def json_default(o: Any) -> Any:
-    """``json.dumps(default=...)`` for numpy scalars/arrays, paths, pydantic models, sets and tuples."""
-    if hasattr(o, "model_dump"):
-        return o.model_dump()
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    if hasattr(o, "__fspath__"):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, (set, frozenset, tuple)):
-        return list(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
 def _host(profile: Any) -> str:
@@ -86,7 +56,7 @@ def _host(profile: Any) -> str:
 
 def step_key(step: str, config: Any, inputs: Iterable[str | os.PathLike] = ()) -> str:
     """The content hash identifying one execution of ``step``."""
-    from .. import __version__
+    from ..core.version import __version__
 
     h = hashlib.sha256()
     h.update(f"onnxprune {__version__}\n{step}\n".encode())

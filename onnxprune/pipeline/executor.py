@@ -50,10 +50,10 @@ class VersionMismatchError(OnnxPruneError):
 
 def check_version(driver: str) -> None:
     """Raise :class:`VersionMismatchError` when this process's onnxprune is not the driver's."""
-    from .. import __version__
+    from ..core import version
 
-    if __version__ != driver:
-        raise VersionMismatchError(f"the worker on {socket.gethostname()} runs onnxprune {__version__}, the driver "
+    if version.__version__ != driver:
+        raise VersionMismatchError(f"the worker on {socket.gethostname()} runs onnxprune {version.__version__}, the driver "
                                    f"{driver}: install the same version on every node")
 
 
@@ -81,13 +81,6 @@ def measure_options(nodes: Sequence[Mapping[str, Any]], gpu: bool, index: int) -
     if len(sizes) > 1:
         opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node["node_id"], soft=False)
     return opts
-
-
-def node_info() -> dict[str, Any]:
-    """The machine a measurement ran on: host name, CPU model and GPU (None without one)."""
-    from ..profiling.environment import cpu_model, gpu_facts
-
-    return {"host": socket.gethostname(), "cpu": cpu_model(), "gpu": (gpu_facts() or {}).get("gpu")}
 
 
 def make_executor(cfg: Any, kind: str | None = None, address: str | None = None) -> "LocalExecutor | RayExecutor":
@@ -161,16 +154,16 @@ class Shared:
 
 
 def jobs_of(ctx, plan) -> list[Job]:
-    from .run import _finetune_dense
+    from .context import finetune_dense_enabled
 
     jobs = [Job("dense", "dense")] + [Job("run", s.id, spec=s) for s in plan.runs]
-    if _finetune_dense(ctx.recipe) and ctx.data is not None:
+    if finetune_dense_enabled(ctx.recipe) and ctx.data is not None:
         jobs += [Job("dense-finetuned", f"dense-finetuned-s{seed}", seed=seed) for seed in plan.seeds]
     return jobs
 
 
 def final_path(ctx, job: Job) -> Path:
-    from .run import MODELS, dense_finetuned_name
+    from .context import MODELS, dense_finetuned_name
 
     name = {"dense": "dense.onnx", "run": f"{job.label}.onnx"}.get(job.kind) or dense_finetuned_name(job.seed)
     return ctx.path(MODELS, name)
@@ -178,16 +171,16 @@ def final_path(ctx, job: Job) -> Path:
 
 def _chain(ctx, job: Job, model_path: Path, dense: Path, sens: Any, phase: str) -> Any:
     """The steps of ``job``: all of them (``full``, what the pipeline itself runs), or one task's part."""
-    from . import run as pipeline
+    from . import work
 
     if phase == "latency":
-        return pipeline.measure_latency(ctx, final_path(ctx, job), job.label, None if job.kind == "dense" else dense)
+        return work.measure_latency(ctx, final_path(ctx, job), job.label, None if job.kind == "dense" else dense)
     latency = phase == "full"
     if job.kind == "dense":
-        return pipeline.dense_control(ctx, model_path, latency=latency)
+        return work.dense_control(ctx, model_path, latency=latency)
     if job.kind == "run":
-        return pipeline.run_one(ctx, job.spec, dense, sens, latency=latency)
-    return pipeline.dense_finetune(ctx, dense, job.seed, latency=latency)
+        return work.run_one(ctx, job.spec, dense, sens, latency=latency)
+    return work.dense_finetune(ctx, dense, job.seed, latency=latency)
 
 
 class RayExecutor:
@@ -249,11 +242,11 @@ class RayExecutor:
 
     def _fill(self, ray, ctx, model_path: Path, plan, dense: Path, sens) -> None:
         train_gpus, lat_gpus = self._needs(ray, ctx)
-        from .. import __version__
+        from ..core import version
 
         shared = ray.put(Shared(recipe=ctx.recipe, data=ctx.data, data_desc=ctx.data_desc, profiles=list(ctx.profiles),
                                 sens=sens, dense=payload(ctx.outdir, [ctx.rel(dense)]),
-                                records=dict(ctx.cache.state["steps"]), version=__version__))
+                                records=dict(ctx.cache.state["steps"]), version=version.__version__))
         task = ray.remote(run_task)
         # retries are for a worker that died (crash, lost node); an exception raised in a task is not
         # retried: it comes from the input, the data or the versions and would fail the same way again
@@ -307,7 +300,7 @@ class RayExecutor:
     def _versions(ctx, res: Mapping[str, Any]) -> None:
         """Library versions a worker used that this process did not load go to the report; versions that
         differ from this process's are said in a note."""
-        from .run import versions
+        from .context import versions
 
         mine = versions()
         for key, value in res.get("versions", {}).items():
@@ -367,7 +360,7 @@ def run_task(shared: Shared, job: Job, phase: str, seed: Mapping[str, Any], prio
     records and the bytes of the files they wrote. The onnxprune version is checked first, before any
     work. An input error (OnnxPruneError, a version mismatch included) is returned, not raised: it
     would fail the same way on every retry."""
-    from . import run as pipeline
+    from . import context
 
     if prior is not None and "error" in prior:
         return dict(prior)
@@ -382,18 +375,18 @@ def run_task(shared: Shared, job: Job, phase: str, seed: Mapping[str, Any], prio
         for rel, data in {**shared.dense, **files}.items():
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             (out / rel).write_bytes(data)
-        (out / pipeline.WORK).mkdir(exist_ok=True)
+        (out / context.WORK).mkdir(exist_ok=True)
         cache = StepCache(outdir=out, state={"version": STATE_VERSION, "steps": dict(records)})
-        ctx = pipeline.Context(recipe=shared.recipe, outdir=out, cache=cache, data=shared.data, data_desc=shared.data_desc,
-                               profiles=shared.profiles, progress=pipeline.Progress(False))
+        ctx = context.Context(recipe=shared.recipe, outdir=out, cache=cache, data=shared.data, data_desc=shared.data_desc,
+                               profiles=shared.profiles, progress=context.Progress(False))
         try:
-            _chain(ctx, job, out / "no-input-model", out / pipeline.MODELS / "dense.onnx", shared.sens, phase)
+            _chain(ctx, job, out / "no-input-model", out / context.MODELS / "dense.onnx", shared.sens, phase)
         except OnnxPruneError as exc:
             return {"error": str(exc)}
         new = {k: v for k, v in cache.state["steps"].items() if k not in records}
         written = payload(out, [rel for r in new.values() for rel in r["files"]])
         return {"records": new, "files": written, "executed": cache.executed, "skipped": cache.skipped,
-                "node": node_info(), "versions": pipeline.versions(), "machine": cache.own_machine()}
+                "node": context.node_info(), "versions": context.versions(), "machine": cache.own_machine()}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -16,82 +16,22 @@ and profiled as is, and with ``retrain.finetune_dense`` also fine-tuned with the
 from __future__ import annotations
 
 import os
-import platform
-import shutil
 import time
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from ..core.errors import OnnxPruneError
 from ..recipes import Recipe, load_recipe
 from ..recipes.loader import check_key, parse_override, resolve_recipe, set_path, validate_recipe
 from . import steps
-from .cache import StepCache, file_sha256, locked
-from .latency_target import is_latency, prune_to_latency
-from .sweep import Plan, RunSpec, expand
+from ..core.model_io import file_sha256
+from .cache import StepCache, locked
+from .latency_target import is_latency
+from .sweep import Plan, expand
+from .context import MODELS, WORK, Context, Progress, finetune_dense_enabled, versions
+from .work import dense_control, dense_finetune, run_one, sensitivity_step
 
-MODELS = "models"
-WORK = "work"
-
-
-@dataclass
-class Context:
-    recipe: Recipe
-    outdir: Path
-    cache: StepCache
-    data: Any  # DatasetSplits or None
-    data_desc: dict[str, Any] | None
-    profiles: list[Any]  # HwProfile
-    progress: "Progress"
-    notes: list[str] = field(default_factory=list)
-    recipe_source: str | None = None
-    overrides: list[str] = field(default_factory=list)
-    worker_versions: dict[str, Any] = field(default_factory=dict)  # what remote workers ran that this process did not
-
-    def path(self, *parts: str) -> Path:
-        return self.outdir.joinpath(*parts)
-
-    def rel(self, p: Path) -> str:
-        return str(Path(p).resolve().relative_to(self.outdir.resolve()))
-
-
-class Progress:
-    """A rich progress bar on stderr (or nothing), advanced once per finished run."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.frozen = False  # while the pipeline replays what an executor already reported
-        self._p = None
-        self._task = None
-
-    @contextmanager
-    def running(self, total: int, label: str) -> Iterator["Progress"]:
-        if not self.enabled:
-            yield self
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
-
-        with RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          TextColumn("{task.fields[step]}"), console=Console(stderr=True), transient=False) as p:
-            self._p, self._task = p, p.add_task(label, total=total, step="")
-            try:
-                yield self
-            finally:
-                self._p = None
-
-    def step(self, text: str) -> None:
-        if self._p is not None and not self.frozen:
-            self._p.update(self._task, step=text)
-
-    def advance(self, n: int = 1) -> None:
-        if self._p is not None and not self.frozen:
-            self._p.advance(self._task, n)
-
-
-# ----------------------------------------------------------------------------------------------- entry
 
 def resolve(recipe: "Recipe | str | os.PathLike", overrides: Iterable[str] = ()) -> Recipe:
     """A Recipe from a Recipe, a shipped name or a path, with ``--set`` overrides applied."""
@@ -156,7 +96,7 @@ def _run_locked(recipe: Recipe, model_path: Path, outdir: Path, ds: Any, profile
     if not profiles:
         ctx.notes.append("no hardware profile: latency was not measured (pass --hw PROFILE, e.g. --hw x86-server-cpu)")
     t0 = time.perf_counter()
-    total = len(plan.runs) + 1 + (len(plan.seeds) if _finetune_dense(recipe) else 0) + (1 if recipe.sensitivity.enabled else 0)
+    total = len(plan.runs) + 1 + (len(plan.seeds) if finetune_dense_enabled(recipe) else 0) + (1 if recipe.sensitivity.enabled else 0)
     from ..profiling.remote import sessions as remote_sessions
 
     # a device keeps its copies for the whole run
@@ -179,7 +119,7 @@ def _run_locked(recipe: Recipe, model_path: Path, outdir: Path, ds: Any, profile
             runs[spec.id] = run_one(ctx, spec, dense["path"], sens)
             ctx.progress.advance()
         dense_ft = []
-        if _finetune_dense(recipe):
+        if finetune_dense_enabled(recipe):
             for seed in plan.seeds:
                 dense_ft.append(dense_finetune(ctx, dense["path"], seed))
                 ctx.progress.advance()
@@ -205,10 +145,6 @@ def _needs_data(recipe: Recipe) -> str:
     return ""
 
 
-def _finetune_dense(recipe: Recipe) -> bool:
-    return recipe.retrain.finetune_dense and recipe.retrain.epochs > 0
-
-
 def _check_model(model_path: str | os.PathLike) -> Path:
     p = Path(model_path)
     if not p.exists():
@@ -229,276 +165,6 @@ def _check_outdir(outdir: str | os.PathLike, model_path: Path) -> Path:
         raise OnnxPruneError(f"{model_path}: the input model is inside {d}'s {model_path.parent.name}/ folder, which the "
                              "run writes; move it or choose another -o")
     return d
-
-
-# ------------------------------------------------------------------------------------------------ steps
-
-def _measure(ctx: Context, path: Path, label: str, dense: Path | None = None, latency: bool = True,
-             gzip: bool = True) -> dict[str, Any]:
-    """figures (gzip size with ``gzip``) + evaluate (+ profile, with ``latency``) of one written model,
-    each a cached step."""
-    ctx.progress.step(f"{label}: figures")
-    figures = ctx.cache.run("figures", {} if gzip else {"gzip": False}, lambda: steps.model_figures(path, gzip=gzip),
-                            inputs=[path])
-    acc = None
-    if ctx.data is not None:
-        ctx.progress.step(f"{label}: evaluate")
-        splits = list(ctx.recipe.evaluation.splits)
-        ref = None if ctx.data.labeled else (dense or path)  # unlabeled data: fidelity to the dense model
-        metric = ctx.recipe.evaluation.metric
-        acc = ctx.cache.run("evaluate", {"data": ctx.data_desc, "splits": splits, "bs": ctx.recipe.evaluation.batch_size,
-                                         **({"metric": metric} if metric else {})},
-                            lambda: steps.evaluate(path, ctx.data, splits, ctx.recipe.evaluation.batch_size,
-                                                   reference=ref, metric=metric),
-                            inputs=[path] + ([ref] if ref is not None and ref != path else []))
-    out = {"figures": figures, "accuracy": acc, "profiles": {}, "speedups": {}}
-    return {**out, **measure_latency(ctx, path, label, dense)} if latency else out
-
-
-def measure_latency(ctx: Context, path: Path, label: str, dense: Path | None = None) -> dict[str, Any]:
-    """Profile one written model on every profile (recording the node it ran on); with ``dense``, also
-    its speedup over the dense model timed interleaved with it. Remote executors run this part alone,
-    holding a machine's measuring slot."""
-    from .executor import node_info
-
-    profs = {}
-    for p in ctx.profiles:
-        ctx.progress.step(f"{label}: profile {p.name}")
-        cfg = {"profile": p.model_dump(), "memory": ctx.recipe.profiling.memory}
-        profs[p.name] = ctx.cache.run("profile", cfg, lambda p=p: {**steps.profile(path, p, memory=ctx.recipe.profiling.memory),
-                                                                   "node": node_info()}, inputs=[path], measures=p)
-    speedups = {}
-    if dense is not None:
-        for p in ctx.profiles:
-            ctx.progress.step(f"{label}: interleaved with dense on {p.name}")
-            speedups[p.name] = ctx.cache.run("speedup-vs-dense", {"profile": p.model_dump()},
-                                             lambda p=p: steps.speedup_vs(dense, path, p), inputs=[dense, path],
-                                             measures=p)
-    return {"profiles": profs, "speedups": speedups}
-
-
-def dense_control(ctx: Context, model_path: Path, latency: bool = True) -> dict[str, Any]:
-    """The input model, copied to models/dense.onnx, analysed, evaluated and profiled as is."""
-    dest = ctx.path(MODELS, "dense.onnx")
-    ctx.progress.step("dense: copy")
-
-    def copy() -> dict[str, Any]:
-        from ..core.model_io import atomic_path
-
-        with atomic_path(dest) as tmp:
-            shutil.copyfile(model_path, tmp)
-        return {"source": str(model_path)}
-
-    ctx.cache.run("copy-input", {"dest": ctx.rel(dest) if dest.exists() else "models/dense.onnx"}, copy,
-                  inputs=[model_path], outputs=[dest])
-
-    def analyze() -> dict[str, Any]:  # a refusal is a result too (recorded, so a replay finds it)
-        try:
-            return steps.analyze(dest)
-        except OnnxPruneError as exc:
-            return {"error": str(exc)}
-
-    analysis = ctx.cache.run("analyze", {}, analyze, inputs=[dest])
-    if "error" in analysis:
-        ctx.notes.append(f"channel analysis: {analysis['error']}")
-        analysis = None
-    return {"path": dest, "analysis": analysis, **_measure(ctx, dest, "dense", latency=latency, gzip=_gzip_dense(ctx))}
-
-
-def _gzip_dense(ctx: Context) -> bool:
-    """The dense control gets a gzip size where some point has one to compare with."""
-    return any(steps.gzip_meaningful(m.stages) for m in ctx.recipe.methods())
-
-
-def sensitivity_step(ctx: Context, dense: Path) -> dict[str, Any]:
-    from .sensitivity import run_sensitivity, to_csv
-    from ..core.model_io import write_text_atomic
-
-    cfg = ctx.recipe.sensitivity
-    profs = ctx.profiles if cfg.latency else []
-    csv_path = ctx.path("sensitivity.csv")
-
-    def work() -> dict[str, Any]:
-        res = run_sensitivity(dense, ctx.data, cfg, profiles=profs, progress=ctx.progress.step,
-                              batch_size=ctx.recipe.evaluation.batch_size)
-        write_text_atomic(csv_path, to_csv(res))
-        return res
-
-    key = {"cfg": cfg.model_dump(), "data": ctx.data_desc, "profiles": [p.model_dump() for p in profs]}
-    res = ctx.cache.run("sensitivity", key, work, inputs=[dense], outputs=[csv_path], measures=True if profs else None)
-    return {**res, "csv": ctx.rel(csv_path)}
-
-
-def _train_config(ctx: Context, seed: int, steps_count: int = 1):
-    rt = ctx.recipe.retrain
-    d = rt.train_config_dict(seed)
-    if steps_count > 1:
-        d["epochs"] = max(1, round(rt.epochs / steps_count))
-    return steps.train_config(d)
-
-
-def run_one(ctx: Context, spec: RunSpec, dense: Path, sens: Mapping[str, Any] | None, latency: bool = True) -> dict[str, Any]:
-    """Prune (one shot or gradually), retrain, write, then measure one run (profile it with ``latency``)."""
-    rt = ctx.recipe.retrain
-    final = ctx.path(MODELS, f"{spec.id}.onnx")
-    retraining = rt.epochs > 0 and ctx.data is not None
-    gradual = spec.schedule.kind != "one-shot" and spec.schedule.steps > 1 and retraining
-    teacher = dense if rt.distillation or (ctx.data is not None and not ctx.data.labeled) else None  # no labels: distil
-    cfg = spec.config()
-    per_layer = sens.get("per_layer_ratios") if sens else None
-    train_hist = None
-    if gradual:
-        if len(spec.stages) != 1:
-            raise OnnxPruneError(f"method {spec.method}: an {spec.schedule.kind} schedule takes exactly one stage")
-        ctx.progress.step(f"{spec.id}: {spec.schedule.kind} prune + retrain")
-        key = {**cfg, "train": rt.model_dump(), "data": ctx.data_desc}
-
-        def gradual_work() -> dict[str, Any]:
-            model, hist = steps.prune_gradually(dense, ctx.data, spec.stages[0], spec.schedule.kind, spec.schedule.steps,
-                                                _train_config(ctx, spec.seed, spec.schedule.steps),
-                                                teacher=teacher, seed=spec.seed)
-            steps.save(model, final)
-            last = hist["per_step"][-1] if hist["per_step"] else {}
-            summary = {**(last.get("prune_summary") or {}), "gradual": {k: hist[k] for k in ("schedule", "steps", "targets",
-                                                                                             "structured_target")}}
-            return {"prune": steps.prune_summary(summary), "train": _small_history(hist)}
-
-        rec = ctx.cache.run("gradual", key, gradual_work, inputs=[dense] + ([teacher] if teacher else []), outputs=[final])
-        prune_info, train_hist = rec["prune"], rec["train"]
-    else:
-        pruned = ctx.path(WORK, f"{spec.id}.pruned.onnx") if retraining else final
-        ctx.progress.step(f"{spec.id}: prune")
-        key = {**cfg, "data": ctx.data_desc if _uses_data(spec) else None,
-               "per_layer": per_layer if any(s.per_layer == "sensitivity" for s in spec.stages) else None,
-               "profiles": [p.model_dump() for p in ctx.profiles] if any(is_latency(s) for s in spec.stages) else None,
-               **({"recover": ctx.recipe.recover.model_dump(), "recover_data": ctx.data_desc}
-                  if ctx.recipe.recover.calibrate else {})}
-        timed = next((p for s in spec.stages if is_latency(s) for p in ctx.profiles if p.name == s.target.latency.profile), None)
-        prune_info = ctx.cache.run("prune", key, lambda: _prune_work(ctx, spec, dense, pruned, per_layer),
-                                   inputs=[dense], outputs=[pruned], measures=timed)
-        if spec.schedule.kind != "one-shot" and not retraining:
-            ctx.notes.append(f"{spec.id}: {spec.schedule.kind} schedule without retraining is one-shot pruning")
-        if retraining:
-            ctx.progress.step(f"{spec.id}: retrain")
-            tkey = {"train": rt.model_dump(), "seed": spec.seed, "data": ctx.data_desc}
-
-            def retrain_work() -> dict[str, Any]:
-                model, hist = steps.retrain(pruned, ctx.data, _train_config(ctx, spec.seed), teacher=teacher)
-                steps.save(model, final)
-                return _small_history(hist)
-
-            train_hist = ctx.cache.run("retrain", tkey, retrain_work, inputs=[pruned] + ([teacher] if teacher else []),
-                                       outputs=[final])
-    measured = _measure(ctx, final, spec.id, dense, latency=latency, gzip=steps.gzip_meaningful(spec.stages))
-    return {"spec": spec, "path": final, "prune": prune_info, "train": train_hist, **measured}
-
-
-def _uses_data(spec: RunSpec) -> bool:
-    return any(s.criterion in steps.GRADIENT_CRITERIA for s in spec.stages)
-
-
-def _prune_work(ctx: Context, spec: RunSpec, dense: Path, out: Path, per_layer: Mapping[str, float] | None) -> dict[str, Any]:
-    """Apply the stages in order (one shot) and write the result to ``out``."""
-    import onnx
-
-    source: Any = dense
-    summaries = []
-    for stage in spec.stages:
-        if steps.is_identity(stage):
-            summaries.append({"method": stage.kind, "notes": ["target removes nothing: the model is unchanged"]})
-            continue
-        grads = steps.gradients_for(source, ctx.data, spec.seed) if stage.criterion in steps.GRADIENT_CRITERIA else None
-        if is_latency(stage):
-            prof = next(p for p in ctx.profiles if p.name == stage.target.latency.profile)
-            src_path = source if not isinstance(source, onnx.ModelProto) else _tmp_save(ctx, source, spec.id)
-            res = prune_to_latency(src_path, stage, prof, spec.seed)
-        else:
-            pl = None
-            if stage.per_layer == "sensitivity":
-                if per_layer is None:
-                    raise OnnxPruneError(f"method {spec.method}: per_layer: sensitivity needs sensitivity.enabled: true")
-                pl = per_layer
-            elif isinstance(stage.per_layer, dict):
-                pl = stage.per_layer
-            cal = None if pl is not None else steps.calibration_for(ctx.recipe.recover, ctx.data, stage, source, spec.seed)
-            res = steps.prune_stage(source, stage, spec.seed, gradients=grads, per_layer=pl, calibration=cal)
-        summaries.append(steps.prune_summary(res.summary))
-        source = res.model
-    if isinstance(source, onnx.ModelProto):
-        steps.save(source, out)
-    else:
-        from ..core.model_io import atomic_path
-
-        with atomic_path(out) as tmp:
-            shutil.copyfile(source, tmp)
-    return _merge_summaries(summaries)
-
-
-def _tmp_save(ctx: Context, model, run_id: str) -> Path:
-    p = ctx.path(WORK, f"{run_id}.stage-input.onnx")
-    steps.save(model, p)
-    return p
-
-
-def _merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    if len(summaries) == 1:
-        return summaries[0]
-    merged = {"stages": summaries, "notes": [n for s in summaries for n in s.get("notes", [])]}
-    layered = [s for s in summaries if s.get("layers")]
-    if layered:
-        merged["layers"] = layered[-1]["layers"]
-    return merged
-
-
-def dense_finetune(ctx: Context, dense: Path, seed: int, latency: bool = True) -> dict[str, Any]:
-    """The dense model fine-tuned with the same budget (the control for 'is it the retraining?')."""
-    rt = ctx.recipe.retrain
-    final = ctx.path(MODELS, dense_finetuned_name(seed))
-    ctx.progress.step(f"dense fine-tune s{seed}")
-
-    def work() -> dict[str, Any]:
-        model, hist = steps.retrain(dense, ctx.data, _train_config(ctx, seed), teacher=dense if rt.distillation else None)
-        steps.save(model, final)
-        return _small_history(hist)
-
-    hist = ctx.cache.run("retrain", {"train": rt.model_dump(), "seed": seed, "data": ctx.data_desc, "dense": True}, work,
-                         inputs=[dense], outputs=[final])
-    return {"seed": seed, "path": final, "train": hist,
-            **_measure(ctx, final, f"dense-finetuned-s{seed}", dense, latency=latency, gzip=_gzip_dense(ctx))}
-
-
-def dense_finetuned_name(seed: int) -> str:
-    return f"dense-finetuned-s{seed}.onnx"
-
-
-def _small_history(hist: Mapping[str, Any]) -> dict[str, Any]:
-    """What the report keeps of a training history."""
-    keep = ("best_epoch", "best_val_top1", "initial_val_top1", "seconds", "teacher", "sparsity", "device")
-    out = {k: hist[k] for k in keep if k in hist}
-    if "epochs" in hist and isinstance(hist["epochs"], list):
-        out["epochs"] = [{k: e.get(k) for k in ("epoch", "train_loss", "val_top1", "lr")} for e in hist["epochs"]]
-    if "per_step" in hist:
-        out["per_step"] = [{k: s.get(k) for k in ("step", "target", "val_top1_after_prune", "val_top1_after_retrain",
-                                                   "best_epoch")} for s in hist["per_step"]]
-    if "val_onnx" in hist:
-        out["val_onnx_top1"] = (hist["val_onnx"] or {}).get("top1")
-    return out
-
-
-def versions() -> dict[str, Any]:
-    import numpy
-    import onnx
-    import onnxruntime
-
-    from .. import __version__
-
-    out = {"onnxprune": __version__, "python": platform.python_version(), "platform": platform.platform(),
-           "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
-    import sys
-
-    if "torch" in sys.modules:
-        out["torch"] = sys.modules["torch"].__version__
-    return out
 
 
 __all__ = ["run_recipe", "resolve", "Context", "versions", "file_sha256", "Plan"]

@@ -192,7 +192,7 @@ def prune_stage(source: str | os.PathLike | onnx.ModelProto, stage: Stage, seed:
     if gradients is not None:
         kw["gradients"] = gradients
     if per_layer is not None:
-        from .sensitivity import prune_per_layer
+        from .per_layer import prune_per_layer
 
         return prune_per_layer(source, stage, per_layer, seed=seed, gradients=gradients)
     if stage.target is None:

@@ -75,7 +75,7 @@ class ModelFiles:
     @classmethod
     def of(cls, path: Path) -> "ModelFiles":
         from ..core.model_io import model_files
-        from ..pipeline.cache import file_sha256
+        from ..core.model_io import file_sha256
 
         path = Path(path).resolve()
         model, *data = model_files(path)
@@ -111,8 +111,12 @@ try:  # the version line, without importing the package (seconds on a small boar
     spec = importlib.util.find_spec("onnxprune")
     if spec is None or not spec.origin:
         raise ImportError("No module named 'onnxprune'")
-    with open(spec.origin, encoding="utf-8") as f:
-        m = re.search(r"^__version__ = [\"']([^\"']+)[\"']", f.read(), re.M)
+    text = ""
+    for name in (os.path.join(os.path.dirname(spec.origin), "core", "version.py"), spec.origin):
+        if os.path.isfile(name):
+            with open(name, encoding="utf-8") as f:
+                text += f.read() + "\n"
+    m = re.search(r"^__version__ = [\"']([^\"']+)[\"']", text, re.M)
     if m:
         out["version"] = m.group(1)
     else:
@@ -222,7 +226,7 @@ class RemoteSession:
     def upload(self, paths: Sequence[Path]) -> dict[Path, tuple[str, bool]]:
         """Each local model's path on the device and whether it was copied (False: its files, with
         the same SHA-256, were already there). Checks the device's onnxprune version first."""
-        from .. import __version__
+        from ..core.version import __version__
 
         bundles = {p: ModelFiles.of(p) for p in paths}
         req = {"version": __version__, "dirname": self.dirname,

@@ -22,6 +22,8 @@ import sys
 import threading
 from typing import Any, Callable
 
+from ..core.jsonio import json_default
+
 
 def _die(workdir: str | None) -> None:
     """Remove the session's copies (a host still there copies them again) and kill the group."""
@@ -59,7 +61,7 @@ def device_facts() -> dict[str, Any]:
     """What the numbers were measured on (the ``remote`` block of a result)."""
     import onnxruntime
 
-    from .. import __version__
+    from ..core.version import __version__
     from .environment import cpu_model
 
     try:
@@ -96,14 +98,6 @@ def _shapes(shapes: dict[str, list[int]] | None) -> dict[str, tuple[int, ...]] |
     return {k: tuple(v) for k, v in shapes.items()} if shapes else None
 
 
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)
-
-
 def main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[1] not in VERBS:
         print("usage: python -m onnxprune.profiling.remote_agent TAG {profile,compare} BASE64_JSON (started by "
@@ -123,7 +117,7 @@ def main(argv: list[str]) -> int:
         res = {"error": f"internal error on the device: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                "exit_code": 70}
     with os.fdopen(out, "w") as f:
-        f.write(json.dumps(res, default=_json_default) + "\n")
+        f.write(json.dumps(res, default=json_default) + "\n")
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from ..core.model_io import write_text_atomic
 from .plots import accuracy_split, all_points, write_all
-from ..pipeline.cache import json_default
+from ..core.jsonio import json_default
 from ..profiling.provenance import measured_on_line, merge_measured_on
 from .schema import load_report, validate_report
 

@@ -22,6 +22,7 @@ import onnx
 
 from ..core.graph import GraphView, attr, walk_nodes
 from ..metrics.params import FLOAT_TYPES
+from ..metrics.patterns import reduction_axis
 
 #: Ops whose constant weight weight-level pruning acts on.
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -62,21 +63,6 @@ def weight_input(node: onnx.NodeProto, view: GraphView) -> int | None:
         if i in consts:
             return i
     return None
-
-
-def reduction_axis(node: onnx.NodeProto, index: int, shape: tuple[int, ...]) -> int:
-    """The non-negative axis of weight input ``index`` of ``node`` that the op reduces over."""
-    rank = len(shape)
-    if node.op_type == "Conv":
-        return 1
-    if node.op_type == "ConvTranspose":
-        return 0
-    if node.op_type == "Gemm":
-        return 1 if attr(node, "transB", 0) else 0
-    # MatMul
-    if rank == 1:
-        return 0
-    return rank - 2 if index == 1 else rank - 1
 
 
 def prunable_weights(view: GraphView, *, exclude_first: bool = False, exclude_last: bool = False,

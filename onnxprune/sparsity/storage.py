@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..core.errors import ort_error_text
-from ..core.model_io import PROTOBUF_LIMIT, model_files, proto_bytes, serialize_within_limit, without_initializers
+from ..core.model_io import PROTOBUF_LIMIT, model_files, proto_bytes, serialize_within_limit, sparse_to_dense, without_initializers
 
 #: gzip level used for the reported compressed size (gzip's own default).
 GZIP_LEVEL = 6
@@ -40,18 +40,6 @@ def densify(model: onnx.ModelProto) -> onnx.ModelProto:
         m.graph.initializer.append(numpy_helper.from_array(sparse_to_dense(sp), sp.values.name))
     del m.graph.sparse_initializer[:]
     return m
-
-
-def sparse_to_dense(sp: onnx.SparseTensorProto) -> np.ndarray:
-    """The dense array of a sparse tensor (linear ``[NNZ]`` or coordinate ``[NNZ, rank]`` indices)."""
-    values = numpy_helper.to_array(sp.values)
-    dims = tuple(int(d) for d in sp.dims)
-    idx = numpy_helper.to_array(sp.indices).astype(np.int64)
-    dense = np.zeros(int(np.prod(dims)) if dims else 1, dtype=values.dtype)
-    if idx.ndim == 2:
-        idx = np.ravel_multi_index(tuple(idx.T), dims) if idx.size else idx.reshape(-1)
-    dense[idx.reshape(-1)] = values.reshape(-1)
-    return dense.reshape(dims)
 
 
 def sparse_is_smaller(arr: np.ndarray) -> bool:

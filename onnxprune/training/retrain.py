@@ -44,7 +44,7 @@ def check_bridge(model: onnx.ModelProto, data: DatasetSplits, label: str = "mode
     clear error naming the first diverging node. Symbolic dims are taken from the data."""
     from ..bridge import assert_bridge_faithful
     from ..datasets import model_inputs
-    from ..datasets.core import first_array
+    from ..datasets.types import first_array
 
     inputs = model_inputs(model)
     sample = data.train.x if data.train.x is not None else None
