@@ -10,6 +10,7 @@ from .metrics.inspection import inspect_model
 from .core.model_io import load_model, save_model
 from .core.normalize import normalize
 from .core.prepare import prepare
+from . import api
 
 
 #: The Python API of :mod:`onnxprune.api` (imported on first use, so ``import onnxprune`` stays light):
@@ -22,7 +23,6 @@ __all__ = ["OnnxPruneError", "UnavailableError", "inspect_model", "load_model", 
 
 def __getattr__(name: str):
     if name in _API:
-        from . import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'onnxprune' has no attribute {name!r}")

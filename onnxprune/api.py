@@ -11,8 +11,8 @@ For deployment pipelines that call onnxprune without the command line::
     lat = api.profile("small-ft.onnx", ["ci-cpu"])                      # latency, memory per profile
     report = api.run("structured-l1-2x-macs", "model.onnx", "out", data="digits")
 
-Every function imports its owner module only when called (``torch`` is needed only by
-``finetune``, ``run`` with retraining, and ``demo``). Errors are :class:`onnxprune.OnnxPruneError`
+``torch`` is imported only inside ``finetune``, ``run`` with retraining and ``demo``, so the rest
+works on a machine without it. Errors are :class:`onnxprune.OnnxPruneError`
 with a one-line message. See ``examples/api_example.py`` for a runnable example.
 """
 from __future__ import annotations
@@ -21,22 +21,33 @@ import os
 from typing import Any, Iterable, Mapping, Sequence
 
 from .core.errors import OnnxPruneError
+from .sparsity import prune_nm, prune_unstructured
+from .structured import prune_structured
+from .metrics.inspection import inspect_model
+from .channels.analyze import analyze_channels
+from .commands.analyze_cmd import analysis_to_dict
+from .core.prepare import prepare
+from .core.model_io import refuse_overwrite_input, save_model
+from .training import TrainConfig, finetune as _finetune
+from .datasets import evaluate_onnx
+from .datasets.fidelity import evaluate_outputs
+from .profiling import profile_model, compare_models
+from .pipeline.run import run_recipe
+from .report.render import render_run_dir
+from .report.compare import compare_runs as _compare
+from .commands.demo_model import run_demo
 
 PathLike = "str | os.PathLike"
 
 
 def inspect(model: "str | os.PathLike", input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
     """Params, nonzero params, MACs, file size, I/O, op histogram and per-node figures (``inspect --json``)."""
-    from .metrics.inspection import inspect_model
 
     return inspect_model(model, {k: tuple(v) for k, v in (input_shapes or {}).items()} or None)
 
 
 def analyze(model: "str | os.PathLike", input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
     """Channel-coupling groups and why any are unprunable (``analyze --json``)."""
-    from .channels.analyze import analyze_channels
-    from .commands.analyze_cmd import analysis_to_dict
-    from .core.prepare import prepare
 
     prep = prepare(model, {k: tuple(v) for k, v in (input_shapes or {}).items()} or None)
     out = analysis_to_dict(analyze_channels(prep.view))
@@ -53,18 +64,12 @@ def prune(model: "str | os.PathLike", output: "str | os.PathLike | None" = None,
     (``sparsity``, ``scope``, ``min_threshold``, ``criterion`` ...) or :func:`~onnxprune.sparsity.prune.prune_nm`
     (``n``, ``m``). With ``output`` the pruned model is written there (``summary["output"]``).
     """
-    if method == "structured":
-        from .structured import prune_structured as fn
-    elif method == "unstructured":
-        from .sparsity import prune_unstructured as fn
-    elif method == "nm":
-        from .sparsity import prune_nm as fn
-    else:
+    fn = {"structured": prune_structured, "unstructured": prune_unstructured, "nm": prune_nm}.get(method)
+    if fn is None:
         raise OnnxPruneError(f"method must be structured, unstructured or nm, not {method!r}")
     res = fn(model, **kwargs)
     summary = dict(res.summary)
     if output is not None:
-        from .core.model_io import refuse_overwrite_input, save_model
 
         refuse_overwrite_input(model, output)
         save_model(res.model, output)
@@ -76,11 +81,9 @@ def finetune(model: "str | os.PathLike", data: Any = "digits", output: "str | os
              teacher: "str | os.PathLike | None" = None, progress: bool = False, **config: Any) -> dict[str, Any]:
     """Retrain ``model`` on ``data`` (masks kept) with :class:`~onnxprune.training.TrainConfig` fields
     as keywords (``epochs``, ``lr``, ``optimizer``, ...); write it to ``output``; return the history."""
-    from .training import TrainConfig, finetune as _finetune
 
     trained, hist = _finetune(model, data, TrainConfig.from_dict(config), teacher=teacher, progress=progress)
     if output is not None:
-        from .core.model_io import refuse_overwrite_input, save_model
 
         refuse_overwrite_input(model, output)
         save_model(trained, output)
@@ -94,24 +97,20 @@ def evaluate(model: "str | os.PathLike", data: Any = "digits", split: str = "tes
     (the dense model) also fidelity per graph output, with ``metric`` (``python:module:function``)
     the user's figures; both work on unlabeled data."""
     if reference is not None or metric is not None:
-        from .datasets.fidelity import evaluate_outputs
 
         return evaluate_outputs(model, data, split, batch_size, reference=reference, metric=metric)
-    from .datasets import evaluate_onnx
 
     return evaluate_onnx(model, data, split, batch_size)
 
 
 def profile(model: "str | os.PathLike", profiles: "str | Iterable[str] | None" = None, **kwargs: Any) -> dict[str, Any]:
     """Latency percentiles, throughput, peak memory, size and MACs per hardware profile (``profile --json``)."""
-    from .profiling import profile_model
 
     return profile_model(model, profiles, **kwargs)
 
 
 def compare(a: "str | os.PathLike", b: "str | os.PathLike", profile: str | None = None, **kwargs: Any) -> dict[str, Any]:
     """Interleaved latency comparison of two models on one profile (``compare --json``)."""
-    from .profiling import compare_models
 
     return compare_models(a, b, profile, **kwargs)
 
@@ -121,7 +120,6 @@ def run(recipe: Any, model: "str | os.PathLike", outdir: "str | os.PathLike", *,
         ray_address: str | None = None) -> dict[str, Any]:
     """Run a recipe (shipped name, YAML path or :class:`~onnxprune.recipes.Recipe`) end to end; the
     report (also written to ``outdir/report.json``, ``.md``, ``.html``). ``executor``: local or ray."""
-    from .pipeline.run import run_recipe
 
     return run_recipe(recipe, model, outdir, data=data, hw=hw, overrides=overrides, progress=progress,
                       executor=executor, ray_address=ray_address)
@@ -129,14 +127,12 @@ def run(recipe: Any, model: "str | os.PathLike", outdir: "str | os.PathLike", *,
 
 def report(outdir: "str | os.PathLike") -> dict[str, Any]:
     """Re-render a run directory's report.md, report.html and plots from its report.json."""
-    from .report.render import render_run_dir
 
     return render_run_dir(outdir)
 
 
 def compare_runs(dir_a: "str | os.PathLike", dir_b: "str | os.PathLike") -> dict[str, Any]:
     """Two run directories side by side (``compare-runs --json``)."""
-    from .report.compare import compare_runs as _compare
 
     return _compare(dir_a, dir_b)
 
@@ -149,7 +145,6 @@ def demo(outdir: "str | os.PathLike" = "demo_out", *, quick: bool = False, progr
 
     The trained model is ``outdir/digits_cnn.onnx``; a re-run reuses it and every finished step.
     """
-    from .commands.demo_model import run_demo
 
     return run_demo(outdir, quick=quick, progress=progress, overrides=overrides)
 

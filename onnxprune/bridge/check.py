@@ -31,10 +31,11 @@ import onnx
 import torch
 
 from ..core.errors import OnnxPruneError, ort_error_text
-from ..core.model_io import PROTOBUF_LIMIT, proto_bytes
+from ..core.model_io import PROTOBUF_LIMIT, proto_bytes, load_model
 from ..core.prepare import resolve_input_shapes
 from ..core.shapes import graph_inputs
 from .module import BridgeRuntimeError, OnnxModule
+import onnxruntime as ort
 
 _NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
              onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8,
@@ -87,7 +88,6 @@ def random_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, 
 
 def ort_session(model: onnx.ModelProto, *, optimize: bool = True):
     """A CPU ONNX Runtime session over ``model`` (through a temporary file above 2 GB)."""
-    import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # its error is raised with the reason: nothing extra on stderr
@@ -318,6 +318,5 @@ def assert_bridge_faithful(model: onnx.ModelProto, input_shapes: Mapping[str, tu
 def load_for_check(path: str | os.PathLike) -> onnx.ModelProto:
     """Load a model file as ``finetune`` does (no normalization: the check covers the exact graph
     that is trained and written back)."""
-    from ..core.model_io import load_model
 
     return load_model(Path(path))

@@ -18,6 +18,9 @@ import numpy as np
 import onnx
 
 from ..core.errors import OnnxPruneError
+import re
+from onnx.backend.test.case.node import collect_testcases
+from onnx import numpy_helper
 
 #: outcomes of one case
 PASS, REFUSED, UNCLAIMED, WRONG, ERROR = "pass", "refused", "unclaimed", "wrong", "error"
@@ -39,7 +42,6 @@ REFUSALS: list[tuple[str, str]] = [
 
 def refusal_reason(message: str) -> str | None:
     """The documented reason a refusal message falls under (None: an undocumented refusal)."""
-    import re
 
     return next((why for pattern, why in REFUSALS if re.search(pattern, message)), None)
 
@@ -53,7 +55,6 @@ class Outcome:
 
 def node_cases() -> list:
     """Every node test case of the installed onnx wheel (model and data built in memory)."""
-    from onnx.backend.test.case.node import collect_testcases
 
     return [c for c in collect_testcases() if c.model is not None and c.data_sets]
 
@@ -68,7 +69,7 @@ def _ops(graph: onnx.GraphProto) -> Iterator[tuple[str, str]]:
 
 def claimed(model: onnx.ModelProto) -> bool:
     """Whether every op of the model (subgraphs included) is in the bridge's table."""
-    from .ops import TABLE
+    from .ops import TABLE  # lazy: imports torch
 
     return all(d in ("", "ai.onnx") and t in TABLE for d, t in _ops(model.graph))
 
@@ -92,7 +93,6 @@ def _array(x) -> np.ndarray | None:
     """A case's value as numpy (the data holds arrays, numpy scalars or TensorProtos); None for a
     sequence or optional."""
     if isinstance(x, onnx.TensorProto):
-        from onnx import numpy_helper
 
         return numpy_helper.to_array(x)
     if isinstance(x, (np.ndarray, np.generic)):
@@ -101,7 +101,7 @@ def _array(x) -> np.ndarray | None:
 
 
 def _to_numpy(t, like: np.dtype) -> np.ndarray:
-    import torch
+    import torch  # lazy: torch ([train] extra)
 
     t = t.detach()
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits (ml_dtypes, as onnx does)
@@ -112,9 +112,9 @@ def _to_numpy(t, like: np.dtype) -> np.ndarray:
 
 def run_case(case) -> Outcome:
     """Build the bridge module of one conformance case, run every data set, compare."""
-    import torch
+    import torch  # lazy: torch ([train] extra)
 
-    from .module import OnnxModule, _to_tensor
+    from .module import OnnxModule, _to_tensor  # lazy: imports torch
 
     if not claimed(case.model):
         return Outcome(case.name, UNCLAIMED)
@@ -149,7 +149,7 @@ def run_case(case) -> Outcome:
 
 
 def main(argv: list[str]) -> int:
-    import torch
+    import torch  # lazy: torch ([train] extra)
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ def export_torch(module, example_inputs: Sequence, path: str | os.PathLike, *, o
                  input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
                  dynamic_batch: bool = True, keep_bn: bool = True) -> Path:
     """Export ``module`` (in eval mode) on ``example_inputs`` to ``path``; returns the path."""
-    import torch
+    import torch  # lazy: torch ([train] extra)
 
     module = module.eval()
     inputs = tuple(example_inputs)

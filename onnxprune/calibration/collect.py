@@ -16,9 +16,12 @@ import onnx
 from onnx import helper
 
 from ..core.errors import OnnxPruneError
-from ..core.shapes import value_dtypes
+from ..core.shapes import value_dtypes, skeleton, fix_input_shapes, infer_value_shapes
 from .layers import Layer
 from .stats import RowStats
+import onnxruntime as ort
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 #: activations one batch may expose (bytes): the batch size follows from the layers' tensor sizes
 BATCH_BYTES = 256 * 2**20
@@ -46,14 +49,12 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
 
 
 def _skeleton(m: onnx.ModelProto) -> onnx.ModelProto:
-    from ..core.shapes import skeleton
 
     return skeleton(m)
 
 
 def session(model: onnx.ModelProto):
     """An ONNX Runtime CPU session of ``model``."""
-    import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -87,8 +88,6 @@ def progress_bar(total: int, what: str, enabled: bool):
     if not enabled:
         yield lambda n: None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=True) as bar:
@@ -115,7 +114,6 @@ def run(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], *, batch_size:
 def _batch_size(model: onnx.ModelProto, tensors: Sequence[str], inputs: Mapping[str, np.ndarray], most: int) -> int:
     """Samples per batch such that the exposed activations of one batch stay within :data:`BATCH_BYTES`
     (shapes inferred for one sample of the calibration data's size)."""
-    from ..core.shapes import fix_input_shapes, infer_value_shapes
 
     try:
         fixed = fix_input_shapes(_skeleton(model), {k: (1,) + tuple(v.shape[1:]) for k, v in inputs.items()})

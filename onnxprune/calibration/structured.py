@@ -16,7 +16,7 @@ import onnx
 
 from ..channels.rewrite import validate_plan
 from ..channels.types import Analysis, KeepPlan
-from ..core.graph import GraphView
+from ..core.graph import GraphView, attr
 from .collect import DEFAULT_ROWS, collect_stats, run
 from .edit import ModelEditor, write_layer
 from .fit import DEFAULT_RIDGE, as_affine, channel_energy, rel_error, ridge_refit, shift_fit
@@ -215,7 +215,6 @@ class StructuredCalibration:
     def _shift_bn(ed: ModelEditor, bn: onnx.NodeProto, r: np.ndarray, c: np.ndarray) -> None:
         """BN of ``r * x + c`` expressed as a BN of ``x``: new gamma and beta, statistics unchanged."""
         gamma, beta, mean, var = (ed.array(n).astype(np.float64) for n in bn.input[1:5])
-        from ..core.graph import attr
 
         sigma = np.sqrt(var + float(attr(bn, "epsilon", 1e-5)))
         # gamma * (r x + c - mean) / sigma + beta = (gamma r) (x - mean) / sigma + beta + gamma (c + (r - 1) mean) / sigma

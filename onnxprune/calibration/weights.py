@@ -22,6 +22,8 @@ from .edit import ModelEditor, write_layer
 from .fit import rel_error
 from .layers import dense_affine, layer_of
 from .structured import CHECK_SAMPLES, _rel
+from ..core.prepare import prepare
+from ..sparsity.select import select_weights
 
 #: damping of the Hessian, relative to each diagonal entry (scale-invariant: input channels of very
 #: different scales are damped alike; SparseGPT damps 1% of the mean diagonal)
@@ -200,8 +202,6 @@ class WeightCalibration:
     norms and the reconstruction of a pruned copy."""
 
     def __init__(self, source, inputs: Mapping[str, np.ndarray], *, progress: bool = False, seed: int = 0):
-        from ..core.prepare import prepare
-        from ..sparsity.select import select_weights
 
         self.prep = prepare(source)
         self.inputs = inputs

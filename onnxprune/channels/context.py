@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..core.graph import GraphView, opset_of
+from ..core.graph import GraphView, opset_of, attr
 from .types import Role
 
 
@@ -253,7 +253,6 @@ class Context:
         if len(node.input) > index and node.input[index]:
             v = self.const(node.input[index])
             return None if v is None else [int(x) for x in np.asarray(v).reshape(-1)]
-        from ..core.graph import attr
         val = attr(node, attr_name)
         return None if val is None else [int(x) for x in val]
 

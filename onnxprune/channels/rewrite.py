@@ -21,8 +21,8 @@ from onnx import helper, numpy_helper
 from ..core.errors import OnnxPruneError
 from ..core.graph import attr, opset_of
 from ..core.model_io import _first_line, check_model
-from ..core.normalize import remove_dead
-from ..core.shapes import infer_shapes, infer_value_shapes, skeleton
+from ..core.normalize import remove_dead, fold_constants
+from ..core.shapes import infer_shapes, infer_value_shapes, skeleton, fix_input_shapes, graph_inputs, value_shapes
 from .rules import equal_split_sizes
 from .types import Analysis, KeepPlan
 
@@ -269,8 +269,6 @@ def _write_arrays(m: onnx.ModelProto, inits: dict, arrays: dict) -> None:
 
 def _static_copy(m: onnx.ModelProto, shapes: dict) -> onnx.ModelProto | None:
     """``m`` with its inputs fixed to the analysed static shapes and its shape computations folded."""
-    from ..core.normalize import fold_constants
-    from ..core.shapes import fix_input_shapes, graph_inputs
     try:
         fixed = {i.name: shapes[i.name] for i in graph_inputs(m)
                  if i.name in shapes and all(isinstance(d, int) for d in shapes[i.name])}
@@ -702,7 +700,6 @@ def _del_attr(node: onnx.NodeProto, name: str) -> None:
 
 def _verify_shapes(m: onnx.ModelProto, analysis: Analysis, act: dict[str, tuple[int, set[int]]]) -> None:
     """Every activation that lost channels must have exactly the expected count after inference."""
-    from ..core.shapes import value_shapes
     shapes = value_shapes(m)
     unknown = [n for n, (axis, rem) in act.items() if rem and n in analysis.shapes and not (
         n in shapes and axis < len(shapes[n]) and isinstance(shapes[n][axis], int))]

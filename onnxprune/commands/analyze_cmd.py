@@ -9,6 +9,8 @@ from ..channels.analyze import analyze_channels
 from ..channels.types import Analysis
 from ..core.prepare import prepare
 from .common import emit_json, input_shape_option, json_option, model_argument
+from rich.console import Console
+from rich.table import Table
 
 
 def analysis_to_dict(analysis: Analysis) -> dict[str, Any]:
@@ -36,8 +38,6 @@ def analyze_cmd(model: str, input_shapes: dict, as_json: bool) -> None:
         out["notes"] = list(prep.notes)
         emit_json(out)
         return
-    from rich.console import Console
-    from rich.table import Table
 
     con = Console()
     table = Table(title=f"channel groups of {model}")

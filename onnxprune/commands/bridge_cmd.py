@@ -8,6 +8,7 @@ import click
 
 from ..core.errors import OnnxPruneError, UnavailableError, ort_error_text
 from .common import emit_json, input_shape_option, json_option, model_argument
+import onnxruntime
 
 _SHOWN = {"ok": "ok", "borderline": "BORDERLINE", "diverges": "DIFFERS"}
 
@@ -33,8 +34,7 @@ def bridge_check_cmd(model: str, input_shapes: dict, as_json: bool, rtol: float,
         import torch  # noqa: F401
     except ModuleNotFoundError as exc:
         raise UnavailableError("bridge-check needs torch (pip install 'onnxprune[train]')") from exc
-    from ..bridge.check import BORDERLINE_STATUS, borderline_message, check_bridge, divergence_message, load_for_check
-    import onnxruntime
+    from ..bridge.check import BORDERLINE_STATUS, borderline_message, check_bridge, divergence_message, load_for_check  # lazy: imports torch
 
     onnxruntime.set_default_logger_severity(4)  # its failures come back as exceptions: one error line, no log spam
 

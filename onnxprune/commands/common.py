@@ -10,6 +10,7 @@ import click
 from ..core.errors import OnnxPruneError
 from ..core.jsonio import json_default
 from ..core.shapes import parse_input_shapes
+from ..profiling import ssh_target
 
 
 def _shapes_callback(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -51,7 +52,6 @@ def _checked(check: str) -> Callable:
     """A click callback that refuses a bad ``--remote``/``--ssh-option`` in one line, before any work
     (``check`` names the function of :mod:`onnxprune.profiling.ssh_target` that validates one value)."""
     def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        from ..profiling import ssh_target
 
         for v in (value if isinstance(value, tuple) else () if value is None else (value,)):
             try:

@@ -7,6 +7,8 @@ import click
 from rich.console import Console
 
 from .common import emit_json, json_option
+from .demo_model import run_demo
+from .run_cmd import print_summary
 
 
 @click.command("demo")
@@ -18,8 +20,6 @@ from .common import emit_json, json_option
 def demo_cmd(outdir: str, quick: bool, overrides: tuple[str, ...], as_json: bool) -> None:
     """Train a small CNN on scikit-learn's digits, export it to ONNX, prune it structured and unstructured
     at two operating points each, retrain, profile on the CPU profile and write the report."""
-    from .demo_model import run_demo
-    from .run_cmd import print_summary
 
     con = Console(stderr=as_json)
     t0 = time.perf_counter()

@@ -11,11 +11,17 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..core.errors import OnnxPruneError, UnavailableError
+import numpy as np
+from ..datasets import load_dataset
+from ..training import TrainConfig, train_module
+import importlib.util
+from ..pipeline.cache import StepCache, locked
+from ..pipeline.run import run_recipe
 
 
 def build_digits_cnn(width: int = 32, classes: int = 10, in_channels: int = 1):
     """The untrained module (torch imported here, not at module import)."""
-    import torch.nn as nn
+    import torch.nn as nn  # lazy: torch ([train] extra)
 
     c = width
     return nn.Sequential(
@@ -31,12 +37,9 @@ def build_digits_cnn(width: int = 32, classes: int = 10, in_channels: int = 1):
 def train_demo_model(path: str | os.PathLike, data: Any = "digits", *, epochs: int = 8, seed: int = 0,
                      width: int = 32, progress: bool = False) -> dict[str, Any]:
     """Train the CNN on ``data`` (a spec or DatasetSplits), export it to ``path``; returns the history."""
-    import numpy as np
-    import torch
+    import torch  # lazy: torch ([train] extra)
 
-    from ..datasets import load_dataset
-    from ..bridge.torch_export import export_torch
-    from ..training import TrainConfig, train_module
+    from ..bridge.torch_export import export_torch  # lazy: imports torch
 
     ds = load_dataset(data, seed=0)
     torch.manual_seed(seed)
@@ -61,12 +64,9 @@ def run_demo(outdir: "str | os.PathLike" = "demo_out", *, quick: bool = False, p
 
     The trained model is ``outdir/digits_cnn.onnx``; a re-run reuses it and every finished step.
     """
-    import importlib.util
 
     if importlib.util.find_spec("torch") is None:
         raise UnavailableError("onnxprune demo trains a CNN and needs torch: pip install 'onnxprune[train]'")
-    from ..pipeline.cache import StepCache, locked
-    from ..pipeline.run import run_recipe
 
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():

@@ -14,6 +14,8 @@ from ..datasets import evaluate_onnx, load_dataset
 from ..core.errors import OnnxPruneError
 from ..core.model_io import load_model
 from .common import emit_json, json_option, model_argument
+from ..datasets.output_kind import parse_output_kinds
+from ..datasets.fidelity import evaluate_outputs
 
 
 @click.command("eval")
@@ -38,7 +40,6 @@ def eval_cmd(model: str, data_spec: str, split: str, batch_size: int, seed: int,
              metric_spec: str | None, output_kind: tuple[str, ...], as_json: bool) -> None:
     """Top-1 (and top-5 above 5 classes) accuracy of MODEL, run by ONNX Runtime as it will be deployed;
     fidelity against --reference and your own --metric, with or without labels."""
-    from ..datasets.output_kind import parse_output_kinds
 
     kinds = parse_output_kinds(output_kind)
     if kinds and reference is None:
@@ -53,7 +54,6 @@ def eval_cmd(model: str, data_spec: str, split: str, batch_size: int, seed: int,
                                  "dense model) or --metric python:module:function")
         res = evaluate_onnx(model, data, split=split, batch_size=batch_size)
     else:
-        from ..datasets.fidelity import evaluate_outputs
 
         res = evaluate_outputs(model, data, split, batch_size, reference=reference, metric=metric_spec,
                                output_kinds=kinds)

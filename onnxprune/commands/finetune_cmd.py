@@ -13,12 +13,19 @@ from rich.console import Console
 from rich.table import Table
 
 from ..core.errors import OnnxPruneError
-from ..core.model_io import refuse_overwrite_input, save_model, write_text_atomic
+from ..core.model_io import refuse_overwrite_input, save_model, write_text_atomic, load_model
 from .common import emit_json, json_option
+from ..training.config import TrainConfig
+from ..datasets.output_kind import parse_output_kinds
+from ..training.ddp import init_from_env
+from ..training.retrain import finetune
+import re
+from ..datasets import load_dataset, evaluate_onnx
+from ..training.loop import train_module
+from ..training.torch_source import count_macs_params, load_torch_factory, prune_torch_model
 
 
 def _config(**kw):
-    from ..training.config import TrainConfig
 
     return TrainConfig().replace(**kw)
 
@@ -86,10 +93,8 @@ def finetune_cmd(model: str | None, output: str, data_spec: str, no_keep_sparsit
     written ONNX file with ONNX Runtime.
     """
     cfg = _config(**train_kw)
-    from ..datasets.output_kind import parse_output_kinds
 
     kinds = parse_output_kinds(output_kind)
-    from ..training.ddp import init_from_env
 
     ctx = init_from_env(cfg.device)
     if torch_factory:
@@ -107,8 +112,6 @@ def finetune_cmd(model: str | None, output: str, data_spec: str, no_keep_sparsit
         refuse_overwrite_input(model, output)
         if teacher:
             refuse_overwrite_input(teacher, output)
-        from ..core.model_io import load_model
-        from ..training.retrain import finetune
 
         src = load_model(model)
         trained, history = finetune(src, data_spec, cfg, teacher=teacher, progress=not no_progress and not as_json,
@@ -130,14 +133,10 @@ def finetune_cmd(model: str | None, output: str, data_spec: str, no_keep_sparsit
 
 def _torch_path(factory: str, state_dict: str | None, shape: str | None, ratio: float | None, target_macs: float | None,
                 data_spec: str, cfg, output: str, teacher: str | None, progress: bool, is_main: bool) -> dict:
-    import re
 
-    import torch
+    import torch  # lazy: torch ([train] extra)
 
-    from ..datasets import load_dataset
-    from ..bridge.torch_export import export_torch
-    from ..training.loop import train_module
-    from ..training.torch_source import count_macs_params, load_torch_factory, prune_torch_model
+    from ..bridge.torch_export import export_torch  # lazy: imports torch
 
     if teacher:
         raise OnnxPruneError("--teacher is not supported with --torch yet; retrain without it")
@@ -161,7 +160,6 @@ def _torch_path(factory: str, state_dict: str | None, shape: str | None, ratio: 
     module.eval()
     if is_main:
         export_torch(module, (example,), output)
-    from ..datasets import evaluate_onnx
 
     test = evaluate_onnx(output, data, "test", cfg.eval_batch_size) if is_main and len(data.test) else None
     return {"source": factory, "state_dict": state_dict, "prune": summary, "data": data.describe(), **history,

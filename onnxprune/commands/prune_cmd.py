@@ -13,6 +13,22 @@ import click
 
 from ..core.errors import OnnxPruneError
 from .common import emit_json, human, json_option, model_argument
+from ..core.model_io import refuse_overwrite_input, file_bytes, save_model, load_graph
+from ..report.guidance import speedup_guidance
+from ..structured.prune import prune_structured
+from ..profiling.hw_profile import profile_channel_multiple, load_hw_profile
+from ..calibration import StructuredCalibration, calibration_inputs
+from ..datasets import data_input_shapes, load_dataset
+from ..structured.latency_alloc import prune_for_latency
+from ..core.shapes import parse_input_shapes
+from ..sparsity.prune import prune_unstructured, parse_nm, prune_nm
+from concurrent.futures import ThreadPoolExecutor
+from ..sparsity.storage import gzip_file_bytes, to_sparse_storage
+from ..training import weight_gradients
+from ..calibration.weights import WeightCalibration
+from rich.markup import escape
+from rich.table import Table
+from rich.console import Console
 
 STRUCTURED_CRITERIA = ("l1", "l2", "bn", "fpgm", "lamp", "random", "taylor", "activation")
 STRUCTURED_SCOPES = ("local", "global")
@@ -109,14 +125,12 @@ def prune_cmd(model: str, output: str | None, structured: bool, unstructured: bo
         raise OnnxPruneError("missing -o/--output OUT: where to write the pruned model")
     _reject_foreign(mode, opts)
     backend, cc, precision, sparse_weights = _backend(opts["hw"])
-    from ..core.model_io import refuse_overwrite_input
 
     refuse_overwrite_input(model, output)
     opts["progress"] = not as_json
 
     if mode == "structured":
         result = _structured(model, opts)
-        from ..report.guidance import speedup_guidance
 
         lines = speedup_guidance("structured", backend, cc)
         if (result.summary.get("limits") or {}).get("round_to", 1) >= 8:  # already on kernel-friendly counts
@@ -127,7 +141,6 @@ def prune_cmd(model: str, output: str | None, structured: bool, unstructured: bo
     else:
         result = _nm(model, nm or "", opts, backend, cc, precision, sparse_weights)
 
-    from ..core.model_io import file_bytes, save_model
 
     save_model(result.model, output)
     summary = dict(result.summary)
@@ -162,7 +175,6 @@ def _structured(model: str, opts: dict[str, Any]):
     kwargs: dict[str, Any] = {kind: value, "scope": scope, **_structured_options(model, opts, criterion, max_ratio_one=True)}
     note = None
     if "round_to" not in kwargs:  # the profile's kernel-friendly channel multiple (an explicit --round-to wins)
-        from ..profiling.hw_profile import profile_channel_multiple
 
         multiple, prof_name = profile_channel_multiple(opts["hw"])
         if prof_name:
@@ -171,13 +183,10 @@ def _structured(model: str, opts: dict[str, Any]):
                     f"{prof_name} (--round-to N overrides)")
     inputs = _calibration_inputs(model, opts, criterion)
     if inputs is not None:
-        from ..calibration import StructuredCalibration
-        from ..datasets import data_input_shapes
 
         if "input_shapes" not in kwargs:  # the data's shapes fix symbolic dims (batch 1 for the figures)
             kwargs["input_shapes"] = data_input_shapes(inputs, batch=1)
         kwargs["calibration"] = StructuredCalibration(inputs, progress=opts["progress"])
-    from ..structured.prune import prune_structured
 
     for flag in ("allow_io_change", "prune_hidden"):
         if opts[flag]:
@@ -201,7 +210,6 @@ def _latency_target(model: str, opts: dict[str, Any], kind: str, value: float):
             raise OnnxPruneError(f"{_ONLY[key][0]} does not apply to {flag} yet: use --ratio or --target-macs")
     criterion = _choice(opts["criterion"], STRUCTURED_CRITERIA, "l1", "--criterion", "--structured")
     kwargs = _structured_options(model, opts, criterion, max_ratio_one=False)
-    from ..structured.latency_alloc import prune_for_latency
 
     target = {"target_speedup": value} if kind == "target_speedup" else {"target_latency_ms": value}
     return prune_for_latency(model, opts["hw"], **target, **kwargs)
@@ -222,7 +230,6 @@ def _structured_options(model: str, opts: dict[str, Any], criterion: str, *, max
             raise OnnxPruneError(f"--max-ratio must be in (0, {'1]' if max_ratio_one else '1)'}, not {opts['max_ratio']}")
         kwargs["max_ratio"] = mr
     if opts["input_shape"]:
-        from ..core.shapes import parse_input_shapes
 
         kwargs["input_shapes"] = parse_input_shapes(opts["input_shape"])
     kwargs["gradients"] = _gradients(model, opts["data"], criterion)
@@ -247,8 +254,6 @@ def _unstructured(model: str, opts: dict[str, Any], backend: str, cc, precision,
     seed = _int(opts["seed"], "--seed", 0)
     gradients = _gradients(model, opts["data"], criterion)
     cal = _weight_calibration(model, opts, criterion)
-    from ..sparsity.prune import prune_unstructured
-    from ..core.shapes import parse_input_shapes
 
     result = prune_unstructured(model, sparsity=sparsity, scope=scope, min_threshold=min_threshold, criterion=criterion,
                                 exclude_first=opts["exclude_first"], exclude_last=opts["exclude_last"],
@@ -263,8 +268,6 @@ def _unstructured(model: str, opts: dict[str, Any], backend: str, cc, precision,
 
 
 def _nm(model: str, spec: str, opts: dict[str, Any], backend: str, cc, precision, sparse_weights):
-    from ..core.shapes import parse_input_shapes
-    from ..sparsity.prune import parse_nm, prune_nm
 
     n, m = parse_nm(spec)
     criterion = _choice(opts["criterion"], NM_CRITERIA, "magnitude", "--criterion", "--nm")
@@ -280,7 +283,6 @@ def _nm(model: str, spec: str, opts: dict[str, Any], backend: str, cc, precision
 
 
 def _refine_guidance(summary: dict[str, Any], method: str, backend: str, cc, precision, sparse_weights, nm=None) -> None:
-    from ..report.guidance import speedup_guidance
 
     summary["guidance"] = speedup_guidance(method, backend, cc, nm=nm, precision=precision, sparse_weights=sparse_weights)
 
@@ -289,9 +291,7 @@ def _refine_guidance(summary: dict[str, Any], method: str, backend: str, cc, pre
 
 def _gzip_sizes(output: str, model: str) -> tuple[int, int]:
     """gzip sizes of the output and input files, compressed at once (zlib releases the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
 
-    from ..sparsity.storage import gzip_file_bytes
 
     with ThreadPoolExecutor(2) as pool:
         gz_out, gz_in = pool.submit(gzip_file_bytes, output), pool.submit(gzip_file_bytes, model)
@@ -344,7 +344,6 @@ def _backend(hw: str | None) -> tuple[str, str | None, str | None, bool | None]:
         return "ort-cpu", None, None, None
     if hw in BACKENDS:
         return hw, None, None, None
-    from ..profiling.hw_profile import load_hw_profile
 
     prof = load_hw_profile(hw)
     gpu = getattr(prof, "gpu", None)
@@ -361,8 +360,6 @@ def _gradients(model: str, data: str | None, criterion: str):
         return None
     if data is None:
         raise OnnxPruneError(f"criterion {criterion} needs gradients: pass --data SPEC (e.g. --data digits)")
-    from ..datasets import load_dataset
-    from ..training import weight_gradients  # without torch: the CLI's exit 3 and install line
 
     return weight_gradients(model, load_dataset(data))
 
@@ -376,8 +373,6 @@ def _calibration_inputs(model: str, opts: dict[str, Any], criterion: str):
         if opts["calibration_samples"] is not None:
             raise OnnxPruneError("--calibration-samples needs --calibrate SPEC")
         return None
-    from ..calibration import calibration_inputs
-    from ..core.model_io import load_graph
 
     n = _int(opts["calibration_samples"], "--calibration-samples", 256, minimum=1)
     return calibration_inputs(opts["calibrate"], load_graph(model), n)
@@ -390,7 +385,6 @@ def _weight_calibration(model: str, opts: dict[str, Any], criterion: str):
     if criterion != "wanda" and not opts["reconstruct"]:
         raise OnnxPruneError("--calibrate with --unstructured or --nm is used by --criterion wanda and --reconstruct: "
                              "pass one of them")
-    from ..calibration.weights import WeightCalibration
 
     return WeightCalibration(model, inputs, progress=opts["progress"])
 
@@ -402,7 +396,6 @@ def _reconstruct(result, cal, opts: dict[str, Any]) -> None:
     if opts["reconstruct"]:
         result.model, result.summary["calibration"] = cal.reconstruct(result.model)
     if opts["sparse_storage"]:
-        from ..sparsity.storage import to_sparse_storage
 
         result.model, moved, storage_notes = to_sparse_storage(result.model, cal.weights)
         result.summary.update(storage="sparse" if moved else "dense", sparse_initializers=moved)
@@ -411,8 +404,6 @@ def _reconstruct(result, cal, opts: dict[str, Any]) -> None:
 
 def _print_calibration(con, cal: dict[str, Any]) -> None:
     """Each re-fitted layer's output error relative to the dense model, before and after."""
-    from rich.markup import escape
-    from rich.table import Table
 
     table = Table(title=f"calibration ({cal['method']}, {cal['samples']} samples, {cal['seconds']:.1f} s): "
                         "output error relative to the dense model")
@@ -435,9 +426,6 @@ def _pct(x: float | None) -> str:
 
 
 def _print_human(model: str, s: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
 
     con = Console()
     method = s.get("method")

@@ -9,6 +9,11 @@ from rich.console import Console
 from rich.table import Table
 
 from .common import emit_json, json_option, remote_options
+from ..report.plots import accuracy_split, all_points
+from ..report.render import fmt_bytes, fmt_num, fmt_stat, fmt_x, render_run_dir
+from ..recipes import shipped_recipes
+from ..pipeline.run import run_recipe
+from ..report.compare import compare_runs
 
 
 def wide(con: Console | None = None) -> Console:
@@ -21,8 +26,6 @@ def wide(con: Console | None = None) -> Console:
 
 def print_summary(report: Mapping[str, Any], outdir: str | Path, con: Console | None = None) -> None:
     """A short table of the results and where the report is."""
-    from ..report.plots import accuracy_split, all_points
-    from ..report.render import fmt_bytes, fmt_num, fmt_stat, fmt_x
 
     con = wide(con)
     split = accuracy_split(report)
@@ -58,7 +61,6 @@ def print_summary(report: Mapping[str, Any], outdir: str | Path, con: Console | 
 
 
 def _shipped_epilog() -> str:
-    from ..recipes import shipped_recipes
 
     return "Shipped recipes: " + ", ".join(shipped_recipes()) + "."
 
@@ -88,7 +90,6 @@ def run_cmd(recipe: str, model: str, outdir: str, data_spec: str | None, hw: tup
 
     Re-running with the same OUTDIR skips every step that already finished with the same inputs.
     """
-    from ..pipeline.run import run_recipe
 
     report = run_recipe(recipe, model, outdir, data=data_spec, hw=hw, overrides=overrides, progress=not as_json,
                         executor=executor, ray_address=ray_address, remote=remote, ssh_options=ssh_options)
@@ -103,7 +104,6 @@ def run_cmd(recipe: str, model: str, outdir: str, data_spec: str | None, hw: tup
 @json_option
 def report_cmd(outdir: str, as_json: bool) -> None:
     """Re-render report.md, report.html and the plots of OUTDIR from its report.json."""
-    from ..report.render import render_run_dir
 
     res = render_run_dir(outdir)
     if as_json:
@@ -118,8 +118,6 @@ def report_cmd(outdir: str, as_json: bool) -> None:
 @json_option
 def compare_runs_cmd(dir_a: str, dir_b: str, as_json: bool) -> None:
     """Put two run directories side by side (points matched by id; B - A differences)."""
-    from ..report.compare import compare_runs
-    from ..report.render import fmt_num, fmt_x
 
     res = compare_runs(dir_a, dir_b)
     if as_json:

@@ -13,6 +13,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .shapes import Shape, infer_shapes, value_dtypes, value_shapes
+from .errors import OnnxPruneError
 
 
 @dataclass
@@ -123,7 +124,6 @@ def sort_topologically(graph: onnx.GraphProto, label: str = "model") -> None:
     """(In place.) Put ``graph``'s nodes in topological order, as ONNX requires and ONNX Runtime does
     not (some exporters and hand edits write them unsorted). Raises :class:`OnnxPruneError` naming
     the node for an input nothing defines, and the nodes of a cycle."""
-    from .errors import OnnxPruneError
 
     nodes = list(graph.node)
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}

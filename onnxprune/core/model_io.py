@@ -22,6 +22,8 @@ from google.protobuf.message import DecodeError, EncodeError
 from onnx import numpy_helper
 
 from .errors import OnnxPruneError
+from .graph import sort_topologically
+from .shapes import skeleton, graph_inputs
 
 #: file_sha256's memo: (resolved path, size, mtime) -> digest
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -54,7 +56,6 @@ def load_model(path: str | os.PathLike, *, check: bool = True, load_external_dat
         raise OnnxPruneError(f"{p}: not an ONNX model (missing ir_version or opset_import)")
     if not model.graph.output:
         raise OnnxPruneError(f"{p}: the graph declares no outputs: nothing to compute")
-    from .graph import sort_topologically
 
     sort_topologically(model.graph, str(p))
     _check_domains(model, p)
@@ -75,7 +76,6 @@ def check_model(model: onnx.ModelProto, label: str | os.PathLike = "model", *, f
     The checker runs on a weight-free skeleton: serializing a large model just to validate it
     costs more than everything else onnxprune does to it, and never fits over 2 GB.
     """
-    from .shapes import skeleton
 
     try:
         onnx.checker.check_model(skeleton(model), full_check=full_check)
@@ -236,7 +236,6 @@ def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
     Runtime holds the weights itself: a second copy of a large model is what runs out of memory.
     Weights listed as graph inputs (IR < 4) are dropped from the inputs with their values.
     """
-    from .shapes import graph_inputs
 
     model = load_model(path, load_external_data=False)
     light = without_initializers(model)

@@ -16,6 +16,8 @@ from onnx import helper, numpy_helper
 
 from .graph import attr, build_view, subgraph_reads, subgraphs
 from .shapes import infer_shapes, infer_value_shapes, is_static, symbolize_negative_dims
+from .model_io import sparse_to_dense
+from onnx.reference import ReferenceEvaluator
 
 #: Ops never folded even when all inputs are constant: non-deterministic, control flow, or
 #: quantization structure that later tools expect to see.
@@ -68,7 +70,6 @@ def _name_nodes(m: onnx.ModelProto) -> None:
 
 def _densify_sparse_initializers(m: onnx.ModelProto) -> None:
     """Sparse initializers (``--sparse-storage`` output) are weights like any other for analysis."""
-    from .model_io import sparse_to_dense
 
     for sp in m.graph.sparse_initializer:
         m.graph.initializer.append(numpy_helper.from_array(sparse_to_dense(sp), sp.values.name))
@@ -139,7 +140,6 @@ def _defined_names(g: onnx.GraphProto):
 
 def _eval_node(node: onnx.NodeProto, inputs: list[np.ndarray | None], opsets) -> list[np.ndarray] | None:
     """Evaluate one node on constant inputs with ONNX's reference implementation; None if it can't."""
-    from onnx.reference import ReferenceEvaluator
 
     names = [n if n else "" for n in node.input]
     feeds = {n: v for n, v in zip(names, inputs) if n}

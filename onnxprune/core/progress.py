@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 from typing import Any
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
 class ProgressBar:
@@ -25,8 +27,6 @@ class ProgressBar:
 
     def __enter__(self) -> "ProgressBar":
         if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"),

@@ -18,6 +18,7 @@ import onnx
 
 from .errors import OnnxPruneError, ort_error_text
 from .model_io import PROTOBUF_LIMIT, proto_bytes
+import onnxruntime as ort
 
 CPU = ("CPUExecutionProvider",)
 
@@ -28,7 +29,6 @@ def session_options(*, intra_op: int | None = None, inter_op: int | None = None,
     """``onnxruntime.SessionOptions``: ``intra_op``/``inter_op`` threads (None: the runtime's default,
     all physical cores), full graph optimizations or none, and logging: warnings and errors, or
     nothing at all (``quiet``: the caller raises the reason itself)."""
-    import onnxruntime as ort
 
     so = ort.SessionOptions()
     if intra_op is not None:
@@ -50,7 +50,6 @@ def open_session(model: "onnx.ModelProto | str | os.PathLike", *, options=None,
                  providers: Sequence = CPU, what: str | None = None):
     """An ``InferenceSession`` over a model in memory or a file; any load failure becomes one
     :class:`OnnxPruneError` line naming ``what`` (default: the file, or "model")."""
-    import onnxruntime as ort
 
     options = options if options is not None else session_options()
     label = what or (str(model) if not isinstance(model, onnx.ModelProto) else "model")

@@ -200,7 +200,7 @@ def symbolic_value_shapes(model: onnx.ModelProto) -> dict[str, Shape] | None:
     symbolic inputs: a ``-1`` in a run-time target (``view(b, s, -1, dh)``), broadcasts of equal
     symbols, rotary embeddings' run-time ranges. Runs on a weight-free copy."""
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference  # lazy: imports sympy (seconds)
     except ImportError:  # an ONNX Runtime without its tools
         return None
     light = skeleton(model)

@@ -20,6 +20,8 @@ from ..core.errors import OnnxPruneError
 from ..core.user_code import import_callable
 from .spec import ParsedSpec, Preprocess, parse_spec
 from .types import SPLITS, DatasetSplits, Split, _existing, _is_pair
+from .unlabeled import npz_unlabeled, pixel_scale, python_unlabeled, load_images
+import inspect
 
 _EMBEDDED_DIGITS = Path(__file__).with_name("digits.npz")
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -146,7 +148,7 @@ def _load_digits(parsed: ParsedSpec, pre: Preprocess, seed: int) -> DatasetSplit
             x, y = z["x"], z["y"]
     else:  # pragma: no cover - the embedded copy ships with the package
         try:
-            from sklearn.datasets import load_digits
+            from sklearn.datasets import load_digits  # lazy: scikit-learn ([train] extra)
         except ImportError:
             raise OnnxPruneError("digits: the embedded copy is missing and scikit-learn is not installed") from None
         d = load_digits()
@@ -167,7 +169,6 @@ def _load_npz(parsed: ParsedSpec, pre: Preprocess, seed: int) -> DatasetSplits:
     except (OSError, ValueError, EOFError) as exc:
         raise OnnxPruneError(f"{path}: not a readable .npz archive ({str(exc).splitlines()[0][:200]})") from None
     if "y" not in arrays:  # unlabeled: x only, or one array per model input
-        from .unlabeled import npz_unlabeled
         return npz_unlabeled(parsed, pre, seed, path, arrays)
     if "x" not in arrays:
         raise OnnxPruneError(f"{path}: a labeled npz dataset needs arrays 'x' and 'y' (found {', '.join(sorted(arrays)) or 'none'})")
@@ -177,7 +178,6 @@ def _load_npz(parsed: ParsedSpec, pre: Preprocess, seed: int) -> DatasetSplits:
             raise OnnxPruneError(f"{path}: has {sx if sx in arrays else sy} without {sy if sx in arrays else sx}")
         if sx not in arrays:
             return None
-        from .unlabeled import pixel_scale
         scale = pixel_scale(parsed)
         return (_to_nchw_unit(arrays[sx], stored=stored, scale=1.0 / scale if scale else None),
                 _labels(arrays[sy], f"{path}:{sy}"))
@@ -224,14 +224,13 @@ def _load_cifar10(parsed: ParsedSpec, pre: Preprocess, seed: int) -> DatasetSpli
 def _load_imagefolder(parsed: ParsedSpec, pre: Preprocess, seed: int) -> DatasetSplits:
     root = _existing(parsed.arg, parsed, want_dir=True)
     try:
-        from PIL import Image
+        from PIL import Image  # lazy: pillow ([images] extra)
     except ImportError:
         raise OnnxPruneError("imagefolder needs the Python package 'Pillow' (pip install pillow)") from None
     color = str(parsed.options.get("color") or "rgb").lower()
     if color not in ("rgb", "bgr", "grey", "gray", "l"):
         raise OnnxPruneError(f"data {parsed.text!r}: color={color!r} must be rgb, bgr or grey")
     mode = "RGB" if color in ("rgb", "bgr") else "L"
-    from .unlabeled import pixel_scale
     scale = pixel_scale(parsed)
 
     def classes_in(d: Path) -> list[Path]:
@@ -296,7 +295,6 @@ def _load_python(parsed: ParsedSpec, pre: Preprocess, seed: int) -> DatasetSplit
     modname, _, fname = parsed.arg.rpartition(":")
     fn = import_callable(modname, fname, f"data {parsed.text!r}", namespace="onnxprune_user_data")
     kwargs = {k: v for k, v in parsed.options.items() if k not in ("resize", "size", "normalize", "mean", "std", "layout", "val", "test")}
-    import inspect
     try:
         params = inspect.signature(fn).parameters
         if "seed" in params and "seed" not in kwargs:
@@ -312,7 +310,6 @@ def _load_python(parsed: ParsedSpec, pre: Preprocess, seed: int) -> DatasetSplit
                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
     if isinstance(out, DatasetSplits):
         return out
-    from .unlabeled import python_unlabeled
     unlabeled = python_unlabeled(parsed, pre, seed, out, fname)
     if unlabeled is not None:
         return unlabeled
@@ -358,7 +355,6 @@ _LOADERS: dict[str, Callable[[ParsedSpec, Preprocess, int], DatasetSplits]] = {
 
 
 def _load_images(parsed: ParsedSpec, pre: Preprocess, seed: int) -> DatasetSplits:
-    from .unlabeled import load_images
     return load_images(parsed, pre, seed)
 
 

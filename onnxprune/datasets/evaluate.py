@@ -10,6 +10,7 @@ import onnx
 
 from ..core.errors import OnnxPruneError, ort_error_text
 from .core import DatasetSplits, load_dataset
+import onnxruntime as ort
 
 
 def topk_correct(logits: np.ndarray, y: np.ndarray, k: int) -> int:
@@ -19,7 +20,6 @@ def topk_correct(logits: np.ndarray, y: np.ndarray, k: int) -> int:
 
 
 def _session(model_or_path: "str | os.PathLike | onnx.ModelProto", providers: Sequence[str] | None):
-    import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3

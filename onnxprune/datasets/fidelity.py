@@ -13,7 +13,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..core.errors import OnnxPruneError
+from ..core.errors import OnnxPruneError, ort_error_text
+from .evaluate import _session, evaluate_onnx
+from .output_kind import infer_output_kinds
+from ..core.user_code import import_callable
+from .core import load_dataset
+from .inputs import bind_inputs, model_inputs
 
 
 def _pair(ref: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -178,7 +183,6 @@ def class_score_outputs(model: "onnx.ModelProto | str | os.PathLike") -> list[st
 
 def session(model: "str | os.PathLike | onnx.ModelProto"):
     """A CPU ONNX Runtime session (one error line for a missing or unloadable model)."""
-    from .evaluate import _session
 
     return _session(model, None)
 
@@ -202,7 +206,6 @@ def run_onnx(model: "str | os.PathLike | onnx.ModelProto | Any", inputs: Mapping
         try:
             res = sess.run(names, feed)
         except Exception as exc:  # noqa: BLE001 - ORT raises assorted types
-            from ..core.errors import ort_error_text
             raise OnnxPruneError(f"ONNX Runtime failed on inputs {({k: list(v.shape) for k, v in feed.items()})}: "
                                  f"{ort_error_text(exc)}") from None
         for k, r in zip(names, res):
@@ -225,7 +228,6 @@ def evaluate_fidelity(model: "str | os.PathLike | onnx.ModelProto", reference: "
     if mo != ro:
         raise OnnxPruneError(f"the model's outputs {mo} are not the reference's {ro}: fidelity compares outputs by name")
     outs, refs = run_onnx(sm, inputs, batch_size), run_onnx(sr, inputs, batch_size)
-    from .output_kind import infer_output_kinds
 
     kinds = infer_output_kinds(reference if isinstance(reference, onnx.ModelProto) else str(reference),
                                labeled=labeled, declared=output_kinds)
@@ -245,7 +247,6 @@ def evaluate_fidelity(model: "str | os.PathLike | onnx.ModelProto", reference: "
 def call_metric(spec: str, outputs: Mapping[str, np.ndarray], labels: np.ndarray | None) -> dict[str, float]:
     """``python:module:function`` (or ``module:function``) called as ``fn(outputs, labels)``:
     outputs by graph-output name, labels or None; must return a dict of named numbers."""
-    from ..core.user_code import import_callable
 
     text = spec[len("python:"):] if spec.startswith("python:") else spec
     modname, _, fname = text.rpartition(":")
@@ -284,9 +285,6 @@ def evaluate_outputs(model: "str | os.PathLike | onnx.ModelProto", data: Any, sp
     ``missing`` (when any) says why a figure is absent: ``{"top1": reason,
     "fidelity.OUTPUT.top1_agreement": reason}``.
     """
-    from .core import load_dataset
-    from .evaluate import evaluate_onnx
-    from .inputs import bind_inputs, model_inputs
 
     data = load_dataset(data, seed=seed)
     part = data.split(split)

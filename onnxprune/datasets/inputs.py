@@ -10,7 +10,7 @@ numpy + onnx only (no torch, no onnxruntime): calibration on an edge box uses :f
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import numpy as np
@@ -18,7 +18,10 @@ import onnx
 
 from ..core.errors import OnnxPruneError
 from .core import load_dataset
-from .types import DatasetSplits, first_array
+from .types import DatasetSplits, first_array, Split
+from ..core.shapes import graph_inputs
+from .spec import parse_spec
+from .unlabeled import load_images
 
 _NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
        onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8,
@@ -41,7 +44,6 @@ class ModelInput:
 
 def model_inputs(model: "onnx.ModelProto | str | os.PathLike") -> list[ModelInput]:
     """The model's real inputs (initializers excluded), as :class:`ModelInput`."""
-    from ..core.shapes import graph_inputs
 
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
@@ -113,9 +115,7 @@ def data_input_shapes(arrays: Mapping[str, np.ndarray], batch: int | None = None
 
 def bind_dataset(ds: DatasetSplits, model: "onnx.ModelProto | str | os.PathLike") -> DatasetSplits:
     """``ds`` with every in-memory split's ``x`` bound to ``model``'s inputs (a dict, checked)."""
-    from dataclasses import replace
 
-    from .types import Split
 
     inputs = model_inputs(model)
     source = f"data {ds.spec!r}"
@@ -166,7 +166,6 @@ def load_inputs(spec: "str | Mapping[str, Any] | DatasetSplits", model: "onnx.Mo
 
 def _load_for(spec: Any, inputs: list[ModelInput], n: int | None, seed: int) -> DatasetSplits:
     """Load ``spec``; ``images:`` learns its size from a 4-D model input and reads only ``n`` files."""
-    from .spec import parse_spec
 
     parsed = parse_spec(spec)
     if parsed.kind != "images":
@@ -178,7 +177,6 @@ def _load_for(spec: Any, inputs: list[ModelInput], n: int | None, seed: int) -> 
             h, w = (dims[1], dims[2]) if layout == "nhwc" else (dims[2], dims[3])
             if isinstance(h, int) and isinstance(w, int):
                 parsed.options["size"] = f"{h}x{w}"
-    from .unlabeled import load_images
 
     ds = load_images(parsed, parsed.preprocess(), seed, limit=n)
     ds.spec = parsed.text

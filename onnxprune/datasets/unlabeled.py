@@ -166,7 +166,7 @@ def read_images(files: list[Path], *, color: str = "rgb", size: tuple[int, int] 
     """Image files -> float32 N x C x H x W (pixels times ``scale``, default 1/255), resized to
     ``size`` (H, W) with Pillow's bilinear filter when given; all must have one size otherwise."""
     try:
-        from PIL import Image
+        from PIL import Image  # lazy: pillow ([images] extra)
     except ImportError:
         raise OnnxPruneError("images:DIR needs the Python package 'Pillow' (pip install pillow)") from None
     if color not in ("rgb", "bgr", "grey", "gray", "l"):

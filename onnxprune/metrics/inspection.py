@@ -11,12 +11,13 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
-from ..core.graph import opset_of, subgraph_reads
+from ..core.graph import opset_of, subgraph_reads, attr
 from .macs import MAC_RULES, macs_by_node, unknown_macs_reason
 from ..core.model_io import file_bytes, proto_bytes
 from .params import count_params, parameter_names
 from ..core.prepare import Prepared, prepare
 from ..core.shapes import format_shape, graph_inputs
+from .patterns import nm_status, reduction_axis
 
 #: Ops whose main weight (input 1) is what pruning acts on.
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -109,8 +110,6 @@ def macs_unknown_reason(p: Prepared, per_node_macs: Mapping[str, int | None]) ->
 
 def _nm_status(node: onnx.NodeProto, w: np.ndarray) -> dict[str, bool]:
     """``{"2:4": pattern holds, "eligible": reduction dim divisible by 4}`` for a weight node."""
-    from ..core.graph import attr
-    from .patterns import nm_status, reduction_axis
 
     if w.ndim == 0:
         return {"2:4": False, "eligible": False}

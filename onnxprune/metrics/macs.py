@@ -18,6 +18,7 @@ from onnx import helper
 from ..core.errors import OnnxPruneError
 from ..core.graph import GraphView, attr, build_view, opset_of, subgraph_reads, subgraphs
 from ..core.shapes import is_static
+from ..core.normalize import normalize
 
 MacRule = Callable[[onnx.NodeProto, GraphView], "int | None"]
 
@@ -184,6 +185,5 @@ def resolve_shapes_for_macs(view: GraphView) -> GraphView:
     """
     if all(node_macs(n, view) is not None for n in view.nodes):
         return view
-    from ..core.normalize import normalize
 
     return build_view(normalize(view.model))

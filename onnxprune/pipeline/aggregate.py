@@ -9,6 +9,10 @@ from typing import Any, Mapping, Sequence
 from ..profiling.provenance import merge_measured_on
 from ..report.schema import SCHEMA_VERSION, stat
 from ..core.model_io import file_sha256
+from ..report.guidance import speedup_guidance
+from ..core.version import __version__
+from ..report.plots import latency_pareto
+from .context import versions
 
 LATENCY_KEYS = ("p50", "p90", "p95", "p99", "mean", "min", "max", "std")
 
@@ -148,7 +152,6 @@ def set_speedups(points: Sequence[dict[str, Any]], dense: Mapping[str, Any]) -> 
 
 def guidance(points: Sequence[Mapping[str, Any]], dense: Mapping[str, Any], profiles: Sequence[Any]) -> list[str]:
     """Plain statements: which points did not get faster where, and why (B's speedup guidance)."""
-    from ..report.guidance import speedup_guidance
 
     out: list[str] = []
     for prof in profiles:
@@ -181,9 +184,6 @@ def guidance(points: Sequence[Mapping[str, Any]], dense: Mapping[str, Any], prof
 
 def build_report(ctx, model_path: Path, dense: Mapping[str, Any], dense_ft: Sequence[Mapping[str, Any]], plan,
                  runs: Mapping[str, Mapping[str, Any]], sens: Mapping[str, Any] | None, seconds: float) -> dict[str, Any]:
-    from ..core.version import __version__
-    from ..report.plots import latency_pareto
-    from .context import versions
 
     outdir = ctx.outdir
     recipe = ctx.recipe

@@ -26,7 +26,11 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from ..core.errors import OnnxPruneError
 from ..core.jsonio import json_default
-from ..core.model_io import file_sha256
+from ..core.model_io import file_sha256, atomic_path
+import socket
+from ..core.version import __version__
+from filelock import FileLock, Timeout
+from ..profiling.provenance import machine_fingerprint
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
@@ -48,7 +52,6 @@ def canonical_json(obj: Any) -> str:
 
 def _host(profile: Any) -> str:
     """The machine a measuring step runs on, for people reading ``state.json``."""
-    import socket
 
     remote = getattr(profile, "remote", None)
     return f"{remote} (remote)" if remote else socket.gethostname()
@@ -56,7 +59,6 @@ def _host(profile: Any) -> str:
 
 def step_key(step: str, config: Any, inputs: Iterable[str | os.PathLike] = ()) -> str:
     """The content hash identifying one execution of ``step``."""
-    from ..core.version import __version__
 
     h = hashlib.sha256()
     h.update(f"onnxprune {__version__}\n{step}\n".encode())
@@ -160,7 +162,6 @@ class StepCache:
     def own_machine(self) -> str:
         """This process's machine fingerprint."""
         if self.machine is None:
-            from ..profiling.provenance import machine_fingerprint
 
             self.machine = machine_fingerprint()
         return self.machine
@@ -169,7 +170,6 @@ class StepCache:
         """Fingerprints whose measurements on ``profile`` count as this run's, this machine first (a
         ``remote:`` profile's device has one fingerprint wherever the run is)."""
         if getattr(profile, "remote", None):
-            from ..profiling.provenance import machine_fingerprint
 
             return [machine_fingerprint(profile)]
         return list(dict.fromkeys([self.own_machine(), *self.accepted]))
@@ -201,7 +201,6 @@ class StepCache:
               skipped: Iterable[str] = ()) -> None:
         """Take step records computed elsewhere (another machine's cache): their output files are
         written first (each atomically), then the records, so a crash in between loses only records."""
-        from ..core.model_io import atomic_path
 
         for rel, data in files.items():
             dest = self.outdir / rel
@@ -305,7 +304,6 @@ def locked(outdir: str | os.PathLike) -> Iterator[None]:
     """Hold ``OUTDIR/.onnxprune.lock`` for a run: another process's run on the same directory is
     refused in one line instead of interleaving (two writers of ``state.json`` drop each other's
     records). The kernel releases it when its holder dies, so a killed run never blocks the next."""
-    from filelock import FileLock, Timeout
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,14 @@ from typing import Any, Iterator
 
 from ..recipes import Recipe
 from .cache import StepCache
+import numpy
+import onnx
+import onnxruntime
+from ..core.version import __version__
+import sys
+from ..profiling.environment import cpu_model, gpu_facts
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
 
 MODELS = "models"
 WORK = "work"
@@ -52,8 +60,6 @@ class Progress:
         if not self.enabled:
             yield self
             return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
 
         with RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           TextColumn("{task.fields[step]}"), console=Console(stderr=True), transient=False) as p:
@@ -81,15 +87,10 @@ def dense_finetuned_name(seed: int) -> str:
 
 
 def versions() -> dict[str, Any]:
-    import numpy
-    import onnx
-    import onnxruntime
 
-    from ..core.version import __version__
 
     out = {"onnxprune": __version__, "python": platform.python_version(), "platform": platform.platform(),
            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
-    import sys
 
     if "torch" in sys.modules:
         out["torch"] = sys.modules["torch"].__version__
@@ -98,6 +99,5 @@ def versions() -> dict[str, Any]:
 
 def node_info() -> dict[str, Any]:
     """The machine a measurement ran on: host name, CPU model and GPU (None without one)."""
-    from ..profiling.environment import cpu_model, gpu_facts
 
     return {"host": socket.gethostname(), "cpu": cpu_model(), "gpu": (gpu_facts() or {}).get("gpu")}

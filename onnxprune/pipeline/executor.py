@@ -36,6 +36,12 @@ from typing import Any, Mapping, Sequence
 
 from ..core.errors import OnnxPruneError, UnavailableError
 from .cache import STATE_VERSION, CacheMiss, StepCache
+from ..core import version
+from .context import finetune_dense_enabled, MODELS, dense_finetuned_name, versions
+from . import work, context
+from ..core.model_io import model_files
+from .latency_target import is_latency
+import logging
 
 #: the custom Ray resource a latency measurement holds; give each node that may measure exactly 1
 PROFILE_RESOURCE = "onnxprune_profile"
@@ -50,7 +56,6 @@ class VersionMismatchError(OnnxPruneError):
 
 def check_version(driver: str) -> None:
     """Raise :class:`VersionMismatchError` when this process's onnxprune is not the driver's."""
-    from ..core import version
 
     if version.__version__ != driver:
         raise VersionMismatchError(f"the worker on {socket.gethostname()} runs onnxprune {version.__version__}, the driver "
@@ -72,7 +77,7 @@ def measure_options(nodes: Sequence[Mapping[str, Any]], gpu: bool, index: int) -
     ``gpu``, and its profile resource. When the measuring nodes all have the same size any of them
     may take the task; otherwise the ``index``-th task is pinned to node ``index`` mod their number
     (a request sized for one node would leave CPUs free on a larger one, or never fit a smaller one)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # lazy: ray ([ray] extra)
 
     sizes = {(n["cpus"], n["gpus"]) for n in nodes}
     node = nodes[index % len(nodes)]
@@ -117,7 +122,7 @@ def check_reachable(address: str | None, timeout: float = 5.0) -> None:
 
 def import_ray():
     try:
-        import ray
+        import ray  # lazy: ray ([ray] extra)
     except ImportError:
         raise UnavailableError(f"--executor ray needs the Python package 'ray': {INSTALL}") from None
     return ray
@@ -154,7 +159,6 @@ class Shared:
 
 
 def jobs_of(ctx, plan) -> list[Job]:
-    from .context import finetune_dense_enabled
 
     jobs = [Job("dense", "dense")] + [Job("run", s.id, spec=s) for s in plan.runs]
     if finetune_dense_enabled(ctx.recipe) and ctx.data is not None:
@@ -163,7 +167,6 @@ def jobs_of(ctx, plan) -> list[Job]:
 
 
 def final_path(ctx, job: Job) -> Path:
-    from .context import MODELS, dense_finetuned_name
 
     name = {"dense": "dense.onnx", "run": f"{job.label}.onnx"}.get(job.kind) or dense_finetuned_name(job.seed)
     return ctx.path(MODELS, name)
@@ -171,7 +174,6 @@ def final_path(ctx, job: Job) -> Path:
 
 def _chain(ctx, job: Job, model_path: Path, dense: Path, sens: Any, phase: str) -> Any:
     """The steps of ``job``: all of them (``full``, what the pipeline itself runs), or one task's part."""
-    from . import work
 
     if phase == "latency":
         return work.measure_latency(ctx, final_path(ctx, job), job.label, None if job.kind == "dense" else dense)
@@ -206,7 +208,6 @@ class RayExecutor:
         """Join the cluster (``address``, else RAY_ADDRESS) or start a one-machine instance; True if started here."""
         if ray.is_initialized():
             return False
-        import logging
 
         kw: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
         try:
@@ -242,7 +243,6 @@ class RayExecutor:
 
     def _fill(self, ray, ctx, model_path: Path, plan, dense: Path, sens) -> None:
         train_gpus, lat_gpus = self._needs(ray, ctx)
-        from ..core import version
 
         shared = ray.put(Shared(recipe=ctx.recipe, data=ctx.data, data_desc=ctx.data_desc, profiles=list(ctx.profiles),
                                 sens=sens, dense=payload(ctx.outdir, [ctx.rel(dense)]),
@@ -300,7 +300,6 @@ class RayExecutor:
     def _versions(ctx, res: Mapping[str, Any]) -> None:
         """Library versions a worker used that this process did not load go to the report; versions that
         differ from this process's are said in a note."""
-        from .context import versions
 
         mine = versions()
         for key, value in res.get("versions", {}).items():
@@ -340,7 +339,6 @@ class RayExecutor:
 
 def payload(root: Path, rels: list[str]) -> dict[str, bytes]:
     """The bytes of files under ``root`` by relative path; a model brings its external data files along."""
-    from ..core.model_io import model_files
 
     out: dict[str, bytes] = {}
     for rel in rels:
@@ -350,7 +348,6 @@ def payload(root: Path, rels: list[str]) -> dict[str, bytes]:
 
 
 def _latency_target(spec) -> bool:
-    from .latency_target import is_latency
 
     return any(is_latency(s) for s in spec.stages)
 
@@ -360,7 +357,6 @@ def run_task(shared: Shared, job: Job, phase: str, seed: Mapping[str, Any], prio
     records and the bytes of the files they wrote. The onnxprune version is checked first, before any
     work. An input error (OnnxPruneError, a version mismatch included) is returned, not raised: it
     would fail the same way on every retry."""
-    from . import context
 
     if prior is not None and "error" in prior:
         return dict(prior)

@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 from ..core.errors import OnnxPruneError
 from ..recipes.schema import LatencyTarget, Stage, Target
+from . import steps
+from ..profiling.provenance import merge_measured_on
 
 
 def bisect_ratio(latency_at: Callable[[float], float], budget: float, max_ratio: float,
@@ -54,7 +56,6 @@ def prune_to_latency(source: str | os.PathLike, stage: Stage, hw_profile, seed: 
                      measure: Callable[[str, Any], float] | None = None):
     """Prune ``source`` (a path) with ``stage`` until ``stage.target.latency`` is met; the
     :class:`PruneResult` of the chosen ratio, its summary extended with ``latency_search``."""
-    from . import steps
 
     lt: LatencyTarget = stage.target.latency
     if stage.kind != "structured":
@@ -88,7 +89,6 @@ def prune_to_latency(source: str | os.PathLike, stage: Stage, hw_profile, seed: 
                                      "ratio": ratio, "selection_estimate_ms": chosen[-1] if chosen else None,
                                      "probes": probes}
     if where:
-        from ..profiling.provenance import merge_measured_on
 
         res.summary["latency_search"]["measured_on"] = merge_measured_on(where)
     return res
@@ -96,7 +96,6 @@ def prune_to_latency(source: str | os.PathLike, stage: Stage, hw_profile, seed: 
 
 def _measure_percentile(percentile: str, where: list | None = None) -> Callable[[str, Any], float]:
     def measure(path: str, hw_profile) -> float:
-        from . import steps
 
         rec = steps.profile(path, hw_profile, memory=False)["results"][0]
         if where is not None:

@@ -8,15 +8,22 @@ from typing import Any, Mapping
 from ..core.errors import OnnxPruneError
 from ..recipes.schema import Stage
 from ..core.pruning_result import PruneResult
+import fnmatch
+from ..sparsity.prune import prune_unstructured
+from ..metrics.inspection import inspect_model
+from ..channels.analyze import analyze_channels
+from ..core.prepare import prepare
+from ..structured.importance import ScoreInputs, score_groups
+from ..structured.allocate import Limits, final_count, select
+import numpy as np
+from ..structured.fallback import prune_dropping_broken
+from ..structured.prune import validated_builder
 
 
 class StructuredGroups:
     """The dense model analysed once: groups, scores, and a pruner for any per-group ratios."""
 
     def __init__(self, source, criterion: str, seed: int = 0, gradients=None):
-        from ..channels.analyze import analyze_channels
-        from ..core.prepare import prepare
-        from ..structured.importance import ScoreInputs, score_groups
 
         self.prep = prepare(source)
         self.analysis = analyze_channels(self.prep.view)
@@ -37,7 +44,6 @@ class StructuredGroups:
         return (list(g.nodes) or [f"group {g.id}"])[0]
 
     def plan(self, ratios: Mapping[int, float]):
-        from ..structured.allocate import Limits, final_count, select
 
         limits = Limits(max_ratio=0.99)
         plan = {}
@@ -51,10 +57,7 @@ class StructuredGroups:
     def prune(self, ratios: Mapping[int, float]):
         """The pruned model and its plan; groups whose rewrite fails validation are kept whole
         (recorded in ``self.dropped`` with the reason) instead of failing the run."""
-        import numpy as np
 
-        from ..structured.fallback import prune_dropping_broken
-        from ..structured.prune import validated_builder
 
         plan = self.plan(ratios)
         sizes = {g.id: g.size for g in self.groups}
@@ -69,7 +72,6 @@ class StructuredGroups:
 def prune_per_layer(source, stage: Stage, ratios: Mapping[str, float], *, seed: int = 0, gradients=None) -> PruneResult:
     """Prune with one ratio per group (structured: keys ``g<id>`` or node-name patterns) or per layer
     (unstructured: node names or patterns); unnamed groups/layers are left whole."""
-    import fnmatch
 
     if stage.kind == "structured":
         st = StructuredGroups(source, stage.criterion, seed=seed, gradients=gradients)
@@ -83,7 +85,6 @@ def prune_per_layer(source, stage: Stage, ratios: Mapping[str, float], *, seed: 
                     chosen[g.id] = float(r)
                     break
         model, plan = st.prune(chosen)
-        from ..metrics.inspection import inspect_model
 
         before, after = inspect_model(st.prep.model), inspect_model(model)
         summary = {"method": "structured", "criterion": stage.criterion, "scope": "per-layer", "per_layer": dict(ratios),
@@ -97,7 +98,6 @@ def prune_per_layer(source, stage: Stage, ratios: Mapping[str, float], *, seed: 
                    "notes": [f"{len(st.dropped)} group(s) left whole because pruning them breaks the model "
                              "(see 'dropped_groups')"] if st.dropped else []}
         return PruneResult(model=model, summary=summary)
-    from ..sparsity.prune import prune_unstructured
 
     current: Any = source
     res = None

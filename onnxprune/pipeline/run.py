@@ -25,12 +25,16 @@ from ..core.errors import OnnxPruneError
 from ..recipes import Recipe, load_recipe
 from ..recipes.loader import check_key, parse_override, resolve_recipe, set_path, validate_recipe
 from . import steps
-from ..core.model_io import file_sha256
+from ..core.model_io import file_sha256, load_model
 from .cache import StepCache, locked
 from .latency_target import is_latency
 from .sweep import Plan, expand
 from .context import MODELS, WORK, Context, Progress, finetune_dense_enabled, versions
 from .work import dense_control, dense_finetune, run_one, sensitivity_step
+from .executor import make_executor
+from ..profiling.remote import sessions as remote_sessions
+from .aggregate import build_report
+from ..report.render import write_report
 
 
 def resolve(recipe: "Recipe | str | os.PathLike", overrides: Iterable[str] = ()) -> Recipe:
@@ -57,7 +61,6 @@ def run_recipe(recipe: "Recipe | str | os.PathLike", model_path: str | os.PathLi
 
     ``executor`` (``local`` or ``ray``) and ``ray_address`` replace the recipe's ``executor:`` settings;
     ``remote`` (``USER@HOST[:PORT]``) measures every profile on that device over SSH."""
-    from .executor import make_executor
 
     overrides = list(overrides)
     source = None if isinstance(recipe, Recipe) else str(resolve_recipe(recipe))
@@ -97,7 +100,6 @@ def _run_locked(recipe: Recipe, model_path: Path, outdir: Path, ds: Any, profile
         ctx.notes.append("no hardware profile: latency was not measured (pass --hw PROFILE, e.g. --hw x86-server-cpu)")
     t0 = time.perf_counter()
     total = len(plan.runs) + 1 + (len(plan.seeds) if finetune_dense_enabled(recipe) else 0) + (1 if recipe.sensitivity.enabled else 0)
-    from ..profiling.remote import sessions as remote_sessions
 
     # a device keeps its copies for the whole run
     with remote_sessions(), ctx.progress.running(total, recipe.name), ExitStack() as replaying:
@@ -123,11 +125,9 @@ def _run_locked(recipe: Recipe, model_path: Path, outdir: Path, ds: Any, profile
             for seed in plan.seeds:
                 dense_ft.append(dense_finetune(ctx, dense["path"], seed))
                 ctx.progress.advance()
-    from .aggregate import build_report
 
     ctx.notes.extend(ctx.cache.remeasured)  # measurements recorded on another machine were taken again here
     report = build_report(ctx, model_path, dense, dense_ft, plan, runs, sens, seconds=time.perf_counter() - t0)
-    from ..report.render import write_report
 
     write_report(report, outdir)
     return report
@@ -151,7 +151,6 @@ def _check_model(model_path: str | os.PathLike) -> Path:
         raise OnnxPruneError(f"{p}: no such model file")
     if p.is_dir():
         raise OnnxPruneError(f"{p}: is a directory, expected an .onnx file")
-    from ..core.model_io import load_model
 
     load_model(p)  # one clear line for a corrupt or unsupported file, before any work
     return p

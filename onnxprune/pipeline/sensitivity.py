@@ -19,6 +19,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..recipes.schema import Sensitivity
 from .per_layer import StructuredGroups, escape, prune_per_layer
+from ..datasets import evaluate_onnx
+from ..profiling.provenance import merge_measured_on
+from ..sparsity.prune import prune_unstructured
+from . import steps
 
 CSV_COLUMNS = ("group", "name", "channels", "ratio", "kept", "top1", "drop")
 
@@ -31,7 +35,6 @@ def run_sensitivity(source: str | os.PathLike, data, cfg: Sensitivity, *, profil
                     evaluate: Callable[[Any], float] | None = None, progress: Callable[[str], None] | None = None,
                     batch_size: int = 256) -> dict[str, Any]:
     """Rows ``{group, name, channels, ratio, kept, top1, drop, latency_ms {profile: p50}}`` and per-layer ratios."""
-    from ..datasets import evaluate_onnx
 
     def val_top1(model) -> float:
         return float(evaluate_onnx(model, data, "val", batch_size)["top1"]) if evaluate is None else evaluate(model)
@@ -55,7 +58,6 @@ def run_sensitivity(source: str | os.PathLike, data, cfg: Sensitivity, *, profil
     out = {"kind": cfg.kind, "criterion": criterion, "ratios": list(cfg.ratios), "max_drop": cfg.max_drop,
            "baseline_top1": base, "rows": rows, "per_layer_ratios": per_layer}
     if where:
-        from ..profiling.provenance import merge_measured_on
 
         out["measured_on"] = {name: merge_measured_on(recs) for name, recs in where.items()}
     return out
@@ -74,7 +76,6 @@ def _units(source, cfg: Sensitivity, criterion: str) -> list[tuple[str, str, int
             return prune_at
 
         return [(st.key(g), st.name(g), g.size, at(g)) for g in groups]
-    from ..sparsity.prune import prune_unstructured
 
     probe = prune_unstructured(source, sparsity=0.0)
     layers = sorted(probe.summary["layers"], key=lambda l: -l["size"])[: cfg.max_layers or None]
@@ -92,7 +93,6 @@ def _units(source, cfg: Sensitivity, criterion: str) -> list[tuple[str, str, int
 
 
 def _latency(model, profiles: Sequence[Any], where: dict[str, list] | None = None) -> dict[str, float]:
-    from . import steps
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="onnxprune-sens-") as tmp:

@@ -11,8 +11,18 @@ from typing import Any, Mapping, Sequence
 
 import onnx
 
-from ..core.errors import OnnxPruneError
+from ..core.errors import OnnxPruneError, UnavailableError
 from ..recipes.schema import Stage, Target
+import importlib
+from ..metrics.inspection import inspect_model
+from ..core.prepare import prepare
+from ..core.model_io import save_model, load_graph
+from ..profiling.hw_profile import profile_channel_multiple, with_remote
+from dataclasses import replace
+from ..calibration import StructuredCalibration, calibration_inputs
+from .per_layer import prune_per_layer
+from ..datasets.fidelity import evaluate_outputs
+from ..profiling.runners import check_available
 
 #: criteria that need loss gradients from the training data
 GRADIENT_CRITERIA = ("taylor", "magnitude_x_gradient")
@@ -21,13 +31,11 @@ GRADIENT_CRITERIA = ("taylor", "magnitude_x_gradient")
 def _need(module: str, what: str, attr: str | None = None):
     """Import an owner module (and ``attr`` from it); a missing optional package says how to install
     it (exit 3). A missing onnxprune module or name is a bug and raises as one, never "not available"."""
-    import importlib
 
     try:
         mod = importlib.import_module(module, __package__)
     except ImportError as exc:
         if exc.name in ("torch", "torch_pruning", "sklearn"):
-            from ..core.errors import UnavailableError
 
             raise UnavailableError(f"{what} needs the Python package {exc.name!r}: pip install 'onnxprune[train]'") from None
         raise
@@ -57,7 +65,6 @@ def gzip_meaningful(stages: Sequence[Stage]) -> bool:
 def model_figures(path: str | os.PathLike, gzip: bool = True) -> dict[str, Any]:
     """Params, nonzero params, MACs, MACs of nonzero weights, file size, per-layer sparsity, and with
     ``gzip`` the gzip size (else ``gzip_bytes`` is None: see :func:`gzip_meaningful`)."""
-    from ..metrics.inspection import inspect_model
 
     info = inspect_model(path)
     nonzero_macs: float | None = 0.0
@@ -78,7 +85,6 @@ def model_figures(path: str | os.PathLike, gzip: bool = True) -> dict[str, Any]:
 def analyze(path: str | os.PathLike) -> dict[str, Any]:
     """Channel groups of the model: how many can be pruned and why the others cannot."""
     channels = _need("..channels.analyze", "channel analysis")
-    from ..core.prepare import prepare
 
     an = channels.analyze_channels(prepare(path).view)
     return {"groups": len(an.groups), "prunable_groups": len(an.prunable),
@@ -87,7 +93,6 @@ def analyze(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    from ..core.model_io import save_model
 
     return save_model(model, path)
 
@@ -154,7 +159,6 @@ def stage_options(stage: Stage) -> dict[str, Any]:
     t = stage.target
     name = stage.hw or (t.latency.profile if t is not None and t.kind == "latency" else None)
     if stage.kind == "structured" and "round_to" not in kw and name:
-        from ..profiling.hw_profile import profile_channel_multiple
 
         multiple, from_profile = profile_channel_multiple(name)
         if from_profile:
@@ -167,10 +171,7 @@ def calibration_for(recover, data, stage: Stage, source: str | os.PathLike | onn
     otherwise): up to ``recover.samples`` unlabeled inputs from the data's training split."""
     if not recover.calibrate or stage.kind != "structured" or data is None:
         return None
-    from dataclasses import replace
 
-    from ..calibration import StructuredCalibration, calibration_inputs
-    from ..core.model_io import load_graph
 
     train = replace(data, val=None, test=None)  # calibration never sees the splits that are scored
     model = source if isinstance(source, onnx.ModelProto) else load_graph(source)
@@ -192,7 +193,6 @@ def prune_stage(source: str | os.PathLike | onnx.ModelProto, stage: Stage, seed:
     if gradients is not None:
         kw["gradients"] = gradients
     if per_layer is not None:
-        from .per_layer import prune_per_layer
 
         return prune_per_layer(source, stage, per_layer, seed=seed, gradients=gradients)
     if stage.target is None:
@@ -274,7 +274,6 @@ def evaluate(path: str | os.PathLike, data, splits: Sequence[str], batch_size: i
     ds = _need("..datasets", "evaluation")
     if data.labeled and metric is None:
         return {s: ds.evaluate_onnx(path, data, s, batch_size) for s in splits}
-    from ..datasets.fidelity import evaluate_outputs
 
     out = {}
     for s in splits:
@@ -298,8 +297,6 @@ def load_profiles(names: Sequence[str], remote: str | None = None, ssh_options: 
     """Load and check every profile before any work: a missing GPU fails here, in one line
     (with ``remote``, ``--remote``, they are measured on that device and checked there)."""
     prof = _need("..profiling", "hardware profiling")
-    from ..profiling.hw_profile import with_remote
-    from ..profiling.runners import check_available
 
     loaded = [with_remote(prof.load_hw_profile(n), remote, ssh_options) for n in names]
     for p in loaded:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..recipes.schema import Recipe, Schedule, Stage, Target
+from ..core.errors import OnnxPruneError
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,6 @@ def expand(recipe: Recipe) -> Plan:
     ids = [r.id for r in runs]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        from ..core.errors import OnnxPruneError
 
         raise OnnxPruneError(f"recipe: field 'sweep': operating points repeat ({', '.join(dup)}); "
                              "expected distinct points per method")

@@ -11,7 +11,10 @@ from ..core.errors import OnnxPruneError
 from . import steps
 from .latency_target import is_latency, prune_to_latency
 from .sweep import RunSpec
-from .context import MODELS, WORK, Context, dense_finetuned_name
+from .context import MODELS, WORK, Context, dense_finetuned_name, node_info
+from ..core.model_io import atomic_path, write_text_atomic
+from .sensitivity import run_sensitivity, to_csv
+import onnx
 
 
 def _measure(ctx: Context, path: Path, label: str, dense: Path | None = None, latency: bool = True,
@@ -40,7 +43,6 @@ def measure_latency(ctx: Context, path: Path, label: str, dense: Path | None = N
     """Profile one written model on every profile (recording the node it ran on); with ``dense``, also
     its speedup over the dense model timed interleaved with it. Remote executors run this part alone,
     holding a machine's measuring slot."""
-    from .context import node_info
 
     profs = {}
     for p in ctx.profiles:
@@ -64,7 +66,6 @@ def dense_control(ctx: Context, model_path: Path, latency: bool = True) -> dict[
     ctx.progress.step("dense: copy")
 
     def copy() -> dict[str, Any]:
-        from ..core.model_io import atomic_path
 
         with atomic_path(dest) as tmp:
             shutil.copyfile(model_path, tmp)
@@ -92,8 +93,6 @@ def _gzip_dense(ctx: Context) -> bool:
 
 
 def sensitivity_step(ctx: Context, dense: Path) -> dict[str, Any]:
-    from .sensitivity import run_sensitivity, to_csv
-    from ..core.model_io import write_text_atomic
 
     cfg = ctx.recipe.sensitivity
     profs = ctx.profiles if cfg.latency else []
@@ -180,7 +179,6 @@ def _uses_data(spec: RunSpec) -> bool:
 
 def _prune_work(ctx: Context, spec: RunSpec, dense: Path, out: Path, per_layer: Mapping[str, float] | None) -> dict[str, Any]:
     """Apply the stages in order (one shot) and write the result to ``out``."""
-    import onnx
 
     source: Any = dense
     summaries = []
@@ -208,7 +206,6 @@ def _prune_work(ctx: Context, spec: RunSpec, dense: Path, out: Path, per_layer: 
     if isinstance(source, onnx.ModelProto):
         steps.save(source, out)
     else:
-        from ..core.model_io import atomic_path
 
         with atomic_path(out) as tmp:
             shutil.copyfile(source, tmp)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import OnnxPruneError
+import platformdirs
 
 ENV_DIR = "ONNXPRUNE_CACHE_DIR"
 ENV_MAX_MB = "ONNXPRUNE_CACHE_MAX_MB"
@@ -28,7 +29,6 @@ def cache_root() -> Path:
     env = os.environ.get(ENV_DIR)
     if env:
         return Path(env)
-    import platformdirs
 
     return Path(platformdirs.user_cache_dir("onnxprune", appauthor=False))
 

@@ -10,6 +10,11 @@ from typing import Any
 
 from .hw_profile import HwProfile
 from .measure import usable_cores
+import psutil
+from .memory import nvml_gpu_info
+import numpy
+import onnx
+import onnxruntime
 
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
 
@@ -41,7 +46,6 @@ def _version(dist: str) -> str | None:
 
 def physical_cores() -> int:
     try:
-        import psutil
 
         return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
     except Exception:  # noqa: BLE001
@@ -51,7 +55,6 @@ def physical_cores() -> int:
 @functools.lru_cache(maxsize=None)
 def gpu_facts() -> dict[str, Any] | None:
     """GPU name, driver and compute capability (NVML, else torch); None without a visible GPU."""
-    from .memory import nvml_gpu_info
 
     info = nvml_gpu_info()
     if info is not None:
@@ -70,9 +73,6 @@ def gpu_facts() -> dict[str, Any] | None:
 
 def versions(profile: HwProfile) -> dict[str, Any]:
     """Versions of everything that decides the numbers, for ``profile``'s backend."""
-    import numpy
-    import onnx
-    import onnxruntime
 
     out: dict[str, Any] = {
         "onnxprune": _version("onnxprune"),

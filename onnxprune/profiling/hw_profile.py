@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..core.errors import OnnxPruneError
 from .ssh_target import check_remote_python, check_ssh_option, parse_target
+from ..resources import shipped
 
 Backend = Literal["ort-cpu", "ort-cuda", "tensorrt", "torch-cpu", "torch-cuda"]
 Precision = Literal["fp32", "fp16", "int8"]
@@ -209,7 +210,6 @@ def profile_channel_multiple(name_or_path: "str | os.PathLike | HwProfile | None
 
 def shipped_profiles() -> dict[str, Path]:
     """Profiles that ship with onnxprune, by name."""
-    from ..resources import shipped
 
     return shipped("hw_profiles")
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..core.errors import OnnxPruneError, UnavailableError
 from .hw_profile import HwProfile
+import psutil
 
 #: seconds a probe may take (a TensorRT engine build can take minutes)
 PROBE_TIMEOUT_S = 900
@@ -45,9 +46,8 @@ def peak_rss_bytes() -> tuple[int, str]:
     except (OSError, ValueError, IndexError):
         pass
     try:
-        import resource
+        import resource  # lazy: Unix only (handled below)
     except ImportError:  # Windows
-        import psutil
 
         info = psutil.Process().memory_info()
         peak = getattr(info, "peak_wset", None)
@@ -57,7 +57,6 @@ def peak_rss_bytes() -> tuple[int, str]:
 
 
 def current_rss_bytes() -> int:
-    import psutil
 
     return int(psutil.Process().memory_info().rss)
 
@@ -66,7 +65,7 @@ def _nvml_query(query: Callable[[Any, Any], Any], device_index: int = 0) -> Any:
     """``query(pynvml, device_handle)`` between nvmlInit and nvmlShutdown; None when NVML is missing
     (no nvidia-ml-py, no driver) or the query fails."""
     try:
-        import pynvml
+        import pynvml  # lazy: nvidia-ml-py ([gpu] extra)
 
         pynvml.nvmlInit()
     except Exception:  # noqa: BLE001 - ImportError, NVMLError_LibraryNotFound, DriverNotLoaded...

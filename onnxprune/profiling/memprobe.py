@@ -11,6 +11,11 @@ import argparse
 import json
 import os
 import sys
+import numpy as np
+from ..core.errors import OnnxPruneError
+from .hw_profile import profile_from_dict
+from .memory import current_rss_bytes, nvml_process_gpu_memory, peak_rss_bytes
+from .runners import make_runner
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,12 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args(argv)
 
-    import numpy as np
 
-    from ..core.errors import OnnxPruneError
-    from .hw_profile import profile_from_dict
-    from .memory import current_rss_bytes, nvml_process_gpu_memory, peak_rss_bytes
-    from .runners import make_runner
 
     try:
         profile = profile_from_dict(json.loads(args.profile_json))

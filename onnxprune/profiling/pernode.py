@@ -17,6 +17,10 @@ import numpy as np
 import onnx
 
 from .hw_profile import HwProfile
+from ..core.model_io import load_graph
+from .runners import ort_session
+from types import SimpleNamespace
+from .provenance import measured_on, observe, runner_threads
 
 _SUFFIXES = ("_nchwc", "_fused")
 
@@ -98,14 +102,10 @@ def summarize(kernels: list[dict[str, Any]], runs: int, model: onnx.ModelProto, 
 def per_node_profile(path: str | os.PathLike, profile: HwProfile, feeds: Mapping[str, np.ndarray], *,
                      runs: int | None = None, top: int = 15) -> dict[str, Any]:
     """Run ``path`` with ONNX Runtime's profiler on and summarize the kernels (ORT backends only)."""
-    from ..core.model_io import load_graph
-    from .runners import ort_session
 
     runs = runs or max(1, min(profile.min_runs, 50))
     warmup = max(1, min(profile.warmup_runs, 10))
-    from types import SimpleNamespace
 
-    from .provenance import measured_on, observe, runner_threads
 
     with tempfile.TemporaryDirectory(prefix="onnxprune-prof-") as tmp:
         sess = ort_session(path, profile, profiling_prefix=str(Path(tmp) / "ort"))

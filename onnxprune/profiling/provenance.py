@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from .environment import _version, cpu_model, physical_cores
+from .environment import _version, cpu_model, physical_cores, gpu_facts
 from .measure import usable_cores
+from .memory import nvml_gpu_info, _nvml_query
+import psutil
 
 #: others keeping this many cores busy (on average over the timing window) make a measurement ``shared``
 SHARED_CORES = 0.25
@@ -57,13 +59,12 @@ def _nvidia_proc() -> dict[str, Any] | None:
 
 
 def _nvml() -> dict[str, Any] | None:
-    from .memory import nvml_gpu_info
 
     info = nvml_gpu_info()
     if info is None:
         return None
     try:
-        import pynvml
+        import pynvml  # lazy: nvidia-ml-py ([gpu] extra)
 
         pynvml.nvmlInit()
         try:
@@ -150,7 +151,6 @@ def _own(proc: Any) -> float:
 
 
 def _processes() -> dict[int, tuple[str, float]]:
-    import psutil
 
     me = os.getpid()
     out = {}
@@ -172,7 +172,6 @@ def _loadavg() -> float | None:
 def _gpu_others() -> int | None:
     """Processes other than this one holding GPU 0, from NVML; None when NVML cannot say (no NVML, or
     its pids are not this container's)."""
-    from .memory import _nvml_query
 
     def query(nvml: Any, handle: Any) -> int | None:
         pids = [p.pid for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle)]
@@ -199,7 +198,6 @@ class Observation:
     def start(self) -> "Observation":
         self.load_before = _loadavg()
         try:
-            import psutil
 
             proc = psutil.Process()
             self._start = (time.monotonic(), _busy(psutil.cpu_times()), _own(proc), _processes(), proc)
@@ -215,7 +213,6 @@ class Observation:
         t0, busy0, own0, procs0, proc = self._start
         if time.monotonic() - t0 < MIN_WINDOW_S:  # too short for 10 ms ticks: watch a little longer (we are idle)
             time.sleep(MIN_WINDOW_S - (time.monotonic() - t0))
-        import psutil
 
         busy1, own1, procs1 = _busy(psutil.cpu_times()), _own(proc), _processes()
         self.window_s = time.monotonic() - t0
@@ -267,7 +264,6 @@ def measured_on(profile: Any, threads: Mapping[str, Any], observation: Observati
     facts = machine_facts()
     gpu, driver = facts["gpu"], facts["gpu_driver"]
     if getattr(profile, "is_gpu", False) and gpu is None:  # e.g. a Jetson without NVML: ask the fuller probe
-        from .environment import gpu_facts
 
         more = gpu_facts() or {}
         gpu, driver = more.get("gpu"), more.get("driver")

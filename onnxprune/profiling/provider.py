@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.errors import UnavailableError
+import onnxruntime as ort
 
 #: ONNX Runtime backends -> the execution provider they must run on
 ORT_PROVIDER = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider"}
@@ -16,7 +17,6 @@ ORT_PROVIDER = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionPro
 
 def require_ort_provider(provider: str, where: str) -> None:
     """Raise :class:`UnavailableError` when this onnxruntime build has no ``provider`` at all."""
-    import onnxruntime as ort
 
     available = ort.get_available_providers()
     if provider not in available:

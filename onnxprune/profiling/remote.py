@@ -38,6 +38,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from ..core.errors import OnnxPruneError, UnavailableError
 from .ssh_target import Target, parse_target, remote_command, scp_argv, ssh_argv
+from ..core.model_io import model_files, file_sha256
+from ..core.version import __version__
 
 AGENT_MODULE = "onnxprune.profiling.remote_agent"
 #: seconds allowed for the short calls (version check, clean-up); copies get this plus 1 s per MB
@@ -74,8 +76,6 @@ class ModelFiles:
 
     @classmethod
     def of(cls, path: Path) -> "ModelFiles":
-        from ..core.model_io import model_files
-        from ..core.model_io import file_sha256
 
         path = Path(path).resolve()
         model, *data = model_files(path)
@@ -226,7 +226,6 @@ class RemoteSession:
     def upload(self, paths: Sequence[Path]) -> dict[Path, tuple[str, bool]]:
         """Each local model's path on the device and whether it was copied (False: its files, with
         the same SHA-256, were already there). Checks the device's onnxprune version first."""
-        from ..core.version import __version__
 
         bundles = {p: ModelFiles.of(p) for p in paths}
         req = {"version": __version__, "dirname": self.dirname,

@@ -23,6 +23,12 @@ import threading
 from typing import Any, Callable
 
 from ..core.jsonio import json_default
+import onnxruntime
+from ..core.version import __version__
+from .environment import cpu_model
+from .api import profile_model, compare_models
+from .hw_profile import profile_from_dict
+from ..core.errors import OnnxPruneError
 
 
 def _die(workdir: str | None) -> None:
@@ -59,10 +65,7 @@ def _watch(deadline_s: float | None, workdir: str | None) -> None:
 
 def device_facts() -> dict[str, Any]:
     """What the numbers were measured on (the ``remote`` block of a result)."""
-    import onnxruntime
 
-    from ..core.version import __version__
-    from .environment import cpu_model
 
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -75,8 +78,6 @@ def device_facts() -> dict[str, Any]:
 
 
 def _profile(req: dict[str, Any]) -> dict[str, Any]:
-    from .api import profile_model
-    from .hw_profile import profile_from_dict
 
     return profile_model(req["model"], [profile_from_dict(req["profile"])], per_node=req["per_node"],
                          input_shapes=_shapes(req.get("input_shapes")), batch_sizes=req.get("batch_sizes"),
@@ -84,8 +85,6 @@ def _profile(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def _compare(req: dict[str, Any]) -> dict[str, Any]:
-    from .api import compare_models
-    from .hw_profile import profile_from_dict
 
     return compare_models(req["a"], req["b"], profile_from_dict(req["profile"]), batch_sizes=req.get("batch_sizes"),
                           input_shapes=_shapes(req.get("input_shapes")), memory=req["memory"])
@@ -107,7 +106,6 @@ def main(argv: list[str]) -> int:
     _watch(req.get("deadline_s"), req.get("workdir"))
     out = os.dup(1)
     os.dup2(2, 1)  # stray prints go to stderr; stdout carries only the result line
-    from ..core.errors import OnnxPruneError
 
     try:
         res: dict[str, Any] = {"device": device_facts(), "result": VERBS[argv[1]](req)}

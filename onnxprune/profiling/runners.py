@@ -28,6 +28,9 @@ from ..core.shapes import _shape_of, graph_inputs
 from .environment import resolved_threads
 from .hw_profile import HwProfile
 from .provider import ORT_PROVIDER, check_active_provider, require_ort_provider
+import onnxruntime as ort
+from ..core.model_io import load_model
+from ..core.normalize import normalize
 
 
 class BatchSizeError(OnnxPruneError):
@@ -134,7 +137,7 @@ def _bridge(where: str) -> Callable:
     """The ONNX->torch bridge (torch first: without it, one line and exit 3; the bridge itself is
     onnxprune's own, so a failure to import it is a bug and raises as one)."""
     _import("torch", f"{where} (the torch backends)", "pip install 'onnxprune[train]'")
-    from ..bridge import to_torch
+    from ..bridge import to_torch  # lazy: imports torch
 
     return to_torch
 
@@ -145,7 +148,6 @@ def ort_session(path: str | os.PathLike, profile: HwProfile, *, arena: bool = Tr
 
     Raises when the provider the profile asks for is not the one that actually runs.
     """
-    import onnxruntime as ort
 
     provider = ORT_PROVIDER[profile.backend]
     require_ort_provider(provider, f"profile {profile.name!r}")
@@ -171,7 +173,6 @@ class OrtRunner:
     """ONNX Runtime on CPU (numpy feeds) or CUDA (inputs and outputs bound on the GPU)."""
 
     def __init__(self, profile: HwProfile, path: str | os.PathLike, feeds: Mapping[str, np.ndarray], *, arena: bool = True):
-        import onnxruntime as ort
 
         self.backend = profile.backend
         self.session = ort_session(path, profile, arena=arena)
@@ -293,8 +294,6 @@ class TorchRunner:
             _torch_cuda(profile.backend)
         self._threads = torch.get_num_threads()
         torch.set_num_threads(resolved_threads(profile)[0])  # the inter-op pool is fixed once torch has run
-        from ..core.model_io import load_model
-        from ..core.normalize import normalize
 
         module = to_torch(normalize(load_model(path))).eval()
         device = "cuda" if self._cuda else "cpu"

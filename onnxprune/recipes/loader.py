@@ -17,11 +17,11 @@ from pydantic import BaseModel, ValidationError
 
 from ..core.errors import OnnxPruneError
 from .schema import Method, Recipe, Stage
+from ..resources import shipped
 
 
 def shipped_recipes() -> dict[str, Path]:
     """Shipped recipe files by name."""
-    from ..resources import shipped
 
     return shipped("recipes")
 

@@ -35,6 +35,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from ..structured.importance import IMPORTANCE
+from ..sparsity.scores import CRITERIA
+import re
 
 Kind = Literal["structured", "unstructured", "nm"]
 
@@ -45,11 +48,9 @@ DEFAULT_CRITERION: dict[str, str] = {"structured": "l1", "unstructured": "magnit
 def criteria_of(kind: str) -> tuple[str, ...]:
     """Criteria the pruning functions of ``kind`` accept."""
     if kind == "structured":
-        from ..structured.importance import IMPORTANCE
 
         return tuple(IMPORTANCE)
     if kind == "unstructured":
-        from ..sparsity.scores import CRITERIA
 
         return tuple(CRITERIA)
     return ("magnitude",)
@@ -343,7 +344,6 @@ class Recipe(_Strict):
 
 
 def _id_safe(name: str) -> str:
-    import re
 
     s = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
     return s or "method"

@@ -10,19 +10,20 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .schema import pareto_front
+from ..core.errors import UnavailableError
+import numpy as np
 
 _MARKERS = "osD^v<>ph*"
 
 
 def _plt():
     try:
-        import matplotlib
+        import matplotlib  # lazy: matplotlib ([report] extra)
     except ImportError as exc:  # pragma: no cover - matplotlib is in the report extra
-        from ..core.errors import UnavailableError
 
         raise UnavailableError("plots need matplotlib: pip install 'onnxprune[report]'") from exc
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib ([report] extra)
 
     return plt
 
@@ -229,7 +230,6 @@ def plot_per_layer(report: Mapping[str, Any], path: str | os.PathLike, max_layer
                 names.append(l["name"])
     names = names[:max_layers]
     plt = _plt()
-    import numpy as np
 
     fig, ax = plt.subplots(figsize=(max(7, 0.3 * len(names) * max(1, len(series)) ** 0.5), 4.6))
     width = 0.8 / len(series)

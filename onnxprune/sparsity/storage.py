@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 
 from ..core.errors import ort_error_text
 from ..core.model_io import PROTOBUF_LIMIT, model_files, proto_bytes, serialize_within_limit, sparse_to_dense, without_initializers
+import onnxruntime as ort
 
 #: gzip level used for the reported compressed size (gzip's own default).
 GZIP_LEVEL = 6
@@ -79,7 +80,6 @@ def to_sparse_storage(model: onnx.ModelProto, names: Iterable[str]) -> tuple[onn
     if proto_bytes(m) > PROTOBUF_LIMIT:
         return model, [], ["sparse storage: model over 2 GB, kept dense storage with external data"]
     try:
-        import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

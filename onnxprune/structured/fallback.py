@@ -15,6 +15,7 @@ import onnx
 from ..channels.types import KeepPlan
 from ..core.errors import OnnxPruneError, ort_error_text
 from ..core.model_io import PROTOBUF_LIMIT, proto_bytes
+import onnxruntime as ort
 
 #: builds and validates the pruned model of a plan, raising on failure
 Build = Callable[[KeepPlan], onnx.ModelProto]
@@ -30,7 +31,6 @@ def ort_load_error(model: onnx.ModelProto) -> str | None:
     than :data:`ORT_CHECK_MAX_BYTES`)."""
     if proto_bytes(model) > min(ORT_CHECK_MAX_BYTES, PROTOBUF_LIMIT):
         return None
-    import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -35,6 +35,16 @@ from ..channels.types import Group, KeepPlan
 from ..core.errors import OnnxPruneError
 from ..core.pruning_result import PruneResult
 from .allocate import Limits, global_scores, lower_bound, select, window_needs
+from ..channels.analyze import analyze_channels
+from ..core.prepare import prepare
+from ..profiling.hw_profile import load_hw_profile
+from ..profiling.runners import check_available
+from .importance import SELF_NORMALIZED
+from .prune import _check_args, _prune_prepared, _restore_io
+from ..core.model_io import save_model
+from ..channels.rewrite import apply_plan
+from .latency_table import latency_table, layer_macs
+from ..profiling import compare_models
 
 #: default weight of the MACs a knapsack step removes against the importance it loses (both as
 #: fractions of the whole): see :func:`knapsack`'s ``penalty`` and bench/bench_latency_alloc.py
@@ -142,12 +152,6 @@ def prune_for_latency(source: str | os.PathLike | onnx.ModelProto, hw, *, target
     loses (0: importance only, as in HALP). The summary adds ``latency_allocation`` {profile,
     timing, met, achieved, selection_estimate, chosen, iterations, importance_kept, table} and a
     ``target`` of kind ``speedup`` or ``latency`` whose ``achieved`` comes from the fresh run."""
-    from ..channels.analyze import analyze_channels
-    from ..core.prepare import prepare
-    from ..profiling.hw_profile import load_hw_profile
-    from ..profiling.runners import check_available
-    from .importance import SELF_NORMALIZED
-    from .prune import _check_args, _prune_prepared
 
     if (target_speedup is None) == (target_latency_ms is None):
         raise OnnxPruneError("give exactly one of --target-speedup X, --target-latency MS")
@@ -172,7 +176,6 @@ def prune_for_latency(source: str | os.PathLike | onnx.ModelProto, hw, *, target
     with tempfile.TemporaryDirectory(prefix="onnxprune-halp-") as tmp:
         tmp_dir = Path(tmp)
         if isinstance(source, onnx.ModelProto):
-            from ..core.model_io import save_model
 
             dense_path = save_model(source, tmp_dir / "dense.onnx")
         else:
@@ -233,10 +236,6 @@ def _allocate(prep, analysis, groups: list[Group], scores: dict[int, np.ndarray]
               dense_path: Path, goal_of, *, self_normalized: bool, cache, tmp_dir: Path, max_iterations: int,
               tolerance: float, macs_weight: float = 0.0) -> dict[str, Any]:
     """Table -> knapsack -> measured check, repeated with a rescaled budget (module docstring)."""
-    from ..channels.rewrite import apply_plan
-    from ..core.model_io import save_model
-    from .latency_table import latency_table, layer_macs
-    from .prune import _restore_io
 
     if not groups:
         return {"plan": {}, "met": False, "iterations": []}
@@ -320,7 +319,6 @@ def _allocate(prep, analysis, groups: list[Group], scores: dict[int, np.ndarray]
 def _interleaved(dense_path: Path, path: Path, profile, input_shapes) -> tuple[float, float, dict | None]:
     """(dense p50, pruned p50) in ms of one interleaved run (D P D P ...) on ``profile``, in fresh
     sessions, and where it was measured."""
-    from ..profiling import compare_models
 
     res = compare_models(dense_path, path, profile, input_shapes=input_shapes)
     cmp = res["comparisons"][0]

@@ -41,6 +41,11 @@ from ..channels.types import Analysis
 from ..core.errors import OnnxPruneError
 from ..core.graph import GraphView
 from ..core.shapes import skeleton
+from ..profiling.diskcache import kind_dir
+from ..profiling import profile_model, diskcache
+from ..profiling.provider import ORT_PROVIDER
+from ..profiling.provenance import machine_fingerprint, merge_measured_on
+from ..core.model_io import atomic_path
 
 #: kept-width fractions each layer is timed at, per side (the full width is the shared point)
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
@@ -53,7 +58,6 @@ _OPS = ("Conv", "Gemm", "MatMul")
 def cache_dir() -> Path:
     """Where tables are cached: ``$ONNXPRUNE_CACHE_DIR/latency``, else ``latency/`` in the platform's
     user cache directory (``$XDG_CACHE_HOME/onnxprune/latency`` on Linux)."""
-    from ..profiling.diskcache import kind_dir
 
     return kind_dir("latency")
 
@@ -296,8 +300,6 @@ def _measure_chunk(path: Path, profile, tags: Mapping[str, Any], batch: int,
     """ms per run of each variant node: ONNX Runtime's per-node times where the backend has them,
     else one model per variant (p50). Each timing's ``measured_on`` is appended to ``where``."""
     where = [] if where is None else where
-    from ..profiling import profile_model
-    from ..profiling.provider import ORT_PROVIDER
 
     if profile.backend in ORT_PROVIDER:
         rec = profile_model(path, [profile], per_node=True, memory=False, batch_sizes=[batch],
@@ -336,8 +338,6 @@ def _dense_ms(path: str | os.PathLike, profile, input_shapes, where: list | None
     """The whole model's time measured the way the layers are (the sum of each ONNX Runtime
     kernel's fastest run; p50 on other backends), so the layers' share of it is not blurred by the
     scheduling noise a wall-clock figure carries on a busy machine."""
-    from ..profiling import profile_model
-    from ..profiling.provider import ORT_PROVIDER
 
     where = [] if where is None else where
     if profile.backend not in ORT_PROVIDER:
@@ -358,7 +358,6 @@ def _activation_input(view: GraphView, layer: Layer) -> str:
 def table_key(view: GraphView, profile, group_ids: Sequence[int]) -> str:
     """Cache key: the model's structure and shapes (no weights), the profile, and the machine
     fingerprint (host, CPU, cores, GPU and driver, runtime versions, default threads)."""
-    from ..profiling.provenance import machine_fingerprint
 
     h = hashlib.sha256()
     h.update(skeleton(view.model).SerializeToString(deterministic=True))
@@ -423,9 +422,6 @@ def latency_table(view: GraphView, analysis: Analysis, group_ids: Sequence[int],
     """The table of the groups ``group_ids`` of the model indexed by ``view`` on ``profile``, from
     the cache when this model structure was measured there before. ``dense_path`` is the model's
     file (its whole-model latency anchors the estimate), ``input_shapes`` its concrete input shapes."""
-    from ..core.model_io import atomic_path
-    from ..profiling import diskcache
-    from ..profiling.provenance import machine_fingerprint, merge_measured_on
 
     bounded = cache is None  # the shared platform cache is size-bounded; a folder the caller names is theirs
     if bounded:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import TrainConfig
+import importlib
 
 _LAZY = {
     "finetune": "retrain", "train_module": "loop", "evaluate_module": "loop", "weight_gradients": "gradients",
@@ -25,6 +26,5 @@ __all__ = ["TrainConfig", *_LAZY]
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,6 +26,7 @@ import math
 from typing import Sequence
 
 from ..core.errors import OnnxPruneError
+import numpy as np
 
 OPS = ("crop", "hflip", "vflip", "jitter", "mixup", "noise")
 _IMAGE_OPS = {"crop", "hflip", "vflip", "jitter"}
@@ -62,7 +63,7 @@ class BatchAugment:
     """``aug(xs)`` -> the augmented list of input tensors (same shapes and dtypes), from ``seed``."""
 
     def __init__(self, ops: Sequence[str], seed: int = 0, *, min_area: float = 0.6) -> None:
-        import torch
+        import torch  # lazy: torch ([train] extra)
 
         self.ops = tuple(ops)
         self.min_area = float(min_area)
@@ -72,7 +73,7 @@ class BatchAugment:
         return bool(self.ops)
 
     def _u(self, n: int, lo: float, hi: float):
-        import torch
+        import torch  # lazy: torch ([train] extra)
 
         return lo + (hi - lo) * torch.rand(n, generator=self.gen)
 
@@ -92,7 +93,7 @@ class BatchAugment:
             for i in image:
                 xs[i] = self._jitter(xs[i])
         if "mixup" in self.ops and n > 1:
-            import torch
+            import torch  # lazy: torch ([train] extra)
 
             perm = torch.randperm(n, generator=self.gen)
             lam = 0.5 + 0.5 * torch.rand(n, generator=self.gen)
@@ -100,7 +101,7 @@ class BatchAugment:
                 w = lam.to(xs[i].device, xs[i].dtype).reshape(-1, *([1] * (xs[i].dim() - 1)))
                 xs[i] = w * xs[i] + (1 - w) * xs[i][perm.to(xs[i].device)]
         if "noise" in self.ops:
-            import torch
+            import torch  # lazy: torch ([train] extra)
 
             for i in floats:
                 spread = xs[i].detach().float().std() if xs[i].numel() > 1 else xs[i].new_tensor(1.0)
@@ -110,7 +111,7 @@ class BatchAugment:
 
     def _geometry(self, n: int, ops: set):
         """Per-sample affine maps (N x 2 x 3, normalised coordinates) for crop and flips."""
-        import torch
+        import torch  # lazy: torch ([train] extra)
 
         sx, sy = torch.ones(n), torch.ones(n)
         tx, ty = torch.zeros(n), torch.zeros(n)
@@ -148,8 +149,8 @@ class BatchAugment:
 
 def _warp(x, theta):
     """Resample ``x`` (N x C x H x W) through the affine maps ``theta`` (bilinear, edges reflected)."""
-    import torch
-    import torch.nn.functional as F
+    import torch  # lazy: torch ([train] extra)
+    import torch.nn.functional as F  # lazy: torch ([train] extra)
 
     theta = theta.to(x.device, x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -159,7 +160,6 @@ def _warp(x, theta):
 
 def input_signature(xs: Sequence) -> list[tuple[bool, int]]:
     """``(is_float, ndim)`` per input tensor or array, as :func:`resolve_augment` takes them."""
-    import numpy as np
 
     out = []
     for x in xs:

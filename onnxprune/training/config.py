@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from ..core.errors import OnnxPruneError
+from .augment import OPS
 
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adamw")
@@ -83,7 +84,6 @@ class TrainConfig:
             bad(f"epochs must be a non-negative integer, got {self.epochs!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             bad(f"steps must be a non-negative integer (0: size the run by epochs), got {self.steps!r}")
-        from .augment import OPS
         aug = str(self.augment).strip().lower()
         if not isinstance(self.augment, str) or (aug not in ("auto", "none") and (
                 not aug or any(o.strip() not in OPS for o in aug.split(",")))):

@@ -24,12 +24,19 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .loop import DistContext
+import numpy as np
+from onnx import numpy_helper
+from .config import TrainConfig
+from .retrain import finetune
+from ..core.model_io import save_model
+import json
+from ..cli import main as cli_main
 
 
 def init_from_env(device: str = "cpu") -> DistContext:
     """Join the process group torchrun describes in the environment (no-op for a single process)."""
-    import torch
-    import torch.distributed as dist
+    import torch  # lazy: torch ([train] extra)
+    import torch.distributed as dist  # lazy: torch ([train] extra)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -43,7 +50,7 @@ def init_from_env(device: str = "cpu") -> DistContext:
 
 
 def shutdown() -> None:
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: torch ([train] extra)
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -58,13 +65,9 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, model_path: str, data: Any, config: Mapping[str, Any],
             out_dir: str, teacher_path: str | None, threads: int) -> None:
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-    from onnx import numpy_helper
+    import torch  # lazy: torch ([train] extra)
+    import torch.distributed as dist  # lazy: torch ([train] extra)
 
-    from .config import TrainConfig
-    from .retrain import finetune
 
     torch.set_num_threads(threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -76,8 +79,6 @@ def _worker(rank: int, world: int, port: int, model_path: str, data: Any, config
         weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         np.savez(Path(out_dir) / f"rank{rank}.npz", **{f"w{i}": w for i, w in enumerate(weights.values())})
         if rank == 0:
-            from ..core.model_io import save_model
-            import json
             save_model(model, Path(out_dir) / "model.onnx")
             (Path(out_dir) / "history.json").write_text(json.dumps(history, default=str))
     finally:
@@ -91,7 +92,7 @@ def launch_local(model_path: "str | os.PathLike", data: Any, config: Mapping[str
     Writes ``model.onnx`` and ``history.json`` (rank 0) and ``rank{r}.npz`` (every rank's final
     initializers, in graph order) into ``out_dir``; returns ``out_dir``.
     """
-    import torch.multiprocessing as mp
+    import torch.multiprocessing as mp  # lazy: torch ([train] extra)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +104,6 @@ def launch_local(model_path: "str | os.PathLike", data: Any, config: Mapping[str
 
 def main(argv: list[str] | None = None) -> None:
     """``torchrun -m onnxprune.training.ddp ARGS``: the ``finetune`` command, data-parallel."""
-    from ..cli import main as cli_main
 
     cli_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
 

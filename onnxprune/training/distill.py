@@ -10,7 +10,7 @@ def distillation_loss(student_logits, teacher_logits, temperature: float = 4.0):
 
     The ``T^2`` factor keeps the gradient scale comparable to cross-entropy across temperatures.
     """
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # lazy: torch ([train] extra)
 
     t = float(temperature)
     log_p_student = F.log_softmax(student_logits / t, dim=1)
@@ -21,7 +21,7 @@ def distillation_loss(student_logits, teacher_logits, temperature: float = 4.0):
 def training_loss(student_logits, labels, *, teacher_logits=None, alpha: float = 0.5, temperature: float = 4.0,
                   label_smoothing: float = 0.0):
     """``(1 - alpha) * CE(student, labels) + alpha * KD(student, teacher)``; plain CE without a teacher."""
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # lazy: torch ([train] extra)
 
     ce = F.cross_entropy(student_logits, labels, label_smoothing=float(label_smoothing))
     if teacher_logits is None or alpha <= 0:
@@ -67,7 +67,7 @@ def regression_distill_loss(student, teacher, scale=None):
     standard deviation of that channel (``scale``: measured on the data beforehand; None: on this
     batch): a detection head's box pixels do not swamp its class logits in the same tensor, outputs
     of any scale weigh alike, and the loss is 0 exactly when the student matches."""
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # lazy: torch ([train] extra)
 
     t = teacher.detach().float()
     s = channel_scale(t) if scale is None else scale
@@ -78,7 +78,7 @@ def embedding_distill_loss(student, teacher):
     """``1 - cosine`` along the last axis (one embedding per row), averaged: an embedding is used by
     direction, and KL at temperature on L2-normalised values (all within +-1) is ~0 whatever the
     student does."""
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # lazy: torch ([train] extra)
 
     s, t = student.float(), teacher.detach().float()
     if s.dim() < 2:
@@ -95,7 +95,7 @@ def _classes_last(x):
 
 def kind_loss(kind: str, student, teacher, *, temperature: float = 4.0, scale=None):
     """The distillation loss of one output of ``kind`` (see :mod:`onnxprune.datasets.output_kind`)."""
-    import torch
+    import torch  # lazy: torch ([train] extra)
 
     if kind in ("scores", "probs"):
         s2, t2 = _classes_last(student), _classes_last(teacher.detach())
@@ -126,7 +126,7 @@ def outputs_distill_loss(student_outs, teacher_outs, *, temperature: float = 4.0
     """Mean over graph outputs of :func:`kind_loss` by each output's kind (``kinds``; None: from
     ``probs``/``classes``, :func:`legacy_kinds`). ``scales``: per output, the teacher's per-channel
     std measured on the data (None entries: per batch). Integer outputs are skipped."""
-    import torch
+    import torch  # lazy: torch ([train] extra)
 
     if len(student_outs) != len(teacher_outs):
         raise ValueError(f"student has {len(student_outs)} outputs, teacher {len(teacher_outs)}")

@@ -14,6 +14,8 @@ import onnx
 
 from ..datasets import DatasetSplits, load_dataset
 from ..core.errors import OnnxPruneError
+from .retrain import _as_model, check_bridge, outputs_probabilities, torch_module
+from .loop import _scores, logits_of
 
 
 def weight_gradients(model: "str | os.PathLike | onnx.ModelProto", data: "str | Mapping | DatasetSplits",
@@ -27,11 +29,9 @@ def weight_gradients(model: "str | os.PathLike | onnx.ModelProto", data: "str | 
     initializers the bridge trains (weights, biases, norm scales/shifts; not batch-norm statistics or
     shape constants); arrays have the initializers' shapes (float32).
     """
-    import torch
-    import torch.nn.functional as F
+    import torch  # lazy: torch ([train] extra)
+    import torch.nn.functional as F  # lazy: torch ([train] extra)
 
-    from .retrain import _as_model, check_bridge, outputs_probabilities, torch_module
-    from .loop import _scores, logits_of
 
     if batches <= 0 or batch_size <= 0:
         raise OnnxPruneError(f"gradients need positive batches and batch size, got {batches} x {batch_size}")

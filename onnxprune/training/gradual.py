@@ -30,6 +30,12 @@ import onnx
 from ..datasets import DatasetSplits, evaluate_onnx, load_dataset
 from ..core.errors import OnnxPruneError
 from .config import TrainConfig
+from ..metrics.macs import total_macs
+from ..core.prepare import prepare
+from .retrain import _as_model, finetune
+from .gradients import weight_gradients
+from ..sparsity.prune import prune_unstructured
+from ..structured.prune import prune_structured
 
 METHODS = ("structured", "unstructured")
 SCHEDULES = ("agp", "linear")
@@ -57,8 +63,6 @@ def _check_schedule(initial: float, final: float, steps: int) -> None:
 
 
 def _macs(model: onnx.ModelProto) -> int | None:
-    from ..metrics.macs import total_macs
-    from ..core.prepare import prepare
 
     return total_macs(prepare(model).view)
 
@@ -76,8 +80,6 @@ def prune_gradually(model: "str | os.PathLike | onnx.ModelProto", data: "str | M
     the training data at every step. ``teacher``: distil from it during every retraining step.
     The test split is evaluated once, at the end.
     """
-    from .retrain import _as_model, finetune
-    from .gradients import weight_gradients
 
     if method not in METHODS:
         raise OnnxPruneError(f"gradual pruning method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -112,11 +114,9 @@ def prune_gradually(model: "str | os.PathLike | onnx.ModelProto", data: "str | M
         if needs_grad:
             kw["gradients"] = weight_gradients(current, ds, seed=cfg.seed + step)
         if method == "unstructured":
-            from ..sparsity.prune import prune_unstructured
             res = prune_unstructured(current, sparsity=target, **kw)
             asked = {"sparsity": target}
         else:
-            from ..structured.prune import prune_structured
             if structured_target == "ratio":
                 # kept now / original, from the channel counts actually left (per-group rounding drifts)
                 kept_now = (channels_now / channels0) if channels0 else (1.0 - prev)

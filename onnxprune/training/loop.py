@@ -33,9 +33,14 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..datasets import DatasetSplits, load_dataset
-from ..core.errors import OnnxPruneError
-from .config import TrainConfig
+from ..core.errors import OnnxPruneError, UnavailableError
+from .config import TrainConfig, FM_STEPS_PER_EPOCH, resolve_objective
 from .schedules import lr_at
+from ..datasets.fidelity import nn_agreement
+from .distill import legacy_kinds, outputs_distill_loss, shape_scale
+from .augment import BatchAugment, input_signature, resolve_augment
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
 @dataclass
@@ -55,7 +60,7 @@ class DistContext:
 
     @classmethod
     def current(cls) -> "DistContext":
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch ([train] extra)
 
         if dist.is_available() and dist.is_initialized():
             return cls(rank=dist.get_rank(), world_size=dist.get_world_size())
@@ -63,12 +68,11 @@ class DistContext:
 
 
 def resolve_device(name: str) -> str:
-    import torch
+    import torch  # lazy: torch ([train] extra)
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        from ..core.errors import UnavailableError
         raise UnavailableError("device cuda requested but torch sees no CUDA GPU")
     return name
 
@@ -90,8 +94,6 @@ class _Progress:
     def __init__(self, enabled: bool, total: int, description: str) -> None:
         self.bar = None
         if enabled and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
@@ -114,7 +116,7 @@ class _Progress:
 
 def as_tensors(x: Any, device: str) -> list:
     """One batch (an array, or a dict of per-input arrays in graph-input order) as input tensors."""
-    import torch
+    import torch  # lazy: torch ([train] extra)
 
     arrays = list(x.values()) if isinstance(x, Mapping) else [x]
     return [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays]
@@ -130,8 +132,8 @@ def outputs_of(out: Any) -> tuple:
 def evaluate_module(module, data: DatasetSplits, split: str = "val", batch_size: int = 256, *, device: str = "cpu",
                     output_is_prob: bool = False) -> dict[str, float]:
     """Top-1 and mean cross-entropy of a torch module on a split (eval mode, no gradients)."""
-    import torch
-    import torch.nn.functional as F
+    import torch  # lazy: torch ([train] extra)
+    import torch.nn.functional as F  # lazy: torch ([train] extra)
 
     part = data.split(split)
     was_training = module.training
@@ -161,10 +163,8 @@ def fidelity_module(module, teacher, data: DatasetSplits, split: str = "val", ba
     for embeddings. ``errors`` holds each output's error in its own unit (``1 - top1_agreement``,
     ``1 - mean_cosine``, ``rel_l2``): they are never averaged with each other (see :func:`selection_score`).
     ``rel_l2`` is the mean relative L2 error over all outputs (one unit)."""
-    import torch
+    import torch  # lazy: torch ([train] extra)
 
-    from ..datasets.fidelity import nn_agreement
-    from .distill import legacy_kinds
 
     part = data.split(split)
     was_training = module.training
@@ -240,7 +240,7 @@ def teacher_channel_scales(teacher, data: DatasetSplits, kinds: Sequence[str], *
     """Per output of kind ``value``: the teacher's standard deviation per channel (axis 1) on the
     training data (float64, centred: Chan's parallel update), at most ``max_batches`` batches;
     None for other kinds. The distillation loss divides each channel by it."""
-    import torch
+    import torch  # lazy: torch ([train] extra)
 
     need = [i for i, k in enumerate(kinds) if k == "value"]
     if not need:
@@ -275,7 +275,7 @@ def _scores(logits, output_is_prob: bool):
     """Log-probabilities when the model outputs probabilities (a final Softmax), raw logits otherwise."""
     if not output_is_prob:
         return logits
-    import torch
+    import torch  # lazy: torch ([train] extra)
     return torch.log(logits.clamp_min(1e-12))
 
 
@@ -285,7 +285,7 @@ def _train_batches(data: DatasetSplits, config: TrainConfig, epoch: int, dist: D
     seed = config.seed * 100003 + epoch
     if part.in_memory:
         if dist.active:
-            from torch.utils.data import DistributedSampler
+            from torch.utils.data import DistributedSampler  # lazy: torch ([train] extra)
             sampler = DistributedSampler(range(len(part)), num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                          seed=config.seed)
             sampler.set_epoch(epoch)
@@ -311,7 +311,7 @@ def _n_train_batches(data: DatasetSplits, config: TrainConfig, dist: DistContext
 
 
 def make_optimizer(params, config: TrainConfig):
-    import torch
+    import torch  # lazy: torch ([train] extra)
 
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -350,12 +350,9 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
     validation split, never augmented (:func:`selection_score` over :func:`fidelity_module`'s
     per-output errors). ``best_step`` and ``best_val`` say which step was kept and its figures.
     """
-    import torch
-    import torch.nn.functional as F
+    import torch  # lazy: torch ([train] extra)
+    import torch.nn.functional as F  # lazy: torch ([train] extra)
 
-    from .augment import BatchAugment, input_signature
-    from .config import FM_STEPS_PER_EPOCH, resolve_objective
-    from .distill import legacy_kinds, outputs_distill_loss, shape_scale
 
     config = config or TrainConfig()
     data = load_dataset(data)
@@ -386,7 +383,7 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
                 p.requires_grad_(False)
         train_model = module
         if dist.active:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+            from torch.nn.parallel import DistributedDataParallel as DDP  # lazy: torch ([train] extra)
             train_model = DDP(module, device_ids=None if device == "cpu" else [torch.cuda.current_device()])
         opt = make_optimizer(module.parameters(), config)
         trainable = [p for p in module.parameters() if p.requires_grad]
@@ -529,7 +526,6 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
 def _augment_ops(spec: str, objective: str, signature: list) -> tuple[str, ...]:
     """Function matching's ops for label-free distillation; with labels ``auto`` means none (a
     mixed sample has no one label) and an explicit list may not mix."""
-    from .augment import resolve_augment
 
     if objective == "distill":
         return resolve_augment(spec, signature)

@@ -19,11 +19,18 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
-from ..datasets import DatasetSplits, evaluate_onnx, load_dataset
+from ..datasets import DatasetSplits, evaluate_onnx, load_dataset, model_inputs, bind_dataset
 from ..core.errors import OnnxPruneError
 from ..core.model_io import load_model
-from .config import TrainConfig
+from .config import TrainConfig, resolve_objective
 from .loop import DistContext, train_module
+from ..datasets.types import first_array
+from ..sparsity.masks import masks_of
+from ..datasets.output_kind import infer_output_kinds, kinds_note
+from ..datasets.fidelity import evaluate_fidelity, mean_rel_l2
+from onnx import numpy_helper
+from ..training.loop import as_tensors
+from ..sparsity.storage import densify
 
 Source = "str | os.PathLike | onnx.ModelProto"
 
@@ -42,9 +49,7 @@ def outputs_probabilities(model: onnx.ModelProto) -> bool:
 def check_bridge(model: onnx.ModelProto, data: DatasetSplits, label: str = "model") -> dict[str, Any]:
     """Bridge outputs vs ONNX Runtime (random inputs of the data's sample shapes, batch 2); raises one
     clear error naming the first diverging node. Symbolic dims are taken from the data."""
-    from ..bridge import assert_bridge_faithful
-    from ..datasets import model_inputs
-    from ..datasets.types import first_array
+    from ..bridge import assert_bridge_faithful  # lazy: imports torch
 
     inputs = model_inputs(model)
     sample = data.train.x if data.train.x is not None else None
@@ -64,7 +69,7 @@ def check_bridge(model: onnx.ModelProto, data: DatasetSplits, label: str = "mode
     if fixed is not None and fixed < 2:  # training runs batches: the graph must not depend on batch 1
         import torch
 
-        from ..bridge import to_torch
+        from ..bridge import to_torch  # lazy: imports torch
 
         try:
             with torch.no_grad():
@@ -78,13 +83,13 @@ def check_bridge(model: onnx.ModelProto, data: DatasetSplits, label: str = "mode
 
 
 def _torch_dtype(np_dtype):
-    import torch
+    import torch  # lazy: torch ([train] extra)
 
     return torch.from_numpy(np.zeros(0, dtype=np_dtype)).dtype
 
 
 def torch_module(model: onnx.ModelProto, *, train_bn: bool = False):
-    from ..bridge import to_torch
+    from ..bridge import to_torch  # lazy: imports torch
 
     return to_torch(model, train_bn=train_bn)
 
@@ -94,7 +99,6 @@ def resolve_masks(model: onnx.ModelProto, masks: Mapping[str, np.ndarray] | None
         return {k: np.asarray(v, dtype=bool) for k, v in masks.items()}
     if not keep_sparsity:
         return {}
-    from ..sparsity.masks import masks_of
 
     return masks_of(model)
 
@@ -122,7 +126,6 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
     config = config or TrainConfig()
     original = _as_model(model)
     data = load_dataset(data)  # a spec is split with seed 0 (as `onnxprune eval`), whatever the training seed
-    from ..datasets import bind_dataset, model_inputs
 
     n_inputs = len(model_inputs(original))
     if data.labeled and n_inputs != 1 and config.objective != "distill":
@@ -136,7 +139,6 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
     if teacher is not None:
         t_model = _as_model(teacher)
         teacher_name = str(teacher) if not isinstance(teacher, onnx.ModelProto) else (t_model.graph.name or "teacher")
-    from .config import resolve_objective
 
     resolve_objective(config.objective, data.labeled, t_model is not None)  # one clear error before any work
     bridge_report = None
@@ -145,7 +147,6 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
         if t_model is not None:
             check_bridge(t_model, data, "teacher")
     n_outputs = len(original.graph.output)
-    from ..datasets.output_kind import infer_output_kinds, kinds_note
 
     kinds = infer_output_kinds(t_model if t_model is not None else original, labeled=data.labeled, declared=output_kinds)
     features: list[str] = []
@@ -157,7 +158,7 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
     mask_arrays = resolve_masks(original, masks, keep_sparsity)
     after_step = None
     if mask_arrays:
-        from ..bridge import apply_masks
+        from ..bridge import apply_masks  # lazy: imports torch
 
         apply_masks(module, mask_arrays)
         after_step = module.enforce_masks
@@ -165,7 +166,7 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
     hist = train_module(module, data, config, teacher=t_module, after_step=after_step, progress=progress,
                         output_is_prob=outputs_probabilities(original), dist=dist, n_outputs=n_outputs,
                         output_kinds=list(kinds.values()))
-    from ..bridge import write_back
+    from ..bridge import write_back  # lazy: imports torch
 
     trained = write_back(original, module)
     sparsity = _sparsity_report(trained, mask_arrays)
@@ -186,7 +187,6 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
     else:
         history["test"] = None
     if t_model is not None:
-        from ..datasets.fidelity import evaluate_fidelity, mean_rel_l2
 
         for split in ("val", "test"):
             part = getattr(data, split)
@@ -207,11 +207,9 @@ def feature_pairs(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Data
     ConvTranspose, Gemm, MatMul whose weight differs from the teacher's in shape or in zeros) that
     keep the teacher's name and shape on the data (the consumers of removed channels, and masked
     layers). Graph outputs are matched anyway and are left out."""
-    import torch
-    from onnx import numpy_helper
+    import torch  # lazy: torch ([train] extra)
 
-    from ..bridge import to_torch
-    from ..training.loop import as_tensors
+    from ..bridge import to_torch  # lazy: imports torch
 
     s_init = {t.name: t for t in student.graph.initializer}
     t_init = {t.name: t for t in teacher.graph.initializer}
@@ -248,9 +246,7 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 def _sparsity_report(model: onnx.ModelProto, masks: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    from onnx import numpy_helper
 
-    from ..sparsity.storage import densify
 
     inits = {t.name: t for t in densify(model).graph.initializer} if masks else {}
     pruned = kept_zero = 0

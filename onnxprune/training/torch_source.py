@@ -33,7 +33,7 @@ def load_torch_factory(spec: str, state_dict: str | os.PathLike | None = None):
     with ``torch.save(model.state_dict())`` (a checkpoint dict holding ``state_dict`` / ``model``
     also works; a ``module.`` prefix from DataParallel is stripped). Loaded with ``weights_only``.
     """
-    import torch
+    import torch  # lazy: torch ([train] extra)
 
     modname, sep, fname = str(spec).rpartition(":")
     if not sep or not modname or not fname:
@@ -71,7 +71,7 @@ def load_torch_factory(spec: str, state_dict: str | os.PathLike | None = None):
 
 def _tp():
     try:
-        import torch_pruning as tp
+        import torch_pruning as tp  # lazy: torch-pruning ([train] extra)
     except ImportError:
         raise UnavailableError("the PyTorch-source path needs 'torch-pruning' (pip install 'onnxprune[train]')") from None
     return tp
@@ -88,7 +88,7 @@ def _importance(tp, criterion: str):
 
 def default_ignored_layers(module) -> list:
     """The classifier: the last ``nn.Linear`` (else the last conv) in registration order."""
-    import torch.nn as nn
+    import torch.nn as nn  # lazy: torch ([train] extra)
 
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if linears:
@@ -108,7 +108,7 @@ def count_macs_params(module, example_inputs) -> tuple[int, int]:
 
 def _prune_once(module, example_inputs, ratio: float, criterion: str, global_pruning: bool,
                 ignored_layers: Sequence | None, round_to: int | None, max_ratio: float, seed: int):
-    import torch
+    import torch  # lazy: torch ([train] extra)
 
     tp = _tp()
     torch.manual_seed(seed)
@@ -132,7 +132,7 @@ def prune_torch_model(module, example_inputs, ratio: float | None = None, criter
     bisection on the ratio over copies of the module). ``ignored_layers`` default: the classifier
     (the last Linear), whose outputs are the classes.
     """
-    import torch
+    import torch  # lazy: torch ([train] extra)
 
     if (ratio is None) == (target_macs is None):
         raise OnnxPruneError("give exactly one of ratio and target_macs")
