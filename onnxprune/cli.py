@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("run_cmd:run_cmd", "Run a recipe end to end and write the report."),
     "report": ("run_cmd:report_cmd", "Re-render the report of a run directory."),
     "compare-runs": ("run_cmd:compare_runs_cmd", "Put two run directories side by side."),
+    "optimize": ("optimize_cmd:optimize_cmd", "From a model, a speed goal and a quality bound to the model to ship."),
     "demo": ("demo_cmd:demo_cmd", "Train a small CNN on digits, prune, retrain, profile and report."),
 }
 
