@@ -18,7 +18,7 @@ from typing import Any, Callable
 from ..errors import OnnxPruneError
 from .goal import Bound, Goal
 
-__all__ = ["optimize", "Goal", "Bound"]
+__all__ = ["optimize", "start_search", "Goal", "Bound"]
 
 
 def optimize(model: str | os.PathLike, outdir: str | os.PathLike, *, hw: str, data: Any,
@@ -32,44 +32,20 @@ def optimize(model: str | os.PathLike, outdir: str | os.PathLike, *, hw: str, da
     Returns the report (``reached`` False when the goal was not met within the bound: the best model
     found is written all the same). The val split chooses; the test split is scored once, for the
     chosen model and the dense one."""
-    from ..datasets import load_dataset
-    from ..model_io import load_graph, refuse_overwrite_input
-    from ..pipeline.cache import StepCache
-    from ..profiling.hw_profile import load_hw_profile
-    from ..profiling.runners import check_available
     from . import recipe as recipe_mod
     from . import report as report_mod
     from . import steps
-    from .search import Search, Settings, copy_chosen, verdicts
+    from .search import copy_chosen, verdicts
 
-    log = log or (lambda line: None)
     t0 = time.perf_counter()
     model, outdir = Path(model), Path(outdir)
-    load_graph(model)  # a bad model fails here, in one line, before any work
-    goal = Goal.of(target_speedup, target_latency_ms)
-    if isinstance(max_epochs, bool) or int(max_epochs) < 0:
-        raise OnnxPruneError(f"--max-epochs must be an integer >= 0, not {max_epochs}")
-    if time_budget_min is not None and not time_budget_min > 0:
-        raise OnnxPruneError(f"--time-budget must be a positive number of minutes, not {time_budget_min:g}")
-    if batch_size is not None and int(batch_size) < 1:
-        raise OnnxPruneError(f"--batch-size must be at least 1, not {batch_size}")
-    profile = load_hw_profile(hw)
-    check_available(profile)
-    ds = load_dataset(data)
-    bound = Bound.of(max_drop, min_fidelity, metric, ds.labeled)
-    ds.split("val")  # selection needs the held-out split: one clear line when it is missing
-    if outdir.exists() and not outdir.is_dir():
-        raise OnnxPruneError(f"{outdir}: exists and is not a directory")
-    refuse_overwrite_input(model, outdir / "model.onnx")
-    batch = int(batch_size or profile.batch_sizes[0])
-    inputs = steps.calibration_data(ds, model)
-    shapes = steps.measure_shapes(inputs, batch)
-    cache = StepCache.open(outdir / "candidates")
-    s = Settings(model=model, outdir=outdir, hw=hw, data_spec=data, goal=goal, bound=bound, max_epochs=int(max_epochs),
-                 time_budget_s=None if time_budget_min is None else 60.0 * time_budget_min, batch_size=batch,
-                 quantize=quantize, bisect_steps=bisect_steps, seed=seed)
-    dense_q = steps.measure_quality(model, model, ds, "val", bound)
-    search = Search(s=s, data=ds, dense_quality=dense_q, batch=batch, shapes=shapes, inputs=inputs, cache=cache, log=log)
+    search = start_search(model, outdir, hw=hw, data=data, target_speedup=target_speedup,
+                          target_latency_ms=target_latency_ms, max_drop=max_drop, min_fidelity=min_fidelity,
+                          metric=metric, max_epochs=max_epochs, time_budget_min=time_budget_min, batch_size=batch_size,
+                          quantize=quantize, bisect_steps=bisect_steps, seed=seed, log=log)
+    goal, bound, ds, cache, batch, dense_q = (search.s.goal, search.s.bound, search.data, search.cache, search.batch,
+                                              search.dense_quality)
+    profile = search.profile
     chosen = search.run()
     verdicts(search.candidates, chosen, bound, goal)
 
@@ -105,6 +81,49 @@ def optimize(model: str | os.PathLike, outdir: str | os.PathLike, *, hw: str, da
                                "reproduced without the calibration re-fit")
     report_mod.write(report, outdir)
     return report
+
+
+def start_search(model: Path, outdir: Path, *, hw: str, data: Any, target_speedup: float | None,
+                 target_latency_ms: float | None, max_drop: float | None, min_fidelity: float | None, metric: str | None,
+                 max_epochs: int, time_budget_min: float | None, batch_size: int | None, quantize: bool,
+                 bisect_steps: int, seed: int, log: Callable[[str], None] | None):
+    """Every input checked (one line on the first bad one, before any work), the dense model scored
+    on val, the run cache opened: a :class:`~.search.Search` ready to run (``bench_optimize`` also
+    drives one by hand for its grid)."""
+    from ..datasets import load_dataset
+    from ..model_io import load_graph, refuse_overwrite_input
+    from ..pipeline.cache import StepCache
+    from ..profiling.hw_profile import load_hw_profile
+    from ..profiling.runners import check_available
+    from . import steps
+    from .search import Search, Settings
+
+    load_graph(model)  # a bad model fails here, in one line, before any work
+    goal = Goal.of(target_speedup, target_latency_ms)
+    if isinstance(max_epochs, bool) or int(max_epochs) < 0:
+        raise OnnxPruneError(f"--max-epochs must be an integer >= 0, not {max_epochs}")
+    if time_budget_min is not None and not time_budget_min > 0:
+        raise OnnxPruneError(f"--time-budget must be a positive number of minutes, not {time_budget_min:g}")
+    if batch_size is not None and int(batch_size) < 1:
+        raise OnnxPruneError(f"--batch-size must be at least 1, not {batch_size}")
+    profile = load_hw_profile(hw)
+    check_available(profile)
+    ds = load_dataset(data)
+    bound = Bound.of(max_drop, min_fidelity, metric, ds.labeled)
+    ds.split("val")  # selection needs the held-out split: one clear line when it is missing
+    if outdir.exists() and not outdir.is_dir():
+        raise OnnxPruneError(f"{outdir}: exists and is not a directory")
+    refuse_overwrite_input(model, outdir / "model.onnx")
+    batch = int(batch_size or profile.batch_sizes[0])
+    inputs = steps.calibration_data(ds, model)
+    shapes = steps.measure_shapes(inputs, batch)
+    cache = StepCache.open(outdir / "candidates")
+    s = Settings(model=model, outdir=outdir, hw=hw, data_spec=data, goal=goal, bound=bound, max_epochs=int(max_epochs),
+                 time_budget_s=None if time_budget_min is None else 60.0 * time_budget_min, batch_size=batch,
+                 quantize=quantize, bisect_steps=bisect_steps, seed=seed)
+    dense_q = steps.measure_quality(model, model, ds, "val", bound)
+    return Search(s=s, data=ds, dense_quality=dense_q, batch=batch, shapes=shapes, inputs=inputs, cache=cache,
+                  log=log or (lambda line: None), profile=profile)
 
 
 def measured_on(profile, batch: int) -> str:

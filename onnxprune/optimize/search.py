@@ -3,7 +3,8 @@
 1. latency-aware allocation to the goal + calibration toward the dense model (seconds, no torch);
 2. label-free distillation from the dense model, 1, 2, 4 ... up to ``--max-epochs`` epochs;
 3. when even that breaks the bound, a lower target: bisection over the speedup between the dense
-   model (1x, within the bound) and the failed target, each probe again through 1 and 2;
+   model (1x, within the bound) and the failed target, each probe through 1, then 2 with the whole
+   epoch budget at once;
 4. ``--quantize``: the chosen model quantized, kept only when measured faster and within the bound.
 
 It stops as soon as a candidate meets the goal within the bound. Every candidate is one step of
@@ -67,6 +68,7 @@ class Search:
     inputs: dict
     cache: Any
     log: Callable[[str], None]
+    profile: Any = None
     candidates: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
@@ -193,12 +195,14 @@ class Search:
             e *= 2
         return out + [self.s.max_epochs] if self.s.max_epochs > 0 else []
 
-    def try_target(self, target: dict[str, float]) -> dict[str, Any]:
-        """The cheapest candidate at ``target`` that holds the bound (or the last one tried)."""
+    def try_target(self, target: dict[str, float], ladder: bool = True) -> dict[str, Any]:
+        """The cheapest candidate at ``target`` that holds the bound (or the last one tried).
+        ``ladder`` False: after calibration, straight to the whole epoch budget (the bisection's
+        probes: the goal's own candidates showed that fewer epochs were not enough)."""
         c = base = self.prune(target)
         if c["within_bound"]:
             return c
-        for e in self.epochs_ladder():
+        for e in (self.epochs_ladder() if ladder else self.epochs_ladder()[-1:]):
             if self.out_of_time():
                 break
             c = self.distill(base, e)
@@ -223,7 +227,7 @@ class Search:
             if mid < MIN_SPEEDUP or self.out_of_time():
                 break
             self.log(f"bound broken at {hi:.2f}x: trying {mid:.2f}x")
-            c = self.try_target({"target_speedup": round(mid * (1 + SPEED_MARGIN), 4)})
+            c = self.try_target({"target_speedup": round(mid * (1 + SPEED_MARGIN), 4)}, ladder=False)
             if c["within_bound"]:
                 lo = max(mid, min(c["speed"]["speedup"], hi))
                 if best is None or c["speed"]["speedup"] > best["speed"]["speedup"]:
