@@ -165,6 +165,21 @@ def test_quantization_is_kept_only_when_measured_faster(trained, tmp_path, monke
     assert rep["chosen"] != q["id"] and q["verdict"].startswith("rejected") and "faster" in q["verdict"]
 
 
+def test_latency_goal_is_judged_on_the_candidates_own_p50(trained, tmp_path, one_torch_thread):
+    from onnxprune.profiling import profile_model
+
+    p50 = profile_model(trained, "ci-cpu", batch_sizes=[64], memory=False)["results"][0]["latency_ms"]["p50"]
+    target = round(p50 / 1.3, 4)
+    code, _, err, rep = _optimize(trained, tmp_path / "l", "--data", "digits", "--target-latency", str(target),
+                                  "--max-drop", "25", "--max-epochs", "2", "--bisect-steps", "1")
+    assert code in (0, 1), err
+    assert rep["goal"] == {"kind": "latency", "value": target}
+    assert "target_latency_ms" in rep["candidates"][0]["target"]
+    for c in rep["candidates"]:
+        assert c["meets_goal"] == (c["speed"]["p50_ms"] <= target)
+    assert rep["reached"] == (code == 0)
+
+
 def test_time_budget_stops_the_escalation(trained, tmp_path, one_torch_thread):
     out = tmp_path / "t"
     code, _, err, rep = _optimize(trained, out, "--data", "digits", "--target-speedup", "1.3", "--max-drop", "0.5",

@@ -2,9 +2,11 @@
 
 1. latency-aware allocation to the goal + calibration toward the dense model (seconds, no torch);
 2. label-free distillation from the dense model, 1, 2, 4 ... up to ``--max-epochs`` epochs;
-3. when even that breaks the bound, a lower target: bisection over the speedup between the dense
-   model (1x, within the bound) and the failed target, each probe through 1, then 2 with the whole
-   epoch budget at once;
+3. when even that breaks the bound, a lower target: bisection over the speedup between the fastest
+   model within the bound so far (at first the dense model, 1x) and the target where the bound
+   broke, each probe through 1, then 2 with the whole epoch budget at once. When the allocation
+   could not reach the goal's speed at all, the same bisection runs between what it reached and the
+   goal (the allocation is steered by noisy measurements: another target can give a faster model);
 4. ``--quantize``: the chosen model quantized, kept only when measured faster and within the bound.
 
 It stops as soon as a candidate meets the goal within the bound. Every candidate is one step of
@@ -219,25 +221,29 @@ class Search:
         c = self.try_target(first_target)
         if c["within_bound"] and c["meets_goal"]:
             return self._finish(c)
+        goal_speedup = g.speedup_for(self.dense_ms)
         best = c if c["within_bound"] else None
-        hi = min(g.speedup_for(self.dense_ms), c["speed"]["speedup"]) if not c["within_bound"] else None
-        lo = 1.0
-        for _ in range(self.s.bisect_steps if hi is not None else 0):
+        # lo: the fastest within the bound so far (the dense model: 1x); hi: where the bound broke, or
+        # the goal when the allocation could not reach it within the bound
+        lo = best["speed"]["speedup"] if best else 1.0
+        hi = goal_speedup if best else min(goal_speedup, c["speed"]["speedup"])
+        for _ in range(self.s.bisect_steps):
             mid = (lo + hi) / 2
-            if mid < MIN_SPEEDUP or self.out_of_time():
+            if mid < MIN_SPEEDUP or hi - lo < 0.02 * hi or self.out_of_time():
                 break
-            self.log(f"bound broken at {hi:.2f}x: trying {mid:.2f}x")
+            self.log(f"within the bound at {lo:.2f}x, not at {hi:.2f}x: trying {mid:.2f}x")
             c = self.try_target({"target_speedup": round(mid * (1 + SPEED_MARGIN), 4)}, ladder=False)
             if c["within_bound"]:
-                lo = max(mid, min(c["speed"]["speedup"], hi))
                 if best is None or c["speed"]["speedup"] > best["speed"]["speedup"]:
                     best = c
                 if c["meets_goal"]:
                     break
+                if c["speed"]["speedup"] > lo:
+                    lo = c["speed"]["speedup"]
+                else:
+                    hi = mid  # asking for more did not give more
             else:
                 hi = mid
-            if hi - lo < 0.02 * hi:
-                break
         return self._finish(best)
 
     def _finish(self, chosen: dict[str, Any] | None) -> dict[str, Any] | None:
