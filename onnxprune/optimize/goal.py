@@ -28,7 +28,8 @@ class Goal:
             raise OnnxPruneError("give exactly one goal: --target-speedup X or --target-latency MS")
         if target_speedup is not None:
             if not (math.isfinite(target_speedup) and target_speedup > 1.0):
-                raise OnnxPruneError(f"--target-speedup must be a number above 1 (dense p50 / pruned p50), not {target_speedup:g}")
+                raise OnnxPruneError("--target-speedup must be a number above 1 (dense p50 / pruned p50), "
+                                     f"not {target_speedup:g}")
             return cls("speedup", float(target_speedup))
         if not (math.isfinite(target_latency_ms) and target_latency_ms > 0):
             raise OnnxPruneError(f"--target-latency must be a positive number of milliseconds, not {target_latency_ms:g}")

@@ -15,8 +15,10 @@ import yaml
 from ..model_io import write_text_atomic
 
 
-def recipe_of(chosen: Mapping[str, Any], *, model: Path, hw: str, data_spec: Any, batch: int, criterion: str = "l1") -> dict[str, Any]:
-    ratios = {f"g{g['id']}": round(1.0 - g["kept"] / g["total"], 6) for g in chosen.get("groups") or [] if g["kept"] < g["total"]}
+def recipe_of(chosen: Mapping[str, Any], *, model: Path, hw: str, data_spec: Any, batch: int,
+              criterion: str = "l1") -> dict[str, Any]:
+    groups = chosen.get("groups") or []
+    ratios = {f"g{g['id']}": round(1.0 - g["kept"] / g["total"], 6) for g in groups if g["kept"] < g["total"]}
     epochs = int(chosen.get("epochs") or 0)
     raw: dict[str, Any] = {
         "name": f"optimize-{model.stem}",

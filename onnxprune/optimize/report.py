@@ -33,9 +33,9 @@ def pareto_plot(report: Mapping[str, Any], outdir: Path) -> str | None:
     ys = [_quality_of(c, key) for c in cands]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for c, x, y in zip(cands, xs, ys):
-        ok = c["within_bound"]
-        ax.scatter([x], [y], marker="*" if c["verdict"].startswith("chosen") else "o", s=140 if c["verdict"].startswith("chosen") else 40,
-                   color="tab:green" if ok else "tab:red", zorder=3)
+        star = c["verdict"].startswith("chosen")
+        ax.scatter([x], [y], marker="*" if star else "o", s=140 if star else 40,
+                   color="tab:green" if c["within_bound"] else "tab:red", zorder=3)
         ax.annotate(c["id"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     front = pareto_front([(-x, y) for x, y in zip(xs, ys)])  # fastest = smallest -x
     if len(front) > 1:

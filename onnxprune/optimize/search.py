@@ -90,14 +90,17 @@ class Search:
     # ----------------------------------------------------------------------- candidates
 
     def _judge(self, c: dict[str, Any]) -> dict[str, Any]:
+        seen = next((x for x in self.candidates if x["id"] == c["id"]), None)
+        if seen is not None:  # the same target again (a bisection probe): one candidate, judged once
+            return seen
         c["within_bound"] = self.s.bound.holds(c["quality"], self.dense_quality)
         c["drop"] = self.s.bound.drop(c["quality"], self.dense_quality)
         c["meets_goal"] = self.s.goal.met(c["speed"])
         if self.dense_ms is None:
             self.dense_ms = c["speed"]["dense_p50_ms"]
         self.candidates.append(c)
-        self.log(f"  {c['id']}: {c['speed']['speedup']:.2f}x, {self._quality_text(c)}{'' if c['within_bound'] else ' (breaks the bound)'}"
-                 f"{' [cached]' if c.get('cached') else ''}")
+        self.log(f"  {c['id']}: {c['speed']['speedup']:.2f}x, {self._quality_text(c)}"
+                 f"{'' if c['within_bound'] else ' (breaks the bound)'}{' [cached]' if c.get('cached') else ''}")
         return c
 
     def _quality_text(self, c: dict[str, Any]) -> str:
@@ -139,7 +142,8 @@ class Search:
                     "macs_reduction": cal.summary.get("macs_reduction"),
                     "allocation": {"met": la.get("met"), "iterations": len(la.get("iterations", [])),
                                    "achieved": (alloc.summary.get("target") or {}).get("achieved")},
-                    "calibration": {k: (cal.summary.get("calibration") or {}).get(k) for k in ("method", "samples", "outputs")},
+                    "calibration": {k: (cal.summary.get("calibration") or {}).get(k)
+                                    for k in ("method", "samples", "outputs")},
                     **self._measure(out)}
 
         return self._judge(self._step("prune", {"target": target, "batch": self.batch}, out, [self.s.model], work))
@@ -172,7 +176,8 @@ class Search:
                 missing.append(True)
                 raise _Skip()
             return {"id": cid, "path": parent["path"] + " + INT8 quantization", "target": parent.get("target"),
-                    "file": out.name, "parent": parent["id"], "epochs": parent.get("epochs", 0), "groups": parent.get("groups"),
+                    "file": out.name, "parent": parent["id"], "epochs": parent.get("epochs", 0),
+                    "groups": parent.get("groups"),
                     "macs_reduction": parent.get("macs_reduction"), "quantization": info, **self._measure(out)}
 
         try:
