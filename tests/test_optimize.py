@@ -59,8 +59,10 @@ def _val_top1(path):
 def test_labels_reach_the_speedup_within_the_bound_and_resume(trained, tmp_path, one_torch_thread):
     out = tmp_path / "run"
     args = ("--data", "digits", "--target-speedup", "1.3", "--max-drop", "20", "--max-epochs", "2")
+    before = Path(trained).read_bytes()
     code, stdout, err, rep = _optimize(trained, out, *args)
     assert code == 0, err
+    assert Path(trained).read_bytes() == before  # the input is never modified
     summary = json.loads(stdout)
     assert summary["reached"] and summary["chosen"] == rep["chosen"]
     chosen = next(c for c in rep["candidates"] if c["id"] == rep["chosen"])
@@ -196,12 +198,27 @@ def test_time_budget_stops_the_escalation(trained, tmp_path, one_torch_thread):
     (["--data", "digits", "--target-latency", "-2", "--max-drop", "1"], "positive number of milliseconds"),
     (["--data", "digits", "--target-speedup", "2", "--max-drop", "101"], "percentage"),
     (["--target-speedup", "2", "--max-drop", "1"], "missing --data"),
+    (["--data", "digits", "--target-speedup", "abc", "--max-drop", "1"], "expects a number"),
+    (["--data", "digits", "--target-speedup", "2", "--max-drop", "1", "--max-epochs", "-1"], "at least 0"),
+    (["--data", "digits", "--target-speedup", "2", "--max-drop", "1", "--time-budget", "0"], "positive number of minutes"),
+    (["--data", "digits", "--target-speedup", "2", "--max-drop", "1", "--batch-size", "x"], "expects an integer"),
 ])
 def test_bad_input_is_one_line(trained, tmp_path, args, msg):
     out = tmp_path / "bad"
     code, _, err = run_cli("optimize", trained, "-o", out, "--hw", "ci-cpu", *args)
     assert code != 0 and msg in err and len(err.strip().splitlines()) == 1
     assert not (out / "model.onnx").exists()
+
+
+def test_outdir_holding_the_input_as_model_onnx_is_refused(trained, tmp_path):
+    import shutil
+
+    (tmp_path / "o").mkdir()
+    src = shutil.copyfile(trained, tmp_path / "o" / "model.onnx")
+    before = Path(src).read_bytes()
+    code, _, err = run_cli("optimize", src, "-o", tmp_path / "o", "--hw", "ci-cpu", "--data", "digits",
+                           "--target-speedup", "1.3", "--max-drop", "5")
+    assert code == 1 and "overwrite the input" in err and Path(src).read_bytes() == before
 
 
 def test_max_drop_needs_labels_or_a_metric(trained, unlabeled, tmp_path):
