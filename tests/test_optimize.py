@@ -182,6 +182,21 @@ def test_latency_goal_is_judged_on_the_candidates_own_p50(trained, tmp_path, one
     assert rep["reached"] == (code == 0)
 
 
+def test_max_drop_on_a_custom_metric_is_relative(trained, tmp_path, monkeypatch, one_torch_thread):
+    (tmp_path / "opt_metric.py").write_text(
+        "import numpy as np\n"
+        "def acc(outputs, labels):\n"
+        "    return {'acc': float(np.mean(next(iter(outputs.values())).argmax(1) == labels))}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, _, err, rep = _optimize(trained, tmp_path / "m", "--data", "digits", "--target-speedup", "1.3",
+                                  "--max-drop", "30", "--metric", "python:opt_metric:acc", "--bisect-steps", "0")
+    assert code in (0, 1), err
+    dense, first = rep["dense"]["quality"], rep["candidates"][0]
+    assert dense["task_name"] == "acc" and dense["task"] == pytest.approx(_val_top1(trained))
+    assert first["drop"] == pytest.approx(100 * (dense["task"] - first["quality"]["task"]) / dense["task"])
+    assert first["within_bound"] == (first["drop"] <= 30)
+
+
 def test_time_budget_stops_the_escalation(trained, tmp_path, one_torch_thread):
     out = tmp_path / "t"
     code, _, err, rep = _optimize(trained, out, "--data", "digits", "--target-speedup", "1.3", "--max-drop", "0.5",

@@ -45,7 +45,10 @@ def pareto_plot(report: Mapping[str, Any], outdir: Path) -> str | None:
     if b["kind"] == "min_fidelity":
         ax.axhline(b["value"], color="tab:orange", ls="--", lw=1, label=f"bound: fidelity >= {b['value']:g}")
     elif report["dense"]["quality"].get("task") is not None:
-        ax.axhline(report["dense"]["quality"]["task"], color="grey", ls=":", lw=1, label="dense")
+        d = report["dense"]["quality"]["task"]
+        ax.axhline(d, color="grey", ls=":", lw=1, label="dense")
+        floor = d - b["value"] / 100 * (abs(d) if b.get("metric") else 1.0)
+        ax.axhline(floor, color="tab:orange", ls="--", lw=1, label=f"bound: drop <= {b['value']:g}")
     g = report["goal"]
     if g["kind"] == "speedup":
         ax.axvline(g["value"], color="tab:blue", ls="--", lw=1, label=f"goal {g['value']:g}x")
