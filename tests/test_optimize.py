@@ -98,6 +98,22 @@ def test_recipe_written_by_optimize_validates(trained, tmp_path, one_torch_threa
     assert stage.kind == "structured" and recipe.hw == ["ci-cpu"] and recipe.profiling.batch_sizes == [64]
     pruned = {f"g{g['id']}": 1 - g["kept"] / g["total"] for g in chosen["groups"] if g["kept"] < g["total"]}
     assert stage.per_layer == pytest.approx(pruned) and recipe.retrain.epochs == chosen.get("epochs", 0)
+    # `onnxprune run` of the recipe (without its retraining) keeps the very channels optimize kept:
+    # every weight equals the optimize candidate's, except the layers calibration re-fitted
+    code, _, err = run_cli("run", tmp_path / "r" / "recipe.yaml", trained, "-o", tmp_path / "rerun", "--set",
+                           "retrain.epochs=0", "--set", "profiling.memory=false", "--set", "profiling.min_runs=3",
+                           "--set", "profiling.min_duration_s=0", "--json")
+    assert code == 0, err
+    from onnx import numpy_helper
+
+    def weights(path):
+        return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+    root = next(c for c in rep["candidates"] if c["id"] == chosen.get("parent", chosen["id"]))  # before distillation
+    ours = weights(tmp_path / "r" / "candidates" / root["file"])
+    theirs = weights(next((tmp_path / "rerun" / "models").glob("optimize-*.onnx")))
+    assert {k: v.shape for k, v in theirs.items()} == {k: v.shape for k, v in ours.items() if k in theirs}
+    assert np.array_equal(ours["0.weight"], theirs["0.weight"])  # the first conv: never re-fitted, only sliced
 
 
 def test_without_labels_min_fidelity(trained, unlabeled, tmp_path, one_torch_thread):
