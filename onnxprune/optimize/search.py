@@ -119,7 +119,9 @@ class Search:
             ran.append(True)
             return res
 
-        res = dict(self.cache.run(name, {**self.s.config(), **config}, fn, inputs=inputs, outputs=[out]))
+        profile_file = [Path(self.s.hw)] if Path(self.s.hw).is_file() else []  # a profile file's content counts
+        res = dict(self.cache.run(name, {**self.s.config(), "data_described": self.data.describe(), **config}, fn,
+                                  inputs=[*inputs, *profile_file], outputs=[out]))
         res["cached"] = not ran
         return res
 
