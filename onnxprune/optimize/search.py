@@ -277,6 +277,8 @@ def verdicts(candidates: list[dict[str, Any]], chosen: dict[str, Any] | None, bo
         if chosen is not None and c["id"] == chosen["id"]:
             c["verdict"] = "chosen: " + ("meets the goal within the bound" if c["meets_goal"] else
                                          "the fastest within the bound (the goal was not reached)")
+        elif chosen is not None and "quantization" in chosen and chosen.get("parent") == c["id"]:
+            c["verdict"] = "rejected: its INT8 version is measured faster within the bound"
         elif c.get("why_not"):
             c["verdict"] = "rejected: " + c["why_not"]
         elif not c["within_bound"]:
