@@ -120,12 +120,13 @@ def test_without_labels_min_fidelity(trained, unlabeled, tmp_path, one_torch_thr
 
     out = tmp_path / "u"
     code, _, err, rep = _optimize(trained, out, "--data", unlabeled, "--target-speedup", "1.3", "--min-fidelity", "0.8",
-                                  "--max-epochs", "2")
+                                  "--max-epochs", "2", "--output-kind", "output=scores")
     assert code == 0, err
     assert rep["bound"]["kind"] == "min_fidelity" and rep["dense"]["quality"]["top1"] is None
     chosen = next(c for c in rep["candidates"] if c["id"] == rep["chosen"])
     assert chosen["speed"]["speedup"] >= 1.3
-    r = evaluate_outputs(out / "model.onnx", load_dataset(unlabeled), "val", reference=trained)
+    r = evaluate_outputs(out / "model.onnx", load_dataset(unlabeled), "val", reference=trained,
+                         output_kinds={"output": "scores"})
     agree = r["fidelity"]["output"]["top1_agreement"]
     assert agree == pytest.approx(chosen["quality"]["fidelity"]) and agree >= 0.8
 

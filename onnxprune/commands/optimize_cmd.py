@@ -34,19 +34,23 @@ from .common import emit_json, json_option, model_argument
               help="Batch size timed (default: the profile's first batch size).")
 @click.option("--quantize", is_flag=True,
               help="Also try INT8 quantization of the chosen model; kept only if measured faster and within the bound.")
+@click.option("--output-kind", "output_kind", multiple=True, metavar="NAME=KIND",
+              help="What an output is (scores, probs, embedding, value; repeatable): scores/probs are judged by top-1 "
+                   "agreement with the dense model, an embedding by mean cosine, a value by cosine. Inferred otherwise.")
 @click.option("--bisect-steps", default="4", show_default=True, metavar="N",
               help="Lower targets tried (bisection over the speedup) when the bound fails at the goal.")
 @json_option
 def optimize_cmd(model: str, outdir: str | None, hw: str | None, data_spec: str | None, target_speedup: str | None,
                  target_latency: str | None, max_drop: str | None, min_fidelity: str | None, metric: str | None,
-                 max_epochs: str, time_budget: str | None, batch_size: str | None, quantize: bool, bisect_steps: str,
-                 as_json: bool) -> None:
+                 max_epochs: str, time_budget: str | None, batch_size: str | None, quantize: bool,
+                 output_kind: tuple[str, ...], bisect_steps: str, as_json: bool) -> None:
     """From MODEL, a speed goal on a hardware profile, a quality bound and a budget to the model to
     ship: latency-aware pruning + calibration first, distillation and lower targets only when the
     bound fails; every candidate measured and reported."""
     for value, flag in ((outdir, "-o OUTDIR"), (hw, "--hw PROFILE"), (data_spec, "--data SPEC")):
         if not value:
             raise OnnxPruneError(f"missing {flag}")
+    from ..datasets.output_kind import parse_output_kinds
     from ..optimize import optimize
     from .prune_cmd import _int, _number
 
@@ -60,7 +64,8 @@ def optimize_cmd(model: str, outdir: str | None, hw: str | None, data_spec: str 
                       max_epochs=_int(max_epochs, "--max-epochs", 0, minimum=0),
                       time_budget_min=num(time_budget, "--time-budget"),
                       batch_size=None if batch_size is None else _int(batch_size, "--batch-size", 1, minimum=1),
-                      quantize=quantize, bisect_steps=_int(bisect_steps, "--bisect-steps", 4, minimum=0), log=log)
+                      quantize=quantize, bisect_steps=_int(bisect_steps, "--bisect-steps", 4, minimum=0), log=log,
+                      output_kinds=parse_output_kinds(output_kind))
     if as_json:
         emit_json(summary(report))
     elif report["reached"]:

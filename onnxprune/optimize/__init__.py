@@ -13,7 +13,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ..errors import OnnxPruneError
 from .goal import Bound, Goal
@@ -26,6 +26,7 @@ def optimize(model: str | os.PathLike, outdir: str | os.PathLike, *, hw: str, da
              max_drop: float | None = None, min_fidelity: float | None = None, metric: str | None = None,
              max_epochs: int = 0, time_budget_min: float | None = None, batch_size: int | None = None,
              quantize: bool = False, bisect_steps: int = 4, seed: int = 0,
+             output_kinds: Mapping[str, str] | None = None,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the search and write ``outdir``/{model.onnx, report.json, report.md, report.html, recipe.yaml}.
 
@@ -42,7 +43,7 @@ def optimize(model: str | os.PathLike, outdir: str | os.PathLike, *, hw: str, da
     search = start_search(model, outdir, hw=hw, data=data, target_speedup=target_speedup,
                           target_latency_ms=target_latency_ms, max_drop=max_drop, min_fidelity=min_fidelity,
                           metric=metric, max_epochs=max_epochs, time_budget_min=time_budget_min, batch_size=batch_size,
-                          quantize=quantize, bisect_steps=bisect_steps, seed=seed, log=log)
+                          quantize=quantize, bisect_steps=bisect_steps, seed=seed, log=log, output_kinds=output_kinds)
     goal, bound, ds, cache, batch, dense_q = (search.s.goal, search.s.bound, search.data, search.cache, search.batch,
                                               search.dense_quality)
     profile = search.profile
@@ -86,7 +87,8 @@ def optimize(model: str | os.PathLike, outdir: str | os.PathLike, *, hw: str, da
 def start_search(model: Path, outdir: Path, *, hw: str, data: Any, target_speedup: float | None,
                  target_latency_ms: float | None, max_drop: float | None, min_fidelity: float | None, metric: str | None,
                  max_epochs: int, time_budget_min: float | None, batch_size: int | None, quantize: bool,
-                 bisect_steps: int, seed: int, log: Callable[[str], None] | None):
+                 bisect_steps: int, seed: int, log: Callable[[str], None] | None,
+                 output_kinds: Mapping[str, str] | None = None):
     """Every input checked (one line on the first bad one, before any work), the dense model scored
     on val, the run cache opened: a :class:`~.search.Search` ready to run (``bench_optimize`` also
     drives one by hand for its grid)."""
@@ -109,7 +111,7 @@ def start_search(model: Path, outdir: Path, *, hw: str, data: Any, target_speedu
     profile = load_hw_profile(hw)
     check_available(profile)
     ds = load_dataset(data)
-    bound = Bound.of(max_drop, min_fidelity, metric, ds.labeled)
+    bound = Bound.of(max_drop, min_fidelity, metric, ds.labeled, output_kinds)
     ds.split("val")  # selection needs the held-out split: one clear line when it is missing
     if outdir.exists() and not outdir.is_dir():
         raise OnnxPruneError(f"{outdir}: exists and is not a directory")

@@ -9,7 +9,7 @@ cosine otherwise).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import OnnxPruneError
@@ -57,9 +57,12 @@ class Bound:
     kind: str
     value: float
     metric: str | None = None
+    #: declared ``{output: scores|probs|embedding|value}`` (``--output-kind``); the rest inferred from the graph
+    output_kinds: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, max_drop: float | None, min_fidelity: float | None, metric: str | None, labeled: bool) -> "Bound":
+    def of(cls, max_drop: float | None, min_fidelity: float | None, metric: str | None, labeled: bool,
+           output_kinds: Mapping[str, str] | None = None) -> "Bound":
         if (max_drop is None) == (min_fidelity is None):
             raise OnnxPruneError("give exactly one quality bound: --max-drop PCT or --min-fidelity X")
         if max_drop is not None:
@@ -68,10 +71,10 @@ class Bound:
             if not labeled and metric is None:
                 raise OnnxPruneError("--max-drop needs labels (top-1 accuracy) or --metric python:module:function; "
                                      "on unlabeled data use --min-fidelity X")
-            return cls("max_drop", float(max_drop), metric)
+            return cls("max_drop", float(max_drop), metric, dict(output_kinds or {}))
         if not (math.isfinite(min_fidelity) and 0 < min_fidelity <= 1):
             raise OnnxPruneError(f"--min-fidelity must be in (0, 1], not {min_fidelity:g}")
-        return cls("min_fidelity", float(min_fidelity), metric)
+        return cls("min_fidelity", float(min_fidelity), metric, dict(output_kinds or {}))
 
     def score(self, quality: Mapping[str, Any]) -> float:
         """The one number the bound is about, from :func:`onnxprune.optimize.quality.measure_quality`."""

@@ -55,7 +55,7 @@ class Settings:
     def config(self) -> dict[str, Any]:
         """What a candidate's cache key depends on besides its own step settings."""
         return {"hw": self.hw, "data": self.data_spec if isinstance(self.data_spec, (str, dict)) else str(self.data_spec),
-                "bound_metric": self.bound.metric, "seed": self.seed}
+                "bound_metric": self.bound.metric, "output_kinds": dict(self.bound.output_kinds), "seed": self.seed}
 
 
 @dataclass
@@ -157,7 +157,8 @@ class Search:
         def work() -> dict[str, Any]:
             from ..model_io import save_model
 
-            model, hist = steps.distill(src, self.s.model, self.data, epochs, seed=self.s.seed)
+            model, hist = steps.distill(src, self.s.model, self.data, epochs, seed=self.s.seed,
+                                        output_kinds=self.s.bound.output_kinds)
             save_model(model, out)
             return {"id": cid, "path": f"allocation + calibration + distillation ({epochs} epoch{'s' * (epochs > 1)})",
                     "target": parent["target"], "file": out.name, "parent": parent["id"], "epochs": epochs,

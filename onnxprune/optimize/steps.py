@@ -80,13 +80,14 @@ def calibrate_counts(dense: Path, counts: Mapping[int, int], summary: Mapping[st
     return res
 
 
-def distill(source: Path, dense: Path, data, epochs: int, seed: int = 0):
+def distill(source: Path, dense: Path, data, epochs: int, seed: int = 0, output_kinds: Mapping[str, str] | None = None):
     """Label-free distillation from the dense model (``finetune --teacher DENSE --objective distill``);
     the checkpoint is chosen on the val split, the test split is not touched."""
     from ..training import TrainConfig, finetune
 
     config = TrainConfig(epochs=int(epochs), objective="distill", seed=seed, train_bn=True)
-    model, hist = finetune(str(source), data, config, teacher=str(dense), progress=False, evaluate_test=False)
+    model, hist = finetune(str(source), data, config, teacher=str(dense), progress=False, evaluate_test=False,
+                           output_kinds=output_kinds)
     return model, {k: hist[k] for k in ("best_epoch", "objective", "seconds") if k in hist}
 
 
@@ -114,8 +115,9 @@ def measure_quality(path: Path, dense: Path, data, split: str, bound: Bound) -> 
     output counts) against ``dense``, and ``top1`` when there are labels."""
     from ..datasets.fidelity import evaluate_outputs
 
-    r = evaluate_outputs(str(path), data, split, reference=str(dense), metric=bound.metric)
-    per = {k: v.get("top1_agreement", v.get("cosine")) for k, v in (r.get("fidelity") or {}).items()}
+    r = evaluate_outputs(str(path), data, split, reference=str(dense), metric=bound.metric,
+                         output_kinds=bound.output_kinds)
+    per = {k: v.get("top1_agreement", v.get("mean_cosine", v.get("cosine"))) for k, v in (r.get("fidelity") or {}).items()}
     out: dict[str, Any] = {"split": split, "samples": r["samples"], "top1": r.get("top1"),
                            "fidelity": min(per.values()) if per else None, "fidelity_per_output": per}
     if bound.metric:
