@@ -32,29 +32,54 @@ def ridge_fit(st: RowStats, cols: np.ndarray, outs: np.ndarray, ridge: float = D
 
 
 def ridge_refit(st: RowStats, cols: np.ndarray, outs: np.ndarray, ridge: float = DEFAULT_RIDGE,
-                prior: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+                prior: np.ndarray | None = None, info: dict | None = None) -> tuple[np.ndarray, float]:
     """:func:`ridge_fit` and its :func:`rel_error`, the error from the normal equations
-    (``S a = P + lam (prior - a)``) instead of another ``d^2 x out`` product."""
-    idx = np.append(cols, st.d)
-    s = st.s[np.ix_(idx, idx)]
+    (``C w = Cxy + lam (prior - w)``) instead of another ``d^2 x out`` product. Solved on the centred
+    statistics (the intercept is ``my - mx w``) by :func:`cholesky_solve`; ``info`` (a dict) receives
+    its ``condition`` and ``jitter``."""
     k = len(cols)
-    diag = s[np.arange(k), np.arange(k)].copy()
-    lam = np.where(diag > 0, diag * ridge, 1.0)
-    s[np.arange(k), np.arange(k)] += lam  # (s is a copy: fancy indexing)
-    p = st.p[np.ix_(idx, outs)]
-    rhs = p.copy()
+    c = st.cxx[np.ix_(cols, cols)].copy()
+    energy = st.x_sq[cols]
+    lam = np.where(energy > 0, energy * ridge, 1.0)
+    c[np.arange(k), np.arange(k)] += lam
+    cxy = st.cxy[np.ix_(cols, outs)]
+    rhs = cxy.copy()
     if prior is not None:
-        rhs[:k] += lam[:, None] * prior
-    try:
-        a = np.linalg.solve(s, rhs)
-    except np.linalg.LinAlgError:
-        a = np.linalg.lstsq(s, rhs, rcond=None)[0]
-    # sum (Za - Y)^2 = a'Sa - 2a'P + yy with S a = rhs - lam a (no ridge on the intercept)
-    shrink = rhs - p
-    shrink[:k] -= lam[:, None] * a[:k]
-    err = np.maximum(st.yy[outs] - np.einsum("ij,ij->j", a, p) + np.einsum("ij,ij->j", a, shrink), 0.0)
+        rhs += lam[:, None] * prior
+    w, solved = cholesky_solve(c, rhs)
+    if info is not None:
+        info.update(solved)
+    a = np.vstack([w, (st.my[outs] - st.mx[cols] @ w)[None, :]])
+    # sum (Za - Y)^2 = Cyy - w'Cxy + w' lam (prior - w) at the solution (the intercept term is zero)
+    shrink = (0.0 if prior is None else lam[:, None] * prior) - lam[:, None] * w
+    err = np.maximum(st.cyy[outs] - np.einsum("ij,ij->j", w, cxy) + np.einsum("ij,ij->j", w, shrink), 0.0)
     ref = float(st.yy[outs].sum())
     return a, (float(np.sqrt(err.sum() / ref)) if ref > 0 else 0.0)
+
+
+#: jitter tried on a matrix that is not numerically positive definite, relative to its mean diagonal
+JITTERS = (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2)
+
+
+def cholesky_solve(s: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+    """``s^-1 rhs`` for a symmetric positive (semi)definite ``s``: Cholesky first, adding increasing
+    diagonal jitter (:data:`JITTERS`) until the factorization succeeds (least squares past the last).
+    Also returns ``condition`` (estimated from the factor's diagonal: ``(max L_ii / min L_ii)^2``, a
+    lower bound of the 2-norm condition number, at no extra cost) and the ``jitter`` that was used."""
+    scale = float(np.mean(np.diag(s))) if len(s) else 1.0
+    scale = scale if scale > 0 else 1.0
+    for j in JITTERS:
+        sj = s + np.eye(len(s)) * (j * scale) if j else s
+        try:
+            low = np.linalg.cholesky(sj)
+        except np.linalg.LinAlgError:
+            continue
+        x = np.linalg.solve(sj, rhs)  # (numpy has no triangular solve; the factor proved sj definite)
+        dg = np.abs(np.diag(low))
+        cond = float((dg.max() / dg.min()) ** 2) if len(dg) and dg.min() > 0 else float("inf")
+        return x, {"condition": cond, "jitter": j * scale}
+    x = np.linalg.lstsq(s, rhs, rcond=None)[0]
+    return x, {"condition": float("inf"), "jitter": float("nan")}
 
 
 def moments(st: RowStats, cols: np.ndarray, outs: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,8 +93,7 @@ def moments(st: RowStats, cols: np.ndarray, outs: np.ndarray, a: np.ndarray) -> 
 def dense_moments(st: RowStats, outs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per output: mean and standard deviation of the dense outputs."""
     n = max(st.n, 1)
-    mean = st.y_sum[outs] / n
-    return mean, np.sqrt(np.maximum(st.yy[outs] / n - mean ** 2, 0.0))
+    return st.my[outs], np.sqrt(np.maximum(st.cyy[outs] / n, 0.0))
 
 
 def shift_fit(st: RowStats, cols: np.ndarray, outs: np.ndarray, a0: np.ndarray, *, scale: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -101,6 +125,5 @@ def channel_energy(st: RowStats, m: np.ndarray, taps: int) -> np.ndarray:
         blocks = cov[np.arange(c), :, np.arange(c), :]  # [c, taps, taps]
         m3 = m.reshape(out, c, taps)
         return np.einsum("oct,ctu,ocu->c", m3, blocks, m3)
-    n = max(st.n, 1)
-    var = np.maximum(st.x_sq / n - st.x_mean ** 2, 0.0)
+    var = st.x_var / max(st.n, 1)
     return (np.square(m) * var[None, :]).sum(0).reshape(c, taps).sum(1)

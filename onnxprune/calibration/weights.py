@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from ..graph import GraphView, attr
-from .collect import DEFAULT_ROWS, batches, collect_stats, fixed_batch, progress_bar, run, session, with_outputs
+from .collect import DEFAULT_ROWS, collect_stats, fixed_batch, progress_bar, run, run_batches, session, with_outputs
 from .edit import ModelEditor, write_layer
 from .fit import rel_error
 from .layers import dense_affine, layer_of
@@ -49,8 +49,8 @@ def input_norms(view: GraphView, model: onnx.ModelProto, inputs: Mapping[str, np
     sums: dict[str, np.ndarray] = {}
     n = len(next(iter(inputs.values())))
     with progress_bar(n, "calibration: activation norms", progress) as advance:
-        for b in batches(inputs, fixed_batch(model) or 16):
-            got = {**b, **dict(zip(fetched, sess.run(fetched, b)))}
+        for b, outs in run_batches(sess, fetched, inputs, 16, fixed_batch(model)):
+            got = {**b, **outs}
             for t, v in ((t, got[t]) for t in tensors):
                 sq = np.square(np.asarray(v, np.float64))
                 for a in {a for _, x, a in plan.values() if x == t}:
