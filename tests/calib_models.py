@@ -179,3 +179,29 @@ def train_scaled_mlp(seed: int = 0, epochs: int = 15):
     tt = torch.from_numpy(target)
     _fit(net, [x], lambda out, b: nn.functional.mse_loss(out, tt[b]), epochs, seed=seed)
     return _export(net, torch.zeros(1, 16)), x[:512], x[1500:]
+
+
+def train_deep_resnet(seed: int = 0, blocks: int = 15, width: int = 12, epochs: int = 3):
+    """A narrow ResNet on digits: a stem conv and ``blocks`` basic blocks (two 3x3 convs, BatchNorm,
+    identity shortcut): ``1 + 2 * blocks`` convs (31 by default). Returns (onnx model, x_train, x_test)."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                                   nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+
+        def forward(self, x):
+            return torch.relu(x + self.f(x))
+
+    torch.manual_seed(seed)
+    x, y = digits()
+    idx = np.random.default_rng(seed).permutation(len(x))
+    tr, te = idx[:1400], idx[1400:]
+    net = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                        *[Block() for _ in range(blocks)], nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
+    yt = torch.from_numpy(y[tr])
+    _fit(net, [x[tr]], lambda out, b: nn.functional.cross_entropy(out, yt[b]), epochs, seed=seed)
+    return _export(net, torch.zeros(1, 1, 8, 8)), x[tr], x[te]

@@ -263,9 +263,10 @@ class StructuredCalibration:
             entry.update(method="none", error_after=entry["error_before"])
             return entry
         if method == "refit":
-            a, err = ridge_refit(st, cols, outs, self.ridge, prior=a0[:-1])  # shrink toward the dense weights
+            info: dict[str, float] = {}
+            a, err = ridge_refit(st, cols, outs, self.ridge, prior=a0[:-1], info=info)  # shrink toward the dense weights
             write_layer(ed, l, ed.nodes[l.node], a, pshape, wdense.dtype)
-            entry.update(method="refit", error_after=err)
+            entry.update(method="refit", error_after=err, **info)
             return entry
         else:
             bn = self._bn_after(l, ed)
