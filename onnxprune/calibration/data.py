@@ -63,5 +63,8 @@ def calibration_inputs(spec: Any, model: onnx.ModelProto, n: int | None, *, seed
         if dims and (len(dims) != a.ndim or any(d and d != s for d, s in zip(dims[1:], a.shape[1:]))):
             raise OnnxPruneError(f"calibration data for input {vi.name!r} has samples of shape {list(a.shape[1:])}; "
                                  f"the model expects {['?' if d is None else d for d in dims[1:]]}")
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            raise OnnxPruneError(f"calibration data for input {vi.name!r}: {int((~np.isfinite(a)).sum())} values are "
+                                 "NaN or infinite")
         out[vi.name] = np.ascontiguousarray(a.astype(dtype, copy=False))
     return out

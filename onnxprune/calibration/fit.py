@@ -25,7 +25,7 @@ def ridge_fit(st: RowStats, cols: np.ndarray, outs: np.ndarray, ridge: float = D
     """Least squares of the dense outputs ``outs`` on the input columns ``cols`` and an intercept,
     ridge-regularized on the weights only (the intercept carries what removed channels contributed
     on average): ``min ||Z a - Y||^2 + sum_j lam_j ||a_j - prior_j||^2``, ``lam_j`` = ``ridge`` times
-    column j's energy. ``prior`` ([len(cols), len(outs)], default zero) is what the weights shrink
+    column j's centred sum of squares. ``prior`` ([len(cols), len(outs)], default zero) is what the weights shrink
     toward: the layer's original weights keep a column with no signal on the data (a dead channel)
     as it was, where shrinking toward zero would zero it (and ``finetune`` would keep it zero)."""
     return ridge_refit(st, cols, outs, ridge, prior)[0]
@@ -39,8 +39,8 @@ def ridge_refit(st: RowStats, cols: np.ndarray, outs: np.ndarray, ridge: float =
     its ``condition`` and ``jitter``."""
     k = len(cols)
     c = st.cxx[np.ix_(cols, cols)].copy()
-    energy = st.x_sq[cols]
-    lam = np.where(energy > 0, energy * ridge, 1.0)
+    var = st.x_var[cols]  # centred: a column's offset goes to the intercept, its spread sets the scale
+    lam = np.where(var > 0, var * ridge, 1.0)
     c[np.arange(k), np.arange(k)] += lam
     cxy = st.cxy[np.ix_(cols, outs)]
     rhs = cxy.copy()

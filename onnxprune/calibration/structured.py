@@ -104,7 +104,7 @@ class StructuredCalibration:
     progress: bool = False
     sequential: bool = True
     stages: int | None = STAGES
-    mask: str | None = None
+    mask: str | bool | None = None  # None: found by name; False: none; a name: that input
     split: str | None = None  # the data split the samples came from (reported)
     stats: dict[str, RowStats] = field(default_factory=dict)
     reference: dict[str, np.ndarray] = field(default_factory=dict)
@@ -122,7 +122,7 @@ class StructuredCalibration:
         return {k: (v[n - h:] if h else v[:CHECK_SAMPLES]) for k, v in self.inputs.items()}
 
     def _mask(self, model: onnx.ModelProto) -> str | None:
-        return mask_input(model, self.inputs, self.mask)
+        return None if self.mask is False else mask_input(model, self.inputs, self.mask or None)
 
     def _collect(self, view: GraphView, model: onnx.ModelProto, layers: list[Layer]) -> None:
         need = [l for l in layers if l.node not in self.stats]
@@ -176,7 +176,8 @@ class StructuredCalibration:
             after = run(out, check) if entries and method != "none" else before
             errors = {k: (masked_rel(ref, before[k], cmask), masked_rel(ref, after[k], cmask))
                       for k, ref in self.reference.items()}
-            worse = float(np.mean([a for _, a in errors.values()])) > float(np.mean([b for b, _ in errors.values()])) \
+            # (a NaN after, from a non-finite fit or sample, is worse too)
+            worse = not float(np.mean([a for _, a in errors.values()])) <= float(np.mean([b for b, _ in errors.values()])) \
                 if errors else False
             if not worse:
                 break
