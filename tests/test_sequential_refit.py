@@ -78,12 +78,17 @@ def test_stages_group_layers_by_depth():
     assert [[l.node for l in g] for g in stages(view, layers, 2)] == [["conv0", "conv1", "branch"], ["conv2", "conv3"]]
 
 
+@pytest.fixture(scope="module")
+def encoder():
+    return train_masked_encoder()
+
+
 @pytest.mark.slow
-def test_padding_rows_never_count():
+def test_padding_rows_never_count(encoder):
     """A token model (embedding + position, per-token FFN, masked mean pooling) whose sequences are
     mostly padding: with the attention mask found by name, the FFN's re-fit ignores padded rows and
     the pooled output is closer to dense than when they count."""
-    model, cal_in, test_in = train_masked_encoder()
+    model, cal_in, test_in = encoder
     dense = run(model, test_in)["y"]
     res = {}
     for name, mask in (("unmasked", False), ("masked", None)):
@@ -96,6 +101,27 @@ def test_padding_rows_never_count():
     assert e_m < 0.8 * e_un, (e_m, e_un)  # (0.041 vs 0.059 when written)
     with pytest.raises(OnnxPruneError, match="no input 'nope'"):
         prune_structured(model, ratio=0.75, calibration=StructuredCalibration(cal_in, mask="nope"))
+
+
+@pytest.mark.slow
+def test_cli_calibration_mask(encoder, tmp_path):
+    model, cal_in, _ = encoder
+    ids, mask = cal_in["input_ids"], cal_in["attention_mask"]
+    onnx.save(model, str(tmp_path / "enc.onnx"))
+    np.savez(tmp_path / "tok.npz", input_ids=ids, attention_mask=mask)
+    code, out, err = run_cli("prune", tmp_path / "enc.onnx", "-o", tmp_path / "o.onnx", "--structured", "--ratio", "0.5",
+                             "--calibrate", f"npz:{tmp_path / 'tok.npz'}?split=all", "--calibration-mask", "attention_mask",
+                             "--json")
+    assert code == 0, err
+    cal = json.loads(out)["calibration"]
+    assert cal["mask"] == "attention_mask" and cal["split"] == "all" and cal["samples"] == len(ids)
+    code, out, err = run_cli("prune", tmp_path / "enc.onnx", "-o", tmp_path / "p.onnx", "--structured", "--ratio", "0.5",
+                             "--calibrate", f"npz:{tmp_path / 'tok.npz'}", "--calibration-mask", "input_ids")
+    assert code == 1 and "must be a [batch, seq] array of 0/1" in err and "Traceback" not in err
+    code, out, err = run_cli("prune", tmp_path / "enc.onnx", "-o", tmp_path / "q.onnx", "--structured", "--ratio", "0.5",
+                             "--calibration-mask", "attention_mask")
+    assert code == 1 and "--calibration-mask needs --calibrate SPEC" in err
+    assert not (tmp_path / "p.onnx").exists() and not (tmp_path / "q.onnx").exists()
 
 
 def test_fixed_batch_models_are_padded():
