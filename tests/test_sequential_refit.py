@@ -222,3 +222,18 @@ def test_cli_calibrate_digits_reads_only_the_train_split(digits_model, monkeypat
     assert code == 0, err
     flat = " ".join(out.split())  # (the table title wraps)
     assert "from the val split" in flat and "held-out samples" in flat, out
+
+
+def test_layers_too_wide_for_a_fit_get_the_shift(monkeypatch):
+    """Layers wider than MAX_FIT_COLUMNS keep diagonal statistics only and get the shift correction
+    (their moments from the diagonal), in the sequential mode too."""
+    import onnxprune.calibration.structured as structured
+    from test_calibration import _cnn
+
+    monkeypatch.setattr(structured, "MAX_FIT_COLUMNS", 50)  # conv1 reads 8 x 9 = 72 columns
+    x = np.random.default_rng(5).normal(size=(64, 3, 8, 8)).astype(np.float32)
+    cal = prune_structured(_cnn(), ratio=0.5, calibration=StructuredCalibration({"x": x})).summary["calibration"]
+    by = {l["node"]: l for l in cal["layers"]}
+    assert by["conv1"]["method"] in ("bn_shift", "bias_shift") and "shift correction" in by["conv1"]["note"]
+    assert by["fc"]["method"] == "refit"
+    assert cal["outputs"]["y"]["rel_l2_after"] <= cal["outputs"]["y"]["rel_l2_before"]

@@ -114,9 +114,13 @@ def prefix(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
     outs = [o for o in m.graph.output if o.name in set(outputs)]
     del m.graph.output[:]
     m.graph.output.extend(outs)
+    dropped = {t.name for t in m.graph.initializer if t.name not in want}
     inits = [t for t in m.graph.initializer if t.name in want]
     del m.graph.initializer[:]
     m.graph.initializer.extend(inits)
+    ins = [i for i in m.graph.input if i.name not in dropped]  # (IR < 4 lists initializers as inputs too)
+    del m.graph.input[:]
+    m.graph.input.extend(ins)
     return m
 
 

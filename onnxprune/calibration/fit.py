@@ -83,10 +83,14 @@ def cholesky_solve(s: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, dict[str
 
 
 def moments(st: RowStats, cols: np.ndarray, outs: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per output: mean and standard deviation of ``Z[:, cols] @ a`` on the rows."""
+    """Per output: mean and standard deviation of ``Z[:, cols] @ a`` on the rows (with diagonal-only
+    statistics of a very wide layer, the columns' covariances are taken as zero)."""
     mu = st.x_mean[cols]
     mean = mu @ a[:-1] + a[-1]
-    var = np.einsum("io,ij,jo->o", a[:-1], st.covariance(cols), a[:-1])
+    if st.full:
+        var = np.einsum("io,ij,jo->o", a[:-1], st.covariance(cols), a[:-1])
+    else:
+        var = np.einsum("io,i->o", a[:-1] ** 2, st.x_var[cols] / max(st.n, 1))
     return mean, np.sqrt(np.maximum(var, 0.0))
 
 
@@ -109,8 +113,11 @@ def shift_fit(st: RowStats, cols: np.ndarray, outs: np.ndarray, a0: np.ndarray, 
     return a, r, c
 
 
-def rel_error(st: RowStats, cols: np.ndarray, outs: np.ndarray, a: np.ndarray) -> float:
-    """``||Z a - Y|| / ||Y||`` over the kept outputs on the sampled rows (relative L2)."""
+def rel_error(st: RowStats, cols: np.ndarray, outs: np.ndarray, a: np.ndarray) -> float | None:
+    """``||Z a - Y|| / ||Y||`` over the kept outputs on the sampled rows (relative L2); None from
+    diagonal-only statistics (a very wide layer), which do not determine it."""
+    if not st.full:
+        return None
     ref = float(st.yy[outs].sum())
     return float(np.sqrt(st.sq_error(cols, outs, a).sum() / ref)) if ref > 0 else 0.0
 

@@ -437,7 +437,8 @@ def _print_calibration(con, cal: dict[str, Any]) -> None:
     for col in ("node", "fix", "before", "after"):
         table.add_column(col, justify="left" if col in ("node", "fix") else "right")
     for layer in cal.get("layers", []):
-        table.add_row(escape(layer["node"]), layer["method"], f"{layer['error_before']:.4f}", f"{layer['error_after']:.4f}")
+        table.add_row(escape(layer["node"]), layer["method"], *(("n/a" if layer.get(k) is None else f"{layer[k]:.4f}")
+                                                                for k in ("error_before", "error_after")))
     for name, o in cal.get("outputs", {}).items():
         table.add_row(f"[bold]output {escape(name)}[/bold]", "", f"{o['rel_l2_before']:.4f}", f"{o['rel_l2_after']:.4f}")
     con.print(table)
