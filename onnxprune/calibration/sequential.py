@@ -5,9 +5,10 @@ The one-pass fit (:mod:`.structured`) fits every layer on the dense model's inpu
 everything upstream is already exact; on deep nets the upstream errors it ignores compound (the
 output error of a one-pass-calibrated ResNet-50 reaches 1e6). Here the layers are grouped into
 *stages* by topological depth (a layer's depth is the number of re-fitted layers on the longest path
-into it, so layers of one depth never feed each other) and each stage costs one ONNX Runtime pass of
-the calibrated model's prefix and of the dense model's, batch by batch, with the same sampled rows
-taken from both: memory stays one batch of activations plus ``O(d^2)`` per layer. When depths are
+into it, so layers of one depth never feed each other). The dense model runs once, keeping for every
+layer its output rows at the sampled positions (:func:`dense_rows`); then each stage costs one ONNX
+Runtime pass of the calibrated model's prefix, whose input rows at the same positions are paired
+with them: memory stays one batch of activations, the sampled rows and ``O(d^2)`` per layer. When depths are
 grouped (``stages`` below the depth count), a layer whose stage also holds layers upstream of it sees
 them with their one-pass fit, which the stage then replaces.
 """
@@ -90,15 +91,18 @@ def refit(dense: onnx.ModelProto, start: onnx.ModelProto, groups: Sequence[Seque
     entries, failed = [], []
     n = len(next(iter(inputs.values())))
     per_sample = max(1, math.ceil(rows / max(n, 1)))
+    layers = [l for g in groups for l in g if l.node in targets]
+    bs, wanted = dense_rows(dense, layers, targets, inputs, per_sample, seed, mask, progress)
     for k, group in enumerate(groups):
         group = [l for l in group if l.node in targets]
         if not group:
             continue
-        stats, bad = _stage_stats(dense, out, group, targets, inputs, per_sample, seed + k, mask,
+        stats, bad = _stage_stats(out, group, targets, wanted, inputs, bs,
                                   progress and f"calibration: stage {k + 1}/{len(groups)}")
         failed += bad
         ed = ModelEditor(out)
         for l in group:
+            wanted.pop(l.node, None)  # (free the dense rows as soon as the layer is fitted)
             if l.node not in stats:
                 continue
             t, st = targets[l.node], stats[l.node]
@@ -112,41 +116,66 @@ def refit(dense: onnx.ModelProto, start: onnx.ModelProto, groups: Sequence[Seque
     return out, entries, failed
 
 
-def _stage_stats(dense: onnx.ModelProto, current: onnx.ModelProto, group: Sequence[Layer],
-                 targets: Mapping[str, Target], inputs: Mapping[str, np.ndarray], per_sample: int, seed: int,
-                 mask: str | None, what: str | bool) -> tuple[dict[str, RowStats], list[dict[str, Any]]]:
-    """One pass of both models' prefixes: per layer, rows of the current model's input to it (X)
-    and of the dense layer's output (Y, from the dense input rows at the same positions)."""
+#: per layer, per batch: (sample index, output position, the dense layer's output rows there)
+DenseRows = dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
+
+
+def dense_rows(dense: onnx.ModelProto, layers: Sequence[Layer], targets: Mapping[str, Target],
+               inputs: Mapping[str, np.ndarray], per_sample: int, seed: int, mask: str | None,
+               progress: bool) -> tuple[int, DenseRows]:
+    """One pass of the dense model: per layer and batch, the sampled positions (real tokens only
+    under ``mask``) and the dense layer's kept outputs there, which every stage's fit targets. Rows,
+    not activations, are kept (``rows x outputs`` per layer), so the dense model runs once, not per
+    stage. Returns the batch size (the stages' passes must batch alike) and the rows."""
+    from .collect import _batch_size
+
     feeds = {i.name for i in dense.graph.input}
-    xs = list(dict.fromkeys(l.x for l in group))
-    fetch = [x for x in xs if x not in feeds]
-    dsess, csess = session(prefix(dense, fetch)), session(prefix(current, fetch))
+    fetch = list(dict.fromkeys(l.x for l in layers if l.x not in feeds))
+    bs = _batch_size(dense, fetch, inputs, 16)
+    sess = session(prefix(dense, fetch))
+    rng = np.random.default_rng(seed)
+    maps = {l.node: (targets[l.node].m[targets[l.node].outs].astype(np.float32),
+                     targets[l.node].b[targets[l.node].outs].astype(np.float32)) for l in layers}
+    got: DenseRows = {l.node: [] for l in layers}
+    n = len(next(iter(inputs.values())))
+    with progress_bar(n, "calibration: dense targets", progress) as advance:
+        for b, outs in run_batches(sess, fetch, inputs, bs, fixed_batch(dense)):
+            acts = {**b, **outs}
+            m = b.get(mask) if mask else None
+            for l in layers:
+                x = acts[l.x]
+                bi, pos = l.positions(x.shape, per_sample, rng, l.valid_positions(x.shape, m))
+                mm, bb = maps[l.node]
+                got[l.node].append((bi.astype(np.int32), pos.astype(np.int32), l.rows_at(x, None, bi, pos)[0] @ mm.T + bb))
+            advance(len(next(iter(b.values()))))
+    return bs, got
+
+
+def _stage_stats(current: onnx.ModelProto, group: Sequence[Layer], targets: Mapping[str, Target], wanted: DenseRows,
+                 inputs: Mapping[str, np.ndarray], bs: int, what: str | bool
+                 ) -> tuple[dict[str, RowStats], list[dict[str, Any]]]:
+    """One pass of the current model's prefix: per layer, its input rows (X) at the positions of
+    ``wanted``, paired with the dense output rows there (Y)."""
+    feeds = {i.name for i in current.graph.input}
+    fetch = list(dict.fromkeys(l.x for l in group if l.x not in feeds))
+    sess = session(prefix(current, fetch))
     stats = {l.node: RowStats(d=len(targets[l.node].cols), out=len(targets[l.node].outs)) for l in group}
-    dense_maps = {l.node: (targets[l.node].m[targets[l.node].outs].astype(np.float32),
-                           targets[l.node].b[targets[l.node].outs].astype(np.float32)) for l in group}
     pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {l.node: [] for l in group}
     bad: dict[str, str] = {}
-    rng = np.random.default_rng(seed)
     n = len(next(iter(inputs.values())))
-    bs = max(1, min(16, fixed_batch(dense) or 16))
     with progress_bar(n, str(what), bool(what)) as advance:
-        for (b, dgot), (_, cgot) in zip(run_batches(dsess, fetch, inputs, bs, fixed_batch(dense)),
-                                        run_batches(csess, fetch, inputs, bs, fixed_batch(current))):
-            dgot, cgot = {**b, **dgot}, {**b, **cgot}
-            m = b.get(mask) if mask else None
+        for j, (b, outs) in enumerate(run_batches(sess, fetch, inputs, bs, fixed_batch(current))):
+            acts = {**b, **outs}
             for l in group:
                 if l.node in bad:
                     continue
-                xd, xc = dgot[l.x], cgot[l.x]
-                bi, pos = l.positions(xd.shape, per_sample, rng, l.valid_positions(xd.shape, m))
-                rd, _ = l.rows_at(xd, None, bi, pos)
-                rc, _ = l.rows_at(xc, None, bi, pos)
+                bi, pos, y = wanted[l.node][j]
+                rc, _ = l.rows_at(acts[l.x], None, bi, pos)
                 if rc.shape[1] != stats[l.node].d:
                     bad[l.node] = (f"not re-fitted: its input in the pruned model has {rc.shape[1]} columns, "
                                    f"not the {stats[l.node].d} of the kept channels")
                     continue
-                mm, bb = dense_maps[l.node]
-                pending[l.node].append((rc, rd @ mm.T + bb))
+                pending[l.node].append((rc, y))
                 if sum(x.nbytes for x, _ in pending[l.node]) >= PENDING_BYTES:
                     _flush(stats[l.node], pending[l.node])
             advance(len(next(iter(b.values()))))
