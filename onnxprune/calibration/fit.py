@@ -65,7 +65,8 @@ def cholesky_solve(s: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, dict[str
     """``s^-1 rhs`` for a symmetric positive (semi)definite ``s``: Cholesky first, adding increasing
     diagonal jitter (:data:`JITTERS`) until the factorization succeeds (least squares past the last).
     Also returns ``condition`` (estimated from the factor's diagonal: ``(max L_ii / min L_ii)^2``, a
-    lower bound of the 2-norm condition number, at no extra cost) and the ``jitter`` that was used."""
+    lower bound of the 2-norm condition number, at no extra cost) and the ``jitter`` that was used
+    (both None when even the largest jitter fails, which only a non-finite matrix does)."""
     scale = float(np.mean(np.diag(s))) if len(s) else 1.0
     scale = scale if scale > 0 else 1.0
     for j in JITTERS:
@@ -76,10 +77,10 @@ def cholesky_solve(s: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, dict[str
             continue
         x = np.linalg.solve(sj, rhs)  # (numpy has no triangular solve; the factor proved sj definite)
         dg = np.abs(np.diag(low))
-        cond = float((dg.max() / dg.min()) ** 2) if len(dg) and dg.min() > 0 else float("inf")
+        cond = float((dg.max() / dg.min()) ** 2) if len(dg) else 1.0
         return x, {"condition": cond, "jitter": j * scale}
-    x = np.linalg.lstsq(s, rhs, rcond=None)[0]
-    return x, {"condition": float("inf"), "jitter": float("nan")}
+    x = np.linalg.lstsq(s, rhs, rcond=None)[0]  # (not definite even with 1% jitter: NaN or inf inside)
+    return x, {"condition": None, "jitter": None}
 
 
 def moments(st: RowStats, cols: np.ndarray, outs: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -430,10 +430,12 @@ def _print_calibration(con, cal: dict[str, Any]) -> None:
     from rich.table import Table
 
     split = f" from the {cal['split']} split" if cal.get("split") else ""
-    check = {"held_out": f", checked on {cal.get('check_samples')} held-out samples",
-             "in_sample": f", checked on {cal.get('check_samples')} of the fitted samples"}.get(cal.get("check"), "")
-    table = Table(title=f"calibration ({cal['method']}, {cal['samples']} samples{split}{check}, {cal['seconds']:.1f} s): "
-                        "output error relative to the dense model")
+    check = {"held_out": f"{cal.get('fit_samples')} fitted, {cal.get('check_samples')} held out for the check",
+             "in_sample": f"checked on {cal.get('check_samples')} of the fitted samples"}.get(cal.get("check"))
+    fit_on = f"; fitted on {cal['fit_on']}" if cal.get("fit_on") and cal["method"] == "refit" else ""
+    con.print(f"calibration: {cal['method']}, {cal['samples']} samples{split}" + (f" ({check})" if check else "")
+              + f"{escape(fit_on)}, {cal['seconds']:.1f} s")
+    table = Table(title="calibration: output error relative to the dense model")
     for col in ("node", "fix", "before", "after"):
         table.add_column(col, justify="left" if col in ("node", "fix") else "right")
     for layer in cal.get("layers", []):
