@@ -81,11 +81,20 @@ class Target:
         return np.vstack([self.m[np.ix_(self.outs, self.cols)].T, self.b[self.outs][None, :]])
 
 
+#: ridge strengths tried per layer when held-out rows can choose (relative to each column's spread):
+#: a layer with fewer sampled rows than input columns (deep, small feature maps, few samples) needs far
+#: more than the default, or its fit memorizes the rows and amplifies everything else
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0)
+
+
 def refit(dense: onnx.ModelProto, start: onnx.ModelProto, groups: Sequence[Sequence[Layer]],
           targets: Mapping[str, Target], inputs: Mapping[str, np.ndarray], *, rows: int, ridge: float, seed: int = 0,
-          mask: str | None = None, progress: bool = False) -> tuple[onnx.ModelProto, list[dict[str, Any]], list[dict[str, Any]]]:
+          mask: str | None = None, progress: bool = False, check: Mapping[str, np.ndarray] | None = None
+          ) -> tuple[onnx.ModelProto, list[dict[str, Any]], list[dict[str, Any]]]:
     """``start`` (the pruned model, its layers possibly one-pass calibrated) with every layer of
-    ``groups`` re-fitted stage by stage on its own activations: (model, entries, layers not re-fitted)."""
+    ``groups`` re-fitted stage by stage on its own activations: (model, entries, layers not re-fitted).
+    ``check``: samples no fit sees; each layer's rows on them choose its ridge among ``ridge`` and
+    :data:`RIDGES`, or keep the layer as pruning left it when no fit beats that on them."""
     out = onnx.ModelProto()
     out.CopyFrom(start)
     entries, failed = [], []
@@ -93,12 +102,15 @@ def refit(dense: onnx.ModelProto, start: onnx.ModelProto, groups: Sequence[Seque
     per_sample = max(1, math.ceil(rows / max(n, 1)))
     layers = [l for g in groups for l in g if l.node in targets]
     bs, wanted = dense_rows(dense, layers, targets, inputs, per_sample, seed, mask, progress)
+    held = dense_rows(dense, layers, targets, check, per_sample, seed + 1, mask, False) if check else None
+    ridges = tuple(dict.fromkeys((ridge,) + RIDGES)) if check else (ridge,)
     for k, group in enumerate(groups):
         group = [l for l in group if l.node in targets]
         if not group:
             continue
         stats, bad = _stage_stats(out, group, targets, wanted, inputs, bs,
                                   progress and f"calibration: stage {k + 1}/{len(groups)}")
+        val = _stage_stats(out, group, targets, held[1], check, held[0], False)[0] if held else {}
         failed += bad
         ed = ModelEditor(out)
         for l in group:
@@ -107,12 +119,32 @@ def refit(dense: onnx.ModelProto, start: onnx.ModelProto, groups: Sequence[Seque
                 continue
             t, st = targets[l.node], stats[l.node]
             cols, outs = np.arange(st.d), np.arange(st.out)
-            info: dict[str, float] = {}
-            a, err = ridge_refit(st, cols, outs, ridge, prior=t.a0[:-1], info=info)  # shrink toward dense
+            fits = []
+            for r in ridges:
+                info: dict[str, float] = {}
+                a, err = ridge_refit(st, cols, outs, r, prior=t.a0[:-1], info=info)  # shrink toward dense
+                fits.append((r, a, err, info))
+            entry = {"node": l.node, "op_type": l.op_type, "method": "refit", "stage": k + 1,
+                     "error_before": rel_error(st, cols, outs, t.a0), "rows": int(st.n)}
+            vs = val.get(l.node)
+            if vs is not None:  # choose on the held-out rows; pruning's own weights are a candidate too
+                scored = [(rel_error(vs, cols, outs, a), r, a, err, info) for r, a, err, info in fits]
+                best = min(scored, key=lambda c: c[0])
+                base = rel_error(vs, cols, outs, t.a0)
+                entry.update(check_rows=int(vs.n), check_error_before=base)
+                if not best[0] < base:
+                    write_layer(ed, l, ed.nodes[l.node], t.a0, t.shape, t.dtype)
+                    entry.update(method="none", error_after=entry["error_before"], check_error_after=base,
+                                 note="no re-fit beat the pruned layer on the held-out rows")
+                    entries.append(entry)
+                    continue
+                _, r, a, err, info = best
+                entry["check_error_after"] = best[0]
+            else:
+                r, a, err, info = fits[0]
             write_layer(ed, l, ed.nodes[l.node], a, t.shape, t.dtype)
-            entries.append({"node": l.node, "op_type": l.op_type, "method": "refit", "stage": k + 1,
-                            "error_before": rel_error(st, cols, outs, t.a0), "error_after": err,
-                            "rows": int(st.n), "condition": info.get("condition"), "jitter": info.get("jitter")})
+            entry.update(error_after=err, ridge=r, condition=info.get("condition"), jitter=info.get("jitter"))
+            entries.append(entry)
     return out, entries, failed
 
 

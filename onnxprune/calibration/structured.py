@@ -223,8 +223,10 @@ class StructuredCalibration:
             shape = tuple(next(i.dims for i in start.graph.initializer if i.name == l.weight))
             targets[l.node] = Target(l, l.columns(keep_in), outs, m, b, shape, wdense.dtype)
         groups = stages(view, [l for l in touched if l.node in targets], self.stages)
+        held = check_count(len(next(iter(self.inputs.values()))))
         out, seq, bad = sequential_refit(dense, start, groups, targets, self.fit_inputs, rows=self.rows,
-                                         ridge=self.ridge, seed=self.seed, mask=mask, progress=self.progress)
+                                         ridge=self.ridge, seed=self.seed, mask=mask, progress=self.progress,
+                                         check=self.check_inputs if held else None)
         done = {e["node"] for e in seq}
         kept = [e for e in entries if e["node"] not in done]
         self.seconds += time.perf_counter() - t
