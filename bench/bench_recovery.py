@@ -181,14 +181,21 @@ REFIT_CHILD = r"""
 import json, sys, time
 import numpy as np, onnx
 from onnxprune.calibration import StructuredCalibration
+from onnxprune.calibration.collect import run
 from onnxprune.structured.prune import prune_structured
 from onnxprune.profiling.memory import peak_rss_bytes
 a = json.loads(sys.argv[1])
 with np.load(a["calib"]) as z:
     cal = StructuredCalibration({k: z[k] for k in z.files}, sequential=a["sequential"], stages=a.get("stages"))
+with np.load(a["test"]) as z:
+    test = {k: z[k] for k in z.files}
 t = time.perf_counter()
-c = prune_structured(onnx.load(a["model"]), target_macs=a["macs"], calibration=cal).summary["calibration"]
-print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss_mb": peak_rss_bytes()[0] / 2**20,
+model = onnx.load(a["model"])
+r = prune_structured(model, target_macs=a["macs"], calibration=cal)
+wall, c = time.perf_counter() - t, r.summary["calibration"]
+dense, got = run(model, test)["y"], run(r.model, test)["y"]
+print(json.dumps({"wall_s": wall, "peak_rss_mb": peak_rss_bytes()[0] / 2**20,
+                  "test_rel_l2": float(np.linalg.norm(got - dense) / np.linalg.norm(dense)),
                   **{k: c.get(k) for k in ("method", "rejected", "outputs", "stages", "check", "check_samples",
                                            "fit_samples", "seconds")},
                   "worst_condition": max((l.get("condition") or 0 for l in c["layers"]), default=None)}))
@@ -200,14 +207,17 @@ def resnet50_refit(tmp: Path, samples: int, stages: int | None) -> None:
     dense model's activations) against the sequential one (on the pruned model's own), each checked
     on held-out samples: which one the never-worse check accepts, the output error, the cost."""
     print(f"\n== 3. ResNet-50 re-fit: one pass vs sequential ({samples} samples, {os.cpu_count()} cores visible)")
-    mpath, cpath = export_resnet50(tmp), tmp / f"r50_refit_{samples}.npz"
+    mpath, cpath, tpath = export_resnet50(tmp), tmp / f"r50_refit_{samples}.npz", tmp / "r50_refit_test.npz"
     rng = np.random.default_rng(1)
-    low = rng.normal(size=(samples, 3, 14, 14)).astype(np.float32)
-    np.savez(cpath, x=np.repeat(np.repeat(low, 16, axis=2), 16, axis=3))
-    del low
+    low = rng.normal(size=(samples + 32, 3, 14, 14)).astype(np.float32)
+    images = np.repeat(np.repeat(low, 16, axis=2), 16, axis=3)
+    np.savez(cpath, x=images[:samples])
+    np.savez(tpath, x=images[samples:])  # 32 images no fit and no check sees
+    del low, images
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     for name, seq in (("one pass (dense activations)", False), ("sequential (own activations)", True)):
-        args = {"model": str(mpath), "calib": str(cpath), "macs": 0.5, "sequential": seq, "stages": stages}
+        args = {"model": str(mpath), "calib": str(cpath), "test": str(tpath), "macs": 0.5, "sequential": seq,
+                "stages": stages}
         r = subprocess.run([sys.executable, "-c", REFIT_CHILD, json.dumps(args)], capture_output=True, text=True, env=env)
         if r.returncode:
             print(f"  {name}: failed: {r.stderr[-800:]}")
@@ -215,9 +225,11 @@ def resnet50_refit(tmp: Path, samples: int, stages: int | None) -> None:
         res = json.loads(r.stdout.strip().splitlines()[-1])
         rej = ", ".join(f"{x['method']} rejected (mean rel-L2 {x['mean_rel_l2_after']:.3g})" for x in res["rejected"] or [])
         errs = ", ".join(f"{k} {e['rel_l2_before']:.3g} -> {e['rel_l2_after']:.3g}" for k, e in (res["outputs"] or {}).items())
+        cond = "n/a" if not res["worst_condition"] else f"{res['worst_condition']:.3g}"
         print(f"  {name:<30} kept: {res['method']:<5} {rej or 'accepted'}; output rel-L2 vs dense on "
-              f"{res['check_samples']} held-out samples: {errs}; stages {res['stages']}; worst condition "
-              f"{res['worst_condition']:.3g}; {res['wall_s']:.0f} s wall, peak RSS {res['peak_rss_mb'] / 1024:.2f} GB")
+              f"{res['check_samples']} held-out check samples: {errs}; on 32 unseen test images: "
+              f"{res['test_rel_l2']:.3g}; stages {res['stages']}; worst condition {cond}; {res['wall_s']:.0f} s wall, "
+              f"peak RSS {res['peak_rss_mb'] / 1024:.2f} GB")
     print(f"  load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
