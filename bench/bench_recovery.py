@@ -196,7 +196,7 @@ wall, c = time.perf_counter() - t, r.summary["calibration"]
 dense, got = run(model, test)["y"], run(r.model, test)["y"]
 print(json.dumps({"wall_s": wall, "peak_rss_mb": peak_rss_bytes()[0] / 2**20,
                   "test_rel_l2": float(np.linalg.norm(got - dense) / np.linalg.norm(dense)),
-                  **{k: c.get(k) for k in ("method", "rejected", "outputs", "stages", "check", "check_samples",
+                  **{k: c.get(k) for k in ("method", "rejected", "candidates", "outputs", "stages", "check", "check_samples",
                                            "fit_samples", "seconds")},
                   "worst_condition": max((l.get("condition") or 0 for l in c["layers"]), default=None)}))
 """
@@ -224,9 +224,11 @@ def resnet50_refit(tmp: Path, samples: int, stages: int | None) -> None:
             continue
         res = json.loads(r.stdout.strip().splitlines()[-1])
         rej = ", ".join(f"{x['method']} rejected (mean rel-L2 {x['mean_rel_l2_after']:.3g})" for x in res["rejected"] or [])
+        cands = ", ".join(f"{m} {e:.3g}" for m, e in (res["candidates"] or {}).items())
         errs = ", ".join(f"{k} {e['rel_l2_before']:.3g} -> {e['rel_l2_after']:.3g}" for k, e in (res["outputs"] or {}).items())
         cond = "n/a" if not res["worst_condition"] else f"{res['worst_condition']:.3g}"
-        print(f"  {name:<30} kept: {res['method']:<5} {rej or 'accepted'}; output rel-L2 vs dense on "
+        print(f"  {name:<30} kept: {res['method']:<5} {rej or 'none rejected'}; candidates on the check: {cands}; "
+              "output rel-L2 vs dense on "
               f"{res['check_samples']} held-out check samples: {errs}; on 32 unseen test images: "
               f"{res['test_rel_l2']:.3g}; stages {res['stages']}; worst condition {cond}; {res['wall_s']:.0f} s wall, "
               f"peak RSS {res['peak_rss_mb'] / 1024:.2f} GB")

@@ -89,11 +89,13 @@ class StructuredCalibration:
     """Calibration of one structured pruning run (``prune_structured(..., calibration=...)``).
 
     ``inputs``: calibration samples per model input. ``method``: ``refit`` (least squares, the
-    default), ``bn`` (relative BN / bias shift only) or ``none`` (statistics and errors only).
+    default), ``bn`` (relative BN / bias shift only) or ``none`` (statistics and errors only); the
+    given method and the simpler ones after it are all tried, and the one whose outputs are closest
+    to the dense model's on the check samples is kept (``candidates`` in the summary).
     ``sequential`` (default): the re-fit is fitted on the pruned model's own activations, stage by
     stage (:mod:`.sequential`, at most ``stages`` passes; None: one per depth); False: one pass on
-    the dense model's. The last :func:`check_count` samples are held out of every fit: the
-    never-worse check of the outputs runs on them. ``mask``: the input holding an attention mask
+    the dense model's. The last :func:`check_count` samples are held out of every fit: that choice
+    (never worse than no calibration) is made on them. ``mask``: the input holding an attention mask
     (default: found by name, see :func:`.mask.mask_input`); padding positions count nowhere."""
 
     inputs: Mapping[str, np.ndarray]
@@ -168,22 +170,23 @@ class StructuredCalibration:
         self.reference = run(dense, check)
         before = run(pruned, check)
         cmask = check.get(mask) if mask else None
-        rejected, stage_count = [], 0
-        for method in METHODS[METHODS.index(self.method):]:  # refit, then the shift, then nothing
+        rejected, tried, stage_count = [], [], 0
+        for method in METHODS[METHODS.index(self.method):]:  # refit, the shift, nothing: the best on the check
             out, entries, failed = self._edited(pruned, touched, view, cuts, method)
             if method == "refit" and self.sequential and entries:
                 out, entries, failed, stage_count = self._sequential(view, dense, out, touched, cuts, entries, failed, mask)
             after = run(out, check) if entries and method != "none" else before
             errors = {k: (masked_rel(ref, before[k], cmask), masked_rel(ref, after[k], cmask))
                       for k, ref in self.reference.items()}
-            # (a NaN after, from a non-finite fit or sample, is worse too)
-            worse = not float(np.mean([a for _, a in errors.values()])) <= float(np.mean([b for b, _ in errors.values()])) \
-                if errors else False
-            if not worse:
-                break
-            rejected.append({"method": method, "mean_rel_l2_after": float(np.mean([a for _, a in errors.values()])),
-                             "reason": "the outputs moved further from the dense model's on the "
-                                       + ("held-out check samples" if held_out else "check samples")})
+            mean_after = float(np.mean([a for _, a in errors.values()])) if errors else 0.0
+            mean_before = float(np.mean([b for b, _ in errors.values()])) if errors else 0.0
+            score = mean_after if np.isfinite(mean_after) else float("inf")  # (NaN: from a non-finite fit)
+            tried.append((score, len(tried), method, out, entries, failed, errors))
+            if not mean_after <= mean_before:
+                rejected.append({"method": method, "mean_rel_l2_after": mean_after,
+                                 "reason": "the outputs moved further from the dense model's on the "
+                                           + ("held-out check samples" if held_out else "check samples")})
+        _, _, method, out, entries, failed, errors = min(tried, key=lambda c: c[:2])
         summary: dict[str, Any] = {"method": method, "samples": int(len(next(iter(self.inputs.values())))),
                                    "fit_samples": int(len(next(iter(self.fit_inputs.values())))),
                                    "rows_per_layer": self.rows, "ridge": self.ridge, "layers": entries,
@@ -199,6 +202,7 @@ class StructuredCalibration:
             summary["mask"] = mask
         if rejected:
             summary["rejected"] = rejected
+        summary["candidates"] = {c[2]: float(np.mean([a for _, a in c[6].values()])) if c[6] else 0.0 for c in tried}
         summary["outputs"] = {k: {"rel_l2_before": b, "rel_l2_after": a} for k, (b, a) in errors.items()}
         summary["check_samples"] = int(len(next(iter(check.values()))))
         summary["check"] = "held_out" if held_out else "in_sample"
