@@ -46,6 +46,7 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
     "reconstruct": ("--reconstruct", ("unstructured", "nm")),
     "allow_io_change": ("--allow-io-change", ("structured",)),
     "prune_hidden": ("--prune-hidden", ("structured",)),
+    "calibration_mask": ("--calibration-mask", ("structured",)),
 }
 
 
@@ -93,6 +94,9 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
               help="Unlabeled data: structured: re-fit the layers reading pruned channels toward the dense model; "
                    "enables --criterion activation|wanda and --reconstruct.")
 @click.option("--calibration-samples", default=None, metavar="N", help="Samples taken from --calibrate (default 256).")
+@click.option("--calibration-mask", default=None, metavar="NAME",
+              help="[structured] with --calibrate: the input holding a 0/1 attention mask; padding positions count "
+                   "in no statistic (default: an integer input named like *mask*).")
 @click.option("--reconstruct", is_flag=True,
               help="[unstructured, N:M] with --calibrate: update the remaining weights to compensate the zeroed ones.")
 @json_option
@@ -176,7 +180,10 @@ def _structured(model: str, opts: dict[str, Any]):
 
         if "input_shapes" not in kwargs:  # the data's shapes fix symbolic dims (batch 1 for the figures)
             kwargs["input_shapes"] = data_input_shapes(inputs, batch=1)
-        kwargs["calibration"] = StructuredCalibration(inputs, progress=opts["progress"])
+        from ..calibration import calibration_split
+
+        kwargs["calibration"] = StructuredCalibration(inputs, progress=opts["progress"], mask=opts["calibration_mask"],
+                                                      split=calibration_split(opts["calibrate"]))
     from ..structured.prune import prune_structured
 
     for flag in ("allow_io_change", "prune_hidden"):
@@ -373,8 +380,9 @@ def _calibration_inputs(model: str, opts: dict[str, Any], criterion: str):
         if criterion in ("activation", "wanda") or opts.get("reconstruct"):
             what = "--reconstruct" if opts.get("reconstruct") else f"criterion {criterion}"
             raise OnnxPruneError(f"{what} needs calibration data: pass --calibrate SPEC (unlabeled inputs)")
-        if opts["calibration_samples"] is not None:
-            raise OnnxPruneError("--calibration-samples needs --calibrate SPEC")
+        for flag in ("calibration_samples", "calibration_mask"):
+            if opts[flag] is not None:
+                raise OnnxPruneError(f"--{flag.replace('_', '-')} needs --calibrate SPEC")
         return None
     from ..calibration import calibration_inputs
     from ..model_io import load_graph
@@ -400,7 +408,10 @@ def _reconstruct(result, cal, opts: dict[str, Any]) -> None:
     if cal is None:
         return
     if opts["reconstruct"]:
+        from ..calibration import calibration_split
+
         result.model, result.summary["calibration"] = cal.reconstruct(result.model)
+        result.summary["calibration"]["split"] = calibration_split(opts["calibrate"])
     if opts["sparse_storage"]:
         from ..sparsity.storage import to_sparse_storage
 
@@ -414,12 +425,18 @@ def _print_calibration(con, cal: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"calibration ({cal['method']}, {cal['samples']} samples, {cal['seconds']:.1f} s): "
-                        "output error relative to the dense model")
+    split = f" from the {cal['split']} split" if cal.get("split") else ""
+    check = {"held_out": f"{cal.get('fit_samples')} fitted, {cal.get('check_samples')} held out for the check",
+             "in_sample": f"checked on {cal.get('check_samples')} of the fitted samples"}.get(cal.get("check"))
+    fit_on = f"; fitted on {cal['fit_on']}" if cal.get("fit_on") and cal["method"] == "refit" else ""
+    con.print(f"calibration: {cal['method']}, {cal['samples']} samples{split}" + (f" ({check})" if check else "")
+              + f"{escape(fit_on)}, {cal['seconds']:.1f} s")
+    table = Table(title="calibration: output error relative to the dense model")
     for col in ("node", "fix", "before", "after"):
         table.add_column(col, justify="left" if col in ("node", "fix") else "right")
     for layer in cal.get("layers", []):
-        table.add_row(escape(layer["node"]), layer["method"], f"{layer['error_before']:.4f}", f"{layer['error_after']:.4f}")
+        table.add_row(escape(layer["node"]), layer["method"], *(("n/a" if layer.get(k) is None else f"{layer[k]:.4f}")
+                                                                for k in ("error_before", "error_after")))
     for name, o in cal.get("outputs", {}).items():
         table.add_row(f"[bold]output {escape(name)}[/bold]", "", f"{o['rel_l2_before']:.4f}", f"{o['rel_l2_after']:.4f}")
     con.print(table)
