@@ -4,6 +4,7 @@
     python bench/bench_recovery.py --no-resnet  # trained models only (about a minute)
     python bench/bench_recovery.py --no-trained --workdir /tmp/r50 [--samples 256]  # ResNet-50 cost only
     python bench/bench_recovery.py --no-resnet --no-trained --quick  # 3. only, short schedules (~2 min)
+    python bench/bench_recovery.py --refit-only --workdir /tmp/r50 [--refit-samples 64]  # 4. only: one-pass vs sequential re-fit
 
 1. Small models trained here (a digits classifier CNN; a dense-prediction net with two outputs,
    BatchNorm folded), pruned to 2x and 4x fewer MACs (``target_macs`` 0.5 / 0.25, local L1), then
@@ -26,6 +27,10 @@
 2. Cost of calibrating ResNet-50 (bench/nets.py, seeded weights) with 256 samples at 224x224:
    wall time of the calibration (the whole prune call too) and peak RSS, on this machine's cores.
    Targets: < 60 s and < 4 GB on 2 cores.
+4. ResNet-50 at 2x fewer MACs, the re-fit on the dense model's activations (one pass) against the
+   sequential re-fit on the pruned model's own, both checked on held-out samples: which one the
+   never-worse check keeps, the output error against dense, the time. Target: the sequential re-fit
+   lowers the output error where the one-pass fit is rejected.
 """
 from __future__ import annotations
 
@@ -191,16 +196,22 @@ def recovery_from_few_samples(sizes: tuple[int, ...], steps: int) -> None:
             print(f"  {n:5d} {shown:<44} {acc(m):7.4f} {red:5.2f}x {h['best_step']:9d} {time.perf_counter() - t:7.1f}")
 
 
-def resnet50(tmp: Path, samples: int) -> None:
+def export_resnet50(tmp: Path) -> Path:
+    """ResNet-50 (bench/nets.py, seeded weights) as ONNX in ``tmp`` (reused when there)."""
     import torch
 
     from nets import build
 
-    print(f"\n== 2. calibrating ResNet-50 with {samples} samples at 224x224 ({os.cpu_count()} cores visible)")
     mpath = tmp / "r50.onnx"
     if not mpath.exists():
         torch.onnx.export(build("resnet50").eval(), torch.zeros(1, 3, 224, 224), str(mpath), input_names=["x"],
                           output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=13, dynamo=False)
+    return mpath
+
+
+def resnet50(tmp: Path, samples: int) -> None:
+    print(f"\n== 2. calibrating ResNet-50 with {samples} samples at 224x224 ({os.cpu_count()} cores visible)")
+    mpath = export_resnet50(tmp)
     rng = np.random.default_rng(0)
     # smooth random images (not white noise): low-resolution noise upsampled
     low = rng.normal(size=(samples, 3, 14, 14)).astype(np.float32)
@@ -221,6 +232,64 @@ def resnet50(tmp: Path, samples: int) -> None:
           "over the cores is the idle-machine floor")
 
 
+REFIT_CHILD = r"""
+import json, sys, time
+import numpy as np, onnx
+from onnxprune.calibration import StructuredCalibration
+from onnxprune.calibration.collect import run
+from onnxprune.structured.prune import prune_structured
+from onnxprune.profiling.memory import peak_rss_bytes
+a = json.loads(sys.argv[1])
+with np.load(a["calib"]) as z:
+    cal = StructuredCalibration({k: z[k] for k in z.files}, sequential=a["sequential"], stages=a.get("stages"))
+with np.load(a["test"]) as z:
+    test = {k: z[k] for k in z.files}
+t = time.perf_counter()
+model = onnx.load(a["model"])
+r = prune_structured(model, target_macs=a["macs"], calibration=cal)
+wall, c = time.perf_counter() - t, r.summary["calibration"]
+dense, got = run(model, test)["y"], run(r.model, test)["y"]
+print(json.dumps({"wall_s": wall, "peak_rss_mb": peak_rss_bytes()[0] / 2**20,
+                  "test_rel_l2": float(np.linalg.norm(got - dense) / np.linalg.norm(dense)),
+                  **{k: c.get(k) for k in ("method", "rejected", "candidates", "outputs", "stages", "check", "check_samples",
+                                           "fit_samples", "seconds")},
+                  "worst_condition": max((l.get("condition") or 0 for l in c["layers"]), default=None)}))
+"""
+
+
+def resnet50_refit(tmp: Path, samples: int, stages: int | None) -> None:
+    """3. ResNet-50 (seeded weights, smooth random images) at 2x fewer MACs: the one-pass re-fit (on the
+    dense model's activations) against the sequential one (on the pruned model's own), each checked
+    on held-out samples: which one the never-worse check accepts, the output error, the cost."""
+    print(f"\n== 4. ResNet-50 re-fit: one pass vs sequential ({samples} samples, {os.cpu_count()} cores visible)")
+    mpath, cpath, tpath = export_resnet50(tmp), tmp / f"r50_refit_{samples}.npz", tmp / "r50_refit_test.npz"
+    rng = np.random.default_rng(1)
+    low = rng.normal(size=(samples + 32, 3, 14, 14)).astype(np.float32)
+    images = np.repeat(np.repeat(low, 16, axis=2), 16, axis=3)
+    np.savez(cpath, x=images[:samples])
+    np.savez(tpath, x=images[samples:])  # 32 images no fit and no check sees
+    del low, images
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    for name, seq in (("one pass (dense activations)", False), ("sequential (own activations)", True)):
+        args = {"model": str(mpath), "calib": str(cpath), "test": str(tpath), "macs": 0.5, "sequential": seq,
+                "stages": stages}
+        r = subprocess.run([sys.executable, "-c", REFIT_CHILD, json.dumps(args)], capture_output=True, text=True, env=env)
+        if r.returncode:
+            print(f"  {name}: failed: {r.stderr[-800:]}")
+            continue
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        rej = ", ".join(f"{x['method']} rejected (mean rel-L2 {x['mean_rel_l2_after']:.3g})" for x in res["rejected"] or [])
+        cands = ", ".join(f"{m} {e:.3g}" for m, e in (res["candidates"] or {}).items())
+        errs = ", ".join(f"{k} {e['rel_l2_before']:.3g} -> {e['rel_l2_after']:.3g}" for k, e in (res["outputs"] or {}).items())
+        cond = "n/a" if not res["worst_condition"] else f"{res['worst_condition']:.3g}"
+        print(f"  {name:<30} kept: {res['method']:<5} {rej or 'none rejected'}; candidates on the check: {cands}; "
+              "output rel-L2 vs dense on "
+              f"{res['check_samples']} held-out check samples: {errs}; on 32 unseen test images: "
+              f"{res['test_rel_l2']:.3g}; stages {res['stages']}; worst condition {cond}; {res['wall_s']:.0f} s wall, "
+              f"peak RSS {res['peak_rss_mb'] / 1024:.2f} GB")
+    print(f"  load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-resnet", action="store_true", help="skip the ResNet-50 cost measurement")
@@ -229,16 +298,22 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="keep files here (the ResNet-50 export is reused)")
     ap.add_argument("--no-few-samples", action="store_true", help="skip 3. (recovery at 4x from N unlabeled samples)")
     ap.add_argument("--quick", action="store_true", help="3. with 500 steps per training instead of 2000")
+    ap.add_argument("--refit-only", action="store_true", help="only part 4: ResNet-50 one-pass vs sequential re-fit")
+    ap.add_argument("--refit-samples", type=int, default=64, help="part 4's calibration samples (default 64)")
+    ap.add_argument("--refit-stages", type=int, default=None,
+                    help="part 4: group the sequential re-fit's depths into this many passes (default: one per depth)")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
         work = Path(a.workdir or d)
         work.mkdir(parents=True, exist_ok=True)
-        if not a.no_trained:
+        if not a.no_trained and not a.refit_only:
             trained_models(work)
-        if not a.no_few_samples:
+        if not a.no_few_samples and not a.refit_only:
             recovery_from_few_samples((256, 512, 2048), 500 if a.quick else 2000)
-        if not a.no_resnet:
+        if not a.no_resnet and not a.refit_only:
             resnet50(work, a.samples)
+        if not a.no_resnet:
+            resnet50_refit(work, a.refit_samples, a.refit_stages)
     return 0
 
 

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("run_cmd:report_cmd", "Re-render the report of a run directory."),
     "compare-runs": ("run_cmd:compare_runs_cmd", "Put two run directories side by side."),
     "quantize": ("quantize_cmd:quantize_cmd", "INT8 (QDQ) or FP16 quantization, checked against the float model."),
+    "optimize": ("optimize_cmd:optimize_cmd", "From a model, a speed goal and a quality bound to the model to ship."),
     "demo": ("demo_cmd:demo_cmd", "Train a small CNN on digits, prune, retrain, profile and report."),
     "cache": ("cache_cmd:cache_cmd", "Show (info) or empty (clear) the cache of measured latency tables."),
 }

@@ -179,3 +179,76 @@ def train_scaled_mlp(seed: int = 0, epochs: int = 15):
     tt = torch.from_numpy(target)
     _fit(net, [x], lambda out, b: nn.functional.mse_loss(out, tt[b]), epochs, seed=seed)
     return _export(net, torch.zeros(1, 16)), x[:512], x[1500:]
+
+
+def train_deep_resnet(seed: int = 0, blocks: int = 15, width: int = 12, epochs: int = 3):
+    """A narrow ResNet on digits: a stem conv and ``blocks`` basic blocks (two 3x3 convs, BatchNorm,
+    identity shortcut): ``1 + 2 * blocks`` convs (31 by default). Returns (onnx model, x_train, x_test)."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                                   nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+
+        def forward(self, x):
+            return torch.relu(x + self.f(x))
+
+    torch.manual_seed(seed)
+    x, y = digits()
+    idx = np.random.default_rng(seed).permutation(len(x))
+    tr, te = idx[:1400], idx[1400:]
+    net = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                        *[Block() for _ in range(blocks)], nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
+    yt = torch.from_numpy(y[tr])
+    _fit(net, [x[tr]], lambda out, b: nn.functional.cross_entropy(out, yt[b]), epochs, seed=seed)
+    return _export(net, torch.zeros(1, 1, 8, 8)), x[tr], x[te]
+
+
+def token_batches(n: int, seed: int = 0, seq: int = 32, vocab: int = 40):
+    """Token sequences of 3-8 real tokens padded to ``seq`` (id 0, mask 0): (ids, mask, target [n, 2])."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((n, seq), np.int64)
+    mask = np.zeros((n, seq), np.int64)
+    for i in range(n):
+        k = rng.integers(3, 9)
+        ids[i, :k] = rng.integers(1, vocab, k)
+        mask[i, :k] = 1
+    v = (ids % 7).astype(np.float32) * mask
+    target = np.stack([v.sum(1) / mask.sum(1), (v > 3).sum(1) / mask.sum(1)], 1).astype(np.float32)
+    return ids, mask, target
+
+
+def train_masked_encoder(seed: int = 0, epochs: int = 12, seq: int = 32):
+    """A transformer-ish token model: token + position embedding, a per-token FFN (Linear-ReLU-Linear,
+    residual), masked mean pooling over real tokens, a Linear head; inputs int64 ``input_ids`` and
+    ``attention_mask`` [batch, seq]. Trained on generated sequences where most positions are padding.
+    Returns (onnx model, calibration inputs, test inputs)."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(40, 16)
+            self.pos = nn.Embedding(seq, 16)
+            self.ffn = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16))
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.tok(input_ids) + self.pos.weight[None, : input_ids.shape[1]]
+            h = h + self.ffn(h)
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            return self.head((h * m).sum(1) / m.sum(1))
+
+    torch.manual_seed(seed)
+    ids, mask, target = token_batches(1200, seed, seq)
+    net = Net()
+    tt = torch.from_numpy(target)
+    _fit(net, [ids, mask], lambda out, b: nn.functional.mse_loss(out, tt[b]), epochs, seed=seed)
+    model = _export(net, (torch.zeros(1, seq, dtype=torch.long), torch.ones(1, seq, dtype=torch.long)),
+                    names=("input_ids", "attention_mask"))
+    ti, tm, _ = token_batches(300, seed + 1, seq)
+    return model, {"input_ids": ids[:256], "attention_mask": mask[:256]}, {"input_ids": ti, "attention_mask": tm}

@@ -183,9 +183,18 @@ def test_calibration_cuts_error_on_a_random_net():
     assert errs["refit"] < errs["none"] / 3 and errs["bn"] < errs["none"], errs
 
 
+def _refit_only(edited):
+    """``_edited`` whose shift and no-change candidates are the refit's (so the refit's entries are kept)."""
+    def only(self, pruned, touched, view, cuts, method):
+        return edited(self, pruned, touched, view, cuts, "refit")
+    return only
+
+
 def test_a_fit_that_moves_the_outputs_away_from_dense_is_not_used(monkeypatch):
     """Each layer's fit is checked on the whole model: a re-fit that makes the outputs worse (collinear
-    inputs amplified layer after layer, here forced) falls back to the shift, then to no change."""
+    inputs amplified layer after layer, here forced) falls back to the shift, then to no change. The
+    sequential re-fit also checks each layer on its held-out rows: a wild fit is not written at all."""
+    import onnxprune.calibration.sequential as sequential
     import onnxprune.calibration.structured as structured
 
     m = _cnn()
@@ -197,12 +206,25 @@ def test_a_fit_that_moves_the_outputs_away_from_dense_is_not_used(monkeypatch):
         return a * 50.0, err
 
     monkeypatch.setattr(structured, "ridge_refit", wild)
+    monkeypatch.setattr(sequential, "ridge_refit", wild)
     cal = prune_structured(m, ratio=0.5, calibration=StructuredCalibration({"x": x})).summary["calibration"]
+    assert "rejected" not in cal and cal["method"] == "bn", cal  # the shift does better than no re-fit
+    before = cal["outputs"]["y"]["rel_l2_before"]
+    assert cal["candidates"]["refit"] == pytest.approx(before) and cal["candidates"]["bn"] < before
+    monkeypatch.setattr(StructuredCalibration, "_edited", _refit_only(StructuredCalibration._edited))
+    cal = prune_structured(m, ratio=0.5, calibration=StructuredCalibration({"x": x})).summary["calibration"]
+    assert {layer["method"] for layer in cal["layers"]} == {"none"}, cal  # no wild layer written
+    assert all(layer["check_error_after"] == layer["check_error_before"] for layer in cal["layers"])
+    monkeypatch.undo()
+    monkeypatch.setattr(structured, "ridge_refit", wild)
+    one_pass = StructuredCalibration({"x": x}, sequential=False)
+    cal = prune_structured(m, ratio=0.5, calibration=one_pass).summary["calibration"]
     assert [r["method"] for r in cal["rejected"]] == ["refit"] and cal["method"] == "bn", cal
+    assert "held-out check samples" in cal["rejected"][0]["reason"]
     out = cal["outputs"]["y"]
     assert out["rel_l2_after"] < out["rel_l2_before"]
     monkeypatch.setattr(structured, "shift_fit", lambda st, cols, outs, a0, scale: (a0 * 50.0, 50.0, 0.0))
-    cal = prune_structured(m, ratio=0.5, calibration=StructuredCalibration({"x": x})).summary["calibration"]
+    cal = prune_structured(m, ratio=0.5, calibration=StructuredCalibration({"x": x}, sequential=False)).summary["calibration"]
     assert [r["method"] for r in cal["rejected"]] == ["refit", "bn"] and cal["method"] == "none", cal
     assert cal["outputs"]["y"]["rel_l2_after"] == cal["outputs"]["y"]["rel_l2_before"]
 

@@ -202,7 +202,7 @@ class FakeTimer:
 
         self.optimism, self.drop, self.runs, self.layer_of = optimism, drop, {}, {}
         monkeypatch.setattr(lt, "_measure_chunk", self.chunk)
-        monkeypatch.setattr(lt, "_dense_ms", lambda path, profile, shapes: self.cost(path))
+        monkeypatch.setattr(lt, "_dense_ms", lambda path, profile, shapes, where=None: self.cost(path))
         monkeypatch.setattr(la, "_interleaved", self.interleaved)
         real_chunks = lt._chunks
 
@@ -217,7 +217,11 @@ class FakeTimer:
     def cost(path) -> float:
         return sum(_cost_by_node(path).values())
 
-    def chunk(self, path, profile, tags, batch):
+    def chunk(self, path, profile, tags, batch, where=None):
+        if where is not None:  # a real timing records the machine it ran on (the table's cache key checks it)
+            from onnxprune.profiling.provenance import machine_fingerprint
+
+            where.append({"fingerprint": machine_fingerprint(profile), "co_tenancy": "exclusive"})
         per_node = _cost_by_node(path)
         return {t: per_node[t] for t, (i, side, w) in tags.items() if not self.drop(self.layer_of[t], side, w)}
 

@@ -74,7 +74,7 @@ def test_profile_record_says_where_and_how(model):
 def test_threads_are_read_from_the_runtime(model):
     default = profile_model(model, [profile_from_dict({**FAST, "threads": {"intra_op": 0}})], memory=False)
     thr = default["results"][0]["measured_on"]["threads"]
-    assert thr["intra_op"] == provenance.machine_facts()["default_threads"] and "default" in thr["source"]
+    assert thr["intra_op"] == provenance.machine_facts()["default_threads"] and "profile's 0" in thr["source"]
     two = profile_model(model, [profile_from_dict({**FAST, "threads": {"intra_op": 2}})], memory=False)
     assert two["results"][0]["measured_on"]["threads"]["intra_op"] == 2
 

@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
 def test_static_int8_qdq_keeps_the_trained_model_close_and_holds_samples_out(trained, tmp_path):
     out = tmp_path / "q.onnx"
     code, stdout, err = run_cli("quantize", trained, "-o", out, "--calibrate", "digits", "--calibration-samples", "128",
-                                "--check-samples", "64", "--json")
+                                "--check-samples", "64", "--output-kind", "output=scores", "--json")
     assert code == 0, err
     res = json.loads(stdout)
     assert res["format"] == "qdq" and res["per_channel"] is True
@@ -68,7 +68,7 @@ def test_fp16_for_gpu_profiles_keeps_float32_io(trained, tmp_path):
     m = onnx.load(out)
     assert m.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
     assert any(t.data_type == TensorProto.FLOAT16 for t in m.graph.initializer)
-    assert res["fidelity"]["outputs"]["output"]["cosine"] > 0.999
+    assert res["fidelity"]["outputs"]["output"]["cosine"] > 0.999 and res["fidelity"]["output_kinds"] == {"output": "value"}
     assert plan_for(None, "ort-cuda")["format"] == "fp16"
 
 

@@ -26,20 +26,32 @@ GENERATED = {
 
 # ---- commands ------------------------------------------------------------------------------------
 def commands() -> dict[str, click.Command]:
-    """Every ``onnxprune`` command, by name (imports each command module)."""
+    """Every ``onnxprune`` command, by name (imports each command module); a group's subcommands
+    follow it as ``"group sub"``."""
     from onnxprune.cli import cli
 
     ctx = click.Context(cli)
-    return {name: cli.get_command(ctx, name) for name in cli.list_commands(ctx)}
+    out: dict[str, click.Command] = {}
+    for name in cli.list_commands(ctx):
+        cmd = cli.get_command(ctx, name)
+        out[name] = cmd
+        if isinstance(cmd, click.Group):
+            sub_ctx = click.Context(cmd, parent=ctx)
+            out.update({f"{name} {sub}": cmd.get_command(sub_ctx, sub) for sub in cmd.list_commands(sub_ctx)})
+    return out
 
 
 def command_flags(cmd: click.Command) -> set[str]:
-    """Every option string of ``cmd`` (``--ratio``, ``-o``, ``--no-gzip`` ...)."""
+    """Every option string of ``cmd`` (``--ratio``, ``-o``, ``--no-gzip`` ...); for a group, its
+    subcommands' too (a page may write ``onnxprune cache clear --json``)."""
     out = {"--help", "-h"}
     for p in cmd.params:
         if isinstance(p, click.Option):
             out.update(p.opts)
             out.update(p.secondary_opts)
+    if isinstance(cmd, click.Group):
+        for sub in cmd.commands.values():
+            out |= command_flags(sub)
     return out
 
 
@@ -76,6 +88,10 @@ def cli_reference() -> str:
              "Global options: `onnxprune [--debug] [--version] COMMAND ...` (`--debug` shows the traceback of an "
              "internal error).", ""]
     for name, cmd in commands().items():
+        if isinstance(cmd, click.Group):
+            lines += [f"## `onnxprune {name}`", "", inspect.cleandoc(cmd.help or ""), "",
+                      "Subcommands: " + ", ".join(f"`{name} {sub}`" for sub in sorted(cmd.commands)), ""]
+            continue
         ctx = click.Context(cmd, info_name=f"onnxprune {name}", parent=click.Context(cli, info_name="onnxprune"))
         usage = " ".join(cmd.collect_usage_pieces(ctx))
         lines += [f"## `onnxprune {name}`", "", inspect.cleandoc(cmd.help or "").replace("\b\n", ""), "",

@@ -82,6 +82,59 @@ def batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[
         yield {k: v[i:i + batch_size] for k, v in inputs.items()}
 
 
+def run_batches(sess, names: Sequence[str], inputs: Mapping[str, np.ndarray], batch_size: int,
+                fixed: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """The one batched runner: per batch, (the batch's inputs, ``names`` computed on it). A model
+    whose batch dimension is ``fixed`` gets batches of exactly that size: the last one padded with
+    copies of its first sample, whose outputs are dropped. Feeds the model does not read are left out."""
+    feeds = {i.name for i in sess.get_inputs()}
+    bs = fixed or batch_size
+    for b in batches(inputs, bs):
+        real = len(next(iter(b.values())))
+        feed = {k: v for k, v in b.items() if k in feeds}
+        if fixed and real < fixed:
+            feed = {k: np.concatenate([v, np.repeat(v[:1], fixed - real, axis=0)]) for k, v in feed.items()}
+        got = sess.run(list(names), feed)
+        yield b, {k: v[:real] for k, v in zip(names, got)}
+
+
+def prefix(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that computes only ``outputs`` (intermediate tensors or graph outputs):
+    the nodes they need, every graph input kept. Running a stage of a deep model costs its prefix."""
+    m = with_outputs(model, outputs)
+    want = set(outputs)
+    needed: list[onnx.NodeProto] = []
+    for node in reversed(list(m.graph.node)):
+        if want & set(node.output):
+            needed.append(node)
+            want |= {i for i in node.input if i} | _outer_names(node)
+    keep = {id(n) for n in needed}
+    nodes = [n for n in m.graph.node if id(n) in keep]
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    outs = [o for o in m.graph.output if o.name in set(outputs)]
+    del m.graph.output[:]
+    m.graph.output.extend(outs)
+    dropped = {t.name for t in m.graph.initializer if t.name not in want}
+    inits = [t for t in m.graph.initializer if t.name in want]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(inits)
+    ins = [i for i in m.graph.input if i.name not in dropped]  # (IR < 4 lists initializers as inputs too)
+    del m.graph.input[:]
+    m.graph.input.extend(ins)
+    return m
+
+
+def _outer_names(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name read inside ``node``'s subgraphs (If/Loop/Scan read outer-scope tensors)."""
+    names: set[str] = set()
+    for a in node.attribute:
+        for g in list(a.g.node and [a.g] or []) + list(a.graphs):
+            for n in g.node:
+                names |= {i for i in n.input if i} | _outer_names(n)
+    return names
+
+
 @contextmanager
 def progress_bar(total: int, what: str, enabled: bool):
     """A rich progress bar on stderr (nothing when disabled); yields ``advance(n)``."""
@@ -100,13 +153,12 @@ def run(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], *, batch_size:
     """The graph outputs of ``model`` on ``inputs``, batched."""
     sess = session(model)
     names = [o.name for o in sess.get_outputs()]
-    bs = fixed_batch(model) or batch_size
     n = len(next(iter(inputs.values())))
     parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
     with progress_bar(n, what, progress) as advance:
-        for b in batches(inputs, bs):
-            for k, v in zip(names, sess.run(names, b)):
-                parts[k].append(v)
+        for b, got in run_batches(sess, names, inputs, batch_size, fixed_batch(model)):
+            for k in names:
+                parts[k].append(got[k])
             advance(len(next(iter(b.values()))))
     return {k: np.concatenate(v) for k, v in parts.items()}
 
@@ -127,8 +179,8 @@ def _batch_size(model: onnx.ModelProto, tensors: Sequence[str], inputs: Mapping[
 def collect_stats(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], layers: Sequence[Layer],
                   shapes: Mapping[str, tuple[int, ...]], *, full: bool = True, rows: int = DEFAULT_ROWS,
                   keep_outputs: int = 0, batch_size: int = 16, seed: int = 0,
-                  progress: bool = False, affine: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None
-                  ) -> tuple[dict[str, RowStats], dict[str, np.ndarray]]:
+                  progress: bool = False, affine: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                  mask: str | None = None) -> tuple[dict[str, RowStats], dict[str, np.ndarray]]:
     """Statistics of every layer on ``inputs`` (one pass of ``model``), and the graph outputs of the
     first ``keep_outputs`` samples (the reference that errors after calibration are measured on).
 
@@ -151,14 +203,17 @@ def collect_stats(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], laye
         stats[l.node] = RowStats(d=int(d), out=int(w[l.out_axis]), full=full)
     kept: dict[str, list[np.ndarray]] = {k: [] for k in graph_outs}
     rng = np.random.default_rng(seed)
-    bs = fixed_batch(model) or _batch_size(model, tensors, inputs, batch_size)
+    bs = _batch_size(model, tensors, inputs, batch_size)
     done = 0
     pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {l.node: [] for l in layers}
     with progress_bar(n, "calibration: collecting activations", progress) as advance:
-        for b in batches(inputs, bs):
-            got = {**b, **dict(zip(names, sess.run(names, b)))}
+        for b, outs in run_batches(sess, names, inputs, bs, fixed_batch(model)):
+            got = {**b, **outs}
+            m = got.get(mask) if mask else None
             for l in layers:
-                pending[l.node].append(l.rows(got[l.x], None if l.node in affine else got[l.y], per_sample, rng))
+                x = got[l.x]
+                pending[l.node].append(l.rows(x, None if l.node in affine else got[l.y], per_sample, rng,
+                                              l.valid_positions(x.shape, m)))
                 if sum(x.nbytes for x, _ in pending[l.node]) >= PENDING_BYTES:
                     _flush(stats[l.node], pending[l.node], affine.get(l.node))
             if done < keep_outputs:

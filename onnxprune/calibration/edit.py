@@ -34,6 +34,16 @@ class ModelEditor:
             name, k = f"{base}_{k}", k + 1
         return name
 
+    def added_bias(self, node: onnx.NodeProto) -> str | None:
+        """The bias :meth:`add_bias` gave ``node`` earlier (a re-fit after a re-fit sets it again)."""
+        if node.op_type in ("Conv", "Gemm"):
+            name = node.input[2] if len(node.input) > 2 else ""
+            return name if ".calibration_bias" in name and name in self.inits else None
+        for add in self.readers.get(node.output[0], []):
+            if add.op_type == "Add" and ".calibration_add" in add.name and add.input[1] in self.inits:
+                return add.input[1]
+        return None
+
     def add_bias(self, node: onnx.NodeProto, bias: np.ndarray, dtype) -> None:
         """Give a Conv/Gemm (as input 2) or MatMul (an Add after it) the bias ``bias``."""
         node_name = node.name or node.output[0]
@@ -61,7 +71,8 @@ def write_layer(ed: ModelEditor, layer, node: onnx.NodeProto, a: np.ndarray, sha
     weight (of ``shape``) and bias, adding a bias where the layer had none and one is needed."""
     ed.set(layer.weight, layer.weight_from(a[:-1].T, shape, dtype))
     bias = a[-1] / layer.beta
-    if layer.bias is not None and layer.bias in ed.inits:
-        ed.set(layer.bias, bias.reshape(tuple(ed.inits[layer.bias].dims)))
+    name = layer.bias if layer.bias is not None and layer.bias in ed.inits else ed.added_bias(node)
+    if name is not None:
+        ed.set(name, bias.reshape(tuple(ed.inits[name].dims)))
     elif np.any(bias != 0):
         ed.add_bias(node, bias, dtype)

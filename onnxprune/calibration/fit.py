@@ -25,51 +25,80 @@ def ridge_fit(st: RowStats, cols: np.ndarray, outs: np.ndarray, ridge: float = D
     """Least squares of the dense outputs ``outs`` on the input columns ``cols`` and an intercept,
     ridge-regularized on the weights only (the intercept carries what removed channels contributed
     on average): ``min ||Z a - Y||^2 + sum_j lam_j ||a_j - prior_j||^2``, ``lam_j`` = ``ridge`` times
-    column j's energy. ``prior`` ([len(cols), len(outs)], default zero) is what the weights shrink
+    column j's centred sum of squares. ``prior`` ([len(cols), len(outs)], default zero) is what the weights shrink
     toward: the layer's original weights keep a column with no signal on the data (a dead channel)
     as it was, where shrinking toward zero would zero it (and ``finetune`` would keep it zero)."""
     return ridge_refit(st, cols, outs, ridge, prior)[0]
 
 
 def ridge_refit(st: RowStats, cols: np.ndarray, outs: np.ndarray, ridge: float = DEFAULT_RIDGE,
-                prior: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+                prior: np.ndarray | None = None, info: dict | None = None) -> tuple[np.ndarray, float]:
     """:func:`ridge_fit` and its :func:`rel_error`, the error from the normal equations
-    (``S a = P + lam (prior - a)``) instead of another ``d^2 x out`` product."""
-    idx = np.append(cols, st.d)
-    s = st.s[np.ix_(idx, idx)]
+    (``C w = Cxy + lam (prior - w)``) instead of another ``d^2 x out`` product. Solved on the centred
+    statistics (the intercept is ``my - mx w``) by :func:`cholesky_solve`; ``info`` (a dict) receives
+    its ``condition`` and ``jitter``."""
     k = len(cols)
-    diag = s[np.arange(k), np.arange(k)].copy()
-    lam = np.where(diag > 0, diag * ridge, 1.0)
-    s[np.arange(k), np.arange(k)] += lam  # (s is a copy: fancy indexing)
-    p = st.p[np.ix_(idx, outs)]
-    rhs = p.copy()
+    c = st.cxx[np.ix_(cols, cols)].copy()
+    var = st.x_var[cols]  # centred: a column's offset goes to the intercept, its spread sets the scale
+    lam = np.where(var > 0, var * ridge, 1.0)
+    c[np.arange(k), np.arange(k)] += lam
+    cxy = st.cxy[np.ix_(cols, outs)]
+    rhs = cxy.copy()
     if prior is not None:
-        rhs[:k] += lam[:, None] * prior
-    try:
-        a = np.linalg.solve(s, rhs)
-    except np.linalg.LinAlgError:
-        a = np.linalg.lstsq(s, rhs, rcond=None)[0]
-    # sum (Za - Y)^2 = a'Sa - 2a'P + yy with S a = rhs - lam a (no ridge on the intercept)
-    shrink = rhs - p
-    shrink[:k] -= lam[:, None] * a[:k]
-    err = np.maximum(st.yy[outs] - np.einsum("ij,ij->j", a, p) + np.einsum("ij,ij->j", a, shrink), 0.0)
+        rhs += lam[:, None] * prior
+    w, solved = cholesky_solve(c, rhs)
+    if info is not None:
+        info.update(solved)
+    a = np.vstack([w, (st.my[outs] - st.mx[cols] @ w)[None, :]])
+    # sum (Za - Y)^2 = Cyy - w'Cxy + w' lam (prior - w) at the solution (the intercept term is zero)
+    shrink = (0.0 if prior is None else lam[:, None] * prior) - lam[:, None] * w
+    err = np.maximum(st.cyy[outs] - np.einsum("ij,ij->j", w, cxy) + np.einsum("ij,ij->j", w, shrink), 0.0)
     ref = float(st.yy[outs].sum())
     return a, (float(np.sqrt(err.sum() / ref)) if ref > 0 else 0.0)
 
 
+#: jitter tried on a matrix that is not numerically positive definite, relative to its mean diagonal
+JITTERS = (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2)
+
+
+def cholesky_solve(s: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+    """``s^-1 rhs`` for a symmetric positive (semi)definite ``s``: Cholesky first, adding increasing
+    diagonal jitter (:data:`JITTERS`) until the factorization succeeds (least squares past the last).
+    Also returns ``condition`` (estimated from the factor's diagonal: ``(max L_ii / min L_ii)^2``, a
+    lower bound of the 2-norm condition number, at no extra cost) and the ``jitter`` that was used
+    (both None when even the largest jitter fails, which only a non-finite matrix does)."""
+    scale = float(np.mean(np.diag(s))) if len(s) else 1.0
+    scale = scale if scale > 0 else 1.0
+    for j in JITTERS:
+        sj = s + np.eye(len(s)) * (j * scale) if j else s
+        try:
+            low = np.linalg.cholesky(sj)
+        except np.linalg.LinAlgError:
+            continue
+        x = np.linalg.solve(sj, rhs)  # (numpy has no triangular solve; the factor proved sj definite)
+        dg = np.abs(np.diag(low))
+        cond = float((dg.max() / dg.min()) ** 2) if len(dg) else 1.0
+        return x, {"condition": cond, "jitter": j * scale}
+    x = np.linalg.lstsq(s, rhs, rcond=None)[0]  # (not definite even with 1% jitter: NaN or inf inside)
+    return x, {"condition": None, "jitter": None}
+
+
 def moments(st: RowStats, cols: np.ndarray, outs: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per output: mean and standard deviation of ``Z[:, cols] @ a`` on the rows."""
+    """Per output: mean and standard deviation of ``Z[:, cols] @ a`` on the rows (with diagonal-only
+    statistics of a very wide layer, the columns' covariances are taken as zero)."""
     mu = st.x_mean[cols]
     mean = mu @ a[:-1] + a[-1]
-    var = np.einsum("io,ij,jo->o", a[:-1], st.covariance(cols), a[:-1])
+    if st.full:
+        var = np.einsum("io,ij,jo->o", a[:-1], st.covariance(cols), a[:-1])
+    else:
+        var = np.einsum("io,i->o", a[:-1] ** 2, st.x_var[cols] / max(st.n, 1))
     return mean, np.sqrt(np.maximum(var, 0.0))
 
 
 def dense_moments(st: RowStats, outs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per output: mean and standard deviation of the dense outputs."""
     n = max(st.n, 1)
-    mean = st.y_sum[outs] / n
-    return mean, np.sqrt(np.maximum(st.yy[outs] / n - mean ** 2, 0.0))
+    return st.my[outs], np.sqrt(np.maximum(st.cyy[outs] / n, 0.0))
 
 
 def shift_fit(st: RowStats, cols: np.ndarray, outs: np.ndarray, a0: np.ndarray, *, scale: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -85,8 +114,11 @@ def shift_fit(st: RowStats, cols: np.ndarray, outs: np.ndarray, a0: np.ndarray, 
     return a, r, c
 
 
-def rel_error(st: RowStats, cols: np.ndarray, outs: np.ndarray, a: np.ndarray) -> float:
-    """``||Z a - Y|| / ||Y||`` over the kept outputs on the sampled rows (relative L2)."""
+def rel_error(st: RowStats, cols: np.ndarray, outs: np.ndarray, a: np.ndarray) -> float | None:
+    """``||Z a - Y|| / ||Y||`` over the kept outputs on the sampled rows (relative L2); None from
+    diagonal-only statistics (a very wide layer), which do not determine it."""
+    if not st.full:
+        return None
     ref = float(st.yy[outs].sum())
     return float(np.sqrt(st.sq_error(cols, outs, a).sum() / ref)) if ref > 0 else 0.0
 
@@ -101,6 +133,5 @@ def channel_energy(st: RowStats, m: np.ndarray, taps: int) -> np.ndarray:
         blocks = cov[np.arange(c), :, np.arange(c), :]  # [c, taps, taps]
         m3 = m.reshape(out, c, taps)
         return np.einsum("oct,ctu,ocu->c", m3, blocks, m3)
-    n = max(st.n, 1)
-    var = np.maximum(st.x_sq / n - st.x_mean ** 2, 0.0)
+    var = st.x_var / max(st.n, 1)
     return (np.square(m) * var[None, :]).sum(0).reshape(c, taps).sum(1)

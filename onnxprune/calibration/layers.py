@@ -64,20 +64,50 @@ class Layer:
         channels = np.asarray(channels, dtype=np.int64)
         return (channels[:, None] * t + np.arange(t)[None, :]).reshape(-1)
 
-    def rows(self, x: np.ndarray, y: np.ndarray | None, per_sample: int, rng: np.random.Generator
-             ) -> tuple[np.ndarray, np.ndarray | None]:
+    def positions(self, x_shape: tuple[int, ...], per_sample: int, rng: np.random.Generator,
+                  valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(sample index, output position) of up to ``per_sample`` random output positions of each
+        sample of a batch whose input has ``x_shape``; ``valid`` ([batch, positions] bool) leaves
+        positions out (padding tokens)."""
+        return _positions(self.output_positions(x_shape), per_sample, x_shape[0], rng, valid)
+
+    def output_positions(self, x_shape: tuple[int, ...]) -> int:
+        """Rows one sample yields: output positions of a Conv, positions of ``x[..., K]`` otherwise."""
+        if self.op_type == "Conv":
+            return math.prod(_conv_out(self, x_shape))
+        return math.prod(x_shape[1:-1])
+
+    def rows(self, x: np.ndarray, y: np.ndarray | None, per_sample: int, rng: np.random.Generator,
+             valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(X rows, Y rows) at up to ``per_sample`` random output positions of each sample of a batch
         (Y rows None when ``y`` is: the caller computes them from the weights)."""
+        return self.rows_at(x, y, *self.positions(x.shape, per_sample, rng, valid))
+
+    def rows_at(self, x: np.ndarray, y: np.ndarray | None, bi: np.ndarray, pos: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(X rows, Y rows) at the given (sample, output position) pairs."""
         if self.op_type == "Conv":
-            return _conv_rows(self, x, y, per_sample, rng)
+            return _conv_rows(self, x, y, bi, pos)
         k = x.shape[-1]
         xs = x.reshape(x.shape[0], -1, k)
-        pos = _positions(xs.shape[1], per_sample, xs.shape[0], rng)
-        b = np.arange(xs.shape[0])[:, None]
         if y is None:
-            return xs[b, pos].reshape(-1, k), None
+            return xs[bi, pos], None
         ys = y.reshape(y.shape[0], -1, y.shape[-1])
-        return xs[b, pos].reshape(-1, k), ys[b, pos].reshape(-1, ys.shape[-1])
+        return xs[bi, pos], ys[bi, pos]
+
+    def valid_positions(self, x_shape: tuple[int, ...], mask: np.ndarray | None) -> np.ndarray | None:
+        """[batch, positions] bool of the rows that are real tokens under an attention ``mask``
+        ([batch, seq], 1 = token): rows of a MatMul over ``[.., seq, K]`` (per-head ``[B, H, seq, D]``
+        too) and of a 1-D Conv keeping the length; None where the layer's rows are not per token."""
+        if mask is None or mask.ndim != 2 or mask.shape[0] != x_shape[0]:
+            return None
+        seq = mask.shape[1]
+        total = self.output_positions(x_shape)
+        if self.op_type == "Conv":
+            ok = len(self.kernel) == 1 and total == seq
+        else:
+            ok = self.op_type == "MatMul" and len(x_shape) >= 3 and x_shape[-2] == seq
+        return np.tile(mask != 0, (1, total // seq)) if ok else None
 
 
 def dense_affine(layers: list[Layer], view: GraphView) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -92,42 +122,56 @@ def dense_affine(layers: list[Layer], view: GraphView) -> dict[str, tuple[np.nda
     return out
 
 
-def _positions(total: int, per_sample: int, batch: int, rng: np.random.Generator) -> np.ndarray:
-    """[batch, p] distinct positions in ``range(total)`` per sample (all of them when few)."""
-    if per_sample >= total:
-        return np.broadcast_to(np.arange(total), (batch, total))
-    return np.argsort(rng.random((batch, total)), axis=1)[:, :per_sample]
+def _positions(total: int, per_sample: int, batch: int, rng: np.random.Generator,
+               valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Flat (sample, position) pairs: ``per_sample`` distinct positions in ``range(total)`` per
+    sample (all of them when few), only where ``valid`` is true when it is given."""
+    if valid is None and per_sample >= total:
+        return np.repeat(np.arange(batch), total), np.tile(np.arange(total), batch)
+    keys = rng.random((batch, total))
+    if valid is not None:
+        keys = np.where(valid, keys, np.inf)
+    take = min(per_sample, total)
+    pos = np.argsort(keys, axis=1)[:, :take]
+    bi = np.broadcast_to(np.arange(batch)[:, None], pos.shape)
+    if valid is not None:
+        keep = valid[bi, pos]
+        return bi[keep], pos[keep]
+    return bi.reshape(-1), pos.reshape(-1)
 
 
-def _conv_rows(layer: Layer, x: np.ndarray, y: np.ndarray | None, per_sample: int, rng
+def _conv_geometry(layer: Layer):
+    """(kh, kw, sh, sw, dh, dw, pads h0, w0, h1, w1) of a 1-D (as 2-D with height 1) or 2-D Conv."""
+    if len(layer.kernel) == 1:
+        return (1, layer.kernel[0], 1, layer.strides[0], 1, layer.dilations[0], 0, layer.pads[0], 0, layer.pads[1])
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.strides, layer.dilations
+    ph0, pw0, ph1, pw1 = layer.pads
+    return kh, kw, sh, sw, dh, dw, ph0, pw0, ph1, pw1
+
+
+def _conv_out(layer: Layer, x_shape: tuple[int, ...]) -> tuple[int, int]:
+    kh, kw, sh, sw, dh, dw, ph0, pw0, ph1, pw1 = _conv_geometry(layer)
+    h, w = (1, x_shape[2]) if len(layer.kernel) == 1 else x_shape[2:4]
+    return (h + ph0 + ph1 - dh * (kh - 1) - 1) // sh + 1, (w + pw0 + pw1 - dw * (kw - 1) - 1) // sw + 1
+
+
+def _conv_rows(layer: Layer, x: np.ndarray, y: np.ndarray | None, bi: np.ndarray, pos: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray | None]:
-    nd = len(layer.kernel)
-    if nd == 1:  # 1-D conv as 2-D with height 1
+    if len(layer.kernel) == 1:  # 1-D conv as 2-D with height 1
         x, y = x[:, :, None, :], (None if y is None else y[:, :, None, :])
-        kh, kw = 1, layer.kernel[0]
-        sh, sw = 1, layer.strides[0]
-        dh, dw = 1, layer.dilations[0]
-        ph0, pw0, ph1, pw1 = 0, layer.pads[0], 0, layer.pads[1]
-    else:
-        kh, kw = layer.kernel
-        sh, sw = layer.strides
-        dh, dw = layer.dilations
-        ph0, pw0, ph1, pw1 = layer.pads
-    b, c = x.shape[:2]
-    ho = (x.shape[2] + ph0 + ph1 - dh * (kh - 1) - 1) // sh + 1
-    wo = (x.shape[3] + pw0 + pw1 - dw * (kw - 1) - 1) // sw + 1
+    kh, kw, sh, sw, dh, dw, ph0, pw0, ph1, pw1 = _conv_geometry(layer)
+    c = x.shape[1]
+    ho, wo = _conv_out(layer, (x.shape[0], c) + ((x.shape[3],) if len(layer.kernel) == 1 else x.shape[2:]))
     xp = np.pad(x, ((0, 0), (0, 0), (ph0, ph1), (pw0, pw1))) if (ph0 or pw0 or ph1 or pw1) else x
-    pos = _positions(ho * wo, per_sample, b, rng)  # [b, p]
     oy, ox = pos // wo, pos % wo
-    iy = oy[..., None] * sh + np.arange(kh) * dh  # [b, p, kh]
-    ix = ox[..., None] * sw + np.arange(kw) * dw  # [b, p, kw]
-    bi = np.arange(b)[:, None, None, None]
-    # xp[b, :, iy, ix] -> [b, p, kh, kw, c] (advanced indices first), then channel-major columns
-    patches = xp.transpose(0, 2, 3, 1)[bi, iy[..., :, None], ix[..., None, :]]
-    xr = patches.transpose(0, 1, 4, 2, 3).reshape(-1, c * kh * kw)
+    iy = oy[:, None] * sh + np.arange(kh) * dh  # [r, kh]
+    ix = ox[:, None] * sw + np.arange(kw) * dw  # [r, kw]
+    # xp[b, :, iy, ix] -> [r, kh, kw, c] (advanced indices first), then channel-major columns
+    patches = xp.transpose(0, 2, 3, 1)[bi[:, None, None], iy[:, :, None], ix[:, None, :]]
+    xr = patches.transpose(0, 3, 1, 2).reshape(-1, c * kh * kw)
     if y is None:
         return xr, None
-    yr = y.transpose(0, 2, 3, 1).reshape(b, ho * wo, -1)[np.arange(b)[:, None], pos].reshape(-1, y.shape[1])
+    yr = y.transpose(0, 2, 3, 1).reshape(y.shape[0], ho * wo, -1)[bi, pos]
     return xr, yr
 
 

@@ -1,9 +1,11 @@
 """Calibrate a channel-pruned model toward the dense one: least-squares re-fit of the consumers of
 pruned tensors (He et al. 2017; ThiNet), or the relative BN / bias shift (adaptive BN made relative).
 
-Both are fitted layer by layer on the *dense* model's activations: a consumer's kept inputs in the
-pruned model equal the dense ones once everything upstream is calibrated, so one pass of the dense
-model on the data gives every fit, and every fit targets the dense model's output, never the data.
+Every fit targets the dense model's output of the layer, never the data. The re-fit is first fitted
+on the *dense* model's activations (one pass: exact if everything upstream were), then, by default,
+again on the activations of the calibrated pruned model itself, in depth order (:mod:`.sequential`),
+which is what keeps deep nets from compounding upstream errors. Samples held out of every fit check
+the result as a whole: a calibration that moves the outputs away from the dense ones is not used.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from .collect import DEFAULT_ROWS, collect_stats, run
 from .edit import ModelEditor, write_layer
 from .fit import DEFAULT_RIDGE, as_affine, channel_energy, rel_error, ridge_refit, shift_fit
 from .layers import Layer, dense_affine, layer_of
+from .mask import mask_input, masked_rel
+from .sequential import STAGES, Target, stages, refit as sequential_refit
 from .stats import RowStats
 
 METHODS = ("refit", "bn", "none")
@@ -30,6 +34,12 @@ MAX_FIT_COLUMNS = 8192
 #: samples whose graph outputs are compared before and after calibration (two runs of the pruned
 #: model: on ResNet-50 64 samples cost a fifth of the whole calibration)
 CHECK_SAMPLES = 32
+
+
+def check_count(n: int) -> int:
+    """Samples held out of the fits for the never-worse check: up to :data:`CHECK_SAMPLES`, a quarter
+    of the data at most; none below 8 samples (the check then runs on fitted samples and says so)."""
+    return 0 if n < 8 else min(CHECK_SAMPLES, n // 4)
 
 
 def removed_positions(analysis: Analysis, plan: KeepPlan) -> tuple[dict[tuple[str, int], np.ndarray], set[str]]:
@@ -78,7 +88,14 @@ class StructuredCalibration:
     """Calibration of one structured pruning run (``prune_structured(..., calibration=...)``).
 
     ``inputs``: calibration samples per model input. ``method``: ``refit`` (least squares, the
-    default), ``bn`` (relative BN / bias shift only) or ``none`` (statistics and errors only)."""
+    default), ``bn`` (relative BN / bias shift only) or ``none`` (statistics and errors only); the
+    given method and the simpler ones after it are all tried, and the one whose outputs are closest
+    to the dense model's on the check samples is kept (``candidates`` in the summary).
+    ``sequential`` (default): the re-fit is fitted on the pruned model's own activations, stage by
+    stage (:mod:`.sequential`, at most ``stages`` passes; None: one per depth); False: one pass on
+    the dense model's. The last :func:`check_count` samples are held out of every fit: that choice
+    (never worse than no calibration) is made on them. ``mask``: the input holding an attention mask
+    (default: found by name, see :func:`.mask.mask_input`); padding positions count nowhere."""
 
     inputs: Mapping[str, np.ndarray]
     method: str = "refit"
@@ -86,26 +103,43 @@ class StructuredCalibration:
     ridge: float = DEFAULT_RIDGE
     seed: int = 0
     progress: bool = False
+    sequential: bool = True
+    stages: int | None = STAGES
+    mask: str | bool | None = None  # None: found by name; False: none; a name: that input
+    split: str | None = None  # the data split the samples came from (reported)
     stats: dict[str, RowStats] = field(default_factory=dict)
     reference: dict[str, np.ndarray] = field(default_factory=dict)
     seconds: float = 0.0
 
+    @property
+    def fit_inputs(self) -> dict[str, np.ndarray]:
+        n = len(next(iter(self.inputs.values())))
+        return {k: v[:n - check_count(n)] for k, v in self.inputs.items()}
+
+    @property
+    def check_inputs(self) -> dict[str, np.ndarray]:
+        n = len(next(iter(self.inputs.values())))
+        h = check_count(n)
+        return {k: (v[n - h:] if h else v[:CHECK_SAMPLES]) for k, v in self.inputs.items()}
+
+    def _mask(self, model: onnx.ModelProto) -> str | None:
+        return None if self.mask is False else mask_input(model, self.inputs, self.mask or None)
+
     def _collect(self, view: GraphView, model: onnx.ModelProto, layers: list[Layer]) -> None:
         need = [l for l in layers if l.node not in self.stats]
-        if not need and self.reference:
+        if not need:
             return
         t = time.perf_counter()
         shapes = {l.weight: tuple(view.initializers[l.weight].dims) for l in need}
         # layers wider than MAX_FIT_COLUMNS keep only column norms and means
         wide = [l for l in need if _columns(shapes[l.weight], l) > MAX_FIT_COLUMNS]
         narrow = [l for l in need if l not in wide]
+        mask = self._mask(model)
         for part, full in ((narrow, True), (wide, False)):
-            if part or not self.reference:
-                stats, ref = collect_stats(model, self.inputs, part, shapes, full=full, rows=self.rows,
-                                           keep_outputs=0 if self.reference else CHECK_SAMPLES, seed=self.seed,
-                                           progress=self.progress, affine=dense_affine(part, view))
+            if part:
+                stats, _ = collect_stats(model, self.fit_inputs, part, shapes, full=full, rows=self.rows, seed=self.seed,
+                                         progress=self.progress, affine=dense_affine(part, view), mask=mask)
                 self.stats.update(stats)
-                self.reference = self.reference or ref
         self.seconds += time.perf_counter() - t
 
     def channel_energies(self, view: GraphView, model: onnx.ModelProto, analysis: Analysis) -> dict[str, np.ndarray]:
@@ -129,30 +163,77 @@ class StructuredCalibration:
             touched.remove(l)
             skipped.append({"node": l.node, "reason": "not re-fitted: grouped weight"})
         self._collect(view, dense, touched)
-        n = len(next(iter(self.reference.values()))) if self.reference else 0
-        sub = {k: v[:n] for k, v in self.inputs.items()}
-        before = run(pruned, sub) if n else {}
-        rejected = []
-        for method in METHODS[METHODS.index(self.method):]:  # refit, then the shift, then nothing
+        mask = self._mask(dense)
+        check = self.check_inputs
+        held_out = check_count(len(next(iter(self.inputs.values())))) > 0
+        self.reference = run(dense, check)
+        before = run(pruned, check)
+        cmask = check.get(mask) if mask else None
+        rejected, tried, stage_count = [], [], 0
+        for method in METHODS[METHODS.index(self.method):]:  # refit, the shift, nothing: the best on the check
             out, entries, failed = self._edited(pruned, touched, view, cuts, method)
-            after = run(out, sub) if n and entries and method != "none" else before
-            errors = {k: (_rel(ref, before[k]), _rel(ref, after[k])) for k, ref in self.reference.items()}
-            worse = float(np.mean([a for _, a in errors.values()])) > float(np.mean([b for b, _ in errors.values()])) \
-                if errors else False
-            if not worse:
-                break
-            rejected.append({"method": method, "mean_rel_l2_after": float(np.mean([a for _, a in errors.values()])),
-                             "reason": "the outputs moved further from the dense model's on the check samples"})
+            if method == "refit" and self.sequential and entries:
+                out, entries, failed, stage_count = self._sequential(view, dense, out, touched, cuts, entries, failed, mask)
+            after = run(out, check) if entries and method != "none" else before
+            errors = {k: (masked_rel(ref, before[k], cmask), masked_rel(ref, after[k], cmask))
+                      for k, ref in self.reference.items()}
+            mean_after = float(np.mean([a for _, a in errors.values()])) if errors else 0.0
+            mean_before = float(np.mean([b for b, _ in errors.values()])) if errors else 0.0
+            score = mean_after if np.isfinite(mean_after) else float("inf")  # (NaN: from a non-finite fit)
+            tried.append((score, len(tried), method, out, entries, failed, errors))
+            if not mean_after <= mean_before:
+                rejected.append({"method": method, "mean_rel_l2_after": mean_after,
+                                 "reason": "the outputs moved further from the dense model's on the "
+                                           + ("held-out check samples" if held_out else "check samples")})
+        _, _, method, out, entries, failed, errors = min(tried, key=lambda c: c[:2])
         summary: dict[str, Any] = {"method": method, "samples": int(len(next(iter(self.inputs.values())))),
+                                   "fit_samples": int(len(next(iter(self.fit_inputs.values())))),
                                    "rows_per_layer": self.rows, "ridge": self.ridge, "layers": entries,
                                    "skipped": skipped + failed}
+        if self.split:
+            summary["split"] = self.split
+        if self.method == "refit":
+            summary["fit_on"] = ("the pruned model's activations (sequential)" if self.sequential
+                                 else "the dense model's activations (one pass)")
+            if self.sequential:
+                summary["stages"] = stage_count
+        if mask:
+            summary["mask"] = mask
         if rejected:
             summary["rejected"] = rejected
-        if n:
-            summary["outputs"] = {k: {"rel_l2_before": b, "rel_l2_after": a} for k, (b, a) in errors.items()}
-            summary["check_samples"] = n
+        summary["candidates"] = {c[2]: float(np.mean([a for _, a in c[6].values()])) if c[6] else 0.0 for c in tried}
+        summary["outputs"] = {k: {"rel_l2_before": b, "rel_l2_after": a} for k, (b, a) in errors.items()}
+        summary["check_samples"] = int(len(next(iter(check.values()))))
+        summary["check"] = "held_out" if held_out else "in_sample"
         summary["seconds"] = round(collected_before + time.perf_counter() - t0, 3)
         return out, summary
+
+    def _sequential(self, view: GraphView, dense: onnx.ModelProto, start: onnx.ModelProto, touched: list[Layer], cuts,
+                    entries: list[dict[str, Any]], failed: list[dict[str, Any]], mask: str | None):
+        """The one-pass re-fit ``start`` re-fitted again layer by layer on its own activations
+        (layers the one-pass fit left alone, or gave the shift, stay as they are)."""
+        t = time.perf_counter()
+        fitted = {e["node"] for e in entries if e.get("method") == "refit"}
+        targets = {}
+        for l in touched:
+            if l.node not in fitted:
+                continue
+            wdense = view.const(l.weight)
+            m = l.matrix(wdense)
+            b = np.zeros(m.shape[0]) if l.bias is None else np.asarray(view.const(l.bias), np.float64).reshape(-1) * l.beta
+            keep_in = np.setdiff1d(np.arange(wdense.shape[l.in_axis]), cuts.get((l.weight, l.in_axis), []))
+            outs = np.setdiff1d(np.arange(m.shape[0]), cuts.get((l.weight, l.out_axis), []))
+            shape = tuple(next(i.dims for i in start.graph.initializer if i.name == l.weight))
+            targets[l.node] = Target(l, l.columns(keep_in), outs, m, b, shape, wdense.dtype)
+        groups = stages(view, [l for l in touched if l.node in targets], self.stages)
+        held = check_count(len(next(iter(self.inputs.values()))))
+        out, seq, bad = sequential_refit(dense, start, groups, targets, self.fit_inputs, rows=self.rows,
+                                         ridge=self.ridge, seed=self.seed, mask=mask, progress=self.progress,
+                                         check=self.check_inputs if held else None)
+        done = {e["node"] for e in seq}
+        kept = [e for e in entries if e["node"] not in done]
+        self.seconds += time.perf_counter() - t
+        return out, seq + kept, failed + bad, len(groups)
 
     def _edited(self, pruned: onnx.ModelProto, touched: list[Layer], view: GraphView, cuts,
                 method: str) -> tuple[onnx.ModelProto, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -188,9 +269,10 @@ class StructuredCalibration:
             entry.update(method="none", error_after=entry["error_before"])
             return entry
         if method == "refit":
-            a, err = ridge_refit(st, cols, outs, self.ridge, prior=a0[:-1])  # shrink toward the dense weights
+            info: dict[str, float] = {}
+            a, err = ridge_refit(st, cols, outs, self.ridge, prior=a0[:-1], info=info)  # shrink toward the dense weights
             write_layer(ed, l, ed.nodes[l.node], a, pshape, wdense.dtype)
-            entry.update(method="refit", error_after=err)
+            entry.update(method="refit", error_after=err, **info)
             return entry
         else:
             bn = self._bn_after(l, ed)
@@ -227,7 +309,4 @@ def _columns(wshape, l: Layer) -> int:
 
 
 def _rel(ref: np.ndarray, out: np.ndarray) -> float:
-    ref = np.asarray(ref, np.float64)
-    den = float(np.linalg.norm(ref))
-    num = float(np.linalg.norm(np.asarray(out, np.float64) - ref))
-    return num / den if den > 0 else num
+    return masked_rel(ref, out, None)

@@ -17,11 +17,11 @@ import numpy as np
 import onnx
 
 from ..core.graph import GraphView, attr
-from .collect import DEFAULT_ROWS, batches, collect_stats, fixed_batch, progress_bar, run, session, with_outputs
+from .collect import DEFAULT_ROWS, collect_stats, fixed_batch, progress_bar, run, run_batches, session, with_outputs
 from .edit import ModelEditor, write_layer
 from .fit import rel_error
 from .layers import dense_affine, layer_of
-from .structured import CHECK_SAMPLES, _rel
+from .structured import CHECK_SAMPLES, _rel, check_count
 from ..core.prepare import prepare
 from ..sparsity.select import select_weights
 
@@ -51,8 +51,8 @@ def input_norms(view: GraphView, model: onnx.ModelProto, inputs: Mapping[str, np
     sums: dict[str, np.ndarray] = {}
     n = len(next(iter(inputs.values())))
     with progress_bar(n, "calibration: activation norms", progress) as advance:
-        for b in batches(inputs, fixed_batch(model) or 16):
-            got = {**b, **dict(zip(fetched, sess.run(fetched, b)))}
+        for b, outs in run_batches(sess, fetched, inputs, 16, fixed_batch(model)):
+            got = {**b, **outs}
             for t, v in ((t, got[t]) for t in tensors):
                 sq = np.square(np.asarray(v, np.float64))
                 for a in {a for _, x, a in plan.values() if x == t}:
@@ -158,8 +158,13 @@ def reconstruct(view: GraphView, dense: onnx.ModelProto, pruned: onnx.ModelProto
         else:
             layers.append(layer)
     shapes = {l.weight: tuple(view.initializers[l.weight].dims) for l in layers}
-    stats, ref = collect_stats(dense, inputs, layers, shapes, rows=rows, keep_outputs=CHECK_SAMPLES, seed=seed,
-                               progress=progress, affine=dense_affine(layers, view))
+    total = len(next(iter(inputs.values())))
+    held = check_count(total)  # samples the fit never sees: the never-worse check runs on them
+    fit = {k: v[:total - held] for k, v in inputs.items()}
+    check = {k: (v[total - held:] if held else v[:CHECK_SAMPLES]) for k, v in inputs.items()}
+    stats, _ = collect_stats(dense, fit, layers, shapes, rows=rows, seed=seed, progress=progress,
+                             affine=dense_affine(layers, view))
+    ref = run(dense, check)
     entries = []
     for l in layers:
         st = stats[l.node]
@@ -181,18 +186,18 @@ def reconstruct(view: GraphView, dense: onnx.ModelProto, pruned: onnx.ModelProto
                                "rows_per_layer": rows, "layers": entries, "skipped": skipped}
     if ref:
         n = len(next(iter(ref.values())))
-        sub = {k: v[:n] for k, v in inputs.items()}
-        before, after = run(pruned, sub), run(out, sub)
+        before, after = run(pruned, check), run(out, check)
         errors = {k: (_rel(r, before[k]), _rel(r, after[k])) for k, r in ref.items()}
         mean_after = float(np.mean([a for _, a in errors.values()]))
-        if mean_after > float(np.mean([b for b, _ in errors.values()])):  # checked as a whole: never worse
+        if not mean_after <= float(np.mean([b for b, _ in errors.values()])):  # as a whole: never worse (nor NaN)
             out = pruned
             errors = {k: (b, b) for k, (b, _) in errors.items()}
             summary.update(method="none", rejected=[{
                 "method": "reconstruct", "mean_rel_l2_after": mean_after,
-                "reason": "the outputs moved further from the dense model's on the check samples"}])
+                "reason": "the outputs moved further from the dense model's on the "
+                          + ("held-out check samples" if held else "check samples")}])
         summary["outputs"] = {k: {"rel_l2_before": b, "rel_l2_after": a} for k, (b, a) in errors.items()}
-        summary["check_samples"] = n
+        summary.update(check_samples=n, check="held_out" if held else "in_sample", fit_samples=total - held)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     return out, summary
 

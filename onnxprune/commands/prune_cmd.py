@@ -17,7 +17,7 @@ from ..core.model_io import refuse_overwrite_input, file_bytes, save_model, load
 from ..report.guidance import speedup_guidance
 from ..structured.prune import prune_structured
 from ..profiling.hw_profile import profile_channel_multiple, load_hw_profile
-from ..calibration import StructuredCalibration, calibration_inputs
+from ..calibration import StructuredCalibration, calibration_split, calibration_inputs
 from ..datasets import data_input_shapes, load_dataset
 from ..structured.latency_alloc import prune_for_latency
 from ..core.shapes import parse_input_shapes
@@ -62,6 +62,7 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
     "reconstruct": ("--reconstruct", ("unstructured", "nm")),
     "allow_io_change": ("--allow-io-change", ("structured",)),
     "prune_hidden": ("--prune-hidden", ("structured",)),
+    "calibration_mask": ("--calibration-mask", ("structured",)),
 }
 
 
@@ -109,6 +110,9 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
               help="Unlabeled data: structured: re-fit the layers reading pruned channels toward the dense model; "
                    "enables --criterion activation|wanda and --reconstruct.")
 @click.option("--calibration-samples", default=None, metavar="N", help="Samples taken from --calibrate (default 256).")
+@click.option("--calibration-mask", default=None, metavar="NAME",
+              help="[structured] with --calibrate: the input holding a 0/1 attention mask; padding positions count "
+                   "in no statistic (default: an integer input named like *mask*).")
 @click.option("--reconstruct", is_flag=True,
               help="[unstructured, N:M] with --calibrate: update the remaining weights to compensate the zeroed ones.")
 @json_option
@@ -186,7 +190,9 @@ def _structured(model: str, opts: dict[str, Any]):
 
         if "input_shapes" not in kwargs:  # the data's shapes fix symbolic dims (batch 1 for the figures)
             kwargs["input_shapes"] = data_input_shapes(inputs, batch=1)
-        kwargs["calibration"] = StructuredCalibration(inputs, progress=opts["progress"])
+
+        kwargs["calibration"] = StructuredCalibration(inputs, progress=opts["progress"], mask=opts["calibration_mask"],
+                                                      split=calibration_split(opts["calibrate"]))
 
     for flag in ("allow_io_change", "prune_hidden"):
         if opts[flag]:
@@ -370,8 +376,9 @@ def _calibration_inputs(model: str, opts: dict[str, Any], criterion: str):
         if criterion in ("activation", "wanda") or opts.get("reconstruct"):
             what = "--reconstruct" if opts.get("reconstruct") else f"criterion {criterion}"
             raise OnnxPruneError(f"{what} needs calibration data: pass --calibrate SPEC (unlabeled inputs)")
-        if opts["calibration_samples"] is not None:
-            raise OnnxPruneError("--calibration-samples needs --calibrate SPEC")
+        for flag in ("calibration_samples", "calibration_mask"):
+            if opts[flag] is not None:
+                raise OnnxPruneError(f"--{flag.replace('_', '-')} needs --calibrate SPEC")
         return None
 
     n = _int(opts["calibration_samples"], "--calibration-samples", 256, minimum=1)
@@ -394,7 +401,9 @@ def _reconstruct(result, cal, opts: dict[str, Any]) -> None:
     if cal is None:
         return
     if opts["reconstruct"]:
+
         result.model, result.summary["calibration"] = cal.reconstruct(result.model)
+        result.summary["calibration"]["split"] = calibration_split(opts["calibrate"])
     if opts["sparse_storage"]:
 
         result.model, moved, storage_notes = to_sparse_storage(result.model, cal.weights)
@@ -405,12 +414,18 @@ def _reconstruct(result, cal, opts: dict[str, Any]) -> None:
 def _print_calibration(con, cal: dict[str, Any]) -> None:
     """Each re-fitted layer's output error relative to the dense model, before and after."""
 
-    table = Table(title=f"calibration ({cal['method']}, {cal['samples']} samples, {cal['seconds']:.1f} s): "
-                        "output error relative to the dense model")
+    split = f" from the {cal['split']} split" if cal.get("split") else ""
+    check = {"held_out": f"{cal.get('fit_samples')} fitted, {cal.get('check_samples')} held out for the check",
+             "in_sample": f"checked on {cal.get('check_samples')} of the fitted samples"}.get(cal.get("check"))
+    fit_on = f"; fitted on {cal['fit_on']}" if cal.get("fit_on") and cal["method"] == "refit" else ""
+    con.print(f"calibration: {cal['method']}, {cal['samples']} samples{split}" + (f" ({check})" if check else "")
+              + f"{escape(fit_on)}, {cal['seconds']:.1f} s")
+    table = Table(title="calibration: output error relative to the dense model")
     for col in ("node", "fix", "before", "after"):
         table.add_column(col, justify="left" if col in ("node", "fix") else "right")
     for layer in cal.get("layers", []):
-        table.add_row(escape(layer["node"]), layer["method"], f"{layer['error_before']:.4f}", f"{layer['error_after']:.4f}")
+        table.add_row(escape(layer["node"]), layer["method"], *(("n/a" if layer.get(k) is None else f"{layer[k]:.4f}")
+                                                                for k in ("error_before", "error_after")))
     for name, o in cal.get("outputs", {}).items():
         table.add_row(f"[bold]output {escape(name)}[/bold]", "", f"{o['rel_l2_before']:.4f}", f"{o['rel_l2_after']:.4f}")
     con.print(table)

@@ -7,6 +7,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from ..datasets.output_kind import parse_output_kinds
 from ..profiling.api import compare_models, load_profiles
 from ..quantization import FORMATS, quantize_model
 from .common import emit_json, human, json_option, model_argument
@@ -30,18 +31,21 @@ from .common import emit_json, human, json_option, model_argument
 @click.option("--calibration-samples", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--check-samples", type=click.IntRange(min=0), default=64, show_default=True,
               help="Further samples, not used to calibrate, on which the quantized outputs are compared with the float model's.")
+@click.option("--output-kind", "output_kind", multiple=True, metavar="NAME=KIND",
+              help="What an output is (scores, probs, embedding, value; repeatable): scores/probs get top1_agreement "
+                   "against the float model, an embedding mean_cosine and nn_agreement. Inferred from the graph otherwise.")
 @click.option("--measure/--no-measure", default=True, show_default=True,
               help="With --hw: time the float and quantized models interleaved on the profile.")
 @json_option
 def quantize_cmd(model: str, output: str, calibrate: str | None, fmt: str | None, hw: str | None, per_channel: bool,
-                 calibration_method: str, calibration_samples: int, check_samples: int, measure: bool,
-                 as_json: bool) -> None:
+                 calibration_method: str, calibration_samples: int, check_samples: int, output_kind: tuple[str, ...],
+                 measure: bool, as_json: bool) -> None:
     """Quantize MODEL (static INT8 QDQ by default, through onnxruntime.quantization) and report its size,
     its fidelity to the float model on held-out samples and, with --hw, whether it is actually faster."""
     profile = load_profiles(hw)[0] if hw else None
     res = quantize_model(model, output, calibrate, fmt=fmt, backend=profile.backend if profile else None,
                          per_channel=per_channel, method=calibration_method, samples=calibration_samples,
-                         check_samples=check_samples)
+                         check_samples=check_samples, output_kinds=parse_output_kinds(output_kind))
     if profile is not None and measure:
         cmp = compare_models(model, output, profile)
         first = cmp["comparisons"][0]

@@ -20,7 +20,7 @@ from ..core.errors import OnnxPruneError
 from .core import load_dataset
 from .types import DatasetSplits, first_array, Split
 from ..core.shapes import graph_inputs
-from .spec import parse_spec
+from .spec import parse_spec, selected_split
 from .unlabeled import load_images
 
 _NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
@@ -130,20 +130,22 @@ def bind_dataset(ds: DatasetSplits, model: "onnx.ModelProto | str | os.PathLike"
 
 
 def load_inputs(spec: "str | Mapping[str, Any] | DatasetSplits", model: "onnx.ModelProto | str | os.PathLike",
-                n: int | None = None, *, seed: int = 0) -> dict[str, np.ndarray]:
+                n: int | None = None, *, seed: int = 0, split: str = "all") -> dict[str, np.ndarray]:
     """Unlabeled input arrays for ``model`` from a data spec: ``{input name: array}`` (N first).
 
-    All the data's samples (train, val and test: calibration needs no hold-out), or a seeded random
-    subset of ``n``. Labels, if any, are dropped. ``images:DIR`` without ``size=`` is resized to
+    The samples of ``split`` (``train``, ``val``, ``test`` or ``all`` of them; a ``?split=`` in the
+    spec wins), or a seeded random subset of ``n``. Labels, if any, are dropped. ``images:DIR`` without ``size=`` is resized to
     the model's fixed H x W, and only ``n`` files are read.
     """
     if n is not None and n <= 0:
         raise OnnxPruneError(f"number of samples must be positive, got {n}")
+
     inputs = model_inputs(model)
+    spec, split = selected_split(spec, split)
     ds = spec if isinstance(spec, DatasetSplits) else _load_for(spec, inputs, n, seed)
     source = f"data {ds.spec!r}"
     chunks = []
-    for name in ("train", "val", "test"):
+    for name in (("train", "val", "test") if split == "all" else (split,)):
         s = getattr(ds, name)
         if s is None or len(s) == 0:
             continue
@@ -155,7 +157,7 @@ def load_inputs(spec: "str | Mapping[str, Any] | DatasetSplits", model: "onnx.Mo
         else:
             chunks.append(bind_inputs(inputs, s.x, source))
     if not chunks:
-        raise OnnxPruneError(f"{source}: no samples")
+        raise OnnxPruneError(f"{source}: no samples" + ("" if split == "all" else f" in its {split} split"))
     arrays = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     total = len(first_array(arrays))
     if n is not None and n < total:

@@ -29,6 +29,8 @@ Preprocessing keys (every kind):
 
 Split keys: ``val=FRACTION`` / ``test=FRACTION`` (carved, stratified and seeded, from the training
 data when the source has no such split; defaults 0.2 / 0.2, cifar10's validation 0.1).
+``split=train|val|test|all`` chooses the split read where one is read (``prune --calibrate``: train
+by default; see :func:`selected_split`).
 Kind-specific keys: ``color=rgb|bgr|grey`` (images, imagefolder: channel order fed to the model),
 ``scale=FACTOR`` (images, imagefolder, npz: integer pixels are multiplied by it; default 1/255, so
 ``scale=1`` keeps 0..255), ``stored=nchw|nhwc`` (npz: how ``x`` is stored).
@@ -49,6 +51,9 @@ from ..core.errors import OnnxPruneError
 KINDS = ("digits", "npz", "imagefolder", "images", "cifar10", "python")
 PREPROCESS_KEYS = ("resize", "size", "normalize", "mean", "std", "layout")
 SPLIT_KEYS = ("val", "test")
+#: ``split=train|val|test|all``: which split a consumer of unlabeled inputs reads (``prune --calibrate``)
+SELECT_KEY = "split"
+SELECTABLE = ("train", "val", "test", "all")
 KIND_KEYS = {"imagefolder": ("color", "scale"), "images": ("color", "scale"), "npz": ("stored", "scale")}
 
 
@@ -197,10 +202,29 @@ def parse_spec(spec: str | Mapping[str, Any]) -> ParsedSpec:
     return parsed
 
 
+def selected_split(spec: Any, default: str) -> tuple[Any, str]:
+    """``(spec without its split= option, the split it selects or default)``; strings and recipe
+    mappings (other specs, e.g. loaded data, come back unchanged with ``default``)."""
+    if isinstance(spec, Mapping):
+        rest = {k: v for k, v in spec.items() if k != SELECT_KEY}
+        inner, split = selected_split(rest.get("spec", ""), spec.get(SELECT_KEY) or default)
+        return ({**rest, "spec": inner} if "spec" in rest else rest), split
+    if not isinstance(spec, str) or "?" not in spec:
+        return spec, default
+    body, _, query = spec.partition("?")
+    parts = [p for p in query.split("&") if p]
+    picked = [p.partition("=")[2].strip().lower() for p in parts if p.partition("=")[0].strip().lower() == SELECT_KEY]
+    rest = [p for p in parts if p.partition("=")[0].strip().lower() != SELECT_KEY]
+    split = picked[-1] if picked else default
+    if split not in SELECTABLE:
+        raise OnnxPruneError(f"data spec {spec!r}: split={split!r} must be one of {', '.join(SELECTABLE)}")
+    return body + ("?" + "&".join(rest) if rest else ""), split
+
+
 def _check_keys(parsed: ParsedSpec) -> None:
     if parsed.kind == "python":  # unknown keys are the function's keyword arguments
         return
-    allowed = set(PREPROCESS_KEYS) | set(SPLIT_KEYS) | set(KIND_KEYS.get(parsed.kind, ()))
+    allowed = set(PREPROCESS_KEYS) | set(SPLIT_KEYS) | {SELECT_KEY} | set(KIND_KEYS.get(parsed.kind, ()))
     bad = sorted(set(parsed.options) - allowed)
     if bad:
         raise OnnxPruneError(f"data spec {parsed.text or parsed.kind!r}: unknown option(s) {', '.join(bad)} "

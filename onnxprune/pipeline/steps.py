@@ -176,7 +176,7 @@ def calibration_for(recover, data, stage: Stage, source: str | os.PathLike | onn
     train = replace(data, val=None, test=None)  # calibration never sees the splits that are scored
     model = source if isinstance(source, onnx.ModelProto) else load_graph(source)
     return StructuredCalibration(calibration_inputs(train, model, recover.samples, seed=seed), method=recover.method,
-                                 seed=seed)
+                                 seed=seed, split="train")
 
 
 def prune_stage(source: str | os.PathLike | onnx.ModelProto, stage: Stage, seed: int,
@@ -226,7 +226,7 @@ def prune_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
         out["layers"] = [{"name": l["node"], "kept": 1.0 - l["sparsity"]} for l in summary["layers"]]
     cal = summary.get("calibration")
     if cal:  # recover.calibrate: the output error against the dense model before/after, and the cost
-        out["calibration"] = {k: cal[k] for k in ("method", "samples", "outputs", "seconds") if k in cal}
+        out["calibration"] = {k: cal[k] for k in ("method", "samples", "split", "check", "outputs", "seconds") if k in cal}
     return out
 
 

@@ -126,9 +126,10 @@ def runner_threads(runner: Any, profile: Any) -> dict[str, Any]:
         so = session.get_session_options()
         intra, inter = int(so.intra_op_num_threads), int(so.inter_op_num_threads)
         default = machine_facts()["default_threads"]
-        return {"intra_op": intra or default, "inter_op": inter or 1,
-                "source": "onnxruntime session options" + (f" (0 = default: {default} physical core(s) usable here)"
-                                                            if not intra else "")}
+        asked = getattr(getattr(profile, "threads", None), "intra_op", None)
+        why = (f" (0 = default: {default} physical core(s) usable here)" if not intra else
+               f" (the profile's 0 = the {intra} physical core(s) usable here)" if asked == 0 else "")
+        return {"intra_op": intra or default, "inter_op": inter or 1, "source": "onnxruntime session options" + why}
     torch = sys.modules.get("torch") if str(getattr(profile, "backend", "")).startswith("torch") else None
     if torch is not None:  # torch's thread pool is per process: what the runner set is what this reads
         return {"intra_op": int(torch.get_num_threads()), "inter_op": int(torch.get_num_interop_threads()),

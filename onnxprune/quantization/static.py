@@ -69,11 +69,13 @@ class _Reader:
 
 def quantize_model(model_path: "str | os.PathLike", output: "str | os.PathLike", calibration: Any = None, *,
                    fmt: str | None = None, backend: str | None = None, per_channel: bool = True,
-                   method: str = "minmax", samples: int = 256, check_samples: int = 64, seed: int = 0) -> dict[str, Any]:
+                   method: str = "minmax", samples: int = 256, check_samples: int = 64, seed: int = 0,
+                   output_kinds: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Quantize ``model_path`` into ``output`` and check it against the float model.
 
     ``calibration``: a data spec or arrays (labels unused); ``samples`` of them calibrate, and up to
-    ``check_samples`` *other* ones measure fidelity to the float model. Returns the JSON summary.
+    ``check_samples`` *other* ones measure fidelity to the float model, by each output's kind
+    (``output_kinds``, else inferred: :mod:`onnxprune.datasets.output_kind`). Returns the JSON summary.
     """
     t0 = time.perf_counter()
     src, out = Path(model_path), Path(output)
@@ -116,7 +118,7 @@ def quantize_model(model_path: "str | os.PathLike", output: "str | os.PathLike",
     q = quantization_kind(load_model(out, check=False))
     summary["quantized_ops"] = q["ops"] if q else {}
     if check_inputs is not None and len(next(iter(check_inputs.values()))):
-        fid, _ = evaluate_fidelity(out, src, check_inputs)
+        fid, _ = evaluate_fidelity(out, src, check_inputs, output_kinds=output_kinds)
         summary["fidelity"] = {**fid, "mean_rel_l2": mean_rel_l2(fid["outputs"]), "reference": "the float model",
                                "held_out": True}
     summary["seconds"] = round(time.perf_counter() - t0, 3)
