@@ -49,7 +49,6 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
 
 
 def _skeleton(m: onnx.ModelProto) -> onnx.ModelProto:
-
     return skeleton(m)
 
 

@@ -207,7 +207,6 @@ class WeightCalibration:
     norms and the reconstruction of a pruned copy."""
 
     def __init__(self, source, inputs: Mapping[str, np.ndarray], *, progress: bool = False, seed: int = 0):
-
         self.prep = prepare(source)
         self.inputs = inputs
         self.progress = progress

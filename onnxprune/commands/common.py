@@ -52,7 +52,6 @@ def _checked(check: str) -> Callable:
     """A click callback that refuses a bad ``--remote``/``--ssh-option`` in one line, before any work
     (``check`` names the function of :mod:`onnxprune.profiling.ssh_target` that validates one value)."""
     def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-
         for v in (value if isinstance(value, tuple) else () if value is None else (value,)):
             try:
                 getattr(ssh_target, check)(v)

@@ -26,7 +26,6 @@ from ..training.torch_source import count_macs_params, load_torch_factory, prune
 
 
 def _config(**kw):
-
     return TrainConfig().replace(**kw)
 
 
@@ -133,7 +132,6 @@ def finetune_cmd(model: str | None, output: str, data_spec: str, no_keep_sparsit
 
 def _torch_path(factory: str, state_dict: str | None, shape: str | None, ratio: float | None, target_macs: float | None,
                 data_spec: str, cfg, output: str, teacher: str | None, progress: bool, is_main: bool) -> dict:
-
     import torch  # lazy: torch ([train] extra)
 
     from ..bridge.torch_export import export_torch  # lazy: imports torch

@@ -274,7 +274,6 @@ def _unstructured(model: str, opts: dict[str, Any], backend: str, cc, precision,
 
 
 def _nm(model: str, spec: str, opts: dict[str, Any], backend: str, cc, precision, sparse_weights):
-
     n, m = parse_nm(spec)
     criterion = _choice(opts["criterion"], NM_CRITERIA, "magnitude", "--criterion", "--nm")
     cal = _weight_calibration(model, opts, criterion)
@@ -289,7 +288,6 @@ def _nm(model: str, spec: str, opts: dict[str, Any], backend: str, cc, precision
 
 
 def _refine_guidance(summary: dict[str, Any], method: str, backend: str, cc, precision, sparse_weights, nm=None) -> None:
-
     summary["guidance"] = speedup_guidance(method, backend, cc, nm=nm, precision=precision, sparse_weights=sparse_weights)
 
 
@@ -441,7 +439,6 @@ def _pct(x: float | None) -> str:
 
 
 def _print_human(model: str, s: dict[str, Any]) -> None:
-
     con = Console()
     method = s.get("method")
     what = {"unstructured": f"unstructured, {s.get('criterion')}, {s.get('scope')} scope",

@@ -61,7 +61,6 @@ def print_summary(report: Mapping[str, Any], outdir: str | Path, con: Console | 
 
 
 def _shipped_epilog() -> str:
-
     return "Shipped recipes: " + ", ".join(shipped_recipes()) + "."
 
 

@@ -20,7 +20,6 @@ def topk_correct(logits: np.ndarray, y: np.ndarray, k: int) -> int:
 
 
 def _session(model_or_path: "str | os.PathLike | onnx.ModelProto", providers: Sequence[str] | None):
-
     so = ort.SessionOptions()
     so.log_severity_level = 3
     providers = list(providers or ["CPUExecutionProvider"])

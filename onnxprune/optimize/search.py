@@ -133,7 +133,6 @@ class Search:
         out = self.cache.outdir / f"{cid}.onnx"
 
         def work() -> dict[str, Any]:
-
             alloc = steps.allocate(self.s.model, self.s.hw, target, self.shapes, self.cache.outdir / "latency-tables")
             counts = steps.kept_counts(alloc.summary)
             cal = steps.calibrate_counts(self.s.model, counts, alloc.summary, self.inputs, self.shapes)
@@ -155,7 +154,6 @@ class Search:
         src, out = self.cache.outdir / parent["file"], self.cache.outdir / f"{cid}.onnx"
 
         def work() -> dict[str, Any]:
-
             model, hist = steps.distill(src, self.s.model, self.data, epochs, seed=self.s.seed,
                                         output_kinds=self.s.bound.output_kinds)
             save_model(model, out)

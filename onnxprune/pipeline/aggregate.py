@@ -184,7 +184,6 @@ def guidance(points: Sequence[Mapping[str, Any]], dense: Mapping[str, Any], prof
 
 def build_report(ctx, model_path: Path, dense: Mapping[str, Any], dense_ft: Sequence[Mapping[str, Any]], plan,
                  runs: Mapping[str, Mapping[str, Any]], sens: Mapping[str, Any] | None, seconds: float) -> dict[str, Any]:
-
     outdir = ctx.outdir
     recipe = ctx.recipe
     dfig = dense["figures"]

@@ -159,7 +159,6 @@ class Shared:
 
 
 def jobs_of(ctx, plan) -> list[Job]:
-
     jobs = [Job("dense", "dense")] + [Job("run", s.id, spec=s) for s in plan.runs]
     if finetune_dense_enabled(ctx.recipe) and ctx.data is not None:
         jobs += [Job("dense-finetuned", f"dense-finetuned-s{seed}", seed=seed) for seed in plan.seeds]
@@ -167,7 +166,6 @@ def jobs_of(ctx, plan) -> list[Job]:
 
 
 def final_path(ctx, job: Job) -> Path:
-
     name = {"dense": "dense.onnx", "run": f"{job.label}.onnx"}.get(job.kind) or dense_finetuned_name(job.seed)
     return ctx.path(MODELS, name)
 
@@ -348,7 +346,6 @@ def payload(root: Path, rels: list[str]) -> dict[str, bytes]:
 
 
 def _latency_target(spec) -> bool:
-
     return any(is_latency(s) for s in spec.stages)
 
 

@@ -96,7 +96,6 @@ def prune_to_latency(source: str | os.PathLike, stage: Stage, hw_profile, seed: 
 
 def _measure_percentile(percentile: str, where: list | None = None) -> Callable[[str, Any], float]:
     def measure(path: str, hw_profile) -> float:
-
         rec = steps.profile(path, hw_profile, memory=False)["results"][0]
         if where is not None:
             where.append(rec.get("measured_on"))

@@ -24,7 +24,6 @@ class StructuredGroups:
     """The dense model analysed once: groups, scores, and a pruner for any per-group ratios."""
 
     def __init__(self, source, criterion: str, seed: int = 0, gradients=None):
-
         self.prep = prepare(source)
         self.analysis = analyze_channels(self.prep.view)
         groups = list(self.analysis.prunable)
@@ -44,7 +43,6 @@ class StructuredGroups:
         return (list(g.nodes) or [f"group {g.id}"])[0]
 
     def plan(self, ratios: Mapping[int, float]):
-
         limits = Limits(max_ratio=0.99)
         plan = {}
         for g in self.groups:

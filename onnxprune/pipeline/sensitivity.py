@@ -93,7 +93,6 @@ def _units(source, cfg: Sensitivity, criterion: str) -> list[tuple[str, str, int
 
 
 def _latency(model, profiles: Sequence[Any], where: dict[str, list] | None = None) -> dict[str, float]:
-
     out = {}
     with tempfile.TemporaryDirectory(prefix="onnxprune-sens-") as tmp:
         path = Path(tmp) / "probe.onnx"

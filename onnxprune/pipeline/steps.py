@@ -93,7 +93,6 @@ def analyze(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-
     return save_model(model, path)
 
 

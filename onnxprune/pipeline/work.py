@@ -66,7 +66,6 @@ def dense_control(ctx: Context, model_path: Path, latency: bool = True) -> dict[
     ctx.progress.step("dense: copy")
 
     def copy() -> dict[str, Any]:
-
         with atomic_path(dest) as tmp:
             shutil.copyfile(model_path, tmp)
         return {"source": str(model_path)}
@@ -93,7 +92,6 @@ def _gzip_dense(ctx: Context) -> bool:
 
 
 def sensitivity_step(ctx: Context, dense: Path) -> dict[str, Any]:
-
     cfg = ctx.recipe.sensitivity
     profs = ctx.profiles if cfg.latency else []
     csv_path = ctx.path("sensitivity.csv")

@@ -57,7 +57,6 @@ def peak_rss_bytes() -> tuple[int, str]:
 
 
 def current_rss_bytes() -> int:
-
     return int(psutil.Process().memory_info().rss)
 
 

@@ -59,7 +59,6 @@ def _nvidia_proc() -> dict[str, Any] | None:
 
 
 def _nvml() -> dict[str, Any] | None:
-
     info = nvml_gpu_info()
     if info is None:
         return None
@@ -152,7 +151,6 @@ def _own(proc: Any) -> float:
 
 
 def _processes() -> dict[int, tuple[str, float]]:
-
     me = os.getpid()
     out = {}
     for p in psutil.process_iter(["pid", "name", "cpu_times"]):

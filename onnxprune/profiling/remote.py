@@ -76,7 +76,6 @@ class ModelFiles:
 
     @classmethod
     def of(cls, path: Path) -> "ModelFiles":
-
         path = Path(path).resolve()
         model, *data = model_files(path)
         sha = file_sha256(model)

@@ -78,14 +78,12 @@ def device_facts() -> dict[str, Any]:
 
 
 def _profile(req: dict[str, Any]) -> dict[str, Any]:
-
     return profile_model(req["model"], [profile_from_dict(req["profile"])], per_node=req["per_node"],
                          input_shapes=_shapes(req.get("input_shapes")), batch_sizes=req.get("batch_sizes"),
                          memory=req["memory"], top_nodes=req["top_nodes"])
 
 
 def _compare(req: dict[str, Any]) -> dict[str, Any]:
-
     return compare_models(req["a"], req["b"], profile_from_dict(req["profile"]), batch_sizes=req.get("batch_sizes"),
                           input_shapes=_shapes(req.get("input_shapes")), memory=req["memory"])
 

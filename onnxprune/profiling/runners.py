@@ -173,7 +173,6 @@ class OrtRunner:
     """ONNX Runtime on CPU (numpy feeds) or CUDA (inputs and outputs bound on the GPU)."""
 
     def __init__(self, profile: HwProfile, path: str | os.PathLike, feeds: Mapping[str, np.ndarray], *, arena: bool = True):
-
         self.backend = profile.backend
         self.session = ort_session(path, profile, arena=arena)
         self.provider = self.session.get_providers()[0]

@@ -344,6 +344,5 @@ class Recipe(_Strict):
 
 
 def _id_safe(name: str) -> str:
-
     s = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
     return s or "method"

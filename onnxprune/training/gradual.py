@@ -63,7 +63,6 @@ def _check_schedule(initial: float, final: float, steps: int) -> None:
 
 
 def _macs(model: onnx.ModelProto) -> int | None:
-
     return total_macs(prepare(model).view)
 
 
