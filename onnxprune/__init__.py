@@ -23,6 +23,5 @@ __all__ = ["OnnxPruneError", "UnavailableError", "inspect_model", "load_model", 
 
 def __getattr__(name: str):
     if name in _API:
-
         return getattr(api, name)
     raise AttributeError(f"module 'onnxprune' has no attribute {name!r}")

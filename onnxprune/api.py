@@ -70,7 +70,6 @@ def prune(model: "str | os.PathLike", output: "str | os.PathLike | None" = None,
     res = fn(model, **kwargs)
     summary = dict(res.summary)
     if output is not None:
-
         refuse_overwrite_input(model, output)
         save_model(res.model, output)
         summary["output"] = str(output)
@@ -84,7 +83,6 @@ def finetune(model: "str | os.PathLike", data: Any = "digits", output: "str | os
 
     trained, hist = _finetune(model, data, TrainConfig.from_dict(config), teacher=teacher, progress=progress)
     if output is not None:
-
         refuse_overwrite_input(model, output)
         save_model(trained, output)
         hist = {**hist, "output": str(output)}
@@ -97,7 +95,6 @@ def evaluate(model: "str | os.PathLike", data: Any = "digits", split: str = "tes
     (the dense model) also fidelity per graph output, with ``metric`` (``python:module:function``)
     the user's figures; both work on unlabeled data."""
     if reference is not None or metric is not None:
-
         return evaluate_outputs(model, data, split, batch_size, reference=reference, metric=metric)
 
     return evaluate_onnx(model, data, split, batch_size)

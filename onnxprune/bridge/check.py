@@ -21,7 +21,6 @@ node beyond its refusal bound is the culprit.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,12 +29,12 @@ import numpy as np
 import onnx
 import torch
 
-from ..core.errors import OnnxPruneError, ort_error_text
-from ..core.model_io import PROTOBUF_LIMIT, proto_bytes, load_model
+from ..core.errors import OnnxPruneError
+from ..core.model_io import load_model
 from ..core.prepare import resolve_input_shapes
 from ..core.shapes import graph_inputs
 from .module import BridgeRuntimeError, OnnxModule
-import onnxruntime as ort
+from ..core.runtime import open_session, session_options
 
 _NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
              onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8,
@@ -87,21 +86,9 @@ def random_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, 
 
 
 def ort_session(model: onnx.ModelProto, *, optimize: bool = True):
-    """A CPU ONNX Runtime session over ``model`` (through a temporary file above 2 GB)."""
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4  # its error is raised with the reason: nothing extra on stderr
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        if proto_bytes(model) > PROTOBUF_LIMIT:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "m.onnx")
-                onnx.save_model(model, path, save_as_external_data=True, location="m.data")
-                return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - ORT's errors are many types; the message is what matters
-        raise OnnxPruneError(f"ONNX Runtime cannot load the model: {ort_error_text(exc)}") from exc
+    """A CPU ONNX Runtime session over ``model`` (through a temporary file above 2 GB); quiet: a
+    failure is raised with the reason, nothing extra on stderr."""
+    return open_session(model, options=session_options(optimize=optimize, quiet=True), what="the model")
 
 
 def _errors(a: np.ndarray, ref: np.ndarray) -> tuple[float, float]:

@@ -93,7 +93,6 @@ def _array(x) -> np.ndarray | None:
     """A case's value as numpy (the data holds arrays, numpy scalars or TensorProtos); None for a
     sequence or optional."""
     if isinstance(x, onnx.TensorProto):
-
         return numpy_helper.to_array(x)
     if isinstance(x, (np.ndarray, np.generic)):
         return np.asarray(x)

@@ -8,20 +8,17 @@ by one batch of activations plus ``O(d^2)`` per layer, whatever the sample count
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from ..core.errors import OnnxPruneError
 from ..core.shapes import value_dtypes, skeleton, fix_input_shapes, infer_value_shapes
 from .layers import Layer
 from .stats import RowStats
-import onnxruntime as ort
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from ..core.runtime import fixed_batch, open_session, run_batched, run_batches
+from ..core.progress import ProgressBar
 
 #: activations one batch may expose (bytes): the batch size follows from the layers' tensor sizes
 BATCH_BYTES = 256 * 2**20
@@ -54,47 +51,7 @@ def _skeleton(m: onnx.ModelProto) -> onnx.ModelProto:
 
 def session(model: onnx.ModelProto):
     """An ONNX Runtime CPU session of ``model``."""
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-        raise OnnxPruneError(f"ONNX Runtime cannot run the model for calibration: {str(exc).splitlines()[0][:300]}") from exc
-
-
-def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size every input declares, when it is a fixed number (None: dynamic)."""
-    inits = {i.name for i in model.graph.initializer}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        dims = vi.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value"):
-            return int(dims[0].dim_value)
-    return None
-
-
-def batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    n = len(next(iter(inputs.values())))
-    for i in range(0, n, batch_size):
-        yield {k: v[i:i + batch_size] for k, v in inputs.items()}
-
-
-def run_batches(sess, names: Sequence[str], inputs: Mapping[str, np.ndarray], batch_size: int,
-                fixed: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    """The one batched runner: per batch, (the batch's inputs, ``names`` computed on it). A model
-    whose batch dimension is ``fixed`` gets batches of exactly that size: the last one padded with
-    copies of its first sample, whose outputs are dropped. Feeds the model does not read are left out."""
-    feeds = {i.name for i in sess.get_inputs()}
-    bs = fixed or batch_size
-    for b in batches(inputs, bs):
-        real = len(next(iter(b.values())))
-        feed = {k: v for k, v in b.items() if k in feeds}
-        if fixed and real < fixed:
-            feed = {k: np.concatenate([v, np.repeat(v[:1], fixed - real, axis=0)]) for k, v in feed.items()}
-        got = sess.run(list(names), feed)
-        yield b, {k: v[:real] for k, v in zip(names, got)}
+    return open_session(model, what="the model for calibration")
 
 
 def prefix(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
@@ -134,32 +91,12 @@ def _outer_names(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-@contextmanager
-def progress_bar(total: int, what: str, enabled: bool):
-    """A rich progress bar on stderr (nothing when disabled); yields ``advance(n)``."""
-    if not enabled:
-        yield lambda n: None
-        return
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(what, total=total)
-        yield lambda n: bar.advance(task, n)
-
-
 def run(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], *, batch_size: int = 32,
         progress: bool = False, what: str = "running") -> dict[str, np.ndarray]:
     """The graph outputs of ``model`` on ``inputs``, batched."""
-    sess = session(model)
-    names = [o.name for o in sess.get_outputs()]
     n = len(next(iter(inputs.values())))
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    with progress_bar(n, what, progress) as advance:
-        for b, got in run_batches(sess, names, inputs, batch_size, fixed_batch(model)):
-            for k in names:
-                parts[k].append(got[k])
-            advance(len(next(iter(b.values()))))
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    with ProgressBar(n, what, enabled=progress, transient=True) as bar:
+        return run_batched(session(model), inputs, batch_size=batch_size, fixed=fixed_batch(model), progress=bar)
 
 
 def _batch_size(model: onnx.ModelProto, tensors: Sequence[str], inputs: Mapping[str, np.ndarray], most: int) -> int:
@@ -205,7 +142,7 @@ def collect_stats(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], laye
     bs = _batch_size(model, tensors, inputs, batch_size)
     done = 0
     pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {l.node: [] for l in layers}
-    with progress_bar(n, "calibration: collecting activations", progress) as advance:
+    with ProgressBar(n, "calibration: collecting activations", enabled=progress, transient=True) as bar:
         for b, outs in run_batches(sess, names, inputs, bs, fixed_batch(model)):
             got = {**b, **outs}
             m = got.get(mask) if mask else None
@@ -220,7 +157,7 @@ def collect_stats(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], laye
                     kept[k].append(got[k][:keep_outputs - done])
             done += len(next(iter(b.values())))
             del got
-            advance(len(next(iter(b.values()))))
+            bar.advance(len(next(iter(b.values()))))
     for l in layers:
         _flush(stats[l.node], pending[l.node], affine.get(l.node))
     return stats, {k: np.concatenate(v) for k, v in kept.items() if v}

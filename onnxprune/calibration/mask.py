@@ -37,16 +37,3 @@ def mask_input(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], name: s
              and len(vi.type.tensor_type.shape.dim) == 2 and n in inputs and _is_01(np.asarray(inputs[n]))]
     cands.sort(key=lambda n: "attention_mask" not in n.lower())
     return cands[0] if cands else None
-
-
-def masked_rel(ref: np.ndarray, out: np.ndarray, mask: np.ndarray | None) -> float:
-    """Relative L2 of ``out`` to ``ref``, over the real tokens only when the output is per token
-    (``[batch, seq, ...]`` with the mask's ``[batch, seq]``)."""
-    ref = np.asarray(ref, np.float64)
-    out = np.asarray(out, np.float64)
-    if mask is not None and ref.ndim >= 2 and ref.shape[:2] == mask.shape:
-        keep = np.asarray(mask) != 0
-        ref, out = ref[keep], out[keep]
-    den = float(np.linalg.norm(ref))
-    num = float(np.linalg.norm(out - ref))
-    return num / den if den > 0 else num

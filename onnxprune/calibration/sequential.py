@@ -22,7 +22,9 @@ import numpy as np
 import onnx
 
 from ..core.graph import GraphView
-from .collect import PENDING_BYTES, fixed_batch, prefix, progress_bar, run_batches, session, _batch_size
+from ..core.progress import ProgressBar
+from ..core.runtime import fixed_batch, run_batches
+from .collect import PENDING_BYTES, _batch_size, prefix, session
 from .edit import ModelEditor, write_layer
 from .fit import ridge_refit, rel_error
 from .layers import Layer
@@ -169,7 +171,7 @@ def dense_rows(dense: onnx.ModelProto, layers: Sequence[Layer], targets: Mapping
                      targets[l.node].b[targets[l.node].outs].astype(np.float32)) for l in layers}
     got: DenseRows = {l.node: [] for l in layers}
     n = len(next(iter(inputs.values())))
-    with progress_bar(n, "calibration: dense targets", progress) as advance:
+    with ProgressBar(n, "calibration: dense targets", enabled=progress, transient=True) as bar:
         for b, outs in run_batches(sess, fetch, inputs, bs, fixed_batch(dense)):
             acts = {**b, **outs}
             m = b.get(mask) if mask else None
@@ -178,7 +180,7 @@ def dense_rows(dense: onnx.ModelProto, layers: Sequence[Layer], targets: Mapping
                 bi, pos = l.positions(x.shape, per_sample, rng, l.valid_positions(x.shape, m))
                 mm, bb = maps[l.node]
                 got[l.node].append((bi.astype(np.int32), pos.astype(np.int32), l.rows_at(x, None, bi, pos)[0] @ mm.T + bb))
-            advance(len(next(iter(b.values()))))
+            bar.advance(len(next(iter(b.values()))))
     return bs, got
 
 
@@ -194,7 +196,7 @@ def _stage_stats(current: onnx.ModelProto, group: Sequence[Layer], targets: Mapp
     pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {l.node: [] for l in group}
     bad: dict[str, str] = {}
     n = len(next(iter(inputs.values())))
-    with progress_bar(n, str(what), bool(what)) as advance:
+    with ProgressBar(n, str(what), enabled=bool(what), transient=True) as bar:
         for j, (b, outs) in enumerate(run_batches(sess, fetch, inputs, bs, fixed_batch(current))):
             acts = {**b, **outs}
             for l in group:
@@ -209,7 +211,7 @@ def _stage_stats(current: onnx.ModelProto, group: Sequence[Layer], targets: Mapp
                 pending[l.node].append((rc, y))
                 if sum(x.nbytes for x, _ in pending[l.node]) >= PENDING_BYTES:
                     _flush(stats[l.node], pending[l.node])
-            advance(len(next(iter(b.values()))))
+            bar.advance(len(next(iter(b.values()))))
     for l in group:
         _flush(stats[l.node], pending[l.node])
     failed = [{"node": k, "reason": v} for k, v in bad.items()]

@@ -23,7 +23,8 @@ from .collect import DEFAULT_ROWS, collect_stats, run
 from .edit import ModelEditor, write_layer
 from .fit import DEFAULT_RIDGE, as_affine, channel_energy, rel_error, ridge_refit, shift_fit
 from .layers import Layer, dense_affine, layer_of
-from .mask import mask_input, masked_rel
+from .guard import is_worse, mean_error, output_errors, rejection
+from .mask import mask_input
 from .sequential import STAGES, Target, stages, refit as sequential_refit
 from .stats import RowStats
 
@@ -175,16 +176,12 @@ class StructuredCalibration:
             if method == "refit" and self.sequential and entries:
                 out, entries, failed, stage_count = self._sequential(view, dense, out, touched, cuts, entries, failed, mask)
             after = run(out, check) if entries and method != "none" else before
-            errors = {k: (masked_rel(ref, before[k], cmask), masked_rel(ref, after[k], cmask))
-                      for k, ref in self.reference.items()}
-            mean_after = float(np.mean([a for _, a in errors.values()])) if errors else 0.0
-            mean_before = float(np.mean([b for b, _ in errors.values()])) if errors else 0.0
+            errors = output_errors(self.reference, before, after, cmask)
+            mean_after = mean_error(errors, 1)
             score = mean_after if np.isfinite(mean_after) else float("inf")  # (NaN: from a non-finite fit)
             tried.append((score, len(tried), method, out, entries, failed, errors))
-            if not mean_after <= mean_before:
-                rejected.append({"method": method, "mean_rel_l2_after": mean_after,
-                                 "reason": "the outputs moved further from the dense model's on the "
-                                           + ("held-out check samples" if held_out else "check samples")})
+            if is_worse(errors):
+                rejected.append(rejection(method, errors, held_out))
         _, _, method, out, entries, failed, errors = min(tried, key=lambda c: c[:2])
         summary: dict[str, Any] = {"method": method, "samples": int(len(next(iter(self.inputs.values())))),
                                    "fit_samples": int(len(next(iter(self.fit_inputs.values())))),
@@ -201,7 +198,7 @@ class StructuredCalibration:
             summary["mask"] = mask
         if rejected:
             summary["rejected"] = rejected
-        summary["candidates"] = {c[2]: float(np.mean([a for _, a in c[6].values()])) if c[6] else 0.0 for c in tried}
+        summary["candidates"] = {c[2]: mean_error(c[6], 1) for c in tried}
         summary["outputs"] = {k: {"rel_l2_before": b, "rel_l2_after": a} for k, (b, a) in errors.items()}
         summary["check_samples"] = int(len(next(iter(check.values()))))
         summary["check"] = "held_out" if held_out else "in_sample"
@@ -306,7 +303,3 @@ class StructuredCalibration:
 
 def _columns(wshape, l: Layer) -> int:
     return int(wshape[1] * int(np.prod(wshape[2:]))) if l.op_type == "Conv" else int(wshape[l.in_axis])
-
-
-def _rel(ref: np.ndarray, out: np.ndarray) -> float:
-    return masked_rel(ref, out, None)

@@ -17,11 +17,14 @@ import numpy as np
 import onnx
 
 from ..core.graph import GraphView, attr
-from .collect import DEFAULT_ROWS, collect_stats, fixed_batch, progress_bar, run, run_batches, session, with_outputs
+from ..core.progress import ProgressBar
+from ..core.runtime import fixed_batch, run_batches
+from .collect import DEFAULT_ROWS, collect_stats, run, session, with_outputs
 from .edit import ModelEditor, write_layer
 from .fit import rel_error
 from .layers import dense_affine, layer_of
-from .structured import CHECK_SAMPLES, _rel, check_count
+from .guard import is_worse, output_errors, rejection
+from .structured import CHECK_SAMPLES, check_count
 from ..core.prepare import prepare
 from ..sparsity.select import select_weights
 
@@ -50,7 +53,7 @@ def input_norms(view: GraphView, model: onnx.ModelProto, inputs: Mapping[str, np
     sess = session(with_outputs(model, fetched))
     sums: dict[str, np.ndarray] = {}
     n = len(next(iter(inputs.values())))
-    with progress_bar(n, "calibration: activation norms", progress) as advance:
+    with ProgressBar(n, "calibration: activation norms", enabled=progress, transient=True) as bar:
         for b, outs in run_batches(sess, fetched, inputs, 16, fixed_batch(model)):
             got = {**b, **outs}
             for t, v in ((t, got[t]) for t in tensors):
@@ -58,7 +61,7 @@ def input_norms(view: GraphView, model: onnx.ModelProto, inputs: Mapping[str, np
                 for a in {a for _, x, a in plan.values() if x == t}:
                     other = tuple(i for i in range(sq.ndim) if i != a % sq.ndim)
                     sums[(t, a)] = sums.get((t, a), 0) + sq.sum(axis=other)
-            advance(len(next(iter(b.values()))))
+            bar.advance(len(next(iter(b.values()))))
     out = {}
     for name, (node, x, a) in plan.items():
         out[name] = _broadcast(np.sqrt(sums[(x, a)]), node, name, tuple(view.initializers[name].dims))
@@ -187,15 +190,11 @@ def reconstruct(view: GraphView, dense: onnx.ModelProto, pruned: onnx.ModelProto
     if ref:
         n = len(next(iter(ref.values())))
         before, after = run(pruned, check), run(out, check)
-        errors = {k: (_rel(r, before[k]), _rel(r, after[k])) for k, r in ref.items()}
-        mean_after = float(np.mean([a for _, a in errors.values()]))
-        if not mean_after <= float(np.mean([b for b, _ in errors.values()])):  # as a whole: never worse (nor NaN)
+        errors = output_errors(ref, before, after)
+        if is_worse(errors):  # as a whole: never worse (nor NaN)
             out = pruned
+            summary.update(method="none", rejected=[rejection("reconstruct", errors, bool(held))])
             errors = {k: (b, b) for k, (b, _) in errors.items()}
-            summary.update(method="none", rejected=[{
-                "method": "reconstruct", "mean_rel_l2_after": mean_after,
-                "reason": "the outputs moved further from the dense model's on the "
-                          + ("held-out check samples" if held else "check samples")}])
         summary["outputs"] = {k: {"rel_l2_before": b, "rel_l2_after": a} for k, (b, a) in errors.items()}
         summary.update(check_samples=n, check="held_out" if held else "in_sample", fit_samples=total - held)
     summary["seconds"] = round(time.perf_counter() - t0, 3)

@@ -54,7 +54,6 @@ def eval_cmd(model: str, data_spec: str, split: str, batch_size: int, seed: int,
                                  "dense model) or --metric python:module:function")
         res = evaluate_onnx(model, data, split=split, batch_size=batch_size)
     else:
-
         res = evaluate_outputs(model, data, split, batch_size, reference=reference, metric=metric_spec,
                                output_kinds=kinds)
     if as_json:

@@ -187,7 +187,6 @@ def _structured(model: str, opts: dict[str, Any]):
                     f"{prof_name} (--round-to N overrides)")
     inputs = _calibration_inputs(model, opts, criterion)
     if inputs is not None:
-
         if "input_shapes" not in kwargs:  # the data's shapes fix symbolic dims (batch 1 for the figures)
             kwargs["input_shapes"] = data_input_shapes(inputs, batch=1)
 
@@ -236,7 +235,6 @@ def _structured_options(model: str, opts: dict[str, Any], criterion: str, *, max
             raise OnnxPruneError(f"--max-ratio must be in (0, {'1]' if max_ratio_one else '1)'}, not {opts['max_ratio']}")
         kwargs["max_ratio"] = mr
     if opts["input_shape"]:
-
         kwargs["input_shapes"] = parse_input_shapes(opts["input_shape"])
     kwargs["gradients"] = _gradients(model, opts["data"], criterion)
     return kwargs
@@ -399,11 +397,9 @@ def _reconstruct(result, cal, opts: dict[str, Any]) -> None:
     if cal is None:
         return
     if opts["reconstruct"]:
-
         result.model, result.summary["calibration"] = cal.reconstruct(result.model)
         result.summary["calibration"]["split"] = calibration_split(opts["calibrate"])
     if opts["sparse_storage"]:
-
         result.model, moved, storage_notes = to_sparse_storage(result.model, cal.weights)
         result.summary.update(storage="sparse" if moved else "dense", sparse_initializers=moved)
         result.summary.setdefault("notes", []).extend(storage_notes)

@@ -26,8 +26,13 @@ class ProgressBar:
         self._task: Any = None
 
     def __enter__(self) -> "ProgressBar":
-        if self.enabled:
+        return self.start()
 
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> "ProgressBar":
+        if self.enabled and self._bar is None:
             self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
                                  console=Console(stderr=True), transient=self.transient)
@@ -35,7 +40,7 @@ class ProgressBar:
             self._bar.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None

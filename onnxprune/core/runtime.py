@@ -83,8 +83,12 @@ def load_error(model: onnx.ModelProto, *, max_bytes: int = PROTOBUF_LIMIT) -> st
     return None
 
 
-def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size every graph input declares, when it is a fixed number (None: dynamic)."""
+def fixed_batch(model) -> int | None:
+    """The batch size the graph inputs declare when it is a fixed number (None: dynamic), from a
+    model or from a session's inputs."""
+    if hasattr(model, "get_inputs"):
+        first = model.get_inputs()[0].shape if model.get_inputs() else None
+        return first[0] if first and isinstance(first[0], int) and first[0] > 0 else None
     inits = {i.name for i in model.graph.initializer}
     for vi in model.graph.input:
         if vi.name in inits:
@@ -97,27 +101,46 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
 
 def batches(feeds: Mapping[str, np.ndarray], batch_size: int, *, pad: bool = False) -> Iterator[tuple[dict[str, np.ndarray], int]]:
     """``(batch, rows)`` pairs over per-input arrays. With ``pad``, a short last batch is padded to
-    ``batch_size`` by repeating its last row (for models with a fixed batch size); ``rows`` says how
+    ``batch_size`` by repeating its first row (for models with a fixed batch size); ``rows`` says how
     many rows are real."""
     n = len(next(iter(feeds.values())))
     for i in range(0, n, batch_size):
         part = {k: v[i:i + batch_size] for k, v in feeds.items()}
         rows = len(next(iter(part.values())))
         if pad and rows < batch_size:
-            part = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - rows, axis=0)]) for k, v in part.items()}
+            part = {k: np.concatenate([v, np.repeat(v[:1], batch_size - rows, axis=0)]) for k, v in part.items()}
         yield part, rows
+
+
+def run_batches(session, names: Sequence[str], feeds: Mapping[str, np.ndarray], batch_size: int,
+                fixed: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """The one batched runner: per batch, (the batch's inputs, ``names`` computed on it). A model
+    whose batch dimension is ``fixed`` gets batches of exactly that size, the padding's outputs
+    dropped; feeds the model does not read are left out; an output without the batch axis (a
+    scalar, a per-model constant) is passed as it is. A run that fails is one OnnxPruneError line."""
+    wanted = {i.name for i in session.get_inputs()}
+    for part, rows in batches(feeds, fixed or batch_size, pad=fixed is not None):
+        feed = {k: v for k, v in part.items() if k in wanted}
+        try:
+            got = session.run(list(names), feed)
+        except Exception as exc:  # noqa: BLE001 - ORT raises assorted types
+            raise OnnxPruneError(f"ONNX Runtime failed on inputs {({k: list(v.shape) for k, v in feed.items()})}: "
+                                 f"{ort_error_text(exc)}") from None
+        sent = len(next(iter(feed.values()))) if feed else rows
+        yield ({k: v[:rows] for k, v in part.items()},
+               {k: v[:rows] if np.ndim(v) and len(v) == sent else v for k, v in zip(names, got)})
 
 
 def run_batched(session, feeds: Mapping[str, np.ndarray], *, batch_size: int, fixed: int | None = None,
                 outputs: Sequence[str] | None = None, progress=None) -> dict[str, np.ndarray]:
-    """Run ``session`` over all rows of ``feeds`` in batches and concatenate each output; a model
-    with a fixed batch size (``fixed``) gets padded batches of exactly that size, padding dropped.
-    ``progress`` is a :class:`~onnxprune.core.progress.ProgressBar` (or None)."""
+    """Every output ``outputs`` (default: all) of ``session`` on all rows of ``feeds``, concatenated
+    over the batches of :func:`run_batches`. ``progress`` is a
+    :class:`~onnxprune.core.progress.ProgressBar` (or None)."""
     names = list(outputs or [o.name for o in session.get_outputs()])
     parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    for batch, rows in batches(feeds, fixed or batch_size, pad=fixed is not None):
-        for k, v in zip(names, session.run(names, batch)):
-            parts[k].append(v[:rows])
+    for part, got in run_batches(session, names, feeds, batch_size, fixed):
+        for k in names:
+            parts[k].append(got[k])
         if progress is not None:
-            progress.advance(rows)
-    return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
+            progress.advance(len(next(iter(part.values()))))
+    return {k: np.concatenate(v) if v and np.ndim(v[0]) else (v[0] if v else np.zeros((0,))) for k, v in parts.items()}

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
 
-from ..core.errors import OnnxPruneError, ort_error_text
+from ..core.errors import OnnxPruneError
 from .core import DatasetSplits, load_dataset
-import onnxruntime as ort
+from ..core.runtime import CPU, open_session
 
 
 def topk_correct(logits: np.ndarray, y: np.ndarray, k: int) -> int:
@@ -20,21 +19,7 @@ def topk_correct(logits: np.ndarray, y: np.ndarray, k: int) -> int:
 
 
 def _session(model_or_path: "str | os.PathLike | onnx.ModelProto", providers: Sequence[str] | None):
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    providers = list(providers or ["CPUExecutionProvider"])
-    try:
-        if isinstance(model_or_path, onnx.ModelProto):
-            return ort.InferenceSession(model_or_path.SerializeToString(), so, providers=providers)
-        p = Path(model_or_path)
-        if not p.exists():
-            raise OnnxPruneError(f"{p}: no such file")
-        return ort.InferenceSession(str(p), so, providers=providers)
-    except OnnxPruneError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - ORT raises assorted types for unrunnable models
-        label = "model" if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
-        raise OnnxPruneError(f"{label}: ONNX Runtime cannot load it ({ort_error_text(exc)})") from None
+    return open_session(model_or_path, providers=list(providers or CPU))
 
 
 _ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}

@@ -13,12 +13,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..core.errors import OnnxPruneError, ort_error_text
-from .evaluate import _session, evaluate_onnx
+from ..core.errors import OnnxPruneError
+from .evaluate import evaluate_onnx
 from .output_kind import infer_output_kinds
 from ..core.user_code import import_callable
 from .core import load_dataset
 from .inputs import bind_inputs, model_inputs
+from ..core.runtime import fixed_batch, open_session, run_batched
 
 
 def _pair(ref: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -183,8 +184,7 @@ def class_score_outputs(model: "onnx.ModelProto | str | os.PathLike") -> list[st
 
 def session(model: "str | os.PathLike | onnx.ModelProto"):
     """A CPU ONNX Runtime session (one error line for a missing or unloadable model)."""
-
-    return _session(model, None)
+    return open_session(model)
 
 
 def run_onnx(model: "str | os.PathLike | onnx.ModelProto | Any", inputs: Mapping[str, np.ndarray],
@@ -192,26 +192,7 @@ def run_onnx(model: "str | os.PathLike | onnx.ModelProto | Any", inputs: Mapping
     """Every graph output of ``model`` on ``inputs`` (bound arrays, N first), in batches; a model
     with a fixed batch size gets exactly that (the last batch padded). ``model`` may be a session."""
     sess = model if hasattr(model, "get_inputs") else session(model)
-    n = len(next(iter(inputs.values())))
-    first = sess.get_inputs()[0].shape
-    fixed = first[0] if first and isinstance(first[0], int) and first[0] > 0 else None
-    bs = fixed or batch_size
-    names = [o.name for o in sess.get_outputs()]
-    chunks: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    for i in range(0, n, bs):
-        feed = {k: v[i:i + bs] for k, v in inputs.items()}
-        real = len(next(iter(feed.values())))
-        if fixed and real < fixed:
-            feed = {k: np.concatenate([v, np.zeros((fixed - real,) + v.shape[1:], v.dtype)]) for k, v in feed.items()}
-        try:
-            res = sess.run(names, feed)
-        except Exception as exc:  # noqa: BLE001 - ORT raises assorted types
-            raise OnnxPruneError(f"ONNX Runtime failed on inputs {({k: list(v.shape) for k, v in feed.items()})}: "
-                                 f"{ort_error_text(exc)}") from None
-        for k, r in zip(names, res):
-            r = np.asarray(r)
-            chunks[k].append(r[:real] if r.ndim and r.shape[0] == len(next(iter(feed.values()))) else r)
-    return {k: np.concatenate(v) if v and v[0].ndim else (v[0] if v else np.zeros(0)) for k, v in chunks.items()}
+    return run_batched(sess, inputs, batch_size=batch_size, fixed=fixed_batch(sess))
 
 
 def evaluate_fidelity(model: "str | os.PathLike | onnx.ModelProto", reference: "str | os.PathLike | onnx.ModelProto",

@@ -23,7 +23,6 @@ def pareto_plot(report: Mapping[str, Any], outdir: Path) -> str | None:
     """Speedup vs the bound's quality figure, one point per candidate, the front joined; None
     when matplotlib is not installed."""
     try:
-
         plt = _plt()
     except Exception:  # noqa: BLE001 - matplotlib missing: the report says so
         return None

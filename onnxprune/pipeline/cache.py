@@ -162,7 +162,6 @@ class StepCache:
     def own_machine(self) -> str:
         """This process's machine fingerprint."""
         if self.machine is None:
-
             self.machine = machine_fingerprint()
         return self.machine
 
@@ -170,7 +169,6 @@ class StepCache:
         """Fingerprints whose measurements on ``profile`` count as this run's, this machine first (a
         ``remote:`` profile's device has one fingerprint wherever the run is)."""
         if getattr(profile, "remote", None):
-
             return [machine_fingerprint(profile)]
         return list(dict.fromkeys([self.own_machine(), *self.accepted]))
 

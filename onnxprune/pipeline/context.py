@@ -18,8 +18,7 @@ import onnxruntime
 from ..core.version import __version__
 import sys
 from ..profiling.environment import cpu_model, gpu_facts
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+from ..core.progress import ProgressBar
 
 MODELS = "models"
 WORK = "work"
@@ -47,35 +46,29 @@ class Context:
 
 
 class Progress:
-    """A rich progress bar on stderr (or nothing), advanced once per finished run."""
+    """The run's progress bar on stderr (or nothing), advanced once per finished run."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.frozen = False  # while the pipeline replays what an executor already reported
-        self._p = None
-        self._task = None
+        self._bar: ProgressBar | None = None
 
     @contextmanager
     def running(self, total: int, label: str) -> Iterator["Progress"]:
-        if not self.enabled:
-            yield self
-            return
-
-        with RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          TextColumn("{task.fields[step]}"), console=Console(stderr=True), transient=False) as p:
-            self._p, self._task = p, p.add_task(label, total=total, step="")
+        with ProgressBar(total, label, enabled=self.enabled) as bar:
+            self._bar = bar
             try:
                 yield self
             finally:
-                self._p = None
+                self._bar = None
 
     def step(self, text: str) -> None:
-        if self._p is not None and not self.frozen:
-            self._p.update(self._task, step=text)
+        if self._bar is not None and not self.frozen:
+            self._bar.info(text)
 
     def advance(self, n: int = 1) -> None:
-        if self._p is not None and not self.frozen:
-            self._p.advance(self._task, n)
+        if self._bar is not None and not self.frozen:
+            self._bar.advance(n)
 
 
 def finetune_dense_enabled(recipe: Recipe) -> bool:

@@ -89,7 +89,6 @@ def prune_to_latency(source: str | os.PathLike, stage: Stage, hw_profile, seed: 
                                      "ratio": ratio, "selection_estimate_ms": chosen[-1] if chosen else None,
                                      "probes": probes}
     if where:
-
         res.summary["latency_search"]["measured_on"] = merge_measured_on(where)
     return res
 

@@ -58,7 +58,6 @@ def run_sensitivity(source: str | os.PathLike, data, cfg: Sensitivity, *, profil
     out = {"kind": cfg.kind, "criterion": criterion, "ratios": list(cfg.ratios), "max_drop": cfg.max_drop,
            "baseline_top1": base, "rows": rows, "per_layer_ratios": per_layer}
     if where:
-
         out["measured_on"] = {name: merge_measured_on(recs) for name, recs in where.items()}
     return out
 

@@ -36,7 +36,6 @@ def _need(module: str, what: str, attr: str | None = None):
         mod = importlib.import_module(module, __package__)
     except ImportError as exc:
         if exc.name in ("torch", "torch_pruning", "sklearn"):
-
             raise UnavailableError(f"{what} needs the Python package {exc.name!r}: pip install 'onnxprune[train]'") from None
         raise
     return getattr(mod, attr) if attr else mod
@@ -158,7 +157,6 @@ def stage_options(stage: Stage) -> dict[str, Any]:
     t = stage.target
     name = stage.hw or (t.latency.profile if t is not None and t.kind == "latency" else None)
     if stage.kind == "structured" and "round_to" not in kw and name:
-
         multiple, from_profile = profile_channel_multiple(name)
         if from_profile:
             kw["round_to"] = multiple
@@ -192,7 +190,6 @@ def prune_stage(source: str | os.PathLike | onnx.ModelProto, stage: Stage, seed:
     if gradients is not None:
         kw["gradients"] = gradients
     if per_layer is not None:
-
         return prune_per_layer(source, stage, per_layer, seed=seed, gradients=gradients)
     if stage.target is None:
         raise OnnxPruneError(f"stage {stage.kind} has no target")

@@ -73,7 +73,6 @@ def expand(recipe: Recipe) -> Plan:
     ids = [r.id for r in runs]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-
         raise OnnxPruneError(f"recipe: field 'sweep': operating points repeat ({', '.join(dup)}); "
                              "expected distinct points per method")
     return Plan(runs=runs, seeds=seeds)

@@ -204,7 +204,6 @@ def _prune_work(ctx: Context, spec: RunSpec, dense: Path, out: Path, per_layer: 
     if isinstance(source, onnx.ModelProto):
         steps.save(source, out)
     else:
-
         with atomic_path(out) as tmp:
             shutil.copyfile(source, tmp)
     return _merge_summaries(summaries)

@@ -46,7 +46,6 @@ def _version(dist: str) -> str | None:
 
 def physical_cores() -> int:
     try:
-
         return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
     except Exception:  # noqa: BLE001
         return os.cpu_count() or 1

@@ -197,7 +197,6 @@ class Observation:
     def start(self) -> "Observation":
         self.load_before = _loadavg()
         try:
-
             proc = psutil.Process()
             self._start = (time.monotonic(), _busy(psutil.cpu_times()), _own(proc), _processes(), proc)
         except Exception:  # noqa: BLE001 - no psutil figures: judged from the load average

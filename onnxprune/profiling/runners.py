@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import onnx
 
-from ..core.errors import OnnxPruneError, UnavailableError, ort_error_text
+from ..core.errors import OnnxPruneError, UnavailableError
 from ..core.shapes import _shape_of, graph_inputs
 from .environment import resolved_threads
 from .hw_profile import HwProfile
@@ -31,6 +31,7 @@ from .provider import ORT_PROVIDER, check_active_provider, require_ort_provider
 import onnxruntime as ort
 from ..core.model_io import load_model
 from ..core.normalize import normalize
+from ..core.runtime import open_session, session_options
 
 
 class BatchSizeError(OnnxPruneError):
@@ -151,20 +152,10 @@ def ort_session(path: str | os.PathLike, profile: HwProfile, *, arena: bool = Tr
 
     provider = ORT_PROVIDER[profile.backend]
     require_ort_provider(provider, f"profile {profile.name!r}")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = resolved_threads(profile)
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.enable_cpu_mem_arena = arena
-    so.log_severity_level = 3
-    if profiling_prefix:
-        so.enable_profiling = True
-        so.profile_file_prefix = profiling_prefix
+    intra, inter = resolved_threads(profile)
+    so = session_options(intra_op=intra, inter_op=inter, arena=arena, profile_prefix=profiling_prefix)
     providers: list = [provider] if provider == "CPUExecutionProvider" else [(provider, {"device_id": 0}), "CPUExecutionProvider"]
-    try:
-        sess = ort.InferenceSession(str(path), so, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-        raise OnnxPruneError(f"{path}: ONNX Runtime cannot load the model ({ort_error_text(exc)})") from exc
+    sess = open_session(path, options=so, providers=providers)
     check_active_provider(sess, provider, f"profile {profile.name!r}")
     return sess
 

@@ -48,10 +48,8 @@ DEFAULT_CRITERION: dict[str, str] = {"structured": "l1", "unstructured": "magnit
 def criteria_of(kind: str) -> tuple[str, ...]:
     """Criteria the pruning functions of ``kind`` accept."""
     if kind == "structured":
-
         return tuple(IMPORTANCE)
     if kind == "unstructured":
-
         return tuple(CRITERIA)
     return ("magnitude",)
 

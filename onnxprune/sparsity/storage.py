@@ -21,9 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..core.errors import ort_error_text
 from ..core.model_io import PROTOBUF_LIMIT, model_files, proto_bytes, serialize_within_limit, sparse_to_dense, without_initializers
-import onnxruntime as ort
+from ..core.runtime import load_error
 
 #: gzip level used for the reported compressed size (gzip's own default).
 GZIP_LEVEL = 6
@@ -79,13 +78,9 @@ def to_sparse_storage(model: onnx.ModelProto, names: Iterable[str]) -> tuple[onn
     m.graph.initializer.extend(keep)
     if proto_bytes(m) > PROTOBUF_LIMIT:
         return model, [], ["sparse storage: model over 2 GB, kept dense storage with external data"]
-    try:
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - any load failure means: keep dense
-        first = ort_error_text(exc, 200)
+    why = load_error(m)
+    if why is not None:  # any load failure means: keep dense
+        first = why[:200]
         return model, [], [f"sparse storage: ONNX Runtime cannot load this model with sparse initializers ({first}); "
                            "kept dense storage"]
     return m, moved, [f"sparse storage: {len(moved)} weight(s) stored as sparse initializers "

@@ -13,9 +13,8 @@ from typing import Callable, Sequence
 import onnx
 
 from ..channels.types import KeepPlan
-from ..core.errors import OnnxPruneError, ort_error_text
-from ..core.model_io import PROTOBUF_LIMIT, proto_bytes
-import onnxruntime as ort
+from ..core.errors import OnnxPruneError
+from ..core.runtime import load_error
 
 #: builds and validates the pruned model of a plan, raising on failure
 Build = Callable[[KeepPlan], onnx.ModelProto]
@@ -29,17 +28,8 @@ ORT_CHECK_MAX_BYTES = 512 << 20
 def ort_load_error(model: onnx.ModelProto) -> str | None:
     """Why ONNX Runtime cannot load ``model`` (one line), or None when it loads (or it is larger
     than :data:`ORT_CHECK_MAX_BYTES`)."""
-    if proto_bytes(model) > min(ORT_CHECK_MAX_BYTES, PROTOBUF_LIMIT):
-        return None
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 4  # the reason is returned: nothing on stderr
-    try:
-        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - any load failure is the reason
-        return f"ONNX Runtime cannot load it: {ort_error_text(exc, 240)}"
-    return None
+    why = load_error(model, max_bytes=ORT_CHECK_MAX_BYTES)
+    return None if why is None else f"ONNX Runtime cannot load it: {why[:240]}"
 
 
 def _error(build: Build, plan: KeepPlan) -> tuple[onnx.ModelProto | None, str | None]:

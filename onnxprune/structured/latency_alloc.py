@@ -176,7 +176,6 @@ def prune_for_latency(source: str | os.PathLike | onnx.ModelProto, hw, *, target
     with tempfile.TemporaryDirectory(prefix="onnxprune-halp-") as tmp:
         tmp_dir = Path(tmp)
         if isinstance(source, onnx.ModelProto):
-
             dense_path = save_model(source, tmp_dir / "dense.onnx")
         else:
             dense_path = Path(source)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -39,8 +38,7 @@ from .schedules import lr_at
 from ..datasets.fidelity import nn_agreement
 from .distill import legacy_kinds, outputs_distill_loss, shape_scale
 from .augment import BatchAugment, input_signature, resolve_augment
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from ..core.progress import ProgressBar
 
 
 @dataclass
@@ -86,32 +84,6 @@ def logits_of(out: Any):
     if out.dim() > 2 and all(d == 1 for d in out.shape[2:]):
         out = out.reshape(out.shape[0], -1)
     return out
-
-
-class _Progress:
-    """A rich progress bar on a terminal; silent otherwise."""
-
-    def __init__(self, enabled: bool, total: int, description: str) -> None:
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                console=Console(stderr=True), transient=False)
-            self.task = self.bar.add_task(description, total=total, info="")
-            self.bar.start()
-
-    def advance(self, info: str | None = None) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, **({"info": info} if info is not None else {}))
-
-    def info(self, info: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, info=info)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def as_tensors(x: Any, device: str) -> list:
@@ -420,7 +392,8 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
         best, best_step = initial, 0
         best_state = _snapshot(module)
         epochs: list[dict[str, Any]] = []
-        bar = _Progress(progress and dist.is_main, total or config.epochs * max(n_batches, 1), description)
+        bar = ProgressBar(total or config.epochs * max(n_batches, 1), description, enabled=progress and dist.is_main,
+                          tty_only=True).start()
         bar.info(_val_text(initial))
         step, loss_sum, seen, correct, lr = 0, 0.0, 0, 0, config.lr
 
@@ -494,7 +467,7 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
                     loss_sum += float(loss.detach()) * nb
                     seen += nb
                     step += 1
-                    bar.advance(f"step {step}/{total or '?'} loss {loss_sum / max(seen, 1):.4f}")
+                    bar.advance(info=f"step {step}/{total or '?'} loss {loss_sum / max(seen, 1):.4f}")
                     if total and (step % eval_every == 0 or step == total):
                         record(step / unit)
                         module.train()

@@ -187,7 +187,6 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
     else:
         history["test"] = None
     if t_model is not None:
-
         for split in ("val", "test"):
             part = getattr(data, split)
             if (split == "test" and not evaluate_test) or part is None or part.x is None or not len(part):
