@@ -140,6 +140,7 @@ def test_a_command_module_that_is_gone_is_a_bug_not_not_implemented(monkeypatch,
 def test_a_missing_pruning_module_is_a_bug_not_not_implemented(monkeypatch, tmp_path):
     model = _model(tmp_path / "m.onnx")
     monkeypatch.setitem(sys.modules, "onnxprune.structured.prune", None)  # as if renamed away
+    monkeypatch.delitem(sys.modules, "onnxprune.commands.prune_cmd", raising=False)  # imported again: it needs it
     code, out, err = run_cli("prune", model, "-o", tmp_path / "s.onnx", "--structured", "--ratio", "0.5")
     assert code == 70 and _internal_error_naming(err, "onnxprune.structured.prune"), err
     assert not (tmp_path / "s.onnx").exists()
