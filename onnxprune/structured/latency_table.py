@@ -23,6 +23,7 @@ carries ``measured_on``: where and how its timings were taken.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -40,12 +41,13 @@ from onnx import helper, numpy_helper
 from ..channels.types import Analysis
 from ..core.errors import OnnxPruneError
 from ..core.graph import GraphView
-from ..core.shapes import skeleton
+from ..core.shapes import is_static, skeleton
 from ..profiling.diskcache import kind_dir
 from ..profiling import profile_model, diskcache
 from ..profiling.provider import ORT_PROVIDER
 from ..profiling.provenance import machine_fingerprint, merge_measured_on
 from ..core.model_io import atomic_path
+from ..metrics.macs import resolve_shapes_for_macs
 
 #: kept-width fractions each layer is timed at, per side (the full width is the shared point)
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
@@ -156,6 +158,20 @@ def _at(curve: Sequence[tuple[int, float]], w: float) -> float:
 
 
 # ---- which layers --------------------------------------------------------------------------------
+
+def static_view(view: GraphView) -> GraphView:
+    """``view`` with the shapes that run-time shape arithmetic leaves symbolic made static where the
+    model's inputs are (the folding MACs use): a transformer export's stale ``unk__0`` batch after a
+    run-time ``Slice`` of the position ids would otherwise hide every MatMul input's shape, and its
+    layers would be timed at no sequence length at all. Nodes and tensors keep their names; only
+    static shapes are taken over."""
+    resolved = resolve_shapes_for_macs(view)
+    if resolved is view:
+        return view
+    shapes = dict(view.shapes)
+    shapes.update({k: v for k, v in resolved.shapes.items() if is_static(v) and not is_static(shapes.get(k))})
+    return dataclasses.replace(view, shapes=shapes)
+
 
 def find_layers(view: GraphView, analysis: Analysis, group_ids: Sequence[int]) -> list[Layer]:
     """The weighted nodes the groups ``group_ids`` resize, with their widths and group shares.
@@ -442,6 +458,7 @@ def latency_table(view: GraphView, analysis: Analysis, group_ids: Sequence[int],
         except (ValueError, KeyError, TypeError, AttributeError):
             pass  # a corrupt or older cache file is measured again and replaced
     start = time.perf_counter()
+    view = static_view(view)  # MatMuls are timed at the given sequence length (a no-op when shapes are static)
     layers = find_layers(view, analysis, group_ids)
     sizes = {g.id: g.size for g in analysis.groups if g.id in set(group_ids)}
     if not layers:
