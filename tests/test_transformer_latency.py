@@ -1,0 +1,112 @@
+"""Latency-aware allocation on a transformer encoder (issue 21.5): the per-layer latency tables time
+the head and FFN MatMuls at the sequence length given by ``--input-shape`` (not at 1, not unknown),
+whole heads prune under the profile's ``channel_multiple``, and ``prune --target-speedup`` runs end
+to end on the ``ci-cpu`` profile with the measured speedup reported.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from cli_util import run_cli
+from conftest import run_ort
+from transformer_models import BertLike, bert_feeds, export_bert
+from onnxprune.channels import analyze_channels
+from onnxprune.core.prepare import prepare
+from onnxprune.structured import latency_table as lt
+from onnxprune.structured.allocate import Limits
+from onnxprune.structured.latency_alloc import column_limits, valid_counts
+
+pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+
+D, HEADS, FFN, LAYERS, SEQ = 64, 8, 256, 2, 32
+SHAPES = {"input_ids": (1, SEQ), "attention_mask": (1, SEQ)}
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory, one_torch_thread):
+    """A 2-layer encoder (hidden 64, 8 heads of 8, FFN 256), dynamic batch and sequence; latency does
+    not depend on the weights, so it is not trained."""
+    torch.manual_seed(0)
+    return export_bert(BertLike(D, HEADS, FFN, LAYERS, max_len=64).eval(), tmp_path_factory.mktemp("enc") / "enc.onnx")
+
+
+def _head_and_ffn_groups(an):
+    return [g for g in an.prunable if g.size == HEADS], [g for g in an.prunable if g.size == FFN]
+
+
+def test_table_layers_are_the_matmuls_at_the_given_sequence_length(encoder):
+    """Every q/k/v/out and FFN MatMul is a table layer, and its timing model reads ``[1, SEQ, width]``.
+    (The exporter's run-time slice of the position ids leaves the batch of every activation symbolic
+    in plain ONNX inference: without the shapes folded as for MACs no MatMul was timed at all.)"""
+    prep = prepare(str(encoder), SHAPES)
+    an = analyze_channels(prep.view)
+    ids = [g.id for g in an.prunable]
+    assert not lt.find_layers(prep.view, an, ids)  # the raw view: no static MatMul input
+    view = lt.static_view(prep.view)
+    layers = lt.find_layers(view, an, ids)
+    assert sorted(l.op for l in layers) == ["MatMul"] * (6 * LAYERS)  # q, k, v, out, fc1, fc2 per layer
+    opset = [o for o in view.model.opset_import if o.domain in ("", "ai.onnx")]
+    chunks = lt._chunks(view, layers, lt._plan_variants(layers), opset)
+    shapes = [[d.dim_value for d in i.type.tensor_type.shape.dim] for m, _ in chunks for i in m.graph.input]
+    assert shapes and all(s[:2] == [1, SEQ] for s in shapes), shapes
+    # the widths timed are the groups' columns: whole heads on q/k/v/out, FFN columns on fc1/fc2
+    assert {l.in_full for l in layers if l.in_parts} == {D, FFN}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, one_torch_thread):
+    """One layer, hidden 32, 8 heads of 4 columns."""
+    torch.manual_seed(0)
+    return export_bert(BertLike(32, 8, 256, 1).eval(), tmp_path_factory.mktemp("small") / "small.onnx")
+
+
+def test_channel_multiple_counts_columns_so_whole_heads_prune(small):
+    """With ``channel_multiple`` 8 an 8-head group could only stay whole if the head count were
+    rounded; counted in columns (8 heads of 4 columns here: 2 heads = 8 columns) heads go two at a
+    time, and an FFN's single columns still go 8 at a time."""
+    prep = prepare(str(small), {"input_ids": (1, 8), "attention_mask": (1, 8)})
+    heads, ffn = _head_and_ffn_groups(analyze_channels(prep.view))
+    limits = Limits(max_ratio=0.9, round_to=8)
+    for g in heads:
+        assert column_limits(g, limits).round_to == 2
+        assert valid_counts(g.size, g.blocks, column_limits(g, limits)) == [8, 6, 4, 2]
+        assert valid_counts(g.size, g.blocks, limits) == [8]  # the head count rounded: nothing goes
+    for g in ffn:
+        assert column_limits(g, limits) is limits
+
+
+def test_target_speedup_on_an_encoder_end_to_end(encoder, tmp_path, monkeypatch):
+    """``prune --structured --target-speedup 1.3 --hw ci-cpu`` with the sequence length from
+    ``--input-shape``: measured (interleaved) speedup reported with where it was taken, heads pruned
+    whole, the written model still takes any batch and sequence length."""
+    monkeypatch.setenv("ONNXPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "fast.onnx"
+    code, stdout, err = run_cli("prune", encoder, "-o", out, "--structured", "--target-speedup", "1.3", "--hw", "ci-cpu",
+                                "--input-shape", f"input_ids=1x{SEQ}", "--input-shape", f"attention_mask=1x{SEQ}", "--json")
+    assert code == 0, err
+    s = json.loads(stdout)
+    la = s["latency_allocation"]
+    assert s["target"]["kind"] == "speedup" and s["target"]["achieved"] == la["achieved"]["measured_speedup"]
+    assert la["achieved"]["measured_on"] and la["table"]["measured_on"]
+    assert la["table"]["layers"] == 6 * LAYERS and not la["table"]["untimed"]
+    assert s["macs_after"] < s["macs_before"]
+    assert la["achieved"]["measured_speedup"] > 1.0  # fewer MACs on the same runtime: faster (1.3x here)
+    # heads whole: q/k/v keep a multiple of head_dim columns, the out projection as many rows
+    pruned = onnx.load(str(out))
+    weights = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    dh = D // HEADS
+    kept_heads = {g["kept"] for g in s["groups"] if g["total"] == HEADS}
+    by_node = {n.name: n for n in pruned.graph.node}
+    for layer in range(LAYERS):
+        cols = {weights[by_node[f"/layers.{layer}/attn/{p}/MatMul"].input[1]].shape[1] for p in ("query", "key", "value")}
+        rows = weights[by_node[f"/layers.{layer}/attn/dense/MatMul"].input[1]].shape[0]
+        assert len(cols) == 1 and cols == {rows} and rows % dh == 0 and rows // dh in kept_heads
+    for batch, seq in ((1, SEQ), (3, 20)):
+        (emb,) = run_ort(pruned, bert_feeds(batch, seq))
+        assert emb.shape == (batch, D) and np.isfinite(emb).all()
