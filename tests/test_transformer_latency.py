@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 from cli_util import run_cli
 from conftest import run_ort
-from transformer_models import BertLike, bert_feeds, export_bert
+from transformer_models import BertLike, bert_feeds, export_bert, sequence_task
 from onnxprune.channels import analyze_channels
 from onnxprune.core.prepare import prepare
 from onnxprune.structured import latency_table as lt
@@ -81,16 +81,28 @@ def test_channel_multiple_counts_columns_so_whole_heads_prune(small):
         assert column_limits(g, limits) is limits
 
 
-def test_target_speedup_on_an_encoder_end_to_end(encoder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("data_aware", [False, True], ids=["l1", "activation"])
+def test_target_speedup_on_an_encoder_end_to_end(encoder, tmp_path, monkeypatch, data_aware):
     """``prune --structured --target-speedup 1.3 --hw ci-cpu`` with the sequence length from
     ``--input-shape``: measured (interleaved) speedup reported with where it was taken, heads pruned
-    whole, the written model still takes any batch and sequence length."""
+    whole, the written model still takes any batch and sequence length. With ``--criterion
+    activation --calibrate``, heads and FFN are scored on the data (padding left out) and the chosen
+    model is re-fitted."""
     monkeypatch.setenv("ONNXPRUNE_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "fast.onnx"
+    extra = []
+    if data_aware:
+        ids, mask, _ = sequence_task(48, SEQ, seed=3)
+        np.savez(tmp_path / "cal.npz", input_ids=ids, attention_mask=mask)
+        extra = ["--criterion", "activation", "--calibrate", f"npz:{tmp_path / 'cal.npz'}"]
     code, stdout, err = run_cli("prune", encoder, "-o", out, "--structured", "--target-speedup", "1.3", "--hw", "ci-cpu",
-                                "--input-shape", f"input_ids=1x{SEQ}", "--input-shape", f"attention_mask=1x{SEQ}", "--json")
+                                "--input-shape", f"input_ids=1x{SEQ}", "--input-shape", f"attention_mask=1x{SEQ}",
+                                *extra, "--json")
     assert code == 0, err
     s = json.loads(stdout)
+    assert s["criterion"] == ("activation" if data_aware else "l1")
+    if data_aware:
+        assert s["calibration"]["mask"] == "attention_mask" and s["calibration"]["method"] in ("refit", "bn", "none")
     la = s["latency_allocation"]
     assert s["target"]["kind"] == "speedup" and s["target"]["achieved"] == la["achieved"]["measured_speedup"]
     assert la["achieved"]["measured_on"] and la["table"]["measured_on"]

@@ -217,6 +217,10 @@ def _latency_target(model: str, opts: dict[str, Any], kind: str, value: float):
     criterion = _choice(opts["criterion"], STRUCTURED_CRITERIA, "l1", "--criterion", "--structured")
     kwargs = _structured_options(model, opts, criterion, max_ratio_one=False)
 
+    inputs = _calibration_inputs(model, opts, criterion)
+    if inputs is not None:  # --criterion activation scores heads/FFN on it; the chosen model is re-fitted
+        kwargs["calibration"] = StructuredCalibration(inputs, progress=opts["progress"], mask=opts["calibration_mask"],
+                                                      split=calibration_split(opts["calibrate"]))
     target = {"target_speedup": value} if kind == "target_speedup" else {"target_latency_ms": value}
     return prune_for_latency(model, opts["hw"], **target, **kwargs)
 

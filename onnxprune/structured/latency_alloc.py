@@ -156,7 +156,8 @@ def prune_for_latency(source: str | os.PathLike | onnx.ModelProto, hw, *, target
                       min_keep: int = 1, max_ratio: float = 0.9, ignore: Sequence[str] = (), seed: int = 0,
                       input_shapes: Mapping[str, tuple[int, ...]] | None = None,
                       gradients: Mapping[str, np.ndarray] | None = None, cache: str | os.PathLike | None = None,
-                      max_iterations: int = 3, tolerance: float = 0.03, macs_weight: float = MACS_WEIGHT) -> PruneResult:
+                      max_iterations: int = 3, tolerance: float = 0.03, macs_weight: float = MACS_WEIGHT,
+                      calibration: Any = None) -> PruneResult:
     """Prune ``source`` to ``target_speedup`` (dense p50 / pruned p50) or ``target_latency_ms``
     (pruned p50) on hardware profile ``hw``, keeping the most importance (see the module docstring).
 
@@ -165,7 +166,9 @@ def prune_for_latency(source: str | os.PathLike | onnx.ModelProto, hw, *, target
     the fraction of the MACs it removes, times this weight, beside the fraction of importance it
     loses (0: importance only, as in HALP). The summary adds ``latency_allocation`` {profile,
     timing, met, achieved, selection_estimate, chosen, iterations, importance_kept, table} and a
-    ``target`` of kind ``speedup`` or ``latency`` whose ``achieved`` comes from the fresh run."""
+    ``target`` of kind ``speedup`` or ``latency`` whose ``achieved`` comes from the fresh run.
+    ``calibration`` (a :class:`onnxprune.calibration.StructuredCalibration`): the data-aware
+    criterion ``activation`` and the re-fit of the chosen model, as in ``prune_structured``."""
 
     if (target_speedup is None) == (target_latency_ms is None):
         raise OnnxPruneError("give exactly one of --target-speedup X, --target-latency MS")
@@ -207,7 +210,8 @@ def prune_for_latency(source: str | os.PathLike | onnx.ModelProto, hw, *, target
             return info.pop("plan")
 
         result = _prune_prepared(prep, analysis, kind="ratio", value=0.0, criterion=criterion, scope="global",
-                                 limits=limits, ignore=tuple(ignore), seed=int(seed), gradients=gradients, plan_of=plan_of)
+                                 limits=limits, ignore=tuple(ignore), seed=int(seed), gradients=gradients, plan_of=plan_of,
+                                 calibration=calibration)
     s = result.summary
     if not info:  # no prunable group: nothing was allocated or measured
         info = {"met": False, "iterations": [], "note": "no prunable group"}
