@@ -41,22 +41,38 @@ def _head_and_ffn_groups(an):
 
 
 def test_table_layers_are_the_matmuls_at_the_given_sequence_length(encoder):
-    """Every q/k/v/out and FFN MatMul is a table layer, and its timing model reads ``[1, SEQ, width]``.
-    (The exporter's run-time slice of the position ids leaves the batch of every activation symbolic
-    in plain ONNX inference: without the shapes folded as for MACs no MatMul was timed at all.)"""
+    """Every q/k/v/out and FFN MatMul is a table layer, and so are the two attention products
+    (``Q @ K^T``, ``attn @ V``), whose widths are head counts; every timing model reads the given
+    sequence length. (The exporter's run-time slice of the position ids leaves the batch of every
+    activation symbolic in plain ONNX inference: without the shapes folded as for MACs no MatMul
+    was timed at all.)"""
     prep = prepare(str(encoder), SHAPES)
     an = analyze_channels(prep.view)
     ids = [g.id for g in an.prunable]
     assert not lt.find_layers(prep.view, an, ids)  # the raw view: no static MatMul input
     view = lt.static_view(prep.view)
     layers = lt.find_layers(view, an, ids)
-    assert sorted(l.op for l in layers) == ["MatMul"] * (6 * LAYERS)  # q, k, v, out, fc1, fc2 per layer
+    weighted = [l for l in layers if l.head_axis is None]
+    attention = [l for l in layers if l.head_axis is not None]
+    assert len(weighted) == 6 * LAYERS and {l.op for l in weighted} == {"MatMul"}  # q, k, v, out, fc1, fc2
+    assert {l.in_full for l in weighted if l.in_parts} == {D, FFN}  # out-projection and fc2 read the groups
+    assert len(attention) == 2 * LAYERS
+    heads, _ = _head_and_ffn_groups(an)
+    assert {l.out_parts[0][0] for l in attention} == {g.id for g in heads}
+    assert all(l.head_axis == 1 and l.out_full == HEADS and not l.in_parts for l in attention)
+    assert {lt.layer_macs(view, l) for l in attention} == {HEADS * SEQ * SEQ * (D // HEADS)}
     opset = [o for o in view.model.opset_import if o.domain in ("", "ai.onnx")]
-    chunks = lt._chunks(view, layers, lt._plan_variants(layers), opset)
-    shapes = [[d.dim_value for d in i.type.tensor_type.shape.dim] for m, _ in chunks for i in m.graph.input]
-    assert shapes and all(s[:2] == [1, SEQ] for s in shapes), shapes
-    # the widths timed are the groups' columns: whole heads on q/k/v/out, FFN columns on fc1/fc2
-    assert {l.in_full for l in layers if l.in_parts} == {D, FFN}
+    variants = lt._plan_variants(layers)
+    chunks = lt._chunks(view, layers, variants, opset)
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for m, _ in chunks for i in m.graph.input}
+    tags = {tag: layers[i] for _, t in chunks for tag, (i, _, _) in t.items()}
+    for tag, layer in tags.items():
+        if layer.head_axis is None:
+            assert shapes[f"x_{tag}"][:2] == [1, SEQ], shapes[f"x_{tag}"]
+        else:  # [1, heads, SEQ, head_dim] @ [1, heads, head_dim, SEQ] (or attn @ V) at fewer heads
+            a, b = shapes[f"a_{tag}"], shapes[f"b_{tag}"]
+            assert a[0] == b[0] == 1 and a[1] == b[1] <= HEADS and SEQ in a[2:] and SEQ in b[2:]
+    assert {shapes[f"a_{t}"][1] for t, l in tags.items() if l.head_axis is not None} == {8, 6, 4, 2}
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +122,7 @@ def test_target_speedup_on_an_encoder_end_to_end(encoder, tmp_path, monkeypatch,
     la = s["latency_allocation"]
     assert s["target"]["kind"] == "speedup" and s["target"]["achieved"] == la["achieved"]["measured_speedup"]
     assert la["achieved"]["measured_on"] and la["table"]["measured_on"]
-    assert la["table"]["layers"] == 6 * LAYERS and not la["table"]["untimed"]
+    assert la["table"]["layers"] == 8 * LAYERS and not la["table"]["untimed"]  # 6 MatMuls, 2 attention products
     assert s["macs_after"] < s["macs_before"]
     assert la["achieved"]["measured_speedup"] > 1.0  # fewer MACs on the same runtime: faster (1.3x here)
     # heads whole: q/k/v keep a multiple of head_dim columns, the out projection as many rows
