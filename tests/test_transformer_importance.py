@@ -11,6 +11,8 @@ data-aware criteria keep the dense embedding better than l1 on the weights alone
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cli_util import run_cli
 from conftest import run_ort
-from transformer_models import BertLike, export_bert, sequence_task, train_bert
+from transformer_models import BertLike, bert_feeds, export_bert, sequence_task, train_bert
 from onnxprune.calibration import StructuredCalibration
 from onnxprune.calibration import fisher as fisher_module
 from onnxprune.calibration.fisher import mask_gradients
@@ -139,6 +141,21 @@ def test_fisher_mask_gradient_is_the_gradient_of_an_input_mask():
     r = torch.randn((4, 2, 3), generator=torch.Generator().manual_seed(3)).numpy()
     expected = np.einsum("bsj,bso,jo->j", x, r, w)  # d/dm_j of sum(r * ((x * m) @ w)) at m = 1
     np.testing.assert_allclose(grads["w"][0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fisher_from_the_cli(encoder, data, tmp_path):
+    """``prune --criterion fisher --calibrate npz:...``: whole heads scored on the data; the chosen
+    model is then calibrated as with any criterion."""
+    cal, _ = data
+    np.savez(tmp_path / "cal.npz", **cal)
+    out = tmp_path / "half.onnx"
+    code, stdout, err = run_cli("prune", encoder, "-o", out, "--structured", "--ratio", "0.5", "--criterion", "fisher",
+                                "--calibrate", f"npz:{tmp_path / 'cal.npz'}", "--json")
+    assert code == 0, err
+    s = json.loads(stdout)
+    assert s["criterion"] == "fisher" and s["calibration"]["mask"] == "attention_mask"
+    assert {g["total"]: g["kept"] for g in s["groups"]} == {HEADS: HEADS // 2, FFN: FFN // 2}
+    assert run_ort(str(out), bert_feeds(2, 7))[0].shape == (2, D)
 
 
 def test_fisher_needs_calibration_data(encoder):

@@ -138,3 +138,13 @@ def test_target_speedup_on_an_encoder_end_to_end(encoder, tmp_path, monkeypatch,
     for batch, seq in ((1, SEQ), (3, 20)):
         (emb,) = run_ort(pruned, bert_feeds(batch, seq))
         assert emb.shape == (batch, D) and np.isfinite(emb).all()
+
+
+def test_target_speedup_without_the_sequence_length_says_which_input(encoder, tmp_path, monkeypatch):
+    """Symbolic batch/sequence: nothing can be timed; the error names the inputs and --input-shape."""
+    monkeypatch.setenv("ONNXPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "fast.onnx"
+    code, _, err = run_cli("prune", encoder, "-o", out, "--structured", "--target-speedup", "1.3", "--hw", "ci-cpu")
+    assert code != 0 and "Traceback" not in err
+    assert "'input_ids'" in err and "--input-shape" in err
+    assert not out.exists()

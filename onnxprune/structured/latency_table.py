@@ -503,6 +503,12 @@ def latency_table(view: GraphView, analysis: Analysis, group_ids: Sequence[int],
     layers = find_layers(view, analysis, group_ids)
     sizes = {g.id: g.size for g in analysis.groups if g.id in set(group_ids)}
     if not layers:
+        symbolic = [i.name for i in view.model.graph.input
+                    if i.name not in view.initializers and not is_static(view.shape(i.name))]
+        if symbolic:
+            raise OnnxPruneError("latency-aware allocation times every layer at the model's input shapes, and input(s) "
+                                 f"{', '.join(map(repr, symbolic))} have symbolic dims: pass --input-shape NAME=DIMS "
+                                 "(a transformer's batch and sequence length, e.g. input_ids=1x128)")
         raise OnnxPruneError("latency-aware allocation: no prunable group resizes a Conv/Gemm/MatMul weight here")
     tprof = table_profile(profile)
     batch = int(view.shape(_activation_input(view, layers[0]))[0])
