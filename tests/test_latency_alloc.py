@@ -305,6 +305,7 @@ def test_measure_chunk_leaves_a_variant_the_profiler_missed_untimed(monkeypatch,
 
     rec = {"per_node": {"top_nodes": [{"model_node": "v0", "ms_per_run": 0.5, "ms_min": 0.4}]}}
     monkeypatch.setattr(profiling, "profile_model", lambda *a, **k: {"results": [rec]})
+    monkeypatch.setattr(lt, "profile_model", profiling.profile_model)  # (imported by name at module level)
     times = lt._measure_chunk(tmp_path / "chunk.onnx", load_hw_profile("ci-cpu"), {"v0": (0, "out", 8), "v1": (0, "out", 4)}, 1)
     assert times == {"v0": 0.4}  # v1 is absent (untimed), not 0.0 ms
 
