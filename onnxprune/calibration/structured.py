@@ -21,6 +21,7 @@ from ..channels.types import Analysis, KeepPlan
 from ..core.graph import GraphView, attr
 from .collect import DEFAULT_ROWS, collect_stats, run
 from .edit import ModelEditor, write_layer
+from .fisher import mask_gradients as fisher_mask_gradients
 from .fit import DEFAULT_RIDGE, as_affine, channel_energy, rel_error, ridge_refit, shift_fit
 from .layers import Layer, dense_affine, layer_of
 from .guard import is_worse, mean_error, output_errors, rejection
@@ -148,6 +149,16 @@ class StructuredCalibration:
         layers, _ = consumer_layers(view, analysis)
         self._collect(view, model, layers)
         return {l.weight: channel_energy(self.stats[l.node], l.matrix(view.const(l.weight)), l.taps) for l in layers}
+
+    def mask_gradients(self, view: GraphView, model: onnx.ModelProto, analysis: Analysis) -> dict[str, np.ndarray]:
+        """``--criterion fisher``: per weight consuming prunable channels, the label-free mask gradient
+        of each input position on every batch of the fit samples (:mod:`.fisher`; needs torch)."""
+        weights = {m.tensor: m.axis for g in analysis.prunable for m in g.members
+                   if m.role == "in" and m.groups == 1 and m.tensor in view.initializers}
+        t = time.perf_counter()
+        out = fisher_mask_gradients(model, self.fit_inputs, weights, mask=self._mask(model), seed=self.seed)
+        self.seconds += time.perf_counter() - t
+        return out
 
     def apply(self, view: GraphView, dense: onnx.ModelProto, analysis: Analysis, plan: KeepPlan,
               pruned: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:

@@ -30,7 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.console import Console
 
-STRUCTURED_CRITERIA = ("l1", "l2", "bn", "fpgm", "lamp", "random", "taylor", "activation")
+STRUCTURED_CRITERIA = ("l1", "l2", "bn", "fpgm", "lamp", "random", "taylor", "activation", "fisher")
 STRUCTURED_SCOPES = ("local", "global")
 UNSTRUCTURED_CRITERIA = ("magnitude", "random", "lamp", "magnitude_x_gradient", "wanda")
 NM_CRITERIA = ("magnitude", "wanda")
@@ -88,7 +88,7 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
               help="[unstructured, global] every layer keeps at least this fraction of its weights.")
 @click.option("--scope", default=None, metavar="SCOPE", help="structured: local|global; unstructured: global|layer.")
 @click.option("--criterion", default=None, metavar="NAME",
-              help="structured: l1|l2|bn|fpgm|lamp|random|taylor|activation; unstructured: "
+              help="structured: l1|l2|bn|fpgm|lamp|random|taylor|activation|fisher; unstructured: "
                    "magnitude|random|lamp|magnitude_x_gradient|wanda; N:M: magnitude|wanda.")
 @click.option("--exclude-first", is_flag=True, help="[unstructured, N:M] leave the first layer(s) dense.")
 @click.option("--exclude-last", is_flag=True, help="[unstructured, N:M] leave the last layer(s) (classifier) dense.")
@@ -108,7 +108,7 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
                    "compress; off for --structured, where it says nothing and costs seconds on large models).")
 @click.option("--calibrate", default=None, metavar="SPEC",
               help="Unlabeled data: structured: re-fit the layers reading pruned channels toward the dense model; "
-                   "enables --criterion activation|wanda and --reconstruct.")
+                   "enables --criterion activation|fisher|wanda and --reconstruct.")
 @click.option("--calibration-samples", default=None, metavar="N", help="Samples taken from --calibrate (default 256).")
 @click.option("--calibration-mask", default=None, metavar="NAME",
               help="[structured] with --calibrate: the input holding a 0/1 attention mask; padding positions count "
@@ -216,6 +216,10 @@ def _latency_target(model: str, opts: dict[str, Any], kind: str, value: float):
     criterion = _choice(opts["criterion"], STRUCTURED_CRITERIA, "l1", "--criterion", "--structured")
     kwargs = _structured_options(model, opts, criterion, max_ratio_one=False)
 
+    inputs = _calibration_inputs(model, opts, criterion)
+    if inputs is not None:  # --criterion activation scores heads/FFN on it; the chosen model is re-fitted
+        kwargs["calibration"] = StructuredCalibration(inputs, progress=opts["progress"], mask=opts["calibration_mask"],
+                                                      split=calibration_split(opts["calibrate"]))
     target = {"target_speedup": value} if kind == "target_speedup" else {"target_latency_ms": value}
     return prune_for_latency(model, opts["hw"], **target, **kwargs)
 
@@ -369,7 +373,7 @@ def _gradients(model: str, data: str | None, criterion: str):
 def _calibration_inputs(model: str, opts: dict[str, Any], criterion: str):
     """The ``--calibrate`` samples (None without it); criteria that need them ask for it."""
     if opts["calibrate"] is None:
-        if criterion in ("activation", "wanda") or opts.get("reconstruct"):
+        if criterion in ("activation", "wanda", "fisher") or opts.get("reconstruct"):
             what = "--reconstruct" if opts.get("reconstruct") else f"criterion {criterion}"
             raise OnnxPruneError(f"{what} needs calibration data: pass --calibrate SPEC (unlabeled inputs)")
         for flag in ("calibration_samples", "calibration_mask"):

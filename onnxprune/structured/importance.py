@@ -45,16 +45,20 @@ class ScoreInputs:
     #: consumer weight name -> per input-channel position, its contribution to the layer's outputs
     #: on calibration data (``activation``; :meth:`onnxprune.calibration.StructuredCalibration.channel_energies`)
     activations: Mapping[str, np.ndarray] | None = None
+    #: consumer weight name -> [batches, input positions] label-free mask gradients (``fisher``;
+    #: :meth:`onnxprune.calibration.StructuredCalibration.mask_gradients`)
+    mask_gradients: Mapping[str, np.ndarray] | None = None
     #: per-position |w|**p sums already computed (see :func:`_power_sums`); filled by the scoring
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_view(cls, view, *, gradients: Mapping[str, np.ndarray] | None = None, seed: int = 0,
-                  activations: Mapping[str, np.ndarray] | None = None) -> "ScoreInputs":
+                  activations: Mapping[str, np.ndarray] | None = None,
+                  mask_gradients: Mapping[str, np.ndarray] | None = None) -> "ScoreInputs":
         nodes = view.nodes
         return cls(const=view.const, ops={n.name: n.op_type for n in nodes},
                    node_inputs={n.name: list(n.input) for n in nodes}, gradients=gradients, seed=seed,
-                   activations=activations)
+                   activations=activations, mask_gradients=mask_gradients)
 
     def is_scale(self, m: Member) -> bool:
         """True when ``m`` is the gamma of a normalization op."""
@@ -300,6 +304,26 @@ def activation(group: Group, inp: ScoreInputs) -> np.ndarray:
     return aggregate(per_member, group.size)
 
 
+def fisher(group: Group, inp: ScoreInputs) -> np.ndarray:
+    """Label-free Fisher information of each channel's mask (Kwon et al. 2022): per batch of
+    calibration samples, the mask gradient of the output's distance to dense, summed over the
+    channel's positions (a head: its head_dim columns of the output projection), squared, summed
+    over the batches (:mod:`onnxprune.calibration.fisher`); per consumer normalized and averaged."""
+    if inp.mask_gradients is None:
+        raise OnnxPruneError("criterion fisher needs calibration data (--calibrate SPEC)")
+    per_member = []
+    for m in group.members:
+        grads = inp.mask_gradients.get(m.tensor) if m.role == "in" and m.groups == 1 else None
+        if grads is None or grads.shape[1] <= int(m.positions.flat.max(initial=-1)):
+            continue
+        per_channel = np.zeros((len(grads), group.size))
+        np.add.at(per_channel, (slice(None), m.positions.owner), grads[:, m.positions.flat])
+        per_member.append((np.square(per_channel).sum(0), coverage(m)))
+    if not per_member:
+        raise CriterionUnavailable(f"group {group.id}: no differentiable weight consumes its channels")
+    return aggregate(per_member, group.size)
+
+
 Criterion = Callable[[Group, ScoreInputs], np.ndarray]
 
 IMPORTANCE: dict[str, Criterion] = {
@@ -311,6 +335,7 @@ IMPORTANCE: dict[str, Criterion] = {
     "random": random,
     "taylor": taylor,
     "activation": activation,
+    "fisher": fisher,
 }
 
 #: Criteria whose scores are already comparable across groups (global ranking uses them as they are).

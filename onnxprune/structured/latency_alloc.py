@@ -21,6 +21,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -43,7 +44,7 @@ from .importance import SELF_NORMALIZED
 from .prune import _check_args, _prune_prepared, _restore_io
 from ..core.model_io import save_model
 from ..channels.rewrite import apply_plan
-from .latency_table import latency_table, layer_macs
+from .latency_table import latency_table, layer_macs, static_view
 from ..profiling import compare_models
 
 #: default weight of the MACs a knapsack step removes against the importance it loses (both as
@@ -70,6 +71,18 @@ def valid_counts(size: int, blocks: int, limits: Limits) -> list[int]:
             steps = list(range(size // unit * unit, first - 1, -unit))
             return [size] + [c for c in steps if c != size]
     return [size]
+
+
+def column_limits(group: Group, limits: Limits) -> Limits:
+    """``limits`` with the profile's ``channel_multiple`` counted in weight columns, not group
+    channels: a head group's channel is a whole head (``head_dim`` columns of q, k and v), so
+    ``k`` kept heads already give kernel-friendly widths when ``k * head_dim`` is a multiple;
+    rounding the head count itself to 8 would leave an 8-head layer whole. Groups of single
+    columns (FFN, convs) are unchanged."""
+    per = [int(m.positions.counts[0]) for m in group.members if m.role in ("out", "in") and len(m.positions)]
+    cols = math.gcd(*per) if per else 1
+    unit = int(limits.round_to) // math.gcd(int(limits.round_to), max(cols, 1))
+    return limits if unit == limits.round_to else dataclasses.replace(limits, round_to=unit)
 
 
 def choice_for(group: Group, scores: np.ndarray, limits: Limits) -> Choice:
@@ -143,15 +156,19 @@ def prune_for_latency(source: str | os.PathLike | onnx.ModelProto, hw, *, target
                       min_keep: int = 1, max_ratio: float = 0.9, ignore: Sequence[str] = (), seed: int = 0,
                       input_shapes: Mapping[str, tuple[int, ...]] | None = None,
                       gradients: Mapping[str, np.ndarray] | None = None, cache: str | os.PathLike | None = None,
-                      max_iterations: int = 3, tolerance: float = 0.03, macs_weight: float = MACS_WEIGHT) -> PruneResult:
+                      max_iterations: int = 3, tolerance: float = 0.03, macs_weight: float = MACS_WEIGHT,
+                      calibration: Any = None) -> PruneResult:
     """Prune ``source`` to ``target_speedup`` (dense p50 / pruned p50) or ``target_latency_ms``
     (pruned p50) on hardware profile ``hw``, keeping the most importance (see the module docstring).
 
-    ``round_to`` defaults to the profile's ``channel_multiple``. ``macs_weight`` charges each step
+    ``round_to`` defaults to the profile's ``channel_multiple``, counted in weight columns
+    (:func:`column_limits`: a head group keeps whole heads). ``macs_weight`` charges each step
     the fraction of the MACs it removes, times this weight, beside the fraction of importance it
     loses (0: importance only, as in HALP). The summary adds ``latency_allocation`` {profile,
     timing, met, achieved, selection_estimate, chosen, iterations, importance_kept, table} and a
-    ``target`` of kind ``speedup`` or ``latency`` whose ``achieved`` comes from the fresh run."""
+    ``target`` of kind ``speedup`` or ``latency`` whose ``achieved`` comes from the fresh run.
+    ``calibration`` (a :class:`onnxprune.calibration.StructuredCalibration`): the data-aware
+    criterion ``activation`` and the re-fit of the chosen model, as in ``prune_structured``."""
 
     if (target_speedup is None) == (target_latency_ms is None):
         raise OnnxPruneError("give exactly one of --target-speedup X, --target-latency MS")
@@ -166,6 +183,7 @@ def prune_for_latency(source: str | os.PathLike | onnx.ModelProto, hw, *, target
     _check_args(0.0, None, None, criterion, "global", seed)
     profile = load_hw_profile(hw)
     check_available(profile)
+    per_columns = round_to is None  # the profile's multiple counts weight columns (whole heads: column_limits)
     if round_to is None:
         round_to = profile.channel_multiple or 1
     limits = Limits(max_ratio=float(max_ratio), min_keep=min_keep, round_to=round_to)
@@ -186,11 +204,13 @@ def prune_for_latency(source: str | os.PathLike | onnx.ModelProto, hw, *, target
         def plan_of(groups: list[Group], scores: dict[int, np.ndarray]) -> KeepPlan:
             info.update(_allocate(prep, analysis, groups, scores, profile, limits, dense_path, goal_of,
                                   self_normalized=criterion in SELF_NORMALIZED, cache=cache, tmp_dir=tmp_dir,
-                                  max_iterations=max_iterations, tolerance=tolerance, macs_weight=macs_weight))
+                                  max_iterations=max_iterations, tolerance=tolerance, macs_weight=macs_weight,
+                                  per_columns=per_columns))
             return info.pop("plan")
 
         result = _prune_prepared(prep, analysis, kind="ratio", value=0.0, criterion=criterion, scope="global",
-                                 limits=limits, ignore=tuple(ignore), seed=int(seed), gradients=gradients, plan_of=plan_of)
+                                 limits=limits, ignore=tuple(ignore), seed=int(seed), gradients=gradients, plan_of=plan_of,
+                                 calibration=calibration)
     s = result.summary
     if not info:  # no prunable group: nothing was allocated or measured
         info = {"met": False, "iterations": [], "note": "no prunable group"}
@@ -233,15 +253,16 @@ def _notes(info: Mapping[str, Any], profile: str, what: str) -> list[str]:
 
 def _allocate(prep, analysis, groups: list[Group], scores: dict[int, np.ndarray], profile, limits: Limits,
               dense_path: Path, goal_of, *, self_normalized: bool, cache, tmp_dir: Path, max_iterations: int,
-              tolerance: float, macs_weight: float = 0.0) -> dict[str, Any]:
+              tolerance: float, macs_weight: float = 0.0, per_columns: bool = False) -> dict[str, Any]:
     """Table -> knapsack -> measured check, repeated with a rescaled budget (module docstring)."""
 
     if not groups:
         return {"plan": {}, "met": False, "iterations": []}
-    table = latency_table(prep.view, analysis, [g.id for g in groups], profile, dense_path,
+    view = static_view(prep.view)  # shapes at the given input shapes (a transformer's sequence length)
+    table = latency_table(view, analysis, [g.id for g in groups], profile, dense_path,
                           input_shapes=prep.concrete_shapes, cache=None if cache is None else Path(cache))
     norm = {g.id: global_scores(scores[g.id], self_normalized) for g in groups}
-    choices = [choice_for(g, norm[g.id], limits) for g in groups]
+    choices = [choice_for(g, norm[g.id], column_limits(g, limits) if per_columns else limits) for g in groups]
     total_importance = sum(c.kept[0] for c in choices) or 1.0
     by_group: dict[int, list] = {}
     for layer in table.layers:
@@ -252,7 +273,7 @@ def _allocate(prep, analysis, groups: list[Group], scores: dict[int, np.ndarray]
         after = {**counts, gid: new}
         return table.scale * sum(l.ms(counts, table.sizes) - l.ms(after, table.sizes) for l in by_group.get(gid, ()))
 
-    macs_full = {l.node: layer_macs(prep.view, l) for l in table.layers}
+    macs_full = {l.node: layer_macs(view, l) for l in table.layers}
     total_macs = sum(macs_full.values())
     macs_unit = macs_weight * total_importance / total_macs if total_macs > 0 else 0.0
 

@@ -2,7 +2,10 @@
 
 Every Conv / Gemm / MatMul-with-weights whose channels belong to a prunable group is timed *alone*
 on the target hardware profile at a few kept widths of its output channels and of its input
-channels (fractions :data:`WIDTHS` of the full count, the other side full). A layer's latency at
+channels (fractions :data:`WIDTHS` of the full count, the other side full). So is every attention
+product (a MatMul of two activations, ``Q @ K^T`` and ``attn @ V``) whose head axis a head group
+owns, at a few kept head counts; all at the model's input shapes (a transformer's sequence length
+from ``--input-shape``: :func:`static_view`). A layer's latency at
 any (out, in) width is then read off the two curves, assumed separable::
 
     t(out, in) = t_out(out) * t_in(in) / t(full, full)
@@ -23,6 +26,7 @@ carries ``measured_on``: where and how its timings were taken.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -40,18 +44,19 @@ from onnx import helper, numpy_helper
 from ..channels.types import Analysis
 from ..core.errors import OnnxPruneError
 from ..core.graph import GraphView
-from ..core.shapes import skeleton
+from ..core.shapes import is_static, skeleton
 from ..profiling.diskcache import kind_dir
 from ..profiling import profile_model, diskcache
 from ..profiling.provider import ORT_PROVIDER
 from ..profiling.provenance import machine_fingerprint, merge_measured_on
 from ..core.model_io import atomic_path
+from ..metrics.macs import resolve_shapes_for_macs
 
 #: kept-width fractions each layer is timed at, per side (the full width is the shared point)
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
 #: bytes of weights per packed measurement model (keeps the variant models small)
 CHUNK_BYTES = 48 << 20
-TABLE_VERSION = 3  # 2: measured_on, machine-keyed; 3: untimed variants are fixed costs (earlier: 0 ms)
+TABLE_VERSION = 4  # 2: measured_on, machine-keyed; 3: untimed variants are fixed costs (earlier: 0 ms); 4: attention products
 _OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -67,7 +72,9 @@ class Layer:
     """A weighted node whose input and/or output channels some prunable groups own.
 
     ``out_parts`` / ``in_parts``: (group id, positions per group channel) on that side.
-    ``depthwise``: a Conv with one channel per group (its in and out widths are the same group)."""
+    ``depthwise``: a Conv with one channel per group (its in and out widths are the same group).
+    ``head_axis``: an attention product (MatMul of two activations): the output axis (and the
+    inputs' axis) carrying the heads; its widths count positions on that axis, and it has no in side."""
 
     node: str
     op: str
@@ -76,6 +83,7 @@ class Layer:
     out_parts: list[tuple[int, int]] = field(default_factory=list)
     in_parts: list[tuple[int, int]] = field(default_factory=list)
     depthwise: bool = False
+    head_axis: int | None = None
     #: a variant of this layer was not timed: its latency is fixed (no saving at any width)
     fixed: bool = False
     #: (kept width, ms) measured, ascending width, per side
@@ -123,10 +131,13 @@ def layer_macs(view: GraphView, layer: Layer) -> float:
     that buy the most time per MAC removed (the weights of a table read from the cache are not
     needed: only shapes)."""
     node = next(n for n in view.nodes if n.name == layer.node)
-    w = int(np.prod(view.initializers[node.input[1]].dims))
     y = view.shape(node.output[0])
     if y is None or any(not isinstance(d, int) or d < 1 for d in y):
         return 0.0
+    if layer.head_axis is not None:  # [..., M, K] @ [..., K, N]: K MACs per output element
+        a = view.shape(node.input[0])
+        return float(int(np.prod(y, dtype=np.int64)) * a[-1]) if a and isinstance(a[-1], int) else 0.0
+    w = int(np.prod(view.initializers[node.input[1]].dims))
     if layer.op == "Conv":  # w = [out, in/group, k...]: one MAC per weight per output position
         return float(w * int(np.prod(y[2:], dtype=np.int64)) * y[0])
     return float(w * int(np.prod(y[:-1], dtype=np.int64)))
@@ -157,8 +168,23 @@ def _at(curve: Sequence[tuple[int, float]], w: float) -> float:
 
 # ---- which layers --------------------------------------------------------------------------------
 
+def static_view(view: GraphView) -> GraphView:
+    """``view`` with the shapes that run-time shape arithmetic leaves symbolic made static where the
+    model's inputs are (the folding MACs use): a transformer export's stale ``unk__0`` batch after a
+    run-time ``Slice`` of the position ids would otherwise hide every MatMul input's shape, and its
+    layers would be timed at no sequence length at all. Nodes and tensors keep their names; only
+    static shapes are taken over."""
+    resolved = resolve_shapes_for_macs(view)
+    if resolved is view:
+        return view
+    shapes = dict(view.shapes)
+    shapes.update({k: v for k, v in resolved.shapes.items() if is_static(v) and not is_static(shapes.get(k))})
+    return dataclasses.replace(view, shapes=shapes)
+
+
 def find_layers(view: GraphView, analysis: Analysis, group_ids: Sequence[int]) -> list[Layer]:
-    """The weighted nodes the groups ``group_ids`` resize, with their widths and group shares.
+    """The weighted nodes the groups ``group_ids`` resize, and the attention products whose heads
+    they remove, with their widths and group shares.
 
     Grouped (non-depthwise) convs and weights without static shapes are left out: their latency
     counts as fixed (the final measurement still sees them)."""
@@ -170,6 +196,12 @@ def find_layers(view: GraphView, analysis: Analysis, group_ids: Sequence[int]) -
             continue
         for m in g.members:
             node = by_node.get(m.node)
+            if node is not None and m.role == "act" and m.tensor == node.output[0]:  # an attention product?
+                layer = layers.get(node.name) or _attention_layer(node, view, m)
+                if layer is not None and layer.head_axis is not None and all(gid != g.id for gid, _ in layer.out_parts):
+                    layers[node.name] = layer
+                    layer.out_parts.append((g.id, int(m.positions.counts[0]) if len(m.positions) else 1))
+                continue
             if node is None or node.op_type not in _OPS or m.role not in ("out", "in") or len(node.input) < 2:
                 continue
             if m.tensor != node.input[1] or not view.is_const(m.tensor) or m.groups > 1:
@@ -183,6 +215,22 @@ def find_layers(view: GraphView, analysis: Analysis, group_ids: Sequence[int]) -
             if all(gid != g.id for gid, _ in side):
                 side.append((g.id, ppc))
     return list(layers.values())
+
+
+def _attention_layer(node: onnx.NodeProto, view: GraphView, m) -> Layer | None:
+    """An attention product: a MatMul of two float activations of static shapes whose output
+    member ``m`` (a head group) is on a leading (batch) axis both inputs carry at full size; None
+    for anything else (a broadcast head axis, a weight input)."""
+    if node.op_type != "MatMul" or any(view.is_const(i) for i in node.input):
+        return None
+    y = view.shape(node.output[0])
+    ins = [view.shape(i) for i in node.input]
+    if not all(is_static(s) for s in (y, *ins)) or any(view.dtypes.get(i, 1) != 1 for i in node.input):
+        return None
+    ax = m.axis
+    if ax >= len(y) - 2 or any(len(s) != len(y) or s[ax] != y[ax] for s in ins):
+        return None
+    return Layer(node.name, "MatMul", out_full=int(y[ax]), in_full=int(ins[0][-1]), head_axis=ax)
 
 
 def _new_layer(node: onnx.NodeProto, view: GraphView) -> Layer | None:
@@ -212,6 +260,14 @@ def _new_layer(node: onnx.NodeProto, view: GraphView) -> Layer | None:
 
 def _variant(node: onnx.NodeProto, view: GraphView, layer: Layer, out_w: int, in_w: int, tag: str, rng):
     """(nodes, inputs, initializers, outputs, weight bytes) of ``node`` resized to (out_w, in_w)."""
+    if layer.head_axis is not None:  # both operands at ``out_w`` positions on the head axis
+        names, inputs = [f"a_{tag}", f"b_{tag}"], []
+        for name, src in zip(names, node.input):
+            dims = list(view.shape(src))
+            dims[layer.head_axis] = out_w
+            inputs.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
+        n = helper.make_node("MatMul", names, [f"y_{tag}"], name=tag)
+        return n, inputs, [], helper.make_tensor_value_info(f"y_{tag}", onnx.TensorProto.FLOAT, None), 0
     x = list(view.shape(node.input[0]))
     attrs = [a for a in node.attribute]
     w_dims = list(view.initializers[node.input[1]].dims)
@@ -238,7 +294,7 @@ def _variant(node: onnx.NodeProto, view: GraphView, layer: Layer, out_w: int, in
     n.attribute.extend(attrs)
     inp = helper.make_tensor_value_info(names[0], onnx.TensorProto.FLOAT, x)
     out = helper.make_tensor_value_info(f"y_{tag}", onnx.TensorProto.FLOAT, None)
-    return n, inp, inits, out, sum(t.ByteSize() for t in inits)
+    return n, [inp], inits, out, sum(t.ByteSize() for t in inits)
 
 
 def _widths(full: int) -> list[int]:
@@ -272,7 +328,7 @@ def _chunks(view, layers, variants, opset) -> list[tuple[onnx.ModelProto, dict[s
             models.append(cur)
             size = 0
         cur[0].append(parts[0])
-        cur[1].append(parts[1])
+        cur[1].extend(parts[1])
         cur[2].extend(parts[2])
         cur[3].append(parts[3])
         cur[4][tag] = (i, side, w)
@@ -404,13 +460,14 @@ class LatencyTable:
                 "sizes": {str(k): v for k, v in self.sizes.items()}, "untimed": self.untimed,
                 "layers": [{"node": l.node, "op": l.op, "out_full": l.out_full, "in_full": l.in_full,
                             "out_parts": l.out_parts, "in_parts": l.in_parts, "depthwise": l.depthwise,
+                            "head_axis": l.head_axis,
                             "fixed": l.fixed, "out_curve": l.out_curve, "in_curve": l.in_curve} for l in self.layers]}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "LatencyTable":
         layers = [Layer(node=l["node"], op=l["op"], out_full=l["out_full"], in_full=l["in_full"],
                         out_parts=[tuple(p) for p in l["out_parts"]], in_parts=[tuple(p) for p in l["in_parts"]],
-                        depthwise=l["depthwise"], fixed=bool(l["fixed"]), out_curve=[tuple(c) for c in l["out_curve"]],
+                        depthwise=l["depthwise"], head_axis=l.get("head_axis"), fixed=bool(l["fixed"]), out_curve=[tuple(c) for c in l["out_curve"]],
                         in_curve=[tuple(c) for c in l["in_curve"]]) for l in d["layers"]]
         return cls(profile=d["profile"], dense_ms=float(d["dense_ms"]), layers=layers,
                    sizes={int(k): int(v) for k, v in d["sizes"].items()}, measure_s=float(d.get("measure_s", 0.0)),
@@ -442,9 +499,16 @@ def latency_table(view: GraphView, analysis: Analysis, group_ids: Sequence[int],
         except (ValueError, KeyError, TypeError, AttributeError):
             pass  # a corrupt or older cache file is measured again and replaced
     start = time.perf_counter()
+    view = static_view(view)  # MatMuls are timed at the given sequence length (a no-op when shapes are static)
     layers = find_layers(view, analysis, group_ids)
     sizes = {g.id: g.size for g in analysis.groups if g.id in set(group_ids)}
     if not layers:
+        symbolic = [i.name for i in view.model.graph.input
+                    if i.name not in view.initializers and not is_static(view.shape(i.name))]
+        if symbolic:
+            raise OnnxPruneError("latency-aware allocation times every layer at the model's input shapes, and input(s) "
+                                 f"{', '.join(map(repr, symbolic))} have symbolic dims: pass --input-shape NAME=DIMS "
+                                 "(a transformer's batch and sequence length, e.g. input_ids=1x128)")
         raise OnnxPruneError("latency-aware allocation: no prunable group resizes a Conv/Gemm/MatMul weight here")
     tprof = table_profile(profile)
     batch = int(view.shape(_activation_input(view, layers[0]))[0])

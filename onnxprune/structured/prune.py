@@ -214,8 +214,14 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
         if calibration is None:
             raise OnnxPruneError("criterion activation needs calibration data: pass --calibrate SPEC")
         activations = calibration.channel_energies(prep.view, prep.model, analysis)
+    mask_gradients = None
+    if criterion == "fisher":
+        if calibration is None:
+            raise OnnxPruneError("criterion fisher needs calibration data: pass --calibrate SPEC")
+        mask_gradients = calibration.mask_gradients(prep.view, prep.model, analysis)
     scores, unavailable = score_groups(candidates, criterion, ScoreInputs.from_view(prep.view, gradients=gradients, seed=seed,
-                                                                                   activations=activations))
+                                                                                   activations=activations,
+                                                                                   mask_gradients=mask_gradients))
     if candidates and not scores:
         raise OnnxPruneError(f"criterion {criterion} cannot score any group ({next(iter(unavailable.values()))})")
     for gid, why in unavailable.items():
