@@ -184,3 +184,23 @@ def test_recipe_quantize_section():
     assert r.quantize.enabled is True and r.quantize.format == "auto" and r.quantize.samples == 256
     with pytest.raises(OnnxPruneError, match="quantize.format"):
         load_recipe("structured-l1-2x-macs", ["quantize.format=int4"])
+
+
+@pytest.mark.slow
+def test_ray_executor_builds_and_times_the_twins_like_the_local_run(trained, first_run):
+    """The twins are part of each job's chain: built in the build task (the dense one on the driver),
+    timed in the latency task, written back into OUTDIR; a re-run on Ray runs nothing."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'onnxprune[ray]'")
+    from onnxprune.pipeline.run import run_recipe
+
+    d, model, recipe = trained
+    rep = run_recipe(recipe, model, d / "ray", executor="ray")
+    assert rep["steps"]["executed"] == first_run["steps"]["executed"]
+    for a, b in ((first_run["dense"], rep["dense"]), (first_run["points"][0], rep["points"][0])):
+        qa, qb = a["quantized"], b["quantized"]
+        assert qb["id"] == qa["id"] and (d / "ray" / qb["models"][0]).is_file()
+        for split, acc in qa["accuracy"].items():  # one thread per Ray task: the last bits may differ, not a sample
+            assert abs(acc["top1"]["mean"] - qb["accuracy"][split]["top1"]["mean"]) <= 1.0 / acc["samples"] + 1e-12
+        rec = qb["profiles"]["ci-cpu"][0]
+        assert rec["speedup_vs_float"] > 0 and rec["nodes"] and qb["quantization"]["faster"]["ci-cpu"] is not None
+    assert run_recipe(recipe, model, d / "ray", executor="ray")["steps"]["executed"] == 0
