@@ -204,3 +204,22 @@ def test_ray_executor_builds_and_times_the_twins_like_the_local_run(trained, fir
         rec = qb["profiles"]["ci-cpu"][0]
         assert rec["speedup_vs_float"] > 0 and rec["nodes"] and qb["quantization"]["faster"]["ci-cpu"] is not None
     assert run_recipe(recipe, model, d / "ray", executor="ray")["steps"]["executed"] == 0
+
+
+def test_an_already_quantized_model_gets_no_twin_and_a_note(tmp_path):
+    from dataclasses import replace
+
+    from onnxprune.datasets import load_dataset
+    from onnxprune.pipeline.run import run_recipe
+    from onnxprune.quantization import quantize_model
+
+    model = tmp_path / "q.onnx"
+    quantize_model(tiny_model(tmp_path / "m.onnx"), model, replace(load_dataset("digits", seed=0), val=None, test=None),
+                   samples=32, check_samples=0)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    rep = run_recipe(recipe, model, tmp_path / "out", overrides=[
+        "sweep.methods=[{name: keep, kind: unstructured, points: [{compression: 1}]}]", "evaluation.splits=[val]"])
+    assert rep["dense"].get("quantized") is None and rep["points"][0].get("quantized") is None
+    assert "dense: not quantized again (quantize:): the model is already quantized (QDQ, int8)" in rep["notes"]
+    assert not list((tmp_path / "out" / "models").glob("*-int8.onnx"))

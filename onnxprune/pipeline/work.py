@@ -11,11 +11,12 @@ from typing import Any, Mapping
 from ..core.errors import OnnxPruneError
 from ..quantization import quantize_model
 from ..quantization.static import plan_for
+from ..core.quantized import quantization_kind
 from . import steps
 from .latency_target import is_latency, prune_to_latency
 from .sweep import RunSpec
 from .context import MODELS, WORK, Context, dense_finetuned_name, node_info
-from ..core.model_io import atomic_path, write_text_atomic
+from ..core.model_io import atomic_path, load_graph, write_text_atomic
 from .sensitivity import run_sensitivity, to_csv
 import onnx
 
@@ -278,6 +279,10 @@ def quantized_twin(ctx: Context, float_path: Path, label: str, dense: Path, floa
     own figures/evaluate (and with ``latency``, profile/speedup) steps on the quantized file."""
     if not ctx.recipe.quantize.enabled:
         return None
+    already = quantization_kind(load_graph(float_path))
+    if already:  # a quantized input model: its points have no float twin to make
+        ctx.notes.append(f"{label}: not quantized again (quantize:): the model is already {already['label']}")
+        return None
     settings = quant_settings(ctx)
     twin = twin_path(ctx, float_path)
     ctx.progress.step(f"{label}: quantize ({settings['format']})")
@@ -324,7 +329,7 @@ def job_latency(ctx: Context, path: Path, label: str, dense: Path, own_dense: bo
     """The latency part of one job (what a remote executor's latency task runs): its model's, then its
     quantized twin's. ``own_dense``: the job is the dense control (no speedup over itself)."""
     lat = measure_latency(ctx, path, label, None if own_dense else dense)
-    if ctx.recipe.quantize.enabled:
+    if ctx.recipe.quantize.enabled and not quantization_kind(load_graph(path)):  # as quantized_twin decides
         lat["quantized"] = twin_latency(ctx, twin_path(ctx, path), path, label, dense)
     return lat
 

@@ -306,7 +306,7 @@ class Quantize(_Strict):
     measurement: the report sets each twin beside its float row. ``quantize: true`` is short for
     ``quantize: {enabled: true}``."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="quantize every final model (the dense control's too) and report both")
     format: Literal["auto", "qdq", "qoperator", "fp16"] = Field(
         "auto", description="auto: by the run's first hardware profile's backend, as onnxprune quantize --hw does "
                             "(fp16 for CUDA profiles, QDQ for TensorRT and CPU)")
