@@ -301,7 +301,7 @@ def quantized_twin(ctx: Context, float_path: Path, label: str, dense: Path, floa
 
 def _quantize_work(ctx: Context, float_path: Path, twin: Path, settings: Mapping[str, Any], seed: int) -> dict[str, Any]:
     train = replace(ctx.data, val=None, test=None) if ctx.data is not None else None  # never the scored splits
-    fmt = None if settings["requested"] == "auto" else settings["format"]  # auto: the summary says why the backend's
+    fmt = None if settings["requested"] == "auto" else settings["format"]  # auto: the quantizer says why (the backend)
     res = quantize_model(float_path, twin, train, fmt=fmt, backend=settings["backend"],
                          per_channel=settings["per_channel"], method=settings["method"], samples=settings["samples"],
                          check_samples=settings["check_samples"], seed=seed)
