@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .common import emit_json, json_option, remote_options
-from ..report.plots import accuracy_split, all_points
+from ..report.plots import accuracy_split, all_points, with_twins
 from ..report.render import fmt_bytes, fmt_num, fmt_stat, fmt_x, render_run_dir
 from ..recipes import shipped_recipes
 from ..pipeline.run import run_recipe
@@ -37,7 +37,7 @@ def print_summary(report: Mapping[str, Any], outdir: str | Path, con: Console | 
     for c in cols:
         table.add_column(c, justify="left" if c == "point" else "right", no_wrap=c == "point")
     front = {pid for ids in report.get("pareto", {}).values() for pid in ids}
-    for p in all_points(report):
+    for p in with_twins(all_points(report)):  # a quantized twin under its float point
         row = [p["id"] + (" *" if p["id"] in front else ""), fmt_num(p["params"]), fmt_x(p["compression_ratio"]),
                fmt_num(p["macs"]), fmt_bytes(p["gzip_bytes"])]
         if split:

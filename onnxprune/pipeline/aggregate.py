@@ -15,6 +15,9 @@ from ..report.plots import latency_pareto
 from .context import versions
 
 LATENCY_KEYS = ("p50", "p90", "p95", "p99", "mean", "min", "max", "std")
+#: a quantized twin timed less than this much faster than its float model is "not faster": interleaved
+#: timings of the same compute differ by a few percent from run to run (as ``onnxprune quantize`` says)
+QUANT_FASTER = 1.03
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -125,6 +128,52 @@ def make_point(pid: str, method: str, kind: str, settings: dict[str, Any], measu
     }
 
 
+def attach_twin(point: dict[str, Any], measured: Sequence[Mapping[str, Any]], dense_fig: Mapping[str, Any],
+                outdir: Path) -> dict[str, Any] | None:
+    """``point["quantized"]``: the point's quantized twin (recipe ``quantize:``) as a point of its own,
+    id ``<point>-int8`` (or ``-fp16``), with ``quantization``: how it was made, its fidelity to the
+    float model, and per profile its speedup over its float model timed interleaved with it."""
+    twins = [{**m["quantized"], "seed": m.get("seed")} for m in measured if m.get("quantized")]
+    if not twins or len(twins) != len(measured):
+        return None
+    first = twins[0]["quantization"]
+    suffix = "fp16" if first["format"] == "fp16" else "int8"
+    how = {"format": first["format"], "per_channel": first.get("per_channel"),
+           "method": (first.get("calibration") or {}).get("method")}
+    twin = make_point(f"{point['id']}-{suffix}", point["method"], point["kind"], {**point["settings"], "quantize": how},
+                      twins, dense_fig, outdir)
+    summaries = [t["quantization"] for t in twins]
+    fids = [s.get("fidelity") or {} for s in summaries]
+    agree = [_mean([o.get("top1_agreement") for o in (f.get("outputs") or {}).values()]) for f in fids]
+    notes = list(dict.fromkeys(n for s in summaries for n in s.get("notes", [])))
+    faster: dict[str, bool | None] = {}
+    for name, recs in twin["profiles"].items():
+        for rec in recs:
+            vals = [((t.get("speedups_vs_float") or {}).get(name) or {}).get(str(rec["batch_size"])) for t in twins]
+            ok = bool(vals) and all(v is not None for v in vals)
+            where = merge_measured_on([((t.get("speedups_vs_float") or {}).get(name) or {}).get("measured_on")
+                                       for t in twins]) if ok else None
+            rec.update(speedup_vs_float=_mean(vals) if ok else None, speedup_vs_float_timing="interleaved" if ok else None,
+                       speedup_vs_float_measured_on=where)
+        v = recs[0]["speedup_vs_float"] if recs else None
+        faster[name] = None if v is None else v >= QUANT_FASTER
+        if faster[name] is False:
+            notes.append(f"not faster than its float model {point['id']} on {name} ({v:.2f}x p50 at batch "
+                         f"{recs[0]['batch_size']}, timed interleaved with it): keep the float model there unless "
+                         "size matters")
+    twin["quantization"] = {
+        **how, "why": first.get("why"), "calibration": first.get("calibration"), "quantized_ops": first.get("quantized_ops"),
+        "float_point": point["id"], "float_file_bytes": point["file_bytes"],
+        "size_ratio": _mean([s.get("size_ratio") for s in summaries]),
+        "fidelity": {"reference": "the float model", "held_out": True,
+                     "samples": fids[0].get("samples"), "mean_rel_l2": stat([f.get("mean_rel_l2") for f in fids]),
+                     "top1_agreement": stat(agree) if any(a is not None for a in agree) else None},
+        "faster": faster, "seconds": sum(s.get("seconds") or 0.0 for s in summaries)}
+    twin["notes"] = notes
+    point["quantized"] = twin
+    return twin
+
+
 def _rel(p: Any, outdir: Path) -> str:
     try:
         return str(Path(p).resolve().relative_to(outdir.resolve()))
@@ -182,6 +231,20 @@ def guidance(points: Sequence[Mapping[str, Any]], dense: Mapping[str, Any], prof
     return list(dict.fromkeys(out))
 
 
+def quantized_guidance(twins: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One statement per profile: which quantized twins are not faster than their float models."""
+    out = []
+    names = list(dict.fromkeys(n for t in twins for n in (t.get("quantization") or {}).get("faster", {})))
+    for name in names:
+        slow = [f"{t['id']} {t['profiles'][name][0]['speedup_vs_float']:.2f}x" for t in twins
+                if (t.get("quantization") or {}).get("faster", {}).get(name) is False]
+        if slow:
+            out.append(f"On {name}, quantizing did not make these models faster than their float models (p50, timed "
+                       f"interleaved with each float model): {', '.join(slow)}; keep the float model there unless size "
+                       "matters.")
+    return out
+
+
 def build_report(ctx, model_path: Path, dense: Mapping[str, Any], dense_ft: Sequence[Mapping[str, Any]], plan,
                  runs: Mapping[str, Mapping[str, Any]], sens: Mapping[str, Any] | None, seconds: float) -> dict[str, Any]:
     outdir = ctx.outdir
@@ -200,7 +263,11 @@ def build_report(ctx, model_path: Path, dense: Mapping[str, Any], dense_ft: Sequ
         measured = [{**runs[s.id], "seed": s.seed} for s in specs]
         settings = {k: v for k, v in first.config().items() if k not in ("seed", "method", "point")}
         points.append(make_point(pid, first.method, _kind(first.stages), settings, measured, dfig, outdir))
-    set_speedups(points + ([ft_point] if ft_point else []), dense_point)
+    twins = [attach_twin(p, m, dfig, outdir) for p, m in [(dense_point, [{**dense, "seed": None}])]
+             + ([(ft_point, dense_ft)] if ft_point else [])
+             + [(pt, [{**runs[s.id], "seed": s.seed} for s in plan.runs_of(pt["id"])]) for pt in points]]
+    twins = [t for t in twins if t is not None]
+    set_speedups(points + ([ft_point] if ft_point else []) + twins, dense_point)
     for r in dense_point["profiles"].values():
         for rec in r:
             rec["speedup_vs_dense"] = 1.0
@@ -239,7 +306,7 @@ def build_report(ctx, model_path: Path, dense: Mapping[str, Any], dense_ft: Sequ
         "points": points,
         "pareto": {},
         "sensitivity": dict(sens) if sens else None,
-        "guidance": guidance(points, dense_point, ctx.profiles),
+        "guidance": guidance(points, dense_point, ctx.profiles) + quantized_guidance(twins),
         "plots": {},
         "notes": list(dict.fromkeys(ctx.notes)),
         "versions": {**ctx.worker_versions, **versions()},

@@ -35,6 +35,7 @@ from .executor import make_executor
 from ..profiling.remote import sessions as remote_sessions
 from .aggregate import build_report
 from ..report.render import write_report
+from ..quantization.static import plan_for
 
 
 def resolve(recipe: "Recipe | str | os.PathLike", overrides: Iterable[str] = ()) -> Recipe:
@@ -76,7 +77,7 @@ def run_recipe(recipe: "Recipe | str | os.PathLike", model_path: str | os.PathLi
             raise OnnxPruneError(f"a latency target names profile {st.target.latency.profile!r}, which this run does "
                                  f"not measure on; add it with --hw {st.target.latency.profile}")
     data_spec = data if data is not None else recipe.data
-    needs = _needs_data(recipe)
+    needs = _needs_data(recipe, profiles)
     if data_spec is None and needs:
         raise OnnxPruneError(f"recipe {recipe.name!r} needs data ({needs}): pass --data SPEC (e.g. --data digits) "
                              "or set data in the recipe")
@@ -133,7 +134,11 @@ def _run_locked(recipe: Recipe, model_path: Path, outdir: Path, ds: Any, profile
     return report
 
 
-def _needs_data(recipe: Recipe) -> str:
+def _needs_data(recipe: Recipe, profiles: Sequence[Any] = ()) -> str:
+    q = recipe.quantize
+    if q.enabled and plan_for(None if q.format == "auto" else q.format, profiles[0].backend if profiles else None)[
+            "format"] != "fp16":
+        return "int8 calibration (quantize.enabled)"
     if recipe.retrain.epochs > 0:
         return "retraining"
     if recipe.sensitivity.enabled:

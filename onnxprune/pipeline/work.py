@@ -5,14 +5,18 @@ so a point is built the same way wherever it runs."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 from ..core.errors import OnnxPruneError
+from ..quantization import quantize_model
+from ..quantization.static import plan_for
+from ..core.quantized import quantization_kind
 from . import steps
 from .latency_target import is_latency, prune_to_latency
 from .sweep import RunSpec
 from .context import MODELS, WORK, Context, dense_finetuned_name, node_info
-from ..core.model_io import atomic_path, write_text_atomic
+from ..core.model_io import atomic_path, load_graph, write_text_atomic
 from .sensitivity import run_sensitivity, to_csv
 import onnx
 
@@ -83,7 +87,9 @@ def dense_control(ctx: Context, model_path: Path, latency: bool = True) -> dict[
     if "error" in analysis:
         ctx.notes.append(f"channel analysis: {analysis['error']}")
         analysis = None
-    return {"path": dest, "analysis": analysis, **_measure(ctx, dest, "dense", latency=latency, gzip=_gzip_dense(ctx))}
+    measured = _measure(ctx, dest, "dense", latency=latency, gzip=_gzip_dense(ctx))
+    return {"path": dest, "analysis": analysis, **measured,
+            "quantized": quantized_twin(ctx, dest, "dense", dest, measured["figures"], latency=latency)}
 
 
 def _gzip_dense(ctx: Context) -> bool:
@@ -168,7 +174,8 @@ def run_one(ctx: Context, spec: RunSpec, dense: Path, sens: Mapping[str, Any] | 
             train_hist = ctx.cache.run("retrain", tkey, retrain_work, inputs=[pruned] + ([teacher] if teacher else []),
                                        outputs=[final])
     measured = _measure(ctx, final, spec.id, dense, latency=latency, gzip=steps.gzip_meaningful(spec.stages))
-    return {"spec": spec, "path": final, "prune": prune_info, "train": train_hist, **measured}
+    return {"spec": spec, "path": final, "prune": prune_info, "train": train_hist, **measured,
+            "quantized": quantized_twin(ctx, final, spec.id, dense, measured["figures"], seed=spec.seed, latency=latency)}
 
 
 def _uses_data(spec: RunSpec) -> bool:
@@ -238,8 +245,90 @@ def dense_finetune(ctx: Context, dense: Path, seed: int, latency: bool = True) -
 
     hist = ctx.cache.run("retrain", {"train": rt.model_dump(), "seed": seed, "data": ctx.data_desc, "dense": True}, work,
                          inputs=[dense], outputs=[final])
-    return {"seed": seed, "path": final, "train": hist,
-            **_measure(ctx, final, f"dense-finetuned-s{seed}", dense, latency=latency, gzip=_gzip_dense(ctx))}
+    label = f"dense-finetuned-s{seed}"
+    measured = _measure(ctx, final, label, dense, latency=latency, gzip=_gzip_dense(ctx))
+    return {"seed": seed, "path": final, "train": hist, **measured,
+            "quantized": quantized_twin(ctx, final, label, dense, measured["figures"], seed=seed, latency=latency)}
+
+
+# ------------------------------------------------------------------------------------ quantized twins
+
+def quant_settings(ctx: Context) -> dict[str, Any]:
+    """The recipe's ``quantize:`` settings with the format resolved: ``auto`` follows the run's first
+    profile's backend, as ``onnxprune quantize --hw`` does (the backend also sets TensorRT's placement)."""
+    q = ctx.recipe.quantize
+    backend = ctx.profiles[0].backend if ctx.profiles else None
+    plan = plan_for(None if q.format == "auto" else q.format, backend)
+    return {**q.model_dump(exclude={"enabled", "format"}), "format": plan["format"], "requested": q.format,
+            "backend": backend}
+
+
+def twin_path(ctx: Context, float_path: Path) -> Path:
+    """``models/<run>-int8.onnx`` (``-fp16`` for a float16 twin) beside the float model."""
+    suffix = "fp16" if quant_settings(ctx)["format"] == "fp16" else "int8"
+    return ctx.path(MODELS, f"{Path(float_path).stem}-{suffix}.onnx")
+
+
+def quantized_twin(ctx: Context, float_path: Path, label: str, dense: Path, float_figures: Mapping[str, Any],
+                   seed: int = 0, latency: bool = True) -> dict[str, Any] | None:
+    """The recipe's ``quantize:`` stage on one final model (None when it is off): a cached
+    ``quantize`` step calibrated on the data's training split (labels unused), then the float model's
+    own figures/evaluate (and with ``latency``, profile/speedup) steps on the quantized file."""
+    if not ctx.recipe.quantize.enabled:
+        return None
+    already = quantization_kind(load_graph(float_path))
+    if already:  # a quantized input model: its points have no float twin to make
+        ctx.notes.append(f"{label}: not quantized again (quantize:): the model is already {already['label']}")
+        return None
+    settings = quant_settings(ctx)
+    twin = twin_path(ctx, float_path)
+    ctx.progress.step(f"{label}: quantize ({settings['format']})")
+    key = {**settings, "seed": seed, "data": ctx.data_desc}
+    summary = ctx.cache.run("quantize", key, lambda: _quantize_work(ctx, float_path, twin, settings, seed),
+                            inputs=[float_path], outputs=[twin])
+    measured = _measure(ctx, twin, f"{label} {twin.stem.rsplit('-', 1)[-1]}", dense, latency=False, gzip=False)
+    # the quantized file stores the float model's weights in fewer bits: its weight and MAC counts are the
+    # float model's (the graph's Q/DQ scales are not parameters of the model), its size its own
+    figures = {**{k: float_figures.get(k) for k in ("params", "nonzero_params", "sparsity", "macs", "nonzero_macs",
+                                                     "layers")}, "file_bytes": measured["figures"]["file_bytes"],
+               "gzip_bytes": None}
+    out = {"path": twin, "quantization": summary, **measured, "figures": figures}
+    return {**out, **twin_latency(ctx, twin, float_path, label, dense)} if latency else out
+
+
+def _quantize_work(ctx: Context, float_path: Path, twin: Path, settings: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    train = replace(ctx.data, val=None, test=None) if ctx.data is not None else None  # never the scored splits
+    fmt = None if settings["requested"] == "auto" else settings["format"]  # auto: the quantizer says why (the backend)
+    res = quantize_model(float_path, twin, train, fmt=fmt, backend=settings["backend"],
+                         per_channel=settings["per_channel"], method=settings["method"], samples=settings["samples"],
+                         check_samples=settings["check_samples"], seed=seed)
+    keep = ("format", "why", "per_channel", "calibration", "quantized_ops", "file_bytes", "input_file_bytes",
+            "size_ratio", "fidelity", "notes", "seconds")
+    return {k: res[k] for k in keep if k in res}
+
+
+def twin_latency(ctx: Context, twin: Path, float_path: Path, label: str, dense: Path) -> dict[str, Any]:
+    """The quantized twin on every profile: profiled, timed interleaved with the dense model
+    (``speedups``), and with its own float model (``speedups_vs_float``: is quantizing it faster?)."""
+    lat = measure_latency(ctx, twin, f"{label} quantized", dense)
+    if Path(float_path) == Path(dense):  # the dense control's twin: the same timing
+        return {**lat, "speedups_vs_float": lat["speedups"]}
+    vs_float = {}
+    for p in ctx.profiles:
+        ctx.progress.step(f"{label} quantized: interleaved with its float model on {p.name}")
+        vs_float[p.name] = ctx.cache.run("speedup-vs-float", {"profile": p.model_dump()},
+                                         lambda p=p: steps.speedup_vs(float_path, twin, p), inputs=[float_path, twin],
+                                         measures=p)
+    return {**lat, "speedups_vs_float": vs_float}
+
+
+def job_latency(ctx: Context, path: Path, label: str, dense: Path, own_dense: bool = False) -> dict[str, Any]:
+    """The latency part of one job (what a remote executor's latency task runs): its model's, then its
+    quantized twin's. ``own_dense``: the job is the dense control (no speedup over itself)."""
+    lat = measure_latency(ctx, path, label, None if own_dense else dense)
+    if ctx.recipe.quantize.enabled and not quantization_kind(load_graph(path)):  # as quantized_twin decides
+        lat["quantized"] = twin_latency(ctx, twin_path(ctx, path), path, label, dense)
+    return lat
 
 
 def _small_history(hist: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ silently falls back to a default). Shape of a recipe::
       seeds: [0, 1]
     sensitivity: {enabled: true, ratios: [0.1, 0.3, 0.5]}
     executor: local              # or ray, or {kind: ray, address: HOST:6379, max_retries: 2}
+    quantize: {enabled: true, format: auto}   # each final model's quantized twin, measured beside it
 
 Targets (exactly one field per target):
 - ``ratio``: fraction removed: channels per group (structured) or weights (unstructured).
@@ -296,6 +297,29 @@ class Recover(_Strict):
     method: Literal["refit", "bn"] = Field("refit", description="refit: least squares; bn: relative BN/bias shift only")
 
 
+class Quantize(_Strict):
+    """A quantized twin of every final model (the dense control's too), through ONNX Runtime's
+    quantizer (:func:`onnxprune.quantization.quantize_model`), calibrated on unlabeled inputs from the
+    data's training split and then evaluated and timed like its float model. Whether to quantize is a
+    measurement: the report sets each twin beside its float row. ``quantize: true`` is short for
+    ``quantize: {enabled: true}``."""
+
+    enabled: bool = Field(False, description="quantize every final model (the dense control's too) and report both")
+    format: Literal["auto", "qdq", "qoperator", "fp16"] = Field(
+        "auto", description="auto: by the run's first hardware profile's backend, as onnxprune quantize --hw does "
+                            "(fp16 for CUDA profiles, QDQ for TensorRT and CPU)")
+    per_channel: bool = Field(True, description="int8 weight scales per output channel")
+    method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="calibration of activation ranges")
+    samples: int = Field(256, ge=1, description="calibration samples from the data's training split (labels unused)")
+    check_samples: int = Field(64, ge=0, description="further training samples, not calibrated on, on which the "
+                                                     "quantized outputs are compared with the float model's")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"enabled": data} if isinstance(data, bool) else data
+
+
 class Recipe(_Strict):
     """A whole run: methods x operating points x seeds, retrained alike, measured alike."""
 
@@ -314,6 +338,7 @@ class Recipe(_Strict):
     sensitivity: Sensitivity = Field(default_factory=Sensitivity)
     executor: Executor = Field(default_factory=Executor)
     recover: Recover = Field(default_factory=Recover)
+    quantize: Quantize = Field(default_factory=Quantize)
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":

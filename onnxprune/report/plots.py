@@ -69,6 +69,11 @@ def all_points(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [report["dense"], *([report["dense_finetuned"]] if report.get("dense_finetuned") else []), *report["points"]]
 
 
+def with_twins(points: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """``points``, each followed by its quantized twin when the run had a ``quantize:`` stage."""
+    return [q for p in points for q in ([p, p["quantized"]] if p.get("quantized") else [p])]
+
+
 #: Interleaved timings of the same compute still differ by a few percent from run to run: a point
 #: measured less than this much faster than the dense control, and no more accurate, is not on the front.
 SPEEDUP_NOISE = 0.03
@@ -97,7 +102,7 @@ def latency_pareto(report: Mapping[str, Any], profile: str) -> list[str]:
     split = accuracy_split(report)
     if split is None:
         return []
-    pts = all_points(report)  # the dense control first
+    pts = with_twins(all_points(report))  # the dense control first; quantized twins beside their float points
     xy = [(point_latency(report, p, profile), _acc(p, split)[0]) for p in pts]
     return [pts[i]["id"] for i in pareto_front(xy, reference=0, rel_tol=SPEEDUP_NOISE)]
 
@@ -113,6 +118,9 @@ def plot_accuracy_vs_latency(report: Mapping[str, Any], profile: str, path: str 
     front = set(latency_pareto(report, profile))
     groups = [("dense", [report["dense"]] + ([report["dense_finetuned"]] if report.get("dense_finetuned") else []))]
     groups += list(_by_method(report).items())
+    twins = [p["quantized"] for p in all_points(report) if p.get("quantized")]
+    if twins:
+        groups.append(("quantized (" + ", ".join(sorted({t["id"].rsplit("-", 1)[-1] for t in twins})) + ")", twins))
     drawn = False
     front_xy = []
     for k, (method, pts) in enumerate(groups):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..core.model_io import write_text_atomic
-from .plots import accuracy_split, all_points, write_all
+from .plots import accuracy_split, all_points, with_twins, write_all
 from ..core.jsonio import json_default
 from ..profiling.provenance import measured_on_line, merge_measured_on
 from .schema import load_report, validate_report
@@ -95,6 +95,7 @@ def blocks(report: Mapping[str, Any]) -> list[Block]:
         f"{report['steps'].get('executed', 0)} step(s) run, {report['steps'].get('skipped', 0)} taken from state.json",
     ]))
     out += _results(report)
+    out += _quantized(report)
     out += _latency(report)
     if report.get("guidance"):
         out.append(("h", 2, "What gets faster, and what does not"))
@@ -148,7 +149,7 @@ def _results(report: Mapping[str, Any]) -> list[Block]:
     for prof in profiles:
         headers += [f"p50 ms {prof}", f"speedup {prof}"]
     rows = []
-    for p in all_points(report):
+    for p in with_twins(all_points(report)):
         row = [p["id"], p["method"], _target(p), str(len([s for s in p["seeds"] if s is not None]) or "-"),
                fmt_num(p["params"]), fmt_num(p["nonzero_params"]), fmt_x(p["compression_ratio"]), fmt_num(p["macs"]),
                fmt_x(p["theoretical_speedup"]), fmt_bytes(p["file_bytes"]), fmt_bytes(p["gzip_bytes"])]
@@ -162,7 +163,47 @@ def _results(report: Mapping[str, Any]) -> list[Block]:
             "theor. speedup = dense MACs / MACs of nonzero weights (what a sparse kernel could skip); speedup = "
             "dense p50 / point p50 on the profile (first batch size), timed interleaved with the dense model (D P D P ...) "
             "so machine drift hits both.")
+    if any(p.get("quantized") for p in all_points(report)):
+        text += (" A row `<point>-int8` (or `-fp16`) is that point quantized (recipe `quantize:`): the same weights "
+                 "and MACs in fewer bits, its own file, accuracy and latency.")
     return [("h", 2, "Results"), ("p", text), ("table", headers, rows)]
+
+
+def _quantized(report: Mapping[str, Any]) -> list[Block]:
+    """Each point's float and quantized rows side by side: size, quality, latency, memory, and whether
+    quantizing made it faster (timed interleaved with its own float model)."""
+    pairs = [(p, p["quantized"]) for p in all_points(report) if p.get("quantized")]
+    if not pairs:
+        return []
+    split = accuracy_split(report)
+    profiles = [p["name"] for p in report["hw_profiles"]]
+    headers = ["point", "format", "profile", "file", f"{split or 'val'} top-1", "fidelity rel_l2", "p50 ms",
+               "peak RSS", "speedup vs dense", "quantized vs float", "faster?"]
+    rows = []
+    for f, q in pairs:
+        info = q.get("quantization") or {}
+        for prof in profiles or [None]:
+            for p, is_q in ((f, False), (q, True)):
+                rec = (p["profiles"].get(prof) or [None])[0] if prof else None
+                vs = rec.get("speedup_vs_float") if rec and is_q else None
+                verdict = {True: "yes", False: "no: keep the float model unless size matters", None: "n/a"}[
+                    (info.get("faster") or {}).get(prof)] if is_q else ""
+                rows.append([p["id"], info.get("format", "?") if is_q else "float", prof or "-", fmt_bytes(p["file_bytes"]),
+                             fmt_stat((p["accuracy"].get(split) or {}).get("top1")) if split else "n/a",
+                             _fidelity(info) if is_q else "", f"{rec['latency_ms']['p50']:.3f}" if rec else "n/a",
+                             fmt_bytes(rec.get("peak_rss_bytes")) if rec else "n/a",
+                             fmt_x(rec.get("speedup_vs_dense")) if rec else "n/a", fmt_x(vs) if is_q else "", verdict])
+    text = ("Each point above its quantized twin (recipe `quantize:`, through ONNX Runtime's quantizer, calibrated on "
+            "unlabeled samples of the training split). quantized vs float = the float model's p50 / the quantized "
+            "model's, both timed interleaved in one measurement on the profile (first batch size); below "
+            "1.03x it counts as not faster. fidelity rel_l2: the quantized outputs against the float model's on "
+            "training samples not used to calibrate. peak RSS is n/a where the recipe sets profiling.memory: false.")
+    return [("h", 2, "Float and quantized, side by side"), ("p", text), ("table", headers, rows)]
+
+
+def _fidelity(info: Mapping[str, Any]) -> str:
+    stat = ((info.get("fidelity") or {}).get("mean_rel_l2")) or {}
+    return "n/a" if stat.get("mean") is None else f"{stat['mean']:.3g}"
 
 
 def _latency(report: Mapping[str, Any]) -> list[Block]:
@@ -170,7 +211,7 @@ def _latency(report: Mapping[str, Any]) -> list[Block]:
     for prof in report["hw_profiles"]:
         name = prof["name"]
         rows = []
-        for p in all_points(report):
+        for p in with_twins(all_points(report)):
             for r in p["profiles"].get(name) or []:
                 lat = r["latency_ms"]
                 rows.append([p["id"], str(r["batch_size"]), f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}",
@@ -181,7 +222,7 @@ def _latency(report: Mapping[str, Any]) -> list[Block]:
             out.append(("h", 3, f"Latency on {name}"))
             if prof.get("description"):
                 out.append(("p", prof["description"]))
-            where = [r.get("measured_on") for p in all_points(report) for r in p["profiles"].get(name) or []]
+            where = [r.get("measured_on") for p in with_twins(all_points(report)) for r in p["profiles"].get(name) or []]
             line = measured_on_line(merge_measured_on(where))
             out.append(("p", line[:1].upper() + line[1:]))
             out.append(("table", ["point", "batch", "p50 ms", "p90 ms", "p99 ms", "throughput/s", "peak RSS",

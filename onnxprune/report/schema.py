@@ -40,6 +40,18 @@ A Point::
     profiles {profile: [Measurement, one per batch size]}
     runs [{seed, model, accuracy {split: {top1, top5}}, prune {summary figures}, train {...} or null}]
     notes [str]
+    quantized   Point or null: with the recipe's ``quantize:``, this point's quantized twin (id ``<id>-int8``
+                or ``<id>-fp16``, models ``models/<run>-int8.onnx``): its own file_bytes, accuracy and
+                profiles (speedup_vs_dense against the dense float control, like every point); params and
+                MACs are the float model's (the same weights in fewer bits). Its Measurements add
+                speedup_vs_float (float p50 / quantized p50, timed interleaved with its own float model),
+                speedup_vs_float_timing, speedup_vs_float_measured_on.
+    quantization  (on a twin only) {format, per_channel, method, why, calibration {method, samples,
+                check_samples, held_out}, quantized_ops, float_point, float_file_bytes, size_ratio,
+                fidelity {reference, held_out, samples, mean_rel_l2: Stat, top1_agreement: Stat | null}
+                (to the float model, on training samples not calibrated on), faster {profile: bool | null}
+                (speedup_vs_float at the first batch size >= 1.03), seconds}; a twin that is not faster says
+                so in its notes and in the report's guidance
 
 A Measurement (means over seeds of what :func:`onnxprune.profiling.profile_model` reports)::
 
@@ -163,6 +175,8 @@ class Point(_M):
     profiles: dict[str, list[Measurement]] = Field(default_factory=dict)
     runs: list[RunRecord] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    quantized: "Point | None" = None  # the recipe's quantize: stage (a twin has none of its own)
+    quantization: dict[str, Any] | None = None  # on a quantized twin: how it was made, and whether it is faster
 
 
 class Report(_M):
