@@ -2,7 +2,8 @@
 
 Parameters are the floating-point initializers, *excluding* BatchNormalization running mean and
 variance (buffers in PyTorch, not learned) and integer tensors (shapes, indices). Shared
-initializers count once.
+initializers count once. In a quantized (QDQ) model the integer weights that a DequantizeLinear
+reads count instead, and the quantization scales and zero points do not (they are not learned).
 """
 from __future__ import annotations
 
@@ -26,7 +27,14 @@ def buffer_names(view: GraphView) -> set[str]:
 def parameter_names(view: GraphView) -> list[str]:
     """Names of the initializers that count as parameters."""
     skip = buffer_names(view)
-    return [n for n, t in view.initializers.items() if t.data_type in FLOAT_TYPES and n not in skip]
+    quantized: set[str] = set()
+    for node in view.nodes:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            skip.update(node.input[1:3])
+            if node.op_type == "DequantizeLinear":
+                quantized.add(node.input[0])
+    return [n for n, t in view.initializers.items()
+            if (t.data_type in FLOAT_TYPES or n in quantized) and n not in skip]
 
 
 def count_params(view: GraphView) -> tuple[int, int]:

@@ -7,18 +7,23 @@ copy is used only to analyse and to count MACs.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
 
 from ..channels.analyze import analyze_channels
+from ..channels.quantized import dequantizing_reader
 from ..channels.rewrite import _copy_fields, apply_plan
 from ..channels.types import Analysis, Group, KeepPlan
 from ..core.errors import OnnxPruneError
 from ..core.graph import build_view
+from ..core.model_io import load_model
+from ..core.quantized import refuse_integer_ops
 from ..metrics.macs import node_macs, total_macs
 from ..metrics.params import parameter_names
 from ..core.prepare import Prepared, prepare
@@ -161,10 +166,24 @@ def prune_structured(source: str | os.PathLike | onnx.ModelProto, *, ratio: floa
     limits = Limits(max_ratio=float(max_ratio), min_keep=min_keep, round_to=round_to)
     if isinstance(ignore, str):
         ignore = (ignore,)
-    prep = prepare(source, input_shapes)
+    prep = _prepare_float_or_qdq(source, input_shapes)
     analysis = analyze_channels(prep.view, allow_io_change=allow_io_change, prune_hidden=prune_hidden)
     return _prune_prepared(prep, analysis, kind=kind, value=value, criterion=criterion, scope=scope, limits=limits,
                            ignore=tuple(ignore), seed=int(seed), gradients=gradients, calibration=calibration)
+
+
+def _prepare_float_or_qdq(source: str | os.PathLike | onnx.ModelProto,
+                          input_shapes: Mapping[str, tuple[int, ...]] | None) -> Prepared:
+    """:func:`prepare`, refusing first a model that computes in integer ops (QOperator, dynamic
+    quantization): its weights, scales and zero points are fused into them. QDQ models go on."""
+    if isinstance(source, onnx.ModelProto):
+        refuse_integer_ops(source, "prune --structured")
+        return prepare(source, input_shapes)
+    loaded = load_model(source)
+    refuse_integer_ops(loaded, f"prune --structured {source}")
+    prep = prepare(loaded, input_shapes, consume=True)
+    prep.path = Path(source)
+    return prep
 
 
 def _io_shapes_after(shapes: Mapping[str, tuple[int, ...]], pruned: onnx.ModelProto,
@@ -214,8 +233,10 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
         if calibration is None:
             raise OnnxPruneError("criterion activation needs calibration data: pass --calibrate SPEC")
         activations = calibration.channel_energies(prep.view, prep.model, analysis)
-    scores, unavailable = score_groups(candidates, criterion, ScoreInputs.from_view(prep.view, gradients=gradients, seed=seed,
-                                                                                   activations=activations))
+    inputs = ScoreInputs.from_view(prep.view, gradients=gradients, seed=seed, activations=activations)
+    # QDQ weights are scored on their dequantized values: the criterion the float model would use
+    inputs = dataclasses.replace(inputs, const=dequantizing_reader(prep.view.model.graph, prep.view.const))
+    scores, unavailable = score_groups(candidates, criterion, inputs)
     if candidates and not scores:
         raise OnnxPruneError(f"criterion {criterion} cannot score any group ({next(iter(unavailable.values()))})")
     for gid, why in unavailable.items():
