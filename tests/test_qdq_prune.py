@@ -371,3 +371,19 @@ def test_inspect_counts_integer_ops_like_their_float_counterparts(tmp_path, buil
     assert info["params"] == float_info["params"]  # int8 weights count, scales and zero points do not
     code, text, err = run_cli("inspect", src)
     assert code == 0 and f"quantized ({'QOperator' if kind == 'qoperator' else 'dynamic'}, int8)" in text
+
+
+def test_inspect_of_an_onnx_runtime_qoperator_model(digits_models, tmp_path):
+    """ONNX Runtime's QOperator format: QLinearConv MACs equal the float convs'; the total is n/a
+    where a com.microsoft op hides the shapes, and the reason names that op."""
+    out = tmp_path / "qop.onnx"
+    quant.quantize_static(str(digits_models["float"]), str(out), _Reader(digits_models["calib"]),
+                          quant_format=quant.QuantFormat.QOperator, per_channel=True)
+    info, ref = inspect_model(out), inspect_model(digits_models["float"])
+    assert info["quantization"]["kind"] == "qoperator" and info["quantization"]["ops"]["QLinearConv"] == 3
+    conv_macs = [n["macs"] for n in ref["nodes"] if n["op_type"] == "Conv"]
+    assert [n["macs"] for n in info["nodes"] if n["op_type"] == "QLinearConv"] == conv_macs and all(conv_macs)
+    if info["macs"] is None:
+        assert "com.microsoft op" in info["macs_unknown_reason"]
+    else:
+        assert info["macs"] == ref["macs"]
