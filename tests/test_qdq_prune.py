@@ -274,6 +274,15 @@ def test_unstructured_and_nm_refuse_qdq_models_with_the_way_out(digits_models, t
     assert "quantized (QDQ, int8)" in line and "prune the float model, then run onnxprune quantize" in line
 
 
+def test_a_latency_target_on_a_qdq_model_says_what_to_do_instead(digits_models, tmp_path):
+    """The latency table times float layers alone; a QDQ model's layers read int8 weights."""
+    out = tmp_path / "l.onnx"
+    code, _, err = run_cli("prune", digits_models["qdq"][True], "-o", out, "--structured", "--target-speedup", "1.2",
+                           "--hw", "ci-cpu")
+    assert code != 0 and not out.exists() and "Traceback" not in err
+    assert "quantized (QDQ, int8)" in err and "--target-macs" in err and "onnxprune quantize" in err
+
+
 # ---------------------------------------------------------------- QOperator / dynamic (onnx.helper)
 
 def _int8(rng, shape):

@@ -7,7 +7,6 @@ copy is used only to analyse and to count MACs.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from pathlib import Path
@@ -17,7 +16,6 @@ import numpy as np
 import onnx
 
 from ..channels.analyze import analyze_channels
-from ..channels.quantized import dequantizing_reader
 from ..channels.rewrite import _copy_fields, apply_plan
 from ..channels.types import Analysis, Group, KeepPlan
 from ..core.errors import OnnxPruneError
@@ -233,10 +231,8 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
         if calibration is None:
             raise OnnxPruneError("criterion activation needs calibration data: pass --calibrate SPEC")
         activations = calibration.channel_energies(prep.view, prep.model, analysis)
-    inputs = ScoreInputs.from_view(prep.view, gradients=gradients, seed=seed, activations=activations)
-    # QDQ weights are scored on their dequantized values: the criterion the float model would use
-    inputs = dataclasses.replace(inputs, const=dequantizing_reader(prep.view.model.graph, prep.view.const))
-    scores, unavailable = score_groups(candidates, criterion, inputs)
+    scores, unavailable = score_groups(candidates, criterion, ScoreInputs.from_view(prep.view, gradients=gradients, seed=seed,
+                                                                                   activations=activations))
     if candidates and not scores:
         raise OnnxPruneError(f"criterion {criterion} cannot score any group ({next(iter(unavailable.values()))})")
     for gid, why in unavailable.items():
