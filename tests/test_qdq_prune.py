@@ -341,11 +341,12 @@ def test_integer_op_models_are_refused_by_structured_pruning(tmp_path, build, ki
     run_ort(build(), {"x": np.zeros((1, 3, 8, 8), np.float32)})  # a valid model ONNX Runtime runs
     before = src.read_bytes()
     out = tmp_path / "p.onnx"
-    code, stdout, err = run_cli("prune", src, "-o", out, "--structured", "--ratio", "0.5")
-    assert code != 0 and not out.exists() and src.read_bytes() == before
-    line = err.strip()
-    assert "\n" not in line and "Traceback" not in err
-    assert f"quantized ({kind}, int8)" in line and "prune the float model, then run onnxprune quantize" in line
+    for target in (["--ratio", "0.5"], ["--target-speedup", "1.2", "--hw", "ci-cpu"]):
+        code, stdout, err = run_cli("prune", src, "-o", out, "--structured", *target)
+        assert code != 0 and not out.exists() and src.read_bytes() == before
+        line = err.strip()
+        assert "\n" not in line and "Traceback" not in err
+        assert f"quantized ({kind}, int8)" in line and "prune the float model, then run onnxprune quantize" in line
 
 
 def test_dynamic_quantize_lstm_is_refused_before_anything_else(tmp_path):

@@ -218,6 +218,7 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
                     plan_of: "Callable[[list[Group], dict[int, np.ndarray]], KeepPlan] | None" = None) -> PruneResult:
     """``plan_of(groups, scores)``, when given, chooses the kept channels itself (latency-aware
     allocation) instead of the ratio / target search."""
+    refuse_integer_ops(prep.model, "prune --structured")  # every entry (latency targets, recipes, optimize)
     notes = list(prep.notes)
     params_before, macs_before = _measure(prep.view)
     if kind == "macs" and not macs_before:
