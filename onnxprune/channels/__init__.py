@@ -15,6 +15,8 @@ Usage::
   which channels), members and unprunable marks;
 - :mod:`.analyze`: the walk over the graph and the groups it yields (:mod:`.types`);
 - :mod:`.dims`: run-time shape values read from channels (adapt, keep their value, or refuse);
+- :mod:`.quantized`: QDQ weights (DequantizeLinear of an int8 initializer) read dequantized and
+  sliced in their integer tensor with their per-channel scale/zero point;
 - :mod:`.rewrite`: slicing initializers and rewriting channel counts in attributes/constants;
 - :mod:`.slices`: reading/zeroing one group channel of a member (grouped conv weights included).
 """

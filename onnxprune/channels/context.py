@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from ..core.graph import GraphView, opset_of, attr
+from .quantized import QuantizedWeight, dequantized_value, quantized_weights
 from .types import Role
 
 
@@ -83,9 +84,13 @@ class Context:
         #: (node, input index) -> constant the rewriter puts there: a run-time value computed from
         #: channel counts that sizes a tensor pruning leaves alone keeps its original value
         self.pins: dict[tuple[str, int], np.ndarray] = {}
+        #: QDQ weights: DequantizeLinear outputs of integer initializers, read as the float constants
+        #: they stand for; members on them are sliced in the integer tensor (and its per-channel scale)
+        self.qweights: dict[str, QuantizedWeight] = quantized_weights(view.model.graph)
+        self._qvalues: dict[str, np.ndarray] = {}
         self._const_users: dict[str, set[str]] = {}
         for name, users in view.consumers.items():
-            if name in view.initializers:
+            if name in view.initializers or name in self.qweights:
                 self._const_users[name] = {n.name for n in users}
         for name in view.input_names:
             self.untracked_reason[name] = f"reaches model input {name!r}"
@@ -230,12 +235,34 @@ class Context:
         """A weight/parameter sliced with the channels. Constants shared by several nodes cannot be
         sliced for one of them only: their channels are marked bad."""
         atoms = np.asarray(atoms, dtype=np.int64)
-        users = self._const_users.get(tensor, set())
-        if len(users) > 1:
-            self.mark_bad(atoms[atoms >= 0], f"constant {tensor!r} is shared by nodes {', '.join(sorted(users))}")
+        q = self.qweights.get(tensor)
+        for t in [tensor] + ([q.x] + q.params_on(axis) if q else []):
+            users = self._const_users.get(t, set())
+            if len(users) > 1:
+                self.mark_bad(atoms[atoms >= 0], f"constant {t!r} is shared by nodes {', '.join(sorted(users))}")
+        if q is not None and groups > 1 and q.params_on(axis):
+            self.mark_bad(atoms[atoms >= 0], f"constant {tensor!r}: per-channel scales of a grouped weight's "
+                                             "second axis are not sliced")
         if tensor in set(self.view.output_names):
             self.mark_bad(atoms[atoms >= 0], f"constant {tensor!r} is a model output")
         self.members.append(RawMember(tensor, axis, atoms, role, node.name, groups))
+
+    def add_shared_param(self, tensor: str, atoms: np.ndarray, node: onnx.NodeProto) -> None:
+        """A 1-D per-channel constant that several nodes read for the *same* channels (the scale
+        of a QuantizeLinear/DequantizeLinear pair): recorded once; a later reader's channels are
+        united with the first's (they are cut together). Readers that are not Q/DQ nodes: bad."""
+        atoms = np.asarray(atoms, dtype=np.int64)
+        users = {n.op_type for n in self.view.consumers.get(tensor, [])}
+        if not users <= {"QuantizeLinear", "DequantizeLinear"}:
+            return self.mark_bad(atoms, f"constant {tensor!r} is shared by nodes other than QuantizeLinear/"
+                                        f"DequantizeLinear ({', '.join(sorted(users))})")
+        prev = next((m for m in self.members if m.tensor == tensor and m.role == "param"), None)
+        if prev is None:
+            self.members.append(RawMember(tensor, 0, atoms, "param", node.name))
+        elif len(prev.atoms) == len(atoms):
+            self.unite(prev.atoms, atoms)
+        else:
+            self.mark_bad(atoms, f"constant {tensor!r} is read for {len(prev.atoms)} and {len(atoms)} channels")
 
     # ----------------------------------------------------------------- lookups
     def const(self, name: str) -> np.ndarray | None:
@@ -243,6 +270,11 @@ class Context:
         (a shape computation) is recorded in :attr:`values` so the rewriter can pin it."""
         if not name:
             return None
+        q = self.qweights.get(name)
+        if q is not None:
+            if name not in self._qvalues:
+                self._qvalues[name] = dequantized_value(q, self.view.const)
+            return self._qvalues[name]
         v = self.view.const(name)
         if v is not None and not self.original.is_const(name):
             self.values[name] = v
@@ -257,7 +289,7 @@ class Context:
         return None if val is None else [int(x) for x in val]
 
     def is_const(self, name: str) -> bool:
-        return bool(name) and self.view.is_const(name)
+        return bool(name) and (self.view.is_const(name) or name in self.qweights)
 
     def shape(self, name: str) -> tuple | None:
         if not name:

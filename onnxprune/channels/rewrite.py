@@ -23,6 +23,7 @@ from ..core.graph import attr, opset_of
 from ..core.model_io import _first_line, check_model
 from ..core.normalize import remove_dead, fold_constants
 from ..core.shapes import infer_shapes, infer_value_shapes, skeleton, fix_input_shapes, graph_inputs, value_shapes
+from .quantized import QuantizedWeight, quantized_weights
 from .rules import equal_split_sizes
 from .types import Analysis, KeepPlan
 
@@ -83,10 +84,12 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
     cuts: dict[tuple[str, int], list[np.ndarray]] = {}  # (tensor, axis) -> removed positions (arrays to unite)
     gcuts: dict[tuple[str, int, int], set[int]] = {}  # grouped weight members: (tensor, axis, groups)
     act: dict[str, tuple[int, set[int]]] = {}
+    qweights = quantized_weights(model.graph)
     for gid, rem in removed.items():
         for mem in groups[gid].members:
             if mem.role != "act" and mem.groups <= 1:
-                cuts.setdefault((mem.tensor, mem.axis), []).append(mem.positions.of_channels(rem))
+                for tensor, axis in _sliced_tensors(mem.tensor, mem.axis, qweights):
+                    cuts.setdefault((tensor, axis), []).append(mem.positions.of_channels(rem))
                 continue
             pos = set(mem.positions.of_channels(rem).tolist())
             if mem.role == "act":
@@ -95,7 +98,8 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
                     raise OnnxPruneError(f"internal: tensor {mem.tensor!r} carries channels on axes {ax} and {mem.axis}")
                 prev |= pos
             else:
-                gcuts.setdefault((mem.tensor, mem.axis, mem.groups), set()).update(pos)
+                tensor = qweights[mem.tensor].x if mem.tensor in qweights else mem.tensor
+                gcuts.setdefault((tensor, mem.axis, mem.groups), set()).update(pos)
 
     for t, (ax, pos) in act.items():
         before = analysis.shapes.get(t)
@@ -162,6 +166,15 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
             if _passes_full_check(model):  # a model that never passed cannot be held to it
                 raise
     return m
+
+
+def _sliced_tensors(tensor: str, axis: int, qweights: dict[str, QuantizedWeight]) -> list[tuple[str, int]]:
+    """The initializers (and axes) a member on ``tensor`` cuts: itself, or for a QDQ weight (a
+    DequantizeLinear output) its integer tensor and, per channel on that axis, its scale/zero point."""
+    q = qweights.get(tensor)
+    if q is None:
+        return [(tensor, axis)]
+    return [(q.x, axis)] + [(p, 0) for p in q.params_on(axis)]
 
 
 def _shrink_io(m: onnx.ModelProto, analysis: Analysis, act: dict[str, tuple[int, set[int]]]) -> None:

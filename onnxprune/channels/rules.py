@@ -1037,6 +1037,32 @@ def rule_tile(ctx: Context, node: onnx.NodeProto) -> None:
     ctx.set_track(node.output[0], tr.axis, np.tile(tr.atoms, int(reps.reshape(-1)[tr.axis])), node)
 
 
+def rule_quantize(ctx: Context, node: onnx.NodeProto) -> None:
+    """QuantizeLinear/DequantizeLinear (QDQ models): an activation's Q/DQ pair passes its channels.
+    A per-tensor scale/zero point stays; per-channel ones along the channel axis are "param"
+    members (shared by the pair: sliced once); along another axis they stay. A DequantizeLinear of
+    an integer initializer is a weight (:mod:`.quantized`): its consumer's rule reads it."""
+    x = node.input[0]
+    if x in ctx.view.initializers or node.output[0] in ctx.qweights:
+        return _untrack_outputs(ctx, node, f"output of {_where(node)} (a quantized constant)")
+    tr = ctx.track(x)
+    if tr is None:
+        return _untrack_outputs(ctx, node, _untracked_inputs_reason(ctx, node))
+    params = [p for p in node.input[1:3] if p]
+    if any(ctx.const(p) is None for p in params):
+        return _opaque(ctx, node, "scale or zero point is computed at run time")
+    if int(attr(node, "block_size", 0)):
+        return _opaque(ctx, node, "blocked quantization of an activation")
+    if ctx.const(params[0]).size > 1:
+        rank = ctx.rank(x)
+        if rank is None:
+            return _opaque(ctx, node, "unknown rank")
+        if _norm_axis(int(attr(node, "axis", 1)), rank) == tr.axis:
+            for p in params:
+                ctx.add_shared_param(p, tr.atoms, node)
+    ctx.set_track(node.output[0], tr.axis, tr.atoms, node)
+
+
 def _primary_only(rule: Rule) -> Rule:
     """Wrap a rule that follows channels through input 0 only: channels reaching any other input
     (a shape, pads, scales, indices computed from an activation) are unprunable."""
@@ -1099,6 +1125,8 @@ RULES: dict[str, Rule] = {
     "ConstantOfShape": rule_source,
     "Range": rule_source,
     "EyeLike": rule_shape_reader,
+    "QuantizeLinear": rule_quantize,
+    "DequantizeLinear": rule_quantize,
 }
 
 

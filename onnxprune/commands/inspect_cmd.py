@@ -24,6 +24,9 @@ def inspect_cmd(model: str, input_shapes: dict, as_json: bool, all_nodes: bool) 
     con.print(f"[bold]{info['model']}[/bold]  opset {info['opset']}  ir {info['ir_version']}  {info['producer']}")
     con.print(f"params {human(info['params'])} (nonzero {human(info['nonzero_params'])}, sparsity {info['sparsity']:.1%})  "
               f"MACs {macs_text(info)}  file {human(info['file_bytes'], 'B')}", soft_wrap=True)
+    q = info.get("quantization")
+    if q:
+        con.print(f"{q['label']}: " + ", ".join(f"{k} x{v}" for k, v in q["ops"].items()), soft_wrap=True)
     for kind in ("inputs", "outputs"):
         for v in info[kind]:
             con.print(f"  {kind[:-1]:6} {v['name']}: {v['dtype']} {v['shape']}")

@@ -53,12 +53,16 @@ def quantization_kind(model: onnx.ModelProto) -> dict | None:
     return None
 
 
+#: integer element types of quantized tensors -> the precision they name (signedness aside: uint8
+#: activations with int8 weights are "int8")
+_PRECISION = {onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4,
+              onnx.TensorProto.INT16: 16, onnx.TensorProto.UINT16: 16}
+
+
 def _bits(model: onnx.ModelProto) -> str:
-    """int8 / uint8 / int4 ... from the zero-point or quantized weight tensors' types."""
-    types = Counter(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in model.graph.initializer
-                    if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4,
-                                       onnx.TensorProto.UINT4, onnx.TensorProto.INT16, onnx.TensorProto.UINT16))
-    return "/".join(sorted(types)) if types else "int8"
+    """int8 / int4 / int4/int8 ... from the bit widths of the zero-point or quantized weight tensors."""
+    widths = sorted({_PRECISION[t.data_type] for t in model.graph.initializer if t.data_type in _PRECISION})
+    return "/".join(f"int{w}" for w in widths) if widths else "int8"
 
 
 def refuse_integer_ops(model: onnx.ModelProto, what: str) -> None:

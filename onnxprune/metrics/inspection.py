@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from ..core.graph import opset_of, subgraph_reads, attr
+from ..core.quantized import quantization_kind
 from .macs import MAC_RULES, macs_by_node, unknown_macs_reason
 from ..core.model_io import file_bytes, proto_bytes
 from .params import count_params, parameter_names
@@ -22,7 +23,8 @@ from .patterns import nm_status, reduction_axis
 #: Ops whose main weight (input 1) is what pruning acts on.
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
-MACS_CONVENTION = ("1 multiply-add = 1 MAC; counted for Conv, ConvTranspose, Gemm and MatMul only; "
+MACS_CONVENTION = ("1 multiply-add = 1 MAC; counted for Conv, ConvTranspose, Gemm and MatMul only (and their "
+                   "integer forms in quantized models: QLinearConv, ConvInteger, QLinearMatMul, MatMulInteger ...); "
                    "elementwise, normalization and pooling ops are not counted; If counts its larger branch, "
                    "Loop its body times the trip count, Scan its body times the scan length")
 
@@ -85,6 +87,7 @@ def inspect_prepared(p: Prepared) -> dict[str, Any]:
         "inputs": _io(original_inputs),
         "outputs": _io(p.model.graph.output),
         "op_histogram": dict(sorted(Counter(n.op_type for n in view.nodes).items())),
+        "quantization": quantization_kind(p.model),
         "nodes": nodes,
         "notes": list(p.notes),
     }

@@ -2,7 +2,9 @@
 
 Convention: one multiply-add = 1 MAC, counted for Conv, ConvTranspose, Gemm and MatMul only
 (exact for groups, dilation, padding and stride, because they are read off the inferred output
-shape), inside If (the larger branch), Loop (body times the constant trip count) and Scan (body
+shape), and for their integer forms in quantized models like the float op they replace
+(QLinearConv, ConvInteger; QLinearMatMul, MatMulInteger, ONNX Runtime's QGemm, DynamicQuantizeMatMul,
+MatMulIntegerToFloat: an int8 multiply-add is still one MAC), inside If (the larger branch), Loop (body times the constant trip count) and Scan (body
 times the scan length) subgraphs too. Elementwise, normalization and pooling ops are *not* counted; bias adds are not counted.
 This matches the usual "GMACs" figures (torchvision ResNet-50 at 224x224: 4.09 G).
 """
@@ -99,6 +101,32 @@ def _scan(node: onnx.NodeProto, v: GraphView) -> int | None:
     return None if body is None else int(trip) * body
 
 
+def _weight_at(rule: MacRule, index: int) -> MacRule:
+    """``rule`` for an integer op whose weight is input ``index`` (QLinearConv: x, x_scale,
+    x_zero_point, w, ...): counted on a copy of the node with the float op's input layout."""
+    def counted(node: onnx.NodeProto, v: GraphView) -> int | None:
+        if len(node.input) <= index:
+            return None
+        plain = onnx.NodeProto()
+        plain.CopyFrom(node)
+        del plain.input[:]
+        plain.input.extend([node.input[0], node.input[index]])
+        return rule(plain, v)
+    counted.__doc__ = f"Like {rule.__name__} with the weight read from input {index}."
+    return counted
+
+
+def _qgemm(node: onnx.NodeProto, v: GraphView) -> int | None:
+    """ONNX Runtime's QGemm (A, a_scale, a_zero_point, B, ...): M*N*K read off A and B, since ONNX
+    shape inference does not know the contrib op's output."""
+    a, b = v.shape(node.input[0]), v.shape(node.input[3]) if len(node.input) > 3 else None
+    if not (is_static(a) and is_static(b)) or len(a) != 2 or len(b) != 2:
+        return None
+    m, k = (a[1], a[0]) if attr(node, "transA", 0) else (a[0], a[1])
+    n = b[0] if attr(node, "transB", 0) else b[1]
+    return int(m) * int(n) * int(k)
+
+
 MAC_RULES: dict[str, MacRule] = {
     "Conv": _conv,
     "ConvTranspose": _conv_transpose,
@@ -107,6 +135,14 @@ MAC_RULES: dict[str, MacRule] = {
     "If": _if,
     "Loop": _loop,
     "Scan": _scan,
+    # integer ops of quantized models: counted like the float op they replace
+    "ConvInteger": _conv,
+    "QLinearConv": _weight_at(_conv, 3),
+    "MatMulInteger": _matmul,
+    "QLinearMatMul": _matmul,
+    "DynamicQuantizeMatMul": _matmul,
+    "MatMulIntegerToFloat": _matmul,
+    "QGemm": _qgemm,
 }
 
 
@@ -122,7 +158,29 @@ def unknown_macs_reason(node: onnx.NodeProto, view: GraphView) -> str:
         return f"the trip count of Loop {node.name} is known only at run time"
     if node.op_type in ("If", "Loop", "Scan"):
         return f"shapes inside the {node.op_type} {node.name} subgraph are not static"
+    contrib = _unknown_shape_source(node, view)
+    if contrib is not None:
+        return (f"the input shapes of {node.op_type} {node.name} are unknown: ONNX shape inference does not know "
+                f"the {contrib.domain} op {contrib.op_type} ({contrib.name}) before it")
     return f"the shapes of {node.op_type} {node.name} are not static (computed at run time or after control flow)"
+
+
+def _unknown_shape_source(node: onnx.NodeProto, view: GraphView, budget: int = 32) -> onnx.NodeProto | None:
+    """The custom-domain op (com.microsoft QLinearGlobalAveragePool ...) whose output shape ONNX
+    could not infer and that left ``node``'s input shapes unknown, walking up unknown shapes."""
+    stack, seen = [node], set()
+    while stack and len(seen) < budget:
+        n = stack.pop()
+        for i in n.input:
+            if not i or i in seen or i in view.initializers or is_static(view.shape(i)):
+                continue
+            seen.add(i)
+            p = view.producer.get(i)
+            if p is not None and p.domain not in ("", "ai.onnx"):
+                return p
+            if p is not None:
+                stack.append(p)
+    return None
 
 
 def _loop_trips(node: onnx.NodeProto, v: GraphView) -> int | None:

@@ -2,7 +2,8 @@
 
 Parameters are the floating-point initializers, *excluding* BatchNormalization running mean and
 variance (buffers in PyTorch, not learned) and integer tensors (shapes, indices). Shared
-initializers count once.
+initializers count once. In a quantized (QDQ) model the integer weights that a DequantizeLinear
+reads count instead, and the quantization scales and zero points do not (they are not learned).
 """
 from __future__ import annotations
 
@@ -23,10 +24,30 @@ def buffer_names(view: GraphView) -> set[str]:
     return out
 
 
+#: op -> (inputs that are (integer) weights or biases, inputs that are scales / zero points)
+QUANTIZED_WEIGHTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "QuantizeLinear": ((), (1, 2)),
+    "DequantizeLinear": ((0,), (1, 2)),
+    "QLinearConv": ((3, 8), (1, 2, 4, 5, 6, 7)),
+    "QLinearMatMul": ((3,), (1, 2, 4, 5, 6, 7)),
+    "QGemm": ((3, 6), (1, 2, 4, 5, 7, 8)),
+    "ConvInteger": ((1,), (2, 3)),
+    "MatMulInteger": ((1,), (2, 3)),
+    "DynamicQuantizeMatMul": ((1, 4), (2, 3)),
+    "MatMulIntegerToFloat": ((1, 6), (2, 3, 4, 5)),
+    "DynamicQuantizeLSTM": ((1, 2, 3, 7), (8, 9, 10, 11)),
+}
+
+
 def parameter_names(view: GraphView) -> list[str]:
     """Names of the initializers that count as parameters."""
     skip = buffer_names(view)
-    return [n for n, t in view.initializers.items() if t.data_type in FLOAT_TYPES and n not in skip]
+    weights: set[str] = set()
+    for node in view.nodes:
+        w, q = QUANTIZED_WEIGHTS.get(node.op_type, ((), ()))
+        weights.update(node.input[i] for i in w if i < len(node.input))
+        skip.update(node.input[i] for i in q if i < len(node.input))
+    return [n for n, t in view.initializers.items() if (t.data_type in FLOAT_TYPES or n in weights) and n not in skip]
 
 
 def count_params(view: GraphView) -> tuple[int, int]:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..core.quantized import refuse_integer_ops
+from ..core.quantized import quantization_kind, refuse_integer_ops
 from ..core.errors import OnnxPruneError
 from ..report.guidance import speedup_guidance
 from ..core.model_io import load_model, without_initializers
@@ -191,17 +191,29 @@ class _Input:
         return {t.name: t for t in densify(load_model(self.path)).graph.initializer if t.name in wanted}
 
 
+def _refuse_quantized(model: onnx.ModelProto, what: str) -> None:
+    """Integer-op models (:func:`refuse_integer_ops`) and QDQ models: zeroing int8 weights after
+    quantization leaves scales calibrated on the dense weights and gains nothing on int8 kernels,
+    so the way out is the same: prune the float model, then quantize."""
+    refuse_integer_ops(model, what)
+    q = quantization_kind(model)
+    if q is not None:
+        raise OnnxPruneError(f"{what}: the model is {q['label']}: unstructured and N:M pruning of quantized weights is "
+                             "not supported (the scales were calibrated on the dense weights): prune the float model, "
+                             "then run onnxprune quantize (prune --structured does prune QDQ models)")
+
+
 def _prepare(source: Source, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> tuple[_Input, Prepared]:
     """The input model (sparse initializers densified) and its prepared view; integer-quantized
     models are refused (their weights are fused into integer ops)."""
     if isinstance(source, onnx.ModelProto):
-        refuse_integer_ops(source, "pruning")
+        _refuse_quantized(source, "pruning")
         original = densify(source)
         inits = original.graph.initializer
         return _Input(without_initializers(original), [t.name for t in inits], {t.name: t for t in inits}), \
             prepare(original, input_shapes)
     loaded = densify(load_model(source))
-    refuse_integer_ops(loaded, f"{source}")
+    _refuse_quantized(loaded, f"{source}")
     inp = _Input(without_initializers(loaded), [t.name for t in loaded.graph.initializer], {}, Path(source))
     p = prepare(loaded, input_shapes, consume=True)
     del loaded

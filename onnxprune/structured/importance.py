@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..channels.quantized import dequantizing_reader
 from ..channels.types import Group, Member
 from ..core.errors import OnnxPruneError
 
@@ -56,7 +57,9 @@ class ScoreInputs:
                   activations: Mapping[str, np.ndarray] | None = None,
                   mask_gradients: Mapping[str, np.ndarray] | None = None) -> "ScoreInputs":
         nodes = view.nodes
-        return cls(const=view.const, ops={n.name: n.op_type for n in nodes},
+        # QDQ weights (DequantizeLinear of an int8 initializer) are scored on their dequantized
+        # values: the criterion the float model would use
+        return cls(const=dequantizing_reader(view.model.graph, view.const), ops={n.name: n.op_type for n in nodes},
                    node_inputs={n.name: list(n.input) for n in nodes}, gradients=gradients, seed=seed,
                    activations=activations, mask_gradients=mask_gradients)
 

@@ -44,6 +44,7 @@ from onnx import helper, numpy_helper
 from ..channels.types import Analysis
 from ..core.errors import OnnxPruneError
 from ..core.graph import GraphView
+from ..core.quantized import quantization_kind
 from ..core.shapes import is_static, skeleton
 from ..profiling.diskcache import kind_dir
 from ..profiling import profile_model, diskcache
@@ -503,6 +504,11 @@ def latency_table(view: GraphView, analysis: Analysis, group_ids: Sequence[int],
     layers = find_layers(view, analysis, group_ids)
     sizes = {g.id: g.size for g in analysis.groups if g.id in set(group_ids)}
     if not layers:
+        q = quantization_kind(view.model)
+        if q is not None:  # its layers read int8 weights through DequantizeLinear: not timed alone
+            raise OnnxPruneError(f"latency-aware allocation times float layers only and the model is {q['label']}: "
+                                 "use --ratio or --target-macs, or prune the float model with this target, then run "
+                                 "onnxprune quantize")
         symbolic = [i.name for i in view.model.graph.input
                     if i.name not in view.initializers and not is_static(view.shape(i.name))]
         if symbolic:

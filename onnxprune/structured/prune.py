@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -19,6 +20,8 @@ from ..channels.rewrite import _copy_fields, apply_plan
 from ..channels.types import Analysis, Group, KeepPlan
 from ..core.errors import OnnxPruneError
 from ..core.graph import build_view
+from ..core.model_io import load_model
+from ..core.quantized import refuse_integer_ops
 from ..metrics.macs import node_macs, total_macs
 from ..metrics.params import parameter_names
 from ..core.prepare import Prepared, prepare
@@ -161,10 +164,24 @@ def prune_structured(source: str | os.PathLike | onnx.ModelProto, *, ratio: floa
     limits = Limits(max_ratio=float(max_ratio), min_keep=min_keep, round_to=round_to)
     if isinstance(ignore, str):
         ignore = (ignore,)
-    prep = prepare(source, input_shapes)
+    prep = _prepare_float_or_qdq(source, input_shapes)
     analysis = analyze_channels(prep.view, allow_io_change=allow_io_change, prune_hidden=prune_hidden)
     return _prune_prepared(prep, analysis, kind=kind, value=value, criterion=criterion, scope=scope, limits=limits,
                            ignore=tuple(ignore), seed=int(seed), gradients=gradients, calibration=calibration)
+
+
+def _prepare_float_or_qdq(source: str | os.PathLike | onnx.ModelProto,
+                          input_shapes: Mapping[str, tuple[int, ...]] | None) -> Prepared:
+    """:func:`prepare`, refusing first a model that computes in integer ops (QOperator, dynamic
+    quantization): its weights, scales and zero points are fused into them. QDQ models go on."""
+    if isinstance(source, onnx.ModelProto):
+        refuse_integer_ops(source, "prune --structured")
+        return prepare(source, input_shapes)
+    loaded = load_model(source)
+    refuse_integer_ops(loaded, f"prune --structured {source}")
+    prep = prepare(loaded, input_shapes, consume=True)
+    prep.path = Path(source)
+    return prep
 
 
 def _io_shapes_after(shapes: Mapping[str, tuple[int, ...]], pruned: onnx.ModelProto,
@@ -201,6 +218,7 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
                     plan_of: "Callable[[list[Group], dict[int, np.ndarray]], KeepPlan] | None" = None) -> PruneResult:
     """``plan_of(groups, scores)``, when given, chooses the kept channels itself (latency-aware
     allocation) instead of the ratio / target search."""
+    refuse_integer_ops(prep.model, "prune --structured")  # every entry (latency targets, recipes, optimize)
     notes = list(prep.notes)
     params_before, macs_before = _measure(prep.view)
     if kind == "macs" and not macs_before:
