@@ -74,35 +74,53 @@ def cli(argv: list[str], tmp: Path) -> tuple[dict, str]:
     return res, r.stdout
 
 
+def task_targets(ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """What the encoder is trained to tell from its embedding, so that the embedding carries more than
+    one bit: does token 1 outnumber token 2 (``label``, the task metric), the first and the last real
+    token (order), and the share of each token (content)."""
+    from transformer_models import VOCAB
+
+    last = ids[np.arange(len(ids)), mask.sum(1) - 1]
+    hist = np.stack([(ids == t).sum(1) for t in range(1, VOCAB)], 1) / mask.sum(1, keepdims=True)
+    return {"label": ((ids == 1).sum(1) > (ids == 2).sum(1)).astype(np.int64), "first": ids[:, 0],
+            "last": last, "hist": hist.astype(np.float32)}
+
+
 def train_encoder(args: argparse.Namespace):
-    """BertLike trained with a linear probe on the token task; returns (model, probe, train accuracy)."""
+    """BertLike trained with linear heads on :func:`task_targets`; returns (model, label probe)."""
     import torch  # lazy: the benchmark trains with torch ([train] extra)
     import torch.nn.functional as F
 
-    from transformer_models import BertLike, sequence_task
+    from transformer_models import VOCAB, BertLike, sequence_task
 
     torch.manual_seed(0)
     model = BertLike(d=args.hidden, heads=args.heads, ffn=args.ffn, layers=args.layers, max_len=args.seq)
-    probe = torch.nn.Linear(args.hidden, 2)
-    ids, mask, y = (torch.from_numpy(a) for a in sequence_task(4096, args.seq, seed=0))
-    opt = torch.optim.AdamW(list(model.parameters()) + list(probe.parameters()), lr=args.lr, weight_decay=0.01)
-    warm = max(1, args.train_steps // 10)
+    heads = torch.nn.ModuleDict({"label": torch.nn.Linear(args.hidden, 2), "first": torch.nn.Linear(args.hidden, VOCAB),
+                                 "last": torch.nn.Linear(args.hidden, VOCAB), "hist": torch.nn.Linear(args.hidden, VOCAB - 1)})
+    ids, mask, _ = sequence_task(4096, args.seq, seed=0)
+    tg = {k: torch.from_numpy(v) for k, v in task_targets(ids, mask).items()}
+    ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=args.lr, weight_decay=0.01)
+    warm = max(1, args.train_steps // 5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     hits = []
     for step in range(args.train_steps):
         b = torch.randint(0, len(ids), (args.batch,))
-        logits = probe(model(ids[b], mask[b]) * 8)
-        loss = F.cross_entropy(logits, y[b])
+        e = model(ids[b], mask[b]) * 8
+        out = {k: h(e) for k, h in heads.items()}
+        loss = sum(F.cross_entropy(out[k], tg[k][b]) for k in ("label", "first", "last")) \
+            + 10 * F.mse_loss(out["hist"], tg["hist"][b])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        hits.append(float((logits.argmax(1) == y[b]).float().mean()))
+        hits.append([float((out[k].argmax(1) == tg[k][b]).float().mean()) for k in ("label", "first", "last")])
         if (step + 1) % max(1, args.train_steps // 5) == 0:
-            print(f"  step {step + 1}/{args.train_steps}: loss {loss.item():.3f}, train acc (last 20) "
-                  f"{np.mean(hits[-20:]):.3f}", flush=True)
-    return model.eval(), probe.eval()
+            acc = np.mean(hits[-20:], 0)
+            print(f"  step {step + 1}/{args.train_steps}: loss {loss.item():.3f}, train acc (last 20 steps) "
+                  f"label {acc[0]:.3f} first {acc[1]:.3f} last {acc[2]:.3f}", flush=True)
+    return model.eval(), heads["label"].eval()
 
 
 def run_model(path: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -133,9 +151,9 @@ def main() -> None:
     ap.add_argument("--heads", type=int)
     ap.add_argument("--ffn", type=int)
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--train-steps", type=int, default=150)
+    ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--samples", type=int, default=1024, help="unlabeled sentences (calibration and distillation)")
     ap.add_argument("--held-out", type=int, default=512)
     ap.add_argument("--targets", default="0.667,0.5", help="fractions of MACs kept")
@@ -166,7 +184,8 @@ def main() -> None:
     tok = word_tokenizer(tmp / "tokenizer.json")
     write_sentences(tmp / "sentences.txt", ids, mask)
     text = f"text:{tmp / 'sentences.txt'}?tokenizer={tok}&max_length={args.seq}"
-    hid, hmask, hy = sequence_task(args.held_out, args.seq, seed=9)
+    hid, hmask, _ = sequence_task(args.held_out, args.seq, seed=9)
+    hy = task_targets(hid, hmask)["label"]
     dense_e = run_model(dense, hid, hmask)
     pw, pb = probe.weight.detach().numpy(), probe.bias.detach().numpy()
     dense_acc = figures(dense_e, dense_e, pw, pb, hy)["task_accuracy"]
