@@ -1,14 +1,14 @@
 """A trained transformer encoder at 1.5x and 2x fewer MACs: what calibration and one epoch of
 label-free distillation recover (issue 21.7). Not a test.
 
-    python bench/bench_transformer.py                    # 6 layers, hidden 384, 12 heads, FFN 1536 (~20 min on 2 cores)
+    python bench/bench_transformer.py                    # 6 layers, hidden 384, 12 heads, FFN 1536 (~6 min, quiet 2 cores)
     python bench/bench_transformer.py --quick            # 6 layers, hidden 192, 6 heads, FFN 768
     python bench/bench_transformer.py --hidden 256 --heads 8 --ffn 1024 --train-steps 200 --workdir /tmp/bt
 
 1. A BERT-style sentence encoder (tests/transformer_models.py: post-LN layers, attention mask,
-   masked mean pooling and L2 normalisation in the graph) is trained here with a linear probe on the
-   generated sequence task (does token 1 outnumber token 2; sequences of ``--seq`` tokens, 0 to half
-   of them padding), and exported by the TorchScript exporter at opset 17 with dynamic batch and
+   masked mean pooling and L2 normalisation in the graph) is trained here with linear heads on the
+   generated sequence task (does token 1 outnumber token 2, the task metric; first and last token;
+   each token's share; sequences of ``--seq`` tokens, 0 to half of them padding), and exported by the TorchScript exporter at opset 17 with dynamic batch and
    sequence axes.
 2. ``--samples`` unlabeled sequences are written as text, one sentence per line, with a
    ``tokenizers`` WordLevel ``tokenizer.json`` whose ids are the model's (tests/text_data.py), and read
