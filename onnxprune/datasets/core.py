@@ -21,6 +21,7 @@ from ..core.user_code import import_callable
 from .spec import ParsedSpec, Preprocess, parse_spec
 from .types import SPLITS, DatasetSplits, Split, _existing, _is_pair
 from .unlabeled import npz_unlabeled, pixel_scale, python_unlabeled, load_images
+from .text import load_text
 import inspect
 
 _EMBEDDED_DIGITS = Path(__file__).with_name("digits.npz")
@@ -359,3 +360,4 @@ def _load_images(parsed: ParsedSpec, pre: Preprocess, seed: int) -> DatasetSplit
 
 
 _LOADERS["images"] = _load_images
+_LOADERS["text"] = load_text

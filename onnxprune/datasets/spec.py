@@ -13,6 +13,9 @@ A spec is one string, usable on the CLI (``--data``) and in recipes::
     npz:calib.npz                           unlabeled: only ``x``, or one array per model input name
     images:photos/?size=224x224&mean=0.485/0.456/0.406&std=0.229/0.224/0.225&color=bgr
                                             unlabeled: every image file under the folder (recursive)
+    text:sentences.txt?tokenizer=model/tokenizer.json&max_length=64
+                                            unlabeled: one sentence per line, tokenized into int64
+                                            input_ids / attention_mask / token_type_ids
 
 Unlabeled data (no ``y``) serves distillation, calibration and fidelity (``eval --reference``); the
 val/test splits are carved from it at random (seeded), as for labeled data without its own splits.
@@ -33,7 +36,8 @@ data when the source has no such split; defaults 0.2 / 0.2, cifar10's validation
 by default; see :func:`selected_split`).
 Kind-specific keys: ``color=rgb|bgr|grey`` (images, imagefolder: channel order fed to the model),
 ``scale=FACTOR`` (images, imagefolder, npz: integer pixels are multiplied by it; default 1/255, so
-``scale=1`` keeps 0..255), ``stored=nchw|nhwc`` (npz: how ``x`` is stored).
+``scale=1`` keeps 0..255), ``stored=nchw|nhwc`` (npz: how ``x`` is stored), ``tokenizer=PATH``,
+``max_length=N``, ``padding=max_length|longest`` (text: see :mod:`onnxprune.datasets.text`).
 
 In a recipe the same can be a mapping: ``{spec: "cifar10:/data", resize: [32, 32],
 normalize: {mean: [...], std: [...]}, layout: nchw}``; keys given there override the string's.
@@ -48,13 +52,14 @@ import numpy as np
 
 from ..core.errors import OnnxPruneError
 
-KINDS = ("digits", "npz", "imagefolder", "images", "cifar10", "python")
+KINDS = ("digits", "npz", "imagefolder", "images", "cifar10", "python", "text")
 PREPROCESS_KEYS = ("resize", "size", "normalize", "mean", "std", "layout")
 SPLIT_KEYS = ("val", "test")
 #: ``split=train|val|test|all``: which split a consumer of unlabeled inputs reads (``prune --calibrate``)
 SELECT_KEY = "split"
 SELECTABLE = ("train", "val", "test", "all")
-KIND_KEYS = {"imagefolder": ("color", "scale"), "images": ("color", "scale"), "npz": ("stored", "scale")}
+KIND_KEYS = {"imagefolder": ("color", "scale"), "images": ("color", "scale"), "npz": ("stored", "scale"),
+             "text": ("tokenizer", "max_length", "padding")}
 
 
 @dataclass(frozen=True)
