@@ -125,10 +125,13 @@ def test_mixup_refused_with_labels():
 def test_digits_cnn_at_4x_fewer_macs_recovers_from_a_few_hundred_unlabeled_samples(one_torch_thread):
     """Dense CNN trained here; structured-pruned to ~4x fewer MACs (one-shot: near chance); 400
     unlabeled samples (320 to train, 80 held out to pick the checkpoint); held-out figures on 397
-    labelled digits it never saw. Function matching (the default) vs the old path: plain KL on the
-    raw samples, 10 epochs (what ``finetune --teacher`` did before)."""
+    labelled digits it never saw. Calibrated on the 320 training samples first (``prune
+    --calibrate``), then distilled by function matching (the default); vs the old path: plain KL on
+    the raw samples, 10 epochs (what ``finetune --teacher`` did before). Uncalibrated, 1500 steps
+    stop at 0.965 still improving (the last step is selected): the start is near chance."""
     from calib_models import train_digits_cnn
 
+    from onnxprune.calibration import StructuredCalibration
     from onnxprune.datasets.fidelity import run_onnx
     from onnxprune.structured.prune import prune_structured
     from onnxprune.training import finetune
@@ -138,9 +141,10 @@ def test_digits_cnn_at_4x_fewer_macs_recovers_from_a_few_hundred_unlabeled_sampl
     def acc(m) -> float:
         return float((run_onnx(m, {"x": xte})["y"].argmax(1) == yte).mean())
 
-    res = prune_structured(model, target_macs=0.25)
-    reduction = res.summary["macs_before"] / res.summary["macs_after"]
     x = xtr[:400]
+    res = prune_structured(model, target_macs=0.25,
+                           calibration=StructuredCalibration({"x": x[80:]}, method="refit", progress=False))
+    reduction = res.summary["macs_before"] / res.summary["macs_after"]
     data = DatasetSplits(train=Split(x=x[80:]), val=Split(x=x[:80]), test=Split(x=xte[:0]), num_classes=10,
                          input_shape=(1, 8, 8))
     kinds = {"y": "scores"}  # declared: a classifier's logits, distilled without labels
@@ -148,13 +152,13 @@ def test_digits_cnn_at_4x_fewer_macs_recovers_from_a_few_hundred_unlabeled_sampl
                      evaluate_test=False)
     old, h_old = finetune(res.model, data, TrainConfig(augment="none"), teacher=model, progress=False,
                           output_kinds=kinds, evaluate_test=False)
-    a = {"dense": acc(model), "pruned": acc(res.model), "function matching": acc(fm), "old path": acc(old)}
+    a = {"dense": acc(model), "calibrated": acc(res.model), "function matching": acc(fm), "old path": acc(old)}
     print(f"\ndigits CNN, {reduction:.2f}x fewer MACs, 320 unlabeled samples: held-out top-1 {a}; function matching "
           f"selected step {h['best_step']} of {h['steps']} (val agreement {h['best_val_top1_agreement']:.3f}); "
           f"old path {h_old['steps']} steps")
     assert reduction >= 3.5 and h["function_matching"] and h["augment"] == ["crop", "jitter", "mixup"]
-    assert a["function matching"] >= a["dense"] - 0.04
-    assert a["function matching"] >= a["old path"] + 0.05
+    assert a["function matching"] >= a["dense"] - 0.02  # within 2 points of dense
+    assert a["function matching"] >= a["calibrated"] + 0.02 and a["function matching"] > a["old path"]
 
 
 def _tiny_cnn(path, seed: int) -> None:
