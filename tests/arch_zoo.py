@@ -661,9 +661,11 @@ def random_plan(analysis, rng: np.random.Generator, fraction: float = 0.5, group
     return plan
 
 
-def zero_removed_inputs(model: onnx.ModelProto, analysis, plan) -> onnx.ModelProto:
+def zero_removed_inputs(model: onnx.ModelProto, analysis, plan, stored_as=None) -> onnx.ModelProto:
     """A copy of ``model`` where every "in" member slice of a removed channel is zero: the removed
-    channels then contribute nothing to any output, so pruning them must not change the outputs."""
+    channels then contribute nothing to any output, so pruning them must not change the outputs.
+    ``stored_as(graph, tensor)``: the initializer that holds a member's values (a QDQ weight's int8
+    tensor); default: the member's own tensor."""
     from onnxprune.channels.slices import zero_channels
 
     out = onnx.ModelProto()
@@ -675,10 +677,8 @@ def zero_removed_inputs(model: onnx.ModelProto, analysis, plan) -> onnx.ModelPro
             continue
         removed = np.setdiff1d(np.arange(g.size), plan[g.id])
         for m in g.members_with_role("in"):
-            a = arrays.get(m.tensor)
-            if a is None:
-                a = numpy_helper.to_array(inits[m.tensor])
-            arrays[m.tensor] = zero_channels(a, m, removed)
+            name = stored_as(out.graph, m.tensor) if stored_as else m.tensor
+            arrays[name] = zero_channels(arrays.get(name, numpy_helper.to_array(inits[name])), m, removed)
     for name, a in arrays.items():
         inits[name].CopyFrom(numpy_helper.from_array(a, name))
     return out

@@ -16,14 +16,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from arch_zoo import random_plan
+from arch_zoo import random_plan, zero_removed_inputs
 from calib_models import train_digits_cnn
 from cli_util import run_cli
 from conftest import run_ort
 from onnxprune.channels.analyze import analyze_channels
 from onnxprune.channels.quantized import dequantize, quantized_weights
 from onnxprune.channels.rewrite import apply_plan
-from onnxprune.channels.slices import zero_channels
 from onnxprune.core.prepare import prepare
 from onnxprune.core.quantized import quantization_kind
 from onnxprune.metrics.inspection import inspect_model
@@ -164,26 +163,19 @@ def test_int8_weights_scales_and_int32_biases_are_sliced_together(digits_models,
     assert checked == 4 and shrunk == 3  # the classifier's outputs stay
 
 
+def _int8_tensor(graph: onnx.GraphProto, tensor: str) -> str:
+    """Where a QDQ weight's values live: its int8 initializer (symmetric: zero point 0, so a zeroed
+    int8 slice dequantizes to exact zeros)."""
+    q = quantized_weights(graph).get(tensor)
+    if q is None:
+        return tensor
+    if q.zero_point:
+        assert not numpy_helper.to_array({t.name: t for t in graph.initializer}[q.zero_point]).any()
+    return q.x
+
+
 def _zero_removed_int8_inputs(model: onnx.ModelProto, analysis, plan) -> onnx.ModelProto:
-    """The original QDQ model with the int8 slices of every consumer ("in" member) of a removed
-    channel set to zero (their zero point is 0: symmetric int8 weights)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inits = {t.name: t for t in out.graph.initializer}
-    qw = quantized_weights(out.graph)
-    arrays = {}
-    for g in analysis.groups:
-        if g.id not in plan:
-            continue
-        removed = np.setdiff1d(np.arange(g.size), plan[g.id])
-        for m in g.members_with_role("in"):
-            name = qw[m.tensor].x if m.tensor in qw else m.tensor
-            if m.tensor in qw and qw[m.tensor].zero_point:
-                assert not numpy_helper.to_array(inits[qw[m.tensor].zero_point]).any()
-            arrays[name] = zero_channels(arrays.get(name, numpy_helper.to_array(inits[name])), m, removed)
-    for name, a in arrays.items():
-        inits[name].CopyFrom(numpy_helper.from_array(a, name))
-    return out
+    return zero_removed_inputs(model, analysis, plan, stored_as=_int8_tensor)
 
 
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
