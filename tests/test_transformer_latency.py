@@ -19,8 +19,8 @@ from transformer_models import BertLike, bert_feeds, export_bert, sequence_task
 from onnxprune.channels import analyze_channels
 from onnxprune.core.prepare import prepare
 from onnxprune.structured import latency_table as lt
-from onnxprune.structured.allocate import Limits
-from onnxprune.structured.latency_alloc import column_limits, valid_counts
+from onnxprune.structured.allocate import Limits, column_limits
+from onnxprune.structured.latency_alloc import valid_counts
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
 

@@ -182,9 +182,9 @@ def _structured(model: str, opts: dict[str, Any]):
 
         multiple, prof_name = profile_channel_multiple(opts["hw"])
         if prof_name:
-            kwargs["round_to"] = multiple
-            note = (f"kept channel counts rounded to multiples of {multiple}: channel_multiple of hardware profile "
-                    f"{prof_name} (--round-to N overrides)")
+            kwargs.update(round_to=multiple, round_columns=True)  # heads: whole heads, columns a multiple
+            note = (f"kept weight columns rounded to multiples of {multiple} (heads kept whole): channel_multiple of "
+                    f"hardware profile {prof_name} (--round-to N overrides)")
     inputs = _calibration_inputs(model, opts, criterion)
     if inputs is not None:
         if "input_shapes" not in kwargs:  # the data's shapes fix symbolic dims (batch 1 for the figures)

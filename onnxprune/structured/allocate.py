@@ -9,12 +9,15 @@ Limits, enforced for every group whatever the ratio, so no layer can collapse:
 - ``min_keep``: keep at least this many channels (all of them when the group is smaller);
 - at least one channel per block is always kept (a group never drops to 0);
 - ``round_to``: kept counts are multiples of N where a multiple fits within the limits;
+  with ``columns`` (a hardware profile's ``channel_multiple``) N counts weight columns, so a
+  head group keeps whole heads whose columns are a multiple of N (:func:`column_limits`);
 - ``blocks``: a grouped conv / GroupNorm group keeps the same count in each contiguous block;
 - windows: where a member sees only some of the group's channels (a Split or Slice output), that
   window keeps at least one channel and loses at most ``max_ratio`` of them.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ class Limits:
     max_ratio: float = 0.9
     min_keep: int = 1
     round_to: int = 1
+    columns: bool = False  # round_to counts weight columns, not group channels (see column_limits)
 
     def __post_init__(self):
         if not 0.0 <= self.max_ratio < 1.0:
@@ -68,6 +72,22 @@ def final_count(size: int, desired: int, blocks: int, limits: Limits) -> int:
         up = min(size // unit * unit, down + unit if down < want else down)
         return up if (up - want) <= (want - down) else down
     return want  # unreachable: blocks always divides size
+
+
+def column_limits(group: Group, limits: Limits) -> Limits:
+    """``limits`` with ``round_to`` counted in weight columns, not group channels: a head group's
+    channel is a whole head (``head_dim`` columns of q, k and v), so ``k`` kept heads already give
+    kernel-friendly widths when ``k * head_dim`` is a multiple; rounding the head count itself to 8
+    would leave an 8-head layer whole. Groups of single columns (FFN, convs) are unchanged."""
+    per = [int(m.positions.counts[0]) for m in group.members if m.role in ("out", "in") and len(m.positions)]
+    cols = math.gcd(*per) if per else 1
+    unit = int(limits.round_to) // math.gcd(int(limits.round_to), max(cols, 1))
+    return limits if unit == limits.round_to else dataclasses.replace(limits, round_to=unit)
+
+
+def group_limits(group: Group, limits: Limits) -> Limits:
+    """The limits one group is rounded by: :func:`column_limits` when ``limits.columns``."""
+    return column_limits(group, limits) if limits.columns else limits
 
 
 def windows(group: Group) -> list[np.ndarray]:
@@ -138,7 +158,7 @@ def local_counts(groups: Iterable[Group], ratio: float, limits: Limits) -> dict[
     for g in groups:
         width = g.size // g.blocks
         desired = g.blocks * math.floor(width * (1.0 - ratio) + _EPS)
-        out[g.id] = final_count(g.size, desired, g.blocks, limits)
+        out[g.id] = final_count(g.size, desired, g.blocks, group_limits(g, limits))
     return out
 
 
@@ -173,7 +193,7 @@ def global_counts(groups: Sequence[Group], scores: Mapping[int, np.ndarray], rat
         if removed[gid] < caps[gid]:
             removed[gid] += 1
             left -= 1
-    return {g.id: final_count(g.size, g.size - removed[g.id], g.blocks, limits) for g in groups}
+    return {g.id: final_count(g.size, g.size - removed[g.id], g.blocks, group_limits(g, limits)) for g in groups}
 
 
 def allocate(groups: Sequence[Group], scores: Mapping[int, np.ndarray], ratio: float, *, scope: str = "local",

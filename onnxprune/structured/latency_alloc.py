@@ -21,7 +21,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import tempfile
@@ -35,7 +34,7 @@ import onnx
 from ..channels.types import Group, KeepPlan
 from ..core.errors import OnnxPruneError
 from ..core.pruning_result import PruneResult
-from .allocate import Limits, global_scores, lower_bound, select, window_needs
+from .allocate import Limits, global_scores, group_limits, lower_bound, select, window_needs
 from ..channels.analyze import analyze_channels
 from ..core.prepare import prepare
 from ..profiling.hw_profile import load_hw_profile
@@ -71,18 +70,6 @@ def valid_counts(size: int, blocks: int, limits: Limits) -> list[int]:
             steps = list(range(size // unit * unit, first - 1, -unit))
             return [size] + [c for c in steps if c != size]
     return [size]
-
-
-def column_limits(group: Group, limits: Limits) -> Limits:
-    """``limits`` with the profile's ``channel_multiple`` counted in weight columns, not group
-    channels: a head group's channel is a whole head (``head_dim`` columns of q, k and v), so
-    ``k`` kept heads already give kernel-friendly widths when ``k * head_dim`` is a multiple;
-    rounding the head count itself to 8 would leave an 8-head layer whole. Groups of single
-    columns (FFN, convs) are unchanged."""
-    per = [int(m.positions.counts[0]) for m in group.members if m.role in ("out", "in") and len(m.positions)]
-    cols = math.gcd(*per) if per else 1
-    unit = int(limits.round_to) // math.gcd(int(limits.round_to), max(cols, 1))
-    return limits if unit == limits.round_to else dataclasses.replace(limits, round_to=unit)
 
 
 def choice_for(group: Group, scores: np.ndarray, limits: Limits) -> Choice:
@@ -162,7 +149,7 @@ def prune_for_latency(source: str | os.PathLike | onnx.ModelProto, hw, *, target
     (pruned p50) on hardware profile ``hw``, keeping the most importance (see the module docstring).
 
     ``round_to`` defaults to the profile's ``channel_multiple``, counted in weight columns
-    (:func:`column_limits`: a head group keeps whole heads). ``macs_weight`` charges each step
+    (:func:`~.allocate.column_limits`: a head group keeps whole heads). ``macs_weight`` charges each step
     the fraction of the MACs it removes, times this weight, beside the fraction of importance it
     loses (0: importance only, as in HALP). The summary adds ``latency_allocation`` {profile,
     timing, met, achieved, selection_estimate, chosen, iterations, importance_kept, table} and a
@@ -186,7 +173,7 @@ def prune_for_latency(source: str | os.PathLike | onnx.ModelProto, hw, *, target
     per_columns = round_to is None  # the profile's multiple counts weight columns (whole heads: column_limits)
     if round_to is None:
         round_to = profile.channel_multiple or 1
-    limits = Limits(max_ratio=float(max_ratio), min_keep=min_keep, round_to=round_to)
+    limits = Limits(max_ratio=float(max_ratio), min_keep=min_keep, round_to=round_to, columns=per_columns)
     if isinstance(ignore, str):
         ignore = (ignore,)
     goal_of = _goal(target_speedup, target_latency_ms)
@@ -204,8 +191,7 @@ def prune_for_latency(source: str | os.PathLike | onnx.ModelProto, hw, *, target
         def plan_of(groups: list[Group], scores: dict[int, np.ndarray]) -> KeepPlan:
             info.update(_allocate(prep, analysis, groups, scores, profile, limits, dense_path, goal_of,
                                   self_normalized=criterion in SELF_NORMALIZED, cache=cache, tmp_dir=tmp_dir,
-                                  max_iterations=max_iterations, tolerance=tolerance, macs_weight=macs_weight,
-                                  per_columns=per_columns))
+                                  max_iterations=max_iterations, tolerance=tolerance, macs_weight=macs_weight))
             return info.pop("plan")
 
         result = _prune_prepared(prep, analysis, kind="ratio", value=0.0, criterion=criterion, scope="global",
@@ -253,7 +239,7 @@ def _notes(info: Mapping[str, Any], profile: str, what: str) -> list[str]:
 
 def _allocate(prep, analysis, groups: list[Group], scores: dict[int, np.ndarray], profile, limits: Limits,
               dense_path: Path, goal_of, *, self_normalized: bool, cache, tmp_dir: Path, max_iterations: int,
-              tolerance: float, macs_weight: float = 0.0, per_columns: bool = False) -> dict[str, Any]:
+              tolerance: float, macs_weight: float = 0.0) -> dict[str, Any]:
     """Table -> knapsack -> measured check, repeated with a rescaled budget (module docstring)."""
 
     if not groups:
@@ -262,7 +248,7 @@ def _allocate(prep, analysis, groups: list[Group], scores: dict[int, np.ndarray]
     table = latency_table(view, analysis, [g.id for g in groups], profile, dense_path,
                           input_shapes=prep.concrete_shapes, cache=None if cache is None else Path(cache))
     norm = {g.id: global_scores(scores[g.id], self_normalized) for g in groups}
-    choices = [choice_for(g, norm[g.id], column_limits(g, limits) if per_columns else limits) for g in groups]
+    choices = [choice_for(g, norm[g.id], group_limits(g, limits)) for g in groups]
     total_importance = sum(c.kept[0] for c in choices) or 1.0
     by_group: dict[int, list] = {}
     for layer in table.layers:

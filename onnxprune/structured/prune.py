@@ -148,7 +148,8 @@ def prune_structured(source: str | os.PathLike | onnx.ModelProto, *, ratio: floa
                      max_ratio: float = 0.9, ignore: Sequence[str] = (), seed: int = 0,
                      input_shapes: Mapping[str, tuple[int, ...]] | None = None,
                      gradients: Mapping[str, np.ndarray] | None = None, calibration: Any = None,
-                     allow_io_change: bool = False, prune_hidden: bool = False) -> PruneResult:
+                     allow_io_change: bool = False, prune_hidden: bool = False,
+                     round_columns: bool = False) -> PruneResult:
     """Prune channels of ``source`` (a path or ModelProto) and return the model and a JSON summary.
 
     Exactly one target: ``ratio`` (fraction of channels removed per group, or overall with
@@ -159,9 +160,11 @@ def prune_structured(source: str | os.PathLike | onnx.ModelProto, *, ratio: floa
     ``allow_io_change``: KV-cache inputs/outputs no longer fix the heads they carry; every input or
     output whose declared shape changes is listed (summary key ``io_changes``). ``prune_hidden``:
     the hidden size embedding tables start (a transformer's residual stream) is prunable too.
+    ``round_columns``: ``round_to`` counts weight columns (a hardware profile's ``channel_multiple``),
+    so a head group keeps whole heads whose columns are a multiple of it (summary ``limits``).
     """
     kind, value = _check_args(ratio, target_macs, target_params, criterion, scope, seed)
-    limits = Limits(max_ratio=float(max_ratio), min_keep=min_keep, round_to=round_to)
+    limits = Limits(max_ratio=float(max_ratio), min_keep=min_keep, round_to=round_to, columns=bool(round_columns))
     if isinstance(ignore, str):
         ignore = (ignore,)
     prep = _prepare_float_or_qdq(source, input_shapes)
@@ -315,7 +318,8 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
         "criterion": criterion,
         "scope": scope,
         "target": target,
-        "limits": {"max_ratio": limits.max_ratio, "min_keep": limits.min_keep, "round_to": limits.round_to},
+        "limits": {"max_ratio": limits.max_ratio, "min_keep": limits.min_keep, "round_to": limits.round_to,
+                   "round_columns": limits.columns},
         "seed": seed,
         "input_shapes": {k: list(v) for k, v in prep.concrete_shapes.items()},
         "params_before": params_before,
