@@ -310,6 +310,24 @@ def test_eval_cli_json_and_errors(scored, tmp_path):
     assert code == 1 and "no such file" in err
 
 
+def test_eval_reads_the_split_of_the_data_spec(scored):
+    """``--data SPEC?split=val`` scores val (as ``--calibrate`` reads ``?split=``); ``--split`` that
+    agrees is fine, one that disagrees is one error line, not a silent choice."""
+    tmp, w, _, _ = scored
+    onnx.save(_linear_model(w), str(tmp / "m.onnx"))
+    spec = f"npz:{tmp / 'd.npz'}"
+    for args in (["--data", f"{spec}?split=val"], ["--data", f"{spec}?split=val", "--split", "val"],
+                 ["--data", spec, "--split", "val"]):
+        code, out, err = run_cli("eval", tmp / "m.onnx", *args, "--json")
+        assert code == 0, err
+        assert json.loads(out)["split"] == "val" and json.loads(out)["samples"] == 5
+    for args, words in ((["--data", f"{spec}?split=val", "--split", "test"], ("--split test", "split=val")),
+                        (["--data", f"{spec}?split=all"], ("split=all",))):
+        code, out, err = run_cli("eval", tmp / "m.onnx", *args, "--json")
+        assert code == 1 and not out and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert all(w in err for w in words), err
+
+
 def test_eval_path_does_not_import_torch(scored):
     tmp, w, _, _ = scored
     onnx.save(_linear_model(w), str(tmp / "m.onnx"))

@@ -16,6 +16,8 @@ from ..core.model_io import load_model
 from .common import emit_json, json_option, model_argument
 from ..datasets.output_kind import parse_output_kinds
 from ..datasets.fidelity import evaluate_outputs
+from ..datasets.spec import selected_split
+from ..datasets.types import SPLITS
 
 
 @click.command("eval")
@@ -23,8 +25,9 @@ from ..datasets.fidelity import evaluate_outputs
 @click.option("--data", "data_spec", default="digits", show_default=True, metavar="SPEC",
               help="Dataset spec: digits, npz:PATH, imagefolder:PATH, images:DIR, cifar10:PATH, python:module:function "
                    "(options after '?', e.g. digits?resize=16x16). Unlabeled data needs --reference or --metric.")
-@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
-              help="Which split to score (checkpoints are chosen on val; test is the final report).")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default=None,
+              help="Which split to score (checkpoints are chosen on val; test is the final report). Default: the "
+                   "data spec's ?split=, else test.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val/test split.")
 @click.option("--reference", type=click.Path(dir_okay=False, path_type=str), default=None, metavar="DENSE",
@@ -36,11 +39,12 @@ from ..datasets.fidelity import evaluate_outputs
               help="What an output is (scores, probs, embedding, value; repeatable): scores/probs get top1_agreement, "
                    "an embedding mean_cosine and nn_agreement. Inferred from the graph otherwise.")
 @json_option
-def eval_cmd(model: str, data_spec: str, split: str, batch_size: int, seed: int, reference: str | None,
+def eval_cmd(model: str, data_spec: str, split: str | None, batch_size: int, seed: int, reference: str | None,
              metric_spec: str | None, output_kind: tuple[str, ...], as_json: bool) -> None:
     """Top-1 (and top-5 above 5 classes) accuracy of MODEL, run by ONNX Runtime as it will be deployed;
     fidelity against --reference and your own --metric, with or without labels."""
 
+    split = scored_split(data_spec, split)
     kinds = parse_output_kinds(output_kind)
     if kinds and reference is None:
         raise OnnxPruneError("--output-kind decides the fidelity figures: it goes with --reference DENSE")
@@ -60,6 +64,18 @@ def eval_cmd(model: str, data_spec: str, split: str, batch_size: int, seed: int,
         emit_json(res)
         return
     _print(model, data.spec, res)
+
+
+def scored_split(data_spec: str, flag: str | None) -> str:
+    """The split eval scores: the data spec's ``?split=`` (as ``--calibrate`` reads it), else
+    ``--split``, else test; both given and different is an error rather than a silent choice."""
+    spec_split = selected_split(data_spec, flag or "test")[1]
+    if flag is not None and spec_split != flag:
+        raise OnnxPruneError(f"--split {flag} disagrees with the data spec's split={spec_split} ({data_spec!r}): "
+                             "give one of them")
+    if spec_split not in SPLITS:
+        raise OnnxPruneError(f"eval scores one split ({', '.join(SPLITS)}), not split={spec_split} ({data_spec!r})")
+    return spec_split
 
 
 def _print(model: str, spec: str, res: dict[str, Any]) -> None:
