@@ -17,7 +17,9 @@ from onnx import numpy_helper
 from cli_util import run_cli
 from conftest import run_ort
 from transformer_models import BertLike, bert_feeds, export_bert
+from onnxprune.pipeline.steps import prune_stage
 from onnxprune.profiling.hw_profile import load_hw_profile
+from onnxprune.recipes.schema import Stage
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
 
@@ -76,3 +78,10 @@ def test_nearest_head_count_and_explicit_round_to(encoder, tmp_path):
     s = _prune(encoder, tmp_path / "b.onnx", "--ratio", "0.3", "--hw", "ci-cpu", "--round-to", "8")
     assert s["limits"]["round_columns"] is False
     assert [g["kept"] for g in s["groups"] if g["total"] == HEADS] == [HEADS]
+
+
+def test_recipe_stage_with_hw_counts_head_columns(encoder):
+    """A recipe stage naming ``hw:`` rounds as ``prune --hw`` does (whole heads, columns a multiple)."""
+    res = prune_stage(str(encoder), Stage(kind="structured", hw="ci-cpu", target={"ratio": 0.5}), seed=0)
+    assert res.summary["limits"]["round_columns"] is True
+    assert [g["kept"] for g in res.summary["groups"] if g["total"] == HEADS] == [4]

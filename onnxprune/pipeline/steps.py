@@ -152,14 +152,15 @@ def is_identity(stage: Stage) -> bool:
 
 def stage_options(stage: Stage) -> dict[str, Any]:
     """The stage's ``options``; for structured stages that name a hardware profile (``hw:``, or a
-    latency target's ``profile``), ``round_to`` defaults to the profile's ``channel_multiple``."""
+    latency target's ``profile``), ``round_to`` defaults to the profile's ``channel_multiple``, counted in
+    weight columns (whole heads), as ``prune --hw`` counts it."""
     kw = dict(stage.options)
     t = stage.target
     name = stage.hw or (t.latency.profile if t is not None and t.kind == "latency" else None)
     if stage.kind == "structured" and "round_to" not in kw and name:
         multiple, from_profile = profile_channel_multiple(name)
         if from_profile:
-            kw["round_to"] = multiple
+            kw.update(round_to=multiple, round_columns=True)
     return kw
 
 
