@@ -163,3 +163,43 @@ def test_fisher_needs_calibration_data(encoder):
                            "--criterion", "fisher")
     assert code != 0 and "needs calibration data" in err and "Traceback" not in err
     assert not encoder.with_name("x.onnx").exists()
+
+
+def test_rearrangement_removes_channels_whose_effects_cancel_together():
+    """Kwon et al.'s rearrangement: channel 1 moves the output against channel 0, so once 0 is
+    removed, removing 1 too undoes most of it, though 1 alone costs more than 2 alone; the diagonal
+    removes 0 and 2, the rearrangement 0 and 1 (the count kept)."""
+    from onnxprune.structured.rearrange import rearranged
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(400), rng.standard_normal(400)
+    p = np.stack([a, -1.2 * a, 1.1 * b, 3.0 * rng.standard_normal(400)], axis=1)
+    diag = np.square(p).sum(0)
+    assert set(np.argsort(diag)[:2]) == {0, 2}  # the diagonal would remove 0 and 2
+    assert rearranged(p, 2).tolist() == [2, 3]
+    cost = lambda removed: float(np.square(p[:, removed].sum(1)).sum())
+    assert cost([0, 1]) < 0.1 * cost([0, 2])
+    assert rearranged(p, 4).tolist() == [0, 1, 2, 3] and rearranged(p, 0).tolist() == []
+    # with no interactions it is the diagonal choice
+    q = np.stack([a, 1.2 * b, 1.1 * rng.standard_normal(400), 3.0 * rng.standard_normal(400)], axis=1)
+    assert rearranged(q, 2).tolist() == sorted(np.argsort(np.square(q).sum(0))[2:].tolist())
+
+
+def test_mask_rearrangement_keeps_the_counts_and_says_what_it_changed(encoder, data, tmp_path):
+    cal, held_out = data
+    np.savez(tmp_path / "cal.npz", **cal)
+    runs = {}
+    for extra in ((), ("--mask-rearrangement",)):
+        out = tmp_path / f"m{len(extra)}.onnx"
+        code, stdout, err = run_cli("prune", encoder, "-o", out, "--structured", "--ratio", "0.5", "--criterion", "fisher",
+                                    "--calibrate", f"npz:{tmp_path / 'cal.npz'}", "--input-shape", f"input_ids=1x{SEQ}",
+                                    "--input-shape", f"attention_mask=1x{SEQ}", "--json", *extra)
+        assert code == 0, err
+        runs[extra] = json.loads(stdout)
+    off, on = runs[()], runs[("--mask-rearrangement",)]
+    assert off["mask_rearrangement"] == {"enabled": False, "groups_changed": []}
+    assert on["mask_rearrangement"]["enabled"] and on["mask_rearrangement"]["groups_changed"]
+    assert on["macs_after"] == off["macs_after"] and on["groups"] == off["groups"]
+    code, _, err = run_cli("prune", encoder, "-o", tmp_path / "x.onnx", "--structured", "--ratio", "0.5",
+                           "--mask-rearrangement")
+    assert code == 1 and "needs --criterion fisher" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.onnx").exists()

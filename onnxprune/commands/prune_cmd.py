@@ -62,6 +62,7 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
     "reconstruct": ("--reconstruct", ("unstructured", "nm")),
     "allow_io_change": ("--allow-io-change", ("structured",)),
     "prune_hidden": ("--prune-hidden", ("structured",)),
+    "mask_rearrangement": ("--mask-rearrangement", ("structured",)),
     "calibration_mask": ("--calibration-mask", ("structured",)),
 }
 
@@ -96,6 +97,9 @@ _ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
               help="[structured] let KV-cache inputs/outputs shrink with the heads they carry (lists every changed shape).")
 @click.option("--prune-hidden", is_flag=True, default=None,
               help="[structured] prune the hidden size (residual stream) that embedding tables start too.")
+@click.option("--mask-rearrangement", is_flag=True, default=None,
+              help="[structured, --criterion fisher] re-choose which heads/columns of each layer go on its whole "
+                   "Fisher matrix (Kwon et al.), the count kept.")
 @click.option("--ignore", multiple=True, metavar="PATTERN", help="Leave layers whose node name matches this glob (repeatable).")
 @click.option("--sparse-storage", is_flag=True, help="[unstructured, N:M] store weights as sparse initializers where smaller.")
 @click.option("--seed", default=None, metavar="S", help="Seed of the random criterion (default 0).")
@@ -196,6 +200,8 @@ def _structured(model: str, opts: dict[str, Any]):
     for flag in ("allow_io_change", "prune_hidden"):
         if opts[flag]:
             kwargs[flag] = True
+    if opts["mask_rearrangement"]:
+        kwargs["rearrange"] = True
     result = prune_structured(model, **kwargs)
     if note:
         result.summary.setdefault("notes", []).append(note)
@@ -210,7 +216,7 @@ def _latency_target(model: str, opts: dict[str, Any], kind: str, value: float):
         raise OnnxPruneError(f"{flag} needs --hw PROFILE: the hardware profile it is measured on (e.g. --hw ci-cpu)")
     if opts["scope"] is not None:
         raise OnnxPruneError(f"--scope does not apply to {flag}: the allocation ranks all groups together")
-    for key in ("allow_io_change", "prune_hidden"):
+    for key in ("allow_io_change", "prune_hidden", "mask_rearrangement"):
         if opts[key]:
             raise OnnxPruneError(f"{_ONLY[key][0]} does not apply to {flag} yet: use --ratio or --target-macs")
     criterion = _choice(opts["criterion"], STRUCTURED_CRITERIA, "l1", "--criterion", "--structured")

@@ -307,21 +307,29 @@ def activation(group: Group, inp: ScoreInputs) -> np.ndarray:
     return aggregate(per_member, group.size)
 
 
-def fisher(group: Group, inp: ScoreInputs) -> np.ndarray:
-    """Label-free Fisher information of each channel's mask (Kwon et al. 2022): per batch of
-    calibration samples, the mask gradient of the output's distance to dense, summed over the
-    channel's positions (a head: its head_dim columns of the output projection), squared, summed
-    over the batches (:mod:`onnxprune.calibration.fisher`); per consumer normalized and averaged."""
+def fisher_channel_gradients(group: Group, inp: ScoreInputs) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Per member that a differentiable weight reads the group's channels through, the mask gradient
+    of each group channel on every batch, ``[batches, group.size]`` (a channel's positions summed: a
+    head's head_dim columns), with the member's :func:`coverage`."""
     if inp.mask_gradients is None:
         raise OnnxPruneError("criterion fisher needs calibration data (--calibrate SPEC)")
-    per_member = []
+    out = []
     for m in group.members:
         grads = inp.mask_gradients.get(m.tensor) if m.role == "in" and m.groups == 1 else None
         if grads is None or grads.shape[1] <= int(m.positions.flat.max(initial=-1)):
             continue
         per_channel = np.zeros((len(grads), group.size))
         np.add.at(per_channel, (slice(None), m.positions.owner), grads[:, m.positions.flat])
-        per_member.append((np.square(per_channel).sum(0), coverage(m)))
+        out.append((per_channel, coverage(m)))
+    return out
+
+
+def fisher(group: Group, inp: ScoreInputs) -> np.ndarray:
+    """Label-free Fisher information of each channel's mask (Kwon et al. 2022): per batch of
+    calibration samples, the mask gradient of the output's distance to dense, summed over the
+    channel's positions (a head: its head_dim columns of the output projection), squared, summed
+    over the batches (:mod:`onnxprune.calibration.fisher`); per consumer normalized and averaged."""
+    per_member = [(np.square(g).sum(0), cov) for g, cov in fisher_channel_gradients(group, inp)]
     if not per_member:
         raise CriterionUnavailable(f"group {group.id}: no differentiable weight consumes its channels")
     return aggregate(per_member, group.size)

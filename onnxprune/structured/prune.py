@@ -30,6 +30,7 @@ from ..core.shapes import _SKELETON_MIN_ELEMENTS, fix_input_shapes
 from .allocate import Limits, allocate, ignored_groups
 from .fallback import ort_load_error, prune_dropping_broken
 from .importance import IMPORTANCE, SELF_NORMALIZED, ScoreInputs, score_groups
+from .rearrange import rearrange_plan
 from .search import find_ratio
 
 SCOPES = ("local", "global")
@@ -149,7 +150,7 @@ def prune_structured(source: str | os.PathLike | onnx.ModelProto, *, ratio: floa
                      input_shapes: Mapping[str, tuple[int, ...]] | None = None,
                      gradients: Mapping[str, np.ndarray] | None = None, calibration: Any = None,
                      allow_io_change: bool = False, prune_hidden: bool = False,
-                     round_columns: bool = False) -> PruneResult:
+                     round_columns: bool = False, rearrange: bool = False) -> PruneResult:
     """Prune channels of ``source`` (a path or ModelProto) and return the model and a JSON summary.
 
     Exactly one target: ``ratio`` (fraction of channels removed per group, or overall with
@@ -162,6 +163,9 @@ def prune_structured(source: str | os.PathLike | onnx.ModelProto, *, ratio: floa
     the hidden size embedding tables start (a transformer's residual stream) is prunable too.
     ``round_columns``: ``round_to`` counts weight columns (a hardware profile's ``channel_multiple``),
     so a head group keeps whole heads whose columns are a multiple of it (summary ``limits``).
+    ``rearrange`` (``criterion="fisher"`` only; off by default, as it did not help on the tests'
+    encoders): which channels of a group go is re-chosen on the group's whole Fisher matrix, the
+    count kept (Kwon et al.'s mask rearrangement, :mod:`.rearrange`; summary key ``mask_rearrangement``).
     """
     kind, value = _check_args(ratio, target_macs, target_params, criterion, scope, seed)
     limits = Limits(max_ratio=float(max_ratio), min_keep=min_keep, round_to=round_to, columns=bool(round_columns))
@@ -170,7 +174,8 @@ def prune_structured(source: str | os.PathLike | onnx.ModelProto, *, ratio: floa
     prep = _prepare_float_or_qdq(source, input_shapes)
     analysis = analyze_channels(prep.view, allow_io_change=allow_io_change, prune_hidden=prune_hidden)
     return _prune_prepared(prep, analysis, kind=kind, value=value, criterion=criterion, scope=scope, limits=limits,
-                           ignore=tuple(ignore), seed=int(seed), gradients=gradients, calibration=calibration)
+                           ignore=tuple(ignore), seed=int(seed), gradients=gradients, calibration=calibration,
+                           rearrange=rearrange)
 
 
 def _prepare_float_or_qdq(source: str | os.PathLike | onnx.ModelProto,
@@ -218,10 +223,13 @@ def io_changes(before: onnx.ModelProto, after: onnx.ModelProto) -> list[dict[str
 def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: float, criterion: str, scope: str,
                     limits: Limits, ignore: tuple[str, ...], seed: int,
                     gradients: Mapping[str, np.ndarray] | None, calibration: Any = None,
-                    plan_of: "Callable[[list[Group], dict[int, np.ndarray]], KeepPlan] | None" = None) -> PruneResult:
+                    plan_of: "Callable[[list[Group], dict[int, np.ndarray]], KeepPlan] | None" = None,
+                    rearrange: bool = False) -> PruneResult:
     """``plan_of(groups, scores)``, when given, chooses the kept channels itself (latency-aware
-    allocation) instead of the ratio / target search."""
+    allocation) instead of the ratio / target search. ``rearrange``: see :func:`prune_structured`."""
     refuse_integer_ops(prep.model, "prune --structured")  # every entry (latency targets, recipes, optimize)
+    if rearrange and criterion != "fisher":
+        raise OnnxPruneError("--mask-rearrangement re-chooses heads on the Fisher matrix: it needs --criterion fisher")
     notes = list(prep.notes)
     params_before, macs_before = _measure(prep.view)
     if kind == "macs" and not macs_before:
@@ -240,9 +248,9 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
         if calibration is None:
             raise OnnxPruneError("criterion fisher needs calibration data: pass --calibrate SPEC")
         mask_gradients = calibration.mask_gradients(prep.view, prep.model, analysis)
-    scores, unavailable = score_groups(candidates, criterion, ScoreInputs.from_view(prep.view, gradients=gradients, seed=seed,
-                                                                                   activations=activations,
-                                                                                   mask_gradients=mask_gradients))
+    score_inputs = ScoreInputs.from_view(prep.view, gradients=gradients, seed=seed, activations=activations,
+                                         mask_gradients=mask_gradients)
+    scores, unavailable = score_groups(candidates, criterion, score_inputs)
     if candidates and not scores:
         raise OnnxPruneError(f"criterion {criterion} cannot score any group ({next(iter(unavailable.values()))})")
     for gid, why in unavailable.items():
@@ -285,6 +293,13 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
         search = find_ratio(plan_for, measure, value, limits.max_ratio, kind=kind, limits_text=limits_text)
         plan, used_ratio = search.plan, search.ratio
 
+    rearranged = None
+    if criterion == "fisher":
+        rearranged = {"enabled": bool(rearrange), "groups_changed": []}
+        if rearrange:
+            changed = rearrange_plan(groups, plan, score_inputs)
+            plan = {**plan, **changed}
+            rearranged["groups_changed"] = sorted(changed)
     build = validated_builder(prep, analysis)
     pruned, more = prune_dropping_broken(build, plan, [g.id for g in groups if len(plan[g.id]) < g.size])
     dropped.update(more)
@@ -340,4 +355,6 @@ def _prune_prepared(prep: Prepared, analysis: Analysis, *, kind: str, value: flo
     }
     if calibrated is not None:
         summary["calibration"] = calibrated
+    if rearranged is not None:
+        summary["mask_rearrangement"] = rearranged
     return PruneResult(model=pruned, summary=summary)
