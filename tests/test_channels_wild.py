@@ -175,12 +175,17 @@ def _oracle(prep, an, batches=(None,), seeds=(0, 1)):
 
 
 def test_swin_prunes_with_structured_ratio(swin, tmp_path):
-    code, out, err = run_cli("prune", swin["ln"], "--structured", "--ratio", "0.5", "--json", "-o", tmp_path / "p.onnx")
+    code, out, err = run_cli("prune", swin["ln"], "--structured", "--ratio", "0.5", "--json", "-o", tmp_path / "p.onnx",
+                             "--prune-hidden")
     assert code == 0, err  # was exit 1: "pruned model fails shape inference ... attn ... MatMul"
     data = json.loads(out)
     print(f"mini Swin: MACs {data['macs_before']} -> {data['macs_after']} ({data['macs_reduction']:.2f}x fewer)")
     assert data["macs_reduction"] > 2
-    an = analyze_channels(prepare(swin["ln"]).view)
+    # the residual stream (LayerNorm over the patch embedding) is a transformer's hidden size: opt-in
+    (default,) = [g for g in analyze_channels(prepare(swin["ln"]).view).groups
+                  if any(m.tensor == "patch.weight" for m in g.members)]
+    assert not default.prunable and "--prune-hidden" in default.reason
+    an = analyze_channels(prepare(swin["ln"]).view, prune_hidden=True)
     residual = [g for g in an.groups if any(m.tensor == "patch.weight" for m in g.members)][0]
     assert residual.prunable and not residual.exact  # LayerNorm over the embedding
     assert any("attn" in node for node, _ in an.pins)  # qkv split, scale, attn @ v reshape

@@ -58,6 +58,11 @@ def _find_root(parent: list[int], a: int) -> int:
     return root
 
 
+#: ONNX Runtime's fused attention ops (com.microsoft)
+FUSED_ATTENTION = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                             "PackedMultiHeadAttention"})
+
+
 class Context:
     """Mutable state of one propagation over a :class:`~onnxprune.core.graph.GraphView`."""
 
@@ -100,6 +105,21 @@ class Context:
         self.io_inputs: dict[str, np.ndarray] = {}
         #: ``--prune-hidden``: embedding tables' columns (the residual stream) may be pruned
         self.prune_hidden = prune_hidden
+        self._attention: bool | None = None
+
+    @property
+    def has_attention(self) -> bool:
+        """True when some MatMul multiplies two activations of rank >= 3 (``Q @ K^T``), or an ONNX
+        Runtime attention op is there: a transformer, whose normalized hidden size is its residual
+        stream."""
+        if self._attention is None:
+            self._attention = any(
+                (n.domain == "com.microsoft" and n.op_type in FUSED_ATTENTION)
+                or n.op_type == "MatMul" and len(n.input) == 2
+                and not any(self.view.is_const(i) or i in self.qweights for i in n.input)
+                and all(len(self.view.shapes.get(i) or ()) >= 3 for i in n.input)
+                for n in self.view.model.graph.node)
+        return self._attention
 
     # ----------------------------------------------------------------- atoms
     def new_atoms(self, n: int) -> np.ndarray:

@@ -177,6 +177,7 @@ def rule_reduce(ctx: Context, node: onnx.NodeProto) -> None:
         # a statistic over the channels (decomposed LayerNorm, channel-mean attention): the result has
         # no channel axis left, and removing channels changes it only numerically, like LayerNorm
         ctx.mark_inexact(tr.atoms, f"{_where(node)} computes a statistic over the channel axis")
+        _hidden_needs_opt_in(ctx, node, tr.atoms, tr.axis, rank)  # a decomposed LayerNorm / RMSNorm
         return _untrack_outputs(ctx, node, f"output of {_where(node)} (a statistic over channels)")
     keep = int(attr(node, "keepdims", 1))
     out_axis = tr.axis if keep else tr.axis - sum(a < tr.axis for a in axes)
@@ -545,10 +546,21 @@ def rule_layernorm(ctx: Context, node: onnx.NodeProto) -> None:
             if 0 <= pax < v.ndim and v.shape[pax] == len(tr.atoms) and len(tr.atoms) > 1:
                 ctx.add_member(p, pax, tr.atoms, "param", node)
         ctx.mark_inexact(tr.atoms, f"{_where(node)} normalizes over the channel axis")
+        _hidden_needs_opt_in(ctx, node, tr.atoms, tr.axis, rank)
     ctx.set_track(node.output[0], tr.axis, tr.atoms, node)
     for extra in node.output[1:]:
         if extra and ctx.view.consumers.get(extra):
             ctx.mark_bad(tr.atoms, f"{_where(node)}: statistics output {extra!r} is used")
+
+
+def _hidden_needs_opt_in(ctx: Context, node: onnx.NodeProto, atoms: np.ndarray, axis: int, rank: int) -> None:
+    """In a transformer (:attr:`Context.has_attention`) the channels a norm normalizes on the last
+    axis of ``[batch, sequence, hidden]`` are the residual stream: it reaches every layer and pruning
+    it is inexact, so, as for embedding tables, only ``--prune-hidden`` lets it go (a ViT's conv stem
+    starts it, not an embedding ``Gather``)."""
+    if not ctx.prune_hidden and rank >= 3 and axis == rank - 1 and ctx.has_attention:
+        ctx.mark_bad(atoms, f"{_where(node)}: the hidden size (the residual stream it normalizes) prunes only with "
+                            "--prune-hidden")
 
 
 def rule_lrn(ctx: Context, node: onnx.NodeProto) -> None:
@@ -1158,6 +1170,7 @@ def rule_skip_layernorm(ctx: Context, node: onnx.NodeProto) -> None:
             continue
         ctx.add_member(p, ctx.const(p).ndim - 1, tr.atoms, "param", node)
     ctx.mark_inexact(tr.atoms, f"{_where(node)} normalizes over the channel axis")
+    _hidden_needs_opt_in(ctx, node, tr.atoms, tr.axis, rank)
     for k, o in enumerate(node.output[1:], start=1):
         if not o:
             continue
