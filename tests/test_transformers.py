@@ -286,6 +286,13 @@ def test_allow_io_change_prunes_kv_heads_through_the_cache(llama, tmp_path):
     assert set(changes) == set(an.io)
     assert changes["past_key_values.0.key"]["after"] == ["batch", 1, "past_sequence", D // HEADS]
     assert changes["present.1.value"]["kind"] == "output" and changes["present.1.value"]["after"][1] == 1
+    shape_args = [a for k, v in shapes.items() for a in ("--input-shape", f"{k}={'x'.join(map(str, v))}")]
+    for extra, prunable_kv in (((), 0), (("--allow-io-change",), LAYERS)):  # analyze sees what prune sees
+        code, stdout, err = run_cli("analyze", llama[1], "--json", *shape_args, *extra)
+        assert code == 0, err
+        a = json.loads(stdout)
+        assert sum(g["prunable"] and g["size"] == KV for g in a["groups"]) == prunable_kv
+        assert set(a.get("io", {})) == (set(an.io) if extra else set())
 
 
 def test_prune_hidden_is_opt_in(llama, tmp_path):

@@ -82,6 +82,14 @@ def test_the_hidden_size_is_opt_in(vit):
     assert {"cls_token", "position_embeddings"} & {m.tensor for m in opted.members} == {"position_embeddings"}
 
 
+def test_analyze_takes_prune_hidden(vit):
+    for extra, prunable in (((), False), (("--prune-hidden",), True)):
+        code, stdout, err = run_cli("analyze", vit, "--input-shape", SHAPE, "--json", *extra)
+        assert code == 0, err
+        (hidden,) = [g for g in json.loads(stdout)["groups"] if g["size"] == D]
+        assert hidden["prunable"] is prunable and (prunable or "--prune-hidden" in hidden["reason"])
+
+
 def test_prune_hidden_cuts_the_class_token_and_runs_at_any_batch(vit, tmp_path):
     out = tmp_path / "half.onnx"
     code, stdout, err = run_cli("prune", vit, "-o", out, "--structured", "--ratio", "0.5", "--prune-hidden",

@@ -28,13 +28,20 @@ def analysis_to_dict(analysis: Analysis) -> dict[str, Any]:
 @click.command("analyze")
 @model_argument
 @input_shape_option
+@click.option("--prune-hidden", is_flag=True,
+              help="Analyse as prune --prune-hidden does: the hidden size (residual stream) of a transformer may prune.")
+@click.option("--allow-io-change", is_flag=True,
+              help="Analyse as prune --allow-io-change does: KV-cache inputs/outputs no longer fix their heads.")
 @json_option
-def analyze_cmd(model: str, input_shapes: dict, as_json: bool) -> None:
-    """Channel-coupling groups of MODEL: size, members, nodes, and for unprunable ones the reason."""
+def analyze_cmd(model: str, input_shapes: dict, prune_hidden: bool, allow_io_change: bool, as_json: bool) -> None:
+    """Channel-coupling groups of MODEL: size, members, nodes, and for unprunable ones the reason.
+    The groups are those ``prune --structured`` with the same flags sees."""
     prep = prepare(model, input_shapes)
-    analysis = analyze_channels(prep.view)
+    analysis = analyze_channels(prep.view, prune_hidden=prune_hidden, allow_io_change=allow_io_change)
     if as_json:
         out = analysis_to_dict(analysis)
+        if analysis.io:
+            out["io"] = dict(analysis.io)  # model inputs/outputs that shrink with their channels: name -> axis
         out["notes"] = list(prep.notes)
         emit_json(out)
         return
