@@ -152,9 +152,10 @@ def test_packed_multihead_attention_prunes_whole_heads(vit):
 
 
 # ------------------------------------------------------------------------- ORT contrib ops
-def test_fused_attention_is_left_whole_naming_the_op():
-    """ONNX Runtime's fused com.microsoft Attention (packed weights, heads as an attribute) has no
-    rule: the projection feeding it is left whole, and the reason names the op."""
+def test_fused_attention_projection_input_is_a_row_member():
+    """ONNX Runtime's fused com.microsoft Attention (packed weights, heads as an attribute) has a
+    rule (``tests/test_ort_fused.py``): its input's channels are the packed weight's rows, so the
+    projection feeding it prunes; here its output is a model output, which fixes its heads."""
     rng = np.random.default_rng(0)
     w = lambda *s: numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), f"w{len(s)}_{s}")  # noqa: E731
     wi, bi, wa, ba = w(D, D), w(D), w(D, 3 * D), w(3 * D)
@@ -167,7 +168,9 @@ def test_fused_attention_is_left_whole_naming_the_op():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     an = analyze_channels(prepare(m).view)
     (g,) = [g for g in an.groups if any(mem.tensor == wi.name for mem in g.members)]
-    assert not g.prunable and "com.microsoft::Attention" in g.reason
+    assert g.prunable and (wa.name, 0, "in") in {(mem.tensor, mem.axis, mem.role) for mem in g.members}
+    (heads,) = [g for g in an.groups if any(mem.tensor == wa.name and mem.role == "out" for mem in g.members)]
+    assert heads.size == HEADS and not heads.prunable and "reaches model output 'y'" in heads.reason
 
 
 # ------------------------------------------------------------------------- Llama/Qwen-style decoder

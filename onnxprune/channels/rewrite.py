@@ -432,11 +432,27 @@ class _NodeFixer:
                 self.set_input(nodes[name], index, np.asarray(value), "pinned")
 
     def fix(self, node: onnx.NodeProto) -> None:
-        if node.domain not in ("", "ai.onnx"):
-            return
-        fn = getattr(self, f"_fix_{node.op_type}", None)
+        if node.domain == "com.microsoft":
+            fn = getattr(self, f"_fix_ms_{node.op_type}", None)
+        elif node.domain in ("", "ai.onnx"):
+            fn = getattr(self, f"_fix_{node.op_type}", None)
+        else:
+            fn = None
         if fn is not None:
             fn(node)
+
+    def _fix_ms_Attention(self, node):
+        """com.microsoft Attention: ``num_heads`` (and ``qkv_hidden_sizes``) follow the heads removed
+        from its output; ``head_dim`` never changes."""
+        removed = len(self.cut(node.output[0]))
+        if not removed:
+            return
+        heads = int(attr(node, "num_heads"))
+        kept_cols = self.const(node.input[1], model_only=True).shape[1] // 3
+        head_dim = (kept_cols + removed) // heads
+        _set_attr(node, "num_heads", kept_cols // head_dim)
+        if attr(node, "qkv_hidden_sizes", None) is not None:
+            _set_attr(node, "qkv_hidden_sizes", [kept_cols] * 3)
 
     # --------------------------------------------------------------------- per op
     def _fix_Conv(self, node):

@@ -1149,6 +1149,41 @@ def rule_bias_activation(ctx: Context, node: onnx.NodeProto) -> None:
     _elementwise(ctx, node, [i for i in node.input if i])
 
 
+def rule_fused_attention(ctx: Context, node: onnx.NodeProto) -> None:
+    """com.microsoft Attention (ONNX Runtime's transformer optimizer): ``x @ W + b`` with ``W``
+    packed ``[hidden, q | k | v]``, split into ``num_heads`` heads, ``softmax(Q K^T) V``, heads
+    concatenated. A head is ``head_dim`` columns in each third of ``W`` and ``b`` and ``head_dim``
+    output channels, so a group channel is a head: "out" member on ``W``'s columns, "param" on
+    ``b``, the output carries it (the rewriter updates ``num_heads``). ``x``'s channels are ``W``'s
+    rows. A KV cache (``past``/``present``), an attention bias per head or unequal
+    ``qkv_hidden_sizes`` fix the heads: left whole, saying which."""
+    x, w = node.input[0], node.input[1]
+    b = node.input[2] if len(node.input) > 2 else ""
+    wv, heads = ctx.const(w), int(attr(node, "num_heads", 0))
+    rank = ctx.rank(x)
+    if wv is None or wv.ndim != 2 or heads <= 0 or (b and ctx.const(b) is None) or rank is None:
+        return _opaque(ctx, node, "weights or bias are not constants")
+    sizes = [int(v) for v in attr(node, "qkv_hidden_sizes", None) or [wv.shape[1] // 3] * 3]
+    tr = ctx.track(x)
+    if tr is not None:
+        if tr.axis == rank - 1:
+            ctx.add_member(w, 0, tr.atoms, "in", node)
+        else:
+            ctx.mark_bad(tr.atoms, f"{_where(node)}: channels on an axis the projection does not contract")
+    if len(set(sizes)) != 1 or 3 * sizes[0] != wv.shape[1] or sizes[0] % heads:
+        return _untrack_outputs(ctx, node, f"output of {_where(node)} (q, k and v of different sizes)")
+    per_head = np.repeat(ctx.new_atoms(heads), sizes[0] // heads)
+    columns = np.tile(per_head, 3)
+    ctx.add_member(w, 1, columns, "out", node)
+    if b:
+        ctx.add_member(b, 0, columns, "param", node)
+    fixed = [name for i, name in enumerate(node.input) if i in (4, 5) and name]  # past, attention_bias
+    fixed += [o for o in node.output[1:] if o and (ctx.view.consumers.get(o) or o in ctx.view.output_names)]
+    if fixed:
+        ctx.mark_bad(per_head, f"{_where(node)}: {fixed[0]!r} (KV cache or attention bias) carries the heads")
+    ctx.set_track(node.output[0], rank - 1, per_head, node)
+
+
 def rule_skip_layernorm(ctx: Context, node: onnx.NodeProto) -> None:
     """com.microsoft SkipLayerNormalization / SkipSimplifiedLayerNormalization (what ONNX Runtime's
     transformer optimizer fuses a residual Add + LayerNorm into): ``LN(input + skip + bias)`` over
@@ -1189,6 +1224,7 @@ CONTRIB_RULES: dict[str, Rule] = {
     "QuickGelu": rule_bias_activation,
     "SkipLayerNormalization": rule_skip_layernorm,
     "SkipSimplifiedLayerNormalization": rule_skip_layernorm,
+    "Attention": rule_fused_attention,
 }
 
 

@@ -10,6 +10,7 @@ This matches the usual "GMACs" figures (torchvision ResNet-50 at 224x224: 4.09 G
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -19,7 +20,7 @@ from onnx import helper
 
 from ..core.errors import OnnxPruneError
 from ..core.graph import GraphView, attr, build_view, opset_of, subgraph_reads, subgraphs
-from ..core.shapes import is_static
+from ..core.shapes import is_static, symbolic_value_shapes
 from ..core.normalize import normalize
 
 MacRule = Callable[[onnx.NodeProto, GraphView], "int | None"]
@@ -127,7 +128,27 @@ def _qgemm(node: onnx.NodeProto, v: GraphView) -> int | None:
     return int(m) * int(n) * int(k)
 
 
+def _fused_attention(node: onnx.NodeProto, v: GraphView) -> int | None:
+    """com.microsoft Attention: the packed projection ``[B, S, D] @ [D, 3q]`` plus the two attention
+    products, ``Q K^T`` and ``attn V``, each ``B * S * L * q`` (``L``: keys, ``S`` plus a cache's
+    past length). Other ops named Attention count 0, as any uncounted op."""
+    if node.domain != "com.microsoft":
+        return 0
+    x, w = v.shape(node.input[0]), v.shape(node.input[1])
+    if not (is_static(x) and is_static(w)) or len(x) != 3 or len(w) != 2:
+        return None
+    (b, s, d), cols = x, w[1]
+    sizes = attr(node, "qkv_hidden_sizes", None)
+    q, vdim = (int(sizes[0]), int(sizes[2])) if sizes else (cols // 3, cols // 3)
+    past = v.shape(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+    if past is not None and not is_static(past):
+        return None
+    keys = s + (past[3] if past is not None and len(past) == 5 else 0)
+    return int(b * s * d * cols + b * s * keys * q + b * s * keys * vdim)
+
+
 MAC_RULES: dict[str, MacRule] = {
+    "Attention": _fused_attention,
     "Conv": _conv,
     "ConvTranspose": _conv_transpose,
     "Gemm": _gemm,
@@ -243,5 +264,13 @@ def resolve_shapes_for_macs(view: GraphView) -> GraphView:
     """
     if all(node_macs(n, view) is not None for n in view.nodes):
         return view
-
-    return build_view(normalize(view.model))
+    folded = build_view(normalize(view.model))
+    if all(node_macs(n, folded) is not None for n in folded.nodes) or not any(
+            n.domain == "com.microsoft" for n in folded.nodes):
+        return folded
+    # ONNX Runtime's contrib ops (fused Attention, EmbedLayerNormalization ...): ONNX shape inference
+    # does not know their outputs, ONNX Runtime's symbolic shape inference does
+    sym = symbolic_value_shapes(folded.model) or {}
+    shapes = dict(folded.shapes)
+    shapes.update({k: v for k, v in sym.items() if is_static(v) and not is_static(shapes.get(k))})
+    return dataclasses.replace(folded, shapes=shapes)
