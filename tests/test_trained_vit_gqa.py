@@ -109,7 +109,7 @@ def test_trained_gqa_decoder_calibration_restores_agreement_with_dense(decoder, 
         out = predict(tmp_path / f"{name}.onnx", "input_ids", ids)
         acc[name], agree[name] = float((out[:, 1:] == target[:, 1:]).mean()), float((out == ref).mean())
 
-    # measured (seed 0): next-token accuracy dense 0.861, pruned 0.403, calibrated 0.630;
+    # measured (seed 0): next-token accuracy dense 0.865, pruned 0.406, calibrated 0.624;
     # agreement with dense 0.418 -> 0.665
     assert acc["dense"] > 0.8  # chance 1/11, and about that from the current token alone
     assert acc["pruned"] < acc["dense"] - 0.2 and agree["pruned"] < 0.6
