@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from arch_zoo import random_plan, zero_removed_inputs
 from cli_util import run_cli
 from conftest import run_ort
-from transformer_models import BertLike, PackedViT, bert_feeds, export_bert, train_bert
+from transformer_models import BertLike, PackedViT, bert_feeds, export_bert, export_vit, train_bert
 from onnxprune.channels import analyze_channels, apply_plan
 from onnxprune.metrics.inspection import inspect_model
 from onnxprune.core.prepare import prepare
@@ -40,12 +40,7 @@ def bert(tmp_path_factory, one_torch_thread):
 @pytest.fixture(scope="module")
 def vit(tmp_path_factory, one_torch_thread):
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vit") / "vit.onnx"
-    # (with gradients on, as torchvision's export: under no_grad torch takes its fused fast path)
-    torch.onnx.export(PackedViT(D, HEADS, FFN, LAYERS).eval(), (torch.randn(2, 1, 8, 8),), str(path),
-                      dynamo=False, opset_version=17, input_names=["x"], output_names=["logits"],
-                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
-    return path
+    return export_vit(PackedViT(D, HEADS, FFN, LAYERS), tmp_path_factory.mktemp("vit") / "vit.onnx")
 
 
 def _role_tensors(group, role):

@@ -6,7 +6,10 @@
   batch and sequence axes (:func:`export_bert`);
 - :func:`train_bert`: a few seconds of training on a generated sequence task (is token 1 in the
   sequence more often than token 2?), so the weights are not random;
-- :class:`PackedViT`: ``nn.MultiheadAttention`` blocks (one packed in-projection), torchvision's ViT.
+- :class:`PackedViT`: ``nn.MultiheadAttention`` blocks (one packed in-projection), torchvision's ViT,
+  exported by :func:`export_vit`;
+- :class:`TinyLlama`: a Llama/Qwen-style decoder (RoPE, grouped-query attention, SwiGLU), exported
+  by :func:`export_llama`; :func:`rule_language` generates a language for it to learn.
 """
 from __future__ import annotations
 
@@ -154,6 +157,39 @@ class PackedViT(nn.Module):
         return self.head(self.ln(self.blocks(x))[:, 0])
 
 
+def export_vit(model: PackedViT, path: str | Path, opset: int = 17) -> Path:
+    """TorchScript export, dynamic batch, input ``x`` (N x 1 x 8 x 8) -> ``logits``. With gradients
+    on, as torchvision's export: under ``no_grad`` torch takes ``nn.MultiheadAttention``'s fused fast path."""
+    path = Path(path)
+    torch.onnx.export(model.eval(), (torch.randn(2, 1, 8, 8),), str(path), dynamo=False, opset_version=opset,
+                      input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    return path
+
+
+def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, batch: int = 64,
+                     lr: float = 3e-3, seed: int = 0) -> nn.Module:
+    """Adam on cross-entropy over shuffled minibatches, the learning rate decayed linearly to zero
+    (a steadier end point from seed to seed); a few seconds for the tiny models here."""
+    torch.manual_seed(seed)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)
+    model.train()
+    perm = torch.randperm(len(xt))
+    for step in range(steps):
+        start = (step * batch) % len(xt)
+        if start + batch > len(xt):
+            perm, start = torch.randperm(len(xt)), 0
+        b = perm[start:start + batch]
+        loss = F.cross_entropy(model(xt[b]).flatten(0, -2), yt[b].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float = 1e-6):
         super().__init__()
@@ -256,3 +292,17 @@ def export_llama(model: TinyLlama, path: str | Path, seq: int = 6, past_len: int
         torch.onnx.export(model, tuple(args), str(path), dynamo=False, opset_version=17, input_names=names,
                           output_names=outs, dynamic_axes=axes)
     return path
+
+
+def rule_language(n: int, seq: int, noise: float = 0.1, seed: int = 0) -> np.ndarray:
+    """Generated sequences over tokens 1..VOCAB-1: each next token is a fixed function of the two
+    before it, ``(3 * a + b) mod (VOCAB - 1) + 1``, replaced by a random token with probability
+    ``noise``. Reading two positions back takes attention, not only the current token."""
+    rng = np.random.default_rng(seed)
+    k = VOCAB - 1
+    ids = np.empty((n, seq), np.int64)
+    ids[:, :2] = rng.integers(1, VOCAB, (n, 2))
+    for t in range(2, seq):
+        rule = (3 * ids[:, t - 1] + ids[:, t - 2]) % k + 1
+        ids[:, t] = np.where(rng.random(n) < noise, rng.integers(1, VOCAB, n), rule)
+    return ids
