@@ -243,7 +243,9 @@ def rule_resize(ctx: Context, node: onnx.NodeProto) -> None:
 # ------------------------------------------------------------------------------------ elementwise
 def _elementwise(ctx: Context, node: onnx.NodeProto, inputs: list[str]) -> None:
     """Broadcasting elementwise ops: operands whose channel axes line up are united; constants with a
-    per-channel dim become "param" members; broadcast (size-1 or missing) dims pass through."""
+    per-channel dim become "param" members (so does a table sliced at run time, :func:`sliced_table`;
+    a value constant only at the analysed shapes cannot be sliced: unprunable); broadcast (size-1 or
+    missing) dims pass through."""
     out = node.output[0]
     ranks = [ctx.rank(i) for i in inputs]
     out_rank = ctx.rank(out)
@@ -327,7 +329,8 @@ def _table_param(ctx: Context, node: onnx.NodeProto, name: str, table: tuple[str
     which prunes only with ``--prune-hidden`` (as for embedding tables)."""
     tensor, cut = table
     dims = ctx.original.const(tensor).shape
-    if not 0 <= ax < len(dims) or dims[ax] != len(atoms) or ax in cut or len(ctx.original.consumers.get(name, [])) != 1:
+    shared = len(ctx.original.consumers.get(name, [])) != 1
+    if not 0 <= ax < len(dims) or dims[ax] != len(atoms) or ax in cut or shared:
         return ctx.mark_bad(atoms, f"combined at {_where(node)} with {name!r}, a slice of {tensor!r} that does "
                                    "not line up with the channels")
     ctx.add_member(tensor, ax, atoms, "param", node)
