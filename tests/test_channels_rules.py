@@ -619,3 +619,58 @@ def test_tensor_read_inside_a_subgraph_is_unprunable():
              helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g, name="branch")]
     _, an = analyze(build(nodes, {"w0": W(4, 3, 3, 3), "cond": np.array(True)}))
     assert "If (node branch)" in group_of(an, "w0").reason
+
+
+@pytest.mark.parametrize("shapes", [{"x": (1, 3, 6)}, None], ids=["given", "symbolic"])
+def test_positional_table_sliced_at_run_time_is_a_param(shapes):
+    """``x + table[:x.size(1)]`` (Whisper's positional embedding): a constant table sliced on its
+    rows to the run-time length joins the channels it is added to as a "param" member on its columns,
+    whether the given shapes fold the slice or not. The stream is then the hidden size: left whole
+    without --prune-hidden, saying so; with it, the table's columns go too and any length runs."""
+    nodes = [conv("x", "w0", "a"), helper.make_node("Transpose", ["a"], ["at"], perm=[0, 2, 1]),
+             helper.make_node("Shape", ["at"], ["shp"]), helper.make_node("Gather", ["shp", "one"], ["t"]),
+             helper.make_node("Unsqueeze", ["t", "zero1"], ["end"]),
+             helper.make_node("Slice", ["table", "zero1", "end", "zero1"], ["pos"]),
+             helper.make_node("Add", ["at", "pos"], ["s"]), helper.make_node("MatMul", ["s", "wout"], ["y"])]
+    inits = {"w0": W(4, 3, 1), "one": I64(1).reshape(()), "zero1": I64(0), "table": W(16, 4), "wout": W(4, 2)}
+    prep = prepare(build(nodes, inits, x_shape=["batch", 3, "frames"]), shapes)
+    g = group_of(analyze_channels(prep.view), "w0")
+    assert not g.prunable and "positional table 'table'" in g.reason and "--prune-hidden" in g.reason
+    an = analyze_channels(prep.view, prune_hidden=True)
+    g = group_of(an, "w0")
+    assert g.prunable and (member(g, "table").role, member(g, "table").axis) == ("param", 1)
+    plan = {g.id: np.array([0, 2])}
+    pruned, zeroed = apply_plan(prep.model, an, plan), zero_removed_inputs(prep.model, an, plan)
+    for batch, length in ((1, 6), (2, 3)):
+        feeds = {"x": RNG.standard_normal((batch, 3, length)).astype(np.float32)}
+        np.testing.assert_allclose(run_ort(pruned, feeds)[0], run_ort(zeroed, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_heads_merged_with_batch_by_a_minus_one_target_adapt():
+    """The dynamo exporter's attention reshapes ``[B, heads, S, dh]`` to ``Concat([-1], Shape[2:])``
+    (batch and heads merged, analysed at batch 1): the ``-1`` already infers ``B * kept heads`` for
+    every batch, so the rewriter leaves it (it used to write the analysed kept count there)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])
+    shape_slice = lambda t, s, e, o: [helper.make_node("Shape", [t], [f"{o}_s"]),  # noqa: E731
+                                      helper.make_node("Slice", [f"{o}_s", s, e], [o])]
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]), helper.make_node("Reshape", ["q", "split"], ["q4"]),
+             helper.make_node("Transpose", ["q4"], ["t"], perm=[0, 2, 1, 3]), *shape_slice("t", "two", "four", "sd"),
+             helper.make_node("Concat", ["minus1", "sd"], ["tgt"], axis=0),
+             helper.make_node("Reshape", ["t", "tgt"], ["r"]), helper.make_node("Transpose", ["r"], ["rt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["r", "rt"], ["sc"]), helper.make_node("Softmax", ["sc"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "r"], ["o"]),  # self-attention with q = k = v, per merged head
+             *shape_slice("t", "zero1", "two", "bh"), helper.make_node("Concat", ["bh", "sd"], ["back"], axis=0),
+             helper.make_node("Reshape", ["o", "back"], ["b4"]),
+             helper.make_node("Transpose", ["b4"], ["bt"], perm=[0, 2, 1, 3]),
+             helper.make_node("Reshape", ["bt", "merge"], ["m"]), helper.make_node("MatMul", ["m", "wo"], ["y"])]
+    inits = {"wq": W(8, 8), "split": I64(0, 0, 2, 4), "two": I64(2), "four": I64(4), "minus1": I64(-1),
+             "zero1": I64(0), "merge": I64(0, 0, 8), "wo": W(8, 3)}
+    prep = prepare(build(nodes, inits, inputs=[x]), {"x": (1, 5, 8)})
+    an = analyze_channels(prep.view)
+    (g,) = an.prunable
+    assert g.size == 2 and member(g, "wo").role == "in"
+    plan = {g.id: np.array([1])}
+    pruned, zeroed = apply_plan(prep.model, an, plan), zero_removed_inputs(prep.model, an, plan)
+    for batch, seq in ((1, 5), (3, 4)):
+        feeds = {"x": RNG.standard_normal((batch, seq, 8)).astype(np.float32)}
+        np.testing.assert_allclose(run_ort(pruned, feeds)[0], run_ort(zeroed, feeds)[0], rtol=1e-5, atol=1e-5)

@@ -306,3 +306,104 @@ def rule_language(n: int, seq: int, noise: float = 0.1, seed: int = 0) -> np.nda
         rule = (3 * ids[:, t - 1] + ids[:, t - 2]) % k + 1
         ids[:, t] = np.where(rng.random(n) < noise, rng.integers(1, VOCAB, n), rule)
     return ids
+
+
+class WhisperAttention(nn.Module):
+    """Hugging Face's WhisperAttention without a mask: k_proj has no bias, the head split is
+    ``view(b, t, heads, dh)`` with ``b, t`` read from the tensor at run time."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads, self.dh = heads, d // heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d, bias=False), nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.size()
+        split = lambda y: y.view(b, t, self.heads, self.dh).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q_proj(x) * self.dh ** -0.5), split(self.k_proj(x)), split(self.v_proj(x))
+        ctx = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)), dim=-1), v)
+        return self.out_proj(ctx.transpose(1, 2).reshape(b, t, self.heads * self.dh))
+
+
+class WhisperLayer(nn.Module):
+    """Pre-LN encoder layer: ``x + attn(ln(x))``, then ``x + fc2(gelu(fc1(ln(x))))``."""
+
+    def __init__(self, d: int, heads: int, ffn: int):
+        super().__init__()
+        self.self_attn, self.self_attn_layer_norm = WhisperAttention(d, heads), nn.LayerNorm(d)
+        self.fc1, self.fc2, self.final_layer_norm = nn.Linear(d, ffn), nn.Linear(ffn, d), nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x))
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class WhisperLikeEncoder(nn.Module):
+    """Whisper's audio encoder: log-mel ``input_features [B, n_mels, frames]`` -> Conv1d stem (the
+    second conv halves the frames) -> positional table sliced to the run-time length -> pre-LN
+    layers -> final LayerNorm -> ``last_hidden_state [B, frames // 2, d]``."""
+
+    def __init__(self, n_mels: int = 8, d: int = 16, heads: int = 4, ffn: int = 32, layers: int = 2,
+                 max_positions: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv1d(n_mels, d, 3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, 3, stride=2, padding=1)
+        self.embed_positions = nn.Embedding(max_positions, d)
+        self.layers = nn.ModuleList(WhisperLayer(d, heads, ffn) for _ in range(layers))
+        self.layer_norm = nn.LayerNorm(d)
+
+    def forward(self, input_features: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.conv2(F.gelu(self.conv1(input_features)))).permute(0, 2, 1)
+        x = x + self.embed_positions.weight[:x.size(1)]  # as WhisperEncoder, for any length up to the table's
+        for layer in self.layers:
+            x = layer(x)
+        return self.layer_norm(x)
+
+
+def hf_whisper_encoder(n_mels: int = 8, d: int = 16, heads: int = 4, ffn: int = 32, layers: int = 2,
+                       frames: int = 32) -> nn.Module:
+    """Hugging Face's ``WhisperEncoder`` from a tiny config (it takes exactly ``frames`` mel frames),
+    every weight random: the dynamo exporter merges identical initializers, so the zero biases and
+    unit norms of a fresh init would make layers share them, as trained weights never do."""
+    from transformers import WhisperConfig  # optional: the exporters extra
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    cfg = WhisperConfig(num_mel_bins=n_mels, d_model=d, encoder_layers=layers, encoder_attention_heads=heads,
+                        encoder_ffn_dim=ffn, max_source_positions=frames // 2, decoder_layers=1,
+                        decoder_attention_heads=heads, decoder_ffn_dim=ffn)
+    enc = WhisperEncoder(cfg).eval()
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return enc
+
+
+def export_whisper(model: nn.Module, path: str | Path, frames: int = 32, n_mels: int = 8, opset: int = 17,
+                   dynamo: bool = False, dynamic_frames: bool = True) -> Path:
+    """``input_features [batch, n_mels, frames] -> last_hidden_state``, dynamic batch (and frames,
+    unless ``dynamic_frames=False``: Hugging Face's encoder takes one length only). TorchScript by
+    default; ``dynamo=True`` needs onnxscript. A Hugging Face ``WhisperEncoder`` returns a
+    ``BaseModelOutput``: its first field is exported."""
+    path = Path(path)
+
+    class _First(nn.Module):
+        def __init__(self, m: nn.Module):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            out = self.m(x)
+            return out if isinstance(out, torch.Tensor) else out[0]
+
+    x = torch.randn(2, n_mels, frames)
+    if dynamo:
+        dims = {0: torch.export.Dim("batch"), **({2: torch.export.Dim("frames", max=4096)} if dynamic_frames else {})}
+        kw = {"dynamic_shapes": {"x": dims}}
+    else:
+        kw = {"dynamic_axes": {"input_features": {0: "batch", **({2: "frames"} if dynamic_frames else {})},
+                               "last_hidden_state": {0: "batch", **({1: "time"} if dynamic_frames else {})}}}
+    with torch.no_grad():
+        torch.onnx.export(_First(model).eval(), (x,), str(path), dynamo=dynamo, opset_version=opset,
+                          input_names=["input_features"], output_names=["last_hidden_state"], **kw)
+    return path

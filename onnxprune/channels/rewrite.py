@@ -499,8 +499,9 @@ class _NodeFixer:
         if static is not None and int(static[u]) == -1:
             return
         now = self.now(node.input[1])
-        if now is not None and int(now.reshape(-1)[u]) == new_u:
-            return  # computed from the pruned shapes: adapts by itself
+        if now is not None and int(now.reshape(-1)[u]) in (-1, new_u):
+            return  # computed from the pruned shapes, or -1 (inferred: the dynamo exporter's attention
+            # reshapes [B, heads, S, dh] to [-1, S, dh]): adapts by itself
         if self._patch_concat_entry(node.input[1], u, new_u, runtime=-1):
             return
         sym = self._symbolic_shapes().get(y)

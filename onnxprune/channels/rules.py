@@ -244,7 +244,9 @@ def rule_resize(ctx: Context, node: onnx.NodeProto) -> None:
 # ------------------------------------------------------------------------------------ elementwise
 def _elementwise(ctx: Context, node: onnx.NodeProto, inputs: list[str]) -> None:
     """Broadcasting elementwise ops: operands whose channel axes line up are united; constants with a
-    per-channel dim become "param" members; broadcast (size-1 or missing) dims pass through."""
+    per-channel dim become "param" members (so does a table sliced at run time, :func:`sliced_table`;
+    a value constant only at the analysed shapes cannot be sliced: unprunable); broadcast (size-1 or
+    missing) dims pass through."""
     out = node.output[0]
     ranks = [ctx.rank(i) for i in inputs]
     out_rank = ctx.rank(out)
@@ -274,6 +276,14 @@ def _elementwise(ctx: Context, node: onnx.NodeProto, inputs: list[str]) -> None:
         if tr is None:
             if d == 1 and c != 1:
                 continue  # broadcast over the channels: no coupling
+            table = sliced_table(ctx, name)
+            if table is not None:
+                _table_param(ctx, node, name, table, ax, atoms)
+                continue
+            if ctx.is_const(name) and not ctx.original.is_const(name) and name not in ctx.qweights:
+                ctx.mark_bad(atoms, f"combined at {_where(node)} with {name!r}, computed at run time (constant "
+                                    "only at the analysed input shapes)")
+                continue
             if ctx.is_const(name):
                 if d == c:
                     ctx.add_member(name, ax, atoms, "param", node)
@@ -295,6 +305,39 @@ def _elementwise(ctx: Context, node: onnx.NodeProto, inputs: list[str]) -> None:
             if d == c and c != 1:
                 ctx.mark_bad(atoms, f"{_where(node)}: operands carry channels on different axes")
     ctx.set_track(out, oax, atoms, node)
+
+
+def sliced_table(ctx: Context, name: str) -> tuple[str, set[int]] | None:
+    """``(table, axes cut)`` when ``name`` is a float constant table sliced to a run-time length in
+    the model (Hugging Face Whisper's ``embed_positions.weight[:T]``, ``T`` read by ``Shape``): a
+    Slice whose bounds are computed at run time, whether or not the given input shapes fold it."""
+    node = ctx.original.producer.get(name)
+    if node is None or node.op_type != "Slice" or ctx.opset < 10 or len(node.input) < 4 or not node.input[3]:
+        return None
+    if not ctx.original.is_const(node.input[0]) or all(ctx.original.is_const(i) for i in node.input[1:] if i):
+        return None
+    w, axes = ctx.original.const(node.input[0]), ctx.original.const(node.input[3])
+    if w is None or axes is None or not np.issubdtype(w.dtype, np.floating):
+        return None
+    return node.input[0], {_norm_axis(int(a), w.ndim) for a in np.asarray(axes).reshape(-1)}
+
+
+def _table_param(ctx: Context, node: onnx.NodeProto, name: str, table: tuple[str, set[int]], ax: int,
+                 atoms: np.ndarray) -> None:
+    """A table sliced at run time (:func:`sliced_table`) combined with tracked channels on an axis
+    the slice leaves whole: the table is a "param" member on that axis, as a constant would be. A
+    table added to the stream this way is a positional embedding: the stream is the hidden size,
+    which prunes only with ``--prune-hidden`` (as for embedding tables)."""
+    tensor, cut = table
+    dims = ctx.original.const(tensor).shape
+    shared = len(ctx.original.consumers.get(name, [])) != 1
+    if not 0 <= ax < len(dims) or dims[ax] != len(atoms) or ax in cut or shared:
+        return ctx.mark_bad(atoms, f"combined at {_where(node)} with {name!r}, a slice of {tensor!r} that does "
+                                   "not line up with the channels")
+    ctx.add_member(tensor, ax, atoms, "param", node)
+    if not ctx.prune_hidden:
+        ctx.mark_bad(atoms, f"{_where(node)}: the hidden size (columns of positional table {tensor!r}, sliced "
+                            "to the run-time length) prunes only with --prune-hidden")
 
 
 def rule_elementwise(ctx: Context, node: onnx.NodeProto) -> None:
