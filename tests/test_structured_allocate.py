@@ -140,6 +140,21 @@ def test_search_hits_target_within_one_channel_step():
     assert find_ratio(plan_for, measure, 1.0, 0.9).ratio == 0.0
 
 
+def test_search_gives_back_channels_a_coarse_step_cut_too_many():
+    """Two 4-head groups: one ratio step takes both from 2 heads to 1 (0.504 of the cost -> 0.254),
+    so the ratio alone lands far under a 0.5 target; giving one group its second head back keeps
+    0.379, still under it, and the search returns that."""
+    gs = [_g(0, 4), _g(1, 4)]
+    scores = _scores(*gs)
+
+    def measure(plan):
+        return (len(plan[0]) + len(plan[1])) / 8 + 0.004
+
+    res = find_ratio(lambda r: allocate(gs, scores, r), measure, 0.5, 0.9)
+    assert sorted(len(k) for k in res.plan.values()) == [1, 2]
+    assert res.achieved == pytest.approx(3 / 8 + 0.004) and res.achieved == pytest.approx(measure(res.plan))
+
+
 def test_search_unreachable_and_bad_targets():
     gs = [_g(0, 16), _g(1, 16)]
     scores = _scores(*gs)

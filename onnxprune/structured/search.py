@@ -3,8 +3,9 @@
 ``F`` is the fraction *kept* (0.5 = a 2x reduction). The search measures the real pruned model at
 each step (the caller's ``measure``), because channel counts are integers and coupled groups, limits
 and unprunable layers make any closed-form estimate drift. Kept fraction only goes down as the ratio
-goes up, so bisection finds the smallest ratio whose model meets the target: the result is at or
-just under the target, within one channel step of the next larger model.
+goes up, so bisection finds the smallest ratio whose model meets the target; groups that this
+last ratio step cut are then given back their channels one by one wherever the target still holds
+(:func:`fill_up`), so the result is at or just under the target.
 """
 from __future__ import annotations
 
@@ -67,4 +68,25 @@ def find_ratio(plan_for: Callable[[float], KeepPlan], measure: Callable[[KeepPla
             hi, hi_plan, f_hi = mid, plan, f
         else:
             lo = mid
-    return SearchResult(hi, hi_plan, f_hi, len(cache))
+    plan, f = fill_up(hi_plan, f_hi, plan_for(lo), target, measure, cache)
+    return SearchResult(hi, plan, f, len(cache))
+
+
+def fill_up(plan: KeepPlan, kept: float, larger: KeepPlan, target: float, measure: Callable[[KeepPlan], float],
+            cache: dict[tuple, float]) -> tuple[KeepPlan, float]:
+    """``plan`` (under the target) with groups given back, one at a time, the channels ``larger``
+    (the plan one ratio step below, over the target) keeps, wherever the model stays under it.
+
+    One ratio step can cut many channels at once: every head group of a 4-head model goes from 2
+    heads to 1 at the same ratio, so ``--target-macs 0.5`` would land at 0.36 when 2 heads in one
+    layer and 1 in the other meets it. Giving back is greedy, group by group in the plan's order."""
+    for gid in plan:
+        if len(larger.get(gid, ())) <= len(plan[gid]):
+            continue
+        trial = {**plan, gid: larger[gid]}
+        key = plan_key(trial)
+        if key not in cache:
+            cache[key] = float(measure(trial))
+        if cache[key] <= target:
+            plan, kept = trial, cache[key]
+    return plan, kept
