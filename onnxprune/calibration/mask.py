@@ -22,16 +22,17 @@ def _is_01(a: np.ndarray) -> bool:
     return a.ndim == 2 and bool(np.isin(np.unique(a), (0, 1)).all())
 
 
-def mask_input(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], name: str | None = None) -> str | None:
-    """The input holding a 0/1 attention mask: ``name`` when given (checked), else an integer input
-    of rank 2 named like ``*attention_mask*`` or ``*mask*`` whose data are 0/1 (None when there is none)."""
+def mask_input(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], name: str | None = None, *,
+               option: str = "--calibration-mask") -> str | None:
+    """The input holding a 0/1 attention mask: ``name`` when given (checked; errors name ``option``),
+    else an integer input of rank 2 named like ``*attention_mask*`` or ``*mask*`` whose data are 0/1
+    (None when there is none)."""
     ins = {vi.name: vi for vi in graph_inputs(model)}
     if name is not None:
         if name not in ins:
-            raise OnnxPruneError(f"--calibration-mask {name}: the model has no input {name!r} (inputs: {', '.join(ins)})")
+            raise OnnxPruneError(f"{option} {name}: the model has no input {name!r} (inputs: {', '.join(ins)})")
         if name not in inputs or not _is_01(np.asarray(inputs[name])):
-            raise OnnxPruneError(f"--calibration-mask {name}: the calibration data for it must be a [batch, seq] "
-                                 "array of 0/1 (1 = token, 0 = padding)")
+            raise OnnxPruneError(f"{option} {name}: the data for it must be a [batch, seq] array of 0/1 (1 = token, 0 = padding)")
         return name
     cands = [n for n, vi in ins.items() if "mask" in n.lower() and vi.type.tensor_type.elem_type in _INT
              and len(vi.type.tensor_type.shape.dim) == 2 and n in inputs and _is_01(np.asarray(inputs[n]))]

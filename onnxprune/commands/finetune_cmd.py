@@ -63,7 +63,13 @@ def _config(**kw):
               help="labels (cross-entropy), distill (match --teacher on every graph output: no labels needed) or "
                    "both. Default: both with labels and a teacher, labels without a teacher, distill without labels.")
 @click.option("--distill-features", is_flag=True, default=None,
-              help="Also match the teacher's intermediate features at the pruned layers (smooth-L1).")
+              help="Also match the teacher's intermediate features: a transformer's residual stream (every block's "
+                   "output, MSE per channel over the teacher's std, padding left out), else the pruned layers' outputs.")
+@click.option("--feature-weight", type=float, default=None,
+              help="With --distill-features: weight of the feature loss, added to the output loss (default 1).")
+@click.option("--feature-mask", default=None, metavar="auto|none|INPUT",
+              help="With --distill-features: the 0/1 attention-mask input whose padding positions the feature loss "
+                   "leaves out (default auto: found by name; none: every position counts).")
 @click.option("--train-bn", is_flag=True, default=None, help="Batch-norm uses and updates batch statistics.")
 @click.option("--seed", type=int, default=None,
               help="Training seed: shuffling and anything random in training (default 0). "
@@ -173,6 +179,10 @@ def _print(h: dict) -> None:
               f"({size}, {cfg['optimizer']} lr {cfg['lr']:g} {cfg['schedule']}, "
               f"batch {cfg['batch_size']}, seed {cfg['seed']}{', teacher ' + str(h['teacher']) if h.get('teacher') else ''}"
               f"{', objective ' + h['objective'] if h.get('objective') else ''}{fm})")
+    if h.get("distill_features"):
+        at = "residual-stream tensors" if h.get("distill_features_at") == "residual_stream" else "pruned layers' outputs"
+        pad = f", padding of {h['distill_features_mask']} left out" if h.get("distill_features_mask") else ""
+        con.print(f"features matched: {len(h['distill_features'])} {at} (weight {cfg.get('feature_weight', 1.0):g}{pad})")
     for note in h.get("notes") or []:
         con.print(f"[yellow]note:[/yellow] {note}")
     labeled = h.get("selection", "val_top1") == "val_top1"

@@ -36,8 +36,11 @@ class TrainConfig:
     ``objective``: ``labels`` (cross-entropy), ``distill`` (match the teacher on every graph output,
     no labels needed), ``both`` (``(1 - distill_alpha) * labels + distill_alpha * distill``);
     ``auto`` picks both with labels and a teacher, labels without a teacher, distill without labels.
-    ``distill_features`` also matches intermediate features at the pruned layers (those whose
-    outputs keep the dense model's shape).
+    ``distill_features`` also matches intermediate features (:mod:`onnxprune.training.features`):
+    a transformer's residual stream (every block's output; per-channel normalised MSE, padding
+    positions of the attention mask ``feature_mask`` left out: ``auto`` finds it by name, ``none``
+    counts every position), else the outputs of the pruned layers that keep the dense shape; the
+    feature loss is added to the output loss times ``feature_weight``.
 
     Function matching (objective ``distill``, :mod:`onnxprune.training.augment`): ``augment``
     (``auto``, ``none`` or a list such as ``crop,jitter,mixup``) augments every batch, and teacher and
@@ -69,6 +72,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     objective: str = "auto"
     distill_features: bool = False
+    feature_weight: float = 1.0
+    feature_mask: str = "auto"
     steps: int = 0
     augment: str = "auto"
 
@@ -89,10 +94,12 @@ class TrainConfig:
                 not aug or any(o.strip() not in OPS for o in aug.split(",")))):
             bad(f"augment must be auto, none or a comma-separated list of {', '.join(OPS)}, got {self.augment!r}")
         for name in ("lr", "momentum", "weight_decay", "label_smoothing", "distill_alpha", "distill_temperature",
-                     "warmup_epochs", "step_gamma", "grad_clip"):
+                     "warmup_epochs", "step_gamma", "grad_clip", "feature_weight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(f"{name} must be a non-negative number, got {v!r}")
+        if not isinstance(self.feature_mask, str) or not self.feature_mask.strip():
+            bad(f"feature_mask must be auto, none or the name of the attention-mask input, got {self.feature_mask!r}")
         if self.lr <= 0:
             bad(f"lr must be positive, got {self.lr!r}")
         if self.schedule not in SCHEDULES:

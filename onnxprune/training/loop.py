@@ -303,15 +303,16 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
                  output_is_prob: bool = False, dist: DistContext | None = None,
                  description: str = "retrain", prob_outputs: Sequence[int] = (),
                  n_outputs: int | None = None, class_outputs: Sequence[int] | None = None,
-                 output_kinds: Sequence[str] | None = None) -> dict[str, Any]:
+                 output_kinds: Sequence[str] | None = None, feature_loss: Any = None) -> dict[str, Any]:
     """Train ``module`` in place with ``config``; load the best-on-validation weights; return the history.
 
     ``teacher``: a module distilled into ``module`` (``config.objective``, ``config.distill_alpha``):
     every graph output is matched by its kind (``output_kinds``, one per graph output:
     :func:`~onnxprune.training.distill.kind_loss`; None: ``prob_outputs`` are probabilities,
     ``class_outputs`` (None: every N x C output) class scores, the rest values); outputs past
-    ``n_outputs`` are intermediate features (``--distill-features``), matched as values. Values are
-    divided per channel by the teacher's std on the training data.
+    ``n_outputs`` are intermediate features (``--distill-features``), matched by ``feature_loss``
+    (a :class:`~onnxprune.training.features.FeatureMatch`; None: as values) and weighed by
+    ``config.feature_weight``. Values are divided per channel by the teacher's std on the training data.
     ``output_is_prob`` means output 0 is probabilities.
     Function matching: with objective ``distill`` and ``config.augment`` not ``none``, every batch is
     augmented (:mod:`onnxprune.training.augment`) and teacher and student both see it; the run is
@@ -442,15 +443,18 @@ def train_module(module, data: "DatasetSplits | str", config: TrainConfig | None
                         if kinds is None:
                             head = (list(output_kinds)[:k] if output_kinds is not None
                                     else legacy_kinds(t_outs[:k], probs, class_outputs))
-                            kinds = head + ["value"] * (len(t_outs) - k)
+                            kinds = head + ["value"] * (0 if feature_loss is not None else len(t_outs) - k)
                             raw = teacher_channel_scales(teacher, data, kinds, batch_size=config.eval_batch_size,
                                                          device=device)
                             scales = [None if r is None else shape_scale(r, t) for r, t in zip(raw, t_outs)]
+                            if feature_loss is not None and len(t_outs) > k:
+                                feature_loss.prepare(teacher, data, k, batch_size=config.eval_batch_size, device=device)
                         loss_kd = outputs_distill_loss(s_outs[:k], t_outs[:k], temperature=config.distill_temperature,
                                                        kinds=kinds[:k], scales=scales[:k])
                         if len(s_outs) > k:
-                            loss_kd = loss_kd + outputs_distill_loss(s_outs[k:], t_outs[k:], kinds=kinds[k:],
-                                                                     scales=scales[k:])
+                            feats = (feature_loss(s_outs[k:], t_outs[k:], xs) if feature_loss is not None else
+                                     outputs_distill_loss(s_outs[k:], t_outs[k:], kinds=kinds[k:], scales=scales[k:]))
+                            loss_kd = loss_kd + config.feature_weight * feats
                         loss = loss_kd if loss is None else ((1.0 - config.distill_alpha) * loss
                                                              + config.distill_alpha * loss_kd)
                     if not torch.isfinite(loss):

@@ -24,12 +24,12 @@ from ..core.errors import OnnxPruneError
 from ..core.model_io import load_model
 from .config import TrainConfig, resolve_objective
 from .loop import DistContext, train_module
+from .features import select_features
 from ..datasets.types import first_array
 from ..sparsity.masks import masks_of
 from ..datasets.output_kind import infer_output_kinds, kinds_note
 from ..datasets.fidelity import evaluate_fidelity, mean_rel_l2
 from onnx import numpy_helper
-from ..training.loop import as_tensors
 from ..sparsity.storage import densify
 
 Source = "str | os.PathLike | onnx.ModelProto"
@@ -149,11 +149,11 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
     n_outputs = len(original.graph.output)
 
     kinds = infer_output_kinds(t_model if t_model is not None else original, labeled=data.labeled, declared=output_kinds)
-    features: list[str] = []
+    match = None
     student_src, teacher_src = original, t_model
     if config.distill_features and t_model is not None:
-        features = feature_pairs(original, t_model, data)
-        student_src, teacher_src = with_outputs(original, features), with_outputs(t_model, features)
+        match = select_features(original, t_model, data, config.feature_mask)
+        student_src, teacher_src = with_outputs(original, match.names), with_outputs(t_model, match.names)
     module = torch_module(student_src, train_bn=config.train_bn)
     mask_arrays = resolve_masks(original, masks, keep_sparsity)
     after_step = None
@@ -165,7 +165,7 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
     t_module = torch_module(teacher_src, train_bn=False) if teacher_src is not None else None
     hist = train_module(module, data, config, teacher=t_module, after_step=after_step, progress=progress,
                         output_is_prob=outputs_probabilities(original), dist=dist, n_outputs=n_outputs,
-                        output_kinds=list(kinds.values()))
+                        output_kinds=list(kinds.values()), feature_loss=match.loss if match else None)
     from ..bridge import write_back  # lazy: imports torch
 
     trained = write_back(original, module)
@@ -180,7 +180,8 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
                   for o in original.graph.output if o.type.tensor_type.HasField("shape")}
         history["notes"] = kinds_note(kinds, output_kinds, shapes)
     if config.distill_features:
-        history["distill_features"] = features
+        history.update(match.describe() if match else {"distill_features": [], "distill_features_at": None,
+                                                       "distill_features_mask": None})
     if data.labeled and n_inputs == 1:
         history["val_onnx"] = evaluate_onnx(trained, data, "val", config.eval_batch_size)
         history["test"] = evaluate_onnx(trained, data, "test", config.eval_batch_size) if evaluate_test and len(data.test) else None
@@ -196,42 +197,6 @@ def finetune(model: "Source", data: "str | Mapping | DatasetSplits", config: Tra
             history[f"{split}_mean_rel_l2"] = mean_rel_l2(fid["outputs"])
     history["seconds"] = round(time.perf_counter() - t0, 3)
     return trained, history
-
-
-_LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-
-
-def feature_pairs(student: onnx.ModelProto, teacher: onnx.ModelProto, data: DatasetSplits) -> list[str]:
-    """Intermediate tensors to match with ``--distill-features``: outputs of the pruned layers (Conv,
-    ConvTranspose, Gemm, MatMul whose weight differs from the teacher's in shape or in zeros) that
-    keep the teacher's name and shape on the data (the consumers of removed channels, and masked
-    layers). Graph outputs are matched anyway and are left out."""
-    import torch  # lazy: torch ([train] extra)
-
-    from ..bridge import to_torch  # lazy: imports torch
-
-    s_init = {t.name: t for t in student.graph.initializer}
-    t_init = {t.name: t for t in teacher.graph.initializer}
-    outputs = {o.name for o in student.graph.output}
-    t_produced = {o for n in teacher.graph.node for o in n.output}
-    cands = []
-    for n in student.graph.node:
-        if n.op_type not in _LAYER_OPS or len(n.input) < 2 or not n.output or n.output[0] in outputs:
-            continue
-        w = n.input[1]
-        if w not in s_init or w not in t_init or n.output[0] not in t_produced:
-            continue
-        a, b = numpy_helper.to_array(s_init[w]), numpy_helper.to_array(t_init[w])
-        if a.shape != b.shape or int((a == 0).sum()) != int((b == 0).sum()):
-            cands.append(n.output[0])
-    if not cands:
-        return []
-    x, _ = next(data.val.batches(2))
-    with torch.no_grad():
-        sv = to_torch(student).eval().run(as_tensors(x, "cpu"), keep_all=True)
-        tv = to_torch(teacher).eval().run(as_tensors(x, "cpu"), keep_all=True)
-    return [c for c in cands if c in sv and c in tv and tuple(sv[c].shape) == tuple(tv[c].shape)
-            and sv[c].is_floating_point()]
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
