@@ -66,6 +66,8 @@ def test_typo_names_file_and_field(tmp_path):
     ("stages:\n  - {kind: nm, n: 4, m: 2}\n", "stages.0", "n < m"),
     ("stages:\n  - kind: unstructured\n", "recipe", "no target"),
     ("schedule: {kind: one-shot, steps: 3}\nstages:\n  - {kind: structured, target: {ratio: 0.3}}\n", "schedule", "one-shot"),
+    ("retrain: {epochs: 1, feature_weight: -1}\nstages:\n  - {kind: structured, target: {ratio: 0.3}}\n",
+     "retrain.feature_weight", "greater than or equal to 0"),
 ])
 def test_bad_values_name_the_field(tmp_path, body, field, expected):
     with pytest.raises(OnnxPruneError) as e:
@@ -73,6 +75,16 @@ def test_bad_values_name_the_field(tmp_path, body, field, expected):
     msg = str(e.value)
     assert msg.startswith(str(tmp_path / "r.yaml")) or "r.yaml" in msg
     assert field in msg and expected in msg, msg
+
+
+def test_retrain_distill_features_reach_the_train_config(tmp_path):
+    """``retrain.distill_features`` / ``feature_weight`` are finetune's ``--distill-features`` /
+    ``--feature-weight``: the run's TrainConfig carries them."""
+    from onnxprune.pipeline.steps import train_config
+    body = ("retrain: {epochs: 1, distillation: true, distill_features: true, feature_weight: 2.5}\n"
+            "stages:\n  - {kind: structured, target: {ratio: 0.3}}\n")
+    cfg = train_config(load_recipe(_write(tmp_path, body)).retrain.train_config_dict(0))
+    assert cfg.distill_features and cfg.feature_weight == 2.5
 
 
 def test_invalid_yaml_and_unknown_recipe(tmp_path):

@@ -184,6 +184,9 @@ class Retrain(_Strict):
     distillation: bool = Field(False, description="distil from the dense input model")
     distill_alpha: float = Field(0.5, ge=0, le=1)
     distill_temperature: float = Field(4.0, gt=0)
+    distill_features: bool = Field(False, description="with a teacher (distillation, or unlabeled data): also match "
+                                                      "the residual stream of a transformer (else the pruned layers' outputs)")
+    feature_weight: float = Field(1.0, ge=0, description="weight of the feature loss next to the output loss")
     finetune_dense: bool = Field(False, description="also fine-tune the dense control with the same budget")
 
     def train_config_dict(self, seed: int) -> dict[str, Any]:
