@@ -19,7 +19,8 @@ label-free distillation recover (issue 21.7). Not a test.
    the same with ``--calibrate text:...?split=all --calibration-samples N`` /
    from the calibrated model, ``finetune --teacher DENSE --data text:... --epochs 1`` (label-free;
    the output kind, embedding, is inferred from the graph's L2 normalisation, so the loss is
-   ``1 - cosine``).
+   ``1 - cosine``; ``--distill-features`` matches the residual stream too;
+   ``--distill-uncalibrated`` also distils the uncalibrated pruned model).
 4. On held-out labelled sequences none of them saw: mean cosine of each model's embeddings to the
    dense model's, nearest-neighbour agreement, and the task metric (the trained probe's accuracy on
    the model's embeddings).
@@ -158,6 +159,10 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=512)
     ap.add_argument("--targets", default="0.667,0.5", help="fractions of MACs kept")
     ap.add_argument("--no-distill", action="store_true")
+    ap.add_argument("--distill-features", action="store_true",
+                    help="distil with finetune --distill-features (the residual stream too)")
+    ap.add_argument("--distill-uncalibrated", action="store_true",
+                    help="also distil the uncalibrated pruned model (what distillation alone recovers)")
     ap.add_argument("--distill-lr", type=float, default=5e-4, help="AdamW peak learning rate of the epoch")
     ap.add_argument("--distill-batch", type=int, default=16)
     ap.add_argument("--workdir", type=Path)
@@ -194,7 +199,7 @@ def main() -> None:
 
     shapes = ["--input-shape", f"input_ids=1x{args.seq}", "--input-shape", f"attention_mask=1x{args.seq}"]
     rows = []
-    print(f"\n{'MACs':>6} {'recovery':<22} {'cosine':>7} {'NN agr':>7} {'rel_l2':>7} {'task acc':>8} "
+    print(f"\n{'MACs':>6} {'recovery':<36} {'cosine':>7} {'NN agr':>7} {'rel_l2':>7} {'task acc':>8} "
           f"{'time s':>7} {'peak MB':>8}  notes")
     for frac in (float(f) for f in args.targets.split(",")):
         base = ["prune", dense, "--structured", "--target-macs", frac, *shapes, "--json"]
@@ -202,11 +207,16 @@ def main() -> None:
                 ("calibration", base + ["-o", tmp / "cal.onnx", "--calibrate", f"{text}&split=all",
                                         "--calibration-samples", args.samples], tmp / "cal.onnx")]
         if not args.no_distill:
-            runs.append(("+ 1 epoch distillation", ["finetune", tmp / "cal.onnx", "-o", tmp / "dist.onnx",
-                                                    "--teacher", dense, "--data", text, "--epochs", "1",
-                                                    "--optimizer", "adamw", "--lr", args.distill_lr,
-                                                    "--batch-size", args.distill_batch,
-                                                    "--no-progress", "--json"], tmp / "dist.onnx"))
+            features = ["--distill-features"] if args.distill_features else []
+            starts = [("+ 1 epoch distillation", "cal")]
+            if args.distill_uncalibrated:
+                starts.append(("none + 1 epoch distillation", "none"))
+            for label, start in starts:
+                runs.append((label + (" (stream)" if features else ""),
+                             ["finetune", tmp / f"{start}.onnx", "-o", tmp / f"dist_{start}.onnx", "--teacher", dense,
+                              "--data", text, "--epochs", "1", "--optimizer", "adamw", "--lr", args.distill_lr,
+                              "--batch-size", args.distill_batch, *features, "--no-progress", "--json"],
+                             tmp / f"dist_{start}.onnx"))
         reduction = None
         for name, argv, out in runs:
             res, stdout = cli(argv, tmp)
@@ -228,7 +238,7 @@ def main() -> None:
                         f"{v1.get('mean_cosine'):.4f} ({v1['kind']})")
             fig = figures(run_model(out, hid, hmask), dense_e, pw, pb, hy)
             rows.append({"macs_kept": frac, "macs_reduction": reduction, "recovery": name, **fig, **res})
-            print(f"{reduction:5.2f}x {name:<22} {fig['mean_cosine']:7.4f} {fig['nn_agreement']:7.3f} "
+            print(f"{reduction:5.2f}x {name:<36} {fig['mean_cosine']:7.4f} {fig['nn_agreement']:7.3f} "
                   f"{fig['rel_l2']:7.4f} {fig['task_accuracy']:8.4f} {res['wall_s']:7.1f} {res['peak_rss_mb']:8.0f}  "
                   f"{note}", flush=True)
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
