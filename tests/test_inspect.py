@@ -86,6 +86,27 @@ def test_symbolic_dims_and_input_shape_override():
     assert info["inputs"][0]["shape"] == ["batch", 3, "H", "W"]
 
 
+def test_input_shape_binds_same_named_dims_of_other_inputs():
+    """Exporters name a shared dim the same on every input (``batch``, ``sequence``): fixing one
+    input fixes that dim of the others too, so their MACs resolve without a flag for each."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxprune.core.prepare import resolve_input_shapes
+
+    dims = ["batch", "sequence"]
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("MatMul", ["s", "w"], ["y"])], "two",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims + [4]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims + [3])],
+        [numpy_helper.from_array(np.ones((4, 3), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    shapes, notes = resolve_input_shapes(model, {"a": (2, 5, 4)})
+    assert shapes == {"a": (2, 5, 4), "b": (2, 5, 4)} and not notes
+    assert inspect_model(model, {"a": (2, 5, 4)})["macs"] == 2 * 5 * 4 * 3
+    shapes, notes = resolve_input_shapes(model, {"a": (1, 5, 4), "b": (3, 5, 4)})  # given ones are kept
+    assert shapes == {"a": (1, 5, 4), "b": (3, 5, 4)}
+
+
 def test_cli_json_fields(tmp_path):
     path = _export(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), (1, 3, 8, 8), tmp_path)
     code, out, _ = run_cli("inspect", path, "--json")

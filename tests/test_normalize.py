@@ -159,3 +159,54 @@ def test_prepare_from_a_file_holds_the_weights_once(name, tmp_path):
         assert p.view.model is p.model
     assert_same_outputs(model, p.model, random_feeds(model, shapes))
     assert path.read_bytes() == before
+
+
+def _shared_vectors_graph() -> onnx.ModelProto:
+    """Two LayerNorms reading one weight/bias (as the dynamo exporter dedups identical ones) and
+    two DequantizeLinear nodes reading one scale/zero-point."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "ln_w"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "ln_b"),
+             numpy_helper.from_array(rng.integers(-8, 8, (8, 8)).astype(np.int8), "q1"),
+             numpy_helper.from_array(rng.integers(-8, 8, (8, 8)).astype(np.int8), "q2"),
+             numpy_helper.from_array(np.full(8, 0.1, np.float32), "scale"),
+             numpy_helper.from_array(np.zeros(8, np.int8), "zp")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "ln_w", "ln_b"], ["h1"], name="ln1", axis=-1),
+             helper.make_node("DequantizeLinear", ["q1", "scale", "zp"], ["w1"], name="dq1", axis=1),
+             helper.make_node("MatMul", ["h1", "w1"], ["m1"], name="mm1"),
+             helper.make_node("LayerNormalization", ["m1", "ln_w", "ln_b"], ["h2"], name="ln2", axis=-1),
+             helper.make_node("DequantizeLinear", ["q2", "scale", "zp"], ["w2"], name="dq2", axis=1),
+             helper.make_node("MatMul", ["h2", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_shared_channel_vectors_are_copied_per_node():
+    """A norm weight/bias shared by two layers gets one copy per node (else the channel analysis
+    couples the layers); quantization scales and zero-points stay shared; outputs are identical."""
+    model = _shared_vectors_graph()
+    norm = normalize(model)
+    nodes = {n.name: n for n in norm.graph.node}
+    assert list(nodes["ln1"].input[1:]) == ["ln_w__ln1", "ln_b__ln1"]
+    assert list(nodes["ln2"].input[1:]) == ["ln_w__ln2", "ln_b__ln2"]
+    assert list(nodes["dq1"].input[1:]) == list(nodes["dq2"].input[1:]) == ["scale", "zp"]
+    inits = {i.name for i in norm.graph.initializer}
+    assert not {"ln_w", "ln_b"} & inits  # the shared originals are gone
+    onnx.checker.check_model(norm, full_check=True)
+    assert_same_outputs(model, norm, random_feeds(model, {"x": [3, 8]}))
+
+
+def test_unshared_copy_names_are_unique():
+    """A copy's name never collides with a tensor the graph already has."""
+    from onnx import numpy_helper
+
+    model = _shared_vectors_graph()
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(2, np.float32), "ln_w__ln1"))
+    norm = normalize(model)
+    ln1 = next(n for n in norm.graph.node if n.name == "ln1")
+    assert ln1.input[1] not in ("ln_w", "ln_w__ln1") and ln1.input[1].startswith("ln_w__ln1")
+    weight = next(i for i in norm.graph.initializer if i.name == ln1.input[1])
+    assert list(weight.dims) == [8]

@@ -553,10 +553,14 @@ class _NodeFixer:
 
         ``runtime=-1`` (Reshape targets): a piece computed at run time becomes ``-1`` instead, when
         no other entry is ``-1``: ``nn.MultiheadAttention`` views ``[S, B, D]`` as ``[S, B * heads,
-        dh]``, and the batch must stay free (``-1`` is exactly ``B * kept heads`` for every ``B``)."""
+        dh]``, and the batch must stay free (``-1`` is exactly ``B * kept heads`` for every ``B``).
+        A constant ``-1`` already at ``index`` stays: it adapts by itself, and the dynamo exporter
+        shares one target between Reshapes that keep different head counts (q and k of
+        grouped-query attention, both ``[B, S, -1, dh]``)."""
         producer = next((n for n in self.m.graph.node if name in n.output), None)
         if producer is None or producer.op_type != "Concat":
             return False
+        reshape_target = runtime is not None
         if runtime is not None:
             whole = self.values.get(name)
             consts = [self.const(p, model_only=True) for p in producer.input]
@@ -576,6 +580,8 @@ class _NodeFixer:
                     return False
                 length = s[0]
             if off <= index < off + length:
+                if const is not None and reshape_target and int(const.reshape(-1)[index - off]) == -1:
+                    return True
                 if const is not None:
                     new = const.astype(np.int64).reshape(-1).copy()
                     new[index - off] = value

@@ -51,6 +51,7 @@ def normalize(model: onnx.ModelProto, *, fold_bn: bool = False, inplace: bool = 
         if not changed:
             break
     _remove_noops(m)
+    unshare_channel_vectors(m)
     if fold_bn:
         fold_batchnorm(m)
     remove_dead(m)
@@ -235,6 +236,53 @@ def _remove_noops(m: onnx.ModelProto) -> None:
         keep.append(node)
     del m.graph.node[:]
     m.graph.node.extend(keep)
+
+
+#: Inputs (by position) that hold quantization parameters: one scale/zero-point may serve many
+#: tensors on purpose (a shared quantization grid), so they stay shared.
+_QUANT_PARAM_INPUTS = {"QuantizeLinear": {1, 2}, "DequantizeLinear": {1, 2}}
+
+
+def _is_channel_vector(t: onnx.TensorProto) -> bool:
+    """A float tensor with more than one element along at most one axis (a bias, a norm weight)."""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+    return t.data_type in floats and sum(d > 1 for d in t.dims) == 1
+
+
+def unshare_channel_vectors(m: onnx.ModelProto) -> int:
+    """(In place.) Give every node its own copy (``NAME__NODENAME``) of a float channel vector that
+    several nodes read. The dynamo exporter stores identical initializers once, so all LayerNorm
+    weights (ones) and zero biases of unrelated layers become one tensor, and the channel analysis
+    would couple every layer through it. Quantization scales and zero-points stay shared. Returns
+    how many copies were made."""
+    inits = {t.name: t for t in m.graph.initializer}
+    keep = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in m.graph.node:
+        quant = _QUANT_PARAM_INPUTS.get(node.op_type, set()) if node.domain in ("", "ai.onnx") else set()
+        for k, name in enumerate(node.input):
+            if name in inits and name not in keep:
+                readers.setdefault(name, []).append((node, -1 if k in quant else k))
+    taken = set(inits) | {o for n in m.graph.node for o in n.output}
+    made = 0
+    for name, uses in readers.items():
+        if len({id(n) for n, _ in uses}) < 2 or any(k < 0 for _, k in uses) or not _is_channel_vector(inits[name]):
+            continue
+        copies: dict[int, str] = {}
+        for node, k in uses:
+            if id(node) not in copies:
+                new = f"{name}__{node.name}"
+                while new in taken:
+                    new += "_"
+                taken.add(new)
+                t = onnx.TensorProto()
+                t.CopyFrom(inits[name])
+                t.name = new
+                m.graph.initializer.append(t)
+                copies[id(node)] = new
+                made += 1
+            node.input[k] = copies[id(node)]
+    return made
 
 
 def remove_dead(m: onnx.ModelProto) -> None:

@@ -32,8 +32,9 @@ class Prepared:
 
 
 def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple[int, ...]] | None) -> tuple[dict[str, tuple[int, ...]], list[str]]:
-    """Concrete shapes for every input: overrides first; a symbolic leading (batch) dim becomes 1;
-    other symbolic dims stay unresolved and are reported in the notes."""
+    """Concrete shapes for every input: overrides first; a symbolic dim named like one an override
+    fixes takes its value; a symbolic leading (batch) dim becomes 1; other symbolic dims stay
+    unresolved and are reported in the notes."""
     overrides = dict(overrides or {})
     inputs = graph_inputs(model)
     unknown = sorted(set(overrides) - {i.name for i in inputs})
@@ -41,6 +42,7 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple[i
         raise OnnxPruneError(f"--input-shape names {', '.join(map(repr, unknown))}, but the model's inputs are "
                              f"{[i.name for i in inputs]}")
     shapes, notes = {}, []
+    bound = _bound_symbols(inputs, overrides)
     for inp in inputs:
         if inp.name in overrides:
             shapes[inp.name] = tuple(overrides[inp.name])
@@ -53,6 +55,8 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple[i
         for i, d in enumerate(tt.shape.dim):
             if d.HasField("dim_value") and d.dim_value >= 0:
                 dims.append(int(d.dim_value))
+            elif d.dim_param in bound:
+                dims.append(bound[d.dim_param])
             elif i == 0:
                 dims.append(1)
                 notes.append(f"input {inp.name!r}: symbolic batch dimension {d.dim_param or '?'!r} taken as 1")
@@ -63,6 +67,22 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple[i
         else:
             shapes[inp.name] = tuple(dims)
     return shapes, notes
+
+
+def _bound_symbols(inputs, overrides: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Symbolic dim names fixed by ``--input-shape``: exporters name a dim the same on every input
+    that shares it (``batch``, ``sequence``; dynamo's ``s0``), so fixing ``input_ids`` fixes the
+    ``attention_mask`` and ``token_type_ids`` dims of that name too (the first value given wins)."""
+    bound: dict[str, int] = {}
+    for inp in inputs:
+        dims = inp.type.tensor_type.shape.dim if inp.type.tensor_type.HasField("shape") else []
+        given = overrides.get(inp.name)
+        if given is None or len(given) != len(dims):
+            continue
+        for d, v in zip(dims, given):
+            if d.dim_param and not d.HasField("dim_value"):
+                bound.setdefault(d.dim_param, int(v))
+    return bound
 
 
 def prepare(source: str | os.PathLike | onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
