@@ -313,3 +313,37 @@ def test_prune_hidden_is_opt_in(llama, tmp_path):
     assert dims["embed.weight"] == [12, D // 2]
     for b, s in ((1, 8), (2, 3)):
         assert run_ort(out, _llama_feeds(prep.model, b, s))[0].shape == (b, s, 12)
+
+
+class _BertClassifier(torch.nn.Module):
+    """BertLike with a linear head: the hidden size reaches no model output."""
+
+    def __init__(self):
+        super().__init__()
+        self.bert, self.head = BertLike(D, HEADS, FFN, LAYERS), torch.nn.Linear(D, 3)
+
+    def forward(self, input_ids, attention_mask):  # BertLike's forward, classifying the first token
+        b = self.bert
+        x = b.ln(b.tok(input_ids) + b.pos(b.position_ids[:, :input_ids.size(1)]))
+        mask_bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -10000.0
+        for layer in b.layers:
+            x = layer(x, mask_bias)
+        return self.head(x[:, 0])
+
+
+@pytest.mark.parametrize("shape_args", [[], ["--input-shape", "input_ids=1x8"]], ids=["symbolic", "1x8"])
+def test_prune_hidden_takes_the_position_table_with_the_input_shapes_given(tmp_path, shape_args, one_torch_thread):
+    """The position table is read by a Gather of ``position_ids[:, :S]``: with the input shapes given
+    that Gather folds to a constant in the analysed view, but the table is still indexed at run time
+    in the model, so its columns go with the hidden size (before: "computed at run time", left whole)."""
+    torch.manual_seed(0)
+    path = export_bert(_BertClassifier().eval(), tmp_path / "cls.onnx")
+    out = tmp_path / "hidden.onnx"
+    code, stdout, err = run_cli("prune", path, "-o", out, "--structured", "--ratio", "0.5", "--prune-hidden", "--json",
+                                *shape_args)
+    assert code == 0, err
+    assert any(g["total"] == D and g["kept"] == D // 2 for g in json.loads(stdout)["groups"])
+    dims = {i.name: list(i.dims) for i in onnx.load(str(out)).graph.initializer}
+    assert dims["bert.pos.weight"][1] == dims["bert.tok.weight"][1] == D // 2
+    for b, s in ((1, 8), (3, 13)):
+        assert run_ort(out, bert_feeds(b, s))[0].shape == (b, 3)

@@ -308,36 +308,46 @@ def _elementwise(ctx: Context, node: onnx.NodeProto, inputs: list[str]) -> None:
 
 
 def sliced_table(ctx: Context, name: str) -> tuple[str, set[int]] | None:
-    """``(table, axes cut)`` when ``name`` is a float constant table sliced to a run-time length in
-    the model (Hugging Face Whisper's ``embed_positions.weight[:T]``, ``T`` read by ``Shape``): a
-    Slice whose bounds are computed at run time, whether or not the given input shapes fold it."""
+    """``(table, axes cut)`` when ``name`` is a float constant table sliced or indexed at run time in
+    the model, whether or not the given input shapes fold it: a Slice whose bounds are computed at
+    run time (Hugging Face Whisper's ``embed_positions.weight[:T]``, ``T`` read by ``Shape``), or a
+    Gather of its rows by run-time ids (BERT's ``position_embeddings(position_ids[:, :S])``)."""
     node = ctx.original.producer.get(name)
-    if node is None or node.op_type != "Slice" or ctx.opset < 10 or len(node.input) < 4 or not node.input[3]:
+    if node is None or not node.input or not ctx.original.is_const(node.input[0]):
         return None
-    if not ctx.original.is_const(node.input[0]) or all(ctx.original.is_const(i) for i in node.input[1:] if i):
+    w = ctx.original.const(node.input[0])
+    if w is None or not np.issubdtype(w.dtype, np.floating):
         return None
-    w, axes = ctx.original.const(node.input[0]), ctx.original.const(node.input[3])
-    if w is None or axes is None or not np.issubdtype(w.dtype, np.floating):
+    if node.op_type == "Gather":
+        if w.ndim != 2 or int(attr(node, "axis", 0)) not in (0, -2) or ctx.original.is_const(node.input[1]):
+            return None
+        return node.input[0], {0}
+    if node.op_type != "Slice" or ctx.opset < 10 or len(node.input) < 4 or not node.input[3]:
+        return None
+    axes = ctx.original.const(node.input[3])
+    if axes is None or all(ctx.original.is_const(i) for i in node.input[1:] if i):
         return None
     return node.input[0], {_norm_axis(int(a), w.ndim) for a in np.asarray(axes).reshape(-1)}
 
 
 def _table_param(ctx: Context, node: onnx.NodeProto, name: str, table: tuple[str, set[int]], ax: int,
                  atoms: np.ndarray) -> None:
-    """A table sliced at run time (:func:`sliced_table`) combined with tracked channels on an axis
-    the slice leaves whole: the table is a "param" member on that axis, as a constant would be. A
-    table added to the stream this way is a positional embedding: the stream is the hidden size,
-    which prunes only with ``--prune-hidden`` (as for embedding tables)."""
+    """A table sliced or indexed at run time (:func:`sliced_table`) combined with tracked channels on
+    an axis the slice leaves whole (``ax`` of ``name``; a gathered table's trailing axes line up with
+    ``name``'s): the table is a "param" member on that axis, as a constant would be. A table added to
+    the stream this way is a positional embedding: the stream is the hidden size, which prunes only
+    with ``--prune-hidden`` (as for embedding tables)."""
     tensor, cut = table
     dims = ctx.original.const(tensor).shape
+    tax = ax - ((ctx.rank(name) or len(dims)) - len(dims))
     shared = len(ctx.original.consumers.get(name, [])) != 1
-    if not 0 <= ax < len(dims) or dims[ax] != len(atoms) or ax in cut or shared:
+    if not 0 <= tax < len(dims) or dims[tax] != len(atoms) or tax in cut or shared:
         return ctx.mark_bad(atoms, f"combined at {_where(node)} with {name!r}, a slice of {tensor!r} that does "
                                    "not line up with the channels")
-    ctx.add_member(tensor, ax, atoms, "param", node)
+    ctx.add_member(tensor, tax, atoms, "param", node)
     if not ctx.prune_hidden:
-        ctx.mark_bad(atoms, f"{_where(node)}: the hidden size (columns of positional table {tensor!r}, sliced "
-                            "to the run-time length) prunes only with --prune-hidden")
+        ctx.mark_bad(atoms, f"{_where(node)}: the hidden size (columns of positional table {tensor!r}, read at "
+                            "the run-time positions) prunes only with --prune-hidden")
 
 
 def rule_elementwise(ctx: Context, node: onnx.NodeProto) -> None:
