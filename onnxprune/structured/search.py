@@ -44,12 +44,15 @@ def find_ratio(plan_for: Callable[[float], KeepPlan], measure: Callable[[KeepPla
         raise OnnxPruneError(f"--target-{kind} must be in (0, 1] (the fraction kept), got {target}")
     cache: dict[tuple, float] = {}
 
-    def evaluate(r: float) -> tuple[KeepPlan, float]:
-        plan = plan_for(r)
+    def cost(plan: KeepPlan) -> float:
         key = plan_key(plan)
         if key not in cache:
             cache[key] = float(measure(plan))
-        return plan, cache[key]
+        return cache[key]
+
+    def evaluate(r: float) -> tuple[KeepPlan, float]:
+        plan = plan_for(r)
+        return plan, cost(plan)
 
     plan0, f0 = evaluate(0.0)
     if f0 <= target:
@@ -68,14 +71,15 @@ def find_ratio(plan_for: Callable[[float], KeepPlan], measure: Callable[[KeepPla
             hi, hi_plan, f_hi = mid, plan, f
         else:
             lo = mid
-    plan, f = fill_up(hi_plan, f_hi, plan_for(lo), target, measure, cache)
+    plan, f = fill_up(hi_plan, f_hi, plan_for(lo), target, cost)
     return SearchResult(hi, plan, f, len(cache))
 
 
-def fill_up(plan: KeepPlan, kept: float, larger: KeepPlan, target: float, measure: Callable[[KeepPlan], float],
-            cache: dict[tuple, float]) -> tuple[KeepPlan, float]:
+def fill_up(plan: KeepPlan, kept: float, larger: KeepPlan, target: float,
+            cost: Callable[[KeepPlan], float]) -> tuple[KeepPlan, float]:
     """``plan`` (under the target) with groups given back, one at a time, the channels ``larger``
-    (the plan one ratio step below, over the target) keeps, wherever the model stays under it.
+    (the plan one ratio step below, over the target) keeps, wherever the model stays under it
+    (``cost``: the kept fraction of a plan, memoized by the search).
 
     One ratio step can cut many channels at once: every head group of a 4-head model goes from 2
     heads to 1 at the same ratio, so ``--target-macs 0.5`` would land at 0.36 when 2 heads in one
@@ -84,9 +88,7 @@ def fill_up(plan: KeepPlan, kept: float, larger: KeepPlan, target: float, measur
         if len(larger.get(gid, ())) <= len(plan[gid]):
             continue
         trial = {**plan, gid: larger[gid]}
-        key = plan_key(trial)
-        if key not in cache:
-            cache[key] = float(measure(trial))
-        if cache[key] <= target:
-            plan, kept = trial, cache[key]
+        f = cost(trial)
+        if f <= target:
+            plan, kept = trial, f
     return plan, kept
