@@ -85,14 +85,10 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
     gcuts: dict[tuple[str, int, int], set[int]] = {}  # grouped weight members: (tensor, axis, groups)
     act: dict[str, tuple[int, set[int]]] = {}
     qweights = quantized_weights(model.graph)
-    produced_now = {o for n in model.graph.node for o in n.output}
-    expanded = _expanded_constants(model) if any(
-        m.role != "act" and m.tensor in produced_now for gid in removed for m in groups[gid].members) else {}
     for gid, rem in removed.items():
         for mem in groups[gid].members:
             if mem.role != "act" and mem.groups <= 1:
-                tensor, axis = expanded.get((mem.tensor, mem.axis), (mem.tensor, mem.axis))
-                for tensor, axis in _sliced_tensors(tensor, axis, qweights):
+                for tensor, axis in _sliced_tensors(mem.tensor, mem.axis, qweights):
                     cuts.setdefault((tensor, axis), []).append(mem.positions.of_channels(rem))
                 continue
             pos = set(mem.positions.of_channels(rem).tolist())
@@ -170,29 +166,6 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, plan: KeepPlan, *, ch
             if _passes_full_check(model):  # a model that never passed cannot be held to it
                 raise
     return m
-
-
-def _expanded_constants(model: onnx.ModelProto) -> dict[tuple[str, int], tuple[str, int]]:
-    """``(tensor, axis) -> (initializer, axis)`` for Expand outputs of a constant that only the
-    Expand reads (Hugging Face ViT's ``cls_token.expand(batch, -1, -1)``): constant in the analysed
-    static view, where the batch is fixed and the Expand folds, but computed at run time in the
-    model. The channels are cut from the initializer on its broadcast-aligned axis; the run-time
-    target leaves that axis to the data (a target that names the count fails the rewrite check)."""
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    reads: dict[str, int] = {}
-    for node in graph.node:
-        for i in node.input:
-            reads[i] = reads.get(i, 0) + 1
-    expands = [n for n in graph.node if n.op_type == "Expand" and n.input[0] in inits and reads.get(n.input[0]) == 1]
-    shapes = infer_value_shapes(model) if expands else {}
-    out = {}
-    for node in expands:
-        rank, dims = len(shapes.get(node.output[0]) or ()), list(inits[node.input[0]].dims)
-        for src in range(len(dims)) if rank >= len(dims) else ():
-            if dims[src] > 1:
-                out[(node.output[0], src + rank - len(dims))] = (node.input[0], src)
-    return out
 
 
 def _sliced_tensors(tensor: str, axis: int, qweights: dict[str, QuantizedWeight]) -> list[tuple[str, int]]:

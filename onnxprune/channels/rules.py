@@ -244,7 +244,7 @@ def rule_resize(ctx: Context, node: onnx.NodeProto) -> None:
 # ------------------------------------------------------------------------------------ elementwise
 def _elementwise(ctx: Context, node: onnx.NodeProto, inputs: list[str]) -> None:
     """Broadcasting elementwise ops: operands whose channel axes line up are united; constants with a
-    per-channel dim become "param" members (so does a table sliced at run time, :func:`sliced_table`;
+    per-channel dim become "param" members (so does a table read at run time, :func:`runtime_table`;
     a value constant only at the analysed shapes cannot be sliced: unprunable); broadcast (size-1 or
     missing) dims pass through."""
     out = node.output[0]
@@ -276,8 +276,8 @@ def _elementwise(ctx: Context, node: onnx.NodeProto, inputs: list[str]) -> None:
         if tr is None:
             if d == 1 and c != 1:
                 continue  # broadcast over the channels: no coupling
-            table = sliced_table(ctx, name)
-            if table is not None:
+            table = runtime_table(ctx, name)
+            if table is not None and table[2]:  # positional tables; an expanded constant is refused below
                 _table_param(ctx, node, name, table, ax, atoms)
                 continue
             if ctx.is_const(name) and not ctx.original.is_const(name) and name not in ctx.qweights:
@@ -307,45 +307,51 @@ def _elementwise(ctx: Context, node: onnx.NodeProto, inputs: list[str]) -> None:
     ctx.set_track(out, oax, atoms, node)
 
 
-def sliced_table(ctx: Context, name: str) -> tuple[str, set[int]] | None:
-    """``(table, axes cut)`` when ``name`` is a float constant table sliced or indexed at run time in
-    the model, whether or not the given input shapes fold it: a Slice whose bounds are computed at
-    run time (Hugging Face Whisper's ``embed_positions.weight[:T]``, ``T`` read by ``Shape``), or a
-    Gather of its rows by run-time ids (BERT's ``position_embeddings(position_ids[:, :S])``)."""
+def runtime_table(ctx: Context, name: str) -> tuple[str, set[int], bool] | None:
+    """``(table, axes cut, positional)`` when ``name`` is read from a float constant table at run
+    time in the model, whether or not the given input shapes fold it in the analysed view:
+    - a Slice whose bounds are computed at run time (Hugging Face Whisper's
+      ``embed_positions.weight[:T]``, ``T`` read by ``Shape``): positional;
+    - a Gather of its rows by run-time ids (BERT's ``position_embeddings(position_ids[:, :S])``):
+      positional;
+    - an Expand of it to a run-time shape (Hugging Face ViT's ``cls_token.expand(batch, -1, -1)``):
+      no axis cut, not positional."""
     node = ctx.original.producer.get(name)
     if node is None or not node.input or not ctx.original.is_const(node.input[0]):
         return None
     w = ctx.original.const(node.input[0])
     if w is None or not np.issubdtype(w.dtype, np.floating):
         return None
+    if node.op_type == "Expand":
+        return (node.input[0], set(), False) if not ctx.original.is_const(node.input[1]) else None
     if node.op_type == "Gather":
         if w.ndim != 2 or int(attr(node, "axis", 0)) not in (0, -2) or ctx.original.is_const(node.input[1]):
             return None
-        return node.input[0], {0}
+        return node.input[0], {0}, True
     if node.op_type != "Slice" or ctx.opset < 10 or len(node.input) < 4 or not node.input[3]:
         return None
     axes = ctx.original.const(node.input[3])
     if axes is None or all(ctx.original.is_const(i) for i in node.input[1:] if i):
         return None
-    return node.input[0], {_norm_axis(int(a), w.ndim) for a in np.asarray(axes).reshape(-1)}
+    return node.input[0], {_norm_axis(int(a), w.ndim) for a in np.asarray(axes).reshape(-1)}, True
 
 
-def _table_param(ctx: Context, node: onnx.NodeProto, name: str, table: tuple[str, set[int]], ax: int,
+def _table_param(ctx: Context, node: onnx.NodeProto, name: str, table: tuple[str, set[int], bool], ax: int,
                  atoms: np.ndarray) -> None:
-    """A table sliced or indexed at run time (:func:`sliced_table`) combined with tracked channels on
-    an axis the slice leaves whole (``ax`` of ``name``; a gathered table's trailing axes line up with
-    ``name``'s): the table is a "param" member on that axis, as a constant would be. A table added to
-    the stream this way is a positional embedding: the stream is the hidden size, which prunes only
-    with ``--prune-hidden`` (as for embedding tables)."""
-    tensor, cut = table
+    """A table read at run time (:func:`runtime_table`) combined with tracked channels on an axis
+    the read leaves whole (``ax`` of ``name``; the table's trailing axes line up with ``name``'s):
+    the table is a "param" member on that axis, as a constant would be. A positional table added to
+    the stream marks it as the hidden size, which prunes only with ``--prune-hidden`` (as for
+    embedding tables)."""
+    tensor, cut, positional = table
     dims = ctx.original.const(tensor).shape
     tax = ax - ((ctx.rank(name) or len(dims)) - len(dims))
     shared = len(ctx.original.consumers.get(name, [])) != 1
     if not 0 <= tax < len(dims) or dims[tax] != len(atoms) or tax in cut or shared:
-        return ctx.mark_bad(atoms, f"combined at {_where(node)} with {name!r}, a slice of {tensor!r} that does "
-                                   "not line up with the channels")
+        return ctx.mark_bad(atoms, f"combined at {_where(node)} with {name!r}, read from {tensor!r} at run time "
+                                   "in a way that does not line up with the channels")
     ctx.add_member(tensor, tax, atoms, "param", node)
-    if not ctx.prune_hidden:
+    if positional and not ctx.prune_hidden:
         ctx.mark_bad(atoms, f"{_where(node)}: the hidden size (columns of positional table {tensor!r}, read at "
                             "the run-time positions) prunes only with --prune-hidden")
 
@@ -655,7 +661,10 @@ def rule_concat(ctx: Context, node: onnx.NodeProto) -> None:
     for i, t in zip(ins, trs):
         if t is None:
             d = ctx.dim(i, primary.axis)
-            if ctx.is_const(i) and d == len(atoms):
+            table = runtime_table(ctx, i)
+            if table is not None:
+                _table_param(ctx, node, i, table, primary.axis, atoms)
+            elif ctx.is_const(i) and d == len(atoms):
                 ctx.add_member(i, primary.axis, atoms, "param", node)
             elif ctx.release_input(i, primary.axis, atoms, node):
                 continue  # --allow-io-change: a KV cache input shrinks with the heads
